@@ -1,0 +1,130 @@
+namespace Strata.Block;
+
+/// <summary>An error from the block layer with a message fit to show a user.</summary>
+public class BlockException(string message) : Exception(message);
+
+/// <summary>What one layer of a chain says about a range, without looking at its backing file.</summary>
+public enum LayerState : byte
+{
+    /// <summary>This layer has nothing: the backing file (or zeros) decides.</summary>
+    Unallocated,
+    /// <summary>This layer holds data.</summary>
+    Data,
+    /// <summary>This layer says the range reads as zeros.</summary>
+    Zero,
+}
+
+/// <summary>A run of bytes in one layer with the same state. <see cref="HostOffset"/> is -1 when there is no
+/// host mapping (or it is not contiguous, as for compressed data).</summary>
+public readonly record struct LayerExtent(long Offset, long Length, LayerState State, long HostOffset, bool Compressed = false);
+
+/// <summary>
+/// One image layer: a format driver (raw, qcow2) over a host file. Reads fall through to the backing
+/// image where this layer is unallocated. All methods are thread-safe.
+/// </summary>
+public abstract class BlockImage : IDisposable
+{
+    public abstract string FormatName { get; }
+    public abstract long Size { get; }
+    public abstract bool ReadOnly { get; }
+    public abstract string FileName { get; }
+
+    /// <summary>The opened backing image, if any (owned by this image).</summary>
+    public BlockImage? Backing { get; protected set; }
+
+    /// <summary>Backing file name as stored in the image header (unresolved).</summary>
+    public virtual string? BackingFileName => null;
+
+    /// <summary>Backing format as stored in the image header.</summary>
+    public virtual string? BackingFormat => null;
+
+    /// <summary>Cluster size, or 0 for formats without clusters.</summary>
+    public virtual int ClusterSize => 0;
+
+    /// <summary>Preferred unit of I/O for copying (the cluster size, or 64 KiB).</summary>
+    public int CopyGranularity => ClusterSize > 0 ? ClusterSize : 65536;
+
+    /// <summary>Reads exactly buffer.Length bytes at <paramref name="offset"/> (must lie inside the image).</summary>
+    public abstract void Read(long offset, Span<byte> buffer);
+
+    public abstract void Write(long offset, ReadOnlySpan<byte> data);
+
+    /// <summary>Makes the range read as zeros; <paramref name="mayUnmap"/> lets the driver free storage.</summary>
+    public abstract void WriteZeroes(long offset, long length, bool mayUnmap);
+
+    /// <summary>The guest no longer needs the data: after this the range reads as zeros or as the backing file.</summary>
+    public abstract void Discard(long offset, long length);
+
+    /// <summary>Writes back metadata and makes everything written so far durable.</summary>
+    public abstract void Flush();
+
+    /// <summary>State of the range starting at <paramref name="offset"/> in this layer only; the extent returned
+    /// starts at <paramref name="offset"/> and is at most <paramref name="maxLength"/> long.</summary>
+    public abstract LayerExtent GetLayerStatus(long offset, long maxLength);
+
+    public abstract void Resize(long newSize);
+
+    /// <summary>True when the format can write compressed clusters (<see cref="WriteCompressed"/>).</summary>
+    public virtual bool SupportsCompression => false;
+
+    /// <summary>Writes one whole cluster compressed (at a cluster-aligned offset; the last one may be short).</summary>
+    public virtual void WriteCompressed(long offset, ReadOnlySpan<byte> cluster) =>
+        throw new BlockException($"Compression is not supported by the {FormatName} format");
+
+    /// <summary>Reads the range as this layer alone would, with unallocated parts as zeros (no backing).</summary>
+    public virtual void ReadLayerOnly(long offset, Span<byte> buffer)
+    {
+        long pos = 0;
+        while (pos < buffer.Length)
+        {
+            var ext = GetLayerStatus(offset + pos, buffer.Length - pos);
+            var slice = buffer.Slice((int)pos, (int)ext.Length);
+            if (ext.State == LayerState.Data) Read(offset + pos, slice);
+            else slice.Clear();
+            pos += ext.Length;
+        }
+    }
+
+    /// <summary>Changes the backing file recorded in the header (no data is touched).</summary>
+    public virtual void SetBackingFile(string? backingFile, string? backingFormat) =>
+        throw new BlockException($"The {FormatName} format does not support backing files");
+
+    /// <summary>Replaces the opened backing image (after a rebase).</summary>
+    public void ReplaceBacking(BlockImage? backing)
+    {
+        Backing?.Dispose();
+        Backing = backing;
+    }
+
+    /// <summary>Reads bytes of the image that this layer does not have: from the backing chain, or zeros.</summary>
+    protected void ReadFromBacking(long offset, Span<byte> buffer)
+    {
+        var backing = Backing;
+        if (backing is null)
+        {
+            buffer.Clear();
+            return;
+        }
+        long inBacking = Math.Clamp(backing.Size - offset, 0, buffer.Length);
+        if (inBacking > 0) backing.Read(offset, buffer[..(int)inBacking]);
+        buffer[(int)inBacking..].Clear();
+    }
+
+    protected void CheckRange(long offset, long length)
+    {
+        if (offset < 0 || length < 0 || offset > Size || length > Size - offset)
+            throw new BlockException($"Request [{offset}, +{length}) is outside the image (size {Size})");
+    }
+
+    protected void CheckWritable()
+    {
+        if (ReadOnly) throw new BlockException($"Image '{FileName}' is read-only");
+    }
+
+    public virtual void Dispose()
+    {
+        Backing?.Dispose();
+        Backing = null;
+        GC.SuppressFinalize(this);
+    }
+}

@@ -1,0 +1,86 @@
+using Strata.Block.Qcow2;
+using Strata.Formats.Qcow2;
+
+namespace Strata.Block;
+
+/// <summary>Opens images by format (probed or given) together with their whole backing chain.</summary>
+public static class ImageOpener
+{
+    /// <summary>QEMU refuses chains deeper than this; so do we.</summary>
+    public const int MaxChainDepth = 1000;
+
+    /// <summary>Guesses the format from the first bytes: qcow2 by its magic, anything else is raw.</summary>
+    public static string ProbeFormat(string path)
+    {
+        using var f = HostFile.Open(path, readOnly: true);
+        Span<byte> head = stackalloc byte[8];
+        f.Read(0, head);
+        return Qcow2Header.HasMagic(head) ? "qcow2" : "raw";
+    }
+
+    /// <summary>Opens <paramref name="path"/> and its backing chain (backing files always read-only).</summary>
+    public static BlockImage Open(string path, string? format = null, bool readOnly = true, bool openBacking = true)
+    {
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+        return OpenLayer(path, format, readOnly, openBacking, seen, 0);
+    }
+
+    private static BlockImage OpenLayer(string path, string? format, bool readOnly, bool openBacking, HashSet<string> seen, int depth)
+    {
+        if (depth > MaxChainDepth)
+            throw new BlockException($"Backing chain of '{path}' is deeper than {MaxChainDepth} images");
+        string full = Path.GetFullPath(path);
+        if (!seen.Add(full))
+            throw new BlockException($"Backing file loop: '{path}' appears twice in its own backing chain");
+        format ??= ProbeFormat(path);
+        var file = HostFile.Open(path, readOnly);
+        BlockImage image;
+        try
+        {
+            image = format switch
+            {
+                "raw" => new RawImage(file),
+                "qcow2" => Qcow2Image.Open(file),
+                _ => throw new BlockException($"Unknown driver '{format}'"),
+            };
+        }
+        catch (ImageFormatException e)
+        {
+            file.Dispose();
+            throw new BlockException($"Could not open '{path}': {e.Message}");
+        }
+        catch (BlockException e) when (!e.Message.StartsWith("Could not open", StringComparison.Ordinal))
+        {
+            throw new BlockException($"Could not open '{path}': {e.Message}");
+        }
+        if (!openBacking || image.BackingFileName is not { } backing) return image;
+        try
+        {
+            string backingPath = ResolveBackingPath(path, backing);
+            var backingImage = OpenLayer(backingPath, image.BackingFormat, readOnly: true, openBacking: true, seen, depth + 1);
+            image.ReplaceBacking(backingImage);
+            return image;
+        }
+        catch (BlockException e)
+        {
+            image.Dispose();
+            throw new BlockException($"Could not open backing file: {e.Message}");
+        }
+    }
+
+    /// <summary>A relative backing name is relative to the folder of the image that names it.</summary>
+    public static string ResolveBackingPath(string imagePath, string backing)
+    {
+        if (Path.IsPathRooted(backing)) return backing;
+        string dir = Path.GetDirectoryName(imagePath) ?? "";
+        return dir.Length == 0 ? backing : Path.Combine(dir, backing);
+    }
+
+    /// <summary>The layers of a chain from the top (depth 0) down.</summary>
+    public static IReadOnlyList<BlockImage> Layers(BlockImage top)
+    {
+        var list = new List<BlockImage>();
+        for (var i = top; i is not null; i = i.Backing) list.Add(i);
+        return list;
+    }
+}

@@ -1,0 +1,450 @@
+using System.Buffers.Binary;
+using Strata.Formats.Qcow2;
+
+namespace Strata.Block.Qcow2;
+
+/// <summary>Cluster allocation, refcounts, write-back ordering, resizing and creation.</summary>
+public sealed partial class Qcow2Image
+{
+    // ------------------------------------------------------------------ refcounts
+
+    private RefcountBlock? GetRefcountBlock(long tableIndex)
+    {
+        if (tableIndex >= _refTable.Length) return null;
+        long blockOffset = (long)(_refTable[tableIndex] & ~Qcow2Entry.RefcountTableReservedMask);
+        if (blockOffset == 0) return null;
+        if (_refBlocks.TryGetValue(tableIndex, out var block)) return block;
+        if ((blockOffset & (_clusterSize - 1)) != 0 || blockOffset >= _file.Length)
+            throw new BlockException($"qcow2: refcount block offset 0x{blockOffset:x} is invalid (table index {tableIndex}); image is corrupt");
+        var data = new byte[_clusterSize];
+        _file.Read(blockOffset, data);
+        block = new RefcountBlock(data);
+        _refBlocks[tableIndex] = block;
+        return block;
+    }
+
+    /// <summary>Refcount of a host cluster (0 where no refcount block covers it). Caller holds the lock.</summary>
+    internal ulong GetRefcount(long hostCluster)
+    {
+        var block = GetRefcountBlock(hostCluster / _refcountsPerBlock);
+        return block is null ? 0 : RefcountCodec.Get(block.Data, hostCluster % _refcountsPerBlock, _refcountOrder);
+    }
+
+    /// <summary>Sets a refcount in memory (written back later), creating the refcount block — and growing the
+    /// refcount table — as needed. <paramref name="reservedStart"/>/<paramref name="reservedCount"/> name clusters
+    /// that are being allocated and must not be chosen for a new refcount block.</summary>
+    private void SetRefcount(long hostCluster, ulong value, long reservedStart = -1, long reservedCount = 0)
+    {
+        if (value > RefcountCodec.MaxValue(_refcountOrder))
+            throw new BlockException("qcow2: refcount overflow");
+        long tableIndex = hostCluster / _refcountsPerBlock;
+        if (tableIndex >= _refTable.Length) GrowRefcountTable(tableIndex, reservedStart, reservedCount);
+        var block = GetRefcountBlock(tableIndex);
+        if (block is null)
+        {
+            // A range with no block is entirely free, so the new block can describe itself: put it at the
+            // first cluster of its range that is not being allocated right now.
+            long rangeStart = tableIndex * _refcountsPerBlock;
+            long candidate = rangeStart;
+            if (reservedCount > 0 && candidate >= reservedStart && candidate < reservedStart + reservedCount)
+                candidate = reservedStart + reservedCount;
+            if (candidate == hostCluster) candidate++;
+            if (candidate >= rangeStart + _refcountsPerBlock)
+                throw new BlockException("qcow2: no room for a refcount block");
+            block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true };
+            _refBlocks[tableIndex] = block;
+            NoteAllocated(candidate, 1);
+            RefcountCodec.Set(block.Data, candidate - rangeStart, _refcountOrder, 1);
+            _refTable[tableIndex] = (ulong)(candidate << _clusterBits);
+            _refTableDirty = true;
+        }
+        RefcountCodec.Set(block.Data, hostCluster % _refcountsPerBlock, _refcountOrder, value);
+        block.Dirty = true;
+    }
+
+    /// <summary>Builds a larger refcount table at the end of the file, with new self-describing refcount blocks,
+    /// writes it, points the header at it and frees the old one.</summary>
+    private void GrowRefcountTable(long neededIndex, long reservedStart, long reservedCount)
+    {
+        long entriesPerCluster = _clusterSize / 8;
+        long wanted = Math.Max(neededIndex + 1, _refTable.Length * 3L / 2);
+        long endCluster = NextUnusedClusterEstimate();
+        if (reservedCount > 0) endCluster = Math.Max(endCluster, reservedStart + reservedCount);
+
+        while (true)
+        {
+            long tableClusters = (wanted + entriesPerCluster - 1) / entriesPerCluster;
+            long tableEntries = tableClusters * entriesPerCluster;
+            // New blocks go right after the table; count how many ranges the table and blocks touch.
+            long blocks = 0;
+            long newBlockCount;
+            do
+            {
+                newBlockCount = blocks;
+                long lastCluster = endCluster + tableClusters + newBlockCount - 1;
+                blocks = 0;
+                for (long ti = endCluster / _refcountsPerBlock; ti <= lastCluster / _refcountsPerBlock; ti++)
+                    if (ti >= _refTable.Length || (_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask) == 0) blocks++;
+            } while (blocks != newBlockCount);
+            long lastNeeded = (endCluster + tableClusters + blocks - 1) / _refcountsPerBlock;
+            if (lastNeeded >= tableEntries || neededIndex >= tableEntries)
+            {
+                wanted = Math.Max(lastNeeded, neededIndex) + 1 + entriesPerCluster;
+                continue;
+            }
+
+            // Commit in memory: new table contents, blocks, refcounts of the table and of the blocks.
+            var newTable = new ulong[tableEntries];
+            Array.Copy(_refTable, newTable, _refTable.Length);
+            long oldTableOffset = (long)_header.RefcountTableOffset;
+            long oldTableClusters = _header.RefcountTableClusters;
+            var oldTable = _refTable;
+            _refTable = newTable;
+            long blockCluster = endCluster + tableClusters;
+            for (long ti = endCluster / _refcountsPerBlock; ti <= lastNeeded; ti++)
+            {
+                if (ti < oldTable.Length && (oldTable[ti] & ~Qcow2Entry.RefcountTableReservedMask) != 0) continue;
+                _refTable[ti] = (ulong)(blockCluster << _clusterBits);
+                _refBlocks[ti] = new RefcountBlock(new byte[_clusterSize]) { Dirty = true };
+                blockCluster++;
+            }
+            NoteAllocated(endCluster, blockCluster - endCluster);
+            for (long c = endCluster; c < blockCluster; c++)
+            {
+                var block = GetRefcountBlock(c / _refcountsPerBlock)!;
+                RefcountCodec.Set(block.Data, c % _refcountsPerBlock, _refcountOrder, 1);
+                block.Dirty = true;
+            }
+
+            // Write blocks and the new table, then switch the header to it.
+            long tableOffset = endCluster << _clusterBits;
+            WriteDirtyRefcountBlocks();
+            var raw = new byte[tableEntries * 8];
+            for (int i = 0; i < tableEntries; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), _refTable[i]);
+            _file.Write(tableOffset, raw);
+            _file.Flush();
+            _header = _header with { RefcountTableOffset = (ulong)tableOffset, RefcountTableClusters = (uint)tableClusters };
+            WriteHeaderFields();
+            _file.Flush();
+            _refTableDirty = false;
+            for (long c = 0; c < oldTableClusters; c++)
+                AdjustRefcount((oldTableOffset >> _clusterBits) + c, -1);
+            if (_freeClusterHint > (oldTableOffset >> _clusterBits)) _freeClusterHint = oldTableOffset >> _clusterBits;
+            return;
+        }
+    }
+
+    /// <summary>First cluster past everything in the file and everything allocated in memory but not yet written.</summary>
+    private long NextUnusedClusterEstimate() => Math.Max(ClusterOf(_file.Length + _clusterSize - 1), _endCluster);
+
+    private void NoteAllocated(long firstCluster, long count)
+    {
+        if (firstCluster + count > _endCluster) _endCluster = firstCluster + count;
+    }
+
+    private void AdjustRefcount(long hostCluster, long delta)
+    {
+        ulong cur = GetRefcount(hostCluster);
+        long next = (long)cur + delta;
+        if (next < 0)
+            throw new BlockException($"qcow2: refcount of cluster {hostCluster} would drop below zero; image is corrupt");
+        SetRefcount(hostCluster, (ulong)next);
+        if (next == 0 && hostCluster < _freeClusterHint) _freeClusterHint = hostCluster;
+    }
+
+    /// <summary>Finds <paramref name="count"/> contiguous free clusters (first fit), sets their refcounts to 1 and
+    /// returns the host offset of the first. Caller holds the lock.</summary>
+    private long AllocateClusters(long count)
+    {
+        long start = _freeClusterHint;
+        long run = 0;
+        long c = start;
+        while (run < count)
+        {
+            if (GetRefcount(c) == 0)
+            {
+                if (run == 0) start = c;
+                run++;
+            }
+            else
+            {
+                run = 0;
+            }
+            c++;
+        }
+        NoteAllocated(start, count);
+        for (long i = 0; i < count; i++)
+            SetRefcount(start + i, 1, start, count);
+        if (_freeClusterHint == start) _freeClusterHint = start + count;
+        return start << _clusterBits;
+    }
+
+    /// <summary>Allocates <paramref name="length"/> bytes for compressed data, packing consecutive compressed
+    /// clusters into shared host clusters as QEMU does. Every host cluster the bytes touch gains one reference.</summary>
+    private long AllocateBytes(int length)
+    {
+        long cursor = _compressedCursor;
+        if (cursor != 0 && (cursor & (_clusterSize - 1)) != 0)
+        {
+            long firstCluster = ClusterOf(cursor);
+            long lastCluster = ClusterOf(cursor + length - 1);
+            bool fits = true;
+            for (long c = firstCluster + 1; c <= lastCluster && fits; c++) fits = GetRefcount(c) == 0;
+            if (fits)
+            {
+                AdjustRefcount(firstCluster, +1);
+                NoteAllocated(firstCluster + 1, lastCluster - firstCluster);
+                for (long c = firstCluster + 1; c <= lastCluster; c++) SetRefcount(c, 1, firstCluster + 1, lastCluster - firstCluster);
+                _compressedCursor = cursor + length;
+                return cursor;
+            }
+        }
+        long clusters = (length + _clusterSize - 1) >> _clusterBits;
+        long host = AllocateClusters(clusters);
+        _compressedCursor = host + length;
+        return host;
+    }
+
+    // ------------------------------------------------------------------ write-back
+
+    private void WriteDirtyRefcountBlocks()
+    {
+        foreach (var (ti, block) in _refBlocks)
+        {
+            if (!block.Dirty) continue;
+            _file.Write((long)(_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask), block.Data);
+            block.Dirty = false;
+        }
+    }
+
+    private void WriteRefcountTable()
+    {
+        var raw = new byte[_refTable.Length * 8];
+        for (int i = 0; i < _refTable.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), _refTable[i]);
+        _file.Write((long)_header.RefcountTableOffset, raw);
+        _refTableDirty = false;
+    }
+
+    private bool RefcountsDirty => _refTableDirty || _refBlocks.Values.Any(b => b.Dirty);
+
+    /// <summary>
+    /// Writes cached metadata in crash-safe order: refcounts (and the refcount table), then L2 tables, then the
+    /// L1 table, each step made durable before the next; finally clusters freed by the new L2 entries are
+    /// released. Data was written before any of this. Caller holds the lock.
+    /// </summary>
+    private void WriteBackMetadata()
+    {
+        if (!_writable) return;
+        bool l2Dirty = _l2Cache.Values.Any(t => t.Dirty);
+        if (RefcountsDirty)
+        {
+            _file.Flush(); // data before the refcounts that claim it (only matters across power loss)
+            WriteDirtyRefcountBlocks();
+            if (_refTableDirty) WriteRefcountTable();
+        }
+        if (l2Dirty)
+        {
+            _file.Flush();
+            var raw = new byte[_clusterSize];
+            foreach (var (offset, table) in _l2Cache)
+            {
+                if (!table.Dirty) continue;
+                for (int i = 0; i < table.Entries.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table.Entries[i]);
+                _file.Write(offset, raw);
+                table.Dirty = false;
+            }
+        }
+        if (_l1Dirty)
+        {
+            _file.Flush();
+            WriteL1Table((long)_header.L1TableOffset, _l1);
+            _l1Dirty = false;
+        }
+        if (_pendingFrees.Count > 0)
+        {
+            // Only now that no entry on disk points at them may the old clusters lose their references.
+            _file.Flush();
+            foreach (var (offset, length) in _pendingFrees)
+                for (long c = ClusterOf(offset); c <= ClusterOf(offset + length - 1); c++)
+                    AdjustRefcount(c, -1);
+            _pendingFrees.Clear();
+            _compressedCursor = 0;
+            WriteDirtyRefcountBlocks();
+            if (_refTableDirty) WriteRefcountTable();
+        }
+        _file.Flush();
+    }
+
+    private void WriteL1Table(long offset, ulong[] table)
+    {
+        var raw = new byte[table.Length * 8];
+        for (int i = 0; i < table.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table[i]);
+        _file.Write(offset, raw);
+    }
+
+    /// <summary>Rewrites the fixed header fields in place, keeping any bytes of a longer header we do not know.</summary>
+    private void WriteHeaderFields()
+    {
+        var bytes = (byte[])_headerRaw.Clone();
+        var fresh = new byte[Math.Max(bytes.Length, Qcow2Header.V3HeaderLength)];
+        _header.Write(fresh);
+        fresh.AsSpan(0, Math.Min(bytes.Length, Qcow2Header.V3HeaderLength)).CopyTo(bytes);
+        _file.Write(0, bytes);
+        _headerRaw = bytes;
+    }
+
+    // ------------------------------------------------------------------ resize
+
+    public override void Resize(long newSize)
+    {
+        CheckWritable();
+        if (newSize < 0) throw new BlockException("Image size must not be negative");
+        lock (_lock)
+        {
+            long oldSize = Size;
+            if (newSize < oldSize)
+            {
+                // Free every cluster that lies wholly past the new end.
+                long firstGone = (newSize + _clusterSize - 1) >> _clusterBits;
+                long end = (oldSize + _clusterSize - 1) >> _clusterBits;
+                for (long c = firstGone; c < end; c++)
+                {
+                    long l1i = c / _l2Entries;
+                    if (l1i >= _l1.Length || (_l1[l1i] & Qcow2Entry.OffsetMask) == 0) { c = (l1i + 1) * _l2Entries - 1; continue; }
+                    var table = EnsureL2Table(l1i);
+                    int idx = (int)(c % _l2Entries);
+                    if (table.Entries[idx] == 0) continue;
+                    ReleaseEntry(table.Entries[idx]);
+                    table.Entries[idx] = 0;
+                    table.Dirty = true;
+                }
+                WriteBackMetadata();
+                _header = _header with { Size = (ulong)newSize };
+                WriteHeaderFields();
+                _file.Flush();
+                return;
+            }
+            long neededL1 = (((newSize + _clusterSize - 1) >> _clusterBits) + _l2Entries - 1) / _l2Entries;
+            if (neededL1 > 0x2000000) throw new BlockException("Image size too large for this cluster size");
+            if (neededL1 > _l1.Length)
+            {
+                WriteBackMetadata();
+                var newL1 = new ulong[neededL1];
+                Array.Copy(_l1, newL1, _l1.Length);
+                long l1Clusters = (neededL1 * 8 + _clusterSize - 1) >> _clusterBits;
+                long newOffset = AllocateClusters(l1Clusters);
+                WriteBackMetadata(); // refcounts of the new table before anything points at it
+                var raw = new byte[l1Clusters << _clusterBits];
+                for (int i = 0; i < newL1.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), newL1[i]);
+                _file.Write(newOffset, raw);
+                _file.Flush();
+                long oldOffset = (long)_header.L1TableOffset;
+                long oldClusters = (_l1.Length * 8L + _clusterSize - 1) >> _clusterBits;
+                _header = _header with { L1TableOffset = (ulong)newOffset, L1Size = (uint)neededL1, Size = (ulong)newSize };
+                WriteHeaderFields();
+                _file.Flush();
+                _l1 = newL1;
+                if (oldOffset != 0)
+                    for (long c = 0; c < oldClusters; c++) AdjustRefcount((oldOffset >> _clusterBits) + c, -1);
+                WriteBackMetadata();
+            }
+            else
+            {
+                _header = _header with { Size = (ulong)newSize };
+                WriteHeaderFields();
+                _file.Flush();
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------ backing file
+
+    public override void SetBackingFile(string? backingFile, string? backingFormat)
+    {
+        CheckWritable();
+        lock (_lock)
+        {
+            WriteBackMetadata();
+            var exts = new List<Qcow2HeaderExtension>();
+            if (backingFile is not null && backingFormat is not null)
+                exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.BackingFormat, System.Text.Encoding.UTF8.GetBytes(backingFormat)));
+            foreach (var e in _extras.Extensions)
+                if (e.Type != Qcow2ExtensionType.BackingFormat) exts.Add(e);
+            var (bytes, header) = Qcow2HeaderExtensionCodec.Build(_header, exts, backingFile);
+            // Clear the rest of the old extension area so no stale bytes remain inside cluster 0.
+            var cluster0 = new byte[_clusterSize];
+            bytes.CopyTo(cluster0, 0);
+            _file.Write(0, cluster0);
+            _file.Flush();
+            _header = header;
+            _headerRaw = bytes.AsSpan(0, header.WrittenLength).ToArray();
+            _extras = new Qcow2HeaderExtras(exts, backingFile);
+            _backingFile = backingFile;
+            _backingFormat = backingFile is null ? null : backingFormat;
+        }
+    }
+
+    // ------------------------------------------------------------------ creation
+
+    /// <summary>Creates a new, empty qcow2 v3 image the way qemu-img lays it out: header in cluster 0, refcount
+    /// table in cluster 1, its first refcount block in cluster 2, then the L1 table.</summary>
+    public static Qcow2Image Create(string path, Qcow2CreateOptions options)
+    {
+        int bits = System.Numerics.BitOperations.Log2((uint)options.ClusterSize);
+        if (options.ClusterSize < 512 || options.ClusterSize > (1 << 21) || (1 << bits) != options.ClusterSize)
+            throw new BlockException("Cluster size must be a power of two between 512 and 2048k");
+        if (options.Size < 0) throw new BlockException("Image size must not be negative");
+        if (options.RefcountBits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
+            throw new BlockException("Refcount width must be a power of two and may not exceed 64 bits");
+        long cs = options.ClusterSize;
+        var header = new Qcow2Header
+        {
+            Version = 3,
+            ClusterBits = bits,
+            Size = 0,
+            L1Size = 0,
+            L1TableOffset = 0,
+            RefcountTableOffset = (ulong)cs,
+            RefcountTableClusters = 1,
+            RefcountOrder = System.Numerics.BitOperations.Log2((uint)options.RefcountBits),
+            HeaderLength = Qcow2Header.V3HeaderLength,
+            CompressionType = options.CompressionType,
+            IncompatibleFeatures = options.CompressionType == Qcow2CompressionType.Zstd ? Qcow2IncompatibleFeatures.CompressionType : 0,
+        };
+        var exts = new List<Qcow2HeaderExtension>();
+        if (options.BackingFile is not null && options.BackingFormat is not null)
+            exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.BackingFormat, System.Text.Encoding.UTF8.GetBytes(options.BackingFormat)));
+        exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.FeatureNameTable, Qcow2FeatureName.EncodeTable(Qcow2FeatureName.Standard)));
+        var (bytes, finalHeader) = Qcow2HeaderExtensionCodec.Build(header, exts, options.BackingFile);
+
+        var file = HostFile.Create(path);
+        try
+        {
+            var first = new byte[3 * cs];
+            bytes.CopyTo(first, 0);
+            BinaryPrimitives.WriteUInt64BigEndian(first.AsSpan((int)cs), (ulong)(2 * cs));
+            int order = finalHeader.RefcountOrder;
+            for (int c = 0; c < 3; c++) RefcountCodec.Set(first.AsSpan((int)(2 * cs), (int)cs), c, order, 1);
+            file.Write(0, first);
+            file.Flush();
+        }
+        finally
+        {
+            file.Dispose();
+        }
+        var img = Open(HostFile.Open(path, readOnly: false));
+        img.Resize(options.Size);
+        return img;
+    }
+}
+
+/// <summary>What <c>create -f qcow2 -o …</c> may set.</summary>
+public sealed record Qcow2CreateOptions
+{
+    public long Size { get; init; }
+    public int ClusterSize { get; init; } = 65536;
+    public int RefcountBits { get; init; } = 16;
+    public Qcow2CompressionType CompressionType { get; init; } = Qcow2CompressionType.Deflate;
+    public string? BackingFile { get; init; }
+    public string? BackingFormat { get; init; }
+}

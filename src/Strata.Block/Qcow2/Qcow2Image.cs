@@ -1,0 +1,605 @@
+using System.Buffers.Binary;
+using Strata.Formats.Qcow2;
+
+namespace Strata.Block.Qcow2;
+
+/// <summary>Options for opening a qcow2 image.</summary>
+public sealed record Qcow2OpenOptions
+{
+    /// <summary>Bytes of L2 tables kept in memory.</summary>
+    public long L2CacheBytes { get; init; } = 32L << 20;
+}
+
+/// <summary>
+/// The qcow2 format driver: version 2 and 3 read, version 3 written. Metadata is cached and written back
+/// in the order data → refcounts → L2 → L1/header, with an fsync between the steps, so that whatever
+/// moment a crash hits, the file on disk is consistent (at worst some clusters are leaked).
+/// </summary>
+public sealed partial class Qcow2Image : BlockImage
+{
+    private readonly HostFile _file;
+    private readonly object _lock = new();
+    private readonly int _clusterBits;
+    private readonly long _clusterSize;
+    private readonly int _l2Entries;
+    private readonly int _refcountOrder;
+    private readonly long _refcountsPerBlock;
+    private readonly bool _writable;
+
+    private Qcow2Header _header;
+    private byte[] _headerRaw;
+    private Qcow2HeaderExtras _extras;
+    private string? _backingFile;
+    private string? _backingFormat;
+
+    private ulong[] _l1;
+    private bool _l1Dirty;
+
+    private readonly Dictionary<long, L2Table> _l2Cache = new();
+    private readonly int _l2CacheCapacity;
+    private long _l2Clock;
+
+    private ulong[] _refTable;
+    private bool _refTableDirty;
+    private readonly Dictionary<long, RefcountBlock> _refBlocks = new();
+    private readonly List<(long Offset, long Length)> _pendingFrees = new();
+    private long _freeClusterHint;
+    private long _compressedCursor;
+    private long _endCluster;
+    private bool _disposed;
+
+    private sealed class L2Table(ulong[] entries)
+    {
+        public readonly ulong[] Entries = entries;
+        public bool Dirty;
+        public long LastUse;
+    }
+
+    private sealed class RefcountBlock(byte[] data)
+    {
+        public readonly byte[] Data = data;
+        public bool Dirty;
+    }
+
+    public HostFile File => _file;
+    public Qcow2Header Header => _header;
+    public Qcow2HeaderExtras Extras => _extras;
+    public override string FormatName => "qcow2";
+    public override long Size => (long)_header.Size;
+    public override bool ReadOnly => !_writable;
+    public override string FileName => _file.Path;
+    public override string? BackingFileName => _backingFile;
+    public override string? BackingFormat => _backingFormat;
+    public override int ClusterSize => (int)_clusterSize;
+    public override bool SupportsCompression => true;
+
+    private Qcow2Image(HostFile file, Qcow2Header header, byte[] headerRaw, Qcow2HeaderExtras extras, Qcow2OpenOptions options)
+    {
+        _file = file;
+        _header = header;
+        _headerRaw = headerRaw;
+        _extras = extras;
+        _backingFile = extras.BackingFile;
+        _backingFormat = extras.BackingFormat;
+        _clusterBits = header.ClusterBits;
+        _clusterSize = header.ClusterSize;
+        _l2Entries = (int)(_clusterSize / 8);
+        _refcountOrder = header.RefcountOrder;
+        _refcountsPerBlock = _clusterSize * 8 / header.RefcountBits;
+        _writable = !file.ReadOnly;
+        _l2CacheCapacity = (int)Math.Max(16, options.L2CacheBytes / _clusterSize);
+        _l1 = [];
+        _refTable = [];
+    }
+
+    /// <summary>Opens a qcow2 image on an already-opened host file (which the image then owns).</summary>
+    public static Qcow2Image Open(HostFile file, Qcow2OpenOptions? options = null)
+    {
+        try
+        {
+            return OpenCore(file, options ?? new Qcow2OpenOptions());
+        }
+        catch
+        {
+            file.Dispose();
+            throw;
+        }
+    }
+
+    private static Qcow2Image OpenCore(HostFile file, Qcow2OpenOptions options)
+    {
+        long fileLength = file.Length;
+        var probe = new byte[Math.Min(fileLength, 4096)];
+        file.Read(0, probe);
+        var header = Qcow2Header.Parse(probe);
+        var cluster0 = new byte[Math.Min(fileLength, header.ClusterSize)];
+        file.Read(0, cluster0);
+        var extras = Qcow2HeaderExtensionCodec.Parse(header, cluster0);
+        var headerRaw = cluster0.AsSpan(0, header.WrittenLength).ToArray();
+
+        if (header.CryptMethod != 0)
+            throw new BlockException("Encrypted qcow2 images are not supported");
+        if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExternalDataFile) != 0 || extras.ExternalDataFile is not null)
+            throw new BlockException("qcow2 images with an external data file are not supported");
+        if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0)
+            throw new BlockException("qcow2 images with extended L2 entries (subclusters) are not supported");
+        if (!file.ReadOnly)
+        {
+            if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0)
+                throw new BlockException("qcow2: Image is corrupt; cannot be opened read/write");
+            if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) != 0)
+                throw new BlockException("qcow2: Image has the dirty bit set (lazy refcounts); repair it with 'check -r all' first");
+            if (header.Version < 3)
+                throw new BlockException("Writing qcow2 version 2 images is not supported; convert the image to version 3 first");
+            if (header.NbSnapshots != 0)
+                throw new BlockException("Writing qcow2 images that contain internal snapshots is not supported");
+        }
+
+        long l1Bytes = header.L1Size * 8L;
+        if (header.L1Size > 0 && (long)header.L1TableOffset + l1Bytes > fileLength)
+            throw new ImageFormatException($"L1 table (offset 0x{header.L1TableOffset:x}, {header.L1Size} entries) lies past the end of the file");
+        if (header.L1Size > 0 && header.L1TableOffset == 0)
+            throw new ImageFormatException("L1 table offset invalid");
+        long refTableBytes = header.RefcountTableClusters * header.ClusterSize;
+        if ((long)header.RefcountTableOffset >= fileLength)
+            throw new ImageFormatException("Refcount table lies past the end of the file");
+
+        var img = new Qcow2Image(file, header, headerRaw, extras, options);
+        var l1Raw = new byte[l1Bytes];
+        file.Read((long)header.L1TableOffset, l1Raw);
+        img._l1 = new ulong[header.L1Size];
+        for (int i = 0; i < img._l1.Length; i++)
+        {
+            ulong e = BinaryPrimitives.ReadUInt64BigEndian(l1Raw.AsSpan(i * 8));
+            img._l1[i] = e;
+        }
+        var rtRaw = new byte[refTableBytes];
+        file.Read((long)header.RefcountTableOffset, rtRaw);
+        img._refTable = new ulong[refTableBytes / 8];
+        for (int i = 0; i < img._refTable.Length; i++)
+            img._refTable[i] = BinaryPrimitives.ReadUInt64BigEndian(rtRaw.AsSpan(i * 8));
+
+        if (img._writable)
+        {
+            // We do not maintain persistent dirty bitmaps yet, so writing data would make them stale: clear the
+            // autoclear bits we do not keep up to date, as the spec asks of a program that does not know them.
+            var keep = header.AutoclearFeatures & Qcow2AutoclearFeatures.None;
+            if (header.AutoclearFeatures != keep)
+            {
+                img._header = header with { AutoclearFeatures = keep };
+                img.WriteHeaderFields();
+                file.Flush();
+            }
+        }
+        return img;
+    }
+
+    // ------------------------------------------------------------------ mapping
+
+    private long ClusterOf(long offset) => offset >> _clusterBits;
+
+    /// <summary>L2 entry of a guest cluster (0 when no L2 table). Caller holds the lock.</summary>
+    private ulong GetL2Entry(long guestCluster)
+    {
+        long l1Index = guestCluster / _l2Entries;
+        if (l1Index >= _l1.Length) return 0;
+        ulong l2Offset = _l1[l1Index] & Qcow2Entry.OffsetMask;
+        if (l2Offset == 0) return 0;
+        var table = LoadL2((long)l2Offset, l1Index);
+        return table.Entries[guestCluster % _l2Entries];
+    }
+
+    private L2Table LoadL2(long l2Offset, long l1Index)
+    {
+        if (_l2Cache.TryGetValue(l2Offset, out var t))
+        {
+            t.LastUse = ++_l2Clock;
+            return t;
+        }
+        if ((l2Offset & (_clusterSize - 1)) != 0)
+            throw new BlockException($"qcow2: L2 table offset 0x{l2Offset:x} unaligned (L1 index: {l1Index}); image is corrupt");
+        if (l2Offset + _clusterSize > _file.Length)
+            throw new BlockException($"qcow2: L2 table offset 0x{l2Offset:x} lies past the end of the file (L1 index: {l1Index}); image is corrupt");
+        var raw = new byte[_clusterSize];
+        _file.Read(l2Offset, raw);
+        var entries = new ulong[_l2Entries];
+        for (int i = 0; i < entries.Length; i++)
+            entries[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
+        t = new L2Table(entries) { LastUse = ++_l2Clock };
+        MakeRoomInL2Cache();
+        _l2Cache[l2Offset] = t;
+        return t;
+    }
+
+    private void MakeRoomInL2Cache()
+    {
+        if (_l2Cache.Count < _l2CacheCapacity) return;
+        if (_l2Cache.Values.Any(t => t.Dirty)) WriteBackMetadata();
+        // Drop the least recently used half of the clean tables.
+        var victims = _l2Cache.OrderBy(kv => kv.Value.LastUse).Take(_l2Cache.Count / 2).Select(kv => kv.Key).ToList();
+        foreach (var v in victims) _l2Cache.Remove(v);
+    }
+
+    /// <summary>The mapping of a run of guest bytes with one state and (for data) contiguous host offsets.</summary>
+    private readonly record struct Run(L2EntryKind Kind, long Length, long HostOffset, ulong Entry);
+
+    /// <summary>Finds the run starting at <paramref name="offset"/>. Caller holds the lock.</summary>
+    private Run MapRun(long offset, long maxLength)
+    {
+        long cluster = ClusterOf(offset);
+        long inCluster = offset & (_clusterSize - 1);
+        ulong entry = GetL2Entry(cluster);
+        var kind = Qcow2Entry.Classify(entry);
+        long host = kind is L2EntryKind.Normal or L2EntryKind.ZeroAllocated ? (long)(entry & Qcow2Entry.OffsetMask) : -1;
+        long length = Math.Min(_clusterSize - inCluster, maxLength);
+        if (kind == L2EntryKind.Compressed)
+            return new Run(kind, length, -1, entry);
+        while (length < maxLength)
+        {
+            long next = cluster + (offset + length - (cluster << _clusterBits)) / _clusterSize;
+            ulong e = GetL2Entry(next);
+            var k = Qcow2Entry.Classify(e);
+            if (NormalizeForRun(k) != NormalizeForRun(kind)) break;
+            if (kind == L2EntryKind.Normal && (long)(e & Qcow2Entry.OffsetMask) != host + inCluster + length) break;
+            length = Math.Min(length + _clusterSize, maxLength);
+        }
+        return new Run(kind, length, host < 0 ? -1 : host + inCluster, entry);
+    }
+
+    private static L2EntryKind NormalizeForRun(L2EntryKind k) => k == L2EntryKind.ZeroAllocated ? L2EntryKind.ZeroUnallocated : k;
+
+    // ------------------------------------------------------------------ reads
+
+    [ThreadStatic] private static byte[]? t_clusterBuffer;
+    [ThreadStatic] private static byte[]? t_compressedBuffer;
+
+    public override void Read(long offset, Span<byte> buffer)
+    {
+        CheckRange(offset, buffer.Length);
+        while (!buffer.IsEmpty)
+        {
+            Run run;
+            lock (_lock) run = MapRun(offset, buffer.Length);
+            var slice = buffer[..(int)run.Length];
+            switch (run.Kind)
+            {
+                case L2EntryKind.Normal:
+                    _file.Read(run.HostOffset, slice);
+                    break;
+                case L2EntryKind.ZeroAllocated:
+                case L2EntryKind.ZeroUnallocated:
+                    slice.Clear();
+                    break;
+                case L2EntryKind.Unallocated:
+                    ReadFromBacking(offset, slice);
+                    break;
+                case L2EntryKind.Compressed:
+                    var cluster = t_clusterBuffer ??= new byte[Qcow2MaxCluster];
+                    ReadCompressedCluster(run.Entry, cluster.AsSpan(0, (int)_clusterSize));
+                    cluster.AsSpan((int)(offset & (_clusterSize - 1)), slice.Length).CopyTo(slice);
+                    break;
+            }
+            offset += run.Length;
+            buffer = buffer[(int)run.Length..];
+        }
+    }
+
+    private const int Qcow2MaxCluster = 1 << Qcow2Header.MaxClusterBits;
+
+    private void ReadCompressedCluster(ulong entry, Span<byte> output)
+    {
+        var (host, sectors) = Qcow2Entry.DecodeCompressed(entry, _clusterBits);
+        int length = Qcow2Entry.CompressedReadLength(host, sectors);
+        if (length <= 0 || length > 2 * _clusterSize + 1024)
+            throw new BlockException($"qcow2: invalid compressed cluster descriptor 0x{entry:x16}");
+        var input = t_compressedBuffer is { } b && b.Length >= length ? b : (t_compressedBuffer = new byte[Math.Max(length, 2 * Qcow2MaxCluster + 1024)]);
+        _file.Read(host, input.AsSpan(0, length));
+        ClusterCompression.Decompress(_header.CompressionType, input.AsSpan(0, length), output);
+    }
+
+    // ------------------------------------------------------------------ writes
+
+    public override void Write(long offset, ReadOnlySpan<byte> data)
+    {
+        CheckWritable();
+        CheckRange(offset, data.Length);
+        while (!data.IsEmpty)
+        {
+            long host = -1, length;
+            lock (_lock)
+            {
+                var run = MapRun(offset, data.Length);
+                if (run.Kind == L2EntryKind.Normal && (run.Entry & Qcow2Entry.Copied) != 0)
+                {
+                    host = run.HostOffset;
+                    length = run.Length;
+                }
+                else
+                {
+                    length = AllocatingWrite(offset, data);
+                }
+            }
+            if (host >= 0) _file.Write(host, data[..(int)length]);
+            offset += length;
+            data = data[(int)length..];
+        }
+    }
+
+    /// <summary>Writes into clusters that need a new host cluster (unallocated, zero, compressed or shared).
+    /// Returns the bytes consumed. Caller holds the lock.</summary>
+    private long AllocatingWrite(long offset, ReadOnlySpan<byte> data)
+    {
+        long firstCluster = ClusterOf(offset);
+        long lastCluster = ClusterOf(offset + data.Length - 1);
+        long maxRun = Math.Min(_refcountsPerBlock - 1, Math.Max(1, (8L << 20) / _clusterSize));
+        long count = 1;
+        while (firstCluster + count <= lastCluster && count < maxRun)
+        {
+            ulong e = GetL2Entry(firstCluster + count);
+            if (Qcow2Entry.Classify(e) == L2EntryKind.Normal && (e & Qcow2Entry.Copied) != 0) break;
+            count++;
+        }
+        long start = firstCluster << _clusterBits;
+        long end = Math.Min((firstCluster + count) << _clusterBits, offset + data.Length);
+        long consumed = end - offset;
+
+        long hostStart = AllocateClusters(count);
+        long headPad = offset - start;
+        long tailEnd = Math.Min((firstCluster + count) << _clusterBits, Size);
+        long tailPad = tailEnd - end;
+        if (tailPad < 0) tailPad = 0;
+
+        if (headPad == 0 && tailPad == 0)
+        {
+            _file.Write(hostStart, data[..(int)consumed]);
+        }
+        else
+        {
+            // Build the clusters with their old content around the new bytes (copy-on-write).
+            long spanLength = (count << _clusterBits);
+            var buffer = new byte[spanLength];
+            if (headPad > 0) ReadOldCluster(firstCluster, buffer.AsSpan(0, (int)_clusterSize));
+            if (tailPad > 0 && (count > 1 || headPad == 0))
+                ReadOldCluster(firstCluster + count - 1, buffer.AsSpan((int)((count - 1) << _clusterBits), (int)_clusterSize));
+            data[..(int)consumed].CopyTo(buffer.AsSpan((int)headPad));
+            // The last cluster of an image whose size is not cluster aligned is still written whole.
+            _file.Write(hostStart, buffer);
+        }
+
+        for (long i = 0; i < count; i++)
+        {
+            long guest = firstCluster + i;
+            var table = EnsureL2Table(guest / _l2Entries);
+            int idx = (int)(guest % _l2Entries);
+            ReleaseEntry(table.Entries[idx]);
+            table.Entries[idx] = (ulong)(hostStart + (i << _clusterBits)) | Qcow2Entry.Copied;
+            table.Dirty = true;
+        }
+        return consumed;
+    }
+
+    /// <summary>Reads what a guest cluster holds now (before it is replaced). Caller holds the lock.</summary>
+    private void ReadOldCluster(long guestCluster, Span<byte> output)
+    {
+        ulong entry = GetL2Entry(guestCluster);
+        long guestOffset = guestCluster << _clusterBits;
+        switch (Qcow2Entry.Classify(entry))
+        {
+            case L2EntryKind.Normal:
+                _file.Read((long)(entry & Qcow2Entry.OffsetMask), output);
+                break;
+            case L2EntryKind.Compressed:
+                ReadCompressedCluster(entry, output);
+                break;
+            case L2EntryKind.Unallocated:
+                long inImage = Math.Clamp(Size - guestOffset, 0, output.Length);
+                ReadFromBacking(guestOffset, output[..(int)inImage]);
+                output[(int)inImage..].Clear();
+                break;
+            default:
+                output.Clear();
+                break;
+        }
+    }
+
+    /// <summary>Schedules the host storage an old L2 entry referenced to be freed once the new entry is on disk.</summary>
+    private void ReleaseEntry(ulong entry)
+    {
+        switch (Qcow2Entry.Classify(entry))
+        {
+            case L2EntryKind.Normal:
+            case L2EntryKind.ZeroAllocated:
+                _pendingFrees.Add(((long)(entry & Qcow2Entry.OffsetMask), _clusterSize));
+                break;
+            case L2EntryKind.Compressed:
+                var (host, sectors) = Qcow2Entry.DecodeCompressed(entry, _clusterBits);
+                _pendingFrees.Add((host, Qcow2Entry.CompressedReadLength(host, sectors)));
+                break;
+        }
+    }
+
+    /// <summary>Returns the L2 table for an L1 index, allocating an empty one if needed. Caller holds the lock.</summary>
+    private L2Table EnsureL2Table(long l1Index)
+    {
+        if (l1Index >= _l1.Length)
+            throw new BlockException($"qcow2: guest offset beyond the L1 table (index {l1Index})");
+        ulong l1e = _l1[l1Index];
+        long l2Offset = (long)(l1e & Qcow2Entry.OffsetMask);
+        if (l2Offset != 0)
+        {
+            if ((l1e & Qcow2Entry.Copied) == 0)
+                throw new BlockException("qcow2: shared L2 tables (internal snapshots) are not supported for writing");
+            return LoadL2(l2Offset, l1Index);
+        }
+        long newOffset = AllocateClusters(1);
+        var table = new L2Table(new ulong[_l2Entries]) { Dirty = true, LastUse = ++_l2Clock };
+        MakeRoomInL2Cache();
+        _l2Cache[newOffset] = table;
+        _l1[l1Index] = (ulong)newOffset | Qcow2Entry.Copied;
+        _l1Dirty = true;
+        return table;
+    }
+
+    public override void WriteZeroes(long offset, long length, bool mayUnmap)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        ZeroOrDiscard(offset, length, discard: false, mayUnmap);
+    }
+
+    public override void Discard(long offset, long length)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        ZeroOrDiscard(offset, length, discard: true, mayUnmap: true);
+    }
+
+    private void ZeroOrDiscard(long offset, long length, bool discard, bool mayUnmap)
+    {
+        long end = offset + length;
+        while (offset < end)
+        {
+            long clusterStart = offset & ~(_clusterSize - 1);
+            long clusterEnd = Math.Min(clusterStart + _clusterSize, Size);
+            long pieceEnd = Math.Min(end, clusterEnd);
+            bool whole = offset == clusterStart && pieceEnd == clusterEnd;
+            if (!whole)
+            {
+                // A partial cluster: discard is advisory and does nothing; zeroing writes real zeros.
+                if (!discard)
+                {
+                    bool alreadyZero;
+                    lock (_lock)
+                    {
+                        var k = Qcow2Entry.Classify(GetL2Entry(ClusterOf(offset)));
+                        alreadyZero = k is L2EntryKind.ZeroAllocated or L2EntryKind.ZeroUnallocated ||
+                                      (k == L2EntryKind.Unallocated && Backing is null);
+                    }
+                    if (!alreadyZero) Write(offset, new byte[pieceEnd - offset]);
+                }
+                offset = pieceEnd;
+                continue;
+            }
+            lock (_lock)
+            {
+                // A run of whole clusters (the image's last, short cluster counts as whole) under one lock.
+                long wholeEnd = end >= Size ? Size : end & ~(_clusterSize - 1);
+                long lastExclusive = (wholeEnd + _clusterSize - 1) >> _clusterBits;
+                for (long c = ClusterOf(offset); c < lastExclusive; c++)
+                    ZeroCluster(c, discard, mayUnmap);
+                offset = wholeEnd;
+            }
+        }
+    }
+
+    /// <summary>Makes one whole guest cluster read as zeros (or discards it), as QEMU's qcow2 driver does.
+    /// Caller holds the lock.</summary>
+    private void ZeroCluster(long cluster, bool discard, bool mayUnmap)
+    {
+        ulong old = GetL2Entry(cluster);
+        var kind = Qcow2Entry.Classify(old);
+        bool allocated = kind is L2EntryKind.Normal or L2EntryKind.Compressed or L2EntryKind.ZeroAllocated;
+        bool keepsHost = false;
+        ulong replacement;
+        if (discard)
+        {
+            if (!allocated && Backing is null) return;
+            replacement = Qcow2Entry.ZeroFlag;
+        }
+        else if (!mayUnmap && kind == L2EntryKind.Normal && (old & Qcow2Entry.Copied) != 0)
+        {
+            replacement = old | Qcow2Entry.ZeroFlag;
+            keepsHost = true;
+        }
+        else if (!mayUnmap && kind == L2EntryKind.ZeroAllocated)
+        {
+            return;
+        }
+        else
+        {
+            replacement = Qcow2Entry.ZeroFlag;
+        }
+        if (replacement == old) return;
+        var table = EnsureL2Table(cluster / _l2Entries);
+        if (!keepsHost) ReleaseEntry(old);
+        table.Entries[cluster % _l2Entries] = replacement;
+        table.Dirty = true;
+    }
+
+    public override void WriteCompressed(long offset, ReadOnlySpan<byte> cluster)
+    {
+        CheckWritable();
+        if ((offset & (_clusterSize - 1)) != 0 || cluster.Length > _clusterSize)
+            throw new BlockException("Compressed writes must cover one aligned cluster");
+        var padded = new byte[_clusterSize];
+        cluster.CopyTo(padded);
+        var compressed = ClusterCompression.Compress(_header.CompressionType, padded, (int)_clusterSize - 512);
+        if (compressed is null)
+        {
+            Write(offset, cluster);
+            return;
+        }
+        lock (_lock)
+        {
+            long host = AllocateBytes(compressed.Length);
+            _file.Write(host, compressed);
+            long guest = ClusterOf(offset);
+            var table = EnsureL2Table(guest / _l2Entries);
+            int idx = (int)(guest % _l2Entries);
+            ReleaseEntry(table.Entries[idx]);
+            table.Entries[idx] = Qcow2Entry.EncodeCompressed(host, compressed.Length, _clusterBits);
+            table.Dirty = true;
+        }
+    }
+
+    // ------------------------------------------------------------------ block status
+
+    public override LayerExtent GetLayerStatus(long offset, long maxLength)
+    {
+        CheckRange(offset, 0);
+        maxLength = Math.Min(maxLength, Size - offset);
+        if (maxLength <= 0) return new LayerExtent(offset, 0, LayerState.Unallocated, -1);
+        lock (_lock)
+        {
+            var run = MapRun(offset, maxLength);
+            var state = run.Kind switch
+            {
+                L2EntryKind.Normal or L2EntryKind.Compressed => LayerState.Data,
+                L2EntryKind.ZeroAllocated or L2EntryKind.ZeroUnallocated => LayerState.Zero,
+                _ => LayerState.Unallocated,
+            };
+            long length = run.Length;
+            if (run.Kind == L2EntryKind.Compressed)
+            {
+                // Merge following compressed clusters: they have no contiguous host mapping to report.
+                while (length < maxLength && Qcow2Entry.Classify(GetL2Entry(ClusterOf(offset + length))) == L2EntryKind.Compressed)
+                    length = Math.Min(length + _clusterSize, maxLength);
+                return new LayerExtent(offset, length, state, -1, Compressed: true);
+            }
+            return new LayerExtent(offset, length, state, run.Kind == L2EntryKind.Normal || run.Kind == L2EntryKind.ZeroAllocated ? run.HostOffset : -1);
+        }
+    }
+
+    // ------------------------------------------------------------------ flush and close
+
+    public override void Flush()
+    {
+        if (!_writable) return;
+        lock (_lock) WriteBackMetadata();
+    }
+
+    public override void Dispose()
+    {
+        if (_disposed) return;
+        _disposed = true;
+        try
+        {
+            if (_writable) lock (_lock) WriteBackMetadata();
+        }
+        finally
+        {
+            base.Dispose();
+            _file.Dispose();
+        }
+    }
+}

@@ -1,0 +1,88 @@
+namespace Strata.Block;
+
+/// <summary>The raw format: guest offset = host offset. Holes in a sparse file are reported as zero.</summary>
+public sealed class RawImage : BlockImage
+{
+    private readonly HostFile _file;
+    private long _size;
+
+    public RawImage(HostFile file)
+    {
+        _file = file;
+        _size = file.Length;
+    }
+
+    public HostFile File => _file;
+    public override string FormatName => "raw";
+    public override long Size => Interlocked.Read(ref _size);
+    public override bool ReadOnly => _file.ReadOnly;
+    public override string FileName => _file.Path;
+
+    public static RawImage Create(string path, long size)
+    {
+        var f = HostFile.Create(path);
+        f.SetLength(size);
+        return new RawImage(f);
+    }
+
+    public override void Read(long offset, Span<byte> buffer)
+    {
+        CheckRange(offset, buffer.Length);
+        _file.Read(offset, buffer);
+    }
+
+    public override void Write(long offset, ReadOnlySpan<byte> data)
+    {
+        CheckWritable();
+        CheckRange(offset, data.Length);
+        _file.Write(offset, data);
+    }
+
+    public override void WriteZeroes(long offset, long length, bool mayUnmap)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        if (length == 0) return;
+        if (mayUnmap && _file.PunchHole(offset, length)) return;
+        var zeros = new byte[(int)Math.Min(length, 1 << 20)];
+        for (long pos = 0; pos < length; pos += zeros.Length)
+            _file.Write(offset + pos, zeros.AsSpan(0, (int)Math.Min(zeros.Length, length - pos)));
+    }
+
+    public override void Discard(long offset, long length) => WriteZeroes(offset, length, mayUnmap: true);
+
+    public override void Flush() => _file.Flush();
+
+    public override LayerExtent GetLayerStatus(long offset, long maxLength)
+    {
+        CheckRange(offset, 0);
+        long end = Math.Min(Size, offset + maxLength);
+        if (offset >= end) return new LayerExtent(offset, 0, LayerState.Data, offset);
+        long data = _file.SeekData(offset);
+        if (data < 0 && offset < _file.Length)
+        {
+            // SEEK_DATA unsupported: everything is data.
+            if (_file.SeekHole(offset) < 0) return new LayerExtent(offset, end - offset, LayerState.Data, offset);
+        }
+        if (data < 0 || data >= end)
+            return new LayerExtent(offset, end - offset, LayerState.Zero, offset);
+        if (data > offset)
+            return new LayerExtent(offset, data - offset, LayerState.Zero, offset);
+        long hole = _file.SeekHole(offset);
+        if (hole < 0 || hole > end) hole = end;
+        return new LayerExtent(offset, hole > offset ? hole - offset : end - offset, LayerState.Data, offset);
+    }
+
+    public override void Resize(long newSize)
+    {
+        CheckWritable();
+        _file.SetLength(newSize);
+        Interlocked.Exchange(ref _size, newSize);
+    }
+
+    public override void Dispose()
+    {
+        base.Dispose();
+        _file.Dispose();
+    }
+}

@@ -1,0 +1,109 @@
+using System.Buffers.Binary;
+
+namespace Strata.Formats.Qcow2;
+
+/// <summary>What a standard L2 entry says about one guest cluster.</summary>
+public enum L2EntryKind : byte
+{
+    /// <summary>Not allocated here: read from the backing file, or zeros.</summary>
+    Unallocated = 0,
+    /// <summary>Zero flag set, no host cluster.</summary>
+    ZeroUnallocated = 1,
+    /// <summary>Zero flag set, host cluster preallocated.</summary>
+    ZeroAllocated = 2,
+    /// <summary>Data in a host cluster.</summary>
+    Normal = 3,
+    /// <summary>Compressed data at a byte offset.</summary>
+    Compressed = 4,
+}
+
+/// <summary>Bit layout of L1/L2/refcount-table entries (qcow2 spec, frozen values).</summary>
+public static class Qcow2Entry
+{
+    public const ulong Copied = 1UL << 63;
+    public const ulong CompressedFlag = 1UL << 62;
+    public const ulong ZeroFlag = 1UL;
+    public const ulong OffsetMask = 0x00ff_ffff_ffff_fe00UL;
+    public const ulong L1ReservedMask = 0x7f00_0000_0000_01ffUL;
+    public const ulong L2ReservedMask = 0x3f00_0000_0000_01feUL;
+    public const ulong RefcountTableReservedMask = 0x0000_0000_0000_01ffUL;
+
+    public static L2EntryKind Classify(ulong entry)
+    {
+        if ((entry & CompressedFlag) != 0) return L2EntryKind.Compressed;
+        bool zero = (entry & ZeroFlag) != 0;
+        ulong off = entry & OffsetMask;
+        if (zero) return off == 0 ? L2EntryKind.ZeroUnallocated : L2EntryKind.ZeroAllocated;
+        return off == 0 ? L2EntryKind.Unallocated : L2EntryKind.Normal;
+    }
+
+    /// <summary>Host byte offset and sector count of a compressed cluster descriptor.</summary>
+    public static (long HostOffset, int Sectors) DecodeCompressed(ulong entry, int clusterBits)
+    {
+        int x = 62 - (clusterBits - 8);
+        ulong descriptor = entry & ~(Copied | CompressedFlag);
+        long host = (long)(descriptor & ((1UL << x) - 1));
+        int extraSectors = (int)(descriptor >> x);
+        return (host, extraSectors + 1);
+    }
+
+    /// <summary>Builds a compressed descriptor covering [hostOffset, hostOffset+compressedLength).</summary>
+    public static ulong EncodeCompressed(long hostOffset, int compressedLength, int clusterBits)
+    {
+        int x = 62 - (clusterBits - 8);
+        long lastSector = (hostOffset + compressedLength - 1) >> 9;
+        long firstSector = hostOffset >> 9;
+        ulong extra = (ulong)(lastSector - firstSector);
+        return CompressedFlag | (extra << x) | (ulong)hostOffset;
+    }
+
+    /// <summary>Number of compressed bytes to read for a descriptor (the sector span, from the byte offset).</summary>
+    public static int CompressedReadLength(long hostOffset, int sectors) =>
+        (int)(sectors * 512L - (hostOffset & 511));
+
+    public static ulong ReadEntry(ReadOnlySpan<byte> table, int index) =>
+        BinaryPrimitives.ReadUInt64BigEndian(table[(index * 8)..]);
+
+    public static void WriteEntry(Span<byte> table, int index, ulong value) =>
+        BinaryPrimitives.WriteUInt64BigEndian(table[(index * 8)..], value);
+}
+
+/// <summary>Reads and writes refcount entries of any width (refcount_order 0..6) inside a refcount block.</summary>
+public static class RefcountCodec
+{
+    public static ulong Get(ReadOnlySpan<byte> block, long index, int order)
+    {
+        switch (order)
+        {
+            case 4: return BinaryPrimitives.ReadUInt16BigEndian(block[(int)(index * 2)..]);
+            case 3: return block[(int)index];
+            case 5: return BinaryPrimitives.ReadUInt32BigEndian(block[(int)(index * 4)..]);
+            case 6: return BinaryPrimitives.ReadUInt64BigEndian(block[(int)(index * 8)..]);
+            default:
+                int bits = 1 << order;
+                long bitPos = index * bits;
+                byte b = block[(int)(bitPos / 8)];
+                return (ulong)((b >> (int)(bitPos % 8)) & ((1 << bits) - 1));
+        }
+    }
+
+    public static void Set(Span<byte> block, long index, int order, ulong value)
+    {
+        switch (order)
+        {
+            case 4: BinaryPrimitives.WriteUInt16BigEndian(block[(int)(index * 2)..], (ushort)value); return;
+            case 3: block[(int)index] = (byte)value; return;
+            case 5: BinaryPrimitives.WriteUInt32BigEndian(block[(int)(index * 4)..], (uint)value); return;
+            case 6: BinaryPrimitives.WriteUInt64BigEndian(block[(int)(index * 8)..], value); return;
+            default:
+                int bits = 1 << order;
+                long bitPos = index * bits;
+                int mask = ((1 << bits) - 1) << (int)(bitPos % 8);
+                ref byte b = ref block[(int)(bitPos / 8)];
+                b = (byte)((b & ~mask) | (((int)value << (int)(bitPos % 8)) & mask));
+                return;
+        }
+    }
+
+    public static ulong MaxValue(int order) => order == 6 ? ulong.MaxValue : (1UL << (1 << order)) - 1;
+}
