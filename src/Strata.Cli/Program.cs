@@ -1,1 +1,33 @@
-return 0;
+using System.CommandLine;
+using Strata.Cli;
+using Strata.Cli.Img;
+using Strata.Cli.Io;
+
+return StrataCli.Run(args, Console.Out, Console.Error);
+
+namespace Strata.Cli
+{
+    /// <summary>The `strata` command line; tests run it in-process.</summary>
+    public static class StrataCli
+    {
+        public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
+        {
+            var root = new RootCommand("Strata: incremental backups for disk images, compatible with QEMU's tools");
+            root.Subcommands.Add(ImgCommands.Build(stdout, stderr));
+            root.Subcommands.Add(IoCommand.Build(stdout, stderr));
+            root.Subcommands.Add(DemoCommand.Build(stdout, stderr));
+            var config = new InvocationConfiguration { Output = stdout, Error = stderr };
+            int rc = root.Parse(FixNegativeSizes(args)).Invoke(config);
+            stdout.Flush();
+            return rc;
+        }
+
+        /// <summary>`img resize FILE -1G`: a leading minus on the last argument is a size, not an option.</summary>
+        private static string[] FixNegativeSizes(string[] args)
+        {
+            if (args.Length >= 4 && args[0] == "img" && args[1] == "resize" && args[^1].Length > 1 && args[^1][0] == '-' && char.IsAsciiDigit(args[^1][1]) && !args.Contains("--"))
+                return [.. args[..^1], "--", args[^1]];
+            return args;
+        }
+    }
+}

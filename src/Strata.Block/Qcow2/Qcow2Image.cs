@@ -159,18 +159,6 @@ public sealed partial class Qcow2Image : BlockImage
         for (int i = 0; i < img._refTable.Length; i++)
             img._refTable[i] = BinaryPrimitives.ReadUInt64BigEndian(rtRaw.AsSpan(i * 8));
 
-        if (img._writable)
-        {
-            // We do not maintain persistent dirty bitmaps yet, so writing data would make them stale: clear the
-            // autoclear bits we do not keep up to date, as the spec asks of a program that does not know them.
-            var keep = header.AutoclearFeatures & Qcow2AutoclearFeatures.None;
-            if (header.AutoclearFeatures != keep)
-            {
-                img._header = header with { AutoclearFeatures = keep };
-                img.WriteHeaderFields();
-                file.Flush();
-            }
-        }
         return img;
     }
 
@@ -248,6 +236,19 @@ public sealed partial class Qcow2Image : BlockImage
 
     private static L2EntryKind NormalizeForRun(L2EntryKind k) => k == L2EntryKind.ZeroAllocated ? L2EntryKind.ZeroUnallocated : k;
 
+    /// <summary>
+    /// Persistent dirty bitmaps are not kept up to date by this driver yet, so before the first change to guest
+    /// data the autoclear bits are cleared, as the spec asks of a program that does not know them: QEMU then
+    /// treats the bitmaps as inconsistent instead of trusting stale ones. Caller holds the lock.
+    /// </summary>
+    private void ClearStaleAutoclearBits()
+    {
+        if (_header.AutoclearFeatures == Qcow2AutoclearFeatures.None) return;
+        _header = _header with { AutoclearFeatures = Qcow2AutoclearFeatures.None };
+        WriteHeaderFields();
+        _file.Flush();
+    }
+
     // ------------------------------------------------------------------ reads
 
     [ThreadStatic] private static byte[]? t_clusterBuffer;
@@ -308,6 +309,7 @@ public sealed partial class Qcow2Image : BlockImage
             long host = -1, length;
             lock (_lock)
             {
+                ClearStaleAutoclearBits();
                 var run = MapRun(offset, data.Length);
                 if (run.Kind == L2EntryKind.Normal && (run.Entry & Qcow2Entry.Copied) != 0)
                 {
@@ -339,6 +341,10 @@ public sealed partial class Qcow2Image : BlockImage
             if (Qcow2Entry.Classify(e) == L2EntryKind.Normal && (e & Qcow2Entry.Copied) != 0) break;
             count++;
         }
+        // L2 tables first, so that a fresh image is laid out as QEMU lays it out (table, then its data).
+        EnsureL2Table(firstCluster / _l2Entries);
+        EnsureL2Table((firstCluster + count - 1) / _l2Entries);
+        ClearStaleAutoclearBits();
         long start = firstCluster << _clusterBits;
         long end = Math.Min((firstCluster + count) << _clusterBits, offset + data.Length);
         long consumed = end - offset;
@@ -520,6 +526,7 @@ public sealed partial class Qcow2Image : BlockImage
             replacement = Qcow2Entry.ZeroFlag;
         }
         if (replacement == old) return;
+        ClearStaleAutoclearBits();
         var table = EnsureL2Table(cluster / _l2Entries);
         if (!keepsHost) ReleaseEntry(old);
         table.Entries[cluster % _l2Entries] = replacement;
@@ -541,6 +548,7 @@ public sealed partial class Qcow2Image : BlockImage
         }
         lock (_lock)
         {
+            ClearStaleAutoclearBits();
             long host = AllocateBytes(compressed.Length);
             _file.Write(host, compressed);
             long guest = ClusterOf(offset);
