@@ -71,6 +71,8 @@ public sealed class HostFile : IDisposable
     /// <summary>Reads up to buffer.Length bytes; bytes past the end of the file read as zeros.</summary>
     public void Read(long offset, Span<byte> buffer)
     {
+        if (offset < 0 || offset > long.MaxValue - buffer.Length)
+            throw new BlockException($"'{Path}': read at invalid offset {offset} (corrupt metadata?)");
         int done = 0;
         while (done < buffer.Length)
         {
@@ -87,6 +89,8 @@ public sealed class HostFile : IDisposable
     public void Write(long offset, ReadOnlySpan<byte> data)
     {
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
+        if (offset < 0 || offset > (1L << 56))
+            throw new BlockException($"'{Path}': write at invalid offset {offset} (corrupt metadata?)");
         RandomAccess.Write(_handle, data, offset);
         long end = offset + data.Length;
         long cur;

@@ -25,12 +25,9 @@ internal static class ClusterCompression
             if (done < output.Length)
                 throw new BlockException($"qcow2: compressed cluster is truncated ({done} of {output.Length} bytes)");
         }
-        catch (InvalidDataException e)
+        catch (Exception e) when (e is not BlockException)
         {
-            throw new BlockException($"qcow2: compressed cluster is corrupt: {e.Message}");
-        }
-        catch (ZstdSharp.ZstdException e)
-        {
+            // Whatever a decoder throws on garbage (InvalidDataException, ZstdException, EndOfStreamException, …).
             throw new BlockException($"qcow2: compressed cluster is corrupt: {e.Message}");
         }
     }

@@ -143,7 +143,7 @@ public sealed partial class Qcow2Image
                     report.Corruptions++;
                     continue;
                 }
-                if (blockOffset >= fileLength)
+                if (blockOffset < 0 || blockOffset >= fileLength)
                 {
                     report.Messages.Add($"ERROR refcount block {ti} is outside image");
                     report.Corruptions++;
@@ -276,7 +276,7 @@ public sealed partial class Qcow2Image
         uint nb = BinaryPrimitives.ReadUInt32BigEndian(ext.Data);
         long dirSize = (long)BinaryPrimitives.ReadUInt64BigEndian(ext.Data.AsSpan(8));
         long dirOffset = (long)BinaryPrimitives.ReadUInt64BigEndian(ext.Data.AsSpan(16));
-        if (dirSize <= 0 || dirSize > 64L << 20 || dirOffset + dirSize > _file.Length)
+        if (dirSize <= 0 || dirSize > 64L << 20 || dirOffset <= 0 || dirOffset + dirSize > _file.Length)
         {
             report.Messages.Add("ERROR bitmap directory lies outside the image or has an invalid size");
             report.Corruptions++;
@@ -293,7 +293,7 @@ public sealed partial class Qcow2Image
             int nameSize = BinaryPrimitives.ReadUInt16BigEndian(dir.AsSpan(pos + 18));
             int extraSize = (int)BinaryPrimitives.ReadUInt32BigEndian(dir.AsSpan(pos + 20));
             pos += (24 + extraSize + nameSize + 7) & ~7;
-            if (tableSize == 0 || tableSize > 0x8000000 || (tableOffset & (_clusterSize - 1)) != 0)
+            if (tableSize == 0 || tableSize > 0x8000000 || tableOffset <= 0 || (tableOffset & (_clusterSize - 1)) != 0)
             {
                 report.Messages.Add($"ERROR bitmap table of bitmap {n} is invalid");
                 report.Corruptions++;

@@ -14,7 +14,7 @@ public sealed partial class Qcow2Image
         long blockOffset = (long)(_refTable[tableIndex] & ~Qcow2Entry.RefcountTableReservedMask);
         if (blockOffset == 0) return null;
         if (_refBlocks.TryGetValue(tableIndex, out var block)) return block;
-        if ((blockOffset & (_clusterSize - 1)) != 0 || blockOffset >= _file.Length)
+        if (blockOffset < 0 || (blockOffset & (_clusterSize - 1)) != 0 || blockOffset >= _file.Length)
             throw new BlockException($"qcow2: refcount block offset 0x{blockOffset:x} is invalid (table index {tableIndex}); image is corrupt");
         var data = new byte[_clusterSize];
         _file.Read(blockOffset, data);

@@ -141,7 +141,7 @@ public sealed partial class Qcow2Image : BlockImage
         if (header.L1Size > 0 && header.L1TableOffset == 0)
             throw new ImageFormatException("L1 table offset invalid");
         long refTableBytes = header.RefcountTableClusters * header.ClusterSize;
-        if ((long)header.RefcountTableOffset >= fileLength)
+        if ((long)header.RefcountTableOffset + refTableBytes > fileLength)
             throw new ImageFormatException("Refcount table lies past the end of the file");
 
         var img = new Qcow2Image(file, header, headerRaw, extras, options);

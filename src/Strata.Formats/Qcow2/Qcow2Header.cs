@@ -55,6 +55,8 @@ public sealed record Qcow2Header
     public const int MinClusterBits = 9;
     public const int MaxClusterBits = 21;
     public const int MaxBackingFileSize = 1023;
+    /// <summary>Host offsets have 56 bits in every table entry.</summary>
+    public const ulong MaxHostOffset = (1UL << 56) - 1;
 
     public uint Version { get; init; } = 3;
     public ulong BackingFileOffset { get; init; }
@@ -152,6 +154,8 @@ public sealed record Qcow2Header
             throw new ImageFormatException("Backing file name too long");
         if (BackingFileOffset != 0 && BackingFileOffset + BackingFileSize > (ulong)ClusterSize)
             throw new ImageFormatException("Backing file name is not inside the first cluster");
+        if (L1TableOffset > MaxHostOffset || RefcountTableOffset > MaxHostOffset || SnapshotsOffset > MaxHostOffset)
+            throw new ImageFormatException("Table offset lies beyond the largest possible host offset");
         if (L1TableOffset % (ulong)ClusterSize != 0)
             throw new ImageFormatException("L1 table offset invalid (not cluster aligned)");
         if (RefcountTableOffset % (ulong)ClusterSize != 0 || RefcountTableOffset == 0)

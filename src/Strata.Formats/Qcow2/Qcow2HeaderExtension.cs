@@ -89,7 +89,7 @@ public static class Qcow2HeaderExtensionCodec
         var list = new List<Qcow2HeaderExtension>();
         if (header.Version >= 3)
         {
-            long end = header.BackingFileOffset != 0 ? (long)header.BackingFileOffset : Math.Min(cluster0.Length, header.ClusterSize);
+            long end = Math.Min(cluster0.Length, header.BackingFileOffset != 0 ? (long)header.BackingFileOffset : header.ClusterSize);
             int off = (int)header.HeaderLength;
             var seen = new HashSet<Qcow2ExtensionType>();
             while (true)
