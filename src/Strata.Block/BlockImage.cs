@@ -97,17 +97,14 @@ public abstract class BlockImage : IDisposable
     }
 
     /// <summary>Reads bytes of the image that this layer does not have: from the backing chain, or zeros.</summary>
-    protected void ReadFromBacking(long offset, Span<byte> buffer)
+    protected void ReadFromBacking(long offset, Span<byte> buffer) => ReadOrZeros(Backing, offset, buffer);
+
+    /// <summary>Reads from <paramref name="image"/> where it has bytes; past its end (or with no image) zeros.</summary>
+    public static void ReadOrZeros(BlockImage? image, long offset, Span<byte> buffer)
     {
-        var backing = Backing;
-        if (backing is null)
-        {
-            buffer.Clear();
-            return;
-        }
-        long inBacking = Math.Clamp(backing.Size - offset, 0, buffer.Length);
-        if (inBacking > 0) backing.Read(offset, buffer[..(int)inBacking]);
-        buffer[(int)inBacking..].Clear();
+        long inside = image is null ? 0 : Math.Clamp(image.Size - offset, 0, buffer.Length);
+        if (inside > 0) image!.Read(offset, buffer[..(int)inside]);
+        buffer[(int)inside..].Clear();
     }
 
     protected void CheckRange(long offset, long length)

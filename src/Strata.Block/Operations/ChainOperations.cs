@@ -67,8 +67,8 @@ public static class ChainOperations
                     int n = (int)ext.Length;
                     var o = bufOld.AsSpan(0, n);
                     var nw = bufNew.AsSpan(0, n);
-                    ReadOrZero(oldBacking, pos, o);
-                    ReadOrZero(newBacking, pos, nw);
+                    BlockImage.ReadOrZeros(oldBacking, pos, o);
+                    BlockImage.ReadOrZeros(newBacking, pos, nw);
                     if (!o.SequenceEqual(nw))
                     {
                         // Copy only the differing 512-byte-aligned pieces, cluster by cluster.
@@ -93,17 +93,5 @@ public static class ChainOperations
             ArrayPool<byte>.Shared.Return(bufOld);
             ArrayPool<byte>.Shared.Return(bufNew);
         }
-    }
-
-    private static void ReadOrZero(BlockImage? image, long offset, Span<byte> buffer)
-    {
-        if (image is null)
-        {
-            buffer.Clear();
-            return;
-        }
-        long inside = Math.Clamp(image.Size - offset, 0, buffer.Length);
-        if (inside > 0) image.Read(offset, buffer[..(int)inside]);
-        buffer[(int)inside..].Clear();
     }
 }
