@@ -9,7 +9,7 @@ public sealed class RawImage : BlockImage
     public RawImage(HostFile file)
     {
         _file = file;
-        _size = file.Length;
+        _size = (file.Length + 511) & ~511L; // QEMU sees whole sectors
     }
 
     public HostFile File => _file;

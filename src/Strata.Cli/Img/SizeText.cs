@@ -35,16 +35,15 @@ internal static class SizeText
         return true;
     }
 
-    /// <summary>qemu's size_to_str: three significant digits and a binary unit ("1.32 MiB", "196 KiB").</summary>
+    /// <summary>qemu's size_to_str: the unit switches once the value reaches 1000 of the smaller one, and the number
+    /// has three significant digits ("1.32 MiB", "196 KiB", "0.977 MiB").</summary>
     public static string Human(long bytes)
     {
-        double v = bytes;
-        int unit = 0;
-        while (v >= 1024 && unit < Units.Length - 1)
-        {
-            v /= 1024;
-            unit++;
-        }
+        if (bytes <= 0) return "0 B";
+        double scaled = bytes / (1000.0 / 1024.0);
+        int exponent = (int)Math.Floor(Math.Log2(scaled)) + 1; // frexp's exponent
+        int unit = Math.Clamp((exponent - 1) / 10, 0, Units.Length - 1);
+        double v = bytes / Math.Pow(2, 10 * unit);
         string number = v.ToString("G3", CultureInfo.InvariantCulture).Replace("E+", "e+", StringComparison.Ordinal);
         return $"{number} {Units[unit]}";
     }

@@ -40,3 +40,40 @@ public class QemuJsonTests
         Assert.Equal("{\n    \"k\": {\n        \"n\": 5\n    }\n}", pretty);
     }
 }
+
+public class SizeTextTests
+{
+    [Theory]
+    [InlineData(0L, "0 B")]
+    [InlineData(512L, "512 B")]
+    [InlineData(1024L, "1 KiB")]
+    [InlineData(1536L, "1.5 KiB")]
+    [InlineData(102400L, "100 KiB")]
+    [InlineData(1022976L, "999 KiB")]
+    [InlineData(1024000L, "0.977 MiB")]
+    [InlineData(1048064L, "1 MiB")]
+    [InlineData(1380352L, "1.32 MiB")]
+    [InlineData(123456512L, "118 MiB")]
+    [InlineData(1L << 30, "1 GiB")]
+    [InlineData(3L << 60 >> 1, "1.5 EiB")]
+    public void PrintsSizesAsQemuDoes(long bytes, string expected) => Assert.Equal(expected, Strata.Cli.Img.SizeText.Human(bytes));
+
+    [Theory]
+    [InlineData("64M", 64L << 20)]
+    [InlineData("1.5G", 3L << 29)]
+    [InlineData("1000", 1000L)]
+    [InlineData("1.5k", 1536L)]
+    [InlineData("2E", 2L << 60)]
+    public void ParsesSizes(string text, long expected)
+    {
+        Assert.True(Strata.Cli.Img.SizeText.TryParse(text, out long v));
+        Assert.Equal(expected, v);
+    }
+
+    [Theory]
+    [InlineData("64X")]
+    [InlineData("abc")]
+    [InlineData("100E")]
+    [InlineData("")]
+    public void RejectsBadSizes(string text) => Assert.False(Strata.Cli.Img.SizeText.TryParse(text, out _));
+}
