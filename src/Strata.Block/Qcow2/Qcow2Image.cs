@@ -308,35 +308,67 @@ public sealed partial class Qcow2Image : BlockImage
         while (!data.IsEmpty)
         {
             long host = -1, length;
+            Allocation? allocation = null;
             lock (_lock)
             {
                 ClearStaleAutoclearBits();
-                var run = MapRun(offset, data.Length);
-                if (run.Kind == L2EntryKind.Normal && (run.Entry & Qcow2Entry.Copied) != 0)
+                while (true)
                 {
-                    host = run.HostOffset;
-                    length = run.Length;
-                }
-                else
-                {
-                    length = AllocatingWrite(offset, data);
+                    var run = MapRun(offset, data.Length);
+                    if (run.Kind == L2EntryKind.Normal && (run.Entry & Qcow2Entry.Copied) != 0)
+                    {
+                        host = run.HostOffset;
+                        length = run.Length;
+                        break;
+                    }
+                    allocation = PrepareAllocation(offset, data);
+                    if (allocation is not null)
+                    {
+                        length = allocation.Consumed;
+                        break;
+                    }
+                    Monitor.Wait(_lock); // another writer is allocating these clusters right now
                 }
             }
-            if (host >= 0) _file.Write(host, data[..(int)length]);
+            if (allocation is null)
+            {
+                _file.Write(host, data[..(int)length]);
+            }
+            else
+            {
+                // The data goes to its new clusters outside the lock, so writers allocating different clusters
+                // proceed in parallel; the L2 entries point at it only once it is written.
+                if (allocation.Buffer is null) _file.Write(allocation.HostStart, data[..(int)length]);
+                else _file.Write(allocation.HostStart, allocation.Buffer);
+                lock (_lock)
+                {
+                    CommitAllocation(allocation);
+                    Monitor.PulseAll(_lock);
+                }
+            }
             offset += length;
             data = data[(int)length..];
         }
     }
 
-    /// <summary>Writes into clusters that need a new host cluster (unallocated, zero, compressed or shared).
-    /// Returns the bytes consumed. Caller holds the lock.</summary>
-    private long AllocatingWrite(long offset, ReadOnlySpan<byte> data)
+    /// <summary>Clusters allocated for one write, not yet visible in the L2 tables.</summary>
+    private sealed record Allocation(long FirstCluster, long Count, long HostStart, long Consumed, byte[]? Buffer);
+
+    private readonly HashSet<long> _clustersInFlight = new();
+
+    /// <summary>
+    /// Allocates new host clusters for a write into clusters that need them (unallocated, zero, compressed or
+    /// shared), and builds the copy-on-write buffer when the write covers clusters partially. Returns null when
+    /// another writer is allocating the first cluster. Caller holds the lock.
+    /// </summary>
+    private Allocation? PrepareAllocation(long offset, ReadOnlySpan<byte> data)
     {
         long firstCluster = ClusterOf(offset);
+        if (_clustersInFlight.Contains(firstCluster)) return null;
         long lastCluster = ClusterOf(offset + data.Length - 1);
         long maxRun = Math.Min(_refcountsPerBlock - 1, Math.Max(1, (8L << 20) / _clusterSize));
         long count = 1;
-        while (firstCluster + count <= lastCluster && count < maxRun)
+        while (firstCluster + count <= lastCluster && count < maxRun && !_clustersInFlight.Contains(firstCluster + count))
         {
             ulong e = GetL2Entry(firstCluster + count);
             if (Qcow2Entry.Classify(e) == L2EntryKind.Normal && (e & Qcow2Entry.Copied) != 0) break;
@@ -345,7 +377,6 @@ public sealed partial class Qcow2Image : BlockImage
         // L2 tables first, so that a fresh image is laid out as QEMU lays it out (table, then its data).
         EnsureL2Table(firstCluster / _l2Entries);
         EnsureL2Table((firstCluster + count - 1) / _l2Entries);
-        ClearStaleAutoclearBits();
         long start = firstCluster << _clusterBits;
         long end = Math.Min((firstCluster + count) << _clusterBits, offset + data.Length);
         long consumed = end - offset;
@@ -353,36 +384,35 @@ public sealed partial class Qcow2Image : BlockImage
         long hostStart = AllocateClusters(count);
         long headPad = offset - start;
         long tailEnd = Math.Min((firstCluster + count) << _clusterBits, Size);
-        long tailPad = tailEnd - end;
-        if (tailPad < 0) tailPad = 0;
-
-        if (headPad == 0 && tailPad == 0)
+        long tailPad = Math.Max(0, tailEnd - end);
+        byte[]? buffer = null;
+        if (headPad != 0 || tailPad != 0)
         {
-            _file.Write(hostStart, data[..(int)consumed]);
-        }
-        else
-        {
-            // Build the clusters with their old content around the new bytes (copy-on-write).
-            long spanLength = (count << _clusterBits);
-            var buffer = new byte[spanLength];
+            // Build the clusters with their old content around the new bytes (copy-on-write). The last cluster of
+            // an image whose size is not cluster aligned is still written whole.
+            buffer = new byte[count << _clusterBits];
             if (headPad > 0) ReadOldCluster(firstCluster, buffer.AsSpan(0, (int)_clusterSize));
             if (tailPad > 0 && (count > 1 || headPad == 0))
                 ReadOldCluster(firstCluster + count - 1, buffer.AsSpan((int)((count - 1) << _clusterBits), (int)_clusterSize));
             data[..(int)consumed].CopyTo(buffer.AsSpan((int)headPad));
-            // The last cluster of an image whose size is not cluster aligned is still written whole.
-            _file.Write(hostStart, buffer);
         }
+        for (long i = 0; i < count; i++) _clustersInFlight.Add(firstCluster + i);
+        return new Allocation(firstCluster, count, hostStart, consumed, buffer);
+    }
 
-        for (long i = 0; i < count; i++)
+    /// <summary>Points the L2 entries at freshly written clusters. Caller holds the lock.</summary>
+    private void CommitAllocation(Allocation a)
+    {
+        for (long i = 0; i < a.Count; i++)
         {
-            long guest = firstCluster + i;
+            long guest = a.FirstCluster + i;
             var table = EnsureL2Table(guest / _l2Entries);
             int idx = (int)(guest % _l2Entries);
             ReleaseEntry(table.Entries[idx]);
-            table.Entries[idx] = (ulong)(hostStart + (i << _clusterBits)) | Qcow2Entry.Copied;
+            table.Entries[idx] = (ulong)(a.HostStart + (i << _clusterBits)) | Qcow2Entry.Copied;
             table.Dirty = true;
+            _clustersInFlight.Remove(guest);
         }
-        return consumed;
     }
 
     /// <summary>Reads what a guest cluster holds now (before it is replaced). Caller holds the lock.</summary>

@@ -604,7 +604,7 @@ internal static class ImgCommands
                     Compress = compressed,
                     TargetHasBacking = targetBacking is not null,
                     TargetIsZeroed = fresh,
-                    Workers = Math.Min(workers, Math.Max(2, Environment.ProcessorCount)),
+                    Workers = Math.Min(workers, Math.Max(4, 2 * Environment.ProcessorCount)),
                     Progress = printer is null ? null : printer.Report,
                 });
                 printer?.Finish();
