@@ -29,6 +29,14 @@ public abstract class BlockImage : IDisposable
     public abstract bool ReadOnly { get; }
     public abstract string FileName { get; }
 
+    /// <summary>The node's dirty bitmaps: every write marks the recording ones before it is acknowledged.</summary>
+    public Bitmaps.BitmapSet Bitmaps { get; protected set; } = null!;
+
+    /// <summary>Writes back the persistent bitmaps now (QEMU does so on close); no-op for formats without them.</summary>
+    public virtual void StoreBitmaps()
+    {
+    }
+
     /// <summary>The opened backing image, if any (owned by this image).</summary>
     public BlockImage? Backing { get; protected set; }
 

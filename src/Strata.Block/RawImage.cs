@@ -10,6 +10,10 @@ public sealed class RawImage : BlockImage
     {
         _file = file;
         _size = (file.Length + 511) & ~511L; // QEMU sees whole sectors
+        Bitmaps = new Bitmaps.BitmapSet(_size, Strata.Block.Bitmaps.BitmapSet.DefaultGranularityFor(0))
+        {
+            PersistenceCheck = (_, _) => $"Can't store persistent bitmaps to {Path.GetFileName(file.Path)}: Operation not supported",
+        };
     }
 
     public HostFile File => _file;
@@ -35,6 +39,7 @@ public sealed class RawImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
+        Bitmaps.MarkDirty(offset, data.Length);
         _file.Write(offset, data);
     }
 
@@ -43,6 +48,7 @@ public sealed class RawImage : BlockImage
         CheckWritable();
         CheckRange(offset, length);
         if (length == 0) return;
+        Bitmaps.MarkDirty(offset, length);
         if (mayUnmap && _file.PunchHole(offset, length)) return;
         var zeros = new byte[(int)Math.Min(length, 1 << 20)];
         for (long pos = 0; pos < length; pos += zeros.Length)
@@ -76,8 +82,10 @@ public sealed class RawImage : BlockImage
     public override void Resize(long newSize)
     {
         CheckWritable();
+        Bitmaps.CheckResizeAllowed(newSize);
         _file.SetLength(newSize);
         Interlocked.Exchange(ref _size, newSize);
+        Bitmaps.Resized(newSize);
     }
 
     public override void Dispose()

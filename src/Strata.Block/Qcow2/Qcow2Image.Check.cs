@@ -132,6 +132,11 @@ public sealed partial class Qcow2Image
                 }
             }
             CountBitmaps(Count, report);
+            foreach (var error in _bitmapLoadErrors)
+            {
+                report.Messages.Add($"ERROR bitmaps: {error}");
+                report.Corruptions++;
+            }
             Count((long)_header.RefcountTableOffset, _header.RefcountTableClusters * _clusterSize);
             for (long ti = 0; ti < _refTable.Length; ti++)
             {

@@ -299,6 +299,7 @@ public sealed partial class Qcow2Image
     {
         CheckWritable();
         if (newSize < 0) throw new BlockException("Image size must not be negative");
+        Bitmaps.CheckResizeAllowed((newSize + 511) & ~511L);
         lock (_lock)
         {
             long oldSize = Size;
@@ -322,6 +323,7 @@ public sealed partial class Qcow2Image
                 _header = _header with { Size = (ulong)newSize };
                 WriteHeaderFields();
                 _file.Flush();
+                Bitmaps.Resized(Size);
                 return;
             }
             long neededL1 = (((newSize + _clusterSize - 1) >> _clusterBits) + _l2Entries - 1) / _l2Entries;
@@ -354,6 +356,7 @@ public sealed partial class Qcow2Image
                 WriteHeaderFields();
                 _file.Flush();
             }
+            Bitmaps.Resized(Size);
         }
     }
 
@@ -370,17 +373,9 @@ public sealed partial class Qcow2Image
                 exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.BackingFormat, System.Text.Encoding.UTF8.GetBytes(backingFormat)));
             foreach (var e in _extras.Extensions)
                 if (e.Type != Qcow2ExtensionType.BackingFormat) exts.Add(e);
-            var (bytes, header) = Qcow2HeaderExtensionCodec.Build(_header, exts, backingFile);
-            // Clear the rest of the old extension area so no stale bytes remain inside cluster 0.
-            var cluster0 = new byte[_clusterSize];
-            bytes.CopyTo(cluster0, 0);
-            _file.Write(0, cluster0);
-            _file.Flush();
-            _header = header;
-            _headerRaw = bytes.AsSpan(0, header.WrittenLength).ToArray();
-            _extras = new Qcow2HeaderExtras(exts, backingFile);
             _backingFile = backingFile;
             _backingFormat = backingFile is null ? null : backingFormat;
+            RewriteHeaderExtensions(exts);
         }
     }
 

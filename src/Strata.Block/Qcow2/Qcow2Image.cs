@@ -146,6 +146,7 @@ public sealed partial class Qcow2Image : BlockImage
             throw new ImageFormatException("Refcount table lies past the end of the file");
 
         var img = new Qcow2Image(file, header, headerRaw, extras, options);
+        img._endCluster = (fileLength + header.ClusterSize - 1) / header.ClusterSize;
         var l1Raw = new byte[l1Bytes];
         file.Read((long)header.L1TableOffset, l1Raw);
         img._l1 = new ulong[header.L1Size];
@@ -159,6 +160,7 @@ public sealed partial class Qcow2Image : BlockImage
         img._refTable = new ulong[refTableBytes / 8];
         for (int i = 0; i < img._refTable.Length; i++)
             img._refTable[i] = BinaryPrimitives.ReadUInt64BigEndian(rtRaw.AsSpan(i * 8));
+        img.InitBitmaps();
 
         return img;
     }
@@ -238,14 +240,16 @@ public sealed partial class Qcow2Image : BlockImage
     private static L2EntryKind NormalizeForRun(L2EntryKind k) => k == L2EntryKind.ZeroAllocated ? L2EntryKind.ZeroUnallocated : k;
 
     /// <summary>
-    /// Persistent dirty bitmaps are not kept up to date by this driver yet, so before the first change to guest
-    /// data the autoclear bits are cleared, as the spec asks of a program that does not know them: QEMU then
-    /// treats the bitmaps as inconsistent instead of trusting stale ones. Caller holds the lock.
+    /// Before the first change to guest data: persistent bitmaps are marked in_use on disk, and autoclear bits
+    /// this driver does not maintain are cleared, as the spec asks of a program that does not know them.
+    /// Caller holds the lock.
     /// </summary>
-    private void ClearStaleAutoclearBits()
+    private void BeforeGuestWrite()
     {
-        if (_header.AutoclearFeatures == Qcow2AutoclearFeatures.None) return;
-        _header = _header with { AutoclearFeatures = Qcow2AutoclearFeatures.None };
+        MarkBitmapsInUse();
+        var unknown = _header.AutoclearFeatures & ~Qcow2AutoclearFeatures.Bitmaps;
+        if (unknown == Qcow2AutoclearFeatures.None) return;
+        _header = _header with { AutoclearFeatures = _header.AutoclearFeatures & Qcow2AutoclearFeatures.Bitmaps };
         WriteHeaderFields();
         _file.Flush();
     }
@@ -305,13 +309,14 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
+        Bitmaps.MarkDirty(offset, data.Length);
         while (!data.IsEmpty)
         {
             long host = -1, length;
             Allocation? allocation = null;
             lock (_lock)
             {
-                ClearStaleAutoclearBits();
+                BeforeGuestWrite();
                 while (true)
                 {
                     var run = MapRun(offset, data.Length);
@@ -481,6 +486,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        Bitmaps.MarkDirty(offset, length);
         ZeroOrDiscard(offset, length, discard: false, mayUnmap);
     }
 
@@ -488,6 +494,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        Bitmaps.MarkDirty(offset, length);
         ZeroOrDiscard(offset, length, discard: true, mayUnmap: true);
     }
 
@@ -557,7 +564,7 @@ public sealed partial class Qcow2Image : BlockImage
             replacement = Qcow2Entry.ZeroFlag;
         }
         if (replacement == old) return;
-        ClearStaleAutoclearBits();
+        BeforeGuestWrite();
         var table = EnsureL2Table(cluster / _l2Entries);
         if (!keepsHost) ReleaseEntry(old);
         table.Entries[cluster % _l2Entries] = replacement;
@@ -569,6 +576,7 @@ public sealed partial class Qcow2Image : BlockImage
         CheckWritable();
         if ((offset & (_clusterSize - 1)) != 0 || cluster.Length > _clusterSize)
             throw new BlockException("Compressed writes must cover one aligned cluster");
+        Bitmaps.MarkDirty(offset, cluster.Length);
         var padded = new byte[_clusterSize];
         cluster.CopyTo(padded);
         var compressed = ClusterCompression.Compress(_header.CompressionType, padded, (int)_clusterSize - 512);
@@ -579,7 +587,7 @@ public sealed partial class Qcow2Image : BlockImage
         }
         lock (_lock)
         {
-            ClearStaleAutoclearBits();
+            BeforeGuestWrite();
             long host = AllocateBytes(compressed.Length);
             _file.Write(host, compressed);
             long guest = ClusterOf(offset);
@@ -633,7 +641,12 @@ public sealed partial class Qcow2Image : BlockImage
         _disposed = true;
         try
         {
-            if (_writable) lock (_lock) WriteBackMetadata();
+            if (_writable)
+                lock (_lock)
+                {
+                    StoreBitmapsLocked();
+                    WriteBackMetadata();
+                }
         }
         finally
         {

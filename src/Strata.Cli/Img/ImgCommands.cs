@@ -27,6 +27,7 @@ internal static class ImgCommands
         img.Subcommands.Add(CommitCommand(stdout, stderr));
         img.Subcommands.Add(RebaseCommand(stdout, stderr));
         img.Subcommands.Add(ResizeCommand(stdout, stderr));
+        img.Subcommands.Add(BitmapCommand(stdout, stderr));
         return img;
     }
 
@@ -292,6 +293,12 @@ internal static class ImgCommands
                 data.Add("refcount-bits", h.RefcountBits);
                 data.Add("compression-type", h.CompressionType == Qcow2CompressionType.Zstd ? "zstd" : "zlib");
                 data.Add("extended-l2", (h.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0);
+                var persistent = q.Bitmaps.All.Where(b => b.Persistent).Reverse().ToList();
+                if (persistent.Count > 0)
+                    data.Add("bitmaps", persistent.Select(b => new QDict()
+                        .Add("name", b.Name)
+                        .Add("granularity", b.Granularity)
+                        .Add("flags", BitmapFlagNames(b))).ToList());
             }
             else
             {
@@ -302,6 +309,15 @@ internal static class ImgCommands
             d.Add("format-specific", new QDict().Add("type", "qcow2").Add("data", data));
         }
         return d;
+    }
+
+    /// <summary>The flags qemu-img lists: in-use (inconsistent on disk) and auto (enabled).</summary>
+    private static List<string> BitmapFlagNames(Strata.Block.Bitmaps.DirtyBitmap b)
+    {
+        var flags = new List<string>();
+        if (b.Inconsistent) flags.Add("in-use");
+        if (b.Enabled) flags.Add("auto");
+        return flags;
     }
 
     private static long ActualSize(BlockImage image) => image switch
@@ -331,21 +347,8 @@ internal static class ImgCommands
             var h = q.Header;
             if ((h.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) != 0) sb.Append("cleanly shut down: no\n");
             sb.Append("Format specific information:\n");
-            if (h.Version >= 3)
-            {
-                sb.Append("    compat: 1.1\n");
-                sb.Append($"    compression type: {(h.CompressionType == Qcow2CompressionType.Zstd ? "zstd" : "zlib")}\n");
-                sb.Append($"    lazy refcounts: {((h.CompatibleFeatures & Qcow2CompatibleFeatures.LazyRefcounts) != 0 ? "true" : "false")}\n");
-                sb.Append($"    refcount bits: {h.RefcountBits}\n");
-                sb.Append($"    corrupt: {((h.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0 ? "true" : "false")}\n");
-                sb.Append($"    extended l2: {((h.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0 ? "true" : "false")}\n");
-            }
-            else
-            {
-                sb.Append("    compat: 0.10\n");
-                sb.Append("    compression type: zlib\n");
-                sb.Append($"    refcount bits: {h.RefcountBits}\n");
-            }
+            var specific = (QDict)InfoJson(image, givenName)["format-specific"]!;
+            QemuHumanDump.Write(sb, (QDict)specific["data"]!, 1);
         }
         return sb.ToString();
     }
@@ -751,6 +754,89 @@ internal static class ImgCommands
             finally
             {
                 newChain?.Dispose();
+            }
+            return 0;
+        }));
+        return cmd;
+    }
+
+    // ------------------------------------------------------------------ bitmap
+
+    private static Command BitmapCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var format = FormatOption();
+        var add = new Option<bool>("--add") { Description = "create the bitmap (enabled unless --disable)" };
+        var remove = new Option<bool>("--remove") { Description = "delete the bitmap" };
+        var clear = new Option<bool>("--clear") { Description = "clear every bit" };
+        var enable = new Option<bool>("--enable") { Description = "start recording writes" };
+        var disable = new Option<bool>("--disable") { Description = "stop recording writes" };
+        var merge = new Option<string[]>("--merge") { Description = "merge SOURCE bitmap into BITMAP" };
+        var granularity = new Option<string?>("-g", "--granularity") { Description = "granularity for --add" };
+        var sourceFile = new Option<string?>("-b", "--source-file") { Description = "image holding the --merge source" };
+        var sourceFormat = new Option<string?>("-F", "--source-format") { Description = "format of the -b image" };
+        var file = new Argument<string>("filename");
+        var name = new Argument<string>("bitmap");
+        var cmd = new Command("bitmap", "Add, remove, clear, enable, disable or merge persistent dirty bitmaps")
+            { format, add, remove, clear, enable, disable, merge, granularity, sourceFile, sourceFormat, file, name };
+        cmd.SetAction(r => Run(stderr, () =>
+        {
+            // Operations run in command-line order, as qemu-img runs them.
+            var ops = new List<(string Op, string? Arg)>();
+            var tokens = r.Tokens.Select(t => t.Value).ToList();
+            for (int i = 0; i < tokens.Count; i++)
+            {
+                switch (tokens[i])
+                {
+                    case "--add": ops.Add(("add", null)); break;
+                    case "--remove": ops.Add(("remove", null)); break;
+                    case "--clear": ops.Add(("clear", null)); break;
+                    case "--enable": ops.Add(("enable", null)); break;
+                    case "--disable": ops.Add(("disable", null)); break;
+                    case "--merge" when i + 1 < tokens.Count: ops.Add(("merge", tokens[++i])); break;
+                }
+            }
+            bool addDisabled = ops.Any(o => o.Op == "add") && ops.Any(o => o.Op == "disable");
+            if (addDisabled) ops.RemoveAll(o => o.Op == "disable");
+            if (ops.Count == 0) throw new UsageException("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
+            long? g = null;
+            if (r.GetValue(granularity) is { } gText)
+            {
+                if (!ops.Any(o => o.Op == "add")) throw new UsageException("granularity only supported with --add");
+                if (!SizeText.TryParse(gText, out long gv)) throw new BlockException("Invalid granularity specified");
+                g = gv;
+            }
+            if (r.GetValue(sourceFile) is not null && !ops.Any(o => o.Op == "merge")) throw new UsageException("-b only supported with --merge");
+            string bitmapName = r.GetValue(name)!;
+            using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), readOnly: false, openBacking: false);
+            if (image is not Qcow2Image) throw new BlockException($"Format '{image.FormatName}' does not support persistent bitmaps");
+            foreach (var (op, arg) in ops)
+            {
+                try
+                {
+                    switch (op)
+                    {
+                        case "add": image.Bitmaps.Add(bitmapName, g, persistent: true, disabled: addDisabled); break;
+                        case "remove": image.Bitmaps.Remove(bitmapName); break;
+                        case "clear": image.Bitmaps.Clear(bitmapName); break;
+                        case "enable": image.Bitmaps.Enable(bitmapName); break;
+                        case "disable": image.Bitmaps.Disable(bitmapName); break;
+                        case "merge":
+                            if (r.GetValue(sourceFile) is { } src)
+                            {
+                                using var other = OpenImage(src, r.GetValue(sourceFormat), readOnly: true, openBacking: false);
+                                image.Bitmaps.Merge(bitmapName, [other.Bitmaps.Get(arg!)]);
+                            }
+                            else
+                            {
+                                image.Bitmaps.Merge(bitmapName, [image.Bitmaps.Get(arg!)]);
+                            }
+                            break;
+                    }
+                }
+                catch (BlockException e)
+                {
+                    throw new BlockException($"Operation {op} on bitmap {bitmapName} failed: {e.Message}");
+                }
             }
             return 0;
         }));

@@ -43,6 +43,41 @@ public sealed class QDict
     }
 }
 
+/// <summary>QEMU's human-readable dump of a QDict (qemu-img info's "Format specific information").</summary>
+public static class QemuHumanDump
+{
+    public static void Write(System.Text.StringBuilder sb, QDict dict, int indent)
+    {
+        foreach (var (key, value) in dict.Ordered) WriteEntry(sb, key.Replace('-', ' '), value, indent);
+    }
+
+    private static void WriteEntry(System.Text.StringBuilder sb, string label, object? value, int indent)
+    {
+        sb.Append(' ', indent * 4).Append(label).Append(':');
+        switch (value)
+        {
+            case QDict d:
+                sb.Append('\n');
+                Write(sb, d, indent + 1);
+                break;
+            case string s:
+                sb.Append(' ').Append(s).Append('\n');
+                break;
+            case System.Collections.IEnumerable list:
+                sb.Append('\n');
+                int i = 0;
+                foreach (var item in list) WriteEntry(sb, $"[{i++}]", item, indent + 1);
+                break;
+            case bool b:
+                sb.Append(' ').Append(b ? "true" : "false").Append('\n');
+                break;
+            default:
+                sb.Append(' ').Append(Convert.ToString(value, CultureInfo.InvariantCulture)).Append('\n');
+                break;
+        }
+    }
+}
+
 /// <summary>Serialises QDict / lists / scalars the way QEMU's JSON writer does.</summary>
 public static class QemuJson
 {
@@ -106,7 +141,7 @@ public static class QemuJson
             sb.Append(": ");
             Write(sb, v, pretty, indent + 1);
         }
-        if (pretty && !first) { sb.Append('\n'); sb.Append(' ', indent * 4); }
+        if (pretty) { sb.Append('\n'); sb.Append(' ', indent * 4); }
         sb.Append('}');
     }
 
@@ -122,7 +157,7 @@ public static class QemuJson
             first = false;
             Write(sb, v, pretty, indent + 1);
         }
-        if (pretty && !first) { sb.Append('\n'); sb.Append(' ', indent * 4); }
+        if (pretty) { sb.Append('\n'); sb.Append(' ', indent * 4); } // QEMU prints an empty list as "[" newline "]"
         sb.Append(']');
     }
 

@@ -1,0 +1,238 @@
+using System.Text;
+
+namespace Strata.Block.Bitmaps;
+
+/// <summary>
+/// The dirty bitmaps of one node, with QEMU's rules for what each state allows (qemu-spec §2.4) and the
+/// successor mechanism jobs use. Writes to the node call <see cref="MarkDirty"/> before they are acknowledged.
+/// </summary>
+public sealed class BitmapSet
+{
+    private readonly object _lock = new();
+    private readonly List<DirtyBitmap> _bitmaps = new();
+    private long _sequence;
+
+    public BitmapSet(long diskSize, long defaultGranularity)
+    {
+        DiskSize = diskSize;
+        DefaultGranularity = defaultGranularity;
+    }
+
+    public long DiskSize { get; private set; }
+    public long DefaultGranularity { get; }
+
+    /// <summary>Checks a persistent bitmap can be stored; returns an error message or null. Set by the format driver.</summary>
+    public Func<string, long, string?>? PersistenceCheck { get; set; }
+
+    /// <summary>Called after any change that a persistent copy must follow (add, remove, clear, enable, disable,
+    /// merge, a job's outcome).</summary>
+    public Action? Changed { get; set; }
+
+    /// <summary>Newest first, as QEMU lists them (bitmaps loaded from an image count as created in directory order).</summary>
+    public IReadOnlyList<DirtyBitmap> All
+    {
+        get { lock (_lock) return _bitmaps.OrderByDescending(b => b.Sequence).ToArray(); }
+    }
+
+    public bool HasPersistent
+    {
+        get { lock (_lock) return _bitmaps.Any(b => b.Persistent); }
+    }
+
+    /// <summary>The default granularity for a node: its cluster size clamped to 4 KiB..64 KiB (64 KiB without clusters).</summary>
+    public static long DefaultGranularityFor(int clusterSize) => clusterSize <= 0 ? 65536 : Math.Clamp(clusterSize, 4096, 65536);
+
+    public DirtyBitmap? Find(string name)
+    {
+        lock (_lock) return _bitmaps.FirstOrDefault(b => b.Name == name);
+    }
+
+    public DirtyBitmap Get(string name) => Find(name) ?? throw new BitmapException($"Dirty bitmap '{name}' not found");
+
+    /// <summary>block-dirty-bitmap-add.</summary>
+    public DirtyBitmap Add(string name, long? granularity = null, bool persistent = false, bool disabled = false)
+    {
+        if (string.IsNullOrEmpty(name)) throw new BitmapException("Bitmap name cannot be empty");
+        if (Encoding.UTF8.GetByteCount(name) > DirtyBitmap.MaxNameBytes) throw new BitmapException($"Bitmap name too long: {name}");
+        long g = granularity ?? DefaultGranularity;
+        if (g < 512 || (g & (g - 1)) != 0 || g > 1L << 31) throw new BitmapException("Granularity must be power of 2 and at least 512");
+        lock (_lock)
+        {
+            if (_bitmaps.Any(b => b.Name == name)) throw new BitmapException($"Bitmap already exists: {name}");
+            if (persistent)
+            {
+                string? error = PersistenceCheck is null ? "Operation not supported" : PersistenceCheck(name, g);
+                if (error is not null) throw new BitmapException(error);
+            }
+            var bitmap = new DirtyBitmap(name, g, DiskSize, enabled: !disabled) { Persistent = persistent, Sequence = ++_sequence };
+            _bitmaps.Add(bitmap);
+            Changed?.Invoke();
+            return bitmap;
+        }
+    }
+
+    internal void RemoveLoaded(DirtyBitmap bitmap)
+    {
+        lock (_lock) _bitmaps.Remove(bitmap);
+    }
+
+    /// <summary>Adds a bitmap loaded from an image (keeps the image's order: appended).</summary>
+    internal void AddLoaded(DirtyBitmap bitmap)
+    {
+        lock (_lock)
+        {
+            bitmap.Sequence = ++_sequence;
+            _bitmaps.Add(bitmap);
+        }
+    }
+
+    private static void CheckUsable(DirtyBitmap b, bool allowReadOnly)
+    {
+        if (b.Busy || b.Successor is not null) throw new BitmapException($"Bitmap '{b.Name}' is currently in use by another operation and cannot be used");
+        if (b.Inconsistent) throw new BitmapException($"Bitmap '{b.Name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk");
+        if (!allowReadOnly && b.ReadOnly) throw new BitmapException($"Bitmap '{b.Name}' is readonly and cannot be modified");
+    }
+
+    /// <summary>block-dirty-bitmap-remove: allowed on inconsistent bitmaps, refused on busy or read-only ones.</summary>
+    public void Remove(string name)
+    {
+        lock (_lock)
+        {
+            var b = Get(name);
+            if (b.Busy || b.Successor is not null) throw new BitmapException($"Bitmap '{name}' is currently in use by another operation and cannot be used");
+            if (b.ReadOnly) throw new BitmapException($"Bitmap '{name}' is readonly and cannot be modified");
+            _bitmaps.Remove(b);
+            Changed?.Invoke();
+        }
+    }
+
+    public void Clear(string name)
+    {
+        lock (_lock)
+        {
+            var b = Get(name);
+            CheckUsable(b, allowReadOnly: false);
+            b.Bits.Clear();
+            Changed?.Invoke();
+        }
+    }
+
+    /// <summary>block-dirty-bitmap-enable (allowed on read-only bitmaps, as in QEMU; idempotent).</summary>
+    public void Enable(string name)
+    {
+        lock (_lock)
+        {
+            var b = Get(name);
+            CheckUsable(b, allowReadOnly: true);
+            b.Enabled = true;
+            Changed?.Invoke();
+        }
+    }
+
+    public void Disable(string name)
+    {
+        lock (_lock)
+        {
+            var b = Get(name);
+            CheckUsable(b, allowReadOnly: true);
+            b.Enabled = false;
+            Changed?.Invoke();
+        }
+    }
+
+    /// <summary>block-dirty-bitmap-merge: target |= every source. On error the target is unchanged.</summary>
+    public void Merge(string target, IReadOnlyList<DirtyBitmap> sources)
+    {
+        if (sources.Count == 0) throw new BitmapException("At least one source bitmap is required");
+        lock (_lock)
+        {
+            var t = Get(target);
+            CheckUsable(t, allowReadOnly: false);
+            foreach (var s in sources)
+            {
+                if (s.Busy || (s.Successor is not null && !ReferenceEquals(s, t)))
+                    throw new BitmapException($"Bitmap '{s.Name}' is currently in use by another operation and cannot be used");
+                if (s.Inconsistent) throw new BitmapException($"Bitmap '{s.Name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk");
+                if (s.DiskSize != t.DiskSize)
+                    throw new BitmapException($"Bitmaps are of different sizes (destination size is {t.DiskSize}, source size is {s.DiskSize}) and can't be merged");
+            }
+            // Build the result aside so a failure half way leaves the target as it was.
+            var result = new DirtyBitmap(t.Name, t.Granularity, t.DiskSize, t.Enabled);
+            result.Bits.Merge(t.Bits);
+            foreach (var s in sources) result.MergeFrom(s);
+            t.Bits.Merge(result.Bits);
+            Changed?.Invoke();
+        }
+    }
+
+    /// <summary>Every write to the node: set the bits of each recording bitmap (successors included).</summary>
+    public void MarkDirty(long offset, long length)
+    {
+        lock (_lock)
+        {
+            foreach (var b in _bitmaps)
+            {
+                if (b.Enabled && !b.Inconsistent) b.MarkDirty(offset, length);
+                if (b.Successor is { Enabled: true } s) s.MarkDirty(offset, length);
+            }
+        }
+    }
+
+    /// <summary>Freezes a bitmap for a job: an empty successor takes over recording (QEMU's create_successor).</summary>
+    public DirtyBitmap CreateSuccessor(DirtyBitmap parent)
+    {
+        lock (_lock)
+        {
+            if (parent.Successor is not null || parent.Busy)
+                throw new BitmapException($"Bitmap '{parent.Name}' is currently in use by another operation and cannot be used");
+            var successor = new DirtyBitmap(null, parent.Granularity, parent.DiskSize, parent.Enabled);
+            parent.Successor = successor;
+            parent.Enabled = false;
+            parent.Busy = true;
+            return successor;
+        }
+    }
+
+    /// <summary>Job succeeded and the bitmap is synchronised: the successor replaces it (old bits dropped).</summary>
+    public void Abdicate(DirtyBitmap parent)
+    {
+        lock (_lock)
+        {
+            var s = parent.Successor ?? throw new BitmapException("Cannot abdicate: bitmap has no successor");
+            parent.Bits = s.Bits;
+            parent.Enabled = s.Enabled;
+            parent.Successor = null;
+            parent.Busy = false;
+            Changed?.Invoke();
+        }
+    }
+
+    /// <summary>Job failed or is not to synchronise: the successor's bits are merged back (nothing is lost).</summary>
+    public void Reclaim(DirtyBitmap parent)
+    {
+        lock (_lock)
+        {
+            var s = parent.Successor ?? throw new BitmapException("Cannot reclaim: bitmap has no successor");
+            parent.Bits.Merge(s.Bits);
+            parent.Enabled = s.Enabled;
+            parent.Successor = null;
+            parent.Busy = false;
+            Changed?.Invoke();
+        }
+    }
+
+    /// <summary>Bitmaps cannot follow a size change (QEMU refuses to resize an image which has bitmaps).</summary>
+    public void CheckResizeAllowed(long newSize)
+    {
+        lock (_lock)
+        {
+            if (_bitmaps.Count > 0 && newSize != DiskSize)
+                throw new BitmapException("Can't resize an image which has bitmaps");
+        }
+    }
+
+    internal void Resized(long newSize)
+    {
+        lock (_lock) DiskSize = newSize;
+    }
+}
