@@ -34,6 +34,46 @@ public class StrataWritesQemuReadsTests
         Assert.Equal(b.GetProperty("format-specific").GetRawText(), a.GetProperty("format-specific").GetRawText());
     }
 
+    // compat=0.10 (v2) images are read-only in Strata by design; see StrataIo_IntoV2Image_RefusesCleanly.
+    public static TheoryData<QemuWritesStrataReadsTests.Kind> QemuKinds =>
+        new(Enum.GetValues<QemuWritesStrataReadsTests.Kind>().Where(k => k != QemuWritesStrataReadsTests.Kind.Compat010));
+
+    /// <summary>Strata does not write v2 images: it must say so and leave the image untouched.</summary>
+    [Fact]
+    public void StrataIo_IntoV2Image_RefusesCleanly()
+    {
+        using var t = new TempDir();
+        var (src, _) = QemuWritesStrataReadsTests.Build(t, QemuWritesStrataReadsTests.Kind.Compat010);
+        string hash = Sha256(src);
+        var r = StrataCmd("io", "-c", "write -P 0xe1 0 4k", src);
+        Assert.True(r.Exit != 0 && r.Stderr.Contains("version 2") && !LooksLikeCrash(r.Stderr), r.ToString());
+        Assert.Equal(hash, Sha256(src));
+        AssertQemuCheckClean(src);
+    }
+
+    /// <summary>Strata io writing into images QEMU made (compressed, zstd, v2, refcount_bits=8, chains, ...).</summary>
+    [Theory]
+    [MemberData(nameof(QemuKinds))]
+    public void StrataIo_IntoQemuImage_IsCleanAndMatchesQemuIo(QemuWritesStrataReadsTests.Kind kind)
+    {
+        using var t = new TempDir();
+        var (src, fmt) = QemuWritesStrataReadsTests.Build(t, kind);
+        // a copy of the whole folder so backing files are private to each side
+        string other = Path.Combine(t.Path, "q");
+        Directory.CreateDirectory(other);
+        foreach (var f in Directory.GetFiles(t.Path)) File.Copy(f, Path.Combine(other, Path.GetFileName(f)));
+        string theirs = Path.Combine(other, Path.GetFileName(src));
+        var writes = new[]
+        {
+            "write -P 0xe1 0 4k", "write -P 0xe2 65000 70000", "write -z 1M 128k", "discard 2M 64k", "write -P 0xe3 10M 1M",
+            "write -z -u 20M 64k", "write -P 0xe4 48M 64k", "write -P 0xe5 63M 1M",
+        };
+        StrataIo(src, writes, fmt);
+        QemuIo(theirs, writes, fmt);
+        if (fmt == "qcow2") AssertQemuCheckClean(src);
+        AssertQemuIdentical(src, theirs, "-f", fmt, "-F", fmt);
+    }
+
     [Fact]
     public void Qcow2_FreshlyCreatedByStrata_IsClean()
     {
