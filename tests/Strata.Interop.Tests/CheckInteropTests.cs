@@ -7,7 +7,7 @@ namespace Strata.Interop.Tests;
 /// <summary>Requirement 4: `strata img check` finds injected problems the way qemu-img does, and repairs them so qemu-img agrees.</summary>
 public class CheckInteropTests
 {
-    public enum Injection { None, LeakZeroL2, RefcountTooHigh, RefcountZero, L2PastEof, TwoL2SameCluster, Compressed, Cluster512Leak }
+    public enum Injection { None, LeakZeroL2, RefcountTooHigh, RefcountZero, L2PastEof, TwoL2SameCluster, Compressed, Cluster512Leak, Cluster512Clean, Cluster2MClean }
 
     private const ulong OffsetMask = 0x00fffffffffffe00UL;
 
@@ -19,6 +19,16 @@ public class CheckInteropTests
         {
             Workloads.QemuQcow2(t["plain.qcow2"], "64M", ["write -P 0xab 0 1M", "write -P 0xcd 4M 64k"]);
             QemuImg("convert", "-c", "-O", "qcow2", t["plain.qcow2"], p).Ok();
+            return p;
+        }
+        if (inj == Injection.Cluster512Clean)
+        {
+            Workloads.QemuQcow2(p, "8M", ["write -P 0xab 0 64k", "write -P 0xcd 4M 4k"], "-o", "cluster_size=512");
+            return p;
+        }
+        if (inj == Injection.Cluster2MClean)
+        {
+            Workloads.QemuQcow2(p, "64M", Workloads.Mixed, "-o", "cluster_size=2M");
             return p;
         }
         if (inj == Injection.Cluster512Leak)
