@@ -43,13 +43,13 @@ public sealed class HostFile : IDisposable
         {
             throw new BlockException($"Could not open '{path}': No such file or directory");
         }
+        catch (Exception e) when ((e is IOException or UnauthorizedAccessException) && Directory.Exists(path))
+        {
+            throw new BlockException($"'file' driver requires '{path}' to be a regular file");
+        }
         catch (UnauthorizedAccessException)
         {
             throw new BlockException($"Could not open '{path}': Permission denied");
-        }
-        catch (IOException e) when (Directory.Exists(path))
-        {
-            throw new BlockException($"Could not open '{path}': Is a directory ({e.Message})");
         }
     }
 

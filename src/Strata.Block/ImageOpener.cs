@@ -3,6 +3,9 @@ using Strata.Formats.Qcow2;
 
 namespace Strata.Block;
 
+/// <summary>A backing chain that cannot be opened (loop, too deep, a layer missing); reported as it is.</summary>
+public sealed class BackingChainException(string message) : BlockException(message);
+
 /// <summary>Opens images by format (probed or given) together with their whole backing chain.</summary>
 public static class ImageOpener
 {
@@ -28,31 +31,10 @@ public static class ImageOpener
     private static BlockImage OpenLayer(string path, string? format, bool readOnly, bool openBacking, HashSet<string> seen, int depth)
     {
         if (depth > MaxChainDepth)
-            throw new BlockException($"Backing chain of '{path}' is deeper than {MaxChainDepth} images");
-        string full = Path.GetFullPath(path);
-        if (!seen.Add(full))
-            throw new BlockException($"Backing file loop: '{path}' appears twice in its own backing chain");
-        format ??= ProbeFormat(path);
-        var file = HostFile.Open(path, readOnly);
-        BlockImage image;
-        try
-        {
-            image = format switch
-            {
-                "raw" => new RawImage(file),
-                "qcow2" => Qcow2Image.Open(file),
-                _ => throw new BlockException($"Unknown driver '{format}'"),
-            };
-        }
-        catch (ImageFormatException e)
-        {
-            file.Dispose();
-            throw new BlockException($"Could not open '{path}': {e.Message}");
-        }
-        catch (BlockException e) when (!e.Message.StartsWith("Could not open", StringComparison.Ordinal))
-        {
-            throw new BlockException($"Could not open '{path}': {e.Message}");
-        }
+            throw new BackingChainException($"Backing chain of '{path}' is deeper than {MaxChainDepth} images");
+        if (!seen.Add(Path.GetFullPath(path)))
+            throw new BackingChainException($"Backing file '{path}' creates an infinite loop.");
+        BlockImage image = OpenSingle(path, format, readOnly);
         if (!openBacking || image.BackingFileName is not { } backing) return image;
         try
         {
@@ -61,10 +43,47 @@ public static class ImageOpener
             image.ReplaceBacking(backingImage);
             return image;
         }
+        catch (BackingChainException)
+        {
+            image.Dispose();
+            throw;
+        }
         catch (BlockException e)
         {
             image.Dispose();
-            throw new BlockException($"Could not open backing file: {e.Message}");
+            throw new BackingChainException($"Could not open backing file: {e.Message}");
+        }
+    }
+
+    /// <summary>Opens one image without its backing chain; errors read "Could not open 'PATH': reason" as in QEMU.</summary>
+    public static BlockImage OpenSingle(string path, string? format, bool readOnly)
+    {
+        try
+        {
+            format ??= ProbeFormat(path);
+            var file = HostFile.Open(path, readOnly);
+            try
+            {
+                return format switch
+                {
+                    "raw" => new RawImage(file),
+                    "qcow2" => Qcow2Image.Open(file),
+                    _ => throw new BlockException($"Unknown driver '{format}'"),
+                };
+            }
+            catch
+            {
+                file.Dispose();
+                throw;
+            }
+        }
+        catch (ImageFormatException e)
+        {
+            throw new BlockException($"Could not open '{path}': {e.Message}");
+        }
+        catch (BlockException e) when (e is not Bitmaps.BitmapException)
+        {
+            throw new BlockException($"Could not open '{path}': {e.Message}");
         }
     }
 

@@ -97,6 +97,7 @@ public sealed partial class Qcow2Image
                 if (report.Corruptions != before) { l2Tables.Add((l1i, l2Offset)); continue; }
                 l2Tables.Add((l1i, l2Offset));
                 _file.Read(l2Offset, l2Raw);
+                nextContiguous = 0; // QEMU counts fragmentation within each L2 table
                 for (int i = 0; i < _l2Entries; i++)
                 {
                     ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 8));
@@ -195,8 +196,9 @@ public sealed partial class Qcow2Image
                         fixes.Add((c, found));
                         report.CorruptionsFixed++;
                     }
-                    else if (repair == RepairMode.Leaks)
+                    else if (repair == RepairMode.Leaks && stored == 0)
                     {
+                        // A cluster in use with no refcount at all: only a rebuild of the refcounts can fix it.
                         refcountRepairNeeded = true;
                     }
                 }

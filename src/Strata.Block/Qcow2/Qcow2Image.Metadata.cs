@@ -392,6 +392,9 @@ public sealed partial class Qcow2Image
         if (options.RefcountBits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
             throw new BlockException("Refcount width must be a power of two and may not exceed 64 bits");
         long cs = options.ClusterSize;
+        long l1Needed = ((options.Size + cs - 1) / cs + cs / 8 - 1) / (cs / 8);
+        if (l1Needed > 0x2000000 || options.Size > long.MaxValue / 4)
+            throw new BlockException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         var header = new Qcow2Header
         {
             Version = 3,
@@ -428,8 +431,17 @@ public sealed partial class Qcow2Image
             file.Dispose();
         }
         var img = Open(HostFile.Open(path, readOnly: false));
-        img.Resize(options.Size);
-        return img;
+        try
+        {
+            img.Resize(options.Size);
+            return img;
+        }
+        catch
+        {
+            img.Dispose();
+            System.IO.File.Delete(path);
+            throw;
+        }
     }
 }
 

@@ -204,15 +204,22 @@ internal static class ImgCommands
         }
         else
         {
-            using var q = Qcow2Image.Create(file, new Qcow2CreateOptions
+            try
             {
-                Size = size.Value,
-                ClusterSize = clusterSize,
-                CompressionType = compression,
-                RefcountBits = refcountBits,
-                BackingFile = backing,
-                BackingFormat = backingFormat,
-            });
+                using var q = Qcow2Image.Create(file, new Qcow2CreateOptions
+                {
+                    Size = size.Value,
+                    ClusterSize = clusterSize,
+                    CompressionType = compression,
+                    RefcountBits = refcountBits,
+                    BackingFile = backing,
+                    BackingFormat = backingFormat,
+                });
+            }
+            catch (BlockException e)
+            {
+                throw new BlockException($"{file}: {e.Message}");
+            }
         }
         return 0;
     }
@@ -244,11 +251,29 @@ internal static class ImgCommands
         cmd.SetAction(r => Run(stderr, () =>
         {
             string mode = OutputMode(r.GetValue(output)!);
-            using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), openBacking: true);
-            var layers = r.GetValue(chain) ? ImageOpener.Layers(image) : [image];
+            CheckFormatName(r.GetValue(format));
+            // Like qemu-img, open each layer alone: info needs no backing file, and --backing-chain walks the names.
+            var layers = new List<BlockImage>();
+            var names = new List<string>();
+            using var disposer = new LayerList(layers);
+            string path = r.GetValue(file)!;
+            string? layerFormat = r.GetValue(format);
+            var seen = new HashSet<string>(StringComparer.Ordinal);
+            while (true)
+            {
+                seen.Add(Path.GetFullPath(path));
+                var layer = ImageOpener.OpenSingle(path, layerFormat, readOnly: true);
+                layers.Add(layer);
+                names.Add(path);
+                if (!r.GetValue(chain) || layer.BackingFileName is not { } backing) break;
+                string next = ImageOpener.ResolveBackingPath(path, backing);
+                if (seen.Contains(Path.GetFullPath(next))) throw new BlockException($"Backing file '{next}' creates an infinite loop.");
+                path = next;
+                layerFormat = layer.BackingFormat;
+            }
             if (mode == "json")
             {
-                var dicts = layers.Select((l, i) => InfoJson(l, i == 0 ? r.GetValue(file)! : null)).ToList();
+                var dicts = layers.Select((l, i) => InfoJson(l, names[i])).ToList();
                 stdout.WriteLine(QemuJson.Pretty(r.GetValue(chain) ? dicts : dicts[0]));
             }
             else
@@ -256,7 +281,7 @@ internal static class ImgCommands
                 for (int i = 0; i < layers.Count; i++)
                 {
                     if (i > 0) stdout.WriteLine();
-                    stdout.Write(InfoHuman(layers[i], i == 0 ? r.GetValue(file)! : null));
+                    stdout.Write(InfoHuman(layers[i], names[i]));
                 }
             }
             return 0;
@@ -374,7 +399,7 @@ internal static class ImgCommands
                 var other => throw new UsageException($"Unknown option value for -r (expecting 'leaks' or 'all'): {other}"),
             };
             string path = r.GetValue(file)!;
-            using var image = OpenImage(path, r.GetValue(format), readOnly: repairMode == RepairMode.None, openBacking: false);
+            using var image = OpenImage(path, r.GetValue(format), readOnly: repairMode == RepairMode.None, openBacking: true);
             if (image is not Qcow2Image q)
             {
                 stderr.WriteLine($"{Prog}: This image format does not support checks");
@@ -511,7 +536,9 @@ internal static class ImgCommands
             }
             progressPrinter?.Finish();
             if (quietMode) return result.Outcome == CompareOutcome.Identical ? 0 : 1;
-            if (result.SizesDiffer && result.Outcome != CompareOutcome.SizeMismatchStrict) stdout.WriteLine("Warning: Image size mismatch!");
+            // qemu-img warns about the sizes only once the common part has compared equal.
+            bool commonPartDiffers = result.Outcome is CompareOutcome.ContentMismatch or CompareOutcome.StatusMismatchStrict && result.Offset < Math.Min(a.Size, b.Size);
+            if (result.SizesDiffer && result.Outcome != CompareOutcome.SizeMismatchStrict && !commonPartDiffers) stdout.WriteLine("Warning: Image size mismatch!");
             switch (result.Outcome)
             {
                 case CompareOutcome.Identical:
@@ -872,6 +899,15 @@ internal static class ImgCommands
             return 0;
         }));
         return cmd;
+    }
+}
+
+/// <summary>Disposes the layers opened one by one.</summary>
+internal sealed class LayerList(List<BlockImage> layers) : IDisposable
+{
+    public void Dispose()
+    {
+        foreach (var l in layers) l.Dispose();
     }
 }
 

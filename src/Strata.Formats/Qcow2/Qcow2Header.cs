@@ -93,10 +93,10 @@ public sealed record Qcow2Header
     /// <summary>Parses and validates the header. <paramref name="fileLength"/> bounds table offsets.</summary>
     public static Qcow2Header Parse(ReadOnlySpan<byte> data)
     {
-        if (data.Length < V2HeaderLength)
-            throw new ImageFormatException($"qcow2 header is truncated ({data.Length} bytes, need at least {V2HeaderLength})");
-        if (BinaryPrimitives.ReadUInt32BigEndian(data) != Magic)
+        if (data.Length < 4 || BinaryPrimitives.ReadUInt32BigEndian(data) != Magic)
             throw new ImageFormatException("Image is not in qcow2 format");
+        if (data.Length < V2HeaderLength)
+            throw new ImageFormatException("qcow2 header too short");
         uint version = BinaryPrimitives.ReadUInt32BigEndian(data[4..]);
         if (version is not (2 or 3))
             throw new ImageFormatException($"Unsupported qcow2 version {version}");
@@ -121,12 +121,12 @@ public sealed record Qcow2Header
         if (version == 3)
         {
             if (data.Length < V3MinHeaderLength)
-                throw new ImageFormatException($"qcow2 v3 header is truncated ({data.Length} bytes)");
+                throw new ImageFormatException("qcow2 header too short");
             uint headerLength = BinaryPrimitives.ReadUInt32BigEndian(data[100..]);
             if (headerLength < V3MinHeaderLength || headerLength % 8 != 0)
                 throw new ImageFormatException($"qcow2 header length {headerLength} is invalid");
             if (data.Length < Math.Min(headerLength, 112))
-                throw new ImageFormatException("qcow2 header is truncated");
+                throw new ImageFormatException("qcow2 header too short");
             h = h with
             {
                 IncompatibleFeatures = (Qcow2IncompatibleFeatures)BinaryPrimitives.ReadUInt64BigEndian(data[72..]),
@@ -157,7 +157,7 @@ public sealed record Qcow2Header
         if (L1TableOffset > MaxHostOffset || RefcountTableOffset > MaxHostOffset || SnapshotsOffset > MaxHostOffset)
             throw new ImageFormatException("Table offset lies beyond the largest possible host offset");
         if (L1TableOffset % (ulong)ClusterSize != 0)
-            throw new ImageFormatException("L1 table offset invalid (not cluster aligned)");
+            throw new ImageFormatException("Active L1 table offset invalid");
         if (RefcountTableOffset % (ulong)ClusterSize != 0 || RefcountTableOffset == 0)
             throw new ImageFormatException("Refcount table offset invalid");
         if (RefcountTableClusters == 0 || RefcountTableClusters > (1u << 24))
@@ -172,7 +172,7 @@ public sealed record Qcow2Header
             throw new ImageFormatException("qcow2 header exceeds cluster size");
         var unknown = IncompatibleFeatures & ~KnownIncompatible;
         if (unknown != 0)
-            throw new ImageFormatException($"Unsupported qcow2 feature(s): incompatible bits 0x{(ulong)unknown:x}");
+            throw new ImageFormatException($"Unsupported qcow2 feature(s): Unknown incompatible feature: {(ulong)unknown:x}");
         bool ctBit = (IncompatibleFeatures & Qcow2IncompatibleFeatures.CompressionType) != 0;
         if (CompressionType is not (Qcow2CompressionType.Deflate or Qcow2CompressionType.Zstd))
             throw new ImageFormatException($"Unknown compression type {(byte)CompressionType}");

@@ -133,7 +133,7 @@ public class Qcow2ModelTests
         using var dir = new TempDir();
         Qcow2Image.Create(dir["a.qcow2"], new Qcow2CreateOptions { Size = 1 << 20, BackingFile = "b.qcow2", BackingFormat = "qcow2" }).Dispose();
         Qcow2Image.Create(dir["b.qcow2"], new Qcow2CreateOptions { Size = 1 << 20, BackingFile = "a.qcow2", BackingFormat = "qcow2" }).Dispose();
-        var e = Assert.Throws<BlockException>(() => ImageOpener.Open(dir["a.qcow2"]));
+        var e = Assert.Throws<BackingChainException>(() => ImageOpener.Open(dir["a.qcow2"]));
         Assert.Contains("loop", e.Message);
     }
 
