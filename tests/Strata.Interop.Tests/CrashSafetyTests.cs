@@ -45,6 +45,28 @@ public class CrashSafetyTests
         }
     }
 
+    [Fact]
+    public void KilledWriterLeavesItsBitmapsInconsistentNotStale()
+    {
+        string dir = Directory.CreateTempSubdirectory("strata-crash-").FullName;
+        try
+        {
+            string path = Path.Combine(dir, "bm.qcow2");
+            Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", path, "32M").Exit);
+            Assert.Equal(0, Tools.Run("qemu-img", "bitmap", "--add", path, "b0").Exit);
+            RunAndKill(path, seed: 99, flushEvery: 25, killAfterMs: 300);
+            var check = Tools.Run("qemu-img", "check", path);
+            Assert.True(check.Exit is 0 or 3, check.Stdout + check.Stderr);
+            Assert.Contains("in-use", Tools.Run("qemu-img", "info", path).Stdout);
+            using var image = ImageOpener.Open(path, "qcow2");
+            Assert.True(image.Bitmaps.Get("b0").Inconsistent);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
+    }
+
     private static (long Flushed, bool RanLong) RunAndKill(string path, int seed, int flushEvery, int killAfterMs)
     {
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
