@@ -16,8 +16,8 @@ public sealed class HierarchicalBitmap
     private const int PageWords = 1 << PageWordsBits;
 
     private readonly object _lock = new();
-    private readonly ulong[]?[] _pages;               // level 0, lazily allocated
-    private readonly ulong[][] _upper;                // levels 1..n; the last has one word
+    private readonly PagedWords _level0;              // the bits
+    private readonly PagedWords[] _upper;             // summary levels; the last has one word
     private readonly long _words;
     private long _count;
 
@@ -28,13 +28,13 @@ public sealed class HierarchicalBitmap
         if (length < 0) throw new ArgumentOutOfRangeException(nameof(length));
         Length = length;
         _words = (length + 63) >> 6;
-        _pages = new ulong[]?[(_words + PageWords - 1) >> PageWordsBits];
-        var upper = new List<ulong[]>();
+        _level0 = new PagedWords(_words);
+        var upper = new List<PagedWords>();
         long below = _words;
         do
         {
-            long words = (below + 63) >> 6;
-            upper.Add(new ulong[Math.Max(1, words)]);
+            long words = Math.Max(1, (below + 63) >> 6);
+            upper.Add(new PagedWords(words));
             below = words;
         } while (below > 1);
         _upper = upper.ToArray();
@@ -48,31 +48,61 @@ public sealed class HierarchicalBitmap
     {
         get
         {
-            long bytes = _pages.Length * 8L + _upper.Sum(u => u.Length * 8L + 24);
-            foreach (var p in _pages) if (p is not null) bytes += PageWords * 8 + 24;
-            return bytes;
+            lock (_lock) return 64 + _level0.MemoryBytes + _upper.Sum(u => u.MemoryBytes);
         }
     }
 
-    private ulong Word(long index)
+    /// <summary>An array of 64-bit words stored in pages that exist only once they hold a non-zero word.</summary>
+    private sealed class PagedWords
     {
-        var page = _pages[index >> PageWordsBits];
-        return page is null ? 0 : page[index & (PageWords - 1)];
+        private readonly ulong[]?[] _pages;
+        private readonly int _pageWords;
+
+        public PagedWords(long length)
+        {
+            Length = length;
+            _pageWords = (int)Math.Min(PageWords, length);
+            _pages = new ulong[]?[(length + PageWords - 1) >> PageWordsBits];
+        }
+
+        public long Length { get; }
+
+        public ulong this[long index]
+        {
+            get
+            {
+                var page = _pages[index >> PageWordsBits];
+                return page is null ? 0 : page[index & (PageWords - 1)];
+            }
+            set
+            {
+                var page = _pages[index >> PageWordsBits];
+                if (page is null)
+                {
+                    if (value == 0) return;
+                    page = _pages[index >> PageWordsBits] = new ulong[_pageWords];
+                }
+                page[index & (PageWords - 1)] = value;
+            }
+        }
+
+        public ulong[]? Page(long pageIndex) => _pages[pageIndex];
+
+        public long PageCount => _pages.Length;
+
+        public void Clear() => Array.Clear(_pages);
+
+        public long MemoryBytes => 24 + _pages.Length * 8L + _pages.Count(p => p is not null) * (24L + _pageWords * 8L);
     }
+
+    private ulong Word(long index) => _level0[index];
 
     /// <summary>Sets the word; keeps the summary levels and the count right. Caller holds the lock.</summary>
     private void SetWord(long index, ulong value)
     {
-        var page = _pages[index >> PageWordsBits];
-        if (page is null)
-        {
-            if (value == 0) return;
-            page = _pages[index >> PageWordsBits] = new ulong[PageWords];
-        }
-        ref ulong slot = ref page[index & (PageWords - 1)];
-        ulong old = slot;
+        ulong old = _level0[index];
         if (old == value) return;
-        slot = value;
+        _level0[index] = value;
         _count += BitOperations.PopCount(value) - BitOperations.PopCount(old);
         if ((old == 0) != (value == 0)) UpdateSummary(index, value != 0);
     }
@@ -83,11 +113,12 @@ public sealed class HierarchicalBitmap
         {
             long word = index >> 6;
             ulong bit = 1UL << (int)(index & 63);
-            ref ulong w = ref _upper[level][word];
-            ulong before = w;
-            w = nonZero ? w | bit : w & ~bit;
+            var words = _upper[level];
+            ulong before = words[word];
+            ulong after = nonZero ? before | bit : before & ~bit;
+            words[word] = after;
             // Only a word that changed between zero and non-zero changes the level above.
-            if ((before == 0) == (w == 0)) return;
+            if ((before == 0) == (after == 0)) return;
             index = word;
         }
     }
@@ -137,8 +168,8 @@ public sealed class HierarchicalBitmap
     {
         lock (_lock)
         {
-            Array.Clear(_pages);
-            foreach (var u in _upper) Array.Clear(u);
+            _level0.Clear();
+            foreach (var u in _upper) u.Clear();
             _count = 0;
         }
     }
@@ -305,10 +336,10 @@ public sealed class HierarchicalBitmap
         var buf = new byte[PageWords * 8];
         lock (_lock)
         {
-            for (long p = 0; p < _pages.Length; p++)
+            for (long p = 0; p < _level0.PageCount; p++)
             {
                 long words = Math.Min(PageWords, _words - (p << PageWordsBits));
-                var page = _pages[p];
+                var page = _level0.Page(p);
                 if (page is null)
                 {
                     hash.AppendData(zeroPage, 0, (int)words * 8);
