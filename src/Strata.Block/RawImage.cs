@@ -4,11 +4,17 @@ namespace Strata.Block;
 public sealed class RawImage : BlockImage
 {
     private readonly HostFile _file;
+    private readonly string _formatName;
+    private readonly bool _ownsFile;
     private long _size;
 
-    public RawImage(HostFile file)
+    /// <summary>A raw image over <paramref name="file"/>; <paramref name="formatName"/> is "file" for a daemon's
+    /// protocol node.</summary>
+    public RawImage(HostFile file, string formatName = "raw", bool ownsFile = true)
     {
         _file = file;
+        _formatName = formatName;
+        _ownsFile = ownsFile;
         _size = (file.Length + 511) & ~511L; // QEMU sees whole sectors
         Bitmaps = new Bitmaps.BitmapSet(_size, Strata.Block.Bitmaps.BitmapSet.DefaultGranularityFor(0))
         {
@@ -17,7 +23,7 @@ public sealed class RawImage : BlockImage
     }
 
     public HostFile File => _file;
-    public override string FormatName => "raw";
+    public override string FormatName => _formatName;
     public override long Size => Interlocked.Read(ref _size);
     public override bool ReadOnly => _file.ReadOnly;
     public override string FileName => _file.Path;
@@ -91,6 +97,6 @@ public sealed class RawImage : BlockImage
     public override void Dispose()
     {
         base.Dispose();
-        _file.Dispose();
+        if (_ownsFile) _file.Dispose();
     }
 }

@@ -12,6 +12,8 @@ namespace Strata.Cli
     {
         public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
         {
+            // The daemon takes qemu-storage-daemon's getopt_long command line verbatim.
+            if (args.Length > 0 && args[0] == "daemon") return Daemon.DaemonCommand.Run(args[1..], stdout, stderr);
             var root = new RootCommand("Strata: incremental backups for disk images, compatible with QEMU's tools");
             root.Subcommands.Add(ImgCommands.Build(stdout, stderr));
             root.Subcommands.Add(IoCommand.Build(stdout, stderr));

@@ -8,6 +8,12 @@ public sealed record Qcow2OpenOptions
 {
     /// <summary>Bytes of L2 tables kept in memory.</summary>
     public long L2CacheBytes { get; init; } = 32L << 20;
+
+    /// <summary>False when the host file belongs to another node (a daemon's "file" node).</summary>
+    public bool OwnsFile { get; init; } = true;
+
+    /// <summary>Open read-only even though the host file is writable.</summary>
+    public bool ReadOnly { get; init; }
 }
 
 /// <summary>
@@ -25,6 +31,7 @@ public sealed partial class Qcow2Image : BlockImage
     private readonly int _refcountOrder;
     private readonly long _refcountsPerBlock;
     private readonly bool _writable;
+    private readonly bool _ownsFile;
 
     private Qcow2Header _header;
     private byte[] _headerRaw;
@@ -74,6 +81,9 @@ public sealed partial class Qcow2Image : BlockImage
     public override int ClusterSize => (int)_clusterSize;
     public override bool SupportsCompression => true;
 
+    /// <summary>Whether a bitmap of this name is in the image's bitmap directory right now.</summary>
+    public bool IsStoredBitmap(string name) => _storedBitmaps.ContainsKey(name);
+
     private Qcow2Image(HostFile file, Qcow2Header header, byte[] headerRaw, Qcow2HeaderExtras extras, Qcow2OpenOptions options)
     {
         _file = file;
@@ -87,7 +97,8 @@ public sealed partial class Qcow2Image : BlockImage
         _l2Entries = (int)(_clusterSize / 8);
         _refcountOrder = header.RefcountOrder;
         _refcountsPerBlock = _clusterSize * 8 / header.RefcountBits;
-        _writable = !file.ReadOnly;
+        _writable = !file.ReadOnly && !options.ReadOnly;
+        _ownsFile = options.OwnsFile;
         _l2CacheCapacity = (int)Math.Max(16, options.L2CacheBytes / _clusterSize);
         _l1 = [];
         _refTable = [];
@@ -102,7 +113,7 @@ public sealed partial class Qcow2Image : BlockImage
         }
         catch
         {
-            file.Dispose();
+            if (options?.OwnsFile ?? true) file.Dispose();
             throw;
         }
     }
@@ -651,7 +662,7 @@ public sealed partial class Qcow2Image : BlockImage
         finally
         {
             base.Dispose();
-            _file.Dispose();
+            if (_ownsFile) _file.Dispose();
         }
     }
 }

@@ -291,66 +291,9 @@ internal static class ImgCommands
 
     private static string DisplayName(BlockImage image, string? givenName) => givenName ?? image.FileName;
 
-    internal static QDict InfoJson(BlockImage image, string? givenName)
-    {
-        var d = new QDict();
-        d.Add("filename", DisplayName(image, givenName));
-        d.Add("format", image.FormatName);
-        d.Add("dirty-flag", image is Qcow2Image q0 && (q0.Header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) != 0);
-        d.Add("actual-size", ActualSize(image));
-        d.Add("virtual-size", image.Size);
-        if (image.ClusterSize > 0) d.Add("cluster-size", image.ClusterSize);
-        if (image.BackingFileName is { } bf)
-        {
-            d.Add("backing-filename", bf);
-            d.Add("full-backing-filename", ImageOpener.ResolveBackingPath(DisplayName(image, givenName), bf));
-            if (image.BackingFormat is { } bfmt) d.Add("backing-filename-format", bfmt);
-        }
-        if (image is Qcow2Image q)
-        {
-            var data = new QDict();
-            var h = q.Header;
-            if (h.Version >= 3)
-            {
-                data.Add("compat", "1.1");
-                data.Add("lazy-refcounts", (h.CompatibleFeatures & Qcow2CompatibleFeatures.LazyRefcounts) != 0);
-                data.Add("corrupt", (h.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0);
-                data.Add("refcount-bits", h.RefcountBits);
-                data.Add("compression-type", h.CompressionType == Qcow2CompressionType.Zstd ? "zstd" : "zlib");
-                data.Add("extended-l2", (h.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0);
-                var persistent = q.Bitmaps.All.Where(b => b.Persistent).Reverse().ToList();
-                if (persistent.Count > 0)
-                    data.Add("bitmaps", persistent.Select(b => new QDict()
-                        .Add("name", b.Name)
-                        .Add("granularity", b.Granularity)
-                        .Add("flags", BitmapFlagNames(b))).ToList());
-            }
-            else
-            {
-                data.Add("compat", "0.10");
-                data.Add("refcount-bits", h.RefcountBits);
-                data.Add("compression-type", "zlib");
-            }
-            d.Add("format-specific", new QDict().Add("type", "qcow2").Add("data", data));
-        }
-        return d;
-    }
+    internal static QDict InfoJson(BlockImage image, string? givenName) => ImageInfo.Build(image, DisplayName(image, givenName));
 
-    /// <summary>The flags qemu-img lists: in-use (inconsistent on disk) and auto (enabled).</summary>
-    private static List<string> BitmapFlagNames(Strata.Block.Bitmaps.DirtyBitmap b)
-    {
-        var flags = new List<string>();
-        if (b.Inconsistent) flags.Add("in-use");
-        if (b.Enabled) flags.Add("auto");
-        return flags;
-    }
-
-    private static long ActualSize(BlockImage image) => image switch
-    {
-        Qcow2Image q => q.File.AllocatedBytes,
-        RawImage r => r.File.AllocatedBytes,
-        _ => 0,
-    };
+    private static long ActualSize(BlockImage image) => ImageInfo.ActualSize(image);
 
     internal static string InfoHuman(BlockImage image, string? givenName)
     {

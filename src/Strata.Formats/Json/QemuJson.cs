@@ -90,14 +90,14 @@ public static class QemuJson
     }
 
     /// <summary>Compact form used on the QMP wire: {"a": 1, "b": [1, 2]}.</summary>
-    public static string Compact(object? value)
+    public static string Compact(object? value, bool asciiOnly = false)
     {
         var sb = new StringBuilder();
-        Write(sb, value, pretty: false, indent: 0);
+        Write(sb, value, pretty: false, indent: 0, asciiOnly);
         return sb.ToString();
     }
 
-    private static void Write(StringBuilder sb, object? value, bool pretty, int indent)
+    private static void Write(StringBuilder sb, object? value, bool pretty, int indent, bool asciiOnly = false)
     {
         switch (value)
         {
@@ -108,7 +108,7 @@ public static class QemuJson
                 sb.Append(b ? "true" : "false");
                 break;
             case string s:
-                WriteString(sb, s);
+                WriteString(sb, s, asciiOnly);
                 break;
             case int or long or uint or ulong or short or ushort or byte or sbyte:
                 sb.Append(Convert.ToString(value, CultureInfo.InvariantCulture));
@@ -116,18 +116,21 @@ public static class QemuJson
             case double d:
                 sb.Append(d.ToString("R", CultureInfo.InvariantCulture));
                 break;
+            case System.Text.Json.Nodes.JsonNode node:
+                sb.Append(node.ToJsonString());
+                break;
             case QDict dict:
-                WriteObject(sb, dict.Ordered, pretty, indent);
+                WriteObject(sb, dict.Ordered, pretty, indent, asciiOnly);
                 break;
             case System.Collections.IEnumerable list:
-                WriteList(sb, list, pretty, indent);
+                WriteList(sb, list, pretty, indent, asciiOnly);
                 break;
             default:
                 throw new ArgumentException($"cannot serialise {value.GetType()}");
         }
     }
 
-    private static void WriteObject(StringBuilder sb, IEnumerable<KeyValuePair<string, object?>> entries, bool pretty, int indent)
+    private static void WriteObject(StringBuilder sb, IEnumerable<KeyValuePair<string, object?>> entries, bool pretty, int indent, bool asciiOnly)
     {
         sb.Append('{');
         bool first = true;
@@ -137,15 +140,15 @@ public static class QemuJson
             if (pretty) { sb.Append('\n'); sb.Append(' ', (indent + 1) * 4); }
             else if (!first) sb.Append(' ');
             first = false;
-            WriteString(sb, k);
+            WriteString(sb, k, asciiOnly);
             sb.Append(": ");
-            Write(sb, v, pretty, indent + 1);
+            Write(sb, v, pretty, indent + 1, asciiOnly);
         }
         if (pretty) { sb.Append('\n'); sb.Append(' ', indent * 4); }
         sb.Append('}');
     }
 
-    private static void WriteList(StringBuilder sb, System.Collections.IEnumerable list, bool pretty, int indent)
+    private static void WriteList(StringBuilder sb, System.Collections.IEnumerable list, bool pretty, int indent, bool asciiOnly)
     {
         sb.Append('[');
         bool first = true;
@@ -155,13 +158,13 @@ public static class QemuJson
             if (pretty) { sb.Append('\n'); sb.Append(' ', (indent + 1) * 4); }
             else if (!first) sb.Append(' ');
             first = false;
-            Write(sb, v, pretty, indent + 1);
+            Write(sb, v, pretty, indent + 1, asciiOnly);
         }
         if (pretty) { sb.Append('\n'); sb.Append(' ', indent * 4); } // QEMU prints an empty list as "[" newline "]"
         sb.Append(']');
     }
 
-    private static void WriteString(StringBuilder sb, string s)
+    private static void WriteString(StringBuilder sb, string s, bool asciiOnly = false)
     {
         sb.Append('"');
         foreach (char c in s)
@@ -176,7 +179,7 @@ public static class QemuJson
                 case '\r': sb.Append("\\r"); break;
                 case '\t': sb.Append("\\t"); break;
                 default:
-                    if (c < 0x20 || c == 0x7f) sb.Append("\\u").Append(((int)c).ToString("x4", CultureInfo.InvariantCulture));
+                    if (c < 0x20 || c == 0x7f || (asciiOnly && c > 0x7e)) sb.Append("\\u").Append(((int)c).ToString("x4", CultureInfo.InvariantCulture));
                     else sb.Append(c);
                     break;
             }

@@ -1,0 +1,202 @@
+using Strata.Block.Qcow2;
+
+namespace Strata.Block.Graph;
+
+/// <summary>A named node of the daemon's graph: a driver instance and the node it sits on.</summary>
+public sealed class BlockNode
+{
+    internal BlockNode(string name, string driver, BlockImage image, BlockNode? fileChild, string fileName, bool autoNamed)
+    {
+        Name = name;
+        Driver = driver;
+        Image = image;
+        FileChild = fileChild;
+        FileName = fileName;
+        AutoNamed = autoNamed;
+    }
+
+    public string Name { get; }
+    public string Driver { get; }
+    public BlockImage Image { get; }
+    /// <summary>The protocol node under a format node (qcow2/raw on file).</summary>
+    public BlockNode? FileChild { get; }
+    /// <summary>The file name as the user gave it (what QEMU reports in "file" and "image.filename").</summary>
+    public string FileName { get; }
+    /// <summary>Created implicitly (an inline child definition); deleted with its parent.</summary>
+    public bool AutoNamed { get; }
+    /// <summary>Users of this node: parents in the graph, exports, jobs.</summary>
+    public int Users { get; internal set; }
+}
+
+/// <summary>The definition of a node to add (what blockdev-add and --blockdev carry, already validated).</summary>
+public sealed record BlockNodeSpec
+{
+    public required string Driver { get; init; }
+    public string? NodeName { get; init; }
+    public bool ReadOnly { get; init; }
+    /// <summary>file driver: the path.</summary>
+    public string? Filename { get; init; }
+    /// <summary>qcow2/raw: the child, either an existing node's name or an inline definition.</summary>
+    public string? FileNodeName { get; init; }
+    public BlockNodeSpec? FileInline { get; init; }
+    /// <summary>qcow2: false for "backing": null (do not open the backing chain).</summary>
+    public bool OpenBacking { get; init; } = true;
+    /// <summary>null-co: the size.</summary>
+    public long Size { get; init; } = 1L << 30;
+}
+
+/// <summary>
+/// The daemon's node graph. Commands that change it run one at a time (QMP is serialised), so a plain lock
+/// guards it; data I/O goes to the nodes' images directly.
+/// </summary>
+public sealed class BlockGraph : IDisposable
+{
+    private readonly object _lock = new();
+    private readonly Dictionary<string, BlockNode> _nodes = new(StringComparer.Ordinal);
+    private readonly List<string> _order = new();
+    private int _autoNames;
+
+    public IReadOnlyList<BlockNode> Nodes
+    {
+        get { lock (_lock) return _order.Select(n => _nodes[n]).Reverse().ToArray(); }
+    }
+
+    public BlockNode? Find(string name)
+    {
+        lock (_lock) return _nodes.GetValueOrDefault(name);
+    }
+
+    /// <summary>Adds a node (and any inline child). Errors are QEMU's texts.</summary>
+    public BlockNode Add(BlockNodeSpec spec)
+    {
+        lock (_lock) return AddLocked(spec, topLevel: true);
+    }
+
+    private BlockNode AddLocked(BlockNodeSpec spec, bool topLevel)
+    {
+        string? name = spec.NodeName;
+        bool autoNamed = false;
+        if (name is null)
+        {
+            if (topLevel) throw new BlockException("A top-level node must have a node-name");
+            name = $"#block{++_autoNames:D3}";
+            autoNamed = true;
+        }
+        else
+        {
+            ValidateNodeName(name);
+            if (_nodes.ContainsKey(name)) throw new BlockException($"Duplicate nodes with node-name='{name}'");
+        }
+        BlockNode node;
+        switch (spec.Driver)
+        {
+            case "file":
+            {
+                var file = HostFile.Open(spec.Filename!, spec.ReadOnly);
+                node = new BlockNode(name, "file", new RawImage(file, "file"), null, spec.Filename!, autoNamed);
+                break;
+            }
+            case "null-co":
+                node = new BlockNode(name, "null-co", new NullImage(spec.Size, spec.ReadOnly), null, "null-co://", autoNamed);
+                break;
+            case "qcow2":
+            case "raw":
+            {
+                BlockNode child;
+                bool createdChild = false;
+                if (spec.FileInline is { } inline)
+                {
+                    child = AddLocked(inline, topLevel: false);
+                    createdChild = true;
+                }
+                else
+                {
+                    string childName = spec.FileNodeName ?? throw new BlockException("Parameter 'file' is missing");
+                    child = _nodes.GetValueOrDefault(childName) ?? throw new BlockException($"Cannot find device='{childName}' nor node-name='{childName}'");
+                }
+                if (child.Image is not RawImage { FormatName: "file" } fileImage)
+                {
+                    if (createdChild) RemoveLocked(child);
+                    throw new BlockException($"Node '{child.Name}' is not a file node; only file nodes can carry a {spec.Driver} node");
+                }
+                try
+                {
+                    BlockImage image = spec.Driver == "raw"
+                        ? new RawImage(fileImage.File, "raw", ownsFile: false)
+                        : Qcow2Image.Open(fileImage.File, new Qcow2OpenOptions { OwnsFile = false, ReadOnly = spec.ReadOnly });
+                    if (spec.OpenBacking && image.BackingFileName is { } backing)
+                    {
+                        try
+                        {
+                            image.ReplaceBacking(ImageOpener.Open(ImageOpener.ResolveBackingPath(child.FileName, backing), image.BackingFormat));
+                        }
+                        catch
+                        {
+                            image.Dispose();
+                            throw;
+                        }
+                    }
+                    node = new BlockNode(name, spec.Driver, image, child, child.FileName, autoNamed);
+                    child.Users++;
+                }
+                catch
+                {
+                    if (createdChild) RemoveLocked(child);
+                    throw;
+                }
+                break;
+            }
+            default:
+                throw new BlockException($"Unknown driver '{spec.Driver}'");
+        }
+        _nodes[name] = node;
+        _order.Add(name);
+        return node;
+    }
+
+    private static void ValidateNodeName(string name)
+    {
+        if (name.Length == 0 || name.Length > 31 || !char.IsAsciiLetter(name[0]) ||
+            name.Any(c => !(char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_')))
+            throw new BlockException("Invalid node-name: '" + name + "'");
+    }
+
+    /// <summary>blockdev-del: the node must have no users; its persistent bitmaps are stored as it closes.</summary>
+    public void Delete(string name)
+    {
+        lock (_lock)
+        {
+            var node = _nodes.GetValueOrDefault(name) ?? throw new BlockException($"Failed to find node with node-name='{name}'");
+            if (node.AutoNamed) throw new BlockException($"Node {name} is not owned by the monitor");
+            if (node.Users > 0) throw new BlockException($"Block device {name} is in use");
+            RemoveLocked(node);
+        }
+    }
+
+    private void RemoveLocked(BlockNode node)
+    {
+        _nodes.Remove(node.Name);
+        _order.Remove(node.Name);
+        node.Image.Dispose();
+        if (node.FileChild is { } child)
+        {
+            child.Users--;
+            if (child.AutoNamed) RemoveLocked(child);
+        }
+    }
+
+    /// <summary>Closes every node, parents before children, storing persistent bitmaps.</summary>
+    public void Dispose()
+    {
+        lock (_lock)
+        {
+            foreach (var name in _order.AsEnumerable().Reverse().ToList())
+            {
+                if (!_nodes.TryGetValue(name, out var node)) continue;
+                try { node.Image.Dispose(); } catch (Exception) { }
+            }
+            _nodes.Clear();
+            _order.Clear();
+        }
+    }
+}

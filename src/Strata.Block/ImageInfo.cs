@@ -1,0 +1,93 @@
+using Strata.Block.Bitmaps;
+using Strata.Block.Qcow2;
+using Strata.Formats.Json;
+using Strata.Formats.Qcow2;
+
+namespace Strata.Block;
+
+/// <summary>ImageInfo as QEMU reports it (qemu-img info --output=json, and "image" in query-named-block-nodes).</summary>
+public static class ImageInfo
+{
+    public static QDict Build(BlockImage image, string displayName, bool withBackingImage = false)
+    {
+        var d = new QDict();
+        d.Add("filename", displayName);
+        d.Add("format", image.FormatName);
+        d.Add("dirty-flag", image is Qcow2Image q0 && (q0.Header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) != 0);
+        d.Add("actual-size", ActualSize(image));
+        d.Add("virtual-size", image.Size);
+        if (image.ClusterSize > 0) d.Add("cluster-size", image.ClusterSize);
+        if (image.BackingFileName is { } bf)
+        {
+            string full = ImageOpener.ResolveBackingPath(displayName, bf);
+            d.Add("backing-filename", bf);
+            d.Add("full-backing-filename", full);
+            if (image.BackingFormat is { } bfmt) d.Add("backing-filename-format", bfmt);
+            if (withBackingImage && image.Backing is { } backing) d.Add("backing-image", Build(backing, full, true));
+        }
+        if (image is Qcow2Image q)
+        {
+            var data = new QDict();
+            var h = q.Header;
+            if (h.Version >= 3)
+            {
+                data.Add("compat", "1.1");
+                data.Add("lazy-refcounts", (h.CompatibleFeatures & Qcow2CompatibleFeatures.LazyRefcounts) != 0);
+                data.Add("corrupt", (h.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0);
+                data.Add("refcount-bits", h.RefcountBits);
+                data.Add("compression-type", h.CompressionType == Qcow2CompressionType.Zstd ? "zstd" : "zlib");
+                data.Add("extended-l2", (h.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0);
+                var persistent = q.Bitmaps.All.Where(b => b.Persistent && q.IsStoredBitmap(b.Name!)).Reverse().ToList();
+                if (persistent.Count > 0)
+                    data.Add("bitmaps", persistent.Select(b => new QDict()
+                        .Add("name", b.Name)
+                        .Add("granularity", b.Granularity)
+                        .Add("flags", FlagNames(b, q.ReadOnly))).ToList());
+            }
+            else
+            {
+                data.Add("compat", "0.10");
+                data.Add("refcount-bits", h.RefcountBits);
+                data.Add("compression-type", "zlib");
+            }
+            d.Add("format-specific", new QDict().Add("type", "qcow2").Add("data", data));
+        }
+        return d;
+    }
+
+    /// <summary>The flags the image file holds for a bitmap: in-use (set on disk while open read-write, or left by
+    /// a crash) and auto (enabled).</summary>
+    private static List<string> FlagNames(DirtyBitmap b, bool readOnlyImage)
+    {
+        var flags = new List<string>();
+        if (b.Inconsistent || !readOnlyImage) flags.Add("in-use");
+        if (b.Enabled || (b.Successor?.Enabled ?? false)) flags.Add("auto");
+        return flags;
+    }
+
+    public static long ActualSize(BlockImage image) => image switch
+    {
+        Qcow2Image q => q.File.AllocatedBytes,
+        RawImage r => r.File.AllocatedBytes,
+        _ => 0,
+    };
+
+    /// <summary>The BlockDirtyInfo list of query-named-block-nodes.</summary>
+    public static List<object?> DirtyBitmaps(BitmapSet set)
+    {
+        var list = new List<object?>();
+        foreach (var b in set.All)
+        {
+            var d = new QDict();
+            if (b.Name is not null) d.Add("name", b.Name);
+            d.Add("recording", b.Recording);
+            d.Add("persistent", b.Persistent);
+            d.Add("busy", b.Busy);
+            d.Add("granularity", b.Granularity);
+            d.Add("count", b.CountBytes);
+            if (b.Inconsistent) d.Add("inconsistent", true);
+            list.Add(d);
+        }
+        return list;
+    }
+}

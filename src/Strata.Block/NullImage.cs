@@ -1,0 +1,54 @@
+namespace Strata.Block;
+
+/// <summary>The null-co driver: a disk of a given size that reads zeros and forgets writes.</summary>
+public sealed class NullImage : BlockImage
+{
+    private readonly long _size;
+    private readonly bool _readOnly;
+
+    public NullImage(long size, bool readOnly)
+    {
+        _size = size;
+        _readOnly = readOnly;
+        Bitmaps = new Bitmaps.BitmapSet(size, Strata.Block.Bitmaps.BitmapSet.DefaultGranularityFor(0))
+        {
+            PersistenceCheck = (_, _) => "Operation not supported",
+        };
+    }
+
+    public override string FormatName => "null-co";
+    public override long Size => _size;
+    public override bool ReadOnly => _readOnly;
+    public override string FileName => "null-co://";
+
+    public override void Read(long offset, Span<byte> buffer)
+    {
+        CheckRange(offset, buffer.Length);
+        buffer.Clear();
+    }
+
+    public override void Write(long offset, ReadOnlySpan<byte> data)
+    {
+        CheckWritable();
+        CheckRange(offset, data.Length);
+        Bitmaps.MarkDirty(offset, data.Length);
+    }
+
+    public override void WriteZeroes(long offset, long length, bool mayUnmap)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        Bitmaps.MarkDirty(offset, length);
+    }
+
+    public override void Discard(long offset, long length) => WriteZeroes(offset, length, true);
+
+    public override void Flush()
+    {
+    }
+
+    public override LayerExtent GetLayerStatus(long offset, long maxLength) =>
+        new(offset, Math.Min(maxLength, _size - offset), LayerState.Zero, -1);
+
+    public override void Resize(long newSize) => throw new BlockException("null-co nodes cannot be resized");
+}

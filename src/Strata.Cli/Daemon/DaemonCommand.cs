@@ -1,0 +1,101 @@
+using System.Diagnostics;
+using Strata.Block;
+using Strata.Protocol.Daemon;
+
+namespace Strata.Cli.Daemon;
+
+/// <summary>
+/// `strata daemon`: qemu-storage-daemon's command line. It is parsed by hand rather than by System.CommandLine
+/// because its options follow getopt_long and QEMU's key=value syntax exactly.
+/// </summary>
+internal static class DaemonCommand
+{
+    private const string Prog = "strata daemon";
+    private const string ReadyLine = "strata-daemon-ready";
+
+    public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
+    {
+        DaemonOptions options;
+        try
+        {
+            options = DaemonCommandLine.Parse(args);
+        }
+        catch (DaemonUsageException e)
+        {
+            stderr.WriteLine($"{Prog}: {e.Message}");
+            return 1;
+        }
+        if (options.Help)
+        {
+            stdout.Write(Usage);
+            return 0;
+        }
+        if (options.Version)
+        {
+            stdout.WriteLine($"{Prog} version {typeof(DaemonCommand).Assembly.GetName().Version?.ToString(3)} (qemu-storage-daemon 7.2 compatible)");
+            return 0;
+        }
+        if (options.Daemonize && Environment.GetEnvironmentVariable("STRATA_DAEMONIZED") is null)
+            return Daemonize(args, stderr);
+
+        var host = new DaemonHost(options);
+        try
+        {
+            host.Start();
+        }
+        catch (Exception e) when (e is DaemonUsageException or BlockException or IOException)
+        {
+            stderr.WriteLine($"{Prog}: {e.Message}");
+            host.DisposeAsync().AsTask().Wait();
+            return 1;
+        }
+        if (Environment.GetEnvironmentVariable("STRATA_DAEMONIZED") is not null)
+        {
+            Console.Out.WriteLine(ReadyLine);
+            Console.Out.Flush();
+        }
+        host.RunAsync().Wait();
+        host.DisposeAsync().AsTask().Wait();
+        return 0;
+    }
+
+    /// <summary>--daemonize: start a copy of ourselves in the background and exit once it is up.</summary>
+    private static int Daemonize(string[] args, TextWriter stderr)
+    {
+        var psi = new ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        string? entry = Environment.GetCommandLineArgs().FirstOrDefault();
+        if (entry is not null && entry.EndsWith(".dll", StringComparison.Ordinal)) psi.ArgumentList.Add(entry);
+        psi.ArgumentList.Add("daemon");
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        psi.Environment["STRATA_DAEMONIZED"] = "1";
+        using var child = Process.Start(psi)!;
+        string? line = child.StandardOutput.ReadLine();
+        if (line != ReadyLine)
+        {
+            child.WaitForExit(5000);
+            stderr.Write(child.StandardError.ReadToEnd());
+            return 1;
+        }
+        return 0;
+    }
+
+    private const string Usage = """
+        Usage: strata daemon [options]
+        Strata storage daemon (qemu-storage-daemon compatible)
+
+          -h, --help             display this help and exit
+          -V, --version          output version information and exit
+
+          --blockdev [driver=]<driver>[,node-name=<N>][,read-only=on|off]
+                     [,driver specific parameters...]   (file, qcow2, raw, null-co; or JSON)
+                                 configure a block node
+          --chardev socket,id=<id>,path=<path>|host=<host>,port=<port>,server=on,wait=off
+                                 configure a QMP socket
+          --monitor [chardev=]<id>
+                                 serve QMP on the chardev
+          --daemonize            run in the background once started
+          --object <properties>  accepted for compatibility (iothread, …) and ignored
+          --pidfile <path>       write the process ID to a file while running
+
+        """;
+}

@@ -1,0 +1,304 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using Strata.Block;
+using Strata.Block.Bitmaps;
+using Strata.Block.Graph;
+using Strata.Formats.Json;
+using Strata.Protocol.Qmp;
+
+namespace Strata.Protocol.Daemon;
+
+/// <summary>
+/// The QMP commands of strata daemon, with qemu-storage-daemon 7.2's argument checking, reply shapes and error
+/// classes. Commands run one at a time; events go to every negotiated session.
+/// </summary>
+public sealed class DaemonBackend : IQmpBackend
+{
+    private readonly SemaphoreSlim _serial = new(1, 1);
+    private readonly List<Func<QDict, ValueTask>> _subscribers = new();
+    private readonly Dictionary<string, (IReadOnlyList<ArgSpec> Args, string Returns, Func<JsonObject, object?> Run)> _commands = new(StringComparer.Ordinal);
+    private readonly TaskCompletionSource _quit = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    public BlockGraph Graph { get; }
+
+    public DaemonBackend(BlockGraph graph)
+    {
+        Graph = graph;
+        Register();
+    }
+
+    /// <summary>Completes when a client asked to quit (after its reply went out).</summary>
+    public Task QuitRequested => _quit.Task;
+
+    public QDict Version { get; } = new QDict()
+        .Add("qemu", new QDict().Add("major", 7).Add("minor", 2).Add("micro", 0))
+        .Add("package", $"strata {typeof(DaemonBackend).Assembly.GetName().Version?.ToString(3) ?? "0.1.0"}");
+
+    public async ValueTask<object?> ExecuteAsync(string command, JsonObject arguments, CancellationToken cancellationToken)
+    {
+        if (!_commands.TryGetValue(command, out var entry))
+            throw new QmpException("CommandNotFound", $"The command {command} has not been found");
+        await _serial.WaitAsync(cancellationToken);
+        try
+        {
+            // blockdev-add is a union on "driver": its handler checks the members itself.
+            if (!entry.Args.Any(a => a.Name == "*")) ArgSchema.Validate(arguments, entry.Args);
+            return entry.Run(arguments);
+        }
+        catch (BlockException e)
+        {
+            throw QmpException.Generic(e.Message);
+        }
+        finally
+        {
+            _serial.Release();
+        }
+    }
+
+    public IDisposable SubscribeEvents(Func<QDict, ValueTask> onEvent)
+    {
+        lock (_subscribers) _subscribers.Add(onEvent);
+        return new Unsubscriber(() => { lock (_subscribers) _subscribers.Remove(onEvent); });
+    }
+
+    private sealed class Unsubscriber(Action action) : IDisposable
+    {
+        public void Dispose() => action();
+    }
+
+    /// <summary>Sends an event to every negotiated session.</summary>
+    public void Emit(string name, QDict? data)
+    {
+        var now = DateTimeOffset.UtcNow;
+        long micros = now.ToUnixTimeMilliseconds() * 1000 + now.Ticks / 10 % 1000;
+        var e = new QDict()
+            .Add("timestamp", new QDict().Add("seconds", micros / 1_000_000).Add("microseconds", micros % 1_000_000))
+            .Add("event", name);
+        if (data is not null) e.Add("data", data);
+        Func<QDict, ValueTask>[] subscribers;
+        lock (_subscribers) subscribers = _subscribers.ToArray();
+        foreach (var s in subscribers) _ = s(e);
+    }
+
+    // ------------------------------------------------------------------ command table
+
+    private void Add(string name, ArgSpec[] args, string returns, Func<JsonObject, object?> run) => _commands[name] = (args, returns, run);
+
+    private static readonly ArgSpec Node = new("node", ArgType.Str);
+    private static readonly ArgSpec Name = new("name", ArgType.Str);
+
+    private void Register()
+    {
+        Add("qmp_capabilities", [new("enable", ArgType.Any, true)], "any", _ => new QDict());
+        Add("query-version", [], "VersionInfo", _ => Version);
+        Add("query-commands", [], "[CommandInfo]", _ => _commands.Keys.Order().Select(n => (object?)new QDict().Add("name", n)).ToList());
+        Add("query-qmp-schema", [], "[SchemaInfo]", _ => Schema());
+        Add("quit", [], "any", _ =>
+        {
+            Task.Run(async () =>
+            {
+                await Task.Delay(50); // let the reply reach the client first, as QEMU does
+                _quit.TrySetResult();
+            });
+            return new QDict();
+        });
+        Add("query-block", [], "[BlockInfo]", _ => new List<object?>()); // a storage daemon has no devices
+        Add("query-jobs", [], "[JobInfo]", _ => new List<object?>());     // no job engine yet: never any jobs
+        Add("query-named-block-nodes", [new("flat", ArgType.Bool, true)], "[BlockDeviceInfo]", a => NamedBlockNodes(ArgSchema.Bool(a, "flat")));
+        Add("blockdev-add", BlockdevAddCommon.Concat([new ArgSpec("*", ArgType.Any, true)]).ToArray(), "any", BlockdevAdd);
+        Add("blockdev-del", [new("node-name", ArgType.Str)], "any", a =>
+        {
+            Graph.Delete(ArgSchema.Str(a, "node-name"));
+            return new QDict();
+        });
+        Add("block-dirty-bitmap-add", [Node, Name, new("granularity", ArgType.UInt32, true), new("persistent", ArgType.Bool, true), new("disabled", ArgType.Bool, true)], "any", a =>
+        {
+            var set = BitmapNode(a).Image.Bitmaps;
+            long? g = ArgSchema.OptLong(a, "granularity");
+            set.Add(ArgSchema.Str(a, "name"), g, ArgSchema.Bool(a, "persistent"), ArgSchema.Bool(a, "disabled"));
+            return new QDict();
+        });
+        Add("block-dirty-bitmap-remove", [Node, Name], "any", a => BitmapOp(a, (s, n) => s.Remove(n)));
+        Add("block-dirty-bitmap-clear", [Node, Name], "any", a => BitmapOp(a, (s, n) => s.Clear(n)));
+        Add("block-dirty-bitmap-enable", [Node, Name], "any", a => BitmapOp(a, (s, n) => s.Enable(n)));
+        Add("block-dirty-bitmap-disable", [Node, Name], "any", a => BitmapOp(a, (s, n) => s.Disable(n)));
+        Add("block-dirty-bitmap-merge", [Node, new("target", ArgType.Str), new("bitmaps", ArgType.Any)], "any", BitmapMerge);
+        Add("x-debug-block-dirty-bitmap-sha256", [Node, Name], "BlockDirtyBitmapSha256", a =>
+        {
+            string node = ArgSchema.Str(a, "node");
+            var n = Graph.Find(node) ?? throw QmpException.Generic($"Node '{node}' not found");
+            var b = n.Image.Bitmaps.Get(ArgSchema.Str(a, "name"));
+            return new QDict().Add("sha256", b.Bits.Sha256());
+        });
+    }
+
+    private List<object?> Schema()
+    {
+        var list = new List<object?>();
+        foreach (var (name, entry) in _commands.OrderBy(kv => kv.Key, StringComparer.Ordinal))
+            list.AddRange(ArgSchema.SchemaEntries(name, entry.Args.Where(s => s.Name != "*").ToList(), entry.Returns));
+        foreach (var builtin in new[] { "str", "int", "bool", "any" })
+            list.Add(new QDict().Add("name", builtin).Add("meta-type", "builtin").Add("json-type", builtin switch { "str" => "string", "int" => "int", "bool" => "boolean", _ => "value" }));
+        return list;
+    }
+
+    // ------------------------------------------------------------------ bitmaps
+
+    private BlockNode BitmapNode(JsonObject a)
+    {
+        string node = ArgSchema.Str(a, "node");
+        return Graph.Find(node) ?? throw QmpException.Generic($"Cannot find device='{node}' nor node-name='{node}'");
+    }
+
+    private object? BitmapOp(JsonObject a, Action<BitmapSet, string> op)
+    {
+        op(BitmapNode(a).Image.Bitmaps, ArgSchema.Str(a, "name"));
+        return new QDict();
+    }
+
+    private object? BitmapMerge(JsonObject a)
+    {
+        var node = BitmapNode(a);
+        if (a["bitmaps"] is not JsonArray list) throw QmpException.Generic("Invalid parameter type for 'bitmaps', expected: array");
+        // QEMU 7.2 crashes on an empty list; we refuse it.
+        if (list.Count == 0) throw QmpException.Generic("Parameter 'bitmaps' must name at least one source bitmap");
+        var sources = new List<DirtyBitmap>();
+        int i = 0;
+        foreach (var item in list)
+        {
+            switch (item)
+            {
+                case JsonValue v when v.GetValueKind() == JsonValueKind.String:
+                    sources.Add(node.Image.Bitmaps.Get(v.GetValue<string>()));
+                    break;
+                case JsonObject o:
+                    ArgSchema.Validate(o, [Node, Name], $"bitmaps[{i}].");
+                    string other = ArgSchema.Str(o, "node");
+                    var otherNode = Graph.Find(other) ?? throw QmpException.Generic($"Cannot find device='{other}' nor node-name='{other}'");
+                    sources.Add(otherNode.Image.Bitmaps.Get(ArgSchema.Str(o, "name")));
+                    break;
+                default:
+                    throw QmpException.Generic($"Invalid parameter type for 'bitmaps[{i}]', expected: BlockDirtyBitmapOrStr");
+            }
+            i++;
+        }
+        node.Image.Bitmaps.Merge(ArgSchema.Str(a, "target"), sources);
+        return new QDict();
+    }
+
+    // ------------------------------------------------------------------ graph
+
+    private static readonly ArgSpec[] BlockdevAddCommon =
+    [
+        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co"]),
+        new("node-name", ArgType.Str, true),
+        new("discard", ArgType.Enum, true, ["ignore", "unmap", "off", "on"]),
+        new("cache", ArgType.Object, true),
+        new("read-only", ArgType.Bool, true),
+        new("auto-read-only", ArgType.Bool, true),
+        new("force-share", ArgType.Bool, true),
+        new("detect-zeroes", ArgType.Enum, true, ["off", "on", "unmap"]),
+    ];
+
+    private static readonly Dictionary<string, ArgSpec[]> DriverArgs = new()
+    {
+        ["file"] =
+        [
+            new("filename", ArgType.Str), new("pr-manager", ArgType.Str, true), new("locking", ArgType.Enum, true, ["auto", "on", "off"]),
+            new("aio", ArgType.Enum, true, ["threads", "native", "io_uring"]), new("aio-max-batch", ArgType.Int, true),
+            new("drop-cache", ArgType.Bool, true), new("x-check-cache-dropped", ArgType.Bool, true),
+        ],
+        ["qcow2"] =
+        [
+            new("file", ArgType.Any), new("backing", ArgType.Any, true), new("lazy-refcounts", ArgType.Bool, true),
+            new("pass-discard-request", ArgType.Bool, true), new("pass-discard-snapshot", ArgType.Bool, true),
+            new("pass-discard-other", ArgType.Bool, true), new("overlap-check", ArgType.Any, true),
+            new("cache-size", ArgType.Int, true), new("l2-cache-size", ArgType.Int, true), new("l2-cache-entry-size", ArgType.Int, true),
+            new("refcount-cache-size", ArgType.Int, true), new("cache-clean-interval", ArgType.Int, true),
+        ],
+        ["raw"] = [new("file", ArgType.Any), new("offset", ArgType.Int, true), new("size", ArgType.Int, true)],
+        ["null-co"] = [new("size", ArgType.Int, true), new("latency-ns", ArgType.UInt64, true), new("read-zeroes", ArgType.Bool, true)],
+    };
+
+    /// <summary>Validates a blockdev definition (a flat union on "driver") and turns it into a node spec.</summary>
+    public static BlockNodeSpec ParseBlockdev(JsonObject a, string prefix = "")
+    {
+        if (!a.TryGetPropertyValue("driver", out var driverNode)) throw QmpException.Generic($"Parameter '{prefix}driver' is missing");
+        ArgSchema.CheckType(prefix + "driver", driverNode, BlockdevAddCommon[0]);
+        string driver = driverNode!.GetValue<string>();
+        var specs = BlockdevAddCommon.Concat(DriverArgs[driver]).ToArray();
+        ArgSchema.Validate(a, specs, prefix);
+        if (a["cache"] is JsonObject cache) ArgSchema.Validate(cache, [new("direct", ArgType.Bool, true), new("no-flush", ArgType.Bool, true)], prefix + "cache.");
+        var spec = new BlockNodeSpec
+        {
+            Driver = driver,
+            NodeName = ArgSchema.OptStr(a, "node-name"),
+            ReadOnly = ArgSchema.Bool(a, "read-only"),
+            Filename = driver == "file" ? ArgSchema.Str(a, "filename") : null,
+            Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
+        };
+        if (driver is "qcow2" or "raw")
+        {
+            switch (a["file"])
+            {
+                case JsonValue v when v.GetValueKind() == JsonValueKind.String:
+                    spec = spec with { FileNodeName = v.GetValue<string>() };
+                    break;
+                case JsonObject o:
+                    var inline = ParseBlockdev(o, prefix + "file.");
+                    spec = spec with { FileInline = inline with { ReadOnly = inline.ReadOnly || spec.ReadOnly } };
+                    break;
+                default:
+                    throw QmpException.Generic($"Invalid parameter type for '{prefix}file', expected: BlockdevRef");
+            }
+            if (a.TryGetPropertyValue("backing", out var backing))
+            {
+                if (backing is not null)
+                    throw QmpException.Generic($"Parameter '{prefix}backing': naming a backing node is not supported; leave it out to open the image's own backing chain, or use null");
+                spec = spec with { OpenBacking = false };
+            }
+            if (driver == "raw" && (a.ContainsKey("offset") || a.ContainsKey("size")))
+                throw QmpException.Generic($"Parameter '{prefix}offset'/'size' of the raw driver are not supported");
+        }
+        return spec;
+    }
+
+    private object? BlockdevAdd(JsonObject a)
+    {
+        var spec = ParseBlockdev(a);
+        if (spec.NodeName is null) throw QmpException.Generic("A top-level node must have a node-name");
+        Graph.Add(spec);
+        return new QDict();
+    }
+
+    private List<object?> NamedBlockNodes(bool flat)
+    {
+        var list = new List<object?>();
+        foreach (var node in Graph.Nodes)
+        {
+            var image = node.Image;
+            var info = ImageInfo.Build(image, node.FileName, withBackingImage: !flat);
+            if (node.Driver == "file") info.Add("format", "file");
+            var d = new QDict()
+                .Add("file", node.FileName)
+                .Add("node-name", node.Name)
+                .Add("ro", image.ReadOnly)
+                .Add("drv", node.Driver)
+                .Add("encrypted", false)
+                .Add("detect_zeroes", "off")
+                .Add("bps", 0).Add("bps_rd", 0).Add("bps_wr", 0)
+                .Add("iops", 0).Add("iops_rd", 0).Add("iops_wr", 0)
+                .Add("image", info)
+                .Add("cache", new QDict().Add("writeback", true).Add("direct", false).Add("no-flush", false))
+                .Add("write_threshold", 0);
+            int depth = 0;
+            for (var b = image.Backing; b is not null; b = b.Backing) depth++;
+            d.Add("backing_file_depth", depth);
+            if (image.BackingFileName is { } bf) d.Add("backing_file", ImageOpener.ResolveBackingPath(node.FileName, bf));
+            var bitmaps = ImageInfo.DirtyBitmaps(image.Bitmaps);
+            if (bitmaps.Count > 0) d.Add("dirty-bitmaps", bitmaps);
+            list.Add(d);
+        }
+        return list;
+    }
+}

@@ -1,0 +1,91 @@
+using System.Runtime.InteropServices;
+using Strata.Block;
+using Strata.Block.Graph;
+using Strata.Protocol.Qmp;
+
+namespace Strata.Protocol.Daemon;
+
+/// <summary>
+/// A running strata daemon: the node graph from --blockdev, a QMP server per --monitor, the pidfile. It runs
+/// until a client sends quit or the process gets SIGTERM/SIGINT, then closes every node (persistent bitmaps are
+/// stored) and removes the pidfile.
+/// </summary>
+public sealed class DaemonHost : IAsyncDisposable
+{
+    private readonly DaemonOptions _options;
+    private readonly List<QmpServer> _servers = new();
+    private readonly TaskCompletionSource _stop = new(TaskCreationOptions.RunContinuationsAsynchronously);
+    private bool _pidFileWritten;
+
+    public BlockGraph Graph { get; } = new();
+    public DaemonBackend Backend { get; }
+
+    public DaemonHost(DaemonOptions options)
+    {
+        _options = options;
+        Backend = new DaemonBackend(Graph);
+    }
+
+    /// <summary>Opens the nodes and starts listening. Errors carry the option text, as qemu-storage-daemon's do.</summary>
+    public void Start()
+    {
+        if (_options.NbdServers.Count > 0)
+            throw new DaemonUsageException($"--nbd-server {_options.NbdServers[0]}: NBD exports are not available in this version of strata daemon yet");
+        if (_options.Exports.Count > 0)
+            throw new DaemonUsageException($"--export {_options.Exports[0]}: NBD exports are not available in this version of strata daemon yet");
+        foreach (var (text, value) in _options.Blockdevs)
+        {
+            try
+            {
+                var spec = DaemonBackend.ParseBlockdev(value);
+                if (spec.NodeName is null) throw new BlockException("A top-level node must have a node-name");
+                Graph.Add(spec);
+            }
+            catch (Exception e) when (e is QmpException or BlockException)
+            {
+                throw new DaemonUsageException($"--blockdev {text}: {e.Message}");
+            }
+        }
+        foreach (var (text, id) in _options.Monitors)
+        {
+            var c = _options.Chardevs[id];
+            try
+            {
+                var server = c.Path is not null ? QmpServer.ListenUnix(c.Path, Backend) : QmpServer.ListenTcp(c.Host!, c.Port, Backend);
+                server.Start();
+                _servers.Add(server);
+            }
+            catch (System.Net.Sockets.SocketException e)
+            {
+                throw new DaemonUsageException($"--monitor {text}: Failed to bind socket: {e.Message}");
+            }
+        }
+        if (_options.PidFile is { } pid)
+        {
+            File.WriteAllText(pid, Environment.ProcessId + "\n");
+            _pidFileWritten = true;
+        }
+    }
+
+    /// <summary>Runs until quit or a termination signal.</summary>
+    public async Task RunAsync()
+    {
+        using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop);
+        using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop);
+        using var hup = PosixSignalRegistration.Create(PosixSignal.SIGHUP, Stop);
+        await Task.WhenAny(_stop.Task, Backend.QuitRequested);
+    }
+
+    private void Stop(PosixSignalContext context)
+    {
+        context.Cancel = true;
+        _stop.TrySetResult();
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        foreach (var s in _servers) await s.DisposeAsync();
+        Graph.Dispose();
+        if (_pidFileWritten && _options.PidFile is { } pid) try { File.Delete(pid); } catch (IOException) { }
+    }
+}

@@ -1,0 +1,121 @@
+using System.Net.Sockets;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using System.Threading.Channels;
+
+namespace Strata.Protocol.Qmp;
+
+/// <summary>
+/// An async QMP client: connects, negotiates, runs commands (one reply per id) and exposes events as an async
+/// stream. Works against strata daemon, qemu-storage-daemon and QEMU alike.
+/// </summary>
+public sealed class QmpClient : IAsyncDisposable
+{
+    private readonly Socket _socket;
+    private readonly NetworkStream _stream;
+    private readonly StreamReader _reader;
+    private readonly SemaphoreSlim _commandLock = new(1, 1);
+    private readonly Channel<JsonObject> _events = Channel.CreateUnbounded<JsonObject>();
+    private readonly Dictionary<long, TaskCompletionSource<JsonObject>> _pending = new();
+    private readonly Task _readLoop;
+    private long _nextId;
+
+    public JsonObject Greeting { get; }
+
+    private QmpClient(Socket socket, JsonObject greeting, StreamReader reader, NetworkStream stream)
+    {
+        _socket = socket;
+        _stream = stream;
+        _reader = reader;
+        Greeting = greeting;
+        _readLoop = Task.Run(ReadLoopAsync);
+    }
+
+    public static async Task<QmpClient> ConnectUnixAsync(string path, CancellationToken ct = default) =>
+        await ConnectAsync(new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified), new UnixDomainSocketEndPoint(path), ct);
+
+    public static async Task<QmpClient> ConnectTcpAsync(string host, int port, CancellationToken ct = default) =>
+        await ConnectAsync(new Socket(SocketType.Stream, ProtocolType.Tcp), new System.Net.DnsEndPoint(host, port), ct);
+
+    private static async Task<QmpClient> ConnectAsync(Socket socket, System.Net.EndPoint endPoint, CancellationToken ct)
+    {
+        await socket.ConnectAsync(endPoint, ct);
+        var stream = new NetworkStream(socket, ownsSocket: false);
+        var reader = new StreamReader(stream, Encoding.UTF8);
+        string line = await reader.ReadLineAsync(ct) ?? throw new IOException("QMP server closed the connection before its greeting");
+        var greeting = JsonNode.Parse(line) as JsonObject ?? throw new IOException("QMP greeting is not an object");
+        var client = new QmpClient(socket, greeting, reader, stream);
+        await client.ExecuteAsync("qmp_capabilities", null, ct);
+        return client;
+    }
+
+    /// <summary>Events in arrival order.</summary>
+    public IAsyncEnumerable<JsonObject> Events(CancellationToken ct = default) => _events.Reader.ReadAllAsync(ct);
+
+    /// <summary>Runs a command and returns its "return" value; an error reply throws <see cref="QmpException"/>.</summary>
+    public async Task<JsonNode?> ExecuteAsync(string command, object? arguments = null, CancellationToken ct = default)
+    {
+        long id = Interlocked.Increment(ref _nextId);
+        var tcs = new TaskCompletionSource<JsonObject>(TaskCreationOptions.RunContinuationsAsynchronously);
+        lock (_pending) _pending[id] = tcs;
+        var message = new JsonObject { ["execute"] = command, ["id"] = id };
+        if (arguments is not null) message["arguments"] = arguments as JsonNode ?? JsonSerializer.SerializeToNode(arguments);
+        var bytes = Encoding.UTF8.GetBytes(message.ToJsonString() + "\n");
+        await _commandLock.WaitAsync(ct);
+        try
+        {
+            await _stream.WriteAsync(bytes, ct);
+        }
+        finally
+        {
+            _commandLock.Release();
+        }
+        var reply = await tcs.Task.WaitAsync(ct);
+        if (reply["error"] is JsonObject error)
+            throw new QmpException(error["class"]?.GetValue<string>() ?? "GenericError", error["desc"]?.GetValue<string>() ?? "");
+        return reply["return"];
+    }
+
+    private async Task ReadLoopAsync()
+    {
+        try
+        {
+            while (await _reader.ReadLineAsync() is { } line)
+            {
+                if (JsonNode.Parse(line) is not JsonObject msg) continue;
+                if (msg.ContainsKey("event"))
+                {
+                    _events.Writer.TryWrite(msg);
+                    continue;
+                }
+                if (msg["id"] is JsonValue idValue && idValue.TryGetValue<long>(out long id))
+                {
+                    TaskCompletionSource<JsonObject>? tcs;
+                    lock (_pending) _pending.Remove(id, out tcs);
+                    tcs?.TrySetResult(msg);
+                }
+            }
+        }
+        catch (Exception)
+        {
+        }
+        finally
+        {
+            _events.Writer.TryComplete();
+            lock (_pending)
+            {
+                foreach (var t in _pending.Values) t.TrySetException(new IOException("QMP connection closed"));
+                _pending.Clear();
+            }
+        }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        _socket.Shutdown(SocketShutdown.Both);
+        _socket.Dispose();
+        try { await _readLoop; } catch (Exception) { }
+        await _stream.DisposeAsync();
+    }
+}
