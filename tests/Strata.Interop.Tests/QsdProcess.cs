@@ -15,14 +15,18 @@ internal sealed class QsdProcess : IDisposable
     private readonly NetworkStream _stream;
     public string Dir { get; }
 
-    public QsdProcess(string image, string nodeName = "disk0", bool readOnly = false, string? nbdSocket = null)
+    public string QmpPath { get; }
+
+    /// <param name="connect">False leaves the QMP socket free for another client (qsd serves one at a time).</param>
+    public QsdProcess(string image, string nodeName = "disk0", bool readOnly = false, string? nbdSocket = null, bool connect = true, string? fileNodeName = null)
     {
+        fileNodeName ??= nodeName + "-file";
         Dir = Directory.CreateTempSubdirectory("strata-qsd-").FullName;
-        string qmp = Path.Combine(Dir, "qmp.sock");
+        string qmp = QmpPath = Path.Combine(Dir, "qmp.sock");
         var args = new List<string>
         {
-            "--blockdev", $"driver=file,filename={image.Replace(",", ",,")},node-name={nodeName}-file,read-only={(readOnly ? "on" : "off")}",
-            "--blockdev", $"driver=qcow2,file={nodeName}-file,node-name={nodeName},read-only={(readOnly ? "on" : "off")}",
+            "--blockdev", $"driver=file,filename={image.Replace(",", ",,")},node-name={fileNodeName},read-only={(readOnly ? "on" : "off")}",
+            "--blockdev", $"driver=qcow2,file={fileNodeName},node-name={nodeName},read-only={(readOnly ? "on" : "off")}",
             "--chardev", $"socket,id=qmp0,path={qmp},server=on,wait=off",
             "--monitor", "chardev=qmp0",
         };
@@ -51,6 +55,12 @@ internal sealed class QsdProcess : IDisposable
             Thread.Sleep(20);
         }
         _socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        if (!connect)
+        {
+            _stream = null!;
+            _reader = null!;
+            return;
+        }
         _socket.Connect(new UnixDomainSocketEndPoint(qmp));
         _stream = new NetworkStream(_socket);
         _reader = new StreamReader(_stream, Encoding.UTF8);

@@ -8,7 +8,7 @@ public enum FrameError { None, TooLarge, TooDeep }
 /// <summary>
 /// Splits a QMP byte stream into JSON texts without waiting for newlines: it tracks nesting and strings, so
 /// objects sent back to back are separated, and a value split across reads is completed by the next one.
-/// A control character other than TAB/CR/LF outside a string resets the parser (QMP's recovery rule).
+/// A control character other than TAB/CR/LF resets the parser (QMP's recovery rule).
 /// Pure: no I/O, no allocation except the returned frame.
 /// </summary>
 public sealed class QmpFramer
@@ -54,6 +54,13 @@ public sealed class QmpFramer
                 consumed = reader.Position;
                 return false;
             }
+            if (c < 0x20 && c is not ((byte)'\t' or (byte)'\r' or (byte)'\n'))
+            {
+                // Recovery (QMP's rule; JSON strings cannot hold raw control characters either): drop everything
+                // up to and including the control character and start again.
+                consumed = reader.Position;
+                return TryReadFrame(buffer.Slice(consumed), out frame, out consumed, out error);
+            }
             if (inString)
             {
                 if (escape) escape = false;
@@ -88,13 +95,6 @@ public sealed class QmpFramer
                     if (depth == 0 && scalar) return Emit(ref reader, start, buffer, out frame, out consumed, back: 1);
                     break;
                 default:
-                    if (c < 0x20)
-                    {
-                        // Recovery: drop everything up to and including the control character.
-                        consumed = reader.Position;
-                        frame = default;
-                        return TryReadFrame(buffer.Slice(consumed), out frame, out consumed, out error);
-                    }
                     if (depth == 0) scalar = true; // a bare value at top level: frame it so it gets an error reply
                     break;
             }

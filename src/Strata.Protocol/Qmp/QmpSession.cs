@@ -18,6 +18,7 @@ public sealed class QmpSession
     private readonly PipeWriter _output;
     private readonly SemaphoreSlim _writeLock = new(1, 1);
     private readonly QmpFramer _framer;
+    private static readonly UTF8Encoding StrictUtf8 = new(false, throwOnInvalidBytes: true);
     private bool _negotiated;
     private bool _oob;
 
@@ -80,7 +81,9 @@ public sealed class QmpSession
         JsonNode? node;
         try
         {
-            node = JsonNode.Parse(QmpText.Normalize(frame), documentOptions: QmpValues.ParseOptions);
+            // Decode strictly first: the JSON reader would only notice bad UTF-8 later, when a member is read.
+            string text = StrictUtf8.GetString(QmpText.Normalize(frame));
+            node = JsonNode.Parse(text, documentOptions: QmpValues.ParseOptions);
         }
         catch (Exception e) when (e is JsonException or DecoderFallbackException or ArgumentException or InvalidOperationException)
         {

@@ -1,0 +1,50 @@
+using System.Diagnostics;
+
+namespace Strata.Interop.Tests;
+
+/// <summary>`strata daemon` started as its own process with qemu-storage-daemon's command line.</summary>
+internal sealed class StrataDaemonProcess : IDisposable
+{
+    private readonly Process _process;
+    public string QmpPath { get; }
+
+    public StrataDaemonProcess(string dir, string name, IEnumerable<string> blockdevArgs, string? pidFile = null)
+    {
+        QmpPath = Path.Combine(dir, name + ".qmp");
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
+        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "strata.dll"));
+        psi.ArgumentList.Add("daemon");
+        foreach (var a in blockdevArgs) psi.ArgumentList.Add(a);
+        psi.ArgumentList.Add("--chardev");
+        psi.ArgumentList.Add($"socket,id=qmp0,path={QmpPath},server=on,wait=off");
+        psi.ArgumentList.Add("--monitor");
+        psi.ArgumentList.Add("chardev=qmp0");
+        if (pidFile is not null)
+        {
+            psi.ArgumentList.Add("--pidfile");
+            psi.ArgumentList.Add(pidFile);
+        }
+        _process = Process.Start(psi)!;
+        var sw = Stopwatch.StartNew();
+        while (!File.Exists(QmpPath))
+        {
+            if (_process.HasExited) throw new InvalidOperationException("strata daemon exited: " + _process.StandardError.ReadToEnd());
+            if (sw.ElapsedMilliseconds > 15000) throw new TimeoutException("strata daemon did not start");
+            Thread.Sleep(20);
+        }
+    }
+
+    public Process Process => _process;
+
+    public int WaitForExit(int ms = 15000)
+    {
+        Assert.True(_process.WaitForExit(ms), "daemon did not exit");
+        return _process.ExitCode;
+    }
+
+    public void Dispose()
+    {
+        if (!_process.HasExited) _process.Kill();
+        _process.Dispose();
+    }
+}
