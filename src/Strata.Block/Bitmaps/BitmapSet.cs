@@ -178,6 +178,25 @@ public sealed class BitmapSet
         }
     }
 
+    /// <summary>Marks a bitmap of any node busy (exports may name bitmaps on other nodes).</summary>
+    public void SetBusyAnywhere(DirtyBitmap bitmap, bool busy) => SetBusy(bitmap, busy);
+
+    /// <summary>Marks a bitmap in use by an export or a job (or releases it).</summary>
+    public void SetBusy(DirtyBitmap bitmap, bool busy)
+    {
+        lock (_lock)
+        {
+            if (busy)
+            {
+                if (bitmap.Busy || bitmap.Successor is not null)
+                    throw new BitmapException($"Bitmap '{bitmap.Name}' is currently in use by another operation and cannot be used");
+                if (bitmap.Inconsistent)
+                    throw new BitmapException($"Bitmap '{bitmap.Name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk");
+            }
+            bitmap.Busy = busy;
+        }
+    }
+
     /// <summary>Freezes a bitmap for a job: an empty successor takes over recording (QEMU's create_successor).</summary>
     public DirtyBitmap CreateSuccessor(DirtyBitmap parent)
     {

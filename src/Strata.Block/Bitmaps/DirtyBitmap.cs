@@ -31,7 +31,7 @@ public sealed class DirtyBitmap
     /// <summary>Writes set bits (QEMU: not disabled).</summary>
     public bool Enabled { get; internal set; }
     /// <summary>In use by a job, an export or a migration: nearly every operation is refused.</summary>
-    public bool Busy { get; internal set; }
+    public bool Busy { get; set; }
     public bool Persistent { get; internal set; }
     /// <summary>Loaded from an image with in_use set: its bits cannot be trusted; only remove works.</summary>
     public bool Inconsistent { get; internal set; }

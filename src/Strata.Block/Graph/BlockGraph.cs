@@ -161,6 +161,17 @@ public sealed class BlockGraph : IDisposable
             throw new BlockException("Invalid node-name: '" + name + "'");
     }
 
+    /// <summary>An export or a job starts using the node: blockdev-del refuses it meanwhile.</summary>
+    public void AddUser(BlockNode node)
+    {
+        lock (_lock) node.Users++;
+    }
+
+    public void RemoveUser(BlockNode node)
+    {
+        lock (_lock) node.Users--;
+    }
+
     /// <summary>blockdev-del: the node must have no users; its persistent bitmaps are stored as it closes.</summary>
     public void Delete(string name)
     {

@@ -4,6 +4,7 @@ using Strata.Block;
 using Strata.Block.Bitmaps;
 using Strata.Block.Graph;
 using Strata.Formats.Json;
+using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
 
 namespace Strata.Protocol.Daemon;
@@ -123,6 +124,44 @@ public sealed class DaemonBackend : IQmpBackend
         Add("block-dirty-bitmap-enable", [Node, Name], "any", a => BitmapOp(a, (s, n) => s.Enable(n)));
         Add("block-dirty-bitmap-disable", [Node, Name], "any", a => BitmapOp(a, (s, n) => s.Disable(n)));
         Add("block-dirty-bitmap-merge", [Node, new("target", ArgType.Str), new("bitmaps", ArgType.Any)], "any", BitmapMerge);
+        Add("nbd-server-start", [new("addr", ArgType.Object), new("tls-creds", ArgType.Str, true), new("tls-authz", ArgType.Str, true), new("max-connections", ArgType.UInt32, true)], "any", a =>
+        {
+            StartNbdServer((JsonObject)a["addr"]!, legacy: true, ArgSchema.OptLong(a, "max-connections"), a.ContainsKey("tls-creds"));
+            return new QDict();
+        });
+        Add("nbd-server-stop", [], "any", _ =>
+        {
+            StopNbdServer();
+            return new QDict();
+        });
+        Add("block-export-add", ExportArgs, "any", a =>
+        {
+            AddExport(a);
+            return new QDict();
+        });
+        Add("block-export-del", [new("id", ArgType.Str), new("mode", ArgType.Enum, true, ["safe", "hard"])], "any", a =>
+        {
+            DeleteExport(ArgSchema.Str(a, "id"), ArgSchema.OptStr(a, "mode") == "hard");
+            return new QDict();
+        });
+        Add("query-block-exports", [], "[BlockExportInfo]", _ => _exports.Values.Select(e => (object?)new QDict()
+            .Add("id", e.Export.Id).Add("type", "nbd").Add("node-name", e.Node.Name).Add("shutting-down", e.Export.ShuttingDown)).ToList());
+        Add("nbd-server-add", [new("device", ArgType.Str), new("name", ArgType.Str, true), new("description", ArgType.Str, true), new("writable", ArgType.Bool, true), new("bitmap", ArgType.Str, true)], "any", a =>
+        {
+            var args = new JsonObject { ["type"] = "nbd", ["id"] = ArgSchema.OptStr(a, "name") ?? ArgSchema.Str(a, "device"), ["node-name"] = ArgSchema.Str(a, "device") };
+            foreach (var key in new[] { "name", "description", "writable" }) if (a[key] is { } v) args[key] = v.DeepClone();
+            if (ArgSchema.OptStr(a, "bitmap") is { } bm) args["bitmaps"] = new JsonArray(bm);
+            AddExport(args);
+            return new QDict();
+        });
+        Add("nbd-server-remove", [new("name", ArgType.Str), new("mode", ArgType.Enum, true, ["safe", "hard"])], "any", a =>
+        {
+            string name = ArgSchema.Str(a, "name");
+            var match = _exports.Values.Where(e => e.Export.Name == name).ToList();
+            if (match.Count == 0) throw QmpException.Generic($"Export '{name}' is not found");
+            DeleteExport(match[0].Export.Id, ArgSchema.OptStr(a, "mode") == "hard");
+            return new QDict();
+        });
         Add("x-debug-block-dirty-bitmap-sha256", [Node, Name], "BlockDirtyBitmapSha256", a =>
         {
             string node = ArgSchema.Str(a, "node");
@@ -184,6 +223,154 @@ public sealed class DaemonBackend : IQmpBackend
         }
         node.Image.Bitmaps.Merge(ArgSchema.Str(a, "target"), sources);
         return new QDict();
+    }
+
+    // ------------------------------------------------------------------ NBD
+
+    private NbdServer? _nbd;
+    private readonly Dictionary<string, (NbdExport Export, BlockNode Node)> _exports = new(StringComparer.Ordinal);
+
+    public NbdServer? NbdServer => _nbd;
+
+    private static readonly ArgSpec[] ExportArgs =
+    [
+        new("type", ArgType.Enum, false, ["nbd", "fuse", "vhost-user-blk", "vduse-blk"]), new("id", ArgType.Str), new("node-name", ArgType.Str),
+        new("writable", ArgType.Bool, true), new("writethrough", ArgType.Bool, true), new("iothread", ArgType.Str, true),
+        new("fixed-iothread", ArgType.Bool, true), new("name", ArgType.Str, true), new("description", ArgType.Str, true),
+        new("bitmaps", ArgType.Any, true), new("allocation-depth", ArgType.Bool, true),
+    ];
+
+    /// <summary>Starts the NBD server. <paramref name="legacy"/>: QMP's {type, data:{…}} address; otherwise the
+    /// command line's flat {type, path | host, port}.</summary>
+    public void StartNbdServer(JsonObject addr, bool legacy, long? maxConnections, bool tls = false)
+    {
+        if (_nbd is not null) throw QmpException.Generic("NBD server already running");
+        if (tls) throw QmpException.Generic("TLS is not supported by strata daemon");
+        if (addr["type"] is not JsonValue tv || tv.GetValueKind() != JsonValueKind.String) throw QmpException.Generic("Parameter 'addr.type' is missing");
+        string type = tv.GetValue<string>();
+        var data = legacy ? addr["data"] as JsonObject ?? throw QmpException.Generic("Parameter 'addr.data' is missing") : addr;
+        int max = (int)(maxConnections ?? 100);
+        try
+        {
+            _nbd = type switch
+            {
+                "unix" => NbdServer.ListenUnix(data["path"]?.ToString() ?? throw QmpException.Generic("Parameter 'addr.path' is missing"), max),
+                "inet" => NbdServer.ListenTcp(data["host"]?.ToString() ?? "localhost",
+                    int.Parse(data["port"]?.ToString() ?? throw QmpException.Generic("Parameter 'addr.port' is missing"), System.Globalization.CultureInfo.InvariantCulture), max),
+                _ => throw QmpException.Generic($"Parameter 'addr.type' does not accept value '{type}'"),
+            };
+        }
+        catch (System.Net.Sockets.SocketException e)
+        {
+            throw QmpException.Generic($"Failed to bind socket: {e.Message}");
+        }
+        catch (FormatException)
+        {
+            throw QmpException.Generic("Parameter 'addr.port' expects a port number");
+        }
+        _nbd.Start();
+    }
+
+    private void StopNbdServer()
+    {
+        if (_nbd is null) throw QmpException.Generic("NBD server not running");
+        foreach (var id in _exports.Keys.ToList()) DeleteExport(id, hard: true);
+        _nbd.DisposeAsync().AsTask().Wait();
+        _nbd = null;
+    }
+
+    /// <summary>block-export-add (also --export on the command line).</summary>
+    public void AddExport(JsonObject a)
+    {
+        ArgSchema.Validate(a, ExportArgs);
+        if (ArgSchema.Str(a, "type") != "nbd") throw QmpException.Generic($"Export type '{ArgSchema.Str(a, "type")}' is not supported");
+        if (_nbd is null) throw QmpException.Generic("NBD server not running");
+        string id = ArgSchema.Str(a, "id");
+        if (_exports.ContainsKey(id)) throw QmpException.Generic($"Block export id '{id}' is already in use");
+        string nodeName = ArgSchema.Str(a, "node-name");
+        var node = Graph.Find(nodeName) ?? throw QmpException.Generic($"Cannot find device='{nodeName}' nor node-name='{nodeName}'");
+        string name = ArgSchema.OptStr(a, "name") ?? nodeName;
+        if (name.Length > 4096) throw QmpException.Generic($"export name '{name[..32]}...' too long");
+        if (_nbd.Find(name) is not null) throw QmpException.Generic($"NBD server already has export named '{name}'");
+        string? description = ArgSchema.OptStr(a, "description");
+        if (description is { Length: > 4096 }) throw QmpException.Generic("description too long");
+        bool writable = ArgSchema.Bool(a, "writable");
+        if (writable && node.Image.ReadOnly) throw QmpException.Generic($"Cannot export read-only node '{nodeName}' as writable");
+        var bitmaps = new List<DirtyBitmap>();
+        if (a["bitmaps"] is { } list)
+        {
+            if (list is not JsonArray array) throw QmpException.Generic("Invalid parameter type for 'bitmaps', expected: array");
+            int i = 0;
+            foreach (var item in array)
+            {
+                DirtyBitmap b;
+                if (item is JsonValue v && v.GetValueKind() == JsonValueKind.String)
+                {
+                    // A plain name is looked up on the node and down its backing chain.
+                    string bn = v.GetValue<string>();
+                    DirtyBitmap? found = null;
+                    for (var img = node.Image; img is not null && found is null; img = img.Backing) found = img.Bitmaps.Find(bn);
+                    b = found ?? throw QmpException.Generic($"Bitmap '{bn}' is not found");
+                }
+                else if (item is JsonObject o)
+                {
+                    ArgSchema.Validate(o, [Node, Name], $"bitmaps[{i}].");
+                    string on = ArgSchema.Str(o, "node");
+                    var other = Graph.Find(on) ?? throw QmpException.Generic($"Cannot find device='{on}' nor node-name='{on}'");
+                    b = other.Image.Bitmaps.Find(ArgSchema.Str(o, "name")) ?? throw QmpException.Generic($"Bitmap '{ArgSchema.Str(o, "name")}' is not found");
+                }
+                else throw QmpException.Generic($"Invalid parameter type for 'bitmaps[{i}]', expected: BlockDirtyBitmapOrStr");
+                if (!writable && b.Enabled) throw QmpException.Generic($"Enabled bitmap '{b.Name}' incompatible with readonly export");
+                if (bitmaps.Any(x => x.Name == b.Name)) throw QmpException.Generic($"Bitmap '{b.Name}' is listed twice");
+                bitmaps.Add(b);
+                i++;
+            }
+        }
+        var busy = new List<DirtyBitmap>();
+        try
+        {
+            foreach (var b in bitmaps)
+            {
+                node.Image.Bitmaps.SetBusyAnywhere(b, true);
+                busy.Add(b);
+            }
+        }
+        catch (BitmapException)
+        {
+            foreach (var b in busy) b.Busy = false;
+            throw;
+        }
+        var export = new NbdExport(id, name, description, node.Image, writable, bitmaps, ArgSchema.Bool(a, "allocation-depth"));
+        _nbd.AddExport(export);
+        Graph.AddUser(node);
+        _exports[id] = (export, node);
+    }
+
+    private void DeleteExport(string id, bool hard)
+    {
+        if (!_exports.TryGetValue(id, out var entry)) throw QmpException.Generic($"Export '{id}' is not found");
+        if (!hard && entry.Export.Connections > 0) throw QmpException.Generic($"export '{id}' still in use");
+        entry.Export.ShuttingDown = true;
+        _nbd!.RemoveExport(entry.Export);
+        if (hard) _nbd.Disconnect();
+        foreach (var b in entry.Export.Bitmaps) b.Busy = false;
+        Graph.RemoveUser(entry.Node);
+        _exports.Remove(id);
+        Emit("BLOCK_EXPORT_DELETED", new QDict().Add("id", id));
+    }
+
+    /// <summary>Closes the NBD server (daemon shutdown).</summary>
+    public async ValueTask StopAsync()
+    {
+        if (_nbd is null) return;
+        foreach (var (export, node) in _exports.Values)
+        {
+            foreach (var b in export.Bitmaps) b.Busy = false;
+            Graph.RemoveUser(node);
+        }
+        _exports.Clear();
+        await _nbd.DisposeAsync();
+        _nbd = null;
     }
 
     // ------------------------------------------------------------------ graph

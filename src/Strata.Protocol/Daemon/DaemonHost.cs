@@ -1,4 +1,5 @@
 using System.Runtime.InteropServices;
+using System.Text.Json.Nodes;
 using Strata.Block;
 using Strata.Block.Graph;
 using Strata.Protocol.Qmp;
@@ -29,10 +30,6 @@ public sealed class DaemonHost : IAsyncDisposable
     /// <summary>Opens the nodes and starts listening. Errors carry the option text, as qemu-storage-daemon's do.</summary>
     public void Start()
     {
-        if (_options.NbdServers.Count > 0)
-            throw new DaemonUsageException($"--nbd-server {_options.NbdServers[0]}: NBD exports are not available in this version of strata daemon yet");
-        if (_options.Exports.Count > 0)
-            throw new DaemonUsageException($"--export {_options.Exports[0]}: NBD exports are not available in this version of strata daemon yet");
         foreach (var (text, value) in _options.Blockdevs)
         {
             try
@@ -44,6 +41,30 @@ public sealed class DaemonHost : IAsyncDisposable
             catch (Exception e) when (e is QmpException or BlockException)
             {
                 throw new DaemonUsageException($"--blockdev {text}: {e.Message}");
+            }
+        }
+        foreach (var text in _options.NbdServers)
+        {
+            try
+            {
+                var v = DaemonCommandLine.ParseValue(text, "addr", $"--nbd-server {text}");
+                if (v["addr"] is not JsonObject addr) throw QmpException.Generic("Parameter 'addr' is missing");
+                Backend.StartNbdServer(addr, legacy: false, v["max-connections"] is JsonValue m ? m.GetValue<long>() : null, v.ContainsKey("tls-creds"));
+            }
+            catch (QmpException e)
+            {
+                throw new DaemonUsageException($"--nbd-server {text}: {e.Message}");
+            }
+        }
+        foreach (var text in _options.Exports)
+        {
+            try
+            {
+                Backend.AddExport(DaemonCommandLine.ParseValue(text, "type", $"--export {text}"));
+            }
+            catch (Exception e) when (e is QmpException or BlockException)
+            {
+                throw new DaemonUsageException($"--export {text}: {e.Message}");
             }
         }
         foreach (var (text, id) in _options.Monitors)
@@ -85,6 +106,7 @@ public sealed class DaemonHost : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         foreach (var s in _servers) await s.DisposeAsync();
+        await Backend.StopAsync();
         Graph.Dispose();
         if (_pidFileWritten && _options.PidFile is { } pid) try { File.Delete(pid); } catch (IOException) { }
     }

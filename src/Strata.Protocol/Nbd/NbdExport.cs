@@ -1,0 +1,56 @@
+using Strata.Block;
+using Strata.Block.Bitmaps;
+
+namespace Strata.Protocol.Nbd;
+
+/// <summary>One NBD export: a block image, how it may be used, and the bitmaps it offers as meta contexts.</summary>
+public sealed class NbdExport
+{
+    public NbdExport(string id, string name, string? description, BlockImage image, bool writable, IReadOnlyList<DirtyBitmap> bitmaps, bool allocationDepth)
+    {
+        Id = id;
+        Name = name;
+        Description = description;
+        Image = image;
+        Writable = writable;
+        Bitmaps = bitmaps;
+        AllocationDepth = allocationDepth;
+    }
+
+    public string Id { get; }
+    public string Name { get; }
+    public string? Description { get; }
+    public BlockImage Image { get; }
+    public bool Writable { get; }
+    public IReadOnlyList<DirtyBitmap> Bitmaps { get; }
+    public bool AllocationDepth { get; }
+
+    /// <summary>Connections currently open on this export.</summary>
+    public int Connections;
+
+    /// <summary>Set when the export is being removed: new connections are refused.</summary>
+    public volatile bool ShuttingDown;
+
+    public const string BaseAllocation = "base:allocation";
+    public const string AllocationDepthContext = "qemu:allocation-depth";
+    public const string DirtyBitmapPrefix = "qemu:dirty-bitmap:";
+
+    /// <summary>Every meta context with QEMU's fixed ids: base:allocation 0, allocation-depth 1, bitmaps from 2.</summary>
+    public IEnumerable<(uint Id, string Name)> Contexts()
+    {
+        yield return (0, BaseAllocation);
+        if (AllocationDepth) yield return (1, AllocationDepthContext);
+        for (int i = 0; i < Bitmaps.Count; i++) yield return ((uint)(2 + i), DirtyBitmapPrefix + Bitmaps[i].Name);
+    }
+
+    /// <summary>Contexts a query names: exact names, or (when listing) the namespace wildcards "base:", "qemu:",
+    /// "qemu:dirty-bitmap:".</summary>
+    public IEnumerable<(uint Id, string Name)> Match(string query, bool listing)
+    {
+        foreach (var c in Contexts())
+        {
+            if (c.Name == query) yield return c;
+            else if (listing && query.EndsWith(':') && c.Name.StartsWith(query, StringComparison.Ordinal)) yield return c;
+        }
+    }
+}
