@@ -24,6 +24,10 @@ public sealed class BlockNode
     public string FileName { get; }
     /// <summary>Created implicitly (an inline child definition); deleted with its parent.</summary>
     public bool AutoNamed { get; }
+    /// <summary>discard=unmap: guest discards reach the image. Otherwise (QEMU's default, discard=ignore) they
+    /// succeed without doing anything, and zero writes keep their allocation.</summary>
+    public bool DiscardUnmap { get; init; }
+
     /// <summary>Users of this node: parents in the graph, exports, jobs.</summary>
     public int Users { get; internal set; }
 }
@@ -41,6 +45,8 @@ public sealed record BlockNodeSpec
     public BlockNodeSpec? FileInline { get; init; }
     /// <summary>qcow2: false for "backing": null (do not open the backing chain).</summary>
     public bool OpenBacking { get; init; } = true;
+    /// <summary>The "discard" option: true for unmap/on.</summary>
+    public bool DiscardUnmap { get; init; }
     /// <summary>null-co: the size.</summary>
     public long Size { get; init; } = 1L << 30;
 }
@@ -149,6 +155,7 @@ public sealed class BlockGraph : IDisposable
             default:
                 throw new BlockException($"Unknown driver '{spec.Driver}'");
         }
+        node = new BlockNode(node.Name, node.Driver, node.Image, node.FileChild, node.FileName, node.AutoNamed) { DiscardUnmap = spec.DiscardUnmap };
         _nodes[name] = node;
         _order.Add(name);
         return node;

@@ -340,7 +340,7 @@ public sealed class DaemonBackend : IQmpBackend
             foreach (var b in busy) b.Busy = false;
             throw;
         }
-        var export = new NbdExport(id, name, description, node.Image, writable, bitmaps, ArgSchema.Bool(a, "allocation-depth"));
+        var export = new NbdExport(id, name, description, node.Image, writable, bitmaps, ArgSchema.Bool(a, "allocation-depth")) { DiscardUnmap = node.DiscardUnmap };
         _nbd.AddExport(export);
         Graph.AddUser(node);
         _exports[id] = (export, node);
@@ -421,6 +421,7 @@ public sealed class DaemonBackend : IQmpBackend
             Driver = driver,
             NodeName = ArgSchema.OptStr(a, "node-name"),
             ReadOnly = ArgSchema.Bool(a, "read-only"),
+            DiscardUnmap = ArgSchema.OptStr(a, "discard") is "unmap" or "on",
             Filename = driver == "file" ? ArgSchema.Str(a, "filename") : null,
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
         };

@@ -24,6 +24,8 @@ public sealed class NbdExport
     public bool Writable { get; }
     public IReadOnlyList<DirtyBitmap> Bitmaps { get; }
     public bool AllocationDepth { get; }
+    /// <summary>The node's discard=unmap: without it TRIM does nothing and zero writes keep their allocation.</summary>
+    public bool DiscardUnmap { get; init; }
 
     /// <summary>Connections currently open on this export.</summary>
     public int Connections;

@@ -452,11 +452,11 @@ public sealed class NbdServerSession
                     if ((req.Flags & NbdCommandFlags.Fua) != 0) image.Flush();
                     break;
                 case NbdCommand.WriteZeroes:
-                    image.WriteZeroes(offset, length, mayUnmap: (req.Flags & NbdCommandFlags.NoHole) == 0);
+                    image.WriteZeroes(offset, length, mayUnmap: export.DiscardUnmap && (req.Flags & NbdCommandFlags.NoHole) == 0);
                     if ((req.Flags & NbdCommandFlags.Fua) != 0) image.Flush();
                     break;
                 case NbdCommand.Trim:
-                    image.Discard(offset, length);
+                    if (export.DiscardUnmap) image.Discard(offset, length);
                     if ((req.Flags & NbdCommandFlags.Fua) != 0) image.Flush();
                     break;
                 case NbdCommand.Flush:
