@@ -281,6 +281,35 @@ public class NbdTests : IDisposable
         }
     }
 
+    [Fact]
+    public async Task AnNbdNodeSitsOnAnotherDaemonsExport()
+    {
+        string img = BaseImage("remote.qcow2");
+        using var a = StartStrata(img, "a", "writable=on");
+        var graph = new Strata.Block.Graph.BlockGraph();
+        var b = new Strata.Protocol.Daemon.DaemonBackend(graph);
+        await b.ExecuteAsync("blockdev-add", (JsonObject)JsonNode.Parse(
+            $$"""{"driver":"nbd","node-name":"remote","server":{"type":"unix","path":"{{P("a.nbd")}}"},"export":"exp0"}""")!, default);
+        await b.ExecuteAsync("block-dirty-bitmap-add", (JsonObject)JsonNode.Parse("""{"node":"remote","name":"local"}""")!, default);
+        var node = graph.Find("remote")!;
+        Assert.Equal(64 << 20, node.Image.Size);
+        var buf = new byte[1 << 20];
+        node.Image.Read(2 << 20, buf);
+        Assert.All(buf, x => Assert.Equal(0x11, x));
+        node.Image.Write(7 << 20, Enumerable.Repeat((byte)0x66, 65536).ToArray());
+        node.Image.Flush();
+        Assert.Equal(Strata.Block.LayerState.Zero, node.Image.GetLayerStatus(30 << 20, 1 << 20).State);
+        Assert.Equal(65536, node.Image.Bitmaps.Get("local").CountBytes); // writes through the node mark its bitmaps
+        var infos = (JsonArray)Strata.Protocol.Qmp.QmpValues.ToNode(await b.ExecuteAsync("query-named-block-nodes", new JsonObject(), default))!;
+        Assert.Equal("nbd", infos[0]!["drv"]!.GetValue<string>());
+        graph.Dispose();
+        await using var qmp = await QmpClient.ConnectUnixAsync(a.QmpPath);
+        await qmp.ExecuteAsync("quit");
+        Assert.Equal(0, a.WaitForExit());
+        var check = Tools.Run("qemu-io", "-c", "read -P 0x66 7M 64k", img);
+        Assert.True(check.Exit == 0 && !check.Stdout.Contains("fail", StringComparison.OrdinalIgnoreCase), check.Stdout + check.Stderr);
+    }
+
     private static async Task RawSession(string sock, Func<NetworkStream, Task> body)
     {
         using var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);

@@ -47,6 +47,11 @@ public sealed record BlockNodeSpec
     public bool OpenBacking { get; init; } = true;
     /// <summary>The "discard" option: true for unmap/on.</summary>
     public bool DiscardUnmap { get; init; }
+    /// <summary>nbd: where the export lives (a unix socket path, or host and port) and its name.</summary>
+    public string? NbdSocketPath { get; init; }
+    public string? NbdHost { get; init; }
+    public int NbdPort { get; init; }
+    public string NbdExport { get; init; } = "";
     /// <summary>null-co: the size.</summary>
     public long Size { get; init; } = 1L << 30;
 }
@@ -61,6 +66,9 @@ public sealed class BlockGraph : IDisposable
     private readonly Dictionary<string, BlockNode> _nodes = new(StringComparer.Ordinal);
     private readonly List<string> _order = new();
     private int _autoNames;
+
+    /// <summary>Drivers that live outside the block layer (nbd, in the protocol library), by name.</summary>
+    public Dictionary<string, Func<BlockNodeSpec, BlockImage>> ExternalDrivers { get; } = new(StringComparer.Ordinal);
 
     public IReadOnlyList<BlockNode> Nodes
     {
@@ -153,7 +161,10 @@ public sealed class BlockGraph : IDisposable
                 break;
             }
             default:
-                throw new BlockException($"Unknown driver '{spec.Driver}'");
+                if (!ExternalDrivers.TryGetValue(spec.Driver, out var open)) throw new BlockException($"Unknown driver '{spec.Driver}'");
+                var external = open(spec);
+                node = new BlockNode(name, spec.Driver, external, null, external.FileName, autoNamed);
+                break;
         }
         node = new BlockNode(node.Name, node.Driver, node.Image, node.FileChild, node.FileName, node.AutoNamed) { DiscardUnmap = spec.DiscardUnmap };
         _nodes[name] = node;

@@ -25,6 +25,7 @@ public sealed class DaemonBackend : IQmpBackend
     public DaemonBackend(BlockGraph graph)
     {
         Graph = graph;
+        Graph.ExternalDrivers["nbd"] = spec => NbdImage.Connect(spec.NbdSocketPath, spec.NbdHost, spec.NbdPort, spec.NbdExport, spec.ReadOnly);
         Register();
     }
 
@@ -377,7 +378,7 @@ public sealed class DaemonBackend : IQmpBackend
 
     private static readonly ArgSpec[] BlockdevAddCommon =
     [
-        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co"]),
+        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co", "nbd"]),
         new("node-name", ArgType.Str, true),
         new("discard", ArgType.Enum, true, ["ignore", "unmap", "off", "on"]),
         new("cache", ArgType.Object, true),
@@ -405,6 +406,11 @@ public sealed class DaemonBackend : IQmpBackend
         ],
         ["raw"] = [new("file", ArgType.Any), new("offset", ArgType.Int, true), new("size", ArgType.Int, true)],
         ["null-co"] = [new("size", ArgType.Int, true), new("latency-ns", ArgType.UInt64, true), new("read-zeroes", ArgType.Bool, true)],
+        ["nbd"] =
+        [
+            new("server", ArgType.Object), new("export", ArgType.Str, true), new("tls-creds", ArgType.Str, true), new("tls-hostname", ArgType.Str, true),
+            new("x-dirty-bitmap", ArgType.Str, true), new("reconnect-delay", ArgType.UInt32, true), new("open-timeout", ArgType.UInt32, true),
+        ],
     };
 
     /// <summary>Validates a blockdev definition (a flat union on "driver") and turns it into a node spec.</summary>
@@ -425,6 +431,24 @@ public sealed class DaemonBackend : IQmpBackend
             Filename = driver == "file" ? ArgSchema.Str(a, "filename") : null,
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
         };
+        if (driver == "nbd")
+        {
+            var server = (JsonObject)a["server"]!;
+            string type = server["type"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.type' is missing");
+            if (a.ContainsKey("tls-creds")) throw QmpException.Generic("TLS is not supported by strata daemon");
+            if (a.ContainsKey("x-dirty-bitmap")) throw QmpException.Generic($"Parameter '{prefix}x-dirty-bitmap' is not supported");
+            spec = type switch
+            {
+                "unix" => spec with { NbdSocketPath = server["path"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.path' is missing") },
+                "inet" => spec with
+                {
+                    NbdHost = server["host"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.host' is missing"),
+                    NbdPort = int.TryParse(server["port"]?.ToString(), out int port) ? port : throw QmpException.Generic($"Parameter '{prefix}server.port' is missing or invalid"),
+                },
+                _ => throw QmpException.Generic($"Parameter '{prefix}server.type' does not accept value '{type}'"),
+            };
+            spec = spec with { NbdExport = ArgSchema.OptStr(a, "export") ?? "" };
+        }
         if (driver is "qcow2" or "raw")
         {
             switch (a["file"])
