@@ -28,7 +28,7 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
         if (File.Exists(path)) File.Delete(path);
         var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         s.Bind(new UnixDomainSocketEndPoint(path));
-        s.Listen(64);
+        s.Listen(512);
         return new NbdServer(s, path, maxConnections);
     }
 
@@ -38,7 +38,7 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
         var s = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         s.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
         s.Bind(new IPEndPoint(address, port));
-        s.Listen(64);
+        s.Listen(512);
         return new NbdServer(s, null, maxConnections);
     }
 
