@@ -156,11 +156,8 @@ public sealed class BitmapSet
                 if (s.DiskSize != t.DiskSize)
                     throw new BitmapException($"Bitmaps are of different sizes (destination size is {t.DiskSize}, source size is {s.DiskSize}) and can't be merged");
             }
-            // Build the result aside so a failure half way leaves the target as it was.
-            var result = new DirtyBitmap(t.Name, t.Granularity, t.DiskSize, t.Enabled);
-            result.Bits.Merge(t.Bits);
-            foreach (var s in sources) result.MergeFrom(s);
-            t.Bits.Merge(result.Bits);
+            // Every check is done: merging cannot fail from here on, so the target is changed in place.
+            foreach (var s in sources) t.MergeFrom(s);
             Changed?.Invoke();
         }
     }

@@ -290,15 +290,22 @@ public sealed class HierarchicalBitmap
         {
             long firstWord = offset >> 3;
             long lastWord = Math.Min(_words, (offset + dest.Length + 7) >> 3);
-            Span<byte> tmp = stackalloc byte[8];
             for (long word = NextNonZeroWord(firstWord); word >= 0 && word < lastWord; word = NextNonZeroWord(word + 1))
             {
-                System.Buffers.Binary.BinaryPrimitives.WriteUInt64LittleEndian(tmp, Word(word));
-                for (int k = 0; k < 8; k++)
+                // Copy the run of words in this page at once (little-endian words are the serialised bytes).
+                var page = _level0.Page(word >> PageWordsBits)!;
+                int start = (int)(word & (PageWords - 1));
+                int end = (int)Math.Min(PageWords, lastWord - (word - start));
+                var bytes = System.Runtime.InteropServices.MemoryMarshal.AsBytes(page.AsSpan(start, end - start));
+                long at = word * 8 - offset;
+                int skip = at < 0 ? (int)-at : 0;
+                int take = (int)Math.Min(bytes.Length - skip, dest.Length - Math.Max(at, 0));
+                if (take > 0)
                 {
-                    long at = word * 8 + k - offset;
-                    if (at >= 0 && at < dest.Length) dest[(int)at] = tmp[k];
+                    if (!BitConverter.IsLittleEndian) throw new PlatformNotSupportedException("big-endian hosts");
+                    bytes.Slice(skip, take).CopyTo(dest[(int)Math.Max(at, 0)..]);
                 }
+                word += end - start - 1;
             }
         }
     }
