@@ -57,6 +57,11 @@ public sealed class DaemonBackend : IQmpBackend
         }
     }
 
+    public void ReplySent(string command)
+    {
+        if (command == "quit") _quit.TrySetResult();
+    }
+
     public IDisposable SubscribeEvents(Func<QDict, ValueTask> onEvent)
     {
         lock (_subscribers) _subscribers.Add(onEvent);
@@ -95,15 +100,7 @@ public sealed class DaemonBackend : IQmpBackend
         Add("query-version", [], "VersionInfo", _ => Version);
         Add("query-commands", [], "[CommandInfo]", _ => _commands.Keys.Order().Select(n => (object?)new QDict().Add("name", n)).ToList());
         Add("query-qmp-schema", [], "[SchemaInfo]", _ => Schema());
-        Add("quit", [], "any", _ =>
-        {
-            Task.Run(async () =>
-            {
-                await Task.Delay(50); // let the reply reach the client first, as QEMU does
-                _quit.TrySetResult();
-            });
-            return new QDict();
-        });
+        Add("quit", [], "any", _ => new QDict()); // the daemon stops once the reply is out (ReplySent)
         Add("query-block", [], "[BlockInfo]", _ => new List<object?>()); // a storage daemon has no devices
         Add("query-jobs", [], "[JobInfo]", _ => new List<object?>());     // no job engine yet: never any jobs
         Add("query-named-block-nodes", [new("flat", ArgType.Bool, true)], "[BlockDeviceInfo]", a => NamedBlockNodes(ArgSchema.Bool(a, "flat")));

@@ -13,6 +13,9 @@ public interface IQmpBackend
     /// time, like QEMU's main loop, whichever session sent them.</summary>
     ValueTask<object?> ExecuteAsync(string command, JsonObject arguments, CancellationToken cancellationToken);
 
+    /// <summary>Called once the reply to <paramref name="command"/> has been written (quit exits only then).</summary>
+    void ReplySent(string command) { }
+
     /// <summary>Subscribes to events (each a complete {"event","data","timestamp"} dict).</summary>
     IDisposable SubscribeEvents(Func<QDict, ValueTask> onEvent);
 }

@@ -174,6 +174,7 @@ public sealed class QmpSession
             return;
         }
         await WriteReplyAsync(id, result ?? new QDict(), ct, hasId);
+        _backend.ReplySent(command);
     }
 
     private static bool Capabilities(JsonObject arguments)
