@@ -113,7 +113,8 @@ public sealed class QmpClient : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
-        _socket.Shutdown(SocketShutdown.Both);
+        // The server may already be gone (after quit): closing is best effort.
+        try { _socket.Shutdown(SocketShutdown.Both); } catch (SocketException) { }
         _socket.Dispose();
         try { await _readLoop; } catch (Exception) { }
         await _stream.DisposeAsync();
