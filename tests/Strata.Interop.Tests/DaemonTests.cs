@@ -181,6 +181,32 @@ public class DaemonTests : IDisposable
         Assert.Equal(0, Tools.Run("qemu-img", "check", s).Exit);
     }
 
+    [Fact]
+    public async Task DaemonizeReturnsOnceTheDaemonServes()
+    {
+        string qmp = P("dz.qmp"), pid = P("dz.pid");
+        var psi = new ProcessStartInfo("dotnet") { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon", "--daemonize", "--blockdev", "driver=null-co,node-name=n0",
+                     "--chardev", $"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m", "--pidfile", pid })
+            psi.ArgumentList.Add(a);
+        using (var parent = Process.Start(psi)!)
+        {
+            Assert.True(parent.WaitForExit(20000));
+            Assert.Equal(0, parent.ExitCode);
+        }
+        // The parent returned only after the child was up: the socket answers at once.
+        int child = int.Parse(File.ReadAllText(pid).Trim());
+        await using (var client = await QmpClient.ConnectUnixAsync(qmp))
+        {
+            var nodes = (await client.ExecuteAsync("query-named-block-nodes"))!.AsArray();
+            Assert.Equal("n0", nodes[0]!["node-name"]!.GetValue<string>());
+            await client.ExecuteAsync("quit");
+        }
+        for (int i = 0; i < 100 && File.Exists(pid); i++) await Task.Delay(50);
+        Assert.False(File.Exists(pid));
+        Assert.Throws<ArgumentException>(() => Process.GetProcessById(child));
+    }
+
     public static TheoryData<string[], string> BadCommandLines => new()
     {
         { ["--foo"], "unrecognized option '--foo'" },
