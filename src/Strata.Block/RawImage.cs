@@ -24,7 +24,8 @@ public sealed class RawImage : BlockImage
 
     public HostFile File => _file;
     public override string FormatName => _formatName;
-    public override long Size => Interlocked.Read(ref _size);
+    /// <summary>The file's length in whole sectors; it follows the file (a "file" node under a qcow2 that grows).</summary>
+    public override long Size => Math.Max(Interlocked.Read(ref _size), (_file.Length + 511) & ~511L);
     public override bool ReadOnly => _file.ReadOnly;
     public override string FileName => _file.Path;
 

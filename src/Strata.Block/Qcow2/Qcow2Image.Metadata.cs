@@ -385,6 +385,32 @@ public sealed partial class Qcow2Image
     /// table in cluster 1, its first refcount block in cluster 2, then the L1 table.</summary>
     public static Qcow2Image Create(string path, Qcow2CreateOptions options)
     {
+        var (bytes, finalHeader, cs) = InitialHeader(options);
+        var file = HostFile.Create(path);
+        try
+        {
+            WriteInitialLayout(file, bytes, finalHeader, cs);
+        }
+        finally
+        {
+            file.Dispose();
+        }
+        var img = Open(HostFile.Open(path, readOnly: false));
+        try
+        {
+            img.Resize(options.Size);
+            return img;
+        }
+        catch
+        {
+            img.Dispose();
+            System.IO.File.Delete(path);
+            throw;
+        }
+    }
+
+    private static (byte[] Bytes, Qcow2Header Header, long ClusterSize) InitialHeader(Qcow2CreateOptions options)
+    {
         int bits = System.Numerics.BitOperations.Log2((uint)options.ClusterSize);
         if (options.ClusterSize < 512 || options.ClusterSize > (1 << 21) || (1 << bits) != options.ClusterSize)
             throw new BlockException("Cluster size must be a power of two between 512 and 2048k");
@@ -414,34 +440,27 @@ public sealed partial class Qcow2Image
             exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.BackingFormat, System.Text.Encoding.UTF8.GetBytes(options.BackingFormat)));
         exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.FeatureNameTable, Qcow2FeatureName.EncodeTable(Qcow2FeatureName.Standard)));
         var (bytes, finalHeader) = Qcow2HeaderExtensionCodec.Build(header, exts, options.BackingFile);
+        return (bytes, finalHeader, cs);
+    }
 
-        var file = HostFile.Create(path);
-        try
-        {
-            var first = new byte[3 * cs];
-            bytes.CopyTo(first, 0);
-            BinaryPrimitives.WriteUInt64BigEndian(first.AsSpan((int)cs), (ulong)(2 * cs));
-            int order = finalHeader.RefcountOrder;
-            for (int c = 0; c < 3; c++) RefcountCodec.Set(first.AsSpan((int)(2 * cs), (int)cs), c, order, 1);
-            file.Write(0, first);
-            file.Flush();
-        }
-        finally
-        {
-            file.Dispose();
-        }
-        var img = Open(HostFile.Open(path, readOnly: false));
-        try
-        {
-            img.Resize(options.Size);
-            return img;
-        }
-        catch
-        {
-            img.Dispose();
-            System.IO.File.Delete(path);
-            throw;
-        }
+    /// <summary>Formats an already open host file (blockdev-create on a file node) as a new qcow2 image.</summary>
+    public static void Format(HostFile file, Qcow2CreateOptions options)
+    {
+        var (bytes, header, cs) = InitialHeader(options);
+        file.SetLength(0);
+        WriteInitialLayout(file, bytes, header, cs);
+        using var img = Open(file, new Qcow2OpenOptions { OwnsFile = false });
+        img.Resize(options.Size);
+    }
+
+    private static void WriteInitialLayout(HostFile file, byte[] headerBytes, Qcow2Header header, long cs)
+    {
+        var first = new byte[3 * cs];
+        headerBytes.CopyTo(first, 0);
+        BinaryPrimitives.WriteUInt64BigEndian(first.AsSpan((int)cs), (ulong)(2 * cs));
+        for (int c = 0; c < 3; c++) RefcountCodec.Set(first.AsSpan((int)(2 * cs), (int)cs), c, header.RefcountOrder, 1);
+        file.Write(0, first);
+        file.Flush();
     }
 }
 

@@ -3,6 +3,8 @@ using System.Text.Json.Nodes;
 using Strata.Block;
 using Strata.Block.Bitmaps;
 using Strata.Block.Graph;
+using Strata.Block.Jobs;
+using Strata.Block.Qcow2;
 using Strata.Formats.Json;
 using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
@@ -21,10 +23,12 @@ public sealed class DaemonBackend : IQmpBackend
     private readonly TaskCompletionSource _quit = new(TaskCreationOptions.RunContinuationsAsynchronously);
 
     public BlockGraph Graph { get; }
+    public JobManager Jobs { get; }
 
     public DaemonBackend(BlockGraph graph)
     {
         Graph = graph;
+        Jobs = new JobManager(Emit);
         Graph.ExternalDrivers["nbd"] = spec => NbdImage.Connect(spec.NbdSocketPath, spec.NbdHost, spec.NbdPort, spec.NbdExport, spec.ReadOnly);
         Register();
     }
@@ -46,6 +50,10 @@ public sealed class DaemonBackend : IQmpBackend
             // blockdev-add is a union on "driver": its handler checks the members itself.
             if (!entry.Args.Any(a => a.Name == "*")) ArgSchema.Validate(arguments, entry.Args);
             return entry.Run(arguments);
+        }
+        catch (JobException e) when (e.DeviceNotActive)
+        {
+            throw new QmpException("DeviceNotActive", e.Message);
         }
         catch (BlockException e)
         {
@@ -102,7 +110,24 @@ public sealed class DaemonBackend : IQmpBackend
         Add("query-qmp-schema", [], "[SchemaInfo]", _ => Schema());
         Add("quit", [], "any", _ => new QDict()); // the daemon stops once the reply is out (ReplySent)
         Add("query-block", [], "[BlockInfo]", _ => new List<object?>()); // a storage daemon has no devices
-        Add("query-jobs", [], "[JobInfo]", _ => new List<object?>());     // no job engine yet: never any jobs
+        Add("query-jobs", [], "[JobInfo]", _ => Jobs.QueryJobs());
+        Add("query-block-jobs", [], "[BlockJobInfo]", _ => Jobs.QueryBlockJobs());
+        var jobId = new ArgSpec("id", ArgType.Str);
+        var device = new ArgSpec("device", ArgType.Str);
+        Add("job-pause", [jobId], "any", a => Ok(() => Jobs.Pause(ArgSchema.Str(a, "id"))));
+        Add("job-resume", [jobId], "any", a => Ok(() => Jobs.Resume(ArgSchema.Str(a, "id"))));
+        Add("job-cancel", [jobId], "any", a => Ok(() => Jobs.Cancel(ArgSchema.Str(a, "id"))));
+        Add("job-complete", [jobId], "any", a => Ok(() => Jobs.Complete(ArgSchema.Str(a, "id"))));
+        Add("job-finalize", [jobId], "any", a => Ok(() => Jobs.FinalizeJob(ArgSchema.Str(a, "id"))));
+        Add("job-dismiss", [jobId], "any", a => Ok(() => Jobs.DismissJob(ArgSchema.Str(a, "id"))));
+        Add("block-job-cancel", [device, new("force", ArgType.Bool, true)], "any", a => Ok(() => Jobs.Cancel(ArgSchema.Str(a, "device"), blockFamily: true)));
+        Add("block-job-pause", [device], "any", a => Ok(() => Jobs.Pause(ArgSchema.Str(a, "device"), blockFamily: true)));
+        Add("block-job-resume", [device], "any", a => Ok(() => Jobs.Resume(ArgSchema.Str(a, "device"), blockFamily: true)));
+        Add("block-job-complete", [device], "any", a => Ok(() => Jobs.Complete(ArgSchema.Str(a, "device"), blockFamily: true)));
+        Add("block-job-set-speed", [device, new("speed", ArgType.Int)], "any", a => Ok(() => Jobs.SetSpeed(ArgSchema.Str(a, "device"), a["speed"]!.GetValue<long>())));
+        Add("block-job-finalize", [jobId], "any", a => Ok(() => Jobs.FinalizeJob(ArgSchema.Str(a, "id"), blockFamily: true)));
+        Add("block-job-dismiss", [jobId], "any", a => Ok(() => Jobs.DismissJob(ArgSchema.Str(a, "id"), blockFamily: true)));
+        Add("blockdev-create", [new("job-id", ArgType.Str), new("options", ArgType.Object)], "any", BlockdevCreate);
         Add("query-named-block-nodes", [new("flat", ArgType.Bool, true)], "[BlockDeviceInfo]", a => NamedBlockNodes(ArgSchema.Bool(a, "flat")));
         Add("blockdev-add", BlockdevAddCommon.Concat([new ArgSpec("*", ArgType.Any, true)]).ToArray(), "any", BlockdevAdd);
         Add("blockdev-del", [new("node-name", ArgType.Str)], "any", a =>
@@ -167,6 +192,96 @@ public sealed class DaemonBackend : IQmpBackend
             var b = n.Image.Bitmaps.Get(ArgSchema.Str(a, "name"));
             return new QDict().Add("sha256", b.Bits.Sha256());
         });
+    }
+
+    private static QDict Ok(Action action)
+    {
+        action();
+        return new QDict();
+    }
+
+    // ------------------------------------------------------------------ blockdev-create
+
+    private static readonly ArgSpec[] CreateFileArgs =
+    [
+        new("driver", ArgType.Enum, false, ["file", "qcow2"]), new("filename", ArgType.Str), new("size", ArgType.UInt64),
+        new("preallocation", ArgType.Enum, true, ["off", "metadata", "falloc", "full"]), new("nocow", ArgType.Bool, true),
+        new("extent-size-hint", ArgType.UInt64, true),
+    ];
+
+    private static readonly ArgSpec[] CreateQcow2Args =
+    [
+        new("driver", ArgType.Enum, false, ["file", "qcow2"]), new("file", ArgType.Any), new("size", ArgType.UInt64),
+        new("version", ArgType.Enum, true, ["v2", "v3"]), new("backing-file", ArgType.Str, true), new("backing-fmt", ArgType.Str, true),
+        new("encrypt", ArgType.Any, true), new("cluster-size", ArgType.UInt64, true),
+        new("preallocation", ArgType.Enum, true, ["off", "metadata", "falloc", "full"]), new("lazy-refcounts", ArgType.Bool, true),
+        new("refcount-bits", ArgType.Int, true), new("compression-type", ArgType.Enum, true, ["zlib", "zstd"]),
+        new("data-file", ArgType.Any, true), new("data-file-raw", ArgType.Bool, true), new("extended-l2", ArgType.Bool, true),
+    ];
+
+    /// <summary>blockdev-create: a "create" job. As in QEMU, option values that only the driver can judge (a bad
+    /// cluster size, a missing node) make the job fail rather than the command.</summary>
+    private object? BlockdevCreate(JsonObject a)
+    {
+        string id = ArgSchema.Str(a, "job-id");
+        var o = (JsonObject)a["options"]!;
+        if (!o.TryGetPropertyValue("driver", out var d)) throw QmpException.Generic("Parameter 'options.driver' is missing");
+        ArgSchema.CheckType("options.driver", d, CreateFileArgs[0]);
+        string driver = d!.GetValue<string>();
+        ArgSchema.Validate(o, driver == "file" ? CreateFileArgs : CreateQcow2Args, "options.");
+        long size = (long)o["size"]!.GetValue<ulong>();
+        Func<CancellationToken, Task> work;
+        if (driver == "file")
+        {
+            string filename = ArgSchema.Str(o, "filename");
+            if (ArgSchema.OptStr(o, "preallocation") is { } p and not "off") throw QmpException.Generic($"Unsupported preallocation mode '{p}'");
+            work = _ =>
+            {
+                try
+                {
+                    using var f = HostFile.Create(filename);
+                    f.SetLength(size);
+                    f.Flush();
+                }
+                catch (BlockException e)
+                {
+                    throw new BlockException(e.Message.Replace("Could not create", "Could not create file"));
+                }
+                return Task.CompletedTask;
+            };
+        }
+        else
+        {
+            if (o["file"] is not JsonValue fv || fv.GetValueKind() != JsonValueKind.String)
+                throw QmpException.Generic("Parameter 'options.file': only a node name is supported here");
+            string fileNode = fv.GetValue<string>();
+            var options = new Qcow2CreateOptions
+            {
+                Size = size,
+                ClusterSize = (int)Math.Min(o["cluster-size"]?.GetValue<ulong>() ?? 65536, int.MaxValue),
+                RefcountBits = (int)(o["refcount-bits"]?.GetValue<long>() ?? 16),
+                CompressionType = ArgSchema.OptStr(o, "compression-type") == "zstd" ? Formats.Qcow2.Qcow2CompressionType.Zstd : Formats.Qcow2.Qcow2CompressionType.Deflate,
+                BackingFile = ArgSchema.OptStr(o, "backing-file"),
+                BackingFormat = ArgSchema.OptStr(o, "backing-fmt"),
+            };
+            string? unsupported = ArgSchema.OptStr(o, "version") == "v2" ? "qcow2 version 2 cannot be created"
+                : ArgSchema.Bool(o, "lazy-refcounts") ? "lazy refcounts are not supported"
+                : ArgSchema.Bool(o, "extended-l2") ? "extended L2 entries are not supported"
+                : o.ContainsKey("encrypt") ? "encryption is not supported"
+                : o.ContainsKey("data-file") ? "external data files are not supported"
+                : ArgSchema.OptStr(o, "preallocation") is { } p and not "off" ? $"Unsupported preallocation mode '{p}'" : null;
+            work = _ =>
+            {
+                if (unsupported is not null) throw new BlockException(unsupported);
+                var node = Graph.Find(fileNode) ?? throw new BlockException($"Cannot find device='{fileNode}' nor node-name='{fileNode}'");
+                if (node.Image is not RawImage { FormatName: "file" } file) throw new BlockException($"Node '{fileNode}' is not a file node");
+                if (node.Users > 0) throw new BlockException($"Node '{fileNode}' is in use");
+                Qcow2Image.Format(file.File, options);
+                return Task.CompletedTask;
+            };
+        }
+        Jobs.Start([new DelegateJob(id, "create", autoFinalize: true, autoDismiss: false, work)]);
+        return new QDict();
     }
 
     private List<object?> Schema()

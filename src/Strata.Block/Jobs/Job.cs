@@ -1,0 +1,128 @@
+using Strata.Formats.Json;
+
+namespace Strata.Block.Jobs;
+
+/// <summary>QEMU's JobStatus (wire names in <see cref="JobTables.Name"/>).</summary>
+public enum JobStatus { Undefined, Created, Running, Paused, Ready, Standby, Waiting, Pending, Aborting, Concluded, Null }
+
+/// <summary>Job verbs a user may send.</summary>
+public enum JobVerb { Cancel, Pause, Resume, SetSpeed, Complete, Finalize, Dismiss }
+
+/// <summary>QEMU's job transition and verb tables (job.c JobSTT / JobVerbTable), as data.</summary>
+public static class JobTables
+{
+    private const string States = "UCRPYSWDXEN";
+
+    // Rows: from-state; columns: to-state, in the order of JobStatus.
+    private static readonly string[] Transitions =
+    [
+        ".1.........", // undefined
+        "..1.....1.1", // created
+        "...11.1.1..", // running
+        "..1........", // paused
+        ".....11.1..", // ready
+        "....1......", // standby
+        ".......11..", // waiting
+        "........11.", // pending
+        "........11.", // aborting
+        "..........1", // concluded
+        "...........", // null
+    ];
+
+    // Rows: verbs in JobVerb order; columns: states.
+    private static readonly string[] Verbs =
+    [
+        ".1111111...", // cancel
+        ".11111.....", // pause
+        ".11111.....", // resume
+        ".11111.....", // set-speed
+        "....1......", // complete
+        ".......1...", // finalize
+        ".........1.", // dismiss
+    ];
+
+    public static bool CanTransition(JobStatus from, JobStatus to) => Transitions[(int)from][(int)to] == '1';
+
+    public static bool Allows(JobVerb verb, JobStatus state) => Verbs[(int)verb][(int)state] == '1';
+
+    public static string Name(JobStatus s) => s.ToString().ToLowerInvariant();
+
+    public static string Name(JobVerb v) => v switch
+    {
+        JobVerb.SetSpeed => "set-speed",
+        _ => v.ToString().ToLowerInvariant(),
+    };
+
+    internal static char Letter(JobStatus s) => States[(int)s];
+}
+
+/// <summary>
+/// A long-running operation with QEMU's life cycle: created → running ⇄ paused → (ready) → waiting → pending →
+/// concluded → null, or → aborting on failure and cancel. Subclasses do the work in <see cref="RunAsync"/> and
+/// settle their effects in <see cref="Commit"/> / <see cref="Abort"/>.
+/// </summary>
+public abstract class Job
+{
+    protected Job(string id, string type, bool autoFinalize, bool autoDismiss)
+    {
+        Id = id;
+        Type = type;
+        AutoFinalize = autoFinalize;
+        AutoDismiss = autoDismiss;
+    }
+
+    public string Id { get; }
+    public string Type { get; }
+    public bool AutoFinalize { get; }
+    public bool AutoDismiss { get; }
+    public JobStatus Status { get; internal set; } = JobStatus.Undefined;
+    public string? Error { get; internal set; }
+    public long Speed { get; internal set; }
+    public bool IsCancelled => Cancellation.IsCancellationRequested;
+    /// <summary>A block job (backup, mirror…) also reports through query-block-jobs and BLOCK_JOB_* events.</summary>
+    public virtual bool IsBlockJob => false;
+
+    private long _progress, _total;
+    public long Progress => Interlocked.Read(ref _progress);
+    public long Total => Interlocked.Read(ref _total);
+    protected void SetTotal(long total) => Interlocked.Exchange(ref _total, total);
+    protected void AddProgress(long delta) => Interlocked.Add(ref _progress, delta);
+
+    internal CancellationTokenSource Cancellation { get; } = new();
+    internal JobGroup? Group { get; set; }
+    internal int UserPauses { get; set; }
+    internal TaskCompletionSource ResumeSignal { get; set; } = CompletedSignal();
+    internal bool Started { get; set; }
+
+    internal static TaskCompletionSource CompletedSignal()
+    {
+        var t = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        t.SetResult();
+        return t;
+    }
+
+    /// <summary>The work. Throw (or return after a cancellation) to fail.</summary>
+    protected internal abstract Task RunAsync(CancellationToken cancellationToken);
+
+    /// <summary>Pause point: jobs call it between units of work.</summary>
+    protected Task PausePointAsync() => ResumeSignal.Task;
+
+    /// <summary>Success of the whole group: make the result permanent.</summary>
+    protected internal virtual void Commit() { }
+
+    /// <summary>Failure or cancel of the group: undo, keep nothing half done.</summary>
+    protected internal virtual void Abort() { }
+
+    /// <summary>Always, after commit or abort: release nodes and filters.</summary>
+    protected internal virtual void Clean() { }
+
+    /// <summary>The data of BLOCK_JOB_COMPLETED / CANCELLED (type, device, len, offset, speed).</summary>
+    internal QDict BlockJobEventData() => new QDict().Add("type", Type).Add("device", Id).Add("len", Total).Add("offset", Progress).Add("speed", Speed);
+}
+
+/// <summary>Jobs started together by a transaction with completion-mode=grouped (or one job alone).</summary>
+public sealed class JobGroup
+{
+    internal List<Job> Jobs { get; } = new();
+    internal bool Failed { get; set; }
+}

@@ -1,0 +1,317 @@
+using Strata.Formats.Json;
+
+namespace Strata.Block.Jobs;
+
+/// <summary>A refused job command; <see cref="DeviceNotActive"/> for the block-job-* family's unknown ids.</summary>
+public sealed class JobException(string message, bool deviceNotActive = false) : BlockException(message)
+{
+    public bool DeviceNotActive { get; } = deviceNotActive;
+}
+
+/// <summary>
+/// Runs jobs through QEMU's state machine, emitting JOB_STATUS_CHANGE on every change and the BLOCK_JOB_*
+/// events for block jobs, finalizing groups together (a failure in one aborts the others).
+/// </summary>
+public sealed class JobManager
+{
+    private readonly object _lock = new();
+    private readonly Dictionary<string, Job> _jobs = new(StringComparer.Ordinal);
+    private readonly Action<string, QDict?> _emit;
+
+    public JobManager(Action<string, QDict?> emit) => _emit = emit;
+
+    public IReadOnlyList<Job> All
+    {
+        get { lock (_lock) return _jobs.Values.ToList(); }
+    }
+
+    /// <summary>Registers jobs (one group) in state created, then starts them all.</summary>
+    public void Start(IReadOnlyList<Job> jobs)
+    {
+        var group = new JobGroup();
+        lock (_lock)
+        {
+            foreach (var j in jobs)
+            {
+                if (string.IsNullOrEmpty(j.Id)) throw new JobException("Invalid job ID ''");
+                if (_jobs.ContainsKey(j.Id) || jobs.Count(x => x.Id == j.Id) > 1) throw new JobException($"Job ID '{j.Id}' already in use");
+            }
+            foreach (var j in jobs)
+            {
+                j.Group = group;
+                group.Jobs.Add(j);
+                _jobs[j.Id] = j;
+                Transition(j, JobStatus.Created);
+            }
+        }
+        foreach (var j in jobs) Launch(j);
+    }
+
+    private void Launch(Job job)
+    {
+        lock (_lock)
+        {
+            if (job.Status != JobStatus.Created) return;
+            job.Started = true;
+            Transition(job, JobStatus.Running);
+        }
+        _ = Task.Run(async () =>
+        {
+            Exception? failure = null;
+            try
+            {
+                await job.RunAsync(job.Cancellation.Token);
+            }
+            catch (Exception e)
+            {
+                failure = e;
+            }
+            Completed(job, failure);
+        });
+    }
+
+    private void Completed(Job job, Exception? failure)
+    {
+        lock (_lock)
+        {
+            if (job.IsCancelled && failure is null or OperationCanceledException) job.Error = "Operation canceled";
+            else if (failure is not null and not OperationCanceledException) job.Error = failure.Message;
+            else if (failure is OperationCanceledException) job.Error = "Operation canceled";
+            var group = job.Group!;
+            if (job.Error is not null)
+            {
+                group.Failed = true;
+                Transition(job, JobStatus.Aborting);
+                // One failure cancels the rest of the group.
+                foreach (var other in group.Jobs.Where(o => o != job && o.Status is JobStatus.Running or JobStatus.Paused or JobStatus.Ready or JobStatus.Standby or JobStatus.Created))
+                    other.Cancellation.Cancel();
+            }
+            else
+            {
+                Transition(job, JobStatus.Waiting);
+            }
+            TryFinalizeGroup(group);
+        }
+    }
+
+    /// <summary>Once every job of the group stopped running: pending, then (auto) finalize. Caller holds the lock.</summary>
+    private void TryFinalizeGroup(JobGroup group)
+    {
+        if (group.Jobs.Any(j => j.Status is JobStatus.Created or JobStatus.Running or JobStatus.Paused or JobStatus.Ready or JobStatus.Standby)) return;
+        foreach (var j in group.Jobs)
+        {
+            if (group.Failed && j.Status == JobStatus.Waiting)
+            {
+                j.Error ??= "Operation canceled";
+                Transition(j, JobStatus.Aborting);
+            }
+            if (j.Status == JobStatus.Waiting)
+            {
+                Transition(j, JobStatus.Pending);
+                if (!j.AutoFinalize && j.IsBlockJob) _emit("BLOCK_JOB_PENDING", new QDict().Add("type", j.Type).Add("id", j.Id));
+            }
+        }
+        if (group.Jobs.All(j => j.AutoFinalize) || group.Failed) Finalize(group);
+    }
+
+    private void Finalize(JobGroup group)
+    {
+        foreach (var j in group.Jobs)
+        {
+            if (j.Status is JobStatus.Concluded or JobStatus.Null) continue;
+            bool failed = group.Failed || j.Error is not null;
+            try
+            {
+                if (failed) j.Abort();
+                else j.Commit();
+            }
+            catch (Exception e)
+            {
+                j.Error ??= e.Message;
+            }
+            finally
+            {
+                try { j.Clean(); } catch (Exception) { }
+            }
+            if (failed && j.Status != JobStatus.Aborting) Transition(j, JobStatus.Aborting);
+            if (j.IsBlockJob && j.Started)
+            {
+                var data = j.BlockJobEventData();
+                if (j.Error is { } error && !(j.IsCancelled && error == "Operation canceled"))
+                {
+                    data.Add("error", error);
+                    _emit("BLOCK_JOB_COMPLETED", data);
+                }
+                else _emit(j.IsCancelled ? "BLOCK_JOB_CANCELLED" : "BLOCK_JOB_COMPLETED", data);
+            }
+            Transition(j, JobStatus.Concluded);
+            if (j.AutoDismiss) Dismiss(j);
+        }
+    }
+
+    private void Dismiss(Job j)
+    {
+        Transition(j, JobStatus.Null);
+        _jobs.Remove(j.Id);
+    }
+
+    /// <summary>Changes state if the table allows it; emits JOB_STATUS_CHANGE. Caller holds the lock.</summary>
+    private void Transition(Job job, JobStatus to)
+    {
+        if (job.Status == to) return;
+        if (!JobTables.CanTransition(job.Status, to))
+            throw new InvalidOperationException($"job {job.Id}: illegal transition {job.Status} -> {to}");
+        job.Status = to;
+        _emit("JOB_STATUS_CHANGE", new QDict().Add("id", job.Id).Add("status", JobTables.Name(to)));
+    }
+
+    // ------------------------------------------------------------------ verbs
+
+    private Job Find(string id, bool blockFamily)
+    {
+        if (_jobs.TryGetValue(id, out var job) && (!blockFamily || job.IsBlockJob)) return job;
+        throw blockFamily ? new JobException($"Block job '{id}' not found", deviceNotActive: true) : new JobException("Job not found");
+    }
+
+    private static void Allow(Job job, JobVerb verb)
+    {
+        if (!JobTables.Allows(verb, job.Status))
+            throw new JobException($"Job '{job.Id}' in state '{JobTables.Name(job.Status)}' cannot accept command verb '{JobTables.Name(verb)}'");
+    }
+
+    public void Cancel(string id, bool blockFamily = false)
+    {
+        lock (_lock)
+        {
+            var job = Find(id, blockFamily);
+            Allow(job, JobVerb.Cancel);
+            if (job.UserPauses > 0)
+            {
+                job.UserPauses = 0;
+                ResumeLocked(job);
+            }
+            job.Cancellation.Cancel();
+            if (job.Status == JobStatus.Created)
+            {
+                job.Error = "Operation canceled";
+                job.Group!.Failed = true;
+                Transition(job, JobStatus.Aborting);
+                TryFinalizeGroup(job.Group);
+            }
+            else if (job.Status == JobStatus.Pending)
+            {
+                job.Error = "Operation canceled";
+                job.Group!.Failed = true;
+                foreach (var j in job.Group.Jobs.Where(j => j.Status == JobStatus.Pending)) Transition(j, JobStatus.Aborting);
+                Finalize(job.Group);
+            }
+        }
+    }
+
+    public void Pause(string id, bool blockFamily = false)
+    {
+        lock (_lock)
+        {
+            var job = Find(id, blockFamily);
+            Allow(job, JobVerb.Pause);
+            if (job.UserPauses > 0) throw new JobException("Job is already paused");
+            job.UserPauses = 1;
+            if (job.ResumeSignal.Task.IsCompleted) job.ResumeSignal = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            if (job.Status == JobStatus.Running) Transition(job, JobStatus.Paused);
+            else if (job.Status == JobStatus.Ready) Transition(job, JobStatus.Standby);
+        }
+    }
+
+    public void Resume(string id, bool blockFamily = false)
+    {
+        lock (_lock)
+        {
+            var job = Find(id, blockFamily);
+            Allow(job, JobVerb.Resume);
+            if (job.UserPauses == 0) throw new JobException("Can't resume a job that was not paused");
+            job.UserPauses = 0;
+            ResumeLocked(job);
+        }
+    }
+
+    private void ResumeLocked(Job job)
+    {
+        if (job.Status == JobStatus.Paused) Transition(job, JobStatus.Running);
+        else if (job.Status == JobStatus.Standby) Transition(job, JobStatus.Ready);
+        job.ResumeSignal.TrySetResult();
+    }
+
+    public void SetSpeed(string id, long speed, bool blockFamily = true)
+    {
+        lock (_lock)
+        {
+            var job = Find(id, blockFamily);
+            Allow(job, JobVerb.SetSpeed);
+            if (speed < 0) throw new JobException("Parameter 'speed' expects a non-negative value");
+            job.Speed = speed;
+        }
+    }
+
+    public void Complete(string id, bool blockFamily = false)
+    {
+        lock (_lock)
+        {
+            var job = Find(id, blockFamily);
+            Allow(job, JobVerb.Complete);
+            throw new JobException($"The active block job '{id}' cannot be completed");
+        }
+    }
+
+    public void FinalizeJob(string id, bool blockFamily = false)
+    {
+        lock (_lock)
+        {
+            var job = Find(id, blockFamily);
+            Allow(job, JobVerb.Finalize);
+            if (job.Group!.Jobs.Any(j => j.Status is not (JobStatus.Pending or JobStatus.Concluded or JobStatus.Null))) return;
+            Finalize(job.Group);
+        }
+    }
+
+    public void DismissJob(string id, bool blockFamily = false)
+    {
+        lock (_lock)
+        {
+            var job = Find(id, blockFamily);
+            Allow(job, JobVerb.Dismiss);
+            Dismiss(job);
+        }
+    }
+
+    // ------------------------------------------------------------------ queries
+
+    public List<object?> QueryJobs()
+    {
+        lock (_lock)
+        {
+            return _jobs.Values.Select(j =>
+            {
+                var d = new QDict().Add("id", j.Id).Add("type", j.Type).Add("status", JobTables.Name(j.Status))
+                    .Add("current-progress", j.Progress).Add("total-progress", j.Total);
+                if (j.Error is { } e) d.Add("error", e);
+                return (object?)d;
+            }).ToList();
+        }
+    }
+
+    public List<object?> QueryBlockJobs()
+    {
+        lock (_lock)
+        {
+            return _jobs.Values.Where(j => j.IsBlockJob).Select(j =>
+            {
+                var d = new QDict().Add("type", j.Type).Add("device", j.Id).Add("len", j.Total).Add("offset", j.Progress)
+                    .Add("busy", j.Status == JobStatus.Running).Add("paused", j.UserPauses > 0).Add("speed", j.Speed)
+                    .Add("io-status", "ok").Add("ready", j.Status is JobStatus.Ready or JobStatus.Standby).Add("status", JobTables.Name(j.Status))
+                    .Add("auto-finalize", j.AutoFinalize).Add("auto-dismiss", j.AutoDismiss);
+                if (j.Error is { } e) d.Add("error", e);
+                return (object?)d;
+            }).ToList();
+        }
+    }
+}

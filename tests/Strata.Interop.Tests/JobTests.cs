@@ -1,0 +1,106 @@
+using System.Text.Json.Nodes;
+using Strata.Protocol.Qmp;
+
+namespace Strata.Interop.Tests;
+
+/// <summary>The job engine through blockdev-create, against qemu-storage-daemon: the same events, states,
+/// errors, and an image qemu-img accepts.</summary>
+public class JobTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("jobs-").FullName;
+    private string P(string name) => Path.Combine(_dir, name);
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    private async Task<List<string>> Scenario(QmpClient c, string prefix)
+    {
+        var log = new List<string>();
+        var events = new List<string>();
+        var reader = Task.Run(async () =>
+        {
+            await foreach (var e in c.Events())
+            {
+                string name = e["event"]!.GetValue<string>();
+                lock (events) events.Add(name == "JOB_STATUS_CHANGE" ? $"{e["data"]!["id"]}:{e["data"]!["status"]}" : name);
+            }
+        });
+        async Task<string> Try(string cmd, string args)
+        {
+            try
+            {
+                var r = await c.ExecuteAsync(cmd, JsonNode.Parse(args));
+                return "ok";
+            }
+            catch (QmpException e)
+            {
+                return "error:" + e.ErrorClass;
+            }
+        }
+        async Task WaitStatus(string id, string status)
+        {
+            for (int i = 0; i < 200; i++)
+            {
+                var jobs = (await c.ExecuteAsync("query-jobs"))!.AsArray();
+                if (jobs.Any(j => j!["id"]!.GetValue<string>() == id && j["status"]!.GetValue<string>() == status)) return;
+                await Task.Delay(25);
+            }
+            throw new TimeoutException($"{id} never reached {status}");
+        }
+        string img = P(prefix + ".qcow2");
+        log.Add(await Try("blockdev-create", $$$"""{"job-id":"c1","options":{"driver":"file","filename":"{{{img}}}","size":0}}"""));
+        await WaitStatus("c1", "concluded");
+        log.Add(await Try("job-dismiss", """{"id":"c1"}"""));
+        log.Add(await Try("blockdev-add", $$"""{"driver":"file","node-name":"f0","filename":"{{img}}"}"""));
+        log.Add(await Try("blockdev-create", """{"job-id":"c2","options":{"driver":"qcow2","file":"f0","size":67108864,"cluster-size":65536}}"""));
+        await WaitStatus("c2", "concluded");
+        var jobs = (await c.ExecuteAsync("query-jobs"))!.AsArray();
+        log.Add(string.Join(",", jobs.Select(j => $"{j!["id"]}:{j["type"]}:{j["status"]}:{j["current-progress"]}/{j["total-progress"]}:{j["error"]}")));
+        log.Add(await Try("job-dismiss", """{"id":"c2"}"""));
+        log.Add(await Try("blockdev-add", """{"driver":"qcow2","node-name":"d0","file":"f0"}"""));
+        // A create that fails in the job, not in the command.
+        log.Add(await Try("blockdev-create", """{"job-id":"c3","options":{"driver":"qcow2","file":"nosuch","size":1048576}}"""));
+        await WaitStatus("c3", "concluded");
+        jobs = (await c.ExecuteAsync("query-jobs"))!.AsArray();
+        log.Add(jobs.Any(j => j!["id"]!.GetValue<string>() == "c3" && j["error"] is not null) ? "c3 failed with an error" : "c3 did not fail");
+        log.Add(await Try("job-dismiss", """{"id":"c3"}"""));
+        // Verbs on jobs that do not exist, and verbs a state refuses.
+        log.Add(await Try("job-cancel", """{"id":"nope"}"""));
+        log.Add(await Try("block-job-cancel", """{"device":"nope"}"""));
+        log.Add(await Try("block-job-set-speed", """{"device":"nope","speed":1}"""));
+        log.Add(await Try("job-dismiss", """{"id":"nope"}"""));
+        log.Add(await Try("blockdev-create", """{"job-id":"c4","options":{"driver":"file","filename":"/nonexistent-dir/x","size":0}}"""));
+        await WaitStatus("c4", "concluded");
+        log.Add(await Try("job-finalize", """{"id":"c4"}"""));
+        log.Add(await Try("job-dismiss", """{"id":"c4"}"""));
+        await c.ExecuteAsync("quit");
+        await reader.WaitAsync(TimeSpan.FromSeconds(10));
+        lock (events) log.Add(string.Join(" ", events));
+        return log;
+    }
+
+    [Fact]
+    public async Task BlockdevCreateJobsBehaveAsInQemuStorageDaemon()
+    {
+        List<string> qemu, strata;
+        string dummy = P("dummy.qcow2");
+        Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", dummy, "1M").Exit);
+        using (var qsd = new QsdProcess(dummy, "x", connect: false))
+        {
+            await using var c = await QmpClient.ConnectUnixAsync(qsd.QmpPath);
+            qemu = await Scenario(c, "q");
+        }
+        using (var d = new StrataDaemonProcess(_dir, "s", ["--blockdev", "driver=null-co,node-name=x"]))
+        {
+            await using var c = await QmpClient.ConnectUnixAsync(d.QmpPath);
+            strata = await Scenario(c, "s");
+            Assert.Equal(0, d.WaitForExit());
+        }
+        Console.Error.WriteLine(string.Join("\n", strata));
+        Assert.Equal(qemu.Count, strata.Count);
+        for (int i = 0; i < qemu.Count; i++) Assert.True(qemu[i] == strata[i], $"step {i}\nqemu:   {qemu[i]}\nstrata: {strata[i]}");
+        var check = Tools.Run("qemu-img", "check", P("s.qcow2"));
+        Assert.True(check.Exit == 0, check.Stdout + check.Stderr);
+        Assert.Equal(0, Tools.Run("qemu-img", "compare", P("q.qcow2"), P("s.qcow2")).Exit);
+        Assert.Contains("virtual size: 64 MiB", Tools.Run("qemu-img", "info", P("s.qcow2")).Stdout);
+    }
+}
