@@ -37,6 +37,26 @@ public abstract class BlockImage : IDisposable
     {
     }
 
+    private Action<long, long>[] _beforeWrite = [];
+
+    /// <summary>Runs before any change to guest data reaches the format driver: backup jobs copy the old
+    /// contents of the range first (copy-before-write), which makes a backup point-in-time.</summary>
+    public void AddBeforeWriteHook(Action<long, long> hook)
+    {
+        lock (this) _beforeWrite = [.. _beforeWrite, hook];
+    }
+
+    public void RemoveBeforeWriteHook(Action<long, long> hook)
+    {
+        lock (this) _beforeWrite = _beforeWrite.Where(h => h != hook).ToArray();
+    }
+
+    /// <summary>Drivers call this at the start of every write, zero write and discard.</summary>
+    protected void BeforeWrite(long offset, long length)
+    {
+        foreach (var hook in _beforeWrite) hook(offset, length);
+    }
+
     /// <summary>The opened backing image, if any (owned by this image).</summary>
     public BlockImage? Backing { get; protected set; }
 

@@ -31,6 +31,7 @@ public sealed class NullImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
+        BeforeWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
     }
 
@@ -38,6 +39,7 @@ public sealed class NullImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        BeforeWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
     }
 

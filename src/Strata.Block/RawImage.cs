@@ -46,6 +46,7 @@ public sealed class RawImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
+        BeforeWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
         _file.Write(offset, data);
     }
@@ -55,6 +56,7 @@ public sealed class RawImage : BlockImage
         CheckWritable();
         CheckRange(offset, length);
         if (length == 0) return;
+        BeforeWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         if (mayUnmap && _file.PunchHole(offset, length)) return;
         var zeros = new byte[(int)Math.Min(length, 1 << 20)];

@@ -320,6 +320,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
+        BeforeWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
         while (!data.IsEmpty)
         {
@@ -497,6 +498,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        BeforeWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         ZeroOrDiscard(offset, length, discard: false, mayUnmap);
     }
@@ -505,6 +507,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        BeforeWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         ZeroOrDiscard(offset, length, discard: true, mayUnmap: true);
     }
@@ -587,6 +590,7 @@ public sealed partial class Qcow2Image : BlockImage
         CheckWritable();
         if ((offset & (_clusterSize - 1)) != 0 || cluster.Length > _clusterSize)
             throw new BlockException("Compressed writes must cover one aligned cluster");
+        BeforeWrite(offset, cluster.Length);
         Bitmaps.MarkDirty(offset, cluster.Length);
         var padded = new byte[_clusterSize];
         cluster.CopyTo(padded);

@@ -15,7 +15,7 @@ namespace Strata.Protocol.Daemon;
 /// The QMP commands of strata daemon, with qemu-storage-daemon 7.2's argument checking, reply shapes and error
 /// classes. Commands run one at a time; events go to every negotiated session.
 /// </summary>
-public sealed class DaemonBackend : IQmpBackend
+public sealed partial class DaemonBackend : IQmpBackend
 {
     private readonly SemaphoreSlim _serial = new(1, 1);
     private readonly List<Func<QDict, ValueTask>> _subscribers = new();
@@ -128,6 +128,7 @@ public sealed class DaemonBackend : IQmpBackend
         Add("block-job-finalize", [jobId], "any", a => Ok(() => Jobs.FinalizeJob(ArgSchema.Str(a, "id"), blockFamily: true)));
         Add("block-job-dismiss", [jobId], "any", a => Ok(() => Jobs.DismissJob(ArgSchema.Str(a, "id"), blockFamily: true)));
         Add("blockdev-create", [new("job-id", ArgType.Str), new("options", ArgType.Object)], "any", BlockdevCreate);
+        RegisterBackup();
         Add("query-named-block-nodes", [new("flat", ArgType.Bool, true)], "[BlockDeviceInfo]", a => NamedBlockNodes(ArgSchema.Bool(a, "flat")));
         Add("blockdev-add", BlockdevAddCommon.Concat([new ArgSpec("*", ArgType.Any, true)]).ToArray(), "any", BlockdevAdd);
         Add("blockdev-del", [new("node-name", ArgType.Str)], "any", a =>

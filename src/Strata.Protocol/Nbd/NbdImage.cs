@@ -75,6 +75,7 @@ public sealed class NbdImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
+        BeforeWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
         for (int pos = 0; pos < data.Length; pos += 32 << 20)
         {
@@ -88,6 +89,7 @@ public sealed class NbdImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        BeforeWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         for (long pos = 0; pos < length; pos += 1L << 30)
         {
@@ -101,6 +103,7 @@ public sealed class NbdImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
+        BeforeWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         for (long pos = 0; pos < length; pos += 1L << 30)
         {

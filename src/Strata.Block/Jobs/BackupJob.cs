@@ -1,0 +1,266 @@
+using System.Buffers;
+using Strata.Block.Bitmaps;
+
+namespace Strata.Block.Jobs;
+
+public enum BackupSync { Full, Top, None, Bitmap }
+
+public enum BitmapMode { OnSuccess, Always, Never }
+
+/// <summary>What a backup job copies, where, and what happens to its bitmap.</summary>
+public sealed record BackupOptions
+{
+    public required BlockImage Source { get; init; }
+    public required BlockImage Target { get; init; }
+    public BackupSync Sync { get; init; }
+    public DirtyBitmap? Bitmap { get; init; }
+    public BitmapMode Mode { get; init; }
+    public bool Compress { get; init; }
+    public long Speed { get; init; }
+    public int Workers { get; init; } = 4;
+    /// <summary>Called in Clean: release the target (a job-owned image is disposed, a node is released).</summary>
+    public Action? Release { get; init; }
+}
+
+/// <summary>
+/// A push backup (blockdev-backup / drive-backup). At start a "to copy" map of job clusters is fixed (every
+/// cluster, the top layer's allocated ones, or the bitmap's dirty ones), and a copy-before-write hook on the
+/// source copies a cluster's old contents before any guest write may change it; a background loop copies the
+/// rest. Every cluster is copied exactly once, so the target holds the disk as it was when the job started.
+/// The bitmap's successor records new writes; its fate on success, failure or cancel follows bitmap-mode.
+/// </summary>
+public sealed class BackupJob : Job
+{
+    private readonly BackupOptions _o;
+    private readonly long _cluster;
+    private readonly HierarchicalBitmap _toCopy;
+    private readonly HashSet<long> _inFlight = new();
+    private readonly object _lock = new();
+    private Exception? _hookError;
+    private bool _hooked;
+
+    public override bool IsBlockJob => true;
+
+    /// <summary>The image being written (a node may be the target of one backup at a time).</summary>
+    public BlockImage TargetImage => _o.Target;
+
+    public BackupJob(string id, BackupOptions options, bool autoFinalize, bool autoDismiss) : base(id, "backup", autoFinalize, autoDismiss)
+    {
+        _o = options;
+        Speed = options.Speed;
+        _cluster = Math.Max(65536, options.Target.ClusterSize);
+        long size = options.Source.Size;
+        _toCopy = new HierarchicalBitmap((size + _cluster - 1) / _cluster);
+    }
+
+    /// <summary>Fixes the point in time: builds the copy map, freezes the bitmap, installs the hook. Runs when the
+    /// job (or its transaction) commits, before any other write can happen.</summary>
+    public void Prepare(BitmapSet sourceBitmaps)
+    {
+        long size = _o.Source.Size;
+        switch (_o.Sync)
+        {
+            case BackupSync.Full:
+            case BackupSync.None:
+                _toCopy.SetRange(0, _toCopy.Length);
+                break;
+            case BackupSync.Top:
+                for (long pos = 0; pos < size;)
+                {
+                    var e = _o.Source.GetLayerStatus(pos, size - pos);
+                    if (e.State != LayerState.Unallocated) MarkRange(e.Offset, e.Length);
+                    pos += e.Length;
+                }
+                break;
+            case BackupSync.Bitmap:
+                foreach (var (off, len) in _o.Bitmap!.DirtyExtents()) MarkRange(off, len);
+                break;
+        }
+        if (_o.Bitmap is not null) sourceBitmaps.CreateSuccessor(_o.Bitmap);
+        SetTotal(_o.Sync == BackupSync.None ? 0 : CountBytes());
+        _o.Source.AddBeforeWriteHook(CopyBeforeWrite);
+        _hooked = true;
+    }
+
+    private long CountBytes()
+    {
+        long total = 0;
+        foreach (var (start, count) in _toCopy.SetRuns())
+            total += Math.Min((start + count) * _cluster, _o.Source.Size) - start * _cluster;
+        return total;
+    }
+
+    private void MarkRange(long offset, long length)
+    {
+        long first = offset / _cluster, last = (offset + length - 1) / _cluster;
+        _toCopy.SetRange(first, last - first + 1);
+    }
+
+    /// <summary>The copy-before-write hook: clusters of [offset, offset+length) still to copy are copied now.</summary>
+    private void CopyBeforeWrite(long offset, long length)
+    {
+        if (length <= 0) return;
+        long first = offset / _cluster, last = Math.Min((offset + length - 1) / _cluster, _toCopy.Length - 1);
+        for (long c = first; c <= last; c++)
+        {
+            if (!Claim(c, wait: true)) continue;
+            try
+            {
+                CopyCluster(c);
+            }
+            catch (Exception e)
+            {
+                _hookError ??= e;
+                throw new BlockException($"copy-before-write failed: {e.Message}");
+            }
+            finally
+            {
+                Release(c);
+            }
+        }
+    }
+
+    /// <summary>Takes a cluster for copying if it is still to copy; waits for one being copied by someone else.</summary>
+    private bool Claim(long cluster, bool wait)
+    {
+        lock (_lock)
+        {
+            while (_inFlight.Contains(cluster))
+            {
+                if (!wait) return false;
+                Monitor.Wait(_lock);
+            }
+            if (!_toCopy.Get(cluster)) return false;
+            _toCopy.ResetRange(cluster, 1);
+            _inFlight.Add(cluster);
+            return true;
+        }
+    }
+
+    private void Release(long cluster)
+    {
+        lock (_lock)
+        {
+            _inFlight.Remove(cluster);
+            Monitor.PulseAll(_lock);
+        }
+    }
+
+    private void CopyCluster(long cluster)
+    {
+        long offset = cluster * _cluster;
+        int length = (int)Math.Min(_cluster, _o.Source.Size - offset);
+        if (length <= 0) return;
+        var status = ChainStatus.Get(_o.Source, offset, length);
+        if (status.Zero && status.Length >= length)
+        {
+            _o.Target.WriteZeroes(offset, length, mayUnmap: true);
+        }
+        else
+        {
+            var buffer = ArrayPool<byte>.Shared.Rent(length);
+            try
+            {
+                _o.Source.Read(offset, buffer.AsSpan(0, length));
+                if (_o.Compress && offset % _o.Target.ClusterSize == 0) _o.Target.WriteCompressed(offset, buffer.AsSpan(0, length));
+                else _o.Target.Write(offset, buffer.AsSpan(0, length));
+            }
+            finally
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
+            }
+        }
+        AddProgress(length);
+    }
+
+    protected internal override async Task RunAsync(CancellationToken ct)
+    {
+        if (_o.Sync == BackupSync.None)
+        {
+            // Nothing to copy in the background: copy-before-write runs until the job is cancelled.
+            await Task.Delay(Timeout.Infinite, ct);
+            return;
+        }
+        var started = DateTime.UtcNow;
+        long copiedSinceStart = 0;
+        long next = 0;
+        var workers = Enumerable.Range(0, Math.Max(1, _o.Workers)).Select(_ => Task.Run(async () =>
+        {
+            while (true)
+            {
+                ct.ThrowIfCancellationRequested();
+                await PausePointAsync();
+                if (_hookError is not null) throw _hookError;
+                long cluster;
+                lock (_lock)
+                {
+                    cluster = _toCopy.NextSet(Interlocked.Read(ref next));
+                    if (cluster < 0) return;
+                    Interlocked.Exchange(ref next, cluster + 1);
+                }
+                if (!Claim(cluster, wait: false)) continue;
+                try
+                {
+                    CopyCluster(cluster);
+                }
+                finally
+                {
+                    Release(cluster);
+                }
+                if (Speed > 0)
+                {
+                    long copied = Interlocked.Add(ref copiedSinceStart, _cluster);
+                    double due = copied / (double)Speed;
+                    double elapsed = (DateTime.UtcNow - started).TotalSeconds;
+                    if (due > elapsed) await Task.Delay(TimeSpan.FromSeconds(Math.Min(due - elapsed, 1)), ct);
+                }
+            }
+        }, ct)).ToArray();
+        await Task.WhenAll(workers);
+        // Clusters a guest write was copying when the loop ended are done once they leave the in-flight set.
+        lock (_lock)
+            while (_inFlight.Count > 0) Monitor.Wait(_lock);
+        if (_hookError is not null) throw _hookError;
+        _o.Target.Flush();
+    }
+
+    private void Unhook()
+    {
+        if (!_hooked) return;
+        _hooked = false;
+        _o.Source.RemoveBeforeWriteHook(CopyBeforeWrite);
+    }
+
+    protected internal override void Commit()
+    {
+        Unhook();
+        if (_o.Bitmap is not { Successor: not null } b) return;
+        var set = _o.Source.Bitmaps;
+        if (_o.Mode == BitmapMode.Never) set.Reclaim(b);
+        else set.Abdicate(b);
+    }
+
+    protected internal override void Abort()
+    {
+        Unhook();
+        if (_o.Bitmap is not { Successor: not null } b) return;
+        var set = _o.Source.Bitmaps;
+        switch (_o.Mode)
+        {
+            case BitmapMode.Always:
+                // New writes, plus everything this job never copied.
+                set.Abdicate(b);
+                foreach (var (start, count) in _toCopy.SetRuns()) b.MarkDirty(start * _cluster, count * _cluster);
+                break;
+            default:
+                set.Reclaim(b);
+                break;
+        }
+    }
+
+    protected internal override void Clean()
+    {
+        Unhook();
+        _o.Release?.Invoke();
+    }
+}
