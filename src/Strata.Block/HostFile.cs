@@ -68,6 +68,13 @@ public sealed class HostFile : IDisposable
 
     public long Length => Interlocked.Read(ref _length);
 
+    /// <summary>Fault injection for tests (a daemon's blkdebug node). Format drivers raise read_aio / write_aio
+    /// for guest data only, as QEMU's qcow2 does (metadata I/O has events of its own); flushes raise
+    /// flush_to_disk here.</summary>
+    public Blkdebug? Faults { get; set; }
+
+    public void DataEvent(bool write, long offset, long length) => Faults?.Event(write ? "write_aio" : "read_aio", offset, length);
+
     /// <summary>Reads up to buffer.Length bytes; bytes past the end of the file read as zeros.</summary>
     public void Read(long offset, Span<byte> buffer)
     {
@@ -108,6 +115,7 @@ public sealed class HostFile : IDisposable
     /// <summary>fsync: everything written before is durable before anything written after.</summary>
     public void Flush()
     {
+        Faults?.Event("flush_to_disk", 0, 0);
         if (!FlushEnabled || ReadOnly) return;
         if (fsync((int)_handle.DangerousGetHandle()) != 0)
             throw new BlockException($"fsync of '{Path}' failed: errno {Marshal.GetLastPInvokeError()}");

@@ -39,6 +39,7 @@ public sealed class RawImage : BlockImage
     public override void Read(long offset, Span<byte> buffer)
     {
         CheckRange(offset, buffer.Length);
+        _file.DataEvent(false, offset, buffer.Length);
         _file.Read(offset, buffer);
     }
 
@@ -48,6 +49,7 @@ public sealed class RawImage : BlockImage
         CheckRange(offset, data.Length);
         BeforeWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
+        _file.DataEvent(true, offset, data.Length);
         _file.Write(offset, data);
     }
 

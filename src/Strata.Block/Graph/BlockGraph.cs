@@ -52,6 +52,8 @@ public sealed record BlockNodeSpec
     public string? NbdHost { get; init; }
     public int NbdPort { get; init; }
     public string NbdExport { get; init; } = "";
+    /// <summary>blkdebug: the fault injector put on the image file.</summary>
+    public Blkdebug? Faults { get; init; }
     /// <summary>null-co: the size.</summary>
     public long Size { get; init; } = 1L << 30;
 }
@@ -108,6 +110,14 @@ public sealed class BlockGraph : IDisposable
             {
                 var file = HostFile.Open(spec.Filename!, spec.ReadOnly);
                 node = new BlockNode(name, "file", new RawImage(file, "file"), null, spec.Filename!, autoNamed);
+                break;
+            }
+            case "blkdebug":
+            {
+                // A file node whose every read, write and flush passes QEMU-style fault injection rules.
+                var file = HostFile.Open(spec.Filename!, spec.ReadOnly);
+                file.Faults = spec.Faults;
+                node = new BlockNode(name, "blkdebug", new RawImage(file, "file"), null, spec.Filename!, autoNamed);
                 break;
             }
             case "null-co":

@@ -110,6 +110,7 @@ public sealed class BackupJob : Job
             }
             catch (Exception e)
             {
+                Unclaim(c);
                 _hookError ??= e;
                 throw new BlockException($"copy-before-write failed: {e.Message}");
             }
@@ -137,6 +138,12 @@ public sealed class BackupJob : Job
         }
     }
 
+    /// <summary>A copy failed: the cluster is still to copy (it counts as not copied for bitmap-mode=always).</summary>
+    private void Unclaim(long cluster)
+    {
+        lock (_lock) _toCopy.SetRange(cluster, 1);
+    }
+
     private void Release(long cluster)
     {
         lock (_lock)
@@ -151,24 +158,35 @@ public sealed class BackupJob : Job
         long offset = cluster * _cluster;
         int length = (int)Math.Min(_cluster, _o.Source.Size - offset);
         if (length <= 0) return;
-        var status = ChainStatus.Get(_o.Source, offset, length);
-        if (status.Zero && status.Length >= length)
+        string side = "read";
+        try
         {
-            _o.Target.WriteZeroes(offset, length, mayUnmap: true);
+            var status = ChainStatus.Get(_o.Source, offset, length);
+            if (status.Zero && status.Length >= length)
+            {
+                side = "write";
+                _o.Target.WriteZeroes(offset, length, mayUnmap: true);
+            }
+            else
+            {
+                var buffer = ArrayPool<byte>.Shared.Rent(length);
+                try
+                {
+                    _o.Source.Read(offset, buffer.AsSpan(0, length));
+                    side = "write";
+                    if (_o.Compress && offset % _o.Target.ClusterSize == 0) _o.Target.WriteCompressed(offset, buffer.AsSpan(0, length));
+                    else _o.Target.Write(offset, buffer.AsSpan(0, length));
+                }
+                finally
+                {
+                    ArrayPool<byte>.Shared.Return(buffer);
+                }
+            }
         }
-        else
+        catch (BlockIOException e)
         {
-            var buffer = ArrayPool<byte>.Shared.Rent(length);
-            try
-            {
-                _o.Source.Read(offset, buffer.AsSpan(0, length));
-                if (_o.Compress && offset % _o.Target.ClusterSize == 0) _o.Target.WriteCompressed(offset, buffer.AsSpan(0, length));
-                else _o.Target.Write(offset, buffer.AsSpan(0, length));
-            }
-            finally
-            {
-                ArrayPool<byte>.Shared.Return(buffer);
-            }
+            e.Operation ??= side;
+            throw;
         }
         AddProgress(length);
     }
@@ -184,11 +202,12 @@ public sealed class BackupJob : Job
         var started = DateTime.UtcNow;
         long copiedSinceStart = 0;
         long next = 0;
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
         var workers = Enumerable.Range(0, Math.Max(1, _o.Workers)).Select(_ => Task.Run(async () =>
         {
             while (true)
             {
-                ct.ThrowIfCancellationRequested();
+                if (stop.IsCancellationRequested) { ct.ThrowIfCancellationRequested(); return; }
                 await PausePointAsync();
                 if (_hookError is not null) throw _hookError;
                 long cluster;
@@ -203,6 +222,12 @@ public sealed class BackupJob : Job
                 {
                     CopyCluster(cluster);
                 }
+                catch
+                {
+                    Unclaim(cluster);
+                    stop.Cancel(); // one failure ends the loop: the rest stays "not copied"
+                    throw;
+                }
                 finally
                 {
                     Release(cluster);
@@ -215,8 +240,18 @@ public sealed class BackupJob : Job
                     if (due > elapsed) await Task.Delay(TimeSpan.FromSeconds(Math.Min(due - elapsed, 1)), ct);
                 }
             }
-        }, ct)).ToArray();
-        await Task.WhenAll(workers);
+        }, CancellationToken.None)).ToArray();
+        try
+        {
+            await Task.WhenAll(workers);
+        }
+        catch
+        {
+            // Report the first real failure, not a sibling's cancellation.
+            var real = workers.Where(w => w.IsFaulted).Select(w => w.Exception!.InnerException!).FirstOrDefault(e => e is not OperationCanceledException);
+            if (real is not null) throw real;
+            throw;
+        }
         // Clusters a guest write was copying when the loop ended are done once they leave the in-flight set.
         lock (_lock)
             while (_inFlight.Count > 0) Monitor.Wait(_lock);

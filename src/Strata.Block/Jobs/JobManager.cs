@@ -78,6 +78,8 @@ public sealed class JobManager
             else if (failure is not null and not OperationCanceledException) job.Error = failure.Message;
             else if (failure is OperationCanceledException) job.Error = "Operation canceled";
             var group = job.Group!;
+            if (job.IsBlockJob && failure is BlockIOException io)
+                _emit("BLOCK_JOB_ERROR", new QDict().Add("device", job.Id).Add("operation", io.Operation ?? "read").Add("action", "report"));
             if (job.Error is not null)
             {
                 group.Failed = true;
@@ -102,6 +104,8 @@ public sealed class JobManager
         {
             if (group.Failed && j.Status == JobStatus.Waiting)
             {
+                // Finished its work, but the group failed: it is cancelled (BLOCK_JOB_CANCELLED, offset == len).
+                j.Cancellation.Cancel();
                 j.Error ??= "Operation canceled";
                 Transition(j, JobStatus.Aborting);
             }

@@ -281,6 +281,7 @@ public sealed partial class Qcow2Image : BlockImage
             switch (run.Kind)
             {
                 case L2EntryKind.Normal:
+                    _file.DataEvent(false, run.HostOffset, slice.Length);
                     _file.Read(run.HostOffset, slice);
                     break;
                 case L2EntryKind.ZeroAllocated:
@@ -349,12 +350,27 @@ public sealed partial class Qcow2Image : BlockImage
             }
             if (allocation is null)
             {
+                _file.DataEvent(true, host, length);
                 _file.Write(host, data[..(int)length]);
             }
             else
             {
                 // The data goes to its new clusters outside the lock, so writers allocating different clusters
                 // proceed in parallel; the L2 entries point at it only once it is written.
+                try
+                {
+                    _file.DataEvent(true, allocation.HostStart, length);
+                }
+                catch
+                {
+                    lock (_lock)
+                    {
+                        // The write failed before any data went out: give the clusters back to the in-flight set's owner.
+                        foreach (var c in Enumerable.Range(0, (int)allocation.Count)) _clustersInFlight.Remove(allocation.FirstCluster + c);
+                        Monitor.PulseAll(_lock);
+                    }
+                    throw;
+                }
                 if (allocation.Buffer is null) _file.Write(allocation.HostStart, data[..(int)length]);
                 else _file.Write(allocation.HostStart, allocation.Buffer);
                 lock (_lock)

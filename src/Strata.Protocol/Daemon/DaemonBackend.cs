@@ -491,7 +491,7 @@ public sealed partial class DaemonBackend : IQmpBackend
 
     private static readonly ArgSpec[] BlockdevAddCommon =
     [
-        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co", "nbd"]),
+        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co", "nbd", "blkdebug"]),
         new("node-name", ArgType.Str, true),
         new("discard", ArgType.Enum, true, ["ignore", "unmap", "off", "on"]),
         new("cache", ArgType.Object, true),
@@ -519,6 +519,13 @@ public sealed partial class DaemonBackend : IQmpBackend
         ],
         ["raw"] = [new("file", ArgType.Any), new("offset", ArgType.Int, true), new("size", ArgType.Int, true)],
         ["null-co"] = [new("size", ArgType.Int, true), new("latency-ns", ArgType.UInt64, true), new("read-zeroes", ArgType.Bool, true)],
+        ["blkdebug"] =
+        [
+            new("image", ArgType.Any), new("config", ArgType.Str, true), new("align", ArgType.Int, true), new("max-transfer", ArgType.Int, true),
+            new("opt-write-zero", ArgType.Int, true), new("max-write-zero", ArgType.Int, true), new("opt-discard", ArgType.Int, true),
+            new("max-discard", ArgType.Int, true), new("inject-error", ArgType.Any, true), new("set-state", ArgType.Any, true),
+            new("take-child-perms", ArgType.Any, true), new("share-child-perms", ArgType.Any, true),
+        ],
         ["nbd"] =
         [
             new("server", ArgType.Object), new("export", ArgType.Str, true), new("tls-creds", ArgType.Str, true), new("tls-hostname", ArgType.Str, true),
@@ -544,6 +551,34 @@ public sealed partial class DaemonBackend : IQmpBackend
             Filename = driver == "file" ? ArgSchema.Str(a, "filename") : null,
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
         };
+        if (driver == "blkdebug")
+        {
+            if (a["image"] is not JsonObject image || ArgSchema.OptStr(image, "driver") != "file")
+                throw QmpException.Generic($"Parameter '{prefix}image': only an inline file node is supported under blkdebug");
+            ArgSchema.Validate(image, BlockdevAddCommon.Concat(DriverArgs["file"]).ToArray(), prefix + "image.");
+            if (a.ContainsKey("config")) throw QmpException.Generic($"Parameter '{prefix}config': blkdebug config files are not supported");
+            var states = new List<BlkdebugStateRule>();
+            var errors = new List<BlkdebugErrorRule>();
+            int i = 0;
+            foreach (var r in a["set-state"] as JsonArray ?? [])
+            {
+                var o = r as JsonObject ?? throw QmpException.Generic($"Invalid parameter type for '{prefix}set-state[{i}]', expected: object");
+                ArgSchema.Validate(o, [new("event", ArgType.Enum, false, Blkdebug.KnownEvents), new("state", ArgType.Int, true), new("new_state", ArgType.Int)], $"{prefix}set-state[{i}].");
+                states.Add(new BlkdebugStateRule(ArgSchema.Str(o, "event"), (int)(ArgSchema.OptLong(o, "state") ?? 0), (int)ArgSchema.OptLong(o, "new_state")!));
+                i++;
+            }
+            i = 0;
+            foreach (var r in a["inject-error"] as JsonArray ?? [])
+            {
+                var o = r as JsonObject ?? throw QmpException.Generic($"Invalid parameter type for '{prefix}inject-error[{i}]', expected: object");
+                ArgSchema.Validate(o, [new("event", ArgType.Enum, false, Blkdebug.KnownEvents), new("iotype", ArgType.Str, true), new("errno", ArgType.Int, true),
+                    new("sector", ArgType.Int, true), new("once", ArgType.Bool, true), new("immediately", ArgType.Bool, true), new("state", ArgType.Int, true)], $"{prefix}inject-error[{i}].");
+                errors.Add(new BlkdebugErrorRule(ArgSchema.Str(o, "event"), (int)(ArgSchema.OptLong(o, "errno") ?? 5), (int?)ArgSchema.OptLong(o, "state"),
+                    ArgSchema.OptLong(o, "sector"), ArgSchema.Bool(o, "once")));
+                i++;
+            }
+            spec = spec with { Filename = ArgSchema.Str(image, "filename"), Faults = new Blkdebug(states, errors) };
+        }
         if (driver == "nbd")
         {
             var server = (JsonObject)a["server"]!;
