@@ -36,6 +36,8 @@ public sealed class BackupJob : Job
     private readonly HierarchicalBitmap _toCopy;
     private readonly HashSet<long> _inFlight = new();
     private readonly object _lock = new();
+    /// <summary>Largest run the background loop copies at once (in job clusters; 2 MiB at 64 KiB).</summary>
+    private readonly long RunClusters;
     private Exception? _hookError;
     private bool _hooked;
 
@@ -51,6 +53,9 @@ public sealed class BackupJob : Job
         _cluster = Math.Max(65536, options.Target.ClusterSize);
         long size = options.Source.Size;
         _toCopy = new HierarchicalBitmap((size + _cluster - 1) / _cluster);
+        RunClusters = Math.Max(1, (2L << 20) / _cluster);
+        // A speed limit wants small steps; compression works cluster by cluster anyway.
+        if (options.Compress) RunClusters = 1;
     }
 
     /// <summary>Fixes the point in time: builds the copy map, freezes the bitmap, installs the hook. Runs when the
@@ -153,10 +158,13 @@ public sealed class BackupJob : Job
         }
     }
 
-    private void CopyCluster(long cluster)
+    private void CopyCluster(long cluster) => CopyClusters(cluster, 1);
+
+    /// <summary>Copies a run of job clusters with one read and one write (zero runs as write-zeroes).</summary>
+    private void CopyClusters(long cluster, long count)
     {
         long offset = cluster * _cluster;
-        int length = (int)Math.Min(_cluster, _o.Source.Size - offset);
+        int length = (int)Math.Min(_cluster * count, _o.Source.Size - offset);
         if (length <= 0) return;
         string side = "read";
         try
@@ -210,31 +218,45 @@ public sealed class BackupJob : Job
                 if (stop.IsCancellationRequested) { ct.ThrowIfCancellationRequested(); return; }
                 await PausePointAsync();
                 if (_hookError is not null) throw _hookError;
-                long cluster;
+                long cluster, count;
                 lock (_lock)
                 {
+                    // Take a run of adjacent clusters still to copy: one read and one write for all of them.
                     cluster = _toCopy.NextSet(Interlocked.Read(ref next));
                     if (cluster < 0) return;
-                    Interlocked.Exchange(ref next, cluster + 1);
+                    count = 0;
+                    while (count < RunClusters && cluster + count < _toCopy.Length && _toCopy.Get(cluster + count) && !_inFlight.Contains(cluster + count))
+                        count++;
+                    if (count == 0)
+                    {
+                        Interlocked.Exchange(ref next, cluster + 1);
+                        continue;
+                    }
+                    _toCopy.ResetRange(cluster, count);
+                    for (long c = cluster; c < cluster + count; c++) _inFlight.Add(c);
+                    Interlocked.Exchange(ref next, cluster + count);
                 }
-                if (!Claim(cluster, wait: false)) continue;
                 try
                 {
-                    CopyCluster(cluster);
+                    CopyClusters(cluster, count);
                 }
                 catch
                 {
-                    Unclaim(cluster);
+                    lock (_lock) _toCopy.SetRange(cluster, count);
                     stop.Cancel(); // one failure ends the loop: the rest stays "not copied"
                     throw;
                 }
                 finally
                 {
-                    Release(cluster);
+                    lock (_lock)
+                    {
+                        for (long c = cluster; c < cluster + count; c++) _inFlight.Remove(c);
+                        Monitor.PulseAll(_lock);
+                    }
                 }
                 if (Speed > 0)
                 {
-                    long copied = Interlocked.Add(ref copiedSinceStart, _cluster);
+                    long copied = Interlocked.Add(ref copiedSinceStart, _cluster * count);
                     double due = copied / (double)Speed;
                     double elapsed = (DateTime.UtcNow - started).TotalSeconds;
                     if (due > elapsed) await Task.Delay(TimeSpan.FromSeconds(Math.Min(due - elapsed, 1)), ct);
