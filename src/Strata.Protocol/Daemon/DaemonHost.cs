@@ -67,6 +67,12 @@ public sealed class DaemonHost : IAsyncDisposable
                 throw new DaemonUsageException($"--export {text}: {e.Message}");
             }
         }
+        // The pidfile exists before any client can connect (a client that sees the socket may read it at once).
+        if (_options.PidFile is { } pid)
+        {
+            File.WriteAllText(pid, Environment.ProcessId + "\n");
+            _pidFileWritten = true;
+        }
         foreach (var (text, id) in _options.Monitors)
         {
             var c = _options.Chardevs[id];
@@ -80,11 +86,6 @@ public sealed class DaemonHost : IAsyncDisposable
             {
                 throw new DaemonUsageException($"--monitor {text}: Failed to bind socket: {e.Message}");
             }
-        }
-        if (_options.PidFile is { } pid)
-        {
-            File.WriteAllText(pid, Environment.ProcessId + "\n");
-            _pidFileWritten = true;
         }
     }
 
