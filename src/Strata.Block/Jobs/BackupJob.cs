@@ -169,26 +169,34 @@ public sealed class BackupJob : Job
         string side = "read";
         try
         {
-            var status = ChainStatus.Get(_o.Source, offset, length);
-            if (status.Zero && status.Length >= length)
+            // Zero areas go out as write-zeroes so a sparse disk gives a sparse backup; data is read and written
+            // in as few requests as the extents allow.
+            for (long pos = offset; pos < offset + length;)
             {
-                side = "write";
-                _o.Target.WriteZeroes(offset, length, mayUnmap: true);
-            }
-            else
-            {
-                var buffer = ArrayPool<byte>.Shared.Rent(length);
-                try
+                var status = ChainStatus.Get(_o.Source, pos, offset + length - pos);
+                int n = (int)status.Length;
+                if (status.Zero)
                 {
-                    _o.Source.Read(offset, buffer.AsSpan(0, length));
                     side = "write";
-                    if (_o.Compress && offset % _o.Target.ClusterSize == 0) _o.Target.WriteCompressed(offset, buffer.AsSpan(0, length));
-                    else _o.Target.Write(offset, buffer.AsSpan(0, length));
+                    _o.Target.WriteZeroes(pos, n, mayUnmap: true);
                 }
-                finally
+                else
                 {
-                    ArrayPool<byte>.Shared.Return(buffer);
+                    var buffer = ArrayPool<byte>.Shared.Rent(n);
+                    try
+                    {
+                        side = "read";
+                        _o.Source.Read(pos, buffer.AsSpan(0, n));
+                        side = "write";
+                        if (_o.Compress && pos % _o.Target.ClusterSize == 0) _o.Target.WriteCompressed(pos, buffer.AsSpan(0, n));
+                        else _o.Target.Write(pos, buffer.AsSpan(0, n));
+                    }
+                    finally
+                    {
+                        ArrayPool<byte>.Shared.Return(buffer);
+                    }
                 }
+                pos += n;
             }
         }
         catch (BlockIOException e)
