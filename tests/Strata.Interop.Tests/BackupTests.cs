@@ -152,3 +152,90 @@ public class BackupTests : IDisposable
         Assert.Empty((await qmp.ExecuteAsync("query-jobs"))!.AsArray());
     }
 }
+
+/// <summary>Failure paths with blkdebug: individual mode lets the healthy job finish; grouped mode cancels
+/// everything and keeps every bitmap; a retry then succeeds.</summary>
+public class BackupFailureTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("bkf-").FullName;
+    private string P(string name) => Path.Combine(_dir, name);
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    [Fact]
+    public async Task GroupedFailureCancelsAllAndKeepsBitmapsIndividualFailureDoesNot()
+    {
+        foreach (var n in new[] { "d0", "d1" })
+        {
+            Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", P(n + ".qcow2"), "16M").Exit);
+            Assert.Equal(0, Tools.Run("qemu-io", "-c", "write -P 0x61 0 4M", "-c", "write -P 0x62 8M 1M", P(n + ".qcow2")).Exit);
+        }
+        // d1's file fails the first two guest-data reads with EIO (two rules, each once).
+        string blkdebug = $$$"""{"driver":"qcow2","node-name":"d1","file":{"driver":"blkdebug","image":{"driver":"file","filename":"{{{P("d1.qcow2")}}}"},"inject-error":[{"event":"read_aio","errno":5,"once":true},{"event":"read_aio","errno":5,"once":true}]}}""";
+        using var d = new StrataDaemonProcess(_dir, "f", [
+            "--blockdev", $"driver=file,node-name=f0,filename={P("d0.qcow2")}", "--blockdev", "driver=qcow2,node-name=d0,file=f0",
+            "--blockdev", blkdebug, "--nbd-server", $"addr.type=unix,addr.path={P("f.nbd")}", "--export", "type=nbd,id=e0,node-name=d0,writable=on"]);
+        await using var qmp = await QmpClient.ConnectUnixAsync(d.QmpPath);
+        var events = new List<JsonObject>();
+        var reader = Task.Run(async () => { await foreach (var e in qmp.Events()) lock (events) events.Add(e); });
+        foreach (var n in new[] { "d0", "d1" })
+            await qmp.ExecuteAsync("block-dirty-bitmap-add", new Dictionary<string, object> { ["node"] = n, ["name"] = "b", ["granularity"] = 65536 });
+        async Task<long> Count(string node)
+        {
+            var nodes = (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray();
+            return nodes.First(x => x!["node-name"]!.GetValue<string>() == node)!["dirty-bitmaps"]!.AsArray()
+                .First(b => b!["name"]?.GetValue<string>() == "b")!["count"]!.GetValue<long>();
+        }
+        // Dirty some clusters so the bitmaps have something to keep.
+        foreach (var n in new[] { "d0", "d1" }) Assert.Equal(0, (await Count(n)));
+        async Task<Dictionary<string, string>> RunTransaction(string round, bool grouped)
+        {
+            lock (events) events.Clear();
+            string Backup(string n) => $$$"""{"type":"drive-backup","data":{"job-id":"{{{n}}}-{{{round}}}","device":"{{{n}}}","target":"{{{P($"{n}-{round}.qcow2")}}}","sync":"full","format":"qcow2","bitmap":"b","bitmap-mode":"on-success"}}""";
+            string props = grouped ? ""","properties":{"completion-mode":"grouped"}""" : "";
+            await qmp.ExecuteAsync("transaction", JsonNode.Parse($$$"""{"actions":[{{{Backup("d0")}}},{{{Backup("d1")}}}]{{{props}}}}"""));
+            var outcome = new Dictionary<string, string>();
+            for (int i = 0; i < 400 && outcome.Count < 2; i++)
+            {
+                await Task.Delay(25);
+                lock (events)
+                    foreach (var e in events)
+                    {
+                        string name = e["event"]!.GetValue<string>();
+                        if (name is "BLOCK_JOB_COMPLETED" or "BLOCK_JOB_CANCELLED")
+                            outcome[e["data"]!["device"]!.GetValue<string>()] = name == "BLOCK_JOB_CANCELLED" ? "cancelled" : e["data"]!["error"] is { } err ? "failed: " + err : "completed";
+                    }
+            }
+            return outcome;
+        }
+        await qmp.ExecuteAsync("block-dirty-bitmap-add", new Dictionary<string, object> { ["node"] = "d0", ["name"] = "probe" });
+
+        var individual = await RunTransaction("i", grouped: false);
+        Assert.Equal("completed", individual["d0-i"]);
+        Assert.Equal("failed: Input/output error", individual["d1-i"]);
+        Assert.Equal(0, Tools.Run("qemu-img", "compare", P("d0.qcow2"), P("d0-i.qcow2")).Exit);
+
+        // Writes after the individual round: d0's bitmap (synchronised by its successful job) records them.
+        Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x71 1M 64k", "-c", "write -P 0x72 12M 128k", $"nbd+unix:///d0?socket={P("f.nbd")}").Exit);
+        Assert.Equal(3 * 65536, await Count("d0"));
+
+        var grouped = await RunTransaction("g", grouped: true);
+        Assert.Equal("failed: Input/output error", grouped["d1-g"]);
+        Assert.Equal("cancelled", grouped["d0-g"]);
+        lock (events) Assert.Contains(events, e => e["event"]!.GetValue<string>() == "BLOCK_JOB_ERROR" && e["data"]!["device"]!.GetValue<string>() == "d1-g");
+
+        // Every bitmap kept its bits (reclaimed), nothing is busy, and a retry now succeeds on both.
+        Assert.Equal(3 * 65536, await Count("d0"));
+        var retry = await RunTransaction("r", grouped: true);
+        Assert.Equal("completed", retry["d0-r"]);
+        Assert.Equal("completed", retry["d1-r"]);
+        foreach (var n in new[] { "d0", "d1" })
+        {
+            Assert.Equal(0, await Count(n));
+            var cmp = Tools.Run("qemu-img", "compare", P($"{n}.qcow2"), P($"{n}-r.qcow2"));
+            Assert.True(cmp.Exit == 0, cmp.Stdout);
+        }
+        await qmp.ExecuteAsync("quit");
+        Assert.Equal(0, d.WaitForExit());
+    }
+}
