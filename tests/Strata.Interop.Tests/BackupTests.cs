@@ -191,7 +191,9 @@ public class BackupFailureTests : IDisposable
         async Task<Dictionary<string, string>> RunTransaction(string round, bool grouped)
         {
             lock (events) events.Clear();
-            string Backup(string n) => $$$"""{"type":"drive-backup","data":{"job-id":"{{{n}}}-{{{round}}}","device":"{{{n}}}","target":"{{{P($"{n}-{round}.qcow2")}}}","sync":"full","format":"qcow2","bitmap":"b","bitmap-mode":"on-success"}}""";
+            // One worker per job, so that exactly one injected error is used per round.
+            string Backup(string n) => "{\"type\":\"drive-backup\",\"data\":{\"job-id\":\"" + n + "-" + round + "\",\"device\":\"" + n + "\",\"target\":\"" + P($"{n}-{round}.qcow2")
+                + "\",\"sync\":\"full\",\"format\":\"qcow2\",\"bitmap\":\"b\",\"bitmap-mode\":\"on-success\",\"x-perf\":{\"max-workers\":1}}}";
             string props = grouped ? ""","properties":{"completion-mode":"grouped"}""" : "";
             await qmp.ExecuteAsync("transaction", JsonNode.Parse($$$"""{"actions":[{{{Backup("d0")}}},{{{Backup("d1")}}}]{{{props}}}}"""));
             var outcome = new Dictionary<string, string>();
@@ -237,5 +239,51 @@ public class BackupFailureTests : IDisposable
         }
         await qmp.ExecuteAsync("quit");
         Assert.Equal(0, d.WaitForExit());
+    }
+}
+
+public class BackupErrorPolicyTests : IDisposable
+{
+    private readonly string _dir = Directory.CreateTempSubdirectory("bkp-").FullName;
+    private string P(string name) => Path.Combine(_dir, name);
+
+    public void Dispose() => Directory.Delete(_dir, recursive: true);
+
+    [Fact]
+    public async Task OnSourceErrorStopPausesTheJobUntilResumedThenItCompletes()
+    {
+        Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", P("s.qcow2"), "16M").Exit);
+        Assert.Equal(0, Tools.Run("qemu-io", "-c", "write -P 0x51 0 16M", P("s.qcow2")).Exit);
+        string drive = $$$"""{"driver":"qcow2","node-name":"s","file":{"driver":"blkdebug","image":{"driver":"file","filename":"{{{P("s.qcow2")}}}"},"inject-error":[{"event":"read_aio","errno":5,"once":true}]}}""";
+        using var d = new StrataDaemonProcess(_dir, "p", ["--blockdev", drive]);
+        await using var qmp = await QmpClient.ConnectUnixAsync(d.QmpPath);
+        var events = new List<JsonObject>();
+        var reader = Task.Run(async () => { await foreach (var e in qmp.Events()) lock (events) events.Add(e); });
+        await qmp.ExecuteAsync("drive-backup", JsonNode.Parse($$$"""
+            {"job-id":"j","device":"s","target":"{{{P("t.qcow2")}}}","sync":"full","format":"qcow2","on-source-error":"stop"}
+            """));
+        JsonNode? job = null;
+        for (int i = 0; i < 200; i++)
+        {
+            job = (await qmp.ExecuteAsync("query-block-jobs"))!.AsArray().FirstOrDefault();
+            if (job?["status"]?.GetValue<string>() == "paused") break;
+            await Task.Delay(25);
+        }
+        Assert.Equal("paused", job!["status"]!.GetValue<string>());
+        Assert.True(job["paused"]!.GetValue<bool>());
+        Assert.Equal("failed", job["io-status"]!.GetValue<string>());
+        lock (events)
+            Assert.Contains(events, e => e["event"]!.GetValue<string>() == "BLOCK_JOB_ERROR" && e["data"]!["action"]!.GetValue<string>() == "stop"
+                                         && e["data"]!["operation"]!.GetValue<string>() == "read");
+        await qmp.ExecuteAsync("job-resume", new { id = "j" });
+        for (int i = 0; i < 400; i++)
+        {
+            lock (events) if (events.Any(e => e["event"]!.GetValue<string>() == "BLOCK_JOB_COMPLETED")) break;
+            await Task.Delay(25);
+        }
+        lock (events) Assert.Null(events.Single(e => e["event"]!.GetValue<string>() == "BLOCK_JOB_COMPLETED")["data"]!["error"]);
+        await qmp.ExecuteAsync("quit");
+        Assert.Equal(0, d.WaitForExit());
+        Assert.Equal(0, Tools.Run("qemu-img", "compare", P("s.qcow2"), P("t.qcow2")).Exit);
     }
 }

@@ -18,6 +18,10 @@ public sealed record BackupOptions
     public bool Compress { get; init; }
     public long Speed { get; init; }
     public int Workers { get; init; } = 4;
+    /// <summary>on-source-error / on-target-error: report (fail the job), stop (pause until resumed, then retry),
+    /// ignore (report and retry), enospc (stop on ENOSPC, report otherwise).</summary>
+    public string OnSourceError { get; init; } = "report";
+    public string OnTargetError { get; init; } = "report";
     /// <summary>Called in Clean: release the target (a job-owned image is disposed, a node is released).</summary>
     public Action? Release { get; init; }
 }
@@ -143,6 +147,18 @@ public sealed class BackupJob : Job
         }
     }
 
+    /// <summary>The error policy that applies to an I/O error, by the side it happened on.</summary>
+    private string Policy(BlockIOException e)
+    {
+        string policy = e.Operation == "write" ? _o.OnTargetError : _o.OnSourceError;
+        return policy switch
+        {
+            "enospc" => e.Errno == 28 ? "stop" : "report",
+            "auto" => "report",
+            _ => policy,
+        };
+    }
+
     /// <summary>A copy failed: the cluster is still to copy (it counts as not copied for bitmap-mode=always).</summary>
     private void Unclaim(long cluster)
     {
@@ -231,6 +247,8 @@ public sealed class BackupJob : Job
                 {
                     // Take a run of adjacent clusters still to copy: one read and one write for all of them.
                     cluster = _toCopy.NextSet(Interlocked.Read(ref next));
+                    // Clusters put back after an error may sit behind the cursor: look from the start once more.
+                    if (cluster < 0) cluster = _toCopy.NextSet(0);
                     if (cluster < 0) return;
                     count = 0;
                     while (count < RunClusters && cluster + count < _toCopy.Length && _toCopy.Get(cluster + count) && !_inFlight.Contains(cluster + count))
@@ -247,6 +265,14 @@ public sealed class BackupJob : Job
                 try
                 {
                     CopyClusters(cluster, count);
+                }
+                catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
+                {
+                    // Not copied: back into the map, reported, and retried after a resume (stop) or at once (ignore).
+                    lock (_lock) _toCopy.SetRange(cluster, count);
+                    Interlocked.Exchange(ref next, 0);
+                    IoError(e.Operation ?? "read", Policy(e));
+                    if (Policy(e) == "ignore") await Task.Delay(10, CancellationToken.None); // do not spin on a lasting error
                 }
                 catch
                 {

@@ -89,6 +89,10 @@ public abstract class Job
     protected void AddProgress(long delta) => Interlocked.Add(ref _progress, delta);
 
     internal CancellationTokenSource Cancellation { get; } = new();
+    /// <summary>Set while the job is stopped by an I/O error (on-*-error=stop): query-block-jobs io-status "failed".</summary>
+    internal bool IoFailed { get; set; }
+    /// <summary>Installed by the manager: stop the job after an I/O error (BLOCK_JOB_ERROR, paused until resumed).</summary>
+    internal Action<string, string>? ReportIoError { get; set; }
     internal JobGroup? Group { get; set; }
     internal int UserPauses { get; set; }
     internal TaskCompletionSource ResumeSignal { get; set; } = CompletedSignal();
@@ -106,6 +110,10 @@ public abstract class Job
 
     /// <summary>Pause point: jobs call it between units of work.</summary>
     protected Task PausePointAsync() => ResumeSignal.Task;
+
+    /// <summary>Tells the manager about an I/O error the job will retry: <paramref name="action"/> is "stop"
+    /// (pause until job-resume) or "ignore" (just report).</summary>
+    protected void IoError(string operation, string action) => ReportIoError?.Invoke(operation, action);
 
     /// <summary>Success of the whole group: make the result permanent.</summary>
     protected internal virtual void Commit() { }

@@ -38,6 +38,8 @@ public sealed class JobManager
             }
             foreach (var j in jobs)
             {
+                var job = j;
+                j.ReportIoError = (operation, action) => IoErrorStop(job, operation, action);
                 j.Group = group;
                 group.Jobs.Add(j);
                 _jobs[j.Id] = j;
@@ -169,6 +171,20 @@ public sealed class JobManager
         _emit("JOB_STATUS_CHANGE", new QDict().Add("id", job.Id).Add("status", JobTables.Name(to)));
     }
 
+    /// <summary>An I/O error under on-*-error=stop or ignore: report it; with stop, pause until job-resume.</summary>
+    private void IoErrorStop(Job job, string operation, string action)
+    {
+        lock (_lock)
+        {
+            _emit("BLOCK_JOB_ERROR", new QDict().Add("device", job.Id).Add("operation", operation).Add("action", action));
+            if (action != "stop" || job.Status != JobStatus.Running) return;
+            job.IoFailed = true;
+            job.UserPauses = 1;
+            if (job.ResumeSignal.Task.IsCompleted) job.ResumeSignal = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            Transition(job, JobStatus.Paused);
+        }
+    }
+
     // ------------------------------------------------------------------ verbs
 
     private Job Find(string id, bool blockFamily)
@@ -240,6 +256,7 @@ public sealed class JobManager
 
     private void ResumeLocked(Job job)
     {
+        job.IoFailed = false;
         if (job.Status == JobStatus.Paused) Transition(job, JobStatus.Running);
         else if (job.Status == JobStatus.Standby) Transition(job, JobStatus.Ready);
         job.ResumeSignal.TrySetResult();
@@ -311,7 +328,7 @@ public sealed class JobManager
             {
                 var d = new QDict().Add("type", j.Type).Add("device", j.Id).Add("len", j.Total).Add("offset", j.Progress)
                     .Add("busy", j.Status == JobStatus.Running).Add("paused", j.UserPauses > 0).Add("speed", j.Speed)
-                    .Add("io-status", "ok").Add("ready", j.Status is JobStatus.Ready or JobStatus.Standby).Add("status", JobTables.Name(j.Status))
+                    .Add("io-status", j.IoFailed ? "failed" : "ok").Add("ready", j.Status is JobStatus.Ready or JobStatus.Standby).Add("status", JobTables.Name(j.Status))
                     .Add("auto-finalize", j.AutoFinalize).Add("auto-dismiss", j.AutoDismiss);
                 if (j.Error is { } e) d.Add("error", e);
                 return (object?)d;

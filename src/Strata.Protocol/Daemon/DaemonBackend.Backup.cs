@@ -133,6 +133,9 @@ public sealed partial class DaemonBackend
                 Mode = mode switch { "always" => BitmapMode.Always, "never" => BitmapMode.Never, _ => BitmapMode.OnSuccess },
                 Compress = ArgSchema.Bool(a, "compress"),
                 Speed = a["speed"] is JsonValue s ? s.GetValue<long>() : 0,
+                Workers = a["x-perf"]?["max-workers"] is JsonValue w ? (int)Math.Min(w.GetValue<long>(), 64) : 4,
+                OnSourceError = ArgSchema.OptStr(a, "on-source-error") ?? "report",
+                OnTargetError = ArgSchema.OptStr(a, "on-target-error") ?? "report",
                 Release = release,
             };
             var job = new BackupJob(jobId, options, ArgSchema.Bool(a, "auto-finalize", true), ArgSchema.Bool(a, "auto-dismiss", true));
