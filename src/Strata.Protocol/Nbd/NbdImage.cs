@@ -91,11 +91,17 @@ public sealed class NbdImage : BlockImage
         CheckRange(offset, length);
         BeforeWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
+        InChunks(offset, length, (at, n) => _client.WriteZeroesAsync(at, n, noHole: !mayUnmap));
+    }
+
+    /// <summary>Zero and trim requests carry a 32-bit length: split larger ranges.</summary>
+    private static void InChunks(long offset, long length, Func<long, uint, Task> request)
+    {
         for (long pos = 0; pos < length; pos += 1L << 30)
         {
             uint n = (uint)Math.Min(1L << 30, length - pos);
             long at = offset + pos;
-            Run(() => _client.WriteZeroesAsync(at, n, noHole: !mayUnmap));
+            Run(() => request(at, n));
         }
     }
 
@@ -105,12 +111,7 @@ public sealed class NbdImage : BlockImage
         CheckRange(offset, length);
         BeforeWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
-        for (long pos = 0; pos < length; pos += 1L << 30)
-        {
-            uint n = (uint)Math.Min(1L << 30, length - pos);
-            long at = offset + pos;
-            Run(() => _client.TrimAsync(at, n));
-        }
+        InChunks(offset, length, _client.TrimAsync);
     }
 
     public override void Flush() => Run(() => _client.FlushAsync());

@@ -23,24 +23,9 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
         _maxConnections = maxConnections;
     }
 
-    public static NbdServer ListenUnix(string path, int maxConnections = 100)
-    {
-        if (File.Exists(path)) File.Delete(path);
-        var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        s.Bind(new UnixDomainSocketEndPoint(path));
-        s.Listen(512);
-        return new NbdServer(s, path, maxConnections);
-    }
+    public static NbdServer ListenUnix(string path, int maxConnections = 100) => new(Listeners.Unix(path, 512), path, maxConnections);
 
-    public static NbdServer ListenTcp(string host, int port, int maxConnections = 100)
-    {
-        var address = host is "" or "localhost" ? IPAddress.Loopback : IPAddress.Parse(host);
-        var s = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-        s.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-        s.Bind(new IPEndPoint(address, port));
-        s.Listen(512);
-        return new NbdServer(s, null, maxConnections);
-    }
+    public static NbdServer ListenTcp(string host, int port, int maxConnections = 100) => new(Listeners.Tcp(host, port, 512), null, maxConnections);
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint!;
 

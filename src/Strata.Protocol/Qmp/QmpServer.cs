@@ -23,24 +23,9 @@ public sealed class QmpServer : IAsyncDisposable
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint!;
 
-    public static QmpServer ListenUnix(string path, IQmpBackend backend)
-    {
-        if (File.Exists(path)) File.Delete(path);
-        var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        s.Bind(new UnixDomainSocketEndPoint(path));
-        s.Listen(16);
-        return new QmpServer(s, backend, path);
-    }
+    public static QmpServer ListenUnix(string path, IQmpBackend backend) => new(Listeners.Unix(path, 16), backend, path);
 
-    public static QmpServer ListenTcp(string host, int port, IQmpBackend backend)
-    {
-        var address = host is "" or "localhost" ? IPAddress.Loopback : IPAddress.Parse(host);
-        var s = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
-        s.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
-        s.Bind(new IPEndPoint(address, port));
-        s.Listen(16);
-        return new QmpServer(s, backend, null);
-    }
+    public static QmpServer ListenTcp(string host, int port, IQmpBackend backend) => new(Listeners.Tcp(host, port, 16), backend, null);
 
     public void Start() => _acceptLoop = AcceptLoopAsync();
 
