@@ -209,6 +209,39 @@ public class DaemonTests : IDisposable
         Assert.True(Gone(), "daemon process still running after quit");
     }
 
+    [Fact]
+    public async Task QmpAlsoServesTcpWithSeveralClientsAtOnce()
+    {
+        int port = 20000 + Random.Shared.Next(20000);
+        var psi = new ProcessStartInfo("dotnet") { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon", "--blockdev", "driver=null-co,node-name=n0",
+                     "--chardev", $"socket,id=t,host=127.0.0.1,port={port},server=on,wait=off", "--monitor", "chardev=t" })
+            psi.ArgumentList.Add(a);
+        using var daemon = Process.Start(psi)!;
+        try
+        {
+            QmpClient? first = null;
+            for (int i = 0; i < 200 && first is null; i++)
+            {
+                try { first = await QmpClient.ConnectTcpAsync("127.0.0.1", port); }
+                catch (System.Net.Sockets.SocketException) { await Task.Delay(25); }
+            }
+            Assert.NotNull(first);
+            await using var a = first;
+            await using var b = await QmpClient.ConnectTcpAsync("127.0.0.1", port);
+            await a.ExecuteAsync("block-dirty-bitmap-add", new { node = "n0", name = "x" });
+            var seen = (await b.ExecuteAsync("query-named-block-nodes"))!.AsArray()[0]!["dirty-bitmaps"]![0]!["name"]!.GetValue<string>();
+            Assert.Equal("x", seen); // one daemon, two sessions
+            await b.ExecuteAsync("quit");
+            Assert.True(daemon.WaitForExit(15000));
+            Assert.Equal(0, daemon.ExitCode);
+        }
+        finally
+        {
+            if (!daemon.HasExited) daemon.Kill();
+        }
+    }
+
     public static TheoryData<string[], string> BadCommandLines => new()
     {
         { ["--foo"], "unrecognized option '--foo'" },
