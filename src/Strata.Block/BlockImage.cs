@@ -117,11 +117,22 @@ public abstract class BlockImage : IDisposable
     public virtual void SetBackingFile(string? backingFile, string? backingFormat) =>
         throw new BlockException($"The {FormatName} format does not support backing files");
 
-    /// <summary>Replaces the opened backing image (after a rebase).</summary>
+    private bool _ownsBacking = true;
+
+    /// <summary>Replaces the opened backing image (after a rebase); this image owns the new one.</summary>
     public void ReplaceBacking(BlockImage? backing)
     {
-        Backing?.Dispose();
+        if (_ownsBacking) Backing?.Dispose();
         Backing = backing;
+        _ownsBacking = true;
+    }
+
+    /// <summary>Uses another node's image as the backing image (blockdev-add "backing": NODE); not owned.</summary>
+    public void UseBackingNode(BlockImage backing)
+    {
+        if (_ownsBacking) Backing?.Dispose();
+        Backing = backing;
+        _ownsBacking = false;
     }
 
     /// <summary>Reads bytes of the image that this layer does not have: from the backing chain, or zeros.</summary>
@@ -148,7 +159,7 @@ public abstract class BlockImage : IDisposable
 
     public virtual void Dispose()
     {
-        Backing?.Dispose();
+        if (_ownsBacking) Backing?.Dispose();
         Backing = null;
         GC.SuppressFinalize(this);
     }

@@ -28,6 +28,9 @@ public sealed class BlockNode
     /// succeed without doing anything, and zero writes keep their allocation.</summary>
     public bool DiscardUnmap { get; init; }
 
+    /// <summary>The node named as this node's backing image, if any.</summary>
+    public BlockNode? BackingChild { get; internal set; }
+
     /// <summary>Users of this node: parents in the graph, exports, jobs.</summary>
     public int Users { get; internal set; }
 }
@@ -45,6 +48,8 @@ public sealed record BlockNodeSpec
     public BlockNodeSpec? FileInline { get; init; }
     /// <summary>qcow2: false for "backing": null (do not open the backing chain).</summary>
     public bool OpenBacking { get; init; } = true;
+    /// <summary>qcow2: "backing": NODE — an existing node serves as the backing image (fleecing overlays).</summary>
+    public string? BackingNodeName { get; init; }
     /// <summary>The "discard" option: true for unmap/on.</summary>
     public bool DiscardUnmap { get; init; }
     /// <summary>nbd: where the export lives (a unix socket path, or host and port) and its name.</summary>
@@ -148,7 +153,19 @@ public sealed class BlockGraph : IDisposable
                     BlockImage image = spec.Driver == "raw"
                         ? new RawImage(fileImage.File, "raw", ownsFile: false)
                         : Qcow2Image.Open(fileImage.File, new Qcow2OpenOptions { OwnsFile = false, ReadOnly = spec.ReadOnly });
-                    if (spec.OpenBacking && image.BackingFileName is { } backing)
+                    BlockNode? backingNode = null;
+                    if (spec.BackingNodeName is { } bn)
+                    {
+                        backingNode = _nodes.GetValueOrDefault(bn);
+                        if (backingNode is null)
+                        {
+                            image.Dispose();
+                            throw new BlockException($"Cannot find device='{bn}' nor node-name='{bn}'");
+                        }
+                        image.UseBackingNode(backingNode.Image);
+                        backingNode.Users++;
+                    }
+                    else if (spec.OpenBacking && image.BackingFileName is { } backing)
                     {
                         try
                         {
@@ -160,7 +177,7 @@ public sealed class BlockGraph : IDisposable
                             throw;
                         }
                     }
-                    node = new BlockNode(name, spec.Driver, image, child, child.FileName, autoNamed);
+                    node = new BlockNode(name, spec.Driver, image, child, child.FileName, autoNamed) { BackingChild = backingNode };
                     child.Users++;
                 }
                 catch
@@ -176,7 +193,8 @@ public sealed class BlockGraph : IDisposable
                 node = new BlockNode(name, spec.Driver, external, null, external.FileName, autoNamed);
                 break;
         }
-        node = new BlockNode(node.Name, node.Driver, node.Image, node.FileChild, node.FileName, node.AutoNamed) { DiscardUnmap = spec.DiscardUnmap };
+        node = new BlockNode(node.Name, node.Driver, node.Image, node.FileChild, node.FileName, node.AutoNamed)
+            { DiscardUnmap = spec.DiscardUnmap, BackingChild = node.BackingChild };
         _nodes[name] = node;
         _order.Add(name);
         return node;
@@ -217,6 +235,7 @@ public sealed class BlockGraph : IDisposable
         _nodes.Remove(node.Name);
         _order.Remove(node.Name);
         node.Image.Dispose();
+        if (node.BackingChild is { } backingChild) backingChild.Users--;
         if (node.FileChild is { } child)
         {
             child.Users--;

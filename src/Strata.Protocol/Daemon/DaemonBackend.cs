@@ -613,9 +613,12 @@ public sealed partial class DaemonBackend : IQmpBackend
             }
             if (a.TryGetPropertyValue("backing", out var backing))
             {
-                if (backing is not null)
-                    throw QmpException.Generic($"Parameter '{prefix}backing': naming a backing node is not supported; leave it out to open the image's own backing chain, or use null");
-                spec = spec with { OpenBacking = false };
+                spec = backing switch
+                {
+                    null => spec with { OpenBacking = false },
+                    JsonValue bv when bv.GetValueKind() == JsonValueKind.String => spec with { OpenBacking = false, BackingNodeName = bv.GetValue<string>() },
+                    _ => throw QmpException.Generic($"Parameter '{prefix}backing': an inline backing definition is not supported; name a node or use null"),
+                };
             }
             if (driver == "raw" && (a.ContainsKey("offset") || a.ContainsKey("size")))
                 throw QmpException.Generic($"Parameter '{prefix}offset'/'size' of the raw driver are not supported");
