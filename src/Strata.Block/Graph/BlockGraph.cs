@@ -28,6 +28,9 @@ public sealed class BlockNode
     /// succeed without doing anything, and zero writes keep their allocation.</summary>
     public bool DiscardUnmap { get; init; }
 
+    /// <summary>Nodes a filter uses (copy-before-write: source and target; snapshot-access: the filter).</summary>
+    public List<BlockNode> OtherChildren { get; internal set; } = new();
+
     /// <summary>The node named as this node's backing image, if any.</summary>
     public BlockNode? BackingChild { get; internal set; }
 
@@ -48,6 +51,9 @@ public sealed record BlockNodeSpec
     public BlockNodeSpec? FileInline { get; init; }
     /// <summary>qcow2: false for "backing": null (do not open the backing chain).</summary>
     public bool OpenBacking { get; init; } = true;
+    /// <summary>copy-before-write: the target node, and the bitmap (node, name) limiting what is kept.</summary>
+    public string? TargetNodeName { get; init; }
+    public (string Node, string Name)? CbwBitmap { get; init; }
     /// <summary>qcow2: "backing": NODE — an existing node serves as the backing image (fleecing overlays).</summary>
     public string? BackingNodeName { get; init; }
     /// <summary>The "discard" option: true for unmap/on.</summary>
@@ -125,6 +131,35 @@ public sealed class BlockGraph : IDisposable
                 node = new BlockNode(name, "blkdebug", new RawImage(file, "file"), null, spec.Filename!, autoNamed);
                 break;
             }
+            case "copy-before-write":
+            case "snapshot-access":
+            {
+                string fileName = spec.FileNodeName ?? throw new BlockException("Parameter 'file' is missing");
+                var file = _nodes.GetValueOrDefault(fileName) ?? throw new BlockException($"Cannot find device='{fileName}' nor node-name='{fileName}'");
+                var children = new List<BlockNode> { file };
+                BlockImage filter;
+                if (spec.Driver == "copy-before-write")
+                {
+                    string targetName = spec.TargetNodeName ?? throw new BlockException("Parameter 'target' is missing");
+                    var target = _nodes.GetValueOrDefault(targetName) ?? throw new BlockException($"Cannot find device='{targetName}' nor node-name='{targetName}'");
+                    Bitmaps.DirtyBitmap? bitmap = null;
+                    if (spec.CbwBitmap is var (bn, bname))
+                    {
+                        var bnode = _nodes.GetValueOrDefault(bn) ?? throw new BlockException($"Cannot find device='{bn}' nor node-name='{bn}'");
+                        bitmap = bnode.Image.Bitmaps.Find(bname) ?? throw new BlockException($"Dirty bitmap '{bname}' not found");
+                    }
+                    filter = new Filters.CopyBeforeWriteImage(file.Image, target.Image, bitmap);
+                    children.Add(target);
+                }
+                else
+                {
+                    if (file.Image is not Filters.CopyBeforeWriteImage cbw) throw new BlockException("snapshot-access must sit on a copy-before-write node");
+                    filter = new Filters.SnapshotAccessImage(cbw);
+                }
+                foreach (var c in children) c.Users++;
+                node = new BlockNode(name, spec.Driver, filter, null, file.FileName, autoNamed) { OtherChildren = children };
+                break;
+            }
             case "null-co":
                 node = new BlockNode(name, "null-co", new NullImage(spec.Size, spec.ReadOnly), null, "null-co://", autoNamed);
                 break;
@@ -194,7 +229,7 @@ public sealed class BlockGraph : IDisposable
                 break;
         }
         node = new BlockNode(node.Name, node.Driver, node.Image, node.FileChild, node.FileName, node.AutoNamed)
-            { DiscardUnmap = spec.DiscardUnmap, BackingChild = node.BackingChild };
+            { DiscardUnmap = spec.DiscardUnmap, BackingChild = node.BackingChild, OtherChildren = node.OtherChildren };
         _nodes[name] = node;
         _order.Add(name);
         return node;
@@ -236,6 +271,7 @@ public sealed class BlockGraph : IDisposable
         _order.Remove(node.Name);
         node.Image.Dispose();
         if (node.BackingChild is { } backingChild) backingChild.Users--;
+        foreach (var other in node.OtherChildren) other.Users--;
         if (node.FileChild is { } child)
         {
             child.Users--;

@@ -491,7 +491,7 @@ public sealed partial class DaemonBackend : IQmpBackend
 
     private static readonly ArgSpec[] BlockdevAddCommon =
     [
-        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co", "nbd", "blkdebug"]),
+        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co", "nbd", "blkdebug", "copy-before-write", "snapshot-access"]),
         new("node-name", ArgType.Str, true),
         new("discard", ArgType.Enum, true, ["ignore", "unmap", "off", "on"]),
         new("cache", ArgType.Object, true),
@@ -519,6 +519,12 @@ public sealed partial class DaemonBackend : IQmpBackend
         ],
         ["raw"] = [new("file", ArgType.Any), new("offset", ArgType.Int, true), new("size", ArgType.Int, true)],
         ["null-co"] = [new("size", ArgType.Int, true), new("latency-ns", ArgType.UInt64, true), new("read-zeroes", ArgType.Bool, true)],
+        ["copy-before-write"] =
+        [
+            new("file", ArgType.Str), new("target", ArgType.Str), new("bitmap", ArgType.Object, true),
+            new("on-cbw-error", ArgType.Enum, true, ["break-guest-write", "break-snapshot"]), new("cbw-timeout", ArgType.UInt32, true),
+        ],
+        ["snapshot-access"] = [new("file", ArgType.Str)],
         ["blkdebug"] =
         [
             new("image", ArgType.Any), new("config", ArgType.Str, true), new("align", ArgType.Int, true), new("max-transfer", ArgType.Int, true),
@@ -551,6 +557,19 @@ public sealed partial class DaemonBackend : IQmpBackend
             Filename = driver == "file" ? ArgSchema.Str(a, "filename") : null,
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
         };
+        if (driver is "copy-before-write" or "snapshot-access")
+        {
+            spec = spec with { FileNodeName = ArgSchema.Str(a, "file") };
+            if (driver == "copy-before-write")
+            {
+                spec = spec with { TargetNodeName = ArgSchema.Str(a, "target") };
+                if (a["bitmap"] is JsonObject bm)
+                {
+                    ArgSchema.Validate(bm, [new("node", ArgType.Str), new("name", ArgType.Str)], prefix + "bitmap.");
+                    spec = spec with { CbwBitmap = (ArgSchema.Str(bm, "node"), ArgSchema.Str(bm, "name")) };
+                }
+            }
+        }
         if (driver == "blkdebug")
         {
             if (a["image"] is not JsonObject image || ArgSchema.OptStr(image, "driver") != "file")

@@ -1,0 +1,183 @@
+using System.Buffers;
+using Strata.Block.Bitmaps;
+
+namespace Strata.Block.Filters;
+
+/// <summary>
+/// The copy-before-write filter (QEMU's driver=copy-before-write): from the moment it is inserted, the old
+/// contents of every cluster still "to copy" are copied to the target before any write may change them. With a
+/// bitmap, only the bitmap's dirty clusters are kept. <see cref="SnapshotAccessImage"/> reads the frozen view.
+/// Reads and writes through the filter go to the source.
+/// </summary>
+public sealed class CopyBeforeWriteImage : BlockImage
+{
+    private readonly BlockImage _source;
+    private readonly BlockImage _target;
+    private readonly long _cluster;
+    private readonly HierarchicalBitmap _toCopy;
+    private readonly HierarchicalBitmap _copied;
+    private readonly HashSet<long> _inFlight = new();
+    private readonly Dictionary<long, int> _readers = new();
+    private readonly object _lock = new();
+    private bool _broken;
+
+    public CopyBeforeWriteImage(BlockImage source, BlockImage target, DirtyBitmap? bitmap)
+    {
+        if (target.Size < source.Size) throw new BlockException("The target must be at least as large as the source");
+        _source = source;
+        _target = target;
+        _cluster = Math.Max(65536, target.ClusterSize);
+        long clusters = (source.Size + _cluster - 1) / _cluster;
+        _toCopy = new HierarchicalBitmap(clusters);
+        _copied = new HierarchicalBitmap(clusters);
+        if (bitmap is null) _toCopy.SetRange(0, clusters);
+        else
+            foreach (var (off, len) in bitmap.DirtyExtents())
+            {
+                long first = off / _cluster, last = (off + len - 1) / _cluster;
+                _toCopy.SetRange(first, last - first + 1);
+            }
+        Bitmaps = new BitmapSet(source.Size, BitmapSet.DefaultGranularityFor(0)) { PersistenceCheck = (_, _) => "Operation not supported" };
+        source.AddBeforeWriteHook(OnSourceWrite);
+    }
+
+    public override string FormatName => "copy-before-write";
+    public override long Size => _source.Size;
+    public override bool ReadOnly => _source.ReadOnly;
+    public override string FileName => _source.FileName;
+
+    public override void Read(long offset, Span<byte> buffer) => _source.Read(offset, buffer);
+    public override void Write(long offset, ReadOnlySpan<byte> data) => _source.Write(offset, data);
+    public override void WriteZeroes(long offset, long length, bool mayUnmap) => _source.WriteZeroes(offset, length, mayUnmap);
+    public override void Discard(long offset, long length) => _source.Discard(offset, length);
+    public override void Flush() => _source.Flush();
+    public override LayerExtent GetLayerStatus(long offset, long maxLength) => _source.GetLayerStatus(offset, maxLength);
+    public override void Resize(long newSize) => throw new BlockException("Cannot resize a node under copy-before-write");
+
+    /// <summary>Before a write reaches the source: copy the old contents of its clusters still to copy.</summary>
+    private void OnSourceWrite(long offset, long length)
+    {
+        if (length <= 0) return;
+        long first = offset / _cluster, last = Math.Min((offset + length - 1) / _cluster, _toCopy.Length - 1);
+        var buffer = ArrayPool<byte>.Shared.Rent((int)_cluster);
+        try
+        {
+            for (long c = first; c <= last; c++)
+            {
+                lock (_lock)
+                {
+                    while (_inFlight.Contains(c) || _readers.GetValueOrDefault(c) > 0) Monitor.Wait(_lock);
+                    if (!_toCopy.Get(c)) continue;
+                    _toCopy.ResetRange(c, 1);
+                    _inFlight.Add(c);
+                }
+                try
+                {
+                    long at = c * _cluster;
+                    int n = (int)Math.Min(_cluster, _source.Size - at);
+                    _source.Read(at, buffer.AsSpan(0, n));
+                    _target.Write(at, buffer.AsSpan(0, n));
+                    lock (_lock) _copied.SetRange(c, 1);
+                }
+                catch (BlockException e)
+                {
+                    // on-cbw-error=break-guest-write (QEMU's default): the guest write fails, the snapshot stays valid.
+                    lock (_lock) _toCopy.SetRange(c, 1);
+                    throw new BlockException($"copy-before-write failed: {e.Message}");
+                }
+                finally
+                {
+                    lock (_lock)
+                    {
+                        _inFlight.Remove(c);
+                        Monitor.PulseAll(_lock);
+                    }
+                }
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+        }
+    }
+
+    /// <summary>Reads the view frozen at insertion: copied clusters from the target, untouched ones from the
+    /// source (held against writes while being read); clusters outside the bitmap cannot be read.</summary>
+    internal void ReadSnapshot(long offset, Span<byte> buffer)
+    {
+        if (_broken) throw new BlockException("The snapshot is no longer valid");
+        long pos = offset, end = offset + buffer.Length;
+        while (pos < end)
+        {
+            long c = pos / _cluster;
+            int n = (int)(Math.Min((c + 1) * _cluster, end) - pos);
+            var slice = buffer.Slice((int)(pos - offset), n);
+            bool fromTarget, fromSource;
+            lock (_lock)
+            {
+                while (_inFlight.Contains(c)) Monitor.Wait(_lock);
+                fromTarget = _copied.Get(c);
+                fromSource = !fromTarget && _toCopy.Get(c);
+                if (fromSource) _readers[c] = _readers.GetValueOrDefault(c) + 1;
+            }
+            if (!fromTarget && !fromSource)
+                throw new BlockException($"Cannot read offset {pos}: it is outside the copy-before-write bitmap");
+            try
+            {
+                if (fromTarget) _target.Read(pos, slice);
+                else _source.Read(pos, slice);
+            }
+            finally
+            {
+                if (fromSource)
+                    lock (_lock)
+                    {
+                        if (--_readers[c] == 0) _readers.Remove(c);
+                        Monitor.PulseAll(_lock);
+                    }
+            }
+            pos += n;
+        }
+    }
+
+    internal long SnapshotSize => _source.Size;
+
+    public override void Dispose()
+    {
+        _source.RemoveBeforeWriteHook(OnSourceWrite);
+        _broken = true;
+        GC.SuppressFinalize(this);
+    }
+}
+
+/// <summary>QEMU's snapshot-access driver: the read-only point-in-time view of a copy-before-write filter.</summary>
+public sealed class SnapshotAccessImage : BlockImage
+{
+    private readonly CopyBeforeWriteImage cbw;
+
+    public SnapshotAccessImage(CopyBeforeWriteImage filter)
+    {
+        cbw = filter;
+        Bitmaps = new BitmapSet(filter.SnapshotSize, BitmapSet.DefaultGranularityFor(0)) { PersistenceCheck = (_, _) => "Operation not supported" };
+    }
+
+    public override string FormatName => "snapshot-access";
+    public override long Size => cbw.SnapshotSize;
+    public override bool ReadOnly => true;
+    public override string FileName => cbw.FileName;
+
+    public override void Read(long offset, Span<byte> buffer)
+    {
+        CheckRange(offset, buffer.Length);
+        cbw.ReadSnapshot(offset, buffer);
+    }
+
+    public override void Write(long offset, ReadOnlySpan<byte> data) => throw new BlockException("snapshot-access nodes are read-only");
+    public override void WriteZeroes(long offset, long length, bool mayUnmap) => throw new BlockException("snapshot-access nodes are read-only");
+    public override void Discard(long offset, long length) => throw new BlockException("snapshot-access nodes are read-only");
+    public override void Flush() { }
+    public override LayerExtent GetLayerStatus(long offset, long maxLength) => new(offset, Math.Min(maxLength, Size - offset), LayerState.Data, -1);
+    public override void Resize(long newSize) => throw new BlockException("snapshot-access nodes cannot be resized");
+
+    public override void Dispose() => GC.SuppressFinalize(this);
+}
