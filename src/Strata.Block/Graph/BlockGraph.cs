@@ -51,6 +51,8 @@ public sealed record BlockNodeSpec
     public BlockNodeSpec? FileInline { get; init; }
     /// <summary>qcow2: false for "backing": null (do not open the backing chain).</summary>
     public bool OpenBacking { get; init; } = true;
+    /// <summary>throttle: the group whose rate applies.</summary>
+    public string? ThrottleGroup { get; init; }
     /// <summary>copy-before-write: the target node, and the bitmap (node, name) limiting what is kept.</summary>
     public string? TargetNodeName { get; init; }
     public (string Node, string Name)? CbwBitmap { get; init; }
@@ -79,6 +81,9 @@ public sealed class BlockGraph : IDisposable
     private readonly Dictionary<string, BlockNode> _nodes = new(StringComparer.Ordinal);
     private readonly List<string> _order = new();
     private int _autoNames;
+
+    /// <summary>Throttle groups defined with --object throttle-group.</summary>
+    public Dictionary<string, Filters.ThrottleGroup> ThrottleGroups { get; } = new(StringComparer.Ordinal);
 
     /// <summary>Drivers that live outside the block layer (nbd, in the protocol library), by name.</summary>
     public Dictionary<string, Func<BlockNodeSpec, BlockImage>> ExternalDrivers { get; } = new(StringComparer.Ordinal);
@@ -129,6 +134,16 @@ public sealed class BlockGraph : IDisposable
                 var file = HostFile.Open(spec.Filename!, spec.ReadOnly);
                 file.Faults = spec.Faults;
                 node = new BlockNode(name, "blkdebug", new RawImage(file, "file"), null, spec.Filename!, autoNamed);
+                break;
+            }
+            case "throttle":
+            {
+                string fileName = spec.FileNodeName ?? throw new BlockException("Parameter 'file' is missing");
+                var file = _nodes.GetValueOrDefault(fileName) ?? throw new BlockException($"Cannot find device='{fileName}' nor node-name='{fileName}'");
+                string groupName = spec.ThrottleGroup ?? throw new BlockException("Parameter 'throttle-group' is missing");
+                var group = ThrottleGroups.GetValueOrDefault(groupName) ?? throw new BlockException($"Throttle group '{groupName}' does not exist");
+                file.Users++;
+                node = new BlockNode(name, "throttle", new Filters.ThrottleImage(file.Image, group), null, file.FileName, autoNamed) { OtherChildren = [file] };
                 break;
             }
             case "copy-before-write":

@@ -491,7 +491,7 @@ public sealed partial class DaemonBackend : IQmpBackend
 
     private static readonly ArgSpec[] BlockdevAddCommon =
     [
-        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co", "nbd", "blkdebug", "copy-before-write", "snapshot-access"]),
+        new("driver", ArgType.Enum, false, ["file", "qcow2", "raw", "null-co", "nbd", "blkdebug", "copy-before-write", "snapshot-access", "throttle"]),
         new("node-name", ArgType.Str, true),
         new("discard", ArgType.Enum, true, ["ignore", "unmap", "off", "on"]),
         new("cache", ArgType.Object, true),
@@ -525,6 +525,7 @@ public sealed partial class DaemonBackend : IQmpBackend
             new("on-cbw-error", ArgType.Enum, true, ["break-guest-write", "break-snapshot"]), new("cbw-timeout", ArgType.UInt32, true),
         ],
         ["snapshot-access"] = [new("file", ArgType.Str)],
+        ["throttle"] = [new("file", ArgType.Str), new("throttle-group", ArgType.Str)],
         ["blkdebug"] =
         [
             new("image", ArgType.Any), new("config", ArgType.Str, true), new("align", ArgType.Int, true), new("max-transfer", ArgType.Int, true),
@@ -557,6 +558,8 @@ public sealed partial class DaemonBackend : IQmpBackend
             Filename = driver == "file" ? ArgSchema.Str(a, "filename") : null,
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
         };
+        if (driver == "throttle")
+            spec = spec with { FileNodeName = ArgSchema.Str(a, "file"), ThrottleGroup = ArgSchema.Str(a, "throttle-group") };
         if (driver is "copy-before-write" or "snapshot-access")
         {
             spec = spec with { FileNodeName = ArgSchema.Str(a, "file") };

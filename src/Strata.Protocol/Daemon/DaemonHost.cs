@@ -30,6 +30,18 @@ public sealed class DaemonHost : IAsyncDisposable
     /// <summary>Opens the nodes and starts listening. Errors carry the option text, as qemu-storage-daemon's do.</summary>
     public void Start()
     {
+        foreach (var text in _options.Objects)
+        {
+            // throttle-group objects are used by throttle nodes; other object types (iothread, …) are accepted and ignored.
+            var o = DaemonCommandLine.ParseValue(text, "qom-type", $"--object {text}");
+            if (o["qom-type"]?.ToString() != "throttle-group") continue;
+            string id = o["id"]?.ToString() ?? throw new DaemonUsageException($"--object {text}: Parameter 'id' is missing");
+            long bps = 0;
+            foreach (var key in new[] { "x-bps-total", "limits.bps-total" })
+                if (o[key] is JsonValue v && long.TryParse(v.ToString(), out long n)) bps = n;
+            if (o["limits"] is JsonObject limits && limits["bps-total"] is JsonValue lv && long.TryParse(lv.ToString(), out long ln)) bps = ln;
+            Graph.ThrottleGroups[id] = new Strata.Block.Filters.ThrottleGroup(id, bps);
+        }
         foreach (var (text, value) in _options.Blockdevs)
         {
             try
