@@ -139,8 +139,8 @@ public class BackupTests : IDisposable
             await Fails("blockdev-backup", """{"job-id":"j","device":"drive0","target":"small","sync":"full"}"""));
         Assert.Equal("GenericError: Source and target cannot be the same",
             await Fails("blockdev-backup", """{"job-id":"j","device":"drive0","target":"drive0","sync":"full"}"""));
-        Assert.Equal("GenericError: Invalid job ID ''",
-            await Fails("blockdev-backup", """{"device":"drive0","target":"small","sync":"full"}"""));
+        Assert.Equal("GenericError: Invalid job ID '1bad'",
+            await Fails("blockdev-backup", """{"job-id":"1bad","device":"drive0","target":"small","sync":"full"}"""));
         Assert.Equal("GenericError: Transaction aborted using Abort action",
             await Fails("transaction", """{"actions":[{"type":"block-dirty-bitmap-clear","data":{"node":"drive0","name":"b0"}},{"type":"block-dirty-bitmap-add","data":{"node":"drive0","name":"tx"}},{"type":"abort","data":{}}]}"""));
         Assert.StartsWith("DeviceNotActive", await Fails("block-job-cancel", """{"device":"j"}"""));

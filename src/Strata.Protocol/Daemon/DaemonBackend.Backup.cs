@@ -66,7 +66,10 @@ public sealed partial class DaemonBackend
         string? bitmapName = ArgSchema.OptStr(a, "bitmap");
         string? mode = ArgSchema.OptStr(a, "bitmap-mode");
         var source = Graph.Find(deviceName) ?? throw QmpException.Generic($"Cannot find device='{deviceName}' nor node-name='{deviceName}'");
-        string jobId = ArgSchema.OptStr(a, "job-id") ?? "";
+        // A VM's QEMU names the job after the device; a storage daemon has no devices, so qemu-storage-daemon
+        // refuses a missing job-id. Strata names it after the node, so QMP written for VMs (the seed talk's
+        // examples) works unchanged.
+        string jobId = ArgSchema.OptStr(a, "job-id") ?? deviceName;
         if (!IsValidJobId(jobId)) throw QmpException.Generic($"Invalid job ID '{jobId}'");
         if (Jobs.All.Any(j => j.Id == jobId)) throw QmpException.Generic($"Job ID '{jobId}' already in use");
         if (a["speed"] is JsonValue sp && sp.GetValue<long>() < 0) throw QmpException.Generic("Parameter 'speed' expects a non-negative value");
