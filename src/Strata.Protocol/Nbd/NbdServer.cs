@@ -1,33 +1,33 @@
 using System.IO.Pipelines;
 using System.Net;
-using System.Net.Sockets;
 
 namespace Strata.Protocol.Nbd;
 
 /// <summary>The NBD server of a daemon: one listening socket, the export registry, one session per connection.</summary>
 public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
 {
-    private readonly Socket _listener;
-    private readonly string? _unixPath;
+    private readonly ConnectionListener _listener;
     private readonly int _maxConnections;
     private readonly object _lock = new();
     private readonly Dictionary<string, NbdExport> _byName = new(StringComparer.Ordinal);
-    private readonly CancellationTokenSource _cts = new();
-    private readonly List<(Task Task, Socket Socket)> _connections = new();
-    private Task? _accept;
 
-    private NbdServer(Socket listener, string? unixPath, int maxConnections)
+    // Large pipe buffers: NBD moves megabytes per request.
+    private static readonly StreamPipeReaderOptions ReaderOptions = new(bufferSize: 1 << 20, minimumReadSize: 64 << 10);
+    private static readonly StreamPipeWriterOptions WriterOptions = new(minimumBufferSize: 1 << 20);
+
+    private NbdServer(int maxConnections, Func<Func<PipeReader, PipeWriter, CancellationToken, Task>, ConnectionListener> listen)
     {
-        _listener = listener;
-        _unixPath = unixPath;
         _maxConnections = maxConnections;
+        _listener = listen((reader, writer, ct) => new NbdServerSession(this, reader, writer).RunAsync(ct));
     }
 
-    public static NbdServer ListenUnix(string path, int maxConnections = 100) => new(Listeners.Unix(path, 512), path, maxConnections);
+    public static NbdServer ListenUnix(string path, int maxConnections = 100) =>
+        new(maxConnections, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions));
 
-    public static NbdServer ListenTcp(string host, int port, int maxConnections = 100) => new(Listeners.Tcp(host, port, 512), null, maxConnections);
+    public static NbdServer ListenTcp(string host, int port, int maxConnections = 100) =>
+        new(maxConnections, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions));
 
-    public EndPoint LocalEndPoint => _listener.LocalEndPoint!;
+    public EndPoint LocalEndPoint => _listener.LocalEndPoint;
 
     /// <summary>max-connections 1 turns multi-conn off, as in QEMU.</summary>
     public bool MultiConn => _maxConnections != 1;
@@ -56,71 +56,14 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
         lock (_lock) _byName.Remove(export.Name);
     }
 
-    public void Start() => _accept = AcceptLoopAsync();
+    public void Start() => _listener.Start();
 
-    private async Task AcceptLoopAsync()
-    {
-        while (!_cts.IsCancellationRequested)
-        {
-            Socket client;
-            try
-            {
-                client = await _listener.AcceptAsync(_cts.Token);
-            }
-            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
-            {
-                return;
-            }
-            // Nothing in here may throw: a faulted accept loop would leave clients connected to nobody.
-            lock (_connections)
-            {
-                _connections.RemoveAll(c => c.Task.IsCompleted);
-                if (_maxConnections > 0 && _connections.Count >= _maxConnections)
-                {
-                    client.Dispose(); // over the limit: refuse, as QEMU does
-                    continue;
-                }
-                if (client.AddressFamily != AddressFamily.Unix) client.NoDelay = true;
-                _connections.Add((ServeAsync(client), client));
-            }
-        }
-    }
-
-    private async Task ServeAsync(Socket client)
-    {
-        await Task.Yield();
-        using (client)
-        await using (var stream = new NetworkStream(client, ownsSocket: false))
-        {
-            var reader = PipeReader.Create(stream, new StreamPipeReaderOptions(bufferSize: 1 << 20, minimumReadSize: 64 << 10));
-            var writer = PipeWriter.Create(stream, new StreamPipeWriterOptions(minimumBufferSize: 1 << 20));
-            try
-            {
-                await new NbdServerSession(this, reader, writer).RunAsync(_cts.Token);
-            }
-            catch (Exception)
-            {
-                // One broken connection never takes the server down.
-            }
-        }
-    }
-
-    /// <summary>Drops every connection of an export (block-export-del mode=hard, or server stop).</summary>
-    public void Disconnect() 
-    {
-        lock (_connections)
-            foreach (var c in _connections) try { c.Socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
-    }
+    /// <summary>Drops every connection (block-export-del mode=hard, or server stop).</summary>
+    public void Disconnect() => _listener.Disconnect();
 
     public async ValueTask DisposeAsync()
     {
-        _cts.Cancel();
-        _listener.Dispose();
-        if (_accept is not null) await _accept;
-        Disconnect();
-        Task[] tasks;
-        lock (_connections) tasks = _connections.Select(c => c.Task).ToArray();
-        try { await Task.WhenAll(tasks).WaitAsync(TimeSpan.FromSeconds(5)); } catch (Exception) { }
-        if (_unixPath is not null) try { File.Delete(_unixPath); } catch (IOException) { }
+        _listener.Disconnect();
+        await _listener.DisposeAsync();
     }
 }

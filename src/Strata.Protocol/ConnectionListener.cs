@@ -1,0 +1,123 @@
+using System.IO.Pipelines;
+using System.Net;
+using System.Net.Sockets;
+
+namespace Strata.Protocol;
+
+/// <summary>
+/// A listening socket (unix path or TCP address) that accepts connections and runs one protocol session per
+/// connection over a pipe pair. It is the only place that touches sockets for the daemon's QMP and NBD servers:
+/// a broken connection ends only itself, and the accept loop never faults.
+/// </summary>
+internal sealed class ConnectionListener : IAsyncDisposable
+{
+    private readonly Socket _listener;
+    private readonly string? _unixPath;
+    private readonly int _maxConnections;
+    private readonly Func<PipeReader, PipeWriter, CancellationToken, Task> _session;
+    private readonly StreamPipeReaderOptions? _readerOptions;
+    private readonly StreamPipeWriterOptions? _writerOptions;
+    private readonly CancellationTokenSource _cts = new();
+    private readonly List<(Task Task, Socket Socket)> _connections = new();
+    private Task? _accept;
+
+    private ConnectionListener(Socket listener, string? unixPath, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session,
+        StreamPipeReaderOptions? readerOptions, StreamPipeWriterOptions? writerOptions)
+    {
+        _listener = listener;
+        _unixPath = unixPath;
+        _maxConnections = maxConnections;
+        _session = session;
+        _readerOptions = readerOptions;
+        _writerOptions = writerOptions;
+    }
+
+    /// <param name="maxConnections">0: unlimited; otherwise connections over the limit are closed at once.</param>
+    public static ConnectionListener Unix(string path, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session,
+        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null)
+    {
+        if (File.Exists(path)) File.Delete(path);
+        var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        s.Bind(new UnixDomainSocketEndPoint(path));
+        s.Listen(backlog);
+        return new ConnectionListener(s, path, maxConnections, session, readerOptions, writerOptions);
+    }
+
+    public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session,
+        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null)
+    {
+        var address = host is "" or "localhost" ? IPAddress.Loopback : IPAddress.Parse(host);
+        var s = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
+        s.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
+        s.Bind(new IPEndPoint(address, port));
+        s.Listen(backlog);
+        return new ConnectionListener(s, null, maxConnections, session, readerOptions, writerOptions);
+    }
+
+    public EndPoint LocalEndPoint => _listener.LocalEndPoint!;
+
+    public void Start() => _accept = AcceptLoopAsync();
+
+    private async Task AcceptLoopAsync()
+    {
+        while (!_cts.IsCancellationRequested)
+        {
+            Socket client;
+            try
+            {
+                client = await _listener.AcceptAsync(_cts.Token);
+            }
+            catch (Exception e) when (e is OperationCanceledException or ObjectDisposedException or SocketException)
+            {
+                return;
+            }
+            // Nothing in here may throw: a faulted accept loop would leave clients connected to nobody.
+            lock (_connections)
+            {
+                _connections.RemoveAll(c => c.Task.IsCompleted);
+                if (_maxConnections > 0 && _connections.Count >= _maxConnections)
+                {
+                    client.Dispose(); // over the limit: refuse, as QEMU does
+                    continue;
+                }
+                if (client.AddressFamily != AddressFamily.Unix) client.NoDelay = true;
+                _connections.Add((ServeAsync(client), client));
+            }
+        }
+    }
+
+    private async Task ServeAsync(Socket client)
+    {
+        await Task.Yield();
+        using (client)
+        await using (var stream = new NetworkStream(client, ownsSocket: false))
+        {
+            try
+            {
+                await _session(PipeReader.Create(stream, _readerOptions), PipeWriter.Create(stream, _writerOptions), _cts.Token);
+            }
+            catch (Exception)
+            {
+                // One broken connection never takes the server down.
+            }
+        }
+    }
+
+    /// <summary>Drops every open connection.</summary>
+    public void Disconnect()
+    {
+        lock (_connections)
+            foreach (var c in _connections) try { c.Socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
+    }
+
+    public async ValueTask DisposeAsync()
+    {
+        _cts.Cancel();
+        _listener.Dispose();
+        if (_accept is not null) await _accept;
+        Task[] tasks;
+        lock (_connections) tasks = _connections.Select(c => c.Task).ToArray();
+        try { await Task.WhenAll(tasks).WaitAsync(TimeSpan.FromSeconds(5)); } catch (Exception) { }
+        if (_unixPath is not null) try { File.Delete(_unixPath); } catch (IOException) { }
+    }
+}
