@@ -8,14 +8,9 @@ namespace Strata.Interop.Tests;
 /// convert equal the disk at each backup; writes racing a running backup never leak into it; bad requests
 /// change nothing.
 /// </summary>
-public class BackupTests : IDisposable
+public class BackupTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("bk-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
-    private StrataDaemonProcess Start(string image) => new(_dir, "d", [
+    private StrataDaemonProcess Start(string image) => new(Dir, "d", [
         "--blockdev", $"driver=file,node-name=f0,filename={image}", "--blockdev", "driver=qcow2,node-name=drive0,file=f0",
         "--nbd-server", $"addr.type=unix,addr.path={P("d.nbd")}", "--export", "type=nbd,id=exp0,node-name=drive0,writable=on"]);
 
@@ -155,13 +150,8 @@ public class BackupTests : IDisposable
 
 /// <summary>Failure paths with blkdebug: individual mode lets the healthy job finish; grouped mode cancels
 /// everything and keeps every bitmap; a retry then succeeds.</summary>
-public class BackupFailureTests : IDisposable
+public class BackupFailureTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("bkf-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
     [Fact]
     public async Task GroupedFailureCancelsAllAndKeepsBitmapsIndividualFailureDoesNot()
     {
@@ -172,7 +162,7 @@ public class BackupFailureTests : IDisposable
         }
         // d1's file fails the first two guest-data reads with EIO (two rules, each once).
         string blkdebug = $$$"""{"driver":"qcow2","node-name":"d1","file":{"driver":"blkdebug","image":{"driver":"file","filename":"{{{P("d1.qcow2")}}}"},"inject-error":[{"event":"read_aio","errno":5,"once":true},{"event":"read_aio","errno":5,"once":true}]}}""";
-        using var d = new StrataDaemonProcess(_dir, "f", [
+        using var d = new StrataDaemonProcess(Dir, "f", [
             "--blockdev", $"driver=file,node-name=f0,filename={P("d0.qcow2")}", "--blockdev", "driver=qcow2,node-name=d0,file=f0",
             "--blockdev", blkdebug, "--nbd-server", $"addr.type=unix,addr.path={P("f.nbd")}", "--export", "type=nbd,id=e0,node-name=d0,writable=on"]);
         await using var qmp = await QmpClient.ConnectUnixAsync(d.QmpPath);
@@ -242,20 +232,15 @@ public class BackupFailureTests : IDisposable
     }
 }
 
-public class BackupErrorPolicyTests : IDisposable
+public class BackupErrorPolicyTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("bkp-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
     [Fact]
     public async Task OnSourceErrorStopPausesTheJobUntilResumedThenItCompletes()
     {
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", P("s.qcow2"), "16M").Exit);
         Assert.Equal(0, Tools.Run("qemu-io", "-c", "write -P 0x51 0 16M", P("s.qcow2")).Exit);
         string drive = $$$"""{"driver":"qcow2","node-name":"s","file":{"driver":"blkdebug","image":{"driver":"file","filename":"{{{P("s.qcow2")}}}"},"inject-error":[{"event":"read_aio","errno":5,"once":true}]}}""";
-        using var d = new StrataDaemonProcess(_dir, "p", ["--blockdev", drive]);
+        using var d = new StrataDaemonProcess(Dir, "p", ["--blockdev", drive]);
         await using var qmp = await QmpClient.ConnectUnixAsync(d.QmpPath);
         var events = new List<JsonObject>();
         var reader = Task.Run(async () => { await foreach (var e in qmp.Events()) lock (events) events.Add(e); });

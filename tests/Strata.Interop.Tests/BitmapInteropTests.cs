@@ -4,13 +4,8 @@ using Strata.Cli;
 namespace Strata.Interop.Tests;
 
 /// <summary>Persistent dirty bitmaps: what Strata stores QEMU reads bit for bit, and the reverse.</summary>
-public class BitmapInteropTests : IDisposable
+public class BitmapInteropTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("strata-bitmaps-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
     private static int Strata(params string[] args)
     {
         var o = new StringWriter();

@@ -8,13 +8,8 @@ namespace Strata.Interop.Tests;
 /// writes, backup and outcome on both daemons must leave the bitmap with the same sha256 and count. Outcomes whose
 /// result depends on how far the job got (always + failure) are left to the conformance harness's range checks.
 /// </summary>
-public class BitmapModeDifferentialTests : IDisposable
+public class BitmapModeDifferentialTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("bmd-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
     public static TheoryData<string, string, bool> Cases => new()
     {
         { "bitmap", "on-success", false }, { "bitmap", "always", false }, { "bitmap", "never", false },
@@ -42,7 +37,7 @@ public class BitmapModeDifferentialTests : IDisposable
         string qmpPath;
         if (strata)
         {
-            var d = new StrataDaemonProcess(_dir, tag, [
+            var d = new StrataDaemonProcess(Dir, tag, [
                 "--blockdev", $"driver=file,node-name=drive0-file,filename={src}", "--blockdev", "driver=qcow2,node-name=drive0,file=drive0-file",
                 "--nbd-server", $"addr.type=unix,addr.path={nbd}", "--export", "type=nbd,id=exp0,node-name=drive0,name=drive0,writable=on"]);
             daemon = d;

@@ -10,13 +10,8 @@ namespace Strata.Interop.Tests;
 /// strata daemon against qemu-storage-daemon: the same QMP transcripts, compared by reply shape (keys and JSON
 /// types, recursively) and error class; command-line behaviour; persistent bitmaps crossing between them.
 /// </summary>
-public class DaemonTests : IDisposable
+public class DaemonTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("sd-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
     private static string[] Blockdevs(string image) =>
         ["--blockdev", $"driver=file,node-name=f0,filename={image}", "--blockdev", "driver=qcow2,node-name=drive0,file=f0"];
 
@@ -77,7 +72,7 @@ public class DaemonTests : IDisposable
             foreach (var (cmd, args) in Transcript) qemu.Add(await Outcome(client, cmd, args));
         }
         var strata = new List<string>();
-        using (var daemon = new StrataDaemonProcess(_dir, "s", Blockdevs(s)))
+        using (var daemon = new StrataDaemonProcess(Dir, "s", Blockdevs(s)))
         {
             await using var client = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
             foreach (var (cmd, args) in Transcript) strata.Add(await Outcome(client, cmd, args));
@@ -125,7 +120,7 @@ public class DaemonTests : IDisposable
         string s = P("p.qcow2");
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", s, "64M").Exit);
         string pid = P("d.pid");
-        using var daemon = new StrataDaemonProcess(_dir, "p", Blockdevs(s), pid);
+        using var daemon = new StrataDaemonProcess(Dir, "p", Blockdevs(s), pid);
         Assert.Equal(daemon.Process.Id.ToString(), File.ReadAllText(pid).Trim());
         await using (var client = await QmpClient.ConnectUnixAsync(daemon.QmpPath))
         {
@@ -156,7 +151,7 @@ public class DaemonTests : IDisposable
             expected = qsd.Sha256("drive0", "b0");
             qsd.Quit();
         }
-        using var daemon = new StrataDaemonProcess(_dir, "h", Blockdevs(img));
+        using var daemon = new StrataDaemonProcess(Dir, "h", Blockdevs(img));
         await using var client = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
         var hash = await client.ExecuteAsync("x-debug-block-dirty-bitmap-sha256", new { node = "drive0", name = "b0" });
         Assert.Equal(expected, hash!["sha256"]!.GetValue<string>());
@@ -172,7 +167,7 @@ public class DaemonTests : IDisposable
     {
         string s = P("t.qcow2");
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", s, "64M").Exit);
-        using var daemon = new StrataDaemonProcess(_dir, "t", Blockdevs(s));
+        using var daemon = new StrataDaemonProcess(Dir, "t", Blockdevs(s));
         await using (var client = await QmpClient.ConnectUnixAsync(daemon.QmpPath))
             await client.ExecuteAsync("block-dirty-bitmap-add", new { node = "drive0", name = "keep", persistent = true });
         Process.Start("kill", ["-TERM", daemon.Process.Id.ToString()])!.WaitForExit();

@@ -5,13 +5,8 @@ namespace Strata.Interop.Tests;
 
 /// <summary>Pull-mode backups: a copy-before-write filter and snapshot-access give a frozen view over NBD while
 /// the guest keeps writing through the filter; pulled data is the disk at the freeze point.</summary>
-public class FleecingTests : IDisposable
+public class FleecingTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("fl-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
     [Fact]
     public async Task SnapshotAccessExportHoldsThePointInTimeWhileWritesContinue()
     {
@@ -20,7 +15,7 @@ public class FleecingTests : IDisposable
         Assert.Equal(0, Tools.Run("qemu-img", "bitmap", "--add", P("src.qcow2"), "b0").Exit);
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "raw", P("temp.raw"), "32M").Exit);
         Assert.Equal(0, Tools.Run("qemu-img", "convert", "-O", "raw", P("src.qcow2"), P("point.raw")).Exit);
-        using var d = new StrataDaemonProcess(_dir, "f", [
+        using var d = new StrataDaemonProcess(Dir, "f", [
             "--blockdev", $"driver=file,node-name=src-file,filename={P("src.qcow2")}", "--blockdev", "driver=qcow2,node-name=src,file=src-file",
             "--nbd-server", $"addr.type=unix,addr.path={P("f.nbd")}"]);
         await using var qmp = await QmpClient.ConnectUnixAsync(d.QmpPath);

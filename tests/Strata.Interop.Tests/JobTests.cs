@@ -5,13 +5,8 @@ namespace Strata.Interop.Tests;
 
 /// <summary>The job engine through blockdev-create, against qemu-storage-daemon: the same events, states,
 /// errors, and an image qemu-img accepts.</summary>
-public class JobTests : IDisposable
+public class JobTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("jobs-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
     private async Task<List<string>> Scenario(QmpClient c, string prefix)
     {
         var log = new List<string>();
@@ -89,7 +84,7 @@ public class JobTests : IDisposable
             await using var c = await QmpClient.ConnectUnixAsync(qsd.QmpPath);
             qemu = await Scenario(c, "q");
         }
-        using (var d = new StrataDaemonProcess(_dir, "s", ["--blockdev", "driver=null-co,node-name=x"]))
+        using (var d = new StrataDaemonProcess(Dir, "s", ["--blockdev", "driver=null-co,node-name=x"]))
         {
             await using var c = await QmpClient.ConnectUnixAsync(d.QmpPath);
             strata = await Scenario(c, "s");

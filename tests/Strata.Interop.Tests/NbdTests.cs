@@ -12,22 +12,13 @@ namespace Strata.Interop.Tests;
 /// strata daemon's NBD exports judged by clients no one here wrote (qemu-io, qemu-img, nbdinfo, nbdcopy), side by
 /// side with qemu-storage-daemon; our NbdClient against qemu-nbd and qemu-storage-daemon; hostile clients.
 /// </summary>
-public class NbdTests : IDisposable
+public class NbdTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("nbd-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose()
-    {
-        foreach (var p in Process.GetProcessesByName("qemu-nbd")) { }
-        Directory.Delete(_dir, recursive: true);
-    }
-
     private static string Uri(string socket, string export) => $"nbd+unix:///{export}?socket={socket}";
 
     /// <summary>A writable export of a qcow2 node opened with discard=unmap, so guest discards reach the image.</summary>
     private StrataDaemonProcess StartStrata(string image, string name, string exportArgs = "writable=on,bitmaps.0=b0") =>
-        new(_dir, name, [
+        new(Dir, name, [
             "--blockdev", $"driver=file,node-name=f0,filename={image}", "--blockdev", "driver=qcow2,node-name=drive0,file=f0,discard=unmap",
             "--nbd-server", $"addr.type=unix,addr.path={P(name + ".nbd")}",
             "--export", $"type=nbd,id=exp0,node-name=drive0,name=exp0,{exportArgs}",
@@ -90,7 +81,7 @@ public class NbdTests : IDisposable
             qsd.Execute("block-dirty-bitmap-enable", new Dictionary<string, string> { ["node"] = "drive0", ["name"] = "b0" });
             results.Add(Observe(Uri(P("q.nbd"), "drive0"), "drive0"));
         }
-        using (var d = new StrataDaemonProcess(_dir, "s", [
+        using (var d = new StrataDaemonProcess(Dir, "s", [
             "--blockdev", $"driver=file,node-name=f0,filename={s}", "--blockdev", "driver=qcow2,node-name=drive0,file=f0",
             "--nbd-server", $"addr.type=unix,addr.path={P("s.nbd")}", "--export", "type=nbd,id=exp0,node-name=drive0,writable=on"]))
         {
@@ -108,7 +99,7 @@ public class NbdTests : IDisposable
     {
         var io = Tools.Run("qemu-io", IoArgs(uri));
         Assert.True(io.Exit == 0, io.Stderr);
-        string Clean(string text) => text.Replace(_dir, "DIR").Replace("q.nbd", "X.nbd").Replace("s.nbd", "X.nbd");
+        string Clean(string text) => text.Replace(Dir, "DIR").Replace("q.nbd", "X.nbd").Replace("s.nbd", "X.nbd");
         var outputs = new List<string> { io.Exit.ToString() };
         outputs.Add(Tools.Run("nbdinfo", "--map", uri).Stdout);
         foreach (var can in new[] { "flush", "fua", "trim", "zero", "fast-zero", "df", "multi-conn", "cache", "structured-reply", "connect" })
@@ -134,7 +125,7 @@ public class NbdTests : IDisposable
             qsd.Execute("block-export-add", new Dictionary<string, object> { ["type"] = "nbd", ["id"] = "ro", ["node-name"] = "drive0", ["name"] = "ro", ["bitmaps"] = new[] { "b0" } });
             qmap = Tools.Run("nbdinfo", "--map=qemu:dirty-bitmap:b0", Uri(P("q.nbd"), "ro")).Stdout;
         }
-        using (var d = new StrataDaemonProcess(_dir, "s", [
+        using (var d = new StrataDaemonProcess(Dir, "s", [
             "--blockdev", $"driver=file,node-name=f0,filename={s}", "--blockdev", "driver=qcow2,node-name=drive0,file=f0",
             "--nbd-server", $"addr.type=unix,addr.path={P("s.nbd")}", "--export", "type=nbd,id=exp0,node-name=drive0,writable=on"]))
         {

@@ -8,19 +8,14 @@ namespace Strata.Interop.Tests;
 /// point, incrementals, and the multi-drive transaction — with writes over NBD in between. Restoring every
 /// point with qemu-img convert gives the disks as they were at each backup.
 /// </summary>
-public class SeedTalkTests : IDisposable
+public class SeedTalkTests : ScratchDirTest
 {
-    private readonly string _dir = Directory.CreateTempSubdirectory("seed-").FullName;
-    private string P(string name) => Path.Combine(_dir, name);
-
-    public void Dispose() => Directory.Delete(_dir, recursive: true);
-
     [Fact]
     public async Task TheTalksExamplesRunAsPrintedAndEveryPointRestores()
     {
         foreach (var n in new[] { "drive0", "drive1" })
             Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", P(n + ".qcow2"), "32M").Exit);
-        using var d = new StrataDaemonProcess(_dir, "seed", [
+        using var d = new StrataDaemonProcess(Dir, "seed", [
             "--blockdev", $"driver=file,node-name=drive0-file,filename={P("drive0.qcow2")}", "--blockdev", "driver=qcow2,node-name=drive0,file=drive0-file",
             "--blockdev", $"driver=file,node-name=drive1-file,filename={P("drive1.qcow2")}", "--blockdev", "driver=qcow2,node-name=drive1,file=drive1-file",
             "--nbd-server", $"addr.type=unix,addr.path={P("seed.nbd")}",
