@@ -444,27 +444,16 @@ internal static class ImgCommands
         {
             var names = r.GetValue(files) ?? [];
             if (names.Length != 2) throw new UsageException("Expecting two image file names");
-            BlockImage a, b;
-            try
+            // qemu-img names the image that failed to open and exits 2, as for any compare error.
+            BlockImage? Open(string name, string? format)
             {
-                a = OpenImage(names[0], r.GetValue(fa));
+                try { return OpenImage(name, format); }
+                catch (BlockException e) { stderr.WriteLine($"{Prog}: {Qualify(name, e.Message)}"); return null; }
             }
-            catch (BlockException e)
-            {
-                stderr.WriteLine($"{Prog}: {Qualify(names[0], e.Message)}");
-                return 2;
-            }
-            using var _a = a;
-            try
-            {
-                b = OpenImage(names[1], r.GetValue(fb));
-            }
-            catch (BlockException e)
-            {
-                stderr.WriteLine($"{Prog}: {Qualify(names[1], e.Message)}");
-                return 2;
-            }
-            using var _b = b;
+            using var a = Open(names[0], r.GetValue(fa));
+            if (a is null) return 2;
+            using var b = Open(names[1], r.GetValue(fb));
+            if (b is null) return 2;
             bool quietMode = r.GetValue(quiet);
             var progressPrinter = r.GetValue(progress) && !quietMode ? new ProgressPrinter(stdout) : null;
             CompareResult result;

@@ -5,40 +5,38 @@ namespace Strata.Interop.Tests.Infra;
 /// <summary>Big-endian edits of qcow2 metadata, for injecting corruption (independent of Strata's own code).</summary>
 public static class Qcow2Edit
 {
-    public static ulong ReadU64(string path, long offset)
-    {
-        using var f = File.OpenRead(path);
-        var b = new byte[8];
-        f.Position = offset;
-        f.ReadExactly(b);
-        return BinaryPrimitives.ReadUInt64BigEndian(b);
-    }
+    public static ulong ReadU64(string path, long offset) => BinaryPrimitives.ReadUInt64BigEndian(Read(path, offset, 8));
 
-    public static uint ReadU32(string path, long offset)
-    {
-        using var f = File.OpenRead(path);
-        var b = new byte[4];
-        f.Position = offset;
-        f.ReadExactly(b);
-        return BinaryPrimitives.ReadUInt32BigEndian(b);
-    }
+    public static uint ReadU32(string path, long offset) => BinaryPrimitives.ReadUInt32BigEndian(Read(path, offset, 4));
 
     public static void WriteU64(string path, long offset, ulong value)
     {
-        using var f = new FileStream(path, FileMode.Open, FileAccess.ReadWrite);
         var b = new byte[8];
         BinaryPrimitives.WriteUInt64BigEndian(b, value);
-        f.Position = offset;
-        f.Write(b);
+        Write(path, offset, b);
     }
 
     public static void WriteU16(string path, long offset, ushort value)
     {
-        using var f = new FileStream(path, FileMode.Open, FileAccess.ReadWrite);
         var b = new byte[2];
         BinaryPrimitives.WriteUInt16BigEndian(b, value);
+        Write(path, offset, b);
+    }
+
+    private static byte[] Read(string path, long offset, int count)
+    {
+        using var f = File.OpenRead(path);
+        var b = new byte[count];
         f.Position = offset;
-        f.Write(b);
+        f.ReadExactly(b);
+        return b;
+    }
+
+    private static void Write(string path, long offset, byte[] bytes)
+    {
+        using var f = new FileStream(path, FileMode.Open, FileAccess.ReadWrite);
+        f.Position = offset;
+        f.Write(bytes);
     }
 
     public static int ClusterBits(string path) => (int)ReadU32(path, 20);
