@@ -242,8 +242,7 @@ public class BackupErrorPolicyTests : ScratchDirTest
         string drive = $$$"""{"driver":"qcow2","node-name":"s","file":{"driver":"blkdebug","image":{"driver":"file","filename":"{{{P("s.qcow2")}}}"},"inject-error":[{"event":"read_aio","errno":5,"once":true}]}}""";
         using var d = new StrataDaemonProcess(Dir, "p", ["--blockdev", drive]);
         await using var qmp = await QmpClient.ConnectUnixAsync(d.QmpPath);
-        var events = new List<JsonObject>();
-        var reader = Task.Run(async () => { await foreach (var e in qmp.Events()) lock (events) events.Add(e); });
+        var events = new EventLog(qmp);
         await qmp.ExecuteAsync("drive-backup", JsonNode.Parse($$$"""
             {"job-id":"j","device":"s","target":"{{{P("t.qcow2")}}}","sync":"full","format":"qcow2","on-source-error":"stop"}
             """));
@@ -257,16 +256,12 @@ public class BackupErrorPolicyTests : ScratchDirTest
         Assert.Equal("paused", job!["status"]!.GetValue<string>());
         Assert.True(job["paused"]!.GetValue<bool>());
         Assert.Equal("failed", job["io-status"]!.GetValue<string>());
-        lock (events)
-            Assert.Contains(events, e => e["event"]!.GetValue<string>() == "BLOCK_JOB_ERROR" && e["data"]!["action"]!.GetValue<string>() == "stop"
-                                         && e["data"]!["operation"]!.GetValue<string>() == "read");
+        var error = await events.WaitAsync("BLOCK_JOB_ERROR");
+        Assert.Equal("stop", error["data"]!["action"]!.GetValue<string>());
+        Assert.Equal("read", error["data"]!["operation"]!.GetValue<string>());
         await qmp.ExecuteAsync("job-resume", new { id = "j" });
-        for (int i = 0; i < 400; i++)
-        {
-            lock (events) if (events.Any(e => e["event"]!.GetValue<string>() == "BLOCK_JOB_COMPLETED")) break;
-            await Task.Delay(25);
-        }
-        lock (events) Assert.Null(events.Single(e => e["event"]!.GetValue<string>() == "BLOCK_JOB_COMPLETED")["data"]!["error"]);
+        Assert.Null((await events.WaitAsync("BLOCK_JOB_COMPLETED"))["data"]!["error"]);
+        Assert.Single(events.Snapshot(), e => e["event"]!.GetValue<string>() == "BLOCK_JOB_COMPLETED");
         await qmp.ExecuteAsync("quit");
         Assert.Equal(0, d.WaitForExit());
         Assert.Equal(0, Tools.Run("qemu-img", "compare", P("s.qcow2"), P("t.qcow2")).Exit);
