@@ -17,6 +17,7 @@ namespace Strata.Cli
             var root = new RootCommand("Strata: incremental backups for disk images, compatible with QEMU's tools");
             root.Subcommands.Add(ImgCommands.Build(stdout, stderr));
             root.Subcommands.Add(IoCommand.Build(stdout, stderr));
+            root.Subcommands.Add(Backup.BackupCommands.Build(stdout, stderr));
             root.Subcommands.Add(DemoCommand.Build(stdout, stderr));
             var config = new InvocationConfiguration { Output = stdout, Error = stderr };
             int rc = root.Parse(FixNegativeSizes(args)).Invoke(config);

@@ -1,0 +1,57 @@
+using System.Buffers;
+using System.Security.Cryptography;
+using Strata.Block;
+
+namespace Strata.Backup;
+
+/// <summary>
+/// What a backup file's own layer holds (data and zero ranges, never what it reads through to), with a SHA-256
+/// per data piece, and a SHA-256 of the whole file: the facts a manifest records and verify re-checks.
+/// </summary>
+public static class ImageDigest
+{
+    /// <summary>Data extents are hashed in pieces of at most this size, so that verify can say where damage is.</summary>
+    public const int PieceSize = 4 << 20;
+
+    public static List<ExtentDigest> TopLayer(BlockImage image)
+    {
+        var result = new List<ExtentDigest>();
+        var buffer = ArrayPool<byte>.Shared.Rent(PieceSize);
+        try
+        {
+            for (long pos = 0; pos < image.Size;)
+            {
+                var ext = image.GetLayerStatus(pos, Math.Min(PieceSize, image.Size - pos));
+                long len = Math.Min(ext.Length, image.Size - pos);
+                switch (ext.State)
+                {
+                    case LayerState.Data:
+                        var span = buffer.AsSpan(0, (int)len);
+                        image.Read(pos, span);
+                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(SHA256.HashData(span))));
+                        break;
+                    case LayerState.Zero:
+                        if (result.Count > 0 && result[^1] is { Kind: ExtentDigest.Zero } z && z.Offset + z.Length == pos)
+                            result[^1] = z with { Length = z.Length + len };
+                        else
+                            result.Add(new ExtentDigest(pos, len, ExtentDigest.Zero, null));
+                        break;
+                }
+                pos += len;
+            }
+        }
+        finally
+        {
+            ArrayPool<byte>.Shared.Return(buffer);
+        }
+        return result;
+    }
+
+    public static string FileSha256(string path)
+    {
+        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.ReadWrite, 1 << 20);
+        return Convert.ToHexStringLower(SHA256.HashData(fs));
+    }
+
+    public static long DataBytes(IEnumerable<ExtentDigest> extents) => extents.Where(e => e.Kind == ExtentDigest.Data).Sum(e => e.Length);
+}

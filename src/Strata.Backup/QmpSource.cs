@@ -1,0 +1,149 @@
+using System.Net.Sockets;
+using System.Text.Json.Nodes;
+using Strata.Protocol.Qmp;
+
+namespace Strata.Backup;
+
+/// <summary>A dirty bitmap as query-named-block-nodes shows it.</summary>
+public sealed record SourceBitmap(string Name, bool Recording, bool Busy, bool Persistent, bool Inconsistent, long Count, long Granularity);
+
+/// <summary>A node of the source as query-named-block-nodes shows it.</summary>
+public sealed record SourceNode(string Name, string Driver, long VirtualSize, IReadOnlyList<SourceBitmap> Bitmaps);
+
+/// <summary>How a block job ended.</summary>
+public sealed record JobOutcome(string Id, bool Completed, string? Error)
+{
+    public bool Ok => Completed && Error is null;
+}
+
+/// <summary>
+/// The backup source: `strata daemon`, qemu-storage-daemon or a QEMU VM, over QMP. Keeps every event so that
+/// a job's end is never missed between the command that starts it and the wait.
+/// </summary>
+public sealed class QmpSource : IAsyncDisposable
+{
+    private readonly QmpClient _qmp;
+    private readonly List<JsonObject> _events = [];
+    private readonly Task _pump;
+    private readonly SemaphoreSlim _eventArrived = new(0);
+
+    public string Address { get; }
+
+    private QmpSource(QmpClient qmp, string address)
+    {
+        _qmp = qmp;
+        Address = address;
+        _pump = Task.Run(async () =>
+        {
+            await foreach (var e in qmp.Events())
+            {
+                lock (_events) _events.Add(e);
+                _eventArrived.Release();
+            }
+        });
+    }
+
+    /// <summary>Connects to "PATH" (a unix socket) or "HOST:PORT" (TCP).</summary>
+    public static async Task<QmpSource> ConnectAsync(string address, CancellationToken ct = default)
+    {
+        try
+        {
+            int colon = address.LastIndexOf(':');
+            QmpClient client = !address.Contains('/') && colon > 0 && int.TryParse(address[(colon + 1)..], out int port)
+                ? await QmpClient.ConnectTcpAsync(address[..colon], port, ct)
+                : await QmpClient.ConnectUnixAsync(address, ct);
+            return new QmpSource(client, address);
+        }
+        catch (Exception e) when (e is SocketException or IOException)
+        {
+            throw new BackupException($"cannot reach QMP at '{address}': {e.Message}",
+                "is the daemon or VM running with a --monitor/-qmp socket there? (qemu-storage-daemon serves one QMP client at a time)", BackupExitCodes.Source);
+        }
+    }
+
+    public async Task<JsonNode?> ExecuteAsync(string command, object? arguments = null)
+    {
+        try
+        {
+            return await _qmp.ExecuteAsync(command, arguments);
+        }
+        catch (IOException e)
+        {
+            throw new BackupException($"lost the QMP connection to '{Address}' during {command}: {e.Message}", "is the daemon still running?", BackupExitCodes.Source);
+        }
+    }
+
+    public async Task<IReadOnlyList<SourceNode>> NodesAsync()
+    {
+        var nodes = (await ExecuteAsync("query-named-block-nodes"))!.AsArray();
+        return nodes.Select(n => new SourceNode(
+            n!["node-name"]!.GetValue<string>(),
+            n["drv"]!.GetValue<string>(),
+            n["image"]?["virtual-size"]?.GetValue<long>() ?? 0,
+            (n["dirty-bitmaps"]?.AsArray() ?? []).Where(b => b!["name"] is not null).Select(b => new SourceBitmap(
+                b!["name"]!.GetValue<string>(),
+                b["recording"]?.GetValue<bool>() ?? false,
+                b["busy"]?.GetValue<bool>() ?? false,
+                b["persistent"]?.GetValue<bool>() ?? false,
+                b["inconsistent"]?.GetValue<bool>() ?? false,
+                b["count"]?.GetValue<long>() ?? 0,
+                b["granularity"]?.GetValue<long>() ?? 0)).ToList())).ToList();
+    }
+
+    public async Task<SourceNode> NodeAsync(string name) =>
+        (await NodesAsync()).FirstOrDefault(n => n.Name == name)
+        ?? throw new BackupException($"the source has no node '{name}'", "pass a node name from query-named-block-nodes with --disk", BackupExitCodes.Usage);
+
+    public async Task<IReadOnlyList<(string Id, string Status, long Offset, long Length)>> JobsAsync() =>
+        (await ExecuteAsync("query-block-jobs"))!.AsArray()
+            .Select(j => (j!["device"]!.GetValue<string>(), j["status"]?.GetValue<string>() ?? "", j["offset"]!.GetValue<long>(), j["len"]!.GetValue<long>())).ToList();
+
+    public async Task<IReadOnlyList<string>> ExportsAsync() =>
+        (await ExecuteAsync("query-block-exports"))!.AsArray().Select(e => e!["id"]!.GetValue<string>()).ToList();
+
+    /// <summary>Waits until every listed job has ended (BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED), calling
+    /// <paramref name="tick"/> about four times a second meanwhile.</summary>
+    public async Task<IReadOnlyDictionary<string, JobOutcome>> WaitJobsAsync(IEnumerable<string> ids, Func<Task>? tick = null, TimeSpan? timeout = null)
+    {
+        var pending = ids.ToHashSet();
+        var outcomes = new Dictionary<string, JobOutcome>();
+        var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromHours(24));
+        int seen = 0;
+        while (pending.Count > 0)
+        {
+            lock (_events)
+            {
+                for (; seen < _events.Count; seen++)
+                {
+                    var e = _events[seen];
+                    string name = e["event"]!.GetValue<string>();
+                    if (name is not ("BLOCK_JOB_COMPLETED" or "BLOCK_JOB_CANCELLED")) continue;
+                    string device = e["data"]!["device"]!.GetValue<string>();
+                    if (!pending.Remove(device)) continue;
+                    outcomes[device] = new JobOutcome(device, name == "BLOCK_JOB_COMPLETED", e["data"]!["error"]?.GetValue<string>());
+                }
+            }
+            if (pending.Count == 0) break;
+            if (DateTime.UtcNow > deadline) throw new BackupException($"jobs {string.Join(", ", pending)} did not end in time", exitCode: BackupExitCodes.Source);
+            if (_pump.IsCompleted) throw new BackupException($"lost the QMP connection to '{Address}' while jobs ran", "is the daemon still running?", BackupExitCodes.Source);
+            await _eventArrived.WaitAsync(TimeSpan.FromMilliseconds(250));
+            if (tick is not null) await tick();
+        }
+        return outcomes;
+    }
+
+    /// <summary>Waits (briefly) for an event matching the predicate; false on timeout.</summary>
+    public async Task<bool> WaitEventAsync(string name, Func<JsonObject, bool> match, TimeSpan timeout)
+    {
+        var deadline = DateTime.UtcNow + timeout;
+        while (DateTime.UtcNow < deadline)
+        {
+            lock (_events)
+                if (_events.Any(e => e["event"]!.GetValue<string>() == name && match(e))) return true;
+            await _eventArrived.WaitAsync(TimeSpan.FromMilliseconds(100));
+        }
+        return false;
+    }
+
+    public async ValueTask DisposeAsync() => await _qmp.DisposeAsync();
+}

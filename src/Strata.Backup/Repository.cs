@@ -1,0 +1,230 @@
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+
+namespace Strata.Backup;
+
+/// <summary>
+/// A backup repository on a local folder: <c>strata-repository.json</c>, a lock file, and one folder per disk
+/// holding <c>ID.qcow2</c> (backed by the previous point, by relative name) and <c>ID.json</c> (its manifest).
+/// Files still being written end in <c>.partial</c>; a qcow2 without a manifest is not a backup.
+/// </summary>
+public sealed class Repository
+{
+    public const string MarkerFile = "strata-repository.json";
+    public const string PartialSuffix = ".partial";
+    public const string FleecePrefix = ".fleece-";
+    private const string PruneJournal = "prune.journal";
+
+    public string Root { get; }
+
+    /// <summary>A short random tag of this repository, part of every bitmap name it owns on a source, so that two
+    /// repositories backing up the same disk never take each other's bitmaps.</summary>
+    public string Tag { get; }
+
+    /// <summary>The prefix of the names of every bitmap this repository owns.</summary>
+    public string BitmapPrefix => $"strata-{Tag}-";
+
+    private Repository(string root, string tag)
+    {
+        Root = root;
+        Tag = tag;
+    }
+
+    public static Repository Init(string path)
+    {
+        string root = Path.GetFullPath(path);
+        if (File.Exists(Path.Combine(root, MarkerFile)))
+            throw new BackupException($"'{root}' is already a Strata repository", exitCode: BackupExitCodes.Usage);
+        if (Directory.Exists(root) && Directory.EnumerateFileSystemEntries(root).Any())
+            throw new BackupException($"'{root}' exists and is not empty", "choose a new or empty folder", BackupExitCodes.Usage);
+        Directory.CreateDirectory(root);
+        string tag = Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(4));
+        WriteAtomically(Path.Combine(root, MarkerFile),
+            Encoding.UTF8.GetBytes($"{{\n  \"format\": 1,\n  \"tag\": \"{tag}\",\n  \"created\": \"{DateTimeOffset.UtcNow:O}\"\n}}\n"));
+        return new Repository(root, tag);
+    }
+
+    public static Repository Open(string path)
+    {
+        string root = Path.GetFullPath(path);
+        if (!File.Exists(Path.Combine(root, MarkerFile)))
+            throw new BackupException($"'{root}' is not a Strata repository", $"create one with: strata backup init {path}", BackupExitCodes.Usage);
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllBytes(Path.Combine(root, MarkerFile)));
+            return new Repository(root, doc.RootElement.GetProperty("tag").GetString()!);
+        }
+        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException)
+        {
+            throw new BackupException($"'{Path.Combine(root, MarkerFile)}' is damaged: {e.Message}", "it must hold the repository's format and tag");
+        }
+    }
+
+    /// <summary>Takes the repository's exclusive lock (an advisory flock, released when the process dies).</summary>
+    public RepositoryLock Lock()
+    {
+        string path = Path.Combine(Root, "lock");
+        FileStream stream;
+        try
+        {
+            stream = new FileStream(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.None);
+        }
+        catch (IOException)
+        {
+            string holder = "";
+            try { holder = File.ReadAllText(path).Trim(); } catch (IOException) { }
+            throw new BackupException($"the repository is locked by another run{(holder.Length > 0 ? " (pid " + holder + ")" : "")}",
+                "wait for it to finish; the lock goes away by itself when that process ends", BackupExitCodes.Locked);
+        }
+        stream.SetLength(0);
+        stream.Write(Encoding.ASCII.GetBytes(Environment.ProcessId.ToString(CultureInfo.InvariantCulture) + "\n"));
+        stream.Flush();
+        var held = new RepositoryLock(stream);
+        FinishInterruptedPrune();
+        return held;
+    }
+
+    public string DiskDir(string disk) => Path.Combine(Root, disk);
+
+    public string FilePath(BackupManifest m) => Path.Combine(DiskDir(m.Disk), m.File);
+
+    public IReadOnlyList<string> Disks() =>
+        Directory.Exists(Root)
+            ? Directory.EnumerateDirectories(Root).Select(d => Path.GetFileName(d)).Where(d => !d.StartsWith('.')).Order(StringComparer.Ordinal).ToList()
+            : [];
+
+    /// <summary>Every committed point of a disk, oldest first.</summary>
+    public IReadOnlyList<BackupManifest> Points(string disk)
+    {
+        string dir = DiskDir(disk);
+        if (!Directory.Exists(dir)) return [];
+        var list = new List<BackupManifest>();
+        foreach (var file in Directory.EnumerateFiles(dir, "*.json"))
+        {
+            try
+            {
+                list.Add(BackupManifest.Parse(File.ReadAllBytes(file)));
+            }
+            catch (JsonException e)
+            {
+                throw new BackupException($"manifest '{file}' is unreadable: {e.Message}", "run `strata backup verify` to see what else is damaged");
+            }
+        }
+        return list.OrderBy(m => m.Time).ThenBy(m => m.Id, StringComparer.Ordinal).ToList();
+    }
+
+    /// <summary>Every point of every disk, oldest first.</summary>
+    public IReadOnlyList<BackupManifest> AllPoints() => Disks().SelectMany(Points).OrderBy(m => m.Time).ThenBy(m => m.Disk, StringComparer.Ordinal).ToList();
+
+    /// <summary>The points from the chain's full up to <paramref name="point"/>.</summary>
+    public IReadOnlyList<BackupManifest> ChainOf(BackupManifest point)
+    {
+        var byId = Points(point.Disk).ToDictionary(m => m.Id);
+        var chain = new List<BackupManifest> { point };
+        for (var m = point; m.Parent is { } parent;)
+        {
+            if (!byId.TryGetValue(parent, out m!))
+                throw new BackupException($"the chain of {point.Disk}@{point.Id} is broken: point {parent} is missing", "run `strata backup verify`");
+            if (chain.Count > byId.Count) throw new BackupException($"the chain of {point.Disk}@{point.Id} loops");
+            chain.Add(m);
+        }
+        chain.Reverse();
+        return chain;
+    }
+
+    /// <summary>A point by id, or the newest at or before a time (ISO 8601, or "latest").</summary>
+    public BackupManifest Find(string disk, string at)
+    {
+        var points = Points(disk);
+        if (points.Count == 0)
+            throw new BackupException($"no backups of disk '{disk}'", Disks().Count > 0 ? "disks in this repository: " + string.Join(", ", Disks()) : null, BackupExitCodes.Usage);
+        if (at == "latest") return points[^1];
+        if (points.FirstOrDefault(p => p.Id == at) is { } exact) return exact;
+        if (DateTimeOffset.TryParse(at, CultureInfo.InvariantCulture, DateTimeStyles.AssumeUniversal, out var time))
+        {
+            if (points.LastOrDefault(p => p.Time <= time) is { } before) return before;
+            throw new BackupException($"no backup of '{disk}' at or before {time:O}", $"the oldest is {points[0].Id} ({points[0].Time:O})", BackupExitCodes.Usage);
+        }
+        throw new BackupException($"no backup '{at}' of disk '{disk}'", "`strata backup list` shows the ids", BackupExitCodes.Usage);
+    }
+
+    /// <summary>A fresh run id from the time: sortable, unique within the repository.</summary>
+    public string NewId(DateTimeOffset now)
+    {
+        string baseId = now.UtcDateTime.ToString("yyyyMMdd'T'HHmmss'Z'", CultureInfo.InvariantCulture);
+        var taken = AllPoints().Select(p => p.Id).ToHashSet();
+        string id = baseId;
+        for (int n = 2; taken.Contains(id); n++) id = $"{baseId}-{n}";
+        return id;
+    }
+
+    public void WriteManifest(BackupManifest m)
+    {
+        Directory.CreateDirectory(DiskDir(m.Disk));
+        WriteAtomically(Path.Combine(DiskDir(m.Disk), m.Id + ".json"), m.Serialize());
+    }
+
+    public void DeletePoint(BackupManifest m)
+    {
+        // The manifest goes first: a crash in between leaves an unreferenced file, never a manifest without data.
+        File.Delete(Path.Combine(DiskDir(m.Disk), m.Id + ".json"));
+        File.Delete(FilePath(m));
+    }
+
+    /// <summary>Removes what an interrupted run left: partial backup files and fleecing images.</summary>
+    public IReadOnlyList<string> CleanLeftovers()
+    {
+        var removed = new List<string>();
+        foreach (var disk in Disks())
+            foreach (var f in Directory.EnumerateFiles(DiskDir(disk)))
+            {
+                string name = Path.GetFileName(f);
+                if (name.EndsWith(PartialSuffix, StringComparison.Ordinal) || name.StartsWith(FleecePrefix, StringComparison.Ordinal) || name.EndsWith(".json.tmp", StringComparison.Ordinal))
+                {
+                    File.Delete(f);
+                    removed.Add(Path.Combine(disk, name));
+                }
+            }
+        return removed;
+    }
+
+    // ------------------------------------------------------------------ prune journal
+
+    /// <summary>Records a merge of <paramref name="removed"/> into <paramref name="successor"/> before it starts.</summary>
+    internal void BeginMerge(BackupManifest removed, BackupManifest successor) =>
+        WriteAtomically(Path.Combine(Root, PruneJournal), JsonSerializer.SerializeToUtf8Bytes(new[] { removed, successor }, BackupManifest.Json));
+
+    internal void EndMerge() => File.Delete(Path.Combine(Root, PruneJournal));
+
+    /// <summary>
+    /// A prune killed in the middle of a merge is finished: the merge is idempotent (it only fills the successor
+    /// with what it read through to anyway), so it is simply run again.
+    /// </summary>
+    private void FinishInterruptedPrune()
+    {
+        string path = Path.Combine(Root, PruneJournal);
+        if (!File.Exists(path)) return;
+        var pair = JsonSerializer.Deserialize<BackupManifest[]>(File.ReadAllBytes(path), BackupManifest.Json);
+        if (pair is not { Length: 2 }) { File.Delete(path); return; }
+        Pruner.Merge(this, pair[0], pair[1]);
+    }
+
+    /// <summary>Writes a file so that readers see the old or the new content, never a mix: temp, fsync, rename.</summary>
+    public static void WriteAtomically(string path, byte[] content)
+    {
+        string tmp = path + ".tmp";
+        using (var fs = new FileStream(tmp, FileMode.Create, FileAccess.Write, FileShare.None))
+        {
+            fs.Write(content);
+            fs.Flush(flushToDisk: true);
+        }
+        File.Move(tmp, path, overwrite: true);
+    }
+}
+
+/// <summary>The held repository lock.</summary>
+public sealed class RepositoryLock(FileStream stream) : IDisposable
+{
+    public void Dispose() => stream.Dispose();
+}

@@ -1,0 +1,343 @@
+using System.CommandLine;
+using System.Globalization;
+using System.Runtime.InteropServices;
+using System.Text.Json;
+using Spectre.Console;
+using Strata.Backup;
+using Strata.Block;
+using Strata.Protocol.Nbd;
+
+namespace Strata.Cli.Backup;
+
+/// <summary>`strata backup`: repositories of backup chains taken from strata daemon, qemu-storage-daemon or QEMU.</summary>
+internal static class BackupCommands
+{
+    private const string ExitCodes = """
+        Exit codes: 0 success; 1 the backup, restore or prune failed, or verify found a problem;
+        2 bad arguments, or no such repository, disk or point; 3 the repository is locked by another run;
+        4 the source (QMP or NBD) could not be reached or refused a command.
+        """;
+
+    public static Command Build(TextWriter stdout, TextWriter stderr)
+    {
+        var cmd = new Command("backup", "Keep chains of full and incremental backups of disks served over QMP, restore and verify them.\n" + ExitCodes);
+        cmd.Subcommands.Add(Init(stdout, stderr));
+        cmd.Subcommands.Add(Run(stdout, stderr));
+        cmd.Subcommands.Add(List(stdout, stderr));
+        cmd.Subcommands.Add(Restore(stdout, stderr));
+        cmd.Subcommands.Add(Verify(stdout, stderr));
+        cmd.Subcommands.Add(Prune(stdout, stderr));
+        cmd.Subcommands.Add(Serve(stdout, stderr));
+        return cmd;
+    }
+
+    private static Argument<string> RepoArgument() => new("REPO") { Description = "the repository folder" };
+
+    /// <summary>Runs a command body, turning failures into a message, a hint and the documented exit code.</summary>
+    private static int Guard(TextWriter stderr, Func<int> body)
+    {
+        try
+        {
+            return body();
+        }
+        catch (BackupException e)
+        {
+            stderr.WriteLine($"strata backup: {e.Message}");
+            if (e.Hint is not null) stderr.WriteLine($"hint: {e.Hint}");
+            return e.ExitCode;
+        }
+        catch (Strata.Protocol.Qmp.QmpException e)
+        {
+            stderr.WriteLine($"strata backup: the source refused a command: {e.Message} ({e.ErrorClass})");
+            return BackupExitCodes.Source;
+        }
+        catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
+        {
+            stderr.WriteLine($"strata backup: {e.Message}");
+            return BackupExitCodes.Failed;
+        }
+    }
+
+    private static Command Init(TextWriter stdout, TextWriter stderr)
+    {
+        var repo = RepoArgument();
+        var cmd = new Command("init", "Create an empty repository") { repo };
+        cmd.SetAction(r => Guard(stderr, () =>
+        {
+            var created = Repository.Init(r.GetValue(repo)!);
+            stdout.WriteLine($"created repository {created.Root}");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Run(TextWriter stdout, TextWriter stderr)
+    {
+        var repo = RepoArgument();
+        var socket = new Option<string>("--socket") { Description = "QMP socket of the source: a unix socket path or HOST:PORT", Required = true };
+        var disks = new Option<string[]>("--disk") { Description = "node name of a disk to back up (repeat for several: one point in time)", Required = true };
+        var level = new Option<string>("--level") { Description = "full, inc, or auto (full when there is no usable chain or bitmap)", DefaultValueFactory = _ => "auto" };
+        level.AcceptOnlyFromAmong("full", "inc", "auto");
+        var mode = new Option<string>("--mode") { Description = "push (the source writes the backup) or pull (fleecing + NBD, reading only dirty extents)", DefaultValueFactory = _ => "push" };
+        mode.AcceptOnlyFromAmong("push", "pull");
+        var nbd = new Option<string?>("--nbd") { Description = "pull mode: address (socket path or HOST:PORT) of an NBD server the source already runs; default: start one for the run" };
+        var json = new Option<bool>("--json") { Description = "print the new points as JSON" };
+        var inject = new Option<int?>("--x-inject-target-errno") { Description = "testing: fail every write to the push targets with this errno (blkdebug)", Hidden = true };
+        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, disks, level, mode, nbd, json, inject };
+        cmd.SetAction(r => Guard(stderr, () =>
+        {
+            var repository = Repository.Open(r.GetValue(repo)!);
+            var options = new BackupRunOptions
+            {
+                Socket = r.GetValue(socket)!,
+                Disks = r.GetValue(disks)!,
+                Level = r.GetValue(level)!,
+                Mode = r.GetValue(mode)!,
+                Nbd = r.GetValue(nbd),
+                InjectTargetErrno = r.GetValue(inject),
+            };
+            bool asJson = r.GetValue(json);
+            var manifests = WithProgress(stdout, asJson, p => new BackupRunner(repository, options, p).RunAsync().GetAwaiter().GetResult());
+            if (asJson) stdout.WriteLine(JsonSerializer.Serialize(manifests.Select(Summary), BackupManifest.Json));
+            else
+                foreach (var m in manifests)
+                    stdout.WriteLine($"{m.Disk}@{m.Id}: {m.Level}, {Bytes(m.CopiedBytes)} copied, file {Bytes(m.FileSize)}");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static object Summary(BackupManifest m) => new
+    {
+        m.Id, m.Disk, m.Time, m.Level, m.Parent, m.File, m.Mode, m.Node, m.Bitmap, m.VirtualSize, m.CopiedBytes, m.FileSize, m.Note,
+    };
+
+    private static Command List(TextWriter stdout, TextWriter stderr)
+    {
+        var repo = RepoArgument();
+        var json = new Option<bool>("--json") { Description = "print JSON" };
+        var cmd = new Command("list", "List the backup points of every disk") { repo, json };
+        cmd.SetAction(r => Guard(stderr, () =>
+        {
+            var repository = Repository.Open(r.GetValue(repo)!);
+            var points = repository.AllPoints();
+            if (r.GetValue(json))
+            {
+                stdout.WriteLine(JsonSerializer.Serialize(points.Select(Summary), BackupManifest.Json));
+                return 0;
+            }
+            if (points.Count == 0)
+            {
+                stdout.WriteLine("no backups yet");
+                return 0;
+            }
+            var rows = points.Select(p => new[] { p.Disk, p.Id, p.Time.UtcDateTime.ToString("yyyy-MM-dd HH:mm:ss", CultureInfo.InvariantCulture), p.Level, p.Parent ?? "-", p.Mode, Bytes(p.CopiedBytes), Bytes(p.FileSize) }).ToList();
+            string[] head = ["DISK", "ID", "TIME (UTC)", "LEVEL", "PARENT", "MODE", "COPIED", "FILE"];
+            var widths = head.Select((h, i) => Math.Max(h.Length, rows.Max(row => row[i].Length))).ToArray();
+            stdout.WriteLine(string.Join("  ", head.Select((h, i) => h.PadRight(widths[i]))).TrimEnd());
+            foreach (var row in rows) stdout.WriteLine(string.Join("  ", row.Select((c, i) => c.PadRight(widths[i]))).TrimEnd());
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Option<string> AtOption(bool required) => new("--at") { Description = "a point id, a time (ISO 8601: the newest point at or before it), or latest", Required = required, DefaultValueFactory = required ? null! : _ => "latest" };
+
+    private static Command Restore(TextWriter stdout, TextWriter stderr)
+    {
+        var repo = RepoArgument();
+        var at = AtOption(required: false);
+        var disk = new Option<string>("--disk") { Description = "the disk (node name) to restore", Required = true };
+        var to = new Option<string>("--to") { Description = "the new file to write", Required = true };
+        var format = new Option<string>("-O") { Description = "output format: qcow2 or raw", DefaultValueFactory = _ => "raw" };
+        format.AcceptOnlyFromAmong("qcow2", "raw");
+        var cmd = new Command("restore", "Write one point of a disk into a new file") { repo, at, disk, to, format };
+        cmd.SetAction(r => Guard(stderr, () =>
+        {
+            var repository = Repository.Open(r.GetValue(repo)!);
+            var point = repository.Find(r.GetValue(disk)!, r.GetValue(at)!);
+            var printer = Console.IsOutputRedirected || stdout != Console.Out ? null : new Img.ProgressPrinter(stdout);
+            Restorer.Restore(repository, point, r.GetValue(to)!, r.GetValue(format)!, printer is null ? null : printer.Report);
+            printer?.Finish();
+            stdout.WriteLine($"restored {point.Disk}@{point.Id} ({point.Time:O}) to {r.GetValue(to)}");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Verify(TextWriter stdout, TextWriter stderr)
+    {
+        var repo = RepoArgument();
+        var at = new Option<string?>("--at") { Description = "verify only the chain up to this point (id, time or latest)" };
+        var disk = new Option<string?>("--disk") { Description = "verify only this disk" };
+        var json = new Option<bool>("--json") { Description = "print the problems as JSON" };
+        var cmd = new Command("verify", "Re-read every backup against its manifest and check every chain link; exit 1 on any problem") { repo, at, disk, json };
+        cmd.SetAction(r => Guard(stderr, () =>
+        {
+            var repository = Repository.Open(r.GetValue(repo)!);
+            if (r.GetValue(at) is not null && r.GetValue(disk) is null && repository.Disks().Count != 1)
+                throw new BackupException("--at needs --disk when the repository holds several disks", exitCode: BackupExitCodes.Usage);
+            using var held = repository.Lock();
+            int checkedPoints = 0;
+            bool asJson = r.GetValue(json);
+            var problems = Verifier.Verify(repository, r.GetValue(disk) ?? (r.GetValue(at) is null ? null : repository.Disks()[0]), r.GetValue(at), point =>
+            {
+                checkedPoints++;
+                if (!asJson) stdout.WriteLine($"checking {point}");
+            });
+            if (asJson) stdout.WriteLine(JsonSerializer.Serialize(new { points = checkedPoints, problems }, BackupManifest.Json));
+            else
+            {
+                foreach (var p in problems) stdout.WriteLine($"PROBLEM {p.Disk}{(p.Id is null ? "" : "@" + p.Id)}: {p.What}");
+                stdout.WriteLine(problems.Count == 0 ? $"verified {checkedPoints} point(s): all good" : $"{problems.Count} problem(s) in {checkedPoints} point(s)");
+            }
+            return problems.Count == 0 ? 0 : BackupExitCodes.Failed;
+        }));
+        return cmd;
+    }
+
+    private static Command Prune(TextWriter stdout, TextWriter stderr)
+    {
+        var repo = RepoArgument();
+        Option<int> Keep(string name, string what) => new(name) { Description = what, DefaultValueFactory = _ => 0 };
+        var last = Keep("--keep-last", "keep the newest N points");
+        var daily = Keep("--keep-daily", "keep the newest point of each of the last N days with backups");
+        var weekly = Keep("--keep-weekly", "keep the newest point of each of the last N weeks with backups");
+        var monthly = Keep("--keep-monthly", "keep the newest point of each of the last N months with backups");
+        var dry = new Option<bool>("--dry-run") { Description = "only say what would be removed" };
+        var cmd = new Command("prune", "Remove old points, merging each into its successor so that no chain breaks; the newest point always stays") { repo, last, daily, weekly, monthly, dry };
+        cmd.SetAction(r => Guard(stderr, () =>
+        {
+            var policy = new RetentionPolicy(r.GetValue(last), r.GetValue(daily), r.GetValue(weekly), r.GetValue(monthly));
+            if (new[] { policy.KeepLast, policy.KeepDaily, policy.KeepWeekly, policy.KeepMonthly }.Any(n => n < 0))
+                throw new BackupException("--keep-* counts cannot be negative", exitCode: BackupExitCodes.Usage);
+            var repository = Repository.Open(r.GetValue(repo)!);
+            using var held = repository.Lock();
+            var removed = Pruner.Prune(repository, policy, stdout.WriteLine, r.GetValue(dry));
+            stdout.WriteLine(r.GetValue(dry) ? $"would remove {removed.Count} point(s)" : $"removed {removed.Count} point(s)");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    private static Command Serve(TextWriter stdout, TextWriter stderr)
+    {
+        var repo = RepoArgument();
+        var at = AtOption(required: false);
+        var disk = new Option<string>("--disk") { Description = "the disk (node name)", Required = true };
+        var socket = new Option<string?>("--socket") { Description = "serve on this unix socket" };
+        var port = new Option<int?>("--port") { Description = "serve on this TCP port" };
+        var host = new Option<string>("--host") { Description = "TCP address to bind", DefaultValueFactory = _ => "127.0.0.1" };
+        var name = new Option<string?>("--name") { Description = "export name (default: DISK)" };
+        var cmd = new Command("serve", "Export one point read-only over NBD for instant access, until interrupted") { repo, at, disk, socket, port, host, name };
+        cmd.SetAction(r => Guard(stderr, () =>
+        {
+            if ((r.GetValue(socket) is null) == (r.GetValue(port) is null))
+                throw new BackupException("give exactly one of --socket PATH and --port N", exitCode: BackupExitCodes.Usage);
+            var repository = Repository.Open(r.GetValue(repo)!);
+            var point = repository.Find(r.GetValue(disk)!, r.GetValue(at)!);
+            repository.ChainOf(point);
+            using var image = ImageOpener.Open(repository.FilePath(point), "qcow2", readOnly: true);
+            string exportName = r.GetValue(name) ?? point.Disk;
+            var server = r.GetValue(socket) is { } path ? NbdServer.ListenUnix(path) : NbdServer.ListenTcp(r.GetValue(host)!, r.GetValue(port)!.Value);
+            var stop = new TaskCompletionSource();
+            using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.TrySetResult(); });
+            using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.TrySetResult(); });
+            try
+            {
+                server.AddExport(new NbdExport(exportName, exportName, $"{point.Disk}@{point.Id}", image, writable: false, [], allocationDepth: false));
+                server.Start();
+                string uri = r.GetValue(socket) is { } s ? $"nbd+unix:///{exportName}?socket={s}" : $"nbd://{r.GetValue(host)}:{r.GetValue(port)}/{exportName}";
+                stdout.WriteLine($"serving {point.Disk}@{point.Id} ({point.Time:O}) read-only at {uri}");
+                stdout.Flush();
+                stop.Task.Wait();
+            }
+            finally
+            {
+                server.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            }
+            return 0;
+        }));
+        return cmd;
+    }
+
+    // ------------------------------------------------------------------ progress
+
+    private static T WithProgress<T>(TextWriter stdout, bool quiet, Func<IBackupProgress, T> body)
+    {
+        if (!quiet && stdout == Console.Out && !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive)
+        {
+            T result = default!;
+            AnsiConsole.Progress()
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new TransferSpeedColumn(), new RemainingTimeColumn())
+                .Start(ctx => result = body(new BarProgress(ctx)));
+            return result;
+        }
+        return body(new LineProgress(quiet ? TextWriter.Null : stdout));
+    }
+
+    /// <summary>Spectre.Console bars with rate and ETA, for a terminal.</summary>
+    private sealed class BarProgress(ProgressContext ctx) : IBackupProgress
+    {
+        private readonly Dictionary<string, ProgressTask> _tasks = [];
+
+        public void Message(string text) => AnsiConsole.MarkupLine(Markup.Escape(text));
+
+        private ProgressTask Task(string disk)
+        {
+            lock (_tasks)
+            {
+                if (!_tasks.TryGetValue(disk, out var t)) _tasks[disk] = t = ctx.AddTask(disk, maxValue: 1);
+                return t;
+            }
+        }
+
+        public void Start(string disk, long total) => Task(disk).MaxValue = Math.Max(1, total);
+        public void Advance(string disk, long done) => Task(disk).Value = done;
+        public void Finish(string disk) { var t = Task(disk); t.Value = t.MaxValue; t.StopTask(); }
+    }
+
+    /// <summary>Plain lines, one per tenth, for logs and pipes.</summary>
+    private sealed class LineProgress(TextWriter output) : IBackupProgress
+    {
+        private readonly Dictionary<string, (long Total, int Tenth, DateTime Start)> _state = [];
+
+        public void Message(string text) { lock (_state) output.WriteLine(text); }
+
+        public void Start(string disk, long total)
+        {
+            lock (_state)
+                _state[disk] = _state.TryGetValue(disk, out var s) ? s with { Total = total } : (total, 0, DateTime.UtcNow);
+        }
+
+        public void Advance(string disk, long done)
+        {
+            lock (_state)
+            {
+                if (!_state.TryGetValue(disk, out var s) || s.Total <= 0) return;
+                int tenth = (int)Math.Min(10, done * 10 / s.Total);
+                if (tenth <= s.Tenth) return;
+                _state[disk] = s with { Tenth = tenth };
+                double secs = Math.Max(0.001, (DateTime.UtcNow - s.Start).TotalSeconds);
+                double rate = done / secs;
+                string eta = rate > 0 && done < s.Total ? $", ETA {TimeSpan.FromSeconds((s.Total - done) / rate):mm\\:ss}" : "";
+                output.WriteLine($"{disk}: {tenth * 10}% of {Bytes(s.Total)} at {Bytes((long)rate)}/s{eta}");
+            }
+        }
+
+        public void Finish(string disk)
+        {
+            lock (_state)
+                if (_state.TryGetValue(disk, out var s))
+                    output.WriteLine($"{disk}: done, {Bytes(s.Total)} in {(DateTime.UtcNow - s.Start).TotalSeconds.ToString("F1", CultureInfo.InvariantCulture)} s");
+        }
+    }
+
+    internal static string Bytes(long n) => n switch
+    {
+        >= 1L << 30 => (n / (double)(1L << 30)).ToString("F2", CultureInfo.InvariantCulture) + " GiB",
+        >= 1L << 20 => (n / (double)(1L << 20)).ToString("F1", CultureInfo.InvariantCulture) + " MiB",
+        >= 1L << 10 => (n / 1024.0).ToString("F0", CultureInfo.InvariantCulture) + " KiB",
+        _ => n + " B",
+    };
+}

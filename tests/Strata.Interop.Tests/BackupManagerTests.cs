@@ -1,0 +1,372 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Qt = Strata.Interop.Tests.Infra.Tools;
+
+namespace Strata.Interop.Tests;
+
+/// <summary>
+/// `strata backup` end to end, against `strata daemon` and qemu-storage-daemon: chains of two disks taken at one
+/// point in time, every point restored and compared with a copy of the disk taken at that point, and the files
+/// judged by qemu-img.
+/// </summary>
+public class BackupManagerTests : ScratchDirTest
+{
+    private string Repo => P("repo");
+
+    private static JsonElement[] Run(BackupSourceProcess src, string repo, string mode, params string[] more)
+    {
+        var args = new List<string> { "backup", "run", "--socket", src.QmpPath, "--mode", mode, "--json" };
+        if (mode == "pull") args.AddRange(["--nbd", src.NbdPath]);
+        args.AddRange(more);
+        args.Add(repo);
+        return Qt.StrataCmd([.. args]).Ok().Json().EnumerateArray().ToArray();
+    }
+
+    private void AssertRestores(string disk, string id, string copy)
+    {
+        string to = P($"restored-{disk}-{id}.raw");
+        Qt.StrataCmd("backup", "restore", "--at", id, "--disk", disk, "--to", to, Repo).Ok();
+        Assert.True(File.ReadAllBytes(to).AsSpan().SequenceEqual(File.ReadAllBytes(copy)), $"{disk}@{id} does not restore to the disk as it was");
+        File.Delete(to);
+    }
+
+    private void AssertEveryFileCheckedClean()
+    {
+        foreach (var f in Directory.EnumerateFiles(Repo, "*", SearchOption.AllDirectories))
+        {
+            Assert.False(f.EndsWith(".partial") || Path.GetFileName(f).StartsWith(".fleece-"), $"leftover {f}");
+            if (f.EndsWith(".qcow2")) Qt.AssertQemuCheckClean(f);
+        }
+    }
+
+    [Theory]
+    [InlineData("strata", "push")]
+    [InlineData("strata", "pull")]
+    [InlineData("qsd", "push")]
+    [InlineData("qsd", "pull")]
+    public async Task FullAndThreeIncrementalsOfTwoDisksRestoreEveryPoint(string kind, string mode)
+    {
+        string[] disks = ["vda", "vdb"];
+        using var src = new BackupSourceProcess(kind, Dir, disks);
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        var points = new List<string>();
+        for (int round = 0; round < 4; round++)
+        {
+            if (round > 0)
+                foreach (var (d, i) in disks.Select((d, i) => (d, i))) await src.GuestWritesAsync(d, seed: round * 10 + i);
+            foreach (var d in disks) await src.CopyAsync(d, P($"{d}-{round}.raw"));
+            var made = Run(src, Repo, mode, "--disk", "vda", "--disk", "vdb");
+            Assert.Equal(2, made.Length);
+            Assert.Equal(made[0].GetProperty("id").GetString(), made[1].GetProperty("id").GetString());
+            foreach (var m in made)
+            {
+                Assert.Equal(round == 0 ? "full" : "inc", m.GetProperty("level").GetString());
+                // An incremental copies what the guest wrote (24 blocks of 64 KiB), not the disk.
+                if (round > 0) Assert.InRange(m.GetProperty("copied-bytes").GetInt64(), 1, 2L << 20);
+            }
+            points.Add(made[0].GetProperty("id").GetString()!);
+        }
+        for (int round = 0; round < 4; round++)
+            foreach (var d in disks) AssertRestores(d, points[round], P($"{d}-{round}.raw"));
+        AssertEveryFileCheckedClean();
+        // The chain is plain qcow2: qemu-img reads the newest file, backing files and all.
+        Qt.QemuImg("convert", "-O", "raw", Path.Combine(Repo, "vda", points[3] + ".qcow2"), P("by-qemu.raw")).Ok();
+        Assert.True(File.ReadAllBytes(P("by-qemu.raw")).AsSpan().SequenceEqual(File.ReadAllBytes(P("vda-3.raw"))));
+        var chain = Qt.QemuImg("info", "--backing-chain", "--output=json", Path.Combine(Repo, "vdb", points[3] + ".qcow2")).Ok().Json();
+        Assert.Equal(4, chain.GetArrayLength());
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        var list = Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json();
+        Assert.Equal(8, list.GetArrayLength());
+    }
+
+    [Fact]
+    public async Task VerifyFindsFlippedBytesMissingFilesAndWrongChainLinks()
+    {
+        using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        var ids = new List<string>();
+        for (int round = 0; round < 3; round++)
+        {
+            if (round > 0) await src.GuestWritesAsync("vda", round);
+            ids.Add(Run(src, Repo, "push", "--disk", "vda")[0].GetProperty("id").GetString()!);
+        }
+        string F(int i) => Path.Combine(Repo, "vda", ids[i] + ".qcow2");
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+
+        void Damaged(string expect)
+        {
+            var r = Qt.StrataCmd("backup", "verify", Repo);
+            Assert.True(r.Exit == 1, r.ToString());
+            Assert.Contains(expect, r.Stdout);
+        }
+        void Flip(string file, long offset)
+        {
+            using var fs = new FileStream(file, FileMode.Open, FileAccess.ReadWrite);
+            fs.Position = offset;
+            int b = fs.ReadByte();
+            fs.Position = offset;
+            fs.WriteByte((byte)(b ^ 0x40));
+        }
+
+        // A flipped byte in a data cluster of the first incremental: the file hash and the extent say so.
+        var map = Qt.QemuImg("map", "--output=json", F(1)).Ok().Json().EnumerateArray()
+            .First(e => e.GetProperty("data").GetBoolean() && e.GetProperty("depth").GetInt32() == 0);
+        long host = map.GetProperty("offset").GetInt64() + 100;
+        Flip(F(1), host);
+        Damaged($"vda@{ids[1]}: {ids[1]}.qcow2 does not match its SHA-256");
+        Damaged("differs from the manifest");
+        Flip(F(1), host);
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+
+        // A flipped byte where no metadata or data lives (the header cluster's slack) is still caught.
+        Flip(F(0), 4000);
+        Damaged($"vda@{ids[0]}: {ids[0]}.qcow2 does not match its SHA-256");
+        Flip(F(0), 4000);
+
+        // A missing link.
+        File.Move(F(1), P("aside.qcow2"));
+        Damaged($"the backup file {ids[1]}.qcow2 is missing");
+        File.Move(P("aside.qcow2"), F(1));
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+
+        // A reordered link: the newest point now skips the middle one.
+        Qt.QemuImg("rebase", "-u", "-b", ids[0] + ".qcow2", "-F", "qcow2", F(2)).Ok();
+        Damaged("the chain link is wrong");
+        Qt.QemuImg("rebase", "-u", "-b", ids[1] + ".qcow2", "-F", "qcow2", F(2)).Ok();
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+
+        // A point removed with its manifest: its successor's parent is gone.
+        File.Move(F(1), P("aside.qcow2"));
+        File.Move(Path.Combine(Repo, "vda", ids[1] + ".json"), P("aside.json"));
+        Damaged($"its parent point {ids[1]} is missing");
+        var restore = Qt.StrataCmd("backup", "restore", "--disk", "vda", "--to", P("x.raw"), Repo);
+        Assert.Equal(1, restore.Exit);
+        Assert.Contains("broken", restore.Stderr);
+        Assert.False(File.Exists(P("x.raw")));
+    }
+
+    [Fact]
+    public async Task PruneMergesRemovedPointsIntoTheirSuccessorsAndEveryRemainingPointStillRestores()
+    {
+        using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        var ids = new List<string>();
+        for (int round = 0; round < 5; round++)
+        {
+            if (round > 0) await src.GuestWritesAsync("vda", round);
+            await src.CopyAsync("vda", P($"copy-{round}.raw"));
+            ids.Add(Run(src, Repo, round % 2 == 0 ? "push" : "pull", "--disk", "vda")[0].GetProperty("id").GetString()!);
+        }
+        var dry = Qt.StrataCmd("backup", "prune", "--keep-last", "2", "--dry-run", Repo).Ok();
+        Assert.Contains("would remove 3 point(s)", dry.Stdout);
+        Assert.Equal(5, Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().GetArrayLength());
+
+        var pruned = Qt.StrataCmd("backup", "prune", "--keep-last", "2", Repo).Ok();
+        Assert.Contains("removed 3 point(s)", pruned.Stdout);
+        var left = Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray().ToArray();
+        Assert.Equal([ids[3], ids[4]], left.Select(p => p.GetProperty("id").GetString()));
+        Assert.Equal("full", left[0].GetProperty("level").GetString());
+        Assert.False(left[0].TryGetProperty("parent", out _));
+        Assert.Equal(ids[3], left[1].GetProperty("parent").GetString());
+        AssertRestores("vda", ids[3], P("copy-3.raw"));
+        AssertRestores("vda", ids[4], P("copy-4.raw"));
+        AssertEveryFileCheckedClean();
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Assert.Equal(2, Qt.QemuImg("info", "--backing-chain", "--output=json", Path.Combine(Repo, "vda", ids[4] + ".qcow2")).Ok().Json().GetArrayLength());
+
+        // The chain goes on from the kept head: the source's bitmap still matches it.
+        await src.GuestWritesAsync("vda", 99);
+        await src.CopyAsync("vda", P("copy-5.raw"));
+        var next = Run(src, Repo, "push", "--disk", "vda")[0];
+        Assert.Equal("inc", next.GetProperty("level").GetString());
+        AssertRestores("vda", next.GetProperty("id").GetString()!, P("copy-5.raw"));
+        // Pruning to one point leaves a single full.
+        Qt.StrataCmd("backup", "prune", "--keep-last", "1", Repo).Ok();
+        var one = Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray().Single();
+        Assert.Equal("full", one.GetProperty("level").GetString());
+        AssertRestores("vda", one.GetProperty("id").GetString()!, P("copy-5.raw"));
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+    }
+
+    /// <summary>`strata backup` as its own process, for tests that kill it.</summary>
+    private static Process StartTool(params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "strata.dll"));
+        psi.ArgumentList.Add("backup");
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        return Process.Start(psi)!;
+    }
+
+    /// <summary>Waits until the run has a partial backup file of at least <paramref name="bytes"/> (or has ended).</summary>
+    private void WaitForPartial(Process tool, long bytes)
+    {
+        var sw = Stopwatch.StartNew();
+        while (!tool.HasExited && sw.ElapsedMilliseconds < 30000)
+        {
+            var partial = Directory.Exists(Path.Combine(Repo, "vda")) ? Directory.EnumerateFiles(Path.Combine(Repo, "vda"), "*.partial").FirstOrDefault() : null;
+            if (partial is not null && new FileInfo(partial).Length >= bytes) return;
+            Thread.Sleep(2);
+        }
+    }
+
+    [Theory]
+    [InlineData("push")]
+    [InlineData("pull")]
+    public async Task KillingTheToolMidBackupLeavesTheRepositoryValidAndTheNextRunCorrect(string mode)
+    {
+        using var src = new BackupSourceProcess("strata", Dir, ["vda"], size: "512M");
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        var full = Run(src, Repo, mode, "--disk", "vda")[0];
+        // Enough new data that the incremental takes a while.
+        Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x5c 0 384M", $"nbd+unix:///vda?socket={src.NbdPath}").Exit);
+        var args = new List<string> { "run", "--socket", src.QmpPath, "--disk", "vda", "--mode", mode };
+        if (mode == "pull") args.AddRange(["--nbd", src.NbdPath]);
+        using (var tool = StartTool([.. args, Repo]))
+        {
+            WaitForPartial(tool, 1 << 20);
+            if (!tool.HasExited) tool.Kill();
+            tool.WaitForExit();
+        }
+        // The interrupted run committed nothing.
+        Assert.Single(Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray());
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+
+        await src.GuestWritesAsync("vda", 5);
+        await src.CopyAsync("vda", P("now.raw"));
+        var next = Qt.StrataCmd([.. args.Prepend("backup"), "--json", Repo]).Ok();
+        var made = next.Json()[0];
+        // The bitmaps left behind were folded into the head's: an incremental, and a complete one.
+        Assert.Equal("inc", made.GetProperty("level").GetString());
+        AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
+        AssertEveryFileCheckedClean();
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Assert.NotNull(full.GetProperty("id").GetString());
+    }
+
+    [Theory]
+    [InlineData("strata")]
+    [InlineData("qsd")]
+    public async Task KillingTheSourceMidBackupFallsBackToAFullThatIsCorrect(string kind)
+    {
+        using var src = new BackupSourceProcess(kind, Dir, ["vda"], size: "512M");
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Run(src, Repo, "push", "--disk", "vda");
+        Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x5d 0 384M", $"nbd+unix:///vda?socket={src.NbdPath}").Exit);
+        int exit;
+        using (var tool = StartTool("run", "--socket", src.QmpPath, "--disk", "vda", Repo))
+        {
+            WaitForPartial(tool, 1 << 20);
+            src.Kill();
+            Assert.True(tool.WaitForExit(30000));
+            exit = tool.ExitCode;
+        }
+        src.Start();
+        await src.CopyAsync("vda", P("now.raw"));
+        var made = Run(src, Repo, "push", "--disk", "vda")[0];
+        Assert.Equal(4, exit);
+        {
+            // A killed source never stored the run's new persistent bitmap (QEMU stores them on close), and the old
+            // one is gone or marked in use: either way a full follows, and says why.
+            Assert.Equal("full", made.GetProperty("level").GetString());
+            Assert.Matches("full because bitmap .* is (missing|inconsistent)", made.GetProperty("note").GetString());
+        }
+        AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
+        AssertEveryFileCheckedClean();
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+    }
+
+    [Theory]
+    [InlineData("strata")]
+    [InlineData("qsd")]
+    public async Task AFailingTargetCommitsNothingAndKeepsTheBitmapForTheNextRun(string kind)
+    {
+        using var src = new BackupSourceProcess(kind, Dir, ["vda"]);
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Run(src, Repo, "push", "--disk", "vda");
+        await src.GuestWritesAsync("vda", 7);
+        var failed = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--x-inject-target-errno", "5", Repo);
+        Assert.Equal(1, failed.Exit);
+        Assert.Contains("backup failed", failed.Stderr);
+        Assert.Contains("hint:", failed.Stderr);
+        Assert.Single(Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray());
+        AssertEveryFileCheckedClean();
+
+        await src.GuestWritesAsync("vda", 8);
+        await src.CopyAsync("vda", P("now.raw"));
+        var made = Run(src, Repo, "push", "--disk", "vda")[0];
+        Assert.Equal("inc", made.GetProperty("level").GetString());
+        AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+    }
+
+    [Fact]
+    public async Task ServeExportsAPointReadOnlyToQemuTools()
+    {
+        using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        await src.CopyAsync("vda", P("p0.raw"));
+        string id = Run(src, Repo, "push", "--disk", "vda")[0].GetProperty("id").GetString()!;
+        await src.GuestWritesAsync("vda", 3);
+        Run(src, Repo, "pull", "--disk", "vda");
+        string sock = P("serve.sock");
+        using var serve = StartTool("serve", "--at", id, "--disk", "vda", "--socket", sock, Repo);
+        try
+        {
+            string line = serve.StandardOutput.ReadLine() ?? serve.StandardError.ReadToEnd();
+            Assert.Contains($"serving vda@{id}", line);
+            string uri = $"nbd+unix:///vda?socket={sock}";
+            Qt.AssertQemuIdentical(uri, P("p0.raw"), "-f", "raw", "-F", "raw");
+            Assert.Equal(0, Tools.Run("nbdcopy", uri, P("copied.raw")).Exit);
+            Assert.True(File.ReadAllBytes(P("copied.raw")).AsSpan().SequenceEqual(File.ReadAllBytes(P("p0.raw"))));
+            var info = Tools.Run("nbdinfo", "--json", uri);
+            Assert.Equal(0, info.Exit);
+            Assert.Contains("\"is_read_only\": true", info.Stdout);
+            var write = Tools.Run("qemu-io", "-f", "raw", "-c", "write 0 4k", uri);
+            Assert.True(write.Exit != 0 || write.Stderr.Length > 0 || write.Stdout.Contains("failed"), "a served point must not be writable");
+        }
+        finally
+        {
+            serve.Kill();
+            serve.WaitForExit();
+        }
+    }
+
+    [Fact]
+    public async Task BadRequestsGetAMessageAndTheDocumentedExitCode()
+    {
+        using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
+        var notRepo = Qt.StrataCmd("backup", "list", P("nowhere"));
+        Assert.Equal(2, notRepo.Exit);
+        Assert.Contains("strata backup init", notRepo.Stderr);
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Assert.Equal(2, Qt.StrataCmd("backup", "init", Repo).Exit);
+        var noSource = Qt.StrataCmd("backup", "run", "--socket", P("no.sock"), "--disk", "vda", Repo);
+        Assert.Equal(4, noSource.Exit);
+        Assert.Contains("cannot reach QMP", noSource.Stderr);
+        var noDisk = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "nope", Repo);
+        Assert.Equal(2, noDisk.Exit);
+        Assert.Contains("no node 'nope'", noDisk.Stderr);
+        var noChain = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--level", "inc", Repo);
+        Assert.Equal(1, noChain.Exit);
+        Assert.Contains("--level full", noChain.Stderr);
+        var badLevel = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--level", "sometimes", Repo);
+        Assert.NotEqual(0, badLevel.Exit);
+        Run(src, Repo, "push", "--disk", "vda");
+        File.WriteAllText(P("exists.raw"), "x");
+        Assert.Equal(2, Qt.StrataCmd("backup", "restore", "--disk", "vda", "--to", P("exists.raw"), Repo).Exit);
+        Assert.Equal(2, Qt.StrataCmd("backup", "restore", "--disk", "vdz", "--to", P("new.raw"), Repo).Exit);
+        Assert.Equal(2, Qt.StrataCmd("backup", "restore", "--disk", "vda", "--at", "1999-01-01T00:00:00Z", "--to", P("new.raw"), Repo).Exit);
+        // Two runs never write one repository at once.
+        using (Strata.Backup.Repository.Open(Repo).Lock())
+        {
+            var locked = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", Repo);
+            Assert.Equal(3, locked.Exit);
+            Assert.Contains("locked", locked.Stderr);
+            Assert.Equal(3, Qt.StrataCmd("backup", "verify", Repo).Exit);
+        }
+        foreach (var r in new[] { notRepo, noSource, noDisk, noChain, badLevel })
+            Assert.False(Qt.LooksLikeCrash(r.Stderr), r.ToString());
+        Qt.StrataCmd("backup", "verify", Repo).Ok();
+    }
+}

@@ -1,0 +1,98 @@
+using System.Diagnostics;
+using Strata.Protocol.Nbd;
+
+namespace Strata.Interop.Tests;
+
+/// <summary>
+/// A storage daemon serving qcow2 disks for the backup manager: qemu-storage-daemon or `strata daemon`, started
+/// with the same command line (one file + qcow2 node per disk, a QMP socket, an NBD server with a writable
+/// export per disk for the "guest"). It can be killed and started again on the same images.
+/// </summary>
+public sealed class BackupSourceProcess : IDisposable
+{
+    private Process? _process;
+    private readonly string _dir;
+    private readonly string[] _disks;
+    public string Kind { get; }
+    public string QmpPath => Path.Combine(_dir, Kind + ".qmp");
+    public string NbdPath => Path.Combine(_dir, Kind + ".nbd");
+    public string Image(string disk) => Path.Combine(_dir, disk + ".qcow2");
+
+    public BackupSourceProcess(string kind, string dir, string[] disks, string size = "32M", bool createImages = true)
+    {
+        Kind = kind;
+        _dir = dir;
+        _disks = disks;
+        if (createImages)
+            foreach (var d in disks)
+            {
+                Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", Image(d), size).Exit);
+                // Some data before the first backup, and a hole.
+                Assert.Equal(0, Tools.Run("qemu-io", "-c", "write -P 0x11 0 4M", "-c", "write -P 0x12 12M 3M", Image(d)).Exit);
+            }
+        Start();
+    }
+
+    public void Start()
+    {
+        File.Delete(QmpPath);
+        File.Delete(NbdPath);
+        var args = new List<string>();
+        foreach (var d in _disks)
+            args.AddRange(["--blockdev", $"driver=file,node-name={d}-file,filename={Image(d)}", "--blockdev", $"driver=qcow2,node-name={d},file={d}-file"]);
+        args.AddRange(["--chardev", $"socket,id=qmp0,path={QmpPath},server=on,wait=off", "--monitor", "chardev=qmp0", "--nbd-server", $"addr.type=unix,addr.path={NbdPath}"]);
+        foreach (var d in _disks) args.AddRange(["--export", $"type=nbd,id=guest-{d},node-name={d},name={d},writable=on"]);
+        var psi = Kind == "qsd"
+            ? new ProcessStartInfo("qemu-storage-daemon")
+            : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon" } };
+        psi.RedirectStandardError = psi.RedirectStandardOutput = true;
+        psi.UseShellExecute = false;
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        _process = Process.Start(psi)!;
+        var sw = Stopwatch.StartNew();
+        while (!File.Exists(QmpPath) || !File.Exists(NbdPath))
+        {
+            if (_process.HasExited) throw new InvalidOperationException($"{Kind} exited: " + _process.StandardError.ReadToEnd());
+            if (sw.ElapsedMilliseconds > 15000) throw new TimeoutException($"{Kind} did not start");
+            Thread.Sleep(20);
+        }
+    }
+
+    /// <summary>SIGKILL: nothing is flushed or closed.</summary>
+    public void Kill()
+    {
+        _process!.Kill();
+        _process.WaitForExit();
+    }
+
+    /// <summary>The guest writes: random 64 KiB blocks (seeded), and zeroes one range that held data.</summary>
+    public async Task GuestWritesAsync(string disk, int seed, int blocks = 24)
+    {
+        await using var nbd = await NbdClient.ConnectUnixAsync(NbdPath, disk);
+        var rng = new Random(seed);
+        var data = new byte[65536];
+        for (int i = 0; i < blocks; i++)
+        {
+            rng.NextBytes(data);
+            await nbd.WriteAsync(rng.Next(0, (int)(nbd.Size / 65536)) * 65536L, data);
+        }
+        await nbd.WriteZeroesAsync(rng.Next(0, 64) * 65536L, 65536);
+        await nbd.FlushAsync();
+    }
+
+    /// <summary>A raw copy of the disk as the guest sees it now.</summary>
+    public async Task CopyAsync(string disk, string to)
+    {
+        await using var nbd = await NbdClient.ConnectUnixAsync(NbdPath, disk);
+        var buffer = new byte[nbd.Size];
+        for (long pos = 0; pos < nbd.Size; pos += 4 << 20)
+            await nbd.ReadAsync(pos, buffer.AsMemory((int)pos, (int)Math.Min(4 << 20, nbd.Size - pos)));
+        await File.WriteAllBytesAsync(to, buffer);
+    }
+
+    public void Dispose()
+    {
+        if (_process is { HasExited: false }) _process.Kill();
+        _process?.Dispose();
+    }
+}
