@@ -329,9 +329,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     {
         string final = Path.Combine(repo.DiskDir(p.Disk), p.FinalName);
         File.Move(p.PartialPath, final, overwrite: false);
-        List<ExtentDigest> extents;
-        using (var image = ImageOpener.OpenSingle(final, "qcow2", readOnly: true)) extents = ImageDigest.TopLayer(image);
-        var manifest = new BackupManifest
+        var manifest = ImageDigest.Describe(new BackupManifest
         {
             Id = id,
             Disk = p.Disk,
@@ -344,12 +342,12 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Node = p.Disk,
             Bitmap = p.NewBitmap,
             VirtualSize = p.Node.VirtualSize,
-            CopiedBytes = ImageDigest.DataBytes(extents),
-            FileSize = new FileInfo(final).Length,
-            FileSha256 = ImageDigest.FileSha256(final),
             Note = p.Note,
-            Extents = extents,
-        };
+            CopiedBytes = 0,
+            FileSize = 0,
+            FileSha256 = "",
+            Extents = [],
+        }, final);
         repo.WriteManifest(manifest);
         return manifest;
     }

@@ -54,4 +54,18 @@ public static class ImageDigest
     }
 
     public static long DataBytes(IEnumerable<ExtentDigest> extents) => extents.Where(e => e.Kind == ExtentDigest.Data).Sum(e => e.Length);
+
+    /// <summary>The manifest with the facts of its file as it is now: extents, bytes copied, size and hash.</summary>
+    public static BackupManifest Describe(BackupManifest m, string path)
+    {
+        List<ExtentDigest> extents;
+        using (var image = ImageOpener.OpenSingle(path, "qcow2", readOnly: true)) extents = TopLayer(image);
+        return m with
+        {
+            Extents = extents,
+            CopiedBytes = DataBytes(extents),
+            FileSize = new FileInfo(path).Length,
+            FileSha256 = FileSha256(path),
+        };
+    }
 }

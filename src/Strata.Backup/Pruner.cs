@@ -55,17 +55,7 @@ public static class Pruner
             }
             image.Flush();
         }
-        List<ExtentDigest> extents;
-        using (var image = ImageOpener.OpenSingle(succPath, "qcow2", readOnly: true)) extents = ImageDigest.TopLayer(image);
-        repo.WriteManifest(successor with
-        {
-            Parent = removed.Parent,
-            Level = removed.Parent is null ? "full" : successor.Level,
-            CopiedBytes = ImageDigest.DataBytes(extents),
-            FileSize = new FileInfo(succPath).Length,
-            FileSha256 = ImageDigest.FileSha256(succPath),
-            Extents = extents,
-        });
+        repo.WriteManifest(ImageDigest.Describe(successor with { Parent = removed.Parent, Level = removed.Parent is null ? "full" : successor.Level }, succPath));
         if (File.Exists(Path.Combine(repo.DiskDir(removed.Disk), removed.Id + ".json")) || File.Exists(repo.FilePath(removed)))
             repo.DeletePoint(removed);
         repo.EndMerge();

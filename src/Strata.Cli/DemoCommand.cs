@@ -54,18 +54,21 @@ internal static class DemoCommand
         }
         failures += BackupStory(work, stdout, stderr).GetAwaiter().GetResult();
         stdout.WriteLine("== QEMU's own tools judge Strata's images");
-        foreach (var (args, expect) in new (string[], int)[]
-                 {
-                     (["check", P("disk.qcow2")], 0),
-                     (["check", P("disk-c.qcow2")], 0),
-                     (["check", P("top.qcow2")], 0),
-                     (["check", P("full.qcow2")], 0),
-                     (["check", P("inc1.qcow2")], 0),
-                     (["compare", P("inc1.qcow2"), P("point1.raw")], 0),
-                     (["compare", P("disk-c.qcow2"), P("disk.raw")], 0),
-                     (["compare", P("top.qcow2"), P("disk.qcow2")], 0),
-                     (["compare", P("disk.qcow2"), P("disk.raw")], 1),
-                 })
+        var chain = Strata.Backup.Repository.Open(P("backups")).Points("vm");
+        var backups = chain.Select(m => Path.Combine(P("backups"), "vm", m.File)).ToArray();
+        var judged = new List<(string[] Args, int Expect)>
+        {
+            (["check", P("disk.qcow2")], 0),
+            (["check", P("disk-c.qcow2")], 0),
+            (["check", P("top.qcow2")], 0),
+            (["compare", P("disk-c.qcow2"), P("disk.raw")], 0),
+            (["compare", P("top.qcow2"), P("disk.qcow2")], 0),
+            (["compare", P("disk.qcow2"), P("disk.raw")], 1),
+        };
+        // The backup chain is plain qcow2: qemu-img checks each file and reads the newest as the disk.
+        judged.AddRange(backups.Select(f => (new[] { "check", f }, 0)));
+        if (backups.Length > 0) judged.Add((["compare", "-F", "raw", backups[^1], P("point2.raw")], 0));
+        foreach (var (args, expect) in judged)
         {
             int rc = RunTool("qemu-img", args, stdout);
             if (rc == -1)
@@ -85,9 +88,10 @@ internal static class DemoCommand
     }
 
     /// <summary>
-    /// The incremental-backup story: a daemon serves the disk over NBD, a client writes to it, a transaction adds a
-    /// dirty bitmap and takes a full backup at one point in time, more writes follow, an incremental backup copies
-    /// only what the bitmap recorded, and each point of the chain restores byte for byte.
+    /// The incremental-backup story, driven by the backup manager: a daemon serves the disk over QMP and NBD, a
+    /// "guest" writes through NBD, `strata backup` takes a full (push: the daemon's backup job writes it) and an
+    /// incremental (pull: fleecing + NBD, only the dirty extents), then both points are restored and compared with
+    /// copies of the disk taken at those moments, and the repository is verified.
     /// </summary>
     private static async Task<int> BackupStory(string work, TextWriter stdout, TextWriter stderr)
     {
@@ -98,8 +102,14 @@ internal static class DemoCommand
             stdout.WriteLine(ok ? $"ok: {what}" : $"!! {what}");
             if (!ok) failures++;
         }
-        stdout.WriteLine("== the incremental backup story (strata daemon, QMP and NBD, in-process)");
+        int Run(params string[] args)
+        {
+            stdout.WriteLine($"$ strata {string.Join(' ', args.Select(Quote))}");
+            return StrataCli.Run(args, stdout, stderr);
+        }
+        stdout.WriteLine("== the incremental backup story (strata daemon over QMP and NBD, strata backup)");
         StrataCli.Run(["img", "create", "-q", "-f", "qcow2", P("vm.qcow2"), "128M"], stdout, stderr);
+        StrataCli.Run(["io", "-c", "write -q -P 0x5a 0 48M", P("vm.qcow2")], stdout, stderr);
         var options = Strata.Protocol.Daemon.DaemonCommandLine.Parse([
             "--blockdev", $"driver=file,node-name=vm-file,filename={P("vm.qcow2")}",
             "--blockdev", "driver=qcow2,node-name=vm,file=vm-file",
@@ -108,18 +118,6 @@ internal static class DemoCommand
             "--export", "type=nbd,id=vm-export,node-name=vm,writable=on"]);
         await using var host = new Strata.Protocol.Daemon.DaemonHost(options);
         host.Start();
-        await using var qmp = await Strata.Protocol.Qmp.QmpClient.ConnectUnixAsync(P("qmp.sock"));
-        var events = qmp.Events().GetAsyncEnumerator();
-        async Task WaitJob(string id)
-        {
-            using var cts = new CancellationTokenSource(TimeSpan.FromSeconds(60));
-            while (await events.MoveNextAsync().AsTask().WaitAsync(cts.Token))
-                if (events.Current["event"]!.GetValue<string>() == "BLOCK_JOB_COMPLETED" && events.Current["data"]!["device"]!.GetValue<string>() == id)
-                {
-                    Check(events.Current["data"]!["error"] is null, $"job {id} completed");
-                    return;
-                }
-        }
         async Task Guest(int round)
         {
             // The "guest": writes through the NBD export, as a VM would.
@@ -134,41 +132,36 @@ internal static class DemoCommand
             await nbd.FlushAsync();
             stdout.WriteLine($"guest round {round}: 64 random 64 KiB writes through NBD");
         }
-        void Snapshot(string name) => StrataCli.Run(["img", "convert", "-f", "qcow2", "-O", "raw", P("vm.qcow2"), P(name)], stdout, stderr);
-
-        await Guest(1);
-        host.Graph.Find("vm")!.Image.Flush();
-        Snapshot("point0.raw");
-        stdout.WriteLine("$ {\"execute\":\"transaction\", … block-dirty-bitmap-add bitmap0 + drive-backup sync=full …}");
-        await qmp.ExecuteAsync("transaction", System.Text.Json.Nodes.JsonNode.Parse($$$"""
-            {"actions":[{"type":"block-dirty-bitmap-add","data":{"node":"vm","name":"bitmap0","persistent":true}},
-                        {"type":"drive-backup","data":{"job-id":"full","device":"vm","target":"{{{P("full.qcow2")}}}","sync":"full","format":"qcow2"}}]}
-            """));
-        await WaitJob("full");
-
-        await Guest(2);
-        host.Graph.Find("vm")!.Image.Flush();
-        Snapshot("point1.raw");
-        var nodes = (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray();
-        long dirty = nodes.First(n => n!["node-name"]!.GetValue<string>() == "vm")!["dirty-bitmaps"]![0]!["count"]!.GetValue<long>();
-        stdout.WriteLine($"bitmap0 holds {dirty} dirty bytes since the full backup");
-        StrataCli.Run(["img", "create", "-q", "-f", "qcow2", "-b", "full.qcow2", "-F", "qcow2", P("inc1.qcow2")], stdout, stderr);
-        stdout.WriteLine("$ {\"execute\":\"drive-backup\", … sync=incremental bitmap=bitmap0 mode=existing …}");
-        await qmp.ExecuteAsync("drive-backup", System.Text.Json.Nodes.JsonNode.Parse($$$"""
-            {"job-id":"inc1","device":"vm","target":"{{{P("inc1.qcow2")}}}","sync":"incremental","bitmap":"bitmap0","mode":"existing","format":"qcow2"}
-            """));
-        await WaitJob("inc1");
-        await qmp.ExecuteAsync("quit");
-
-        // Restore every point of the chain and compare it with the disk as it was.
-        foreach (var (image, point) in new[] { ("full.qcow2", "point0.raw"), ("inc1.qcow2", "point1.raw") })
+        async Task Snapshot(string name)
         {
-            StrataCli.Run(["img", "convert", "-f", "qcow2", "-O", "raw", P(image), P(image + ".restored")], stdout, stderr);
-            int rc = StrataCli.Run(["img", "compare", "-q", "-f", "raw", "-F", "raw", P(image + ".restored"), P(point)], stdout, stderr);
-            Check(rc == 0, $"restoring {image} gives the disk as it was at that backup");
+            await using var nbd = await Strata.Protocol.Nbd.NbdClient.ConnectUnixAsync(P("nbd.sock"), "vm");
+            var copy = new byte[nbd.Size];
+            for (int pos = 0; pos < copy.Length; pos += 4 << 20)
+                await nbd.ReadAsync(pos, copy.AsMemory(pos, Math.Min(4 << 20, copy.Length - pos)));
+            await File.WriteAllBytesAsync(P(name), copy);
         }
-        long full = new FileInfo(P("full.qcow2")).Length, inc = new FileInfo(P("inc1.qcow2")).Length;
-        Check(inc < full, $"the incremental ({inc >> 10} KiB) holds only the changes (full: {full >> 10} KiB)");
+        string repo = P("backups");
+        Check(Run("backup", "init", repo) == 0, "a backup repository is created");
+        await Guest(1);
+        await Snapshot("point1.raw");
+        Check(Run("backup", "run", "--socket", P("qmp.sock"), "--disk", "vm", repo) == 0, "a full backup is taken (push mode)");
+        await Guest(2);
+        await Snapshot("point2.raw");
+        Check(Run("backup", "run", "--socket", P("qmp.sock"), "--disk", "vm", "--mode", "pull", "--nbd", P("nbd.sock"), repo) == 0,
+            "an incremental backup is pulled over NBD (only the dirty extents)");
+        Run("backup", "list", repo);
+        var points = Strata.Backup.Repository.Open(repo).Points("vm");
+        Check(points.Count == 2 && points[0].Level == "full" && points[1].Level == "inc", "the chain is a full and an incremental");
+        for (int i = 0; i < points.Count; i++)
+        {
+            string to = P($"restored{i + 1}.raw");
+            Run("backup", "restore", "--at", points[i].Id, "--disk", "vm", "--to", to, repo);
+            Check(File.Exists(to) && File.ReadAllBytes(to).AsSpan().SequenceEqual(File.ReadAllBytes(P($"point{i + 1}.raw"))),
+                $"point {i + 1} ({points[i].Level}) restores to the disk as it was at that backup");
+        }
+        if (points.Count == 2)
+            Check(points[1].FileSize < points[0].FileSize / 4, $"the incremental ({points[1].FileSize >> 10} KiB) holds only the changes (full: {points[0].FileSize >> 10} KiB)");
+        Check(Run("backup", "verify", repo) == 0, "verify re-reads every backup against its manifest");
         return failures;
     }
 

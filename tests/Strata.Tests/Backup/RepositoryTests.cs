@@ -1,0 +1,163 @@
+using Strata.Backup;
+using Strata.Block;
+using Strata.Block.Qcow2;
+using Strata.Tests.Block;
+
+namespace Strata.Tests.Backup;
+
+/// <summary>The repository, manifests and prune's merge, offline: chains built here with the qcow2 driver.</summary>
+public class RepositoryTests : IDisposable
+{
+    private readonly TempDir _dir = new();
+    private readonly Repository _repo;
+    private static readonly DateTimeOffset T0 = new(2026, 11, 1, 12, 0, 0, TimeSpan.Zero);
+
+    public RepositoryTests() => _repo = Repository.Init(_dir["repo"]);
+
+    public void Dispose() => _dir.Dispose();
+
+    /// <summary>A committed point of disk "vda" whose file holds <paramref name="writes"/> (offset, byte) in 64 KiB runs.</summary>
+    private BackupManifest Point(string id, BackupManifest? parent, int hours, params (long Offset, byte Fill)[] writes)
+    {
+        Directory.CreateDirectory(_repo.DiskDir("vda"));
+        string path = Path.Combine(_repo.DiskDir("vda"), id + ".qcow2");
+        Qcow2Image.Create(path, new Qcow2CreateOptions { Size = 8 << 20, BackingFile = parent?.File, BackingFormat = parent is null ? null : "qcow2" }).Dispose();
+        using (var image = ImageOpener.Open(path, "qcow2", readOnly: false))
+            foreach (var (offset, fill) in writes)
+            {
+                if (fill == 0) image.WriteZeroes(offset, 65536, mayUnmap: false);
+                else image.Write(offset, Enumerable.Repeat(fill, 65536).ToArray());
+            }
+        var m = ImageDigest.Describe(new BackupManifest
+        {
+            Id = id, Disk = "vda", Time = T0.AddHours(hours), Level = parent is null ? "full" : "inc", Parent = parent?.Id, File = id + ".qcow2",
+            Mode = "push", Source = "test", Node = "vda", Bitmap = "b-" + id, VirtualSize = 8 << 20,
+            CopiedBytes = 0, FileSize = 0, FileSha256 = "", Extents = [],
+        }, path);
+        _repo.WriteManifest(m);
+        return m;
+    }
+
+    private byte[] Read(BackupManifest point)
+    {
+        using var image = ImageOpener.Open(_repo.FilePath(point), "qcow2", readOnly: true);
+        var data = new byte[image.Size];
+        image.Read(0, data);
+        return data;
+    }
+
+    [Fact]
+    public void ManifestsRecordTheFilesOwnDataAndZeroRanges()
+    {
+        var full = Point("p0", null, 0, (0, 0x11), (65536, 0x12));
+        var inc = Point("p1", full, 1, (65536, 0), (1 << 20, 0x13));
+        Assert.Equal([new ExtentDigest(0, 131072, ExtentDigest.Data, full.Extents[0].Sha256)], full.Extents);
+        Assert.Equal(2, inc.Extents.Count);
+        Assert.Equal(new ExtentDigest(65536, 65536, ExtentDigest.Zero, null), inc.Extents[0]);
+        Assert.Equal(65536, inc.CopiedBytes);
+        var back = BackupManifest.Parse(File.ReadAllBytes(Path.Combine(_repo.DiskDir("vda"), "p1.json")));
+        Assert.Equal(inc.Extents, back.Extents);
+        Assert.Equal(inc with { Extents = back.Extents }, back);
+        Assert.Empty(Verifier.Verify(_repo));
+    }
+
+    [Fact]
+    public void PointsAreFoundByIdTimeOrLatest()
+    {
+        var a = Point("a", null, 0, (0, 1));
+        var b = Point("b", a, 5, (0, 2));
+        Assert.Equal("b", _repo.Find("vda", "latest").Id);
+        Assert.Equal("a", _repo.Find("vda", "a").Id);
+        Assert.Equal("a", _repo.Find("vda", T0.AddHours(4).ToString("O")).Id);
+        Assert.Equal("b", _repo.Find("vda", T0.AddHours(5).ToString("O")).Id);
+        Assert.Equal(BackupExitCodes.Usage, Assert.Throws<BackupException>(() => _repo.Find("vda", T0.AddHours(-1).ToString("O"))).ExitCode);
+        Assert.Equal(BackupExitCodes.Usage, Assert.Throws<BackupException>(() => _repo.Find("vdz", "latest")).ExitCode);
+        Assert.Equal(["a", "b"], _repo.ChainOf(b).Select(p => p.Id));
+    }
+
+    [Fact]
+    public void NewIdsAreUniqueWithinTheRepository()
+    {
+        var now = new DateTimeOffset(2026, 11, 27, 7, 0, 0, TimeSpan.Zero);
+        string first = _repo.NewId(now);
+        Assert.Equal("20261127T070000Z", first);
+        Point(first, null, 0, (0, 1));
+        Assert.Equal("20261127T070000Z-2", _repo.NewId(now));
+    }
+
+    [Fact]
+    public void TheLockIsExclusiveAndReleasedOnDispose()
+    {
+        using (_repo.Lock())
+            Assert.Equal(BackupExitCodes.Locked, Assert.Throws<BackupException>(() => Repository.Open(_repo.Root).Lock()).ExitCode);
+        Repository.Open(_repo.Root).Lock().Dispose();
+    }
+
+    [Fact]
+    public void LeftoversOfAnInterruptedRunAreRemovedAndNeverListed()
+    {
+        Point("p0", null, 0, (0, 1));
+        File.WriteAllText(Path.Combine(_repo.DiskDir("vda"), "p1.qcow2.partial"), "x");
+        File.WriteAllText(Path.Combine(_repo.DiskDir("vda"), ".fleece-p1.qcow2"), "x");
+        Assert.Single(_repo.Points("vda"));
+        Assert.Equal(2, _repo.CleanLeftovers().Count);
+        Assert.Equal(["p0.json", "p0.qcow2"], Directory.EnumerateFiles(_repo.DiskDir("vda")).Select(Path.GetFileName).Order());
+    }
+
+    [Fact]
+    public void PruneFoldsRemovedPointsForwardAndEveryKeptPointReadsTheSame()
+    {
+        var p0 = Point("p0", null, 0, (0, 1), (65536, 2), (2 << 20, 3));
+        var p1 = Point("p1", p0, 1, (65536, 0), (3 << 20, 4));
+        var p2 = Point("p2", p1, 2, (0, 5));
+        var p3 = Point("p3", p2, 3, (4 << 20, 6));
+        var before = new[] { p2, p3 }.ToDictionary(p => p.Id, Read);
+        var removed = Pruner.Prune(_repo, new RetentionPolicy(2, 0, 0, 0));
+        Assert.Equal(["p0", "p1"], removed.Select(p => p.Id));
+        var left = _repo.Points("vda");
+        Assert.Equal(["p2", "p3"], left.Select(p => p.Id));
+        Assert.Equal("full", left[0].Level);
+        Assert.Null(left[0].Parent);
+        foreach (var p in left) Assert.Equal(before[p.Id], Read(p));
+        using (var image = ImageOpener.OpenSingle(_repo.FilePath(left[0]), "qcow2", readOnly: true)) Assert.Null(image.BackingFileName);
+        Assert.Empty(Verifier.Verify(_repo));
+    }
+
+    [Fact]
+    public void APruneInterruptedAfterItsJournalIsFinishedByTheNextLock()
+    {
+        var p0 = Point("p0", null, 0, (0, 1), (65536, 2));
+        var p1 = Point("p1", p0, 1, (65536, 3));
+        var p2 = Point("p2", p1, 2, (131072, 4));
+        var expect = Read(p2);
+        // The journal is written, then the process dies before the merge touches anything.
+        _repo.BeginMerge(p1, p2);
+        using (_repo.Lock()) { }
+        Assert.Equal(["p0", "p2"], _repo.Points("vda").Select(p => p.Id));
+        Assert.Equal(expect, Read(_repo.Find("vda", "p2")));
+        Assert.Empty(Verifier.Verify(_repo));
+        // Running the same journal again (died after the merge, before the journal went) changes nothing.
+        _repo.BeginMerge(p1, p2);
+        using (_repo.Lock()) { }
+        Assert.Equal(["p0", "p2"], _repo.Points("vda").Select(p => p.Id));
+        Assert.Equal(expect, Read(_repo.Find("vda", "p2")));
+        Assert.Empty(Verifier.Verify(_repo));
+    }
+
+    [Fact]
+    public void RestoreWritesRawAndQcow2AndNeverOverwrites()
+    {
+        var p0 = Point("p0", null, 0, (0, 1));
+        var p1 = Point("p1", p0, 1, (0, 0), (65536, 9));
+        Restorer.Restore(_repo, p1, _dir["r.raw"], "raw");
+        Assert.Equal(Read(p1), File.ReadAllBytes(_dir["r.raw"]));
+        Restorer.Restore(_repo, p1, _dir["r.qcow2"], "qcow2");
+        using (var q = ImageOpener.Open(_dir["r.qcow2"], "qcow2", readOnly: true))
+        {
+            var data = new byte[q.Size];
+            q.Read(0, data);
+            Assert.Equal(Read(p1), data);
+        }
+        Assert.Equal(BackupExitCodes.Usage, Assert.Throws<BackupException>(() => Restorer.Restore(_repo, p1, _dir["r.raw"], "raw")).ExitCode);
+    }
+}
