@@ -112,6 +112,7 @@ one() {
         dirty $((r * 10 + 1))
         settle; t=$(python3 "$dir/qmp.py" inc "$qmp" "$out/inc.qcow2" "$out/full.qcow2" "$bytes" b0 b1)
         row inc1 "$impl" "$r" "$t"
+        ((r > 0)) || qemu-img compare -q -U -f qcow2 -F qcow2 "$out/inc.qcow2" "$dir/src.qcow2"   # the baseline is right
     else
         local extra=(); [[ $impl == pull ]] && extra=(--mode pull --nbd "$nbd")
         $STRATA backup init "$out/repo" >/dev/null

@@ -333,6 +333,29 @@ public class BackupManagerTests : ScratchDirTest
     }
 
     [Fact]
+    public void ASourceOverTcpWithoutAnNbdServerGetsOneForThePull()
+    {
+        Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", P("d.qcow2"), "16M").Exit);
+        Assert.Equal(0, Tools.Run("qemu-io", "-c", "write -P 0x21 1M 3M", P("d.qcow2")).Exit);
+        var probe = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        probe.Start();
+        int port = ((System.Net.IPEndPoint)probe.LocalEndpoint).Port;
+        probe.Stop();
+        using var d = new StrataDaemonProcess(Dir, "t", [
+            "--blockdev", $"driver=file,node-name=d-file,filename={P("d.qcow2")}", "--blockdev", "driver=qcow2,node-name=d,file=d-file",
+            "--chardev", $"socket,id=tcp0,host=127.0.0.1,port={port},server=on,wait=off", "--monitor", "chardev=tcp0"]);
+        Qt.StrataCmd("backup", "init", Repo).Ok();
+        var r = Qt.StrataCmd("backup", "run", "--socket", $"127.0.0.1:{port}", "--disk", "d", "--mode", "pull", "--json", Repo).Ok();
+        string id = r.Json()[0].GetProperty("id").GetString()!;
+        Assert.False(Directory.EnumerateFiles(Repo, "*.sock").Any(), "the run's own NBD socket is removed");
+        // A second pull (incremental) starts the server again: the first one was stopped.
+        var inc = Qt.StrataCmd("backup", "run", "--socket", $"127.0.0.1:{port}", "--disk", "d", "--mode", "pull", "--json", Repo).Ok();
+        Assert.Equal("inc", inc.Json()[0].GetProperty("level").GetString());
+        Qt.QemuImg("convert", "-O", "raw", P("d.qcow2"), P("d.raw")).Ok();
+        AssertRestores("d", id, P("d.raw"));
+    }
+
+    [Fact]
     public async Task BadRequestsGetAMessageAndTheDocumentedExitCode()
     {
         using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
