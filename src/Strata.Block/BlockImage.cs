@@ -39,6 +39,10 @@ public abstract class BlockImage : IDisposable
 
     private Action<long, long>[] _beforeWrite = [];
 
+    /// <summary>Set while this image is a fleecing target: its reads hold their range shared, and copy-before-write
+    /// holds it exclusively while it fills it (see <see cref="RangeLock"/>).</summary>
+    public RangeLock? ReadSerialiser { get; set; }
+
     /// <summary>Runs before any change to guest data reaches the format driver: backup jobs copy the old
     /// contents of the range first (copy-before-write), which makes a backup point-in-time.</summary>
     public void AddBeforeWriteHook(Action<long, long> hook)

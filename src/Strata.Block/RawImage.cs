@@ -39,6 +39,7 @@ public sealed class RawImage : BlockImage
     public override void Read(long offset, Span<byte> buffer)
     {
         CheckRange(offset, buffer.Length);
+        using var serialised = ReadSerialiser?.Shared(offset, buffer.Length);
         _file.DataEvent(false, offset, buffer.Length);
         _file.Read(offset, buffer);
     }

@@ -19,10 +19,17 @@ public sealed class CopyBeforeWriteImage : BlockImage
     private readonly HashSet<long> _inFlight = new();
     private readonly Dictionary<long, int> _readers = new();
     private readonly object _lock = new();
-    private bool _broken;
+    private volatile bool _broken;
+    private readonly bool _breakSnapshot;
+    private readonly TimeSpan _timeout;
 
-    public CopyBeforeWriteImage(BlockImage source, BlockImage target, DirtyBitmap? bitmap)
+    /// <param name="breakSnapshot">on-cbw-error=break-snapshot: a failed copy breaks the snapshot and lets the guest
+    /// write through; otherwise (break-guest-write, QEMU's default) the guest write fails and the snapshot stays.</param>
+    /// <param name="timeoutSeconds">cbw-timeout: a copy that takes longer counts as failed (0: no limit).</param>
+    public CopyBeforeWriteImage(BlockImage source, BlockImage target, DirtyBitmap? bitmap, bool breakSnapshot = false, uint timeoutSeconds = 0)
     {
+        _breakSnapshot = breakSnapshot;
+        _timeout = timeoutSeconds == 0 ? Timeout.InfiniteTimeSpan : TimeSpan.FromSeconds(timeoutSeconds);
         if (target.Size < source.Size) throw new BlockException("The target must be at least as large as the source");
         _source = source;
         _target = target;
@@ -57,43 +64,56 @@ public sealed class CopyBeforeWriteImage : BlockImage
     /// <summary>Before a write reaches the source: copy the old contents of its clusters still to copy.</summary>
     private void OnSourceWrite(long offset, long length)
     {
-        if (length <= 0) return;
+        if (length <= 0 || _broken) return;
         long first = offset / _cluster, last = Math.Min((offset + length - 1) / _cluster, _toCopy.Length - 1);
-        var buffer = ArrayPool<byte>.Shared.Rent((int)_cluster);
-        try
+        for (long c = first; c <= last; c++)
         {
-            for (long c = first; c <= last; c++)
+            lock (_lock)
+            {
+                while (_inFlight.Contains(c) || _readers.GetValueOrDefault(c) > 0) Monitor.Wait(_lock);
+                if (_broken || !_toCopy.Get(c)) continue;
+                _toCopy.ResetRange(c, 1);
+                _inFlight.Add(c);
+            }
+            try
+            {
+                long at = c * _cluster;
+                int n = (int)Math.Min(_cluster, _source.Size - at);
+                if (_timeout == Timeout.InfiniteTimeSpan) CopyCluster(at, n);
+                else if (!Task.Run(() => CopyCluster(at, n)).Wait(_timeout))
+                    throw new BlockIOException("copy-before-write timed out", 110);
+                lock (_lock) _copied.SetRange(c, 1);
+            }
+            catch (Exception e) when (e is BlockException or AggregateException)
+            {
+                var cause = (e as AggregateException)?.InnerException ?? e;
+                if (_breakSnapshot)
+                {
+                    // The guest's write wins; the snapshot is gone (its reads fail from now on).
+                    _broken = true;
+                    return;
+                }
+                lock (_lock) _toCopy.SetRange(c, 1);
+                throw new BlockIOException($"copy-before-write failed: {cause.Message}", (cause as BlockIOException)?.Errno ?? 5);
+            }
+            finally
             {
                 lock (_lock)
                 {
-                    while (_inFlight.Contains(c) || _readers.GetValueOrDefault(c) > 0) Monitor.Wait(_lock);
-                    if (!_toCopy.Get(c)) continue;
-                    _toCopy.ResetRange(c, 1);
-                    _inFlight.Add(c);
-                }
-                try
-                {
-                    long at = c * _cluster;
-                    int n = (int)Math.Min(_cluster, _source.Size - at);
-                    _source.Read(at, buffer.AsSpan(0, n));
-                    _target.Write(at, buffer.AsSpan(0, n));
-                    lock (_lock) _copied.SetRange(c, 1);
-                }
-                catch (BlockException e)
-                {
-                    // on-cbw-error=break-guest-write (QEMU's default): the guest write fails, the snapshot stays valid.
-                    lock (_lock) _toCopy.SetRange(c, 1);
-                    throw new BlockException($"copy-before-write failed: {e.Message}");
-                }
-                finally
-                {
-                    lock (_lock)
-                    {
-                        _inFlight.Remove(c);
-                        Monitor.PulseAll(_lock);
-                    }
+                    _inFlight.Remove(c);
+                    Monitor.PulseAll(_lock);
                 }
             }
+        }
+    }
+
+    private void CopyCluster(long at, int n)
+    {
+        var buffer = ArrayPool<byte>.Shared.Rent(n);
+        try
+        {
+            _source.Read(at, buffer.AsSpan(0, n));
+            _target.Write(at, buffer.AsSpan(0, n));
         }
         finally
         {
@@ -105,7 +125,8 @@ public sealed class CopyBeforeWriteImage : BlockImage
     /// source (held against writes while being read); clusters outside the bitmap cannot be read.</summary>
     internal void ReadSnapshot(long offset, Span<byte> buffer)
     {
-        if (_broken) throw new BlockException("The snapshot is no longer valid");
+        // QEMU answers both of these with EACCES.
+        if (_broken) throw new BlockIOException("The snapshot is no longer valid", 13);
         long pos = offset, end = offset + buffer.Length;
         while (pos < end)
         {
@@ -121,7 +142,7 @@ public sealed class CopyBeforeWriteImage : BlockImage
                 if (fromSource) _readers[c] = _readers.GetValueOrDefault(c) + 1;
             }
             if (!fromTarget && !fromSource)
-                throw new BlockException($"Cannot read offset {pos}: it is outside the copy-before-write bitmap");
+                throw new BlockIOException($"Cannot read offset {pos}: it is outside the copy-before-write bitmap", 13);
             try
             {
                 if (fromTarget) _target.Read(pos, slice);

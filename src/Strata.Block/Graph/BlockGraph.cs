@@ -36,6 +36,12 @@ public sealed class BlockNode
 
     /// <summary>Users of this node: parents in the graph, exports, jobs.</summary>
     public int Users { get; internal set; }
+
+    /// <summary>Of <see cref="Users"/>, the exports (QEMU's BlockBackends), not parent nodes or jobs.</summary>
+    public int BackendUsers { get; internal set; }
+
+    /// <summary>Of <see cref="Users"/>, the block jobs writing to this node (QEMU's op blockers).</summary>
+    public int JobUsers { get; internal set; }
 }
 
 /// <summary>The definition of a node to add (what blockdev-add and --blockdev carry, already validated).</summary>
@@ -56,6 +62,10 @@ public sealed record BlockNodeSpec
     /// <summary>copy-before-write: the target node, and the bitmap (node, name) limiting what is kept.</summary>
     public string? TargetNodeName { get; init; }
     public (string Node, string Name)? CbwBitmap { get; init; }
+    /// <summary>copy-before-write on-cbw-error=break-snapshot.</summary>
+    public bool CbwBreakSnapshot { get; init; }
+    /// <summary>copy-before-write cbw-timeout, seconds (0: none).</summary>
+    public uint CbwTimeout { get; init; }
     /// <summary>qcow2: "backing": NODE — an existing node serves as the backing image (fleecing overlays).</summary>
     public string? BackingNodeName { get; init; }
     /// <summary>The "discard" option: true for unmap/on.</summary>
@@ -163,7 +173,7 @@ public sealed class BlockGraph : IDisposable
                         var bnode = _nodes.GetValueOrDefault(bn) ?? throw new BlockException($"Cannot find device='{bn}' nor node-name='{bn}'");
                         bitmap = bnode.Image.Bitmaps.Find(bname) ?? throw new BlockException($"Dirty bitmap '{bname}' not found");
                     }
-                    filter = new Filters.CopyBeforeWriteImage(file.Image, target.Image, bitmap);
+                    filter = new Filters.CopyBeforeWriteImage(file.Image, target.Image, bitmap, spec.CbwBreakSnapshot, spec.CbwTimeout);
                     children.Add(target);
                 }
                 else
@@ -257,15 +267,42 @@ public sealed class BlockGraph : IDisposable
             throw new BlockException("Invalid node-name: '" + name + "'");
     }
 
-    /// <summary>An export or a job starts using the node: blockdev-del refuses it meanwhile.</summary>
+    /// <summary>A block job writes to the node: blockdev-del refuses it as busy meanwhile.</summary>
+    public void AddJobUser(BlockNode node)
+    {
+        lock (_lock)
+        {
+            node.Users++;
+            node.JobUsers++;
+        }
+    }
+
+    public void RemoveJobUser(BlockNode node)
+    {
+        lock (_lock)
+        {
+            node.Users--;
+            node.JobUsers--;
+        }
+    }
+
+    /// <summary>An export starts using the node: blockdev-del refuses it meanwhile.</summary>
     public void AddUser(BlockNode node)
     {
-        lock (_lock) node.Users++;
+        lock (_lock)
+        {
+            node.Users++;
+            node.BackendUsers++;
+        }
     }
 
     public void RemoveUser(BlockNode node)
     {
-        lock (_lock) node.Users--;
+        lock (_lock)
+        {
+            node.Users--;
+            node.BackendUsers--;
+        }
     }
 
     /// <summary>blockdev-del: the node must have no users; its persistent bitmaps are stored as it closes.</summary>
@@ -274,6 +311,10 @@ public sealed class BlockGraph : IDisposable
         lock (_lock)
         {
             var node = _nodes.GetValueOrDefault(name) ?? throw new BlockException($"Failed to find node with node-name='{name}'");
+            // QEMU's checks, in its order: an export holds it, a job blocks it, it was not added by the monitor,
+            // another node has it as a child.
+            if (node.BackendUsers > 0) throw new BlockException($"Node {name} is in use");
+            if (node.JobUsers > 0) throw new BlockException($"Node '{name}' is busy: block device is in use by block job: backup");
             if (node.AutoNamed) throw new BlockException($"Node {name} is not owned by the monitor");
             if (node.Users > 0) throw new BlockException($"Block device {name} is in use");
             RemoveLocked(node);

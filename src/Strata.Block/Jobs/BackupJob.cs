@@ -87,6 +87,8 @@ public sealed class BackupJob : Job
         }
         if (_o.Bitmap is not null) sourceBitmaps.CreateSuccessor(_o.Bitmap);
         SetTotal(_o.Sync == BackupSync.None ? 0 : CountBytes());
+        // sync=none is fleecing: the target is read (through to the source) while this job fills it.
+        if (_o.Sync == BackupSync.None) _o.Target.ReadSerialiser ??= new RangeLock();
         _o.Source.AddBeforeWriteHook(CopyBeforeWrite);
         _hooked = true;
     }
@@ -191,6 +193,7 @@ public sealed class BackupJob : Job
             {
                 var status = ChainStatus.Get(_o.Source, pos, offset + length - pos);
                 int n = (int)status.Length;
+                using var serialised = _o.Target.ReadSerialiser?.Exclusive(pos, n);
                 if (status.Zero)
                 {
                     side = "write";

@@ -273,6 +273,7 @@ public sealed partial class Qcow2Image : BlockImage
     public override void Read(long offset, Span<byte> buffer)
     {
         CheckRange(offset, buffer.Length);
+        using var serialised = ReadSerialiser?.Shared(offset, buffer.Length);
         while (!buffer.IsEmpty)
         {
             Run run;

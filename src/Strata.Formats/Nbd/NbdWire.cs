@@ -54,6 +54,19 @@ public enum NbdReplyType : ushort { None = 0, OffsetData = 1, OffsetHole = 2, Bl
 public static class NbdErrno
 {
     public const uint EPERM = 1, EIO = 5, ENOMEM = 12, EINVAL = 22, ENOSPC = 28, EOVERFLOW = 75, ENOTSUP = 95, ESHUTDOWN = 108;
+
+    /// <summary>The errno a client sees for a Linux errno, as QEMU's server maps it (anything unknown is EINVAL).</summary>
+    public static uint FromSystem(int errno) => errno switch
+    {
+        1 or 30 => EPERM,            // EPERM, EROFS
+        5 => EIO,
+        12 => ENOMEM,
+        27 or 28 or 122 => ENOSPC,   // EFBIG, ENOSPC, EDQUOT
+        75 => EOVERFLOW,
+        95 => ENOTSUP,
+        108 => ESHUTDOWN,
+        _ => EINVAL,
+    };
 }
 
 /// <summary>The 28-byte request header.</summary>

@@ -107,8 +107,8 @@ public sealed partial class DaemonBackend
             if (Jobs.All.OfType<BackupJob>().Any(j => j.TargetImage == targetNode.Image && j.Status is not (JobStatus.Concluded or JobStatus.Null)))
                 throw QmpException.Generic($"Node '{targetName}' is busy: block device is in use by block job: backup");
             target = targetNode.Image;
-            Graph.AddUser(targetNode);
-            release = () => Graph.RemoveUser(targetNode);
+            Graph.AddJobUser(targetNode);
+            release = () => Graph.RemoveJobUser(targetNode);
         }
         else
         {

@@ -565,7 +565,12 @@ public sealed partial class DaemonBackend : IQmpBackend
             spec = spec with { FileNodeName = ArgSchema.Str(a, "file") };
             if (driver == "copy-before-write")
             {
-                spec = spec with { TargetNodeName = ArgSchema.Str(a, "target") };
+                spec = spec with
+                {
+                    TargetNodeName = ArgSchema.Str(a, "target"),
+                    CbwBreakSnapshot = ArgSchema.OptStr(a, "on-cbw-error") == "break-snapshot",
+                    CbwTimeout = (uint)(ArgSchema.OptLong(a, "cbw-timeout") ?? 0),
+                };
                 if (a["bitmap"] is JsonObject bm)
                 {
                     ArgSchema.Validate(bm, [new("node", ArgType.Str), new("name", ArgType.Str)], prefix + "bitmap.");

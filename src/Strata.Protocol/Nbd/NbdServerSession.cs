@@ -472,7 +472,7 @@ public sealed class NbdServerSession
         }
         catch (BlockException e)
         {
-            await ReplyErrorAsync(req, NbdErrno.EIO, e.Message);
+            await ReplyErrorAsync(req, e is BlockIOException io ? NbdErrno.FromSystem(io.Errno) : NbdErrno.EIO, e.Message);
         }
         catch (IOException)
         {
