@@ -52,8 +52,7 @@ public static class Verifier
         }
         long size = new FileInfo(path).Length;
         if (size != p.FileSize) problems.Add($"{p.File} is {size} bytes, the manifest says {p.FileSize}");
-        bool hashOk = ImageDigest.FileSha256(path) == p.FileSha256;
-        if (!hashOk) problems.Add($"{p.File} does not match its SHA-256 (changed or damaged since it was written)");
+        var wholeFile = Task.Run(() => ImageDigest.FileSha256(path));
         BlockImage image;
         try
         {
@@ -61,6 +60,7 @@ public static class Verifier
         }
         catch (BlockException e)
         {
+            if (wholeFile.GetAwaiter().GetResult() != p.FileSha256) problems.Add(HashMismatch(p));
             problems.Add($"{p.File} cannot be opened: {e.Message}");
             return problems;
         }
@@ -79,9 +79,10 @@ public static class Verifier
                 var report = q.Check(RepairMode.None);
                 if (report.Corruptions > 0 || report.CheckErrors > 0) problems.Add($"{p.File} has {report.Corruptions} corruption(s) and {report.CheckErrors} check error(s) in its qcow2 metadata");
             }
+            // Every stored extent re-read against its checksum (beside the whole-file hash): this says where damage is.
+            var now = ImageDigest.TopLayer(image);
+            if (wholeFile.GetAwaiter().GetResult() != p.FileSha256) problems.Insert(0, HashMismatch(p));
             {
-                // Every stored extent re-read against its checksum; this also says where damage is.
-                var now = ImageDigest.TopLayer(image);
                 var expected = p.Extents.ToHashSet();
                 foreach (var e in now.Where(e => !expected.Contains(e)).Take(5))
                     problems.Add($"range {e.Offset}+{e.Length} ({e.Kind}) differs from the manifest");
@@ -92,4 +93,6 @@ public static class Verifier
         }
         return problems;
     }
+
+    private static string HashMismatch(BackupManifest p) => $"{p.File} does not match its SHA-256 (changed or damaged since it was written)";
 }
