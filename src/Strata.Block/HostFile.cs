@@ -15,24 +15,36 @@ public sealed class HostFile : IDisposable
     public string Path { get; }
     public bool ReadOnly { get; }
 
+    /// <summary>Opened with O_DIRECT (QEMU's cache.direct=on): I/O bypasses the page cache, and requests that are
+    /// not aligned to <see cref="DirectAlignment"/> go through an aligned bounce buffer (read-modify-write).</summary>
+    public bool Direct { get; }
+
+    public const int DirectAlignment = 4096;
+
+    /// <summary>Serialises the read-modify-write of partial blocks under O_DIRECT: two small writes into one block
+    /// must not undo each other.</summary>
+    private readonly object[] _blockLocks = Enumerable.Range(0, 64).Select(_ => new object()).ToArray();
+
     /// <summary>When false, <see cref="Flush"/> does nothing (qemu's cache=unsafe): ordering of writes is
     /// kept, durability against power loss is not.</summary>
     public bool FlushEnabled { get; set; } = true;
 
-    private HostFile(string path, SafeFileHandle handle, bool readOnly)
+    private HostFile(string path, SafeFileHandle handle, bool readOnly, bool direct = false)
     {
         Path = path;
         _handle = handle;
         ReadOnly = readOnly;
+        Direct = direct;
         _length = RandomAccess.GetLength(handle);
     }
 
-    public static HostFile Open(string path, bool readOnly)
+    public static HostFile Open(string path, bool readOnly, bool direct = false)
     {
         try
         {
             var handle = File.OpenHandle(path, FileMode.Open, readOnly ? FileAccess.Read : FileAccess.ReadWrite,
                 FileShare.ReadWrite | FileShare.Delete);
+            if (direct) return new HostFile(path, ReopenDirect(path, handle, readOnly), readOnly, direct: true);
             return new HostFile(path, handle, readOnly);
         }
         catch (FileNotFoundException)
@@ -68,6 +80,93 @@ public sealed class HostFile : IDisposable
 
     public long Length => Interlocked.Read(ref _length);
 
+    /// <summary>The same file opened again with O_DIRECT (after the normal open has produced QEMU's error messages).</summary>
+    private static SafeFileHandle ReopenDirect(string path, SafeFileHandle plain, bool readOnly)
+    {
+        plain.Dispose();
+        const int O_RDONLY = 0, O_RDWR = 2, O_DIRECT = 0x4000, O_CLOEXEC = 0x80000;
+        int fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_DIRECT | O_CLOEXEC, 0);
+        if (fd < 0) throw new BlockException($"Could not open '{path}': O_DIRECT refused (errno {Marshal.GetLastPInvokeError()})");
+        return new SafeFileHandle(fd, ownsHandle: true);
+    }
+
+    private static bool Aligned(long offset, int length, ReadOnlySpan<byte> buffer)
+    {
+        unsafe
+        {
+            fixed (byte* p = buffer)
+                return (offset | (long)length | (long)p) % DirectAlignment == 0;
+        }
+    }
+
+    /// <summary>O_DIRECT and unaligned: read the covering aligned blocks into a bounce buffer.</summary>
+    private unsafe void ReadBounced(long offset, Span<byte> buffer)
+    {
+        long start = offset & ~(long)(DirectAlignment - 1);
+        int span = checked((int)(((offset + buffer.Length + DirectAlignment - 1) & ~(long)(DirectAlignment - 1)) - start));
+        byte* bounce = (byte*)NativeMemory.AlignedAlloc((nuint)span, DirectAlignment);
+        try
+        {
+            var b = new Span<byte>(bounce, span);
+            int got = ReadFully(start, b);
+            b[got..].Clear();
+            b.Slice((int)(offset - start), buffer.Length).CopyTo(buffer);
+        }
+        finally
+        {
+            NativeMemory.AlignedFree(bounce);
+        }
+    }
+
+    /// <summary>O_DIRECT and unaligned: the data goes through an aligned bounce buffer; partial first and last blocks
+    /// are read, merged and written back under a lock (read-modify-write); past the file's end the block is
+    /// written whole, and the file is cut back to its logical length when closed. An aligned request from an unaligned buffer is only copied.</summary>
+    private unsafe void WriteBounced(long offset, ReadOnlySpan<byte> data)
+    {
+        const long A = DirectAlignment;
+        long start = offset & ~(A - 1), stop = offset + data.Length;
+        long end = (stop + A - 1) & ~(A - 1);
+        int span = checked((int)(end - start));
+        bool headPartial = offset != start, tailPartial = stop != end;
+        object? headLock = headPartial ? _blockLocks[start / A % _blockLocks.Length] : null;
+        object? tailLock = tailPartial ? _blockLocks[(end - 1) / A % _blockLocks.Length] : null;
+        if (tailLock == headLock) tailLock = null;
+        byte* bounce = (byte*)NativeMemory.AlignedAlloc((nuint)span, (nuint)A);
+        bool tookHead = false, tookTail = false;
+        try
+        {
+            if (headLock is not null) Monitor.Enter(headLock, ref tookHead);
+            if (tailLock is not null) Monitor.Enter(tailLock, ref tookTail);
+            var b = new Span<byte>(bounce, span);
+            if (headPartial) b[ReadFully(start, b[..(int)A])..(int)A].Clear();
+            if (tailPartial && (!headPartial || span > A))
+            {
+                var last = b[(span - (int)A)..];
+                last[ReadFully(end - A, last)..].Clear();
+            }
+            data.CopyTo(b[(int)(offset - start)..]);
+            RandomAccess.Write(_handle, (ReadOnlySpan<byte>)b, start);
+        }
+        finally
+        {
+            if (tookTail) Monitor.Exit(tailLock!);
+            if (tookHead) Monitor.Exit(headLock!);
+            NativeMemory.AlignedFree(bounce);
+        }
+    }
+
+    private int ReadFully(long offset, Span<byte> buffer)
+    {
+        int done = 0;
+        while (done < buffer.Length)
+        {
+            int n = RandomAccess.Read(_handle, buffer[done..], offset + done);
+            if (n <= 0) break;
+            done += n;
+        }
+        return done;
+    }
+
     /// <summary>Fault injection for tests (a daemon's blkdebug node). Format drivers raise read_aio / write_aio
     /// for guest data only, as QEMU's qcow2 does (metadata I/O has events of its own); flushes raise
     /// flush_to_disk here.</summary>
@@ -80,6 +179,11 @@ public sealed class HostFile : IDisposable
     {
         if (offset < 0 || offset > long.MaxValue - buffer.Length)
             throw new BlockException($"'{Path}': read at invalid offset {offset} (corrupt metadata?)");
+        if (Direct && !Aligned(offset, buffer.Length, buffer))
+        {
+            ReadBounced(offset, buffer);
+            return;
+        }
         int done = 0;
         while (done < buffer.Length)
         {
@@ -98,7 +202,8 @@ public sealed class HostFile : IDisposable
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
         if (offset < 0 || offset > (1L << 56))
             throw new BlockException($"'{Path}': write at invalid offset {offset} (corrupt metadata?)");
-        RandomAccess.Write(_handle, data, offset);
+        if (Direct && !Aligned(offset, data.Length, data)) WriteBounced(offset, data);
+        else RandomAccess.Write(_handle, data, offset);
         long end = offset + data.Length;
         long cur;
         while (end > (cur = Interlocked.Read(ref _length)))
@@ -157,12 +262,20 @@ public sealed class HostFile : IDisposable
         return fallocate((int)_handle.DangerousGetHandle(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0;
     }
 
-    public void Dispose() => _handle.Dispose();
+    public void Dispose()
+    {
+        // O_DIRECT wrote whole blocks past a logical end that was not block-aligned: cut the file back.
+        if (Direct && !ReadOnly && !_handle.IsClosed && RandomAccess.GetLength(_handle) > Length) RandomAccess.SetLength(_handle, Length);
+        _handle.Dispose();
+    }
 
     private const int SeekDataWhence = 3, SeekHoleWhence = 4;
 
     [DllImport("libc", SetLastError = true)]
     private static extern int fsync(int fd);
+
+    [DllImport("libc", SetLastError = true, CharSet = CharSet.Ansi)]
+    private static extern int open(string path, int flags, int mode);
 
     [DllImport("libc", SetLastError = true)]
     private static extern long lseek(int fd, long offset, int whence);

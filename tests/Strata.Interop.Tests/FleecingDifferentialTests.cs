@@ -108,6 +108,9 @@ public class FleecingDifferentialTests : ScratchDirTest
 
         // Pull while the guest writes: exactly the freeze point, and the extents of the frozen bitmap.
         var writer = Writer(nbd, guestExport, seed: 2, count: 200, model);
+        // nbdcopy takes the whole frozen view (a full pull) while our client follows the bitmap.
+        string nbdcopyOut = Path.Combine(dir, "nbdcopy.raw");
+        var nbdcopy = Task.Run(() => Tools.Run("nbdcopy", $"nbd+unix:///fleece?socket={nbd}", nbdcopyOut));
         await using (var client = await NbdClient.ConnectUnixAsync(nbd, "fleece", ["base:allocation", "qemu:dirty-bitmap:b0"]))
         {
             var dirty = await client.ExtentsWithFlagAsync("qemu:dirty-bitmap:b0", 1);
@@ -124,6 +127,8 @@ public class FleecingDifferentialTests : ScratchDirTest
             Assert.True(again.AsSpan().SequenceEqual(File.ReadAllBytes(Path.Combine(dir, "freeze.raw")).AsSpan(12 << 20, 1 << 20)), "the export still serves after a client vanished");
         }
         await writer;
+        Assert.Equal(0, (await nbdcopy).Exit);
+        Assert.True(File.ReadAllBytes(nbdcopyOut).AsSpan().SequenceEqual(File.ReadAllBytes(Path.Combine(dir, "freeze.raw"))), $"{kind}/{recipe}: nbdcopy pulled the freeze point");
 
         // Teardown in the right order leaves the node with every write the guest made.
         await t.Try("block-export-del", """{"id":"fleece"}""");

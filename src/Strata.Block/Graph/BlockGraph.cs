@@ -27,6 +27,9 @@ public sealed class BlockNode
     /// <summary>discard=unmap: guest discards reach the image. Otherwise (QEMU's default, discard=ignore) they
     /// succeed without doing anything, and zero writes keep their allocation.</summary>
     public bool DiscardUnmap { get; init; }
+    /// <summary>cache.direct and cache.no-flush as given (query-named-block-nodes reports them).</summary>
+    public bool CacheDirect { get; init; }
+    public bool CacheNoFlush { get; init; }
 
     /// <summary>Nodes a filter uses (copy-before-write: source and target; snapshot-access: the filter).</summary>
     public List<BlockNode> OtherChildren { get; internal set; } = new();
@@ -52,6 +55,10 @@ public sealed record BlockNodeSpec
     public bool ReadOnly { get; init; }
     /// <summary>file driver: the path.</summary>
     public string? Filename { get; init; }
+    /// <summary>cache.direct=on: the file is opened with O_DIRECT.</summary>
+    public bool CacheDirect { get; init; }
+    /// <summary>cache.no-flush=on: flushes are not passed to the host.</summary>
+    public bool CacheNoFlush { get; init; }
     /// <summary>qcow2/raw: the child, either an existing node's name or an inline definition.</summary>
     public string? FileNodeName { get; init; }
     public BlockNodeSpec? FileInline { get; init; }
@@ -134,14 +141,16 @@ public sealed class BlockGraph : IDisposable
         {
             case "file":
             {
-                var file = HostFile.Open(spec.Filename!, spec.ReadOnly);
+                var file = HostFile.Open(spec.Filename!, spec.ReadOnly, spec.CacheDirect);
+                file.FlushEnabled = !spec.CacheNoFlush;
                 node = new BlockNode(name, "file", new RawImage(file, "file"), null, spec.Filename!, autoNamed);
                 break;
             }
             case "blkdebug":
             {
                 // A file node whose every read, write and flush passes QEMU-style fault injection rules.
-                var file = HostFile.Open(spec.Filename!, spec.ReadOnly);
+                var file = HostFile.Open(spec.Filename!, spec.ReadOnly, spec.CacheDirect);
+                file.FlushEnabled = !spec.CacheNoFlush;
                 file.Faults = spec.Faults;
                 node = new BlockNode(name, "blkdebug", new RawImage(file, "file"), null, spec.Filename!, autoNamed);
                 break;
@@ -254,7 +263,10 @@ public sealed class BlockGraph : IDisposable
                 break;
         }
         node = new BlockNode(node.Name, node.Driver, node.Image, node.FileChild, node.FileName, node.AutoNamed)
-            { DiscardUnmap = spec.DiscardUnmap, BackingChild = node.BackingChild, OtherChildren = node.OtherChildren };
+            {
+                DiscardUnmap = spec.DiscardUnmap, CacheDirect = spec.CacheDirect, CacheNoFlush = spec.CacheNoFlush,
+                BackingChild = node.BackingChild, OtherChildren = node.OtherChildren,
+            };
         _nodes[name] = node;
         _order.Add(name);
         return node;

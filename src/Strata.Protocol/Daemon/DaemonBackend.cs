@@ -556,6 +556,8 @@ public sealed partial class DaemonBackend : IQmpBackend
             ReadOnly = ArgSchema.Bool(a, "read-only"),
             DiscardUnmap = ArgSchema.OptStr(a, "discard") is "unmap" or "on",
             Filename = driver == "file" ? ArgSchema.Str(a, "filename") : null,
+            CacheDirect = a["cache"] is JsonObject c1 && ArgSchema.Bool(c1, "direct"),
+            CacheNoFlush = a["cache"] is JsonObject c2 && ArgSchema.Bool(c2, "no-flush"),
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
         };
         if (driver == "throttle")
@@ -679,7 +681,7 @@ public sealed partial class DaemonBackend : IQmpBackend
                 .Add("bps", 0).Add("bps_rd", 0).Add("bps_wr", 0)
                 .Add("iops", 0).Add("iops_rd", 0).Add("iops_wr", 0)
                 .Add("image", info)
-                .Add("cache", new QDict().Add("writeback", true).Add("direct", false).Add("no-flush", false))
+                .Add("cache", new QDict().Add("writeback", true).Add("direct", node.CacheDirect).Add("no-flush", node.CacheNoFlush))
                 .Add("write_threshold", 0);
             int depth = 0;
             for (var b = image.Backing; b is not null; b = b.Backing) depth++;
