@@ -61,6 +61,9 @@ public abstract class BlockImage : IDisposable
         foreach (var hook in _beforeWrite) hook(offset, length);
     }
 
+    /// <summary>For a filter (copy-before-write), the node it sits on: QEMU reports it as the backing image.</summary>
+    public virtual BlockImage? FilteredChild => null;
+
     /// <summary>The opened backing image, if any (owned by this image).</summary>
     public BlockImage? Backing { get; protected set; }
 

@@ -25,6 +25,11 @@ public static class ImageInfo
             if (image.BackingFormat is { } bfmt) d.Add("backing-filename-format", bfmt);
             if (withBackingImage && image.Backing is { } backing) d.Add("backing-image", Build(backing, full, true));
         }
+        else if (withBackingImage && image.FilteredChild is { } child)
+        {
+            // A filter shows the node below it as its backing image, under the same file name.
+            d.Add("backing-image", Build(child, displayName, true));
+        }
         if (image is Qcow2Image q)
         {
             var data = new QDict();
@@ -69,6 +74,7 @@ public static class ImageInfo
     {
         Qcow2Image q => q.File.AllocatedBytes,
         RawImage r => r.File.AllocatedBytes,
+        _ when image.FilteredChild is { } child => ActualSize(child),
         _ => 0,
     };
 
@@ -76,7 +82,7 @@ public static class ImageInfo
     public static List<object?> DirtyBitmaps(BitmapSet set)
     {
         var list = new List<object?>();
-        foreach (var b in set.All)
+        foreach (var b in set.Listed)
         {
             var d = new QDict();
             if (b.Name is not null) d.Add("name", b.Name);

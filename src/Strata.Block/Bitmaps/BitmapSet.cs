@@ -10,6 +10,7 @@ public sealed class BitmapSet
 {
     private readonly object _lock = new();
     private readonly List<DirtyBitmap> _bitmaps = new();
+    private readonly List<InternalBitmap> _internal = new();
     private long _sequence;
 
     public BitmapSet(long diskSize, long defaultGranularity)
@@ -32,6 +33,35 @@ public sealed class BitmapSet
     public IReadOnlyList<DirtyBitmap> All
     {
         get { lock (_lock) return _bitmaps.OrderByDescending(b => b.Sequence).ToArray(); }
+    }
+
+    /// <summary>What query-named-block-nodes lists: the named bitmaps and the anonymous ones jobs and filters keep
+    /// (successors, copy maps), newest first — QEMU 7.2 lists both, the anonymous ones without a name.</summary>
+    public IReadOnlyList<ListedBitmap> Listed
+    {
+        get
+        {
+            lock (_lock)
+                return _bitmaps.Select(b => (b.Sequence, new ListedBitmap(b.Name, b.Recording, b.Persistent, b.Busy, b.Granularity, b.CountBytes, b.Inconsistent)))
+                    .Concat(_internal.Select(i => (i.Sequence, new ListedBitmap(null, i.Recording, false, false, i.Granularity, i.CountBytes, false))))
+                    .OrderByDescending(x => x.Item1).Select(x => x.Item2).ToArray();
+        }
+    }
+
+    /// <summary>Lists an anonymous bitmap of a job or filter (it cannot be addressed by any command).</summary>
+    public void AddInternal(InternalBitmap bitmap)
+    {
+        lock (_lock)
+        {
+            bitmap.Sequence = ++_sequence;
+            _internal.Add(bitmap);
+        }
+    }
+
+    public void RemoveInternal(InternalBitmap? bitmap)
+    {
+        if (bitmap is null) return;
+        lock (_lock) _internal.Remove(bitmap);
     }
 
     public bool HasPersistent
@@ -203,6 +233,8 @@ public sealed class BitmapSet
                 throw new BitmapException($"Bitmap '{parent.Name}' is currently in use by another operation and cannot be used");
             var successor = new DirtyBitmap(null, parent.Granularity, parent.DiskSize, parent.Enabled);
             parent.Successor = successor;
+            parent.SuccessorListing = new InternalBitmap(successor.Granularity, () => successor.CountBytes, () => successor.Enabled) { Sequence = ++_sequence };
+            _internal.Add(parent.SuccessorListing);
             parent.Enabled = false;
             parent.Busy = true;
             return successor;
@@ -218,6 +250,8 @@ public sealed class BitmapSet
             parent.Bits = s.Bits;
             parent.Enabled = s.Enabled;
             parent.Successor = null;
+            _internal.Remove(parent.SuccessorListing!);
+            parent.SuccessorListing = null;
             parent.Busy = false;
             Changed?.Invoke();
         }
@@ -232,6 +266,8 @@ public sealed class BitmapSet
             parent.Bits.Merge(s.Bits);
             parent.Enabled = s.Enabled;
             parent.Successor = null;
+            _internal.Remove(parent.SuccessorListing!);
+            parent.SuccessorListing = null;
             parent.Busy = false;
             Changed?.Invoke();
         }
@@ -251,4 +287,16 @@ public sealed class BitmapSet
     {
         lock (_lock) DiskSize = newSize;
     }
+}
+
+/// <summary>One entry of a node's dirty-bitmaps list (BlockDirtyInfo); Name is null for anonymous ones.</summary>
+public sealed record ListedBitmap(string? Name, bool Recording, bool Persistent, bool Busy, long Granularity, long CountBytes, bool Inconsistent);
+
+/// <summary>A bitmap a job or filter keeps for its own use; only listed, never addressed.</summary>
+public sealed class InternalBitmap(long granularity, Func<long> countBytes, Func<bool> recording)
+{
+    public long Granularity { get; } = granularity;
+    public long CountBytes => countBytes();
+    public bool Recording => recording();
+    internal long Sequence { get; set; }
 }

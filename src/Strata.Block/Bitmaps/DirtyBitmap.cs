@@ -40,6 +40,9 @@ public sealed class DirtyBitmap
     /// <summary>Records writes while this bitmap is frozen by a job (QEMU's successor).</summary>
     public DirtyBitmap? Successor { get; internal set; }
 
+    /// <summary>The successor's entry in the node's listing while it exists.</summary>
+    internal InternalBitmap? SuccessorListing { get; set; }
+
     /// <summary>As query output reports it: enabled, or frozen with an enabled successor.</summary>
     public bool Recording => !Inconsistent && (Enabled || Successor is { Enabled: true });
 

@@ -49,6 +49,8 @@ public sealed class CopyBeforeWriteImage : BlockImage
     }
 
     public override string FormatName => "copy-before-write";
+    public override BlockImage? FilteredChild => _source;
+    public override int ClusterSize => _source.ClusterSize;
     public override long Size => _source.Size;
     public override bool ReadOnly => _source.ReadOnly;
     public override string FileName => _source.FileName;

@@ -333,6 +333,40 @@ public sealed class BlockGraph : IDisposable
         }
     }
 
+    /// <summary>Checks a filter-node-name can be used (null: an automatic name will be).</summary>
+    public void CheckNewNodeName(string? name)
+    {
+        if (name is null) return;
+        ValidateNodeName(name);
+        lock (_lock)
+            if (_nodes.ContainsKey(name)) throw new BlockException($"Duplicate nodes with node-name='{name}'");
+    }
+
+    /// <summary>Lists a job's filter node above <paramref name="child"/> while the job runs.</summary>
+    public BlockNode AddJobFilter(string? name, BlockImage filter, BlockNode child)
+    {
+        lock (_lock)
+        {
+            bool auto = name is null;
+            name ??= $"#block{++_autoNames:D3}";
+            if (_nodes.ContainsKey(name)) throw new BlockException($"Duplicate nodes with node-name='{name}'");
+            var node = new BlockNode(name, "copy-before-write", filter, null, child.FileName, auto) { JobUsers = 1, Users = 1 };
+            _nodes[name] = node;
+            _order.Add(name);
+            return node;
+        }
+    }
+
+    public void RemoveJobFilter(BlockNode node)
+    {
+        lock (_lock)
+        {
+            if (!_nodes.TryGetValue(node.Name, out var current) || current != node) return;
+            _nodes.Remove(node.Name);
+            _order.Remove(node.Name);
+        }
+    }
+
     private void RemoveLocked(BlockNode node)
     {
         _nodes.Remove(node.Name);

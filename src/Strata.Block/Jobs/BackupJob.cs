@@ -44,6 +44,12 @@ public sealed class BackupJob : Job
     private readonly long RunClusters;
     private Exception? _hookError;
     private bool _hooked;
+    /// <summary>Clusters copy-before-write has handled (the filter's "done" map, for listing).</summary>
+    private readonly HierarchicalBitmap _handled;
+    private InternalBitmap? _copyListing;
+
+    /// <summary>The filter node's view while the job runs (the daemon lists it); set by <see cref="Prepare"/>.</summary>
+    public Filters.BackupFilterImage? Filter { get; private set; }
 
     public override bool IsBlockJob => true;
 
@@ -57,6 +63,7 @@ public sealed class BackupJob : Job
         _cluster = Math.Max(65536, options.Target.ClusterSize);
         long size = options.Source.Size;
         _toCopy = new HierarchicalBitmap((size + _cluster - 1) / _cluster);
+        _handled = new HierarchicalBitmap((size + _cluster - 1) / _cluster);
         RunClusters = Math.Max(1, (2L << 20) / _cluster);
         // A speed limit wants small steps; compression works cluster by cluster anyway.
         if (options.Compress) RunClusters = 1;
@@ -86,6 +93,10 @@ public sealed class BackupJob : Job
                 break;
         }
         if (_o.Bitmap is not null) sourceBitmaps.CreateSuccessor(_o.Bitmap);
+        // QEMU lists the job's copy map on the source (after the successor) and the filter's maps on the filter.
+        _copyListing = new InternalBitmap(_cluster, () => _toCopy.Count * _cluster, () => false);
+        sourceBitmaps.AddInternal(_copyListing);
+        Filter = new Filters.BackupFilterImage(_o.Source, _cluster, () => _handled.Count * _cluster);
         SetTotal(_o.Sync == BackupSync.None ? 0 : CountBytes());
         // sync=none is fleecing: the target is read (through to the source) while this job fills it.
         if (_o.Sync == BackupSync.None) _o.Target.ReadSerialiser ??= new RangeLock();
@@ -112,6 +123,7 @@ public sealed class BackupJob : Job
     {
         if (length <= 0) return;
         long first = offset / _cluster, last = Math.Min((offset + length - 1) / _cluster, _toCopy.Length - 1);
+        _handled.SetRange(first, last - first + 1);
         for (long c = first; c <= last; c++)
         {
             if (!Claim(c, wait: true)) continue;
@@ -234,8 +246,6 @@ public sealed class BackupJob : Job
             await Task.Delay(Timeout.Infinite, ct);
             return;
         }
-        var started = DateTime.UtcNow;
-        long copiedSinceStart = 0;
         long next = 0;
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
         var workers = Enumerable.Range(0, Math.Max(1, _o.Workers)).Select(_ => Task.Run(async () =>
@@ -245,6 +255,14 @@ public sealed class BackupJob : Job
                 if (stop.IsCancellationRequested) { ct.ThrowIfCancellationRequested(); return; }
                 await PausePointAsync();
                 if (_hookError is not null) throw _hookError;
+                // Under a speed limit, runs are QEMU's 1 MiB chunks, each waiting for its turn before it is taken
+                // (a guest write never waits behind a throttled copy).
+                long runLimit = RunClusters;
+                if (Speed > 0)
+                {
+                    runLimit = Math.Max(1, Math.Min(RunClusters, (1L << 20) / _cluster));
+                    await ThrottleAsync(runLimit * _cluster, ct);
+                }
                 long cluster, count;
                 lock (_lock)
                 {
@@ -254,7 +272,7 @@ public sealed class BackupJob : Job
                     if (cluster < 0) cluster = _toCopy.NextSet(0);
                     if (cluster < 0) return;
                     count = 0;
-                    while (count < RunClusters && cluster + count < _toCopy.Length && _toCopy.Get(cluster + count) && !_inFlight.Contains(cluster + count))
+                    while (count < runLimit && cluster + count < _toCopy.Length && _toCopy.Get(cluster + count) && !_inFlight.Contains(cluster + count))
                         count++;
                     if (count == 0)
                     {
@@ -291,13 +309,6 @@ public sealed class BackupJob : Job
                         Monitor.PulseAll(_lock);
                     }
                 }
-                if (Speed > 0)
-                {
-                    long copied = Interlocked.Add(ref copiedSinceStart, _cluster * count);
-                    double due = copied / (double)Speed;
-                    double elapsed = (DateTime.UtcNow - started).TotalSeconds;
-                    if (due > elapsed) await Task.Delay(TimeSpan.FromSeconds(Math.Min(due - elapsed, 1)), ct);
-                }
             }
         }, CancellationToken.None)).ToArray();
         try
@@ -318,8 +329,51 @@ public sealed class BackupJob : Job
         _o.Target.Flush();
     }
 
+    private readonly object _rateLock = new();
+    private DateTime _sliceStart, _sliceEnd;
+    private double _sliceDispatched;
+    private static readonly TimeSpan Slice = TimeSpan.FromMilliseconds(100);
+
+    /// <summary>QEMU's rate limit: each 100 ms slice may start speed/10 bytes; a chunk that overdraws it stretches
+    /// the slice by as much as it overdrew, and nothing else starts before the slice ends. Re-reads the speed so block-job-set-speed applies at once.</summary>
+    private async Task ThrottleAsync(long bytes, CancellationToken ct)
+    {
+        while (true)
+        {
+            TimeSpan wait;
+            lock (_rateLock)
+            {
+                long speed = Speed;
+                if (speed <= 0) return;
+                var now = DateTime.UtcNow;
+                if (now >= _sliceEnd)
+                {
+                    // The previous (possibly extended) slice is over: start afresh.
+                    _sliceStart = now;
+                    _sliceEnd = now + Slice;
+                    _sliceDispatched = 0;
+                }
+                double quota = speed * Slice.TotalSeconds;
+                if (_sliceDispatched < quota)
+                {
+                    _sliceDispatched += bytes;
+                    return;
+                }
+                _sliceEnd = _sliceStart + Slice * (_sliceDispatched / quota);
+                wait = _sliceEnd - now;
+            }
+            // Wake at least every 100 ms: cancel, pause and a new speed take effect promptly.
+            Sleeping = true;
+            try { await Task.Delay(wait < Slice ? wait : Slice, ct); }
+            finally { Sleeping = false; }
+            await PausePointAsync();
+        }
+    }
+
     private void Unhook()
     {
+        _o.Source.Bitmaps.RemoveInternal(_copyListing);
+        _copyListing = null;
         if (!_hooked) return;
         _hooked = false;
         _o.Source.RemoveBeforeWriteHook(CopyBeforeWrite);

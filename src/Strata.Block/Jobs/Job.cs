@@ -97,6 +97,8 @@ public abstract class Job
     internal int UserPauses { get; set; }
     internal TaskCompletionSource ResumeSignal { get; set; } = CompletedSignal();
     internal bool Started { get; set; }
+    /// <summary>Waiting for its rate limit (QEMU's job sleeps then, and reports busy: false).</summary>
+    internal volatile bool Sleeping;
 
     internal static TaskCompletionSource CompletedSignal()
     {

@@ -327,7 +327,7 @@ public sealed class JobManager
             return _jobs.Values.Where(j => j.IsBlockJob).Select(j =>
             {
                 var d = new QDict().Add("type", j.Type).Add("device", j.Id).Add("len", j.Total).Add("offset", j.Progress)
-                    .Add("busy", j.Status == JobStatus.Running).Add("paused", j.UserPauses > 0).Add("speed", j.Speed)
+                    .Add("busy", j.Status == JobStatus.Running && !j.Sleeping).Add("paused", j.UserPauses > 0).Add("speed", j.Speed)
                     .Add("io-status", j.IoFailed ? "failed" : "ok").Add("ready", j.Status is JobStatus.Ready or JobStatus.Standby).Add("status", JobTables.Name(j.Status))
                     .Add("auto-finalize", j.AutoFinalize).Add("auto-dismiss", j.AutoDismiss);
                 if (j.Error is { } e) d.Add("error", e);

@@ -28,7 +28,11 @@ public sealed partial class DaemonBackend
         [.. BackupCommon, new("target", ArgType.Str), new("format", ArgType.Str, true), new("mode", ArgType.Enum, true, ["existing", "absolute-paths"])];
 
     /// <summary>A validated backup, ready to start: the job, and how to undo what validation set up.</summary>
-    private sealed record PreparedBackup(BackupJob Job, BlockNode Source, Action Undo);
+    private sealed record PreparedBackup(BackupJob Job, BlockNode Source, Action Undo, string? FilterName)
+    {
+        /// <summary>The filter node listed while the job runs.</summary>
+        public BlockNode? FilterNode { get; set; }
+    }
 
     private void RegisterBackup()
     {
@@ -50,7 +54,11 @@ public sealed partial class DaemonBackend
     private void StartBackups(IReadOnlyList<PreparedBackup> backups, bool grouped)
     {
         // Freeze every job at the same point in time before any of them copies.
-        foreach (var b in backups) b.Job.Prepare(b.Source.Image.Bitmaps);
+        foreach (var b in backups)
+        {
+            b.Job.Prepare(b.Source.Image.Bitmaps);
+            b.FilterNode = Graph.AddJobFilter(b.FilterName, b.Job.Filter!, b.Source);
+        }
         if (grouped) Jobs.Start(backups.Select(b => (Job)b.Job).ToList());
         else foreach (var b in backups) Jobs.Start([b.Job]);
     }
@@ -127,6 +135,9 @@ public sealed partial class DaemonBackend
                     throw QmpException.Generic($"Required max-chunk ({chunk}) is less than backup cluster size ({cluster})");
             }
             if (target.Size != source.Image.Size) throw QmpException.Generic("Source and target image have different sizes");
+            string? filterName = ArgSchema.OptStr(a, "filter-node-name");
+            Graph.CheckNewNodeName(filterName);
+            PreparedBackup? prepared = null;
             var options = new BackupOptions
             {
                 Source = source.Image,
@@ -139,10 +150,15 @@ public sealed partial class DaemonBackend
                 Workers = a["x-perf"]?["max-workers"] is JsonValue w ? (int)Math.Min(w.GetValue<long>(), 64) : 4,
                 OnSourceError = ArgSchema.OptStr(a, "on-source-error") ?? "report",
                 OnTargetError = ArgSchema.OptStr(a, "on-target-error") ?? "report",
-                Release = release,
+                // The filter node goes with the job, before its completion is announced.
+                Release = () =>
+                {
+                    if (prepared?.FilterNode is { } f) Graph.RemoveJobFilter(f);
+                    release();
+                },
             };
             var job = new BackupJob(jobId, options, ArgSchema.Bool(a, "auto-finalize", true), ArgSchema.Bool(a, "auto-dismiss", true));
-            return new PreparedBackup(job, source, release);
+            return prepared = new PreparedBackup(job, source, release, filterName);
         }
         catch
         {

@@ -684,7 +684,7 @@ public sealed partial class DaemonBackend : IQmpBackend
                 .Add("cache", new QDict().Add("writeback", true).Add("direct", node.CacheDirect).Add("no-flush", node.CacheNoFlush))
                 .Add("write_threshold", 0);
             int depth = 0;
-            for (var b = image.Backing; b is not null; b = b.Backing) depth++;
+            for (var b = image.Backing ?? image.FilteredChild; b is not null; b = b.Backing ?? b.FilteredChild) depth++;
             d.Add("backing_file_depth", depth);
             if (image.BackingFileName is { } bf) d.Add("backing_file", ImageOpener.ResolveBackingPath(node.FileName, bf));
             var bitmaps = ImageInfo.DirtyBitmaps(image.Bitmaps);
