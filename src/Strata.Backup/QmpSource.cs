@@ -132,6 +132,21 @@ public sealed class QmpSource : IAsyncDisposable
         return outcomes;
     }
 
+    /// <summary>The first event (since connecting) that matches, waiting up to <paramref name="timeout"/>; null on
+    /// timeout or when the connection is lost.</summary>
+    public async Task<JsonObject?> NextEventAsync(Func<JsonObject, bool> match, TimeSpan timeout)
+    {
+        var deadline = DateTime.UtcNow + timeout;
+        while (DateTime.UtcNow < deadline)
+        {
+            lock (_events)
+                if (_events.FirstOrDefault(match) is { } hit) return hit;
+            if (_pump.IsCompleted) return null;
+            await _eventArrived.WaitAsync(TimeSpan.FromMilliseconds(100));
+        }
+        return null;
+    }
+
     /// <summary>Waits (briefly) for an event matching the predicate; false on timeout.</summary>
     public async Task<bool> WaitEventAsync(string name, Func<JsonObject, bool> match, TimeSpan timeout)
     {

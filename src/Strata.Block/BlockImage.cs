@@ -55,10 +55,34 @@ public abstract class BlockImage : IDisposable
         lock (this) _beforeWrite = _beforeWrite.Where(h => h != hook).ToArray();
     }
 
-    /// <summary>Drivers call this at the start of every write, zero write and discard.</summary>
-    protected void BeforeWrite(long offset, long length)
+    private Action<long, long>[] _afterWrite = [];
+
+    /// <summary>Runs once a change to guest data has landed (whether or not it succeeded): a mirror marks the range
+    /// to copy again. After, not before: a copy racing the write then always sees the mark.</summary>
+    public void AddAfterWriteHook(Action<long, long> hook)
+    {
+        lock (this) _afterWrite = [.. _afterWrite, hook];
+    }
+
+    public void RemoveAfterWriteHook(Action<long, long> hook)
+    {
+        lock (this) _afterWrite = _afterWrite.Where(h => h != hook).ToArray();
+    }
+
+    /// <summary>Drivers open one of these at the start of every write, zero write and discard (<c>using var</c>):
+    /// the before-write hooks run now, the after-write hooks when the scope ends.</summary>
+    protected WriteScope BeginWrite(long offset, long length)
     {
         foreach (var hook in _beforeWrite) hook(offset, length);
+        return new WriteScope(this, offset, length);
+    }
+
+    protected readonly struct WriteScope(BlockImage image, long offset, long length) : IDisposable
+    {
+        public void Dispose()
+        {
+            foreach (var hook in image._afterWrite) hook(offset, length);
+        }
     }
 
     /// <summary>For a filter (copy-before-write), the node it sits on: QEMU reports it as the backing image.</summary>

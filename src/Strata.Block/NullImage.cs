@@ -31,7 +31,7 @@ public sealed class NullImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
-        BeforeWrite(offset, data.Length);
+        using var writeScope = BeginWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
     }
 
@@ -39,7 +39,7 @@ public sealed class NullImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
-        BeforeWrite(offset, length);
+        using var writeScope = BeginWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
     }
 

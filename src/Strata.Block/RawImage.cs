@@ -48,7 +48,7 @@ public sealed class RawImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
-        BeforeWrite(offset, data.Length);
+        using var writeScope = BeginWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
         _file.DataEvent(true, offset, data.Length);
         _file.Write(offset, data);
@@ -59,7 +59,7 @@ public sealed class RawImage : BlockImage
         CheckWritable();
         CheckRange(offset, length);
         if (length == 0) return;
-        BeforeWrite(offset, length);
+        using var writeScope = BeginWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         if (mayUnmap && _file.PunchHole(offset, length)) return;
         var zeros = new byte[(int)Math.Min(length, 1 << 20)];

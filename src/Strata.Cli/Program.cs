@@ -18,6 +18,7 @@ namespace Strata.Cli
             root.Subcommands.Add(ImgCommands.Build(stdout, stderr));
             root.Subcommands.Add(IoCommand.Build(stdout, stderr));
             root.Subcommands.Add(Backup.BackupCommands.Build(stdout, stderr));
+            root.Subcommands.Add(MigrateCommand.Build(stdout, stderr));
             root.Subcommands.Add(DemoCommand.Build(stdout, stderr));
             var config = new InvocationConfiguration { Output = stdout, Error = stderr };
             int rc = root.Parse(FixNegativeSizes(args)).Invoke(config);

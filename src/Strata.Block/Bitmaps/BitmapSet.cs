@@ -192,6 +192,35 @@ public sealed class BitmapSet
         }
     }
 
+    /// <summary>A bitmap arriving by migration: created busy (no command may use it) and, if it was recording on the
+    /// source, recording writes here from now on; its old bits follow with <see cref="FinishImport"/>.</summary>
+    public DirtyBitmap BeginImport(string name, long granularity, bool persistent, bool recording)
+    {
+        var b = Add(name, granularity, persistent, disabled: !recording);
+        lock (_lock) b.Busy = true;
+        return b;
+    }
+
+    /// <summary>The source's bits were merged in: the bitmap is usable.</summary>
+    public void FinishImport(DirtyBitmap b)
+    {
+        lock (_lock) b.Busy = false;
+        Changed?.Invoke();
+    }
+
+    /// <summary>The source's bits cannot be had: the bitmap is inconsistent (never silently incomplete); only
+    /// remove is allowed on it, as for a bitmap found in use after a crash.</summary>
+    public void FailImport(DirtyBitmap b)
+    {
+        lock (_lock)
+        {
+            b.Busy = false;
+            b.Inconsistent = true;
+            b.Enabled = false;
+        }
+        Changed?.Invoke();
+    }
+
     /// <summary>Every write to the node: set the bits of each recording bitmap (successors included).</summary>
     public void MarkDirty(long offset, long length)
     {

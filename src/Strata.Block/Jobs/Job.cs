@@ -99,6 +99,18 @@ public abstract class Job
     internal bool Started { get; set; }
     /// <summary>Waiting for its rate limit (QEMU's job sleeps then, and reports busy: false).</summary>
     internal volatile bool Sleeping;
+    /// <summary>Installed by the manager: the job reached the ready state (BLOCK_JOB_READY).</summary>
+    internal Action? ReportReady { get; set; }
+
+    /// <summary>Jobs with a ready state (mirror) take job-complete, and a soft cancel once ready.</summary>
+    protected internal virtual bool SupportsComplete => false;
+
+    /// <summary>job-complete (pivot: true), or block-job-cancel without force once ready (pivot: false): finish
+    /// successfully — with or without switching over to the target.</summary>
+    protected internal virtual void OnComplete(bool pivot) { }
+
+    /// <summary>The job calls this when its copy has caught up: running becomes ready.</summary>
+    protected void BecomeReady() => ReportReady?.Invoke();
 
     internal static TaskCompletionSource CompletedSignal()
     {

@@ -40,6 +40,7 @@ public sealed class JobManager
             {
                 var job = j;
                 j.ReportIoError = (operation, action) => IoErrorStop(job, operation, action);
+                j.ReportReady = () => Ready(job);
                 j.Group = group;
                 group.Jobs.Add(j);
                 _jobs[j.Id] = j;
@@ -171,6 +172,17 @@ public sealed class JobManager
         _emit("JOB_STATUS_CHANGE", new QDict().Add("id", job.Id).Add("status", JobTables.Name(to)));
     }
 
+    /// <summary>The job caught up: ready (JOB_STATUS_CHANGE, then BLOCK_JOB_READY).</summary>
+    private void Ready(Job job)
+    {
+        lock (_lock)
+        {
+            if (job.Status != JobStatus.Running) return;
+            Transition(job, JobStatus.Ready);
+            _emit("BLOCK_JOB_READY", job.BlockJobEventData());
+        }
+    }
+
     /// <summary>An I/O error under on-*-error=stop or ignore: report it; with stop, pause until job-resume.</summary>
     private void IoErrorStop(Job job, string operation, string action)
     {
@@ -199,12 +211,24 @@ public sealed class JobManager
             throw new JobException($"Job '{job.Id}' in state '{JobTables.Name(job.Status)}' cannot accept command verb '{JobTables.Name(verb)}'");
     }
 
-    public void Cancel(string id, bool blockFamily = false)
+    /// <param name="force">block-job-cancel's force (job-cancel always forces): without it, a ready job
+    /// finishes successfully without switching over, as QEMU's mirror does.</param>
+    public void Cancel(string id, bool blockFamily = false, bool force = true)
     {
         lock (_lock)
         {
             var job = Find(id, blockFamily);
             Allow(job, JobVerb.Cancel);
+            if (!force && job.SupportsComplete && job.Status is JobStatus.Ready or JobStatus.Standby)
+            {
+                if (job.UserPauses > 0)
+                {
+                    job.UserPauses = 0;
+                    ResumeLocked(job);
+                }
+                job.OnComplete(pivot: false);
+                return;
+            }
             if (job.UserPauses > 0)
             {
                 job.UserPauses = 0;
@@ -279,7 +303,8 @@ public sealed class JobManager
         {
             var job = Find(id, blockFamily);
             Allow(job, JobVerb.Complete);
-            throw new JobException($"The active block job '{id}' cannot be completed");
+            if (!job.SupportsComplete) throw new JobException($"The active block job '{id}' cannot be completed");
+            job.OnComplete(pivot: true);
         }
     }
 

@@ -322,7 +322,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
-        BeforeWrite(offset, data.Length);
+        using var writeScope = BeginWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
         while (!data.IsEmpty)
         {
@@ -515,7 +515,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
-        BeforeWrite(offset, length);
+        using var writeScope = BeginWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         ZeroOrDiscard(offset, length, discard: false, mayUnmap);
     }
@@ -524,7 +524,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
-        BeforeWrite(offset, length);
+        using var writeScope = BeginWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         ZeroOrDiscard(offset, length, discard: true, mayUnmap: true);
     }
@@ -607,7 +607,7 @@ public sealed partial class Qcow2Image : BlockImage
         CheckWritable();
         if ((offset & (_clusterSize - 1)) != 0 || cluster.Length > _clusterSize)
             throw new BlockException("Compressed writes must cover one aligned cluster");
-        BeforeWrite(offset, cluster.Length);
+        using var writeScope = BeginWrite(offset, cluster.Length);
         Bitmaps.MarkDirty(offset, cluster.Length);
         var padded = new byte[_clusterSize];
         cluster.CopyTo(padded);

@@ -120,7 +120,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         Add("job-complete", [jobId], "any", a => Ok(() => Jobs.Complete(ArgSchema.Str(a, "id"))));
         Add("job-finalize", [jobId], "any", a => Ok(() => Jobs.FinalizeJob(ArgSchema.Str(a, "id"))));
         Add("job-dismiss", [jobId], "any", a => Ok(() => Jobs.DismissJob(ArgSchema.Str(a, "id"))));
-        Add("block-job-cancel", [device, new("force", ArgType.Bool, true)], "any", a => Ok(() => Jobs.Cancel(ArgSchema.Str(a, "device"), blockFamily: true)));
+        Add("block-job-cancel", [device, new("force", ArgType.Bool, true)], "any", a => Ok(() => Jobs.Cancel(ArgSchema.Str(a, "device"), blockFamily: true, force: ArgSchema.Bool(a, "force"))));
         Add("block-job-pause", [device], "any", a => Ok(() => Jobs.Pause(ArgSchema.Str(a, "device"), blockFamily: true)));
         Add("block-job-resume", [device], "any", a => Ok(() => Jobs.Resume(ArgSchema.Str(a, "device"), blockFamily: true)));
         Add("block-job-complete", [device], "any", a => Ok(() => Jobs.Complete(ArgSchema.Str(a, "device"), blockFamily: true)));
@@ -129,6 +129,8 @@ public sealed partial class DaemonBackend : IQmpBackend
         Add("block-job-dismiss", [jobId], "any", a => Ok(() => Jobs.DismissJob(ArgSchema.Str(a, "id"), blockFamily: true)));
         Add("blockdev-create", [new("job-id", ArgType.Str), new("options", ArgType.Object)], "any", BlockdevCreate);
         RegisterBackup();
+        RegisterMirror();
+        RegisterMigration();
         Add("query-named-block-nodes", [new("flat", ArgType.Bool, true)], "[BlockDeviceInfo]", a => NamedBlockNodes(ArgSchema.Bool(a, "flat")));
         Add("blockdev-add", BlockdevAddCommon.Concat([new ArgSpec("*", ArgType.Any, true)]).ToArray(), "any", BlockdevAdd);
         Add("blockdev-del", [new("node-name", ArgType.Str)], "any", a =>

@@ -20,7 +20,9 @@ public sealed class NbdExport
     public string Id { get; }
     public string Name { get; }
     public string? Description { get; }
-    public BlockImage Image { get; }
+    /// <summary>The image requests go to; a mirror's switch-over points it at the target (between
+    /// <see cref="DrainAsync"/> and <see cref="Resume"/>).</summary>
+    public BlockImage Image { get; private set; }
     public bool Writable { get; }
     public IReadOnlyList<DirtyBitmap> Bitmaps { get; }
     public bool AllocationDepth { get; }
@@ -32,6 +34,70 @@ public sealed class NbdExport
 
     /// <summary>Set when the export is being removed: new connections are refused.</summary>
     public volatile bool ShuttingDown;
+
+    private readonly object _gate = new();
+    private int _active;
+    private TaskCompletionSource _open = Completed();
+    private TaskCompletionSource? _drained;
+
+    private static TaskCompletionSource Completed()
+    {
+        var t = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        t.SetResult();
+        return t;
+    }
+
+    /// <summary>A request starts: waits while the export is drained. Dispose when it is answered.</summary>
+    public async ValueTask<IDisposable> EnterAsync()
+    {
+        while (true)
+        {
+            Task wait;
+            lock (_gate)
+            {
+                if (_open.Task.IsCompleted)
+                {
+                    _active++;
+                    return new Leaver(this);
+                }
+                wait = _open.Task;
+            }
+            await wait;
+        }
+    }
+
+    private sealed class Leaver(NbdExport export) : IDisposable
+    {
+        private int _done;
+
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _done, 1) != 0) return;
+            lock (export._gate)
+                if (--export._active == 0) export._drained?.TrySetResult();
+        }
+    }
+
+    /// <summary>Holds new requests back and waits for those in flight (QEMU's drain).</summary>
+    public Task DrainAsync()
+    {
+        lock (_gate)
+        {
+            if (_open.Task.IsCompleted) _open = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            _drained = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+            if (_active == 0) _drained.TrySetResult();
+            return _drained.Task;
+        }
+    }
+
+    /// <summary>Points the export at another image (a mirror's target). Only while drained.</summary>
+    public void Retarget(BlockImage image) => Image = image;
+
+    /// <summary>Lets held requests go.</summary>
+    public void Resume()
+    {
+        lock (_gate) _open.TrySetResult();
+    }
 
     public const string BaseAllocation = "base:allocation";
     public const string AllocationDepthContext = "qemu:allocation-depth";

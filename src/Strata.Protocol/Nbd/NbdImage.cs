@@ -75,7 +75,7 @@ public sealed class NbdImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, data.Length);
-        BeforeWrite(offset, data.Length);
+        using var writeScope = BeginWrite(offset, data.Length);
         Bitmaps.MarkDirty(offset, data.Length);
         for (int pos = 0; pos < data.Length; pos += 32 << 20)
         {
@@ -89,7 +89,7 @@ public sealed class NbdImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
-        BeforeWrite(offset, length);
+        using var writeScope = BeginWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         InChunks(offset, length, (at, n) => _client.WriteZeroesAsync(at, n, noHole: !mayUnmap));
     }
@@ -109,7 +109,7 @@ public sealed class NbdImage : BlockImage
     {
         CheckWritable();
         CheckRange(offset, length);
-        BeforeWrite(offset, length);
+        using var writeScope = BeginWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         InChunks(offset, length, _client.TrimAsync);
     }

@@ -402,6 +402,7 @@ public sealed class NbdServerSession
 
     private async Task HandleAsync(NbdExport export, NbdRequest req, byte[]? payload)
     {
+        using var entered = await export.EnterAsync();
         var image = export.Image;
         try
         {

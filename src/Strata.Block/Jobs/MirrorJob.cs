@@ -1,0 +1,211 @@
+using System.Buffers;
+using Strata.Block.Bitmaps;
+
+namespace Strata.Block.Jobs;
+
+public enum MirrorSync { Full, Top, None }
+
+/// <summary>What a mirror job copies where, and how it switches over.</summary>
+public sealed record MirrorOptions
+{
+    public required BlockImage Source { get; init; }
+    public required BlockImage Target { get; init; }
+    public MirrorSync Sync { get; init; }
+    /// <summary>Dirty-tracking granularity (QEMU: the target's cluster size clamped to 4 KiB..64 KiB by default).</summary>
+    public long Granularity { get; init; } = 65536;
+    public long Speed { get; init; }
+    public int Workers { get; init; } = 4;
+    /// <summary>The switch-over: stop the source's writers, run the given final copy, point the writers at the
+    /// target, let them go. Supplied by the daemon, which knows who writes to the source.</summary>
+    public Func<Func<Task>, Task>? Pivot { get; init; }
+    /// <summary>Called in Clean: release the target.</summary>
+    public Action? Release { get; init; }
+}
+
+/// <summary>
+/// A mirror (blockdev-mirror / drive-mirror): copies the source to the target while the source keeps changing —
+/// every write after it lands marks its clusters to copy again — until the two are in step (ready: the job
+/// keeps them so); job-complete then stops the writers, copies what is left and moves them to the target.
+/// A soft cancel once ready ends it with the target a point-in-time copy and no switch.
+/// </summary>
+public sealed class MirrorJob : Job
+{
+    private readonly MirrorOptions _o;
+    private readonly long _cluster;
+    private readonly HierarchicalBitmap _dirty;
+    private readonly object _lock = new();
+    private readonly SemaphoreSlim _work = new(0);
+    private volatile int _finish; // 0: run on, 1: complete with pivot, 2: complete without
+    private bool _hooked;
+    private long _next;
+
+    public override bool IsBlockJob => true;
+    protected internal override bool SupportsComplete => true;
+
+    /// <summary>Whether the switch-over happened.</summary>
+    public bool Pivoted { get; private set; }
+
+    public BlockImage TargetImage => _o.Target;
+
+    public MirrorJob(string id, MirrorOptions options, bool autoFinalize, bool autoDismiss) : base(id, "mirror", autoFinalize, autoDismiss)
+    {
+        _o = options;
+        Speed = options.Speed;
+        _cluster = options.Granularity;
+        _dirty = new HierarchicalBitmap((options.Source.Size + _cluster - 1) / _cluster);
+    }
+
+    /// <summary>Starts tracking writes and marks what the chosen sync copies.</summary>
+    public void Prepare()
+    {
+        long size = _o.Source.Size;
+        switch (_o.Sync)
+        {
+            case MirrorSync.Full:
+                _dirty.SetRange(0, _dirty.Length);
+                break;
+            case MirrorSync.Top:
+                for (long pos = 0; pos < size;)
+                {
+                    var e = _o.Source.GetLayerStatus(pos, size - pos);
+                    if (e.State != LayerState.Unallocated) Mark(e.Offset, e.Length);
+                    pos += e.Length;
+                }
+                break;
+        }
+        SetTotal(DirtyBytes());
+        _o.Source.AddAfterWriteHook(OnSourceWritten);
+        _hooked = true;
+    }
+
+    private long DirtyBytes() => Math.Min(_dirty.Count * _cluster, _o.Source.Size);
+
+    private void Mark(long offset, long length)
+    {
+        if (length <= 0) return;
+        long first = offset / _cluster, last = Math.Min((offset + length - 1) / _cluster, _dirty.Length - 1);
+        _dirty.SetRange(first, last - first + 1);
+    }
+
+    private void OnSourceWritten(long offset, long length)
+    {
+        Mark(offset, length);
+        SetTotal(Progress + DirtyBytes());
+        _work.Release();
+    }
+
+    protected internal override void OnComplete(bool pivot)
+    {
+        _finish = pivot ? 1 : 2;
+        _work.Release();
+    }
+
+    protected internal override async Task RunAsync(CancellationToken ct)
+    {
+        // As QEMU: accepted, then failed by the job itself.
+        if (_o.Target.Size != _o.Source.Size) throw new BlockException("Source and target image have different sizes");
+        bool ready = false;
+        while (true)
+        {
+            await CopyDirtyAsync(ct);
+            _o.Target.Flush();
+            if (!ready)
+            {
+                ready = true;
+                BecomeReady();
+            }
+            if (_finish == 1)
+            {
+                if (_o.Pivot is null) throw new BlockException("this mirror has nothing to switch over");
+                await _o.Pivot(async () =>
+                {
+                    // Writers are stopped: what is dirty now is all there is.
+                    await CopyDirtyAsync(ct);
+                    _o.Target.Flush();
+                });
+                Pivoted = true;
+                return;
+            }
+            if (_finish == 2)
+            {
+                await CopyDirtyAsync(ct);
+                _o.Target.Flush();
+                return;
+            }
+            if (_dirty.Count == 0) await _work.WaitAsync(TimeSpan.FromMilliseconds(100), ct);
+        }
+    }
+
+    /// <summary>Copies every dirty cluster with a few workers, in runs of up to 1 MiB; writes that land meanwhile
+    /// mark their clusters again, so a copy that read old data is repeated.</summary>
+    private async Task CopyDirtyAsync(CancellationToken ct)
+    {
+        long runLimit = Math.Max(1, (1L << 20) / _cluster);
+        var workers = Enumerable.Range(0, Math.Max(1, _o.Workers)).Select(_ => Task.Run(async () =>
+        {
+            var buffer = ArrayPool<byte>.Shared.Rent((int)(runLimit * _cluster));
+            try
+            {
+                while (true)
+                {
+                    ct.ThrowIfCancellationRequested();
+                    await PausePointAsync();
+                    long cluster, count;
+                    lock (_lock)
+                    {
+                        cluster = _dirty.NextSet(Interlocked.Read(ref _next));
+                        if (cluster < 0) cluster = _dirty.NextSet(0);
+                        if (cluster < 0) return;
+                        count = 1;
+                        while (count < runLimit && cluster + count < _dirty.Length && _dirty.Get(cluster + count)) count++;
+                        // Cleared before the read: a write landing after this point marks the cluster again.
+                        _dirty.ResetRange(cluster, count);
+                        Interlocked.Exchange(ref _next, cluster + count);
+                    }
+                    long offset = cluster * _cluster;
+                    int length = (int)Math.Min(count * _cluster, _o.Source.Size - offset);
+                    try
+                    {
+                        var status = ChainStatus.Get(_o.Source, offset, length);
+                        if (status.Zero && status.Length == length) _o.Target.WriteZeroes(offset, length, mayUnmap: false);
+                        else
+                        {
+                            _o.Source.Read(offset, buffer.AsSpan(0, length));
+                            _o.Target.Write(offset, buffer.AsSpan(0, length));
+                        }
+                    }
+                    catch
+                    {
+                        lock (_lock) _dirty.SetRange(cluster, count);
+                        throw;
+                    }
+                    AddProgress(length);
+                    if (Speed > 0) await Task.Delay(TimeSpan.FromSeconds(Math.Min(1.0, length / (double)Speed)), ct);
+                }
+            }
+            finally
+            {
+                ArrayPool<byte>.Shared.Return(buffer);
+            }
+        }, CancellationToken.None)).ToArray();
+        await Task.WhenAll(workers);
+        SetTotal(Progress + DirtyBytes());
+    }
+
+    private void Unhook()
+    {
+        if (!_hooked) return;
+        _hooked = false;
+        _o.Source.RemoveAfterWriteHook(OnSourceWritten);
+    }
+
+    protected internal override void Commit() => Unhook();
+
+    protected internal override void Abort() => Unhook();
+
+    protected internal override void Clean()
+    {
+        Unhook();
+        _o.Release?.Invoke();
+    }
+}

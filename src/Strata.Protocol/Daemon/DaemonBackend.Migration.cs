@@ -1,0 +1,109 @@
+using System.Text.Json.Nodes;
+using Strata.Block.Bitmaps;
+using Strata.Formats.Json;
+using Strata.Protocol.Nbd;
+using Strata.Protocol.Qmp;
+
+namespace Strata.Protocol.Daemon;
+
+/// <summary>
+/// Bitmap migration, post-copy style, on the destination (QEMU has no QMP for this: these are Strata's own
+/// x-strata- commands). Before the switch-over, <c>x-strata-bitmap-import-begin</c> creates each bitmap busy and,
+/// where the source's was recording, recording here; after it, <c>x-strata-bitmap-import</c> reads the source's
+/// frozen bits through an NBD export's qemu:dirty-bitmap contexts and merges them in — or, if the source is gone,
+/// marks the bitmaps inconsistent and says so. <c>x-strata-bitmap-import-cancel</c> drops bitmaps still waiting.
+/// </summary>
+public sealed partial class DaemonBackend
+{
+    private readonly Dictionary<string, List<DirtyBitmap>> _incomingBitmaps = new(StringComparer.Ordinal);
+
+    private void RegisterMigration()
+    {
+        Add("x-strata-bitmap-import-begin", [new("node", ArgType.Str), new("bitmaps", ArgType.Any)], "any", a =>
+        {
+            var node = Graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
+            if (a["bitmaps"] is not JsonArray list) throw QmpException.Generic("Invalid parameter type for 'bitmaps', expected: array");
+            lock (_incomingBitmaps)
+                if (_incomingBitmaps.ContainsKey(node.Name)) throw QmpException.Generic($"Node '{node.Name}' is already receiving bitmaps");
+            var created = new List<DirtyBitmap>();
+            try
+            {
+                int i = 0;
+                foreach (var item in list)
+                {
+                    if (item is not JsonObject o) throw QmpException.Generic($"Invalid parameter type for 'bitmaps[{i}]', expected: object");
+                    ArgSchema.Validate(o, [new("name", ArgType.Str), new("granularity", ArgType.UInt32), new("persistent", ArgType.Bool, true), new("recording", ArgType.Bool, true)], $"bitmaps[{i}].");
+                    created.Add(node.Image.Bitmaps.BeginImport(ArgSchema.Str(o, "name"), ArgSchema.OptLong(o, "granularity")!.Value,
+                        ArgSchema.Bool(o, "persistent"), ArgSchema.Bool(o, "recording", true)));
+                    i++;
+                }
+            }
+            catch (Exception e) when (e is BitmapException or QmpException)
+            {
+                foreach (var b in created)
+                {
+                    b.Busy = false;
+                    node.Image.Bitmaps.Remove(b.Name!);
+                }
+                throw e as QmpException ?? QmpException.Generic(e.Message);
+            }
+            lock (_incomingBitmaps) _incomingBitmaps[node.Name] = created;
+            return new QDict();
+        });
+
+        Add("x-strata-bitmap-import", [new("node", ArgType.Str), new("server", ArgType.Object), new("export", ArgType.Str)], "any", a =>
+        {
+            var node = Graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
+            List<DirtyBitmap>? incoming;
+            lock (_incomingBitmaps)
+                if (!_incomingBitmaps.Remove(node.Name, out incoming)) throw QmpException.Generic($"Node '{node.Name}' is not receiving bitmaps");
+            var server = a["server"]!.AsObject();
+            string export = ArgSchema.Str(a, "export");
+            var pending = new List<DirtyBitmap>(incoming);
+            try
+            {
+                ImportAsync(server, export, node.Image.Size, pending).GetAwaiter().GetResult();
+            }
+            catch (Exception e) when (e is IOException or NbdException or System.Net.Sockets.SocketException or InvalidOperationException or QmpException)
+            {
+                foreach (var b in pending) node.Image.Bitmaps.FailImport(b);
+                throw QmpException.Generic($"Bitmap migration from export '{export}' failed: {e.Message}; "
+                    + $"bitmap(s) {string.Join(", ", pending.Select(b => "'" + b.Name + "'"))} marked inconsistent");
+            }
+            return new QDict();
+
+            async Task ImportAsync(JsonObject srv, string name, long size, List<DirtyBitmap> todo)
+            {
+                var contexts = todo.Select(b => NbdExport.DirtyBitmapPrefix + b.Name).ToList();
+                string type = ArgSchema.Str(srv, "type");
+                await using var client = type == "unix"
+                    ? await NbdClient.ConnectUnixAsync(ArgSchema.Str(srv, "path"), name, contexts)
+                    : await NbdClient.ConnectTcpAsync(ArgSchema.Str(srv, "host"), int.Parse(ArgSchema.Str(srv, "port"), System.Globalization.CultureInfo.InvariantCulture), name, contexts);
+                if (client.Size != size) throw new InvalidOperationException($"the source disk is {client.Size} bytes, this one {size}");
+                foreach (var b in todo.ToList())
+                {
+                    string context = NbdExport.DirtyBitmapPrefix + b.Name;
+                    if (!client.Contexts.ContainsKey(context)) throw new InvalidOperationException($"the source does not export bitmap '{b.Name}'");
+                    // The bits merge into what was recorded here since the switch-over.
+                    foreach (var (offset, length) in await client.ExtentsWithFlagAsync(context, 1)) b.MarkDirty(offset, length);
+                    node.Image.Bitmaps.FinishImport(b);
+                    todo.Remove(b);
+                }
+            }
+        });
+
+        Add("x-strata-bitmap-import-cancel", [new("node", ArgType.Str)], "any", a =>
+        {
+            var node = Graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
+            List<DirtyBitmap>? incoming;
+            lock (_incomingBitmaps)
+                if (!_incomingBitmaps.Remove(node.Name, out incoming)) throw QmpException.Generic($"Node '{node.Name}' is not receiving bitmaps");
+            foreach (var b in incoming)
+            {
+                b.Busy = false;
+                node.Image.Bitmaps.Remove(b.Name!);
+            }
+            return new QDict();
+        });
+    }
+}
