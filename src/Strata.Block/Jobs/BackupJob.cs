@@ -213,19 +213,13 @@ public sealed class BackupJob : Job
                 }
                 else
                 {
-                    var buffer = ArrayPool<byte>.Shared.Rent(n);
-                    try
-                    {
-                        side = "read";
-                        _o.Source.Read(pos, buffer.AsSpan(0, n));
-                        side = "write";
-                        if (_o.Compress && pos % _o.Target.ClusterSize == 0) _o.Target.WriteCompressed(pos, buffer.AsSpan(0, n));
-                        else _o.Target.Write(pos, buffer.AsSpan(0, n));
-                    }
-                    finally
-                    {
-                        ArrayPool<byte>.Shared.Return(buffer);
-                    }
+                    using var lease = AlignedBuffers.Rent(n);
+                    var buffer = lease.Memory.Span[..n];
+                    side = "read";
+                    _o.Source.Read(pos, buffer);
+                    side = "write";
+                    if (_o.Compress && pos % _o.Target.ClusterSize == 0) _o.Target.WriteCompressed(pos, buffer);
+                    else _o.Target.Write(pos, buffer);
                 }
                 pos += n;
             }
