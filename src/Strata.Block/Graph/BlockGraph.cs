@@ -333,6 +333,29 @@ public sealed class BlockGraph : IDisposable
         }
     }
 
+    /// <summary>blockdev-snapshot-sync's new top: a qcow2 node (named, or automatic) on <paramref name="file"/> whose
+    /// backing image is <paramref name="below"/>'s.</summary>
+    public BlockNode AddOverlay(string? name, string file, BlockNode below)
+    {
+        lock (_lock)
+            return AddLocked(new BlockNodeSpec
+            {
+                Driver = "qcow2", NodeName = name, BackingNodeName = below.Name,
+                FileInline = new BlockNodeSpec { Driver = "file", Filename = file },
+            }, topLevel: false);
+    }
+
+    /// <summary>Removes a node nothing but this daemon's own bookkeeping uses (undoing a snapshot in a failed
+    /// transaction), whether or not it was named automatically.</summary>
+    public void DeleteForce(BlockNode node)
+    {
+        lock (_lock)
+        {
+            if (node.Users > 0) throw new BlockException($"Block device {node.Name} is in use");
+            RemoveLocked(node);
+        }
+    }
+
     /// <summary>Checks a filter-node-name can be used (null: an automatic name will be).</summary>
     public void CheckNewNodeName(string? name)
     {

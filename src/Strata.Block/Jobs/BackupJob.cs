@@ -188,11 +188,27 @@ public sealed class BackupJob : Job
         }
     }
 
-    private void CopyCluster(long cluster) => CopyClusters(cluster, 1);
+    private void CopyCluster(long cluster) => CopyClusters(cluster, 1, ticket: -1);
+
+    private long _nextTicket, _readsStarted;
+
+    /// <summary>The background loop's runs start their reads in the order they were taken (they still overlap):
+    /// which run meets an injected or real error does not depend on thread scheduling.</summary>
+    private void WaitForTurn(long ticket)
+    {
+        if (ticket < 0) return;
+        lock (_lock)
+        {
+            while (Interlocked.Read(ref _readsStarted) < ticket) Monitor.Wait(_lock);
+            Interlocked.Exchange(ref _readsStarted, ticket + 1);
+            Monitor.PulseAll(_lock);
+        }
+    }
 
     /// <summary>Copies a run of job clusters with one read and one write (zero runs as write-zeroes).</summary>
-    private void CopyClusters(long cluster, long count)
+    private void CopyClusters(long cluster, long count, long ticket)
     {
+        bool turnTaken = false;
         long offset = cluster * _cluster;
         int length = (int)Math.Min(_cluster * count, _o.Source.Size - offset);
         if (length <= 0) return;
@@ -216,6 +232,11 @@ public sealed class BackupJob : Job
                     using var lease = AlignedBuffers.Rent(n);
                     var buffer = lease.Memory.Span[..n];
                     side = "read";
+                    if (!turnTaken)
+                    {
+                        WaitForTurn(ticket);
+                        turnTaken = true;
+                    }
                     _o.Source.Read(pos, buffer);
                     side = "write";
                     if (_o.Compress && pos % _o.Target.ClusterSize == 0) _o.Target.WriteCompressed(pos, buffer);
@@ -228,6 +249,11 @@ public sealed class BackupJob : Job
         {
             e.Operation ??= side;
             throw;
+        }
+        finally
+        {
+            // A run that read nothing (zeros only, or failed early) still passes its turn on.
+            if (!turnTaken) WaitForTurn(ticket);
         }
         AddProgress(length);
     }
@@ -257,7 +283,7 @@ public sealed class BackupJob : Job
                     runLimit = Math.Max(1, Math.Min(RunClusters, (1L << 20) / _cluster));
                     await ThrottleAsync(runLimit * _cluster, ct);
                 }
-                long cluster, count;
+                long cluster, count, ticket;
                 lock (_lock)
                 {
                     // Take a run of adjacent clusters still to copy: one read and one write for all of them.
@@ -276,10 +302,11 @@ public sealed class BackupJob : Job
                     _toCopy.ResetRange(cluster, count);
                     for (long c = cluster; c < cluster + count; c++) _inFlight.Add(c);
                     Interlocked.Exchange(ref next, cluster + count);
+                    ticket = _nextTicket++;
                 }
                 try
                 {
-                    CopyClusters(cluster, count);
+                    CopyClusters(cluster, count, ticket);
                 }
                 catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
                 {

@@ -220,9 +220,9 @@ public sealed partial class DaemonBackend
             foreach (var item in actions)
             {
                 if (item is not JsonObject action) throw QmpException.Generic($"Invalid parameter type for 'actions[{i}]', expected: object");
-                ArgSchema.Validate(action, [new("type", ArgType.Enum, false, [.. BitmapActions, "abort", "blockdev-backup", "drive-backup"]), new("data", ArgType.Object, true)], $"actions[{i}].");
+                ArgSchema.Validate(action, [new("type", ArgType.Enum, false, [.. BitmapActions, "abort", "blockdev-backup", "drive-backup", "blockdev-snapshot-sync"]), new("data", ArgType.Object)], $"actions[{i}].");
                 string type = ArgSchema.Str(action, "type");
-                var data = action["data"] as JsonObject ?? new JsonObject();
+                var data = action["data"]!.AsObject();
                 if (grouped && type is not ("blockdev-backup" or "drive-backup"))
                     throw QmpException.Generic($"Action '{type}' does not support Transaction property completion-mode = grouped");
                 switch (type)
@@ -240,6 +240,10 @@ public sealed partial class DaemonBackend
                         undo.Push(p.Undo);
                         break;
                     }
+                    case "blockdev-snapshot-sync":
+                        ArgSchema.Validate(data, SnapshotSyncArgs);
+                        undo.Push(TakeSnapshot(data));
+                        break;
                     default:
                         PrepareBitmapAction(type, data, undo, commits);
                         break;

@@ -100,27 +100,6 @@ public sealed partial class DaemonBackend
     /// those in flight finish; the mirror copies what is left; the exports then point at the target node and go on.
     /// A client never sees an error or a lost write.
     /// </summary>
-    private async Task PivotAsync(BlockNode source, BlockNode target, Func<Task> finalSync)
-    {
-        List<string> ids;
-        lock (_exports) ids = _exports.Where(e => e.Value.Node == source).Select(e => e.Key).ToList();
-        var drained = ids.Select(id => _exports[id].Export).ToList();
-        try
-        {
-            await Task.WhenAll(drained.Select(e => e.DrainAsync()));
-            await finalSync();
-            foreach (var id in ids)
-            {
-                var (export, _) = _exports[id];
-                export.Retarget(target.Image);
-                Graph.RemoveUser(source);
-                Graph.AddUser(target);
-                _exports[id] = (export, target);
-            }
-        }
-        finally
-        {
-            foreach (var e in drained) e.Resume();
-        }
-    }
+    private async Task PivotAsync(BlockNode source, BlockNode target, Func<Task> finalSync) =>
+        await MoveExportsAsync(source, target, finalSync);
 }

@@ -131,6 +131,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         RegisterBackup();
         RegisterMirror();
         RegisterMigration();
+        RegisterSnapshot();
         Add("query-named-block-nodes", [new("flat", ArgType.Bool, true)], "[BlockDeviceInfo]", a => NamedBlockNodes(ArgSchema.Bool(a, "flat")));
         Add("blockdev-add", BlockdevAddCommon.Concat([new ArgSpec("*", ArgType.Any, true)]).ToArray(), "any", BlockdevAdd);
         Add("blockdev-del", [new("node-name", ArgType.Str)], "any", a =>

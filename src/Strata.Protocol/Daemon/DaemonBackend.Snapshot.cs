@@ -1,0 +1,96 @@
+using System.Text.Json.Nodes;
+using Strata.Block;
+using Strata.Block.Graph;
+using Strata.Block.Qcow2;
+using Strata.Formats.Json;
+using Strata.Protocol.Qmp;
+
+namespace Strata.Protocol.Daemon;
+
+/// <summary>blockdev-snapshot-sync: a new qcow2 overlay becomes the active layer above a node.</summary>
+public sealed partial class DaemonBackend
+{
+    private static readonly ArgSpec[] SnapshotSyncArgs =
+    [
+        new("device", ArgType.Str, true), new("node-name", ArgType.Str, true), new("snapshot-file", ArgType.Str),
+        new("snapshot-node-name", ArgType.Str, true), new("format", ArgType.Str, true), new("mode", ArgType.Enum, true, ["existing", "absolute-paths"]),
+    ];
+
+    private void RegisterSnapshot()
+    {
+        Add("blockdev-snapshot-sync", SnapshotSyncArgs, "any", a =>
+        {
+            TakeSnapshot(a);
+            return new QDict();
+        });
+    }
+
+    /// <summary>Creates the overlay and puts it on top at once (so later actions of a transaction see the new node);
+    /// returns how to undo that if the transaction fails.</summary>
+    private Action TakeSnapshot(JsonObject a)
+    {
+        string? device = ArgSchema.OptStr(a, "device"), nodeName = ArgSchema.OptStr(a, "node-name");
+        if ((device is null) == (nodeName is null)) throw QmpException.Generic("Exactly one of device and node-name must be specified");
+        string target = device ?? nodeName!;
+        var node = Graph.Find(target) ?? throw QmpException.Generic($"Cannot find device='{device ?? ""}' nor node-name='{nodeName ?? ""}'");
+        string file = ArgSchema.Str(a, "snapshot-file");
+        string format = ArgSchema.OptStr(a, "format") ?? "qcow2";
+        if (format != "qcow2") throw QmpException.Generic($"Unknown file format '{format}'");
+        string? snapshotNode = ArgSchema.OptStr(a, "snapshot-node-name");
+        if (snapshotNode is not null && Graph.Find(snapshotNode) is not null) throw QmpException.Generic("New overlay node-name already in use");
+        if (node.Image.ReadOnly) throw QmpException.Generic($"Node '{node.Name}' is read only");
+        if ((ArgSchema.OptStr(a, "mode") ?? "absolute-paths") == "absolute-paths")
+        {
+            if (File.Exists(file)) File.Delete(file);
+            Qcow2Image.Create(file, new Qcow2CreateOptions
+            {
+                Size = node.Image.Size,
+                BackingFile = Path.GetFullPath(node.FileName),
+                BackingFormat = node.Driver,
+            }).Dispose();
+        }
+        else if (!File.Exists(file)) throw QmpException.Generic($"Could not open '{file}': No such file or directory");
+        BlockNode overlay;
+        try
+        {
+            overlay = Graph.AddOverlay(snapshotNode, file, node);
+        }
+        catch (BlockException e)
+        {
+            throw QmpException.Generic(e.Message);
+        }
+        // The node's users (its exports) move up to the overlay; the node stays below as its backing.
+        MoveExportsAsync(node, overlay, null).GetAwaiter().GetResult();
+        return () =>
+        {
+            MoveExportsAsync(overlay, node, null).GetAwaiter().GetResult();
+            try { Graph.DeleteForce(overlay); } catch (BlockException) { }
+        };
+    }
+
+    /// <summary>Holds the node's exports, lets in-flight requests finish, runs <paramref name="whileHeld"/> (a
+    /// mirror's last copy), points them at <paramref name="to"/> and lets them go: no client sees an error.</summary>
+    private async Task MoveExportsAsync(BlockNode from, BlockNode to, Func<Task>? whileHeld)
+    {
+        List<string> ids;
+        lock (_exports) ids = _exports.Where(e => e.Value.Node == from).Select(e => e.Key).ToList();
+        var moving = ids.Select(id => _exports[id].Export).ToList();
+        try
+        {
+            await Task.WhenAll(moving.Select(e => e.DrainAsync()));
+            if (whileHeld is not null) await whileHeld();
+            foreach (var id in ids)
+            {
+                var (export, _) = _exports[id];
+                export.Retarget(to.Image);
+                Graph.RemoveUser(from);
+                Graph.AddUser(to);
+                _exports[id] = (export, to);
+            }
+        }
+        finally
+        {
+            foreach (var e in moving) e.Resume();
+        }
+    }
+}
