@@ -72,4 +72,37 @@ public class MirrorDifferentialTests : ScratchDirTest
         var strata = await Scenario("strata", ending);
         Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
     }
+
+    private async Task<List<string>> DriveMirror(string kind, bool complete)
+    {
+        string dir = Directory.CreateDirectory(P(kind + complete)).FullName;
+        using var src = new BackupSourceProcess(kind, dir, ["src"]);
+        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
+        var events = new EventLog(qmp);
+        var log = new List<string>();
+        string target = Path.Combine(dir, "d.qcow2");
+        await qmp.ExecuteAsync("drive-mirror", JsonNode.Parse("{\"job-id\":\"m\",\"device\":\"src\",\"target\":\"" + target + "\",\"format\":\"qcow2\",\"sync\":\"full\",\"node-name\":\"dm\"}"));
+        await events.WaitAsync("BLOCK_JOB_READY");
+        log.Add("nodes while ready: " + string.Join(",", (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray().Select(n => n!["node-name"]!.GetValue<string>()).Where(n => !n.StartsWith('#'))));
+        await qmp.ExecuteAsync(complete ? "job-complete" : "block-job-cancel", complete ? new { id = "m" } : new { device = "m" });
+        var end = await events.WaitAsync("BLOCK_JOB_COMPLETED");
+        log.Add($"end error={end["data"]!["error"]?.GetValue<string>() ?? "-"}");
+        log.Add("nodes after: " + string.Join(",", (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray().Select(n => n!["node-name"]!.GetValue<string>()).Where(n => !n.StartsWith('#'))));
+        log.Add("export on: " + string.Join(",", (await qmp.ExecuteAsync("query-block-exports"))!.AsArray().Select(e => e!["node-name"]!.GetValue<string>())));
+        Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x6f 7M 64k", $"nbd+unix:///src?socket={src.NbdPath}").Exit);
+        await src.CopyAsync("src", Path.Combine(dir, "now.raw"));
+        await qmp.ExecuteAsync("quit");
+        log.Add($"the new image is the disk now: {Tools.Run("qemu-img", "compare", "-F", "raw", target, Path.Combine(dir, "now.raw")).Exit == 0}");
+        return log;
+    }
+
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public async Task DriveMirrorSwitchesToTheImageItCreatedAsInQemuStorageDaemon(bool complete)
+    {
+        var qemu = await DriveMirror("qsd", complete);
+        var strata = await DriveMirror("strata", complete);
+        Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
+    }
 }

@@ -335,12 +335,13 @@ public sealed class BlockGraph : IDisposable
 
     /// <summary>blockdev-snapshot-sync's new top: a qcow2 node (named, or automatic) on <paramref name="file"/> whose
     /// backing image is <paramref name="below"/>'s.</summary>
-    public BlockNode AddOverlay(string? name, string file, BlockNode below)
+    /// <remarks>With <paramref name="below"/> null the image opens its own backing chain (drive-mirror's target).</remarks>
+    public BlockNode AddOverlay(string? name, string file, BlockNode? below, string format = "qcow2")
     {
         lock (_lock)
             return AddLocked(new BlockNodeSpec
             {
-                Driver = "qcow2", NodeName = name, BackingNodeName = below.Name,
+                Driver = format, NodeName = name, BackingNodeName = below?.Name,
                 FileInline = new BlockNodeSpec { Driver = "file", Filename = file },
             }, topLevel: false);
     }

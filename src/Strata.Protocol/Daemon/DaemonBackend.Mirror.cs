@@ -70,8 +70,29 @@ public sealed partial class DaemonBackend
         }
         else
         {
-            target = OpenDriveTarget(source, targetName, sync, ArgSchema.OptStr(a, "format"), ArgSchema.OptStr(a, "mode") ?? "absolute-paths");
-            release = target.Dispose;
+            // drive-mirror: the new image becomes a node (node-name, or automatic) so that job-complete can switch
+            // to it; it goes away again unless the switch happened.
+            string? nodeName = ArgSchema.OptStr(a, "node-name");
+            if (nodeName is not null && Graph.Find(nodeName) is not null) throw QmpException.Generic($"Duplicate nodes with node-name='{nodeName}'");
+            OpenDriveTarget(source, targetName, sync, ArgSchema.OptStr(a, "format"), ArgSchema.OptStr(a, "mode") ?? "absolute-paths").Dispose();
+            string format = ArgSchema.OptStr(a, "format") ?? (source.Driver is "qcow2" ? "qcow2" : "raw");
+            try
+            {
+                targetNode = Graph.AddOverlay(nodeName, targetName, sync == "none" ? source : null, format);
+            }
+            catch (BlockException e)
+            {
+                throw QmpException.Generic(e.Message);
+            }
+            target = targetNode.Image;
+            var created = targetNode;
+            Graph.AddJobUser(created);
+            release = () =>
+            {
+                Graph.RemoveJobUser(created);
+                if (!Jobs.All.OfType<MirrorJob>().Any(j => j.TargetImage == created.Image && j.Pivoted))
+                    try { Graph.DeleteForce(created); } catch (BlockException) { }
+            };
         }
         try
         {
