@@ -45,7 +45,8 @@ public class MirrorDifferentialTests : ScratchDirTest
         else await Try("job-cancel", """{"id":"m"}""");
         var end = await events.WaitAsync(ending == "cancel" ? "BLOCK_JOB_CANCELLED" : "BLOCK_JOB_COMPLETED");
         log.Add($"end: {end["event"]} error={end["data"]!["error"]?.GetValue<string>() ?? "-"}");
-        var states = events.Snapshot().Where(e => e["event"]!.GetValue<string>() == "JOB_STATUS_CHANGE").Select(e => e["data"]!["status"]!.GetValue<string>());
+        var states = events.Snapshot().Where(e => e["event"]!.GetValue<string>() == "JOB_STATUS_CHANGE" && e["data"]!["id"]!.GetValue<string>() == "m")
+            .Select(e => e["data"]!["status"]!.GetValue<string>());
         log.Add("states: " + string.Join(" ", states));
         var exports = (await qmp.ExecuteAsync("query-block-exports"))!.AsArray();
         log.Add("export on: " + string.Join(",", exports.Select(e => e!["node-name"]!.GetValue<string>())));

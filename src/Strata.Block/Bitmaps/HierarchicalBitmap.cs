@@ -218,13 +218,18 @@ public sealed class HierarchicalBitmap
     }
 
     /// <summary>First clear bit ≥ <paramref name="from"/>, or -1 when every bit from there on is set.</summary>
-    public long NextClear(long from)
+    public long NextClear(long from) => NextClear(from, Length);
+
+    /// <summary>The first clear bit in [from, limit), or -1: a caller that only cares up to <paramref name="limit"/>
+    /// does not pay for scanning a long set run past it.</summary>
+    public long NextClear(long from, long limit)
     {
         if (from >= Length) return -1;
         if (from < 0) from = 0;
+        long lastWord = Math.Min(_words, ((Math.Min(limit, Length) - 1) >> 6) + 1);
         lock (_lock)
         {
-            for (long word = from >> 6; word < _words; word++)
+            for (long word = from >> 6; word < lastWord; word++)
             {
                 ulong w = ~Word(word);
                 if (word == from >> 6) w &= ulong.MaxValue << (int)(from & 63);
@@ -245,7 +250,7 @@ public sealed class HierarchicalBitmap
         {
             long s = NextSet(pos);
             if (s < 0 || s >= end) yield break;
-            long e = NextClear(s);
+            long e = NextClear(s, end);
             if (e < 0 || e > end) e = end;
             yield return (s, e - s);
             pos = e;

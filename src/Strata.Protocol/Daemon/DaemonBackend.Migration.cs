@@ -74,15 +74,16 @@ public sealed partial class DaemonBackend
 
             async Task ImportAsync(JsonObject srv, string name, long size, List<DirtyBitmap> todo)
             {
-                var contexts = todo.Select(b => NbdExport.DirtyBitmapPrefix + b.Name).ToList();
                 string type = ArgSchema.Str(srv, "type");
-                await using var client = type == "unix"
-                    ? await NbdClient.ConnectUnixAsync(ArgSchema.Str(srv, "path"), name, contexts)
-                    : await NbdClient.ConnectTcpAsync(ArgSchema.Str(srv, "host"), int.Parse(ArgSchema.Str(srv, "port"), System.Globalization.CultureInfo.InvariantCulture), name, contexts);
-                if (client.Size != size) throw new InvalidOperationException($"the source disk is {client.Size} bytes, this one {size}");
                 foreach (var b in todo.ToList())
                 {
+                    // One connection per bitmap, negotiating only its context: the server answers every block
+                    // status request with every negotiated context.
                     string context = NbdExport.DirtyBitmapPrefix + b.Name;
+                    await using var client = type == "unix"
+                        ? await NbdClient.ConnectUnixAsync(ArgSchema.Str(srv, "path"), name, [context])
+                        : await NbdClient.ConnectTcpAsync(ArgSchema.Str(srv, "host"), int.Parse(ArgSchema.Str(srv, "port"), System.Globalization.CultureInfo.InvariantCulture), name, [context]);
+                    if (client.Size != size) throw new InvalidOperationException($"the source disk is {client.Size} bytes, this one {size}");
                     if (!client.Contexts.ContainsKey(context)) throw new InvalidOperationException($"the source does not export bitmap '{b.Name}'");
                     // The bits merge into what was recorded here since the switch-over.
                     foreach (var (offset, length) in await client.ExtentsWithFlagAsync(context, 1)) b.MarkDirty(offset, length);

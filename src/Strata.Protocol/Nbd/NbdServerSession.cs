@@ -437,7 +437,8 @@ public sealed class NbdServerSession
                 return;
             }
             long offset = (long)req.Offset;
-            int length = (int)req.Length;
+            // 32 bits unsigned on the wire: zeroing, trimming and block status may ask for up to 4 GiB - 1.
+            long length = req.Length;
             switch (req.Command)
             {
                 case NbdCommand.Read:
@@ -446,10 +447,10 @@ public sealed class NbdServerSession
                         await ReplyErrorAsync(req, NbdErrno.EINVAL, "read request too large");
                         return;
                     }
-                    await ReadAsync(image, req, offset, length);
+                    await ReadAsync(image, req, offset, (int)length);
                     return;
                 case NbdCommand.Write:
-                    image.Write(offset, payload.AsSpan(0, length));
+                    image.Write(offset, payload.AsSpan(0, (int)length));
                     if ((req.Flags & NbdCommandFlags.Fua) != 0) image.Flush();
                     break;
                 case NbdCommand.WriteZeroes:
@@ -573,7 +574,7 @@ public sealed class NbdServerSession
         }
     }
 
-    private async Task BlockStatusAsync(NbdExport export, NbdRequest req, long offset, int length)
+    private async Task BlockStatusAsync(NbdExport export, NbdRequest req, long offset, long length)
     {
         if (!_structured || _contexts.Count == 0)
         {
@@ -604,7 +605,7 @@ public sealed class NbdServerSession
 
     private const int MaxExtents = 1 << 16;
 
-    private static List<(uint Length, uint Flags)> Extents(NbdExport export, string context, long offset, int length, bool one)
+    private static List<(uint Length, uint Flags)> Extents(NbdExport export, string context, long offset, long length, bool one)
     {
         var list = new List<(uint Length, uint Flags)>();
         long end = offset + length;

@@ -65,10 +65,27 @@ public sealed class BackupSourceProcess : IDisposable
         _process.WaitForExit();
     }
 
+    /// <summary>Connects to a disk's export. On a loaded machine a connection right after another one closed was
+    /// seen refused for a moment (ECONNREFUSED from a full listen backlog), so this tries again briefly.</summary>
+    public async Task<NbdClient> ConnectAsync(string disk)
+    {
+        for (int attempt = 0; ; attempt++)
+        {
+            try
+            {
+                return await NbdClient.ConnectUnixAsync(NbdPath, disk);
+            }
+            catch (System.Net.Sockets.SocketException e) when (e.SocketErrorCode == System.Net.Sockets.SocketError.ConnectionRefused && attempt < 40)
+            {
+                await Task.Delay(25);
+            }
+        }
+    }
+
     /// <summary>The guest writes: random 64 KiB blocks (seeded), and zeroes one range that held data.</summary>
     public async Task GuestWritesAsync(string disk, int seed, int blocks = 24)
     {
-        await using var nbd = await NbdClient.ConnectUnixAsync(NbdPath, disk);
+        await using var nbd = await ConnectAsync(disk);
         var rng = new Random(seed);
         var data = new byte[65536];
         for (int i = 0; i < blocks; i++)
@@ -83,7 +100,7 @@ public sealed class BackupSourceProcess : IDisposable
     /// <summary>A raw copy of the disk as the guest sees it now.</summary>
     public async Task CopyAsync(string disk, string to)
     {
-        await using var nbd = await NbdClient.ConnectUnixAsync(NbdPath, disk);
+        await using var nbd = await ConnectAsync(disk);
         var buffer = new byte[nbd.Size];
         for (long pos = 0; pos < nbd.Size; pos += 4 << 20)
             await nbd.ReadAsync(pos, buffer.AsMemory((int)pos, (int)Math.Min(4 << 20, nbd.Size - pos)));
