@@ -59,6 +59,18 @@ public sealed partial class DaemonBackend
                 if (!_incomingBitmaps.Remove(node.Name, out incoming)) throw QmpException.Generic($"Node '{node.Name}' is not receiving bitmaps");
             var server = a["server"]!.AsObject();
             string export = ArgSchema.Str(a, "export");
+            // Bad arguments are refused before anything is touched (only a failed transfer marks bitmaps).
+            try
+            {
+                if (ArgSchema.Str(server, "type") == "unix") ArgSchema.Validate(server, [new("type", ArgType.Str), new("path", ArgType.Str)], "server.");
+                else if (ArgSchema.Str(server, "type") == "inet") ArgSchema.Validate(server, [new("type", ArgType.Str), new("host", ArgType.Str), new("port", ArgType.Str)], "server.");
+                else throw QmpException.Generic("Parameter 'server.type' does not accept value '" + server["type"] + "'");
+            }
+            catch
+            {
+                lock (_incomingBitmaps) _incomingBitmaps[node.Name] = incoming;
+                throw;
+            }
             var pending = new List<DirtyBitmap>(incoming);
             try
             {
