@@ -1,6 +1,6 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
 using System.Diagnostics;
 using System.Text.Json;
-using Qt = Strata.Interop.Tests.Infra.Tools;
 
 namespace Strata.Interop.Tests;
 
@@ -19,13 +19,13 @@ public class BackupManagerTests : ScratchDirTest
         if (mode == "pull") args.AddRange(["--nbd", src.NbdPath]);
         args.AddRange(more);
         args.Add(repo);
-        return Qt.StrataCmd([.. args]).Ok().Json().EnumerateArray().ToArray();
+        return Tools.StrataCmd([.. args]).Ok().Json().EnumerateArray().ToArray();
     }
 
     private void AssertRestores(string disk, string id, string copy)
     {
         string to = P($"restored-{disk}-{id}.raw");
-        Qt.StrataCmd("backup", "restore", "--at", id, "--disk", disk, "--to", to, Repo).Ok();
+        Tools.StrataCmd("backup", "restore", "--at", id, "--disk", disk, "--to", to, Repo).Ok();
         Assert.True(File.ReadAllBytes(to).AsSpan().SequenceEqual(File.ReadAllBytes(copy)), $"{disk}@{id} does not restore to the disk as it was");
         File.Delete(to);
     }
@@ -35,7 +35,7 @@ public class BackupManagerTests : ScratchDirTest
         foreach (var f in Directory.EnumerateFiles(Repo, "*", SearchOption.AllDirectories))
         {
             Assert.False(f.EndsWith(".partial") || Path.GetFileName(f).StartsWith(".fleece-"), $"leftover {f}");
-            if (f.EndsWith(".qcow2")) Qt.AssertQemuCheckClean(f);
+            if (f.EndsWith(".qcow2")) Tools.AssertQemuCheckClean(f);
         }
     }
 
@@ -48,7 +48,7 @@ public class BackupManagerTests : ScratchDirTest
     {
         string[] disks = ["vda", "vdb"];
         using var src = new BackupSourceProcess(kind, Dir, disks);
-        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
         var points = new List<string>();
         for (int round = 0; round < 4; round++)
         {
@@ -70,12 +70,12 @@ public class BackupManagerTests : ScratchDirTest
             foreach (var d in disks) AssertRestores(d, points[round], P($"{d}-{round}.raw"));
         AssertEveryFileCheckedClean();
         // The chain is plain qcow2: qemu-img reads the newest file, backing files and all.
-        Qt.QemuImg("convert", "-O", "raw", Path.Combine(Repo, "vda", points[3] + ".qcow2"), P("by-qemu.raw")).Ok();
+        Tools.QemuImg("convert", "-O", "raw", Path.Combine(Repo, "vda", points[3] + ".qcow2"), P("by-qemu.raw")).Ok();
         Assert.True(File.ReadAllBytes(P("by-qemu.raw")).AsSpan().SequenceEqual(File.ReadAllBytes(P("vda-3.raw"))));
-        var chain = Qt.QemuImg("info", "--backing-chain", "--output=json", Path.Combine(Repo, "vdb", points[3] + ".qcow2")).Ok().Json();
+        var chain = Tools.QemuImg("info", "--backing-chain", "--output=json", Path.Combine(Repo, "vdb", points[3] + ".qcow2")).Ok().Json();
         Assert.Equal(4, chain.GetArrayLength());
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
-        var list = Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
+        var list = Tools.StrataCmd("backup", "list", "--json", Repo).Ok().Json();
         Assert.Equal(8, list.GetArrayLength());
     }
 
@@ -83,7 +83,7 @@ public class BackupManagerTests : ScratchDirTest
     public async Task VerifyFindsFlippedBytesMissingFilesAndWrongChainLinks()
     {
         using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
-        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
         var ids = new List<string>();
         for (int round = 0; round < 3; round++)
         {
@@ -91,11 +91,11 @@ public class BackupManagerTests : ScratchDirTest
             ids.Add(Run(src, Repo, "push", "--disk", "vda")[0].GetProperty("id").GetString()!);
         }
         string F(int i) => Path.Combine(Repo, "vda", ids[i] + ".qcow2");
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
 
         void Damaged(string expect)
         {
-            var r = Qt.StrataCmd("backup", "verify", Repo);
+            var r = Tools.StrataCmd("backup", "verify", Repo);
             Assert.True(r.Exit == 1, r.ToString());
             Assert.Contains(expect, r.Stdout);
         }
@@ -109,14 +109,14 @@ public class BackupManagerTests : ScratchDirTest
         }
 
         // A flipped byte in a data cluster of the first incremental: the file hash and the extent say so.
-        var map = Qt.QemuImg("map", "--output=json", F(1)).Ok().Json().EnumerateArray()
+        var map = Tools.QemuImg("map", "--output=json", F(1)).Ok().Json().EnumerateArray()
             .First(e => e.GetProperty("data").GetBoolean() && e.GetProperty("depth").GetInt32() == 0);
         long host = map.GetProperty("offset").GetInt64() + 100;
         Flip(F(1), host);
         Damaged($"vda@{ids[1]}: {ids[1]}.qcow2 does not match its SHA-256");
         Damaged("differs from the manifest");
         Flip(F(1), host);
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
 
         // A flipped byte where no metadata or data lives (the header cluster's slack) is still caught.
         Flip(F(0), 4000);
@@ -127,19 +127,19 @@ public class BackupManagerTests : ScratchDirTest
         File.Move(F(1), P("aside.qcow2"));
         Damaged($"the backup file {ids[1]}.qcow2 is missing");
         File.Move(P("aside.qcow2"), F(1));
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
 
         // A reordered link: the newest point now skips the middle one.
-        Qt.QemuImg("rebase", "-u", "-b", ids[0] + ".qcow2", "-F", "qcow2", F(2)).Ok();
+        Tools.QemuImg("rebase", "-u", "-b", ids[0] + ".qcow2", "-F", "qcow2", F(2)).Ok();
         Damaged("the chain link is wrong");
-        Qt.QemuImg("rebase", "-u", "-b", ids[1] + ".qcow2", "-F", "qcow2", F(2)).Ok();
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Tools.QemuImg("rebase", "-u", "-b", ids[1] + ".qcow2", "-F", "qcow2", F(2)).Ok();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
 
         // A point removed with its manifest: its successor's parent is gone.
         File.Move(F(1), P("aside.qcow2"));
         File.Move(Path.Combine(Repo, "vda", ids[1] + ".json"), P("aside.json"));
         Damaged($"its parent point {ids[1]} is missing");
-        var restore = Qt.StrataCmd("backup", "restore", "--disk", "vda", "--to", P("x.raw"), Repo);
+        var restore = Tools.StrataCmd("backup", "restore", "--disk", "vda", "--to", P("x.raw"), Repo);
         Assert.Equal(1, restore.Exit);
         Assert.Contains("broken", restore.Stderr);
         Assert.False(File.Exists(P("x.raw")));
@@ -149,7 +149,7 @@ public class BackupManagerTests : ScratchDirTest
     public async Task PruneMergesRemovedPointsIntoTheirSuccessorsAndEveryRemainingPointStillRestores()
     {
         using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
-        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
         var ids = new List<string>();
         for (int round = 0; round < 5; round++)
         {
@@ -157,13 +157,13 @@ public class BackupManagerTests : ScratchDirTest
             await src.CopyAsync("vda", P($"copy-{round}.raw"));
             ids.Add(Run(src, Repo, round % 2 == 0 ? "push" : "pull", "--disk", "vda")[0].GetProperty("id").GetString()!);
         }
-        var dry = Qt.StrataCmd("backup", "prune", "--keep-last", "2", "--dry-run", Repo).Ok();
+        var dry = Tools.StrataCmd("backup", "prune", "--keep-last", "2", "--dry-run", Repo).Ok();
         Assert.Contains("would remove 3 point(s)", dry.Stdout);
-        Assert.Equal(5, Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().GetArrayLength());
+        Assert.Equal(5, Tools.StrataCmd("backup", "list", "--json", Repo).Ok().Json().GetArrayLength());
 
-        var pruned = Qt.StrataCmd("backup", "prune", "--keep-last", "2", Repo).Ok();
+        var pruned = Tools.StrataCmd("backup", "prune", "--keep-last", "2", Repo).Ok();
         Assert.Contains("removed 3 point(s)", pruned.Stdout);
-        var left = Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray().ToArray();
+        var left = Tools.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray().ToArray();
         Assert.Equal([ids[3], ids[4]], left.Select(p => p.GetProperty("id").GetString()));
         Assert.Equal("full", left[0].GetProperty("level").GetString());
         Assert.False(left[0].TryGetProperty("parent", out _));
@@ -171,8 +171,8 @@ public class BackupManagerTests : ScratchDirTest
         AssertRestores("vda", ids[3], P("copy-3.raw"));
         AssertRestores("vda", ids[4], P("copy-4.raw"));
         AssertEveryFileCheckedClean();
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
-        Assert.Equal(2, Qt.QemuImg("info", "--backing-chain", "--output=json", Path.Combine(Repo, "vda", ids[4] + ".qcow2")).Ok().Json().GetArrayLength());
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
+        Assert.Equal(2, Tools.QemuImg("info", "--backing-chain", "--output=json", Path.Combine(Repo, "vda", ids[4] + ".qcow2")).Ok().Json().GetArrayLength());
 
         // The chain goes on from the kept head: the source's bitmap still matches it.
         await src.GuestWritesAsync("vda", 99);
@@ -181,11 +181,11 @@ public class BackupManagerTests : ScratchDirTest
         Assert.Equal("inc", next.GetProperty("level").GetString());
         AssertRestores("vda", next.GetProperty("id").GetString()!, P("copy-5.raw"));
         // Pruning to one point leaves a single full.
-        Qt.StrataCmd("backup", "prune", "--keep-last", "1", Repo).Ok();
-        var one = Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray().Single();
+        Tools.StrataCmd("backup", "prune", "--keep-last", "1", Repo).Ok();
+        var one = Tools.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray().Single();
         Assert.Equal("full", one.GetProperty("level").GetString());
         AssertRestores("vda", one.GetProperty("id").GetString()!, P("copy-5.raw"));
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 
     /// <summary>`strata backup` as its own process, for tests that kill it.</summary>
@@ -216,7 +216,7 @@ public class BackupManagerTests : ScratchDirTest
     public async Task KillingTheToolMidBackupLeavesTheRepositoryValidAndTheNextRunCorrect(string mode)
     {
         using var src = new BackupSourceProcess("strata", Dir, ["vda"], size: "512M");
-        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
         var full = Run(src, Repo, mode, "--disk", "vda")[0];
         // Enough new data that the incremental takes a while.
         Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x5c 0 384M", $"nbd+unix:///vda?socket={src.NbdPath}").Exit);
@@ -229,18 +229,18 @@ public class BackupManagerTests : ScratchDirTest
             tool.WaitForExit();
         }
         // The interrupted run committed nothing.
-        Assert.Single(Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray());
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Assert.Single(Tools.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray());
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
 
         await src.GuestWritesAsync("vda", 5);
         await src.CopyAsync("vda", P("now.raw"));
-        var next = Qt.StrataCmd([.. args.Prepend("backup"), "--json", Repo]).Ok();
+        var next = Tools.StrataCmd([.. args.Prepend("backup"), "--json", Repo]).Ok();
         var made = next.Json()[0];
         // The bitmaps left behind were folded into the head's: an incremental, and a complete one.
         Assert.Equal("inc", made.GetProperty("level").GetString());
         AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
         AssertEveryFileCheckedClean();
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
         Assert.NotNull(full.GetProperty("id").GetString());
     }
 
@@ -250,7 +250,7 @@ public class BackupManagerTests : ScratchDirTest
     public async Task KillingTheSourceMidBackupFallsBackToAFullThatIsCorrect(string kind)
     {
         using var src = new BackupSourceProcess(kind, Dir, ["vda"], size: "512M");
-        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
         Run(src, Repo, "push", "--disk", "vda");
         Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x5d 0 384M", $"nbd+unix:///vda?socket={src.NbdPath}").Exit);
         int exit;
@@ -273,7 +273,7 @@ public class BackupManagerTests : ScratchDirTest
         }
         AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
         AssertEveryFileCheckedClean();
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 
     [Theory]
@@ -282,14 +282,14 @@ public class BackupManagerTests : ScratchDirTest
     public async Task AFailingTargetCommitsNothingAndKeepsTheBitmapForTheNextRun(string kind)
     {
         using var src = new BackupSourceProcess(kind, Dir, ["vda"]);
-        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
         Run(src, Repo, "push", "--disk", "vda");
         await src.GuestWritesAsync("vda", 7);
-        var failed = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--x-inject-target-errno", "5", Repo);
+        var failed = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--x-inject-target-errno", "5", Repo);
         Assert.Equal(1, failed.Exit);
         Assert.Contains("backup failed", failed.Stderr);
         Assert.Contains("hint:", failed.Stderr);
-        Assert.Single(Qt.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray());
+        Assert.Single(Tools.StrataCmd("backup", "list", "--json", Repo).Ok().Json().EnumerateArray());
         AssertEveryFileCheckedClean();
 
         await src.GuestWritesAsync("vda", 8);
@@ -297,14 +297,14 @@ public class BackupManagerTests : ScratchDirTest
         var made = Run(src, Repo, "push", "--disk", "vda")[0];
         Assert.Equal("inc", made.GetProperty("level").GetString());
         AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 
     [Fact]
     public async Task ServeExportsAPointReadOnlyToQemuTools()
     {
         using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
-        Qt.StrataCmd("backup", "init", Repo).Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
         await src.CopyAsync("vda", P("p0.raw"));
         string id = Run(src, Repo, "push", "--disk", "vda")[0].GetProperty("id").GetString()!;
         await src.GuestWritesAsync("vda", 3);
@@ -316,7 +316,7 @@ public class BackupManagerTests : ScratchDirTest
             string line = serve.StandardOutput.ReadLine() ?? serve.StandardError.ReadToEnd();
             Assert.Contains($"serving vda@{id}", line);
             string uri = $"nbd+unix:///vda?socket={sock}";
-            Qt.AssertQemuIdentical(uri, P("p0.raw"), "-f", "raw", "-F", "raw");
+            Tools.AssertQemuIdentical(uri, P("p0.raw"), "-f", "raw", "-F", "raw");
             Assert.Equal(0, Tools.Run("nbdcopy", uri, P("copied.raw")).Exit);
             Assert.True(File.ReadAllBytes(P("copied.raw")).AsSpan().SequenceEqual(File.ReadAllBytes(P("p0.raw"))));
             var info = Tools.Run("nbdinfo", "--json", uri);
@@ -344,14 +344,14 @@ public class BackupManagerTests : ScratchDirTest
         using var d = new StrataDaemonProcess(Dir, "t", [
             "--blockdev", $"driver=file,node-name=d-file,filename={P("d.qcow2")}", "--blockdev", "driver=qcow2,node-name=d,file=d-file",
             "--chardev", $"socket,id=tcp0,host=127.0.0.1,port={port},server=on,wait=off", "--monitor", "chardev=tcp0"]);
-        Qt.StrataCmd("backup", "init", Repo).Ok();
-        var r = Qt.StrataCmd("backup", "run", "--socket", $"127.0.0.1:{port}", "--disk", "d", "--mode", "pull", "--json", Repo).Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
+        var r = Tools.StrataCmd("backup", "run", "--socket", $"127.0.0.1:{port}", "--disk", "d", "--mode", "pull", "--json", Repo).Ok();
         string id = r.Json()[0].GetProperty("id").GetString()!;
         Assert.False(Directory.EnumerateFiles(Repo, "*.sock").Any(), "the run's own NBD socket is removed");
         // A second pull (incremental) starts the server again: the first one was stopped.
-        var inc = Qt.StrataCmd("backup", "run", "--socket", $"127.0.0.1:{port}", "--disk", "d", "--mode", "pull", "--json", Repo).Ok();
+        var inc = Tools.StrataCmd("backup", "run", "--socket", $"127.0.0.1:{port}", "--disk", "d", "--mode", "pull", "--json", Repo).Ok();
         Assert.Equal("inc", inc.Json()[0].GetProperty("level").GetString());
-        Qt.QemuImg("convert", "-O", "raw", P("d.qcow2"), P("d.raw")).Ok();
+        Tools.QemuImg("convert", "-O", "raw", P("d.qcow2"), P("d.raw")).Ok();
         AssertRestores("d", id, P("d.raw"));
     }
 
@@ -359,37 +359,37 @@ public class BackupManagerTests : ScratchDirTest
     public async Task BadRequestsGetAMessageAndTheDocumentedExitCode()
     {
         using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
-        var notRepo = Qt.StrataCmd("backup", "list", P("nowhere"));
+        var notRepo = Tools.StrataCmd("backup", "list", P("nowhere"));
         Assert.Equal(2, notRepo.Exit);
         Assert.Contains("strata backup init", notRepo.Stderr);
-        Qt.StrataCmd("backup", "init", Repo).Ok();
-        Assert.Equal(2, Qt.StrataCmd("backup", "init", Repo).Exit);
-        var noSource = Qt.StrataCmd("backup", "run", "--socket", P("no.sock"), "--disk", "vda", Repo);
+        Tools.StrataCmd("backup", "init", Repo).Ok();
+        Assert.Equal(2, Tools.StrataCmd("backup", "init", Repo).Exit);
+        var noSource = Tools.StrataCmd("backup", "run", "--socket", P("no.sock"), "--disk", "vda", Repo);
         Assert.Equal(4, noSource.Exit);
         Assert.Contains("cannot reach QMP", noSource.Stderr);
-        var noDisk = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "nope", Repo);
+        var noDisk = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "nope", Repo);
         Assert.Equal(2, noDisk.Exit);
         Assert.Contains("no node 'nope'", noDisk.Stderr);
-        var noChain = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--level", "inc", Repo);
+        var noChain = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--level", "inc", Repo);
         Assert.Equal(1, noChain.Exit);
         Assert.Contains("--level full", noChain.Stderr);
-        var badLevel = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--level", "sometimes", Repo);
+        var badLevel = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--level", "sometimes", Repo);
         Assert.NotEqual(0, badLevel.Exit);
         Run(src, Repo, "push", "--disk", "vda");
         File.WriteAllText(P("exists.raw"), "x");
-        Assert.Equal(2, Qt.StrataCmd("backup", "restore", "--disk", "vda", "--to", P("exists.raw"), Repo).Exit);
-        Assert.Equal(2, Qt.StrataCmd("backup", "restore", "--disk", "vdz", "--to", P("new.raw"), Repo).Exit);
-        Assert.Equal(2, Qt.StrataCmd("backup", "restore", "--disk", "vda", "--at", "1999-01-01T00:00:00Z", "--to", P("new.raw"), Repo).Exit);
+        Assert.Equal(2, Tools.StrataCmd("backup", "restore", "--disk", "vda", "--to", P("exists.raw"), Repo).Exit);
+        Assert.Equal(2, Tools.StrataCmd("backup", "restore", "--disk", "vdz", "--to", P("new.raw"), Repo).Exit);
+        Assert.Equal(2, Tools.StrataCmd("backup", "restore", "--disk", "vda", "--at", "1999-01-01T00:00:00Z", "--to", P("new.raw"), Repo).Exit);
         // Two runs never write one repository at once.
         using (Strata.Backup.Repository.Open(Repo).Lock())
         {
-            var locked = Qt.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", Repo);
+            var locked = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", Repo);
             Assert.Equal(3, locked.Exit);
             Assert.Contains("locked", locked.Stderr);
-            Assert.Equal(3, Qt.StrataCmd("backup", "verify", Repo).Exit);
+            Assert.Equal(3, Tools.StrataCmd("backup", "verify", Repo).Exit);
         }
         foreach (var r in new[] { notRepo, noSource, noDisk, noChain, badLevel })
-            Assert.False(Qt.LooksLikeCrash(r.Stderr), r.ToString());
-        Qt.StrataCmd("backup", "verify", Repo).Ok();
+            Assert.False(Tools.LooksLikeCrash(r.Stderr), r.ToString());
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 }

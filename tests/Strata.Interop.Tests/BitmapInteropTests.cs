@@ -1,3 +1,4 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
 using Strata.Block;
 using Strata.Cli;
 

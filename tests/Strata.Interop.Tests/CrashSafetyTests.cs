@@ -1,3 +1,4 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
 using System.Buffers.Binary;
 using System.Diagnostics;
 using Strata.Block;

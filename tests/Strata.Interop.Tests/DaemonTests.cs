@@ -1,3 +1,4 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
 using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;

@@ -1,4 +1,4 @@
-using Qt = Strata.Interop.Tests.Infra.Tools;
+using Tools = Strata.Interop.Tests.Infra.Tools;
 
 namespace Strata.Interop.Tests;
 
@@ -8,7 +8,7 @@ public class DemoTests : ScratchDirTest
     [Fact]
     public void TheDemoRunsTheWholeBackupStoryAndQemuImgAgrees()
     {
-        var r = Qt.StrataCmd("demo", "--dir", P("demo"));
+        var r = Tools.StrataCmd("demo", "--dir", P("demo"));
         Assert.True(r.Exit == 0, r.ToString());
         Assert.Contains("demo: all steps behaved as expected", r.Stdout);
         Assert.DoesNotContain("!!", r.Stdout);

@@ -1,9 +1,9 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using Strata.Block.Bitmaps;
 using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
-using Qt = Strata.Interop.Tests.Infra.Tools;
 
 namespace Strata.Interop.Tests;
 
@@ -44,6 +44,8 @@ public class MigrationTests : ScratchDirTest
                 if (sw.ElapsedMilliseconds > 15000) throw new TimeoutException("daemon did not start");
                 Thread.Sleep(20);
             }
+            Listening.WaitFor(Qmp);
+            Listening.WaitFor(Nbd);
         }
 
         public void Kill()
@@ -151,8 +153,8 @@ public class MigrationTests : ScratchDirTest
         await Seed(a, model);
         // A backup chain starts on the source.
         string repo = P("repo");
-        Qt.StrataCmd("backup", "init", repo).Ok();
-        Qt.StrataCmd("backup", "run", "--socket", a.Qmp, "--disk", "vda", repo).Ok();
+        Tools.StrataCmd("backup", "init", repo).Ok();
+        Tools.StrataCmd("backup", "run", "--socket", a.Qmp, "--disk", "vda", repo).Ok();
         lock (model.Lock) model.Bitmaps.Add("backup"); // tracks what the repository's bitmap must hold from here
 
         // The guest writes on, through the source, while the disk moves; then through the destination.
@@ -160,7 +162,7 @@ public class MigrationTests : ScratchDirTest
         using var stop = new CancellationTokenSource();
         var guest = Guest(() => guestSocket, model, seed: 2, stop.Token);
         await Task.Delay(300);
-        var moved = await Task.Run(() => Qt.StrataCmd("migrate", "--from", a.Qmp, "--to", b.Qmp, "--disk", "vda", "--image", P("b.qcow2"), "--from-nbd", a.Nbd, "--to-nbd", b.Nbd));
+        var moved = await Task.Run(() => Tools.StrataCmd("migrate", "--from", a.Qmp, "--to", b.Qmp, "--disk", "vda", "--image", P("b.qcow2"), "--from-nbd", a.Nbd, "--to-nbd", b.Nbd));
         Assert.True(moved.Exit == 0, moved.ToString());
         Assert.Contains("switched over", moved.Stdout);
         await Task.Delay(300);
@@ -190,10 +192,10 @@ public class MigrationTests : ScratchDirTest
         }
 
         // Incremental backups continue on the destination: no new full, and the point restores exactly.
-        var inc = Qt.StrataCmd("backup", "run", "--socket", b.Qmp, "--disk", "vda", "--json", repo).Ok().Json()[0];
+        var inc = Tools.StrataCmd("backup", "run", "--socket", b.Qmp, "--disk", "vda", "--json", repo).Ok().Json()[0];
         Assert.Equal("inc", inc.GetProperty("level").GetString());
         string restored = P("restored.raw");
-        Qt.StrataCmd("backup", "restore", "--disk", "vda", "--to", restored, repo).Ok();
+        Tools.StrataCmd("backup", "restore", "--disk", "vda", "--to", restored, repo).Ok();
         Assert.True(File.ReadAllBytes(restored).AsSpan().SequenceEqual(model.Disk), "the incremental taken on the destination restores the disk");
         long dirtyBytes = model.Bitmaps.Get("backup").CountBytes;
         Assert.InRange(inc.GetProperty("copied-bytes").GetInt64(), 1, dirtyBytes);
@@ -285,9 +287,9 @@ public class MigrationTests : ScratchDirTest
             var before = new[] { await Sha(qa, "bp"), await Sha(qa, "bt") };
             // The destination goes away during the copy: the CLI reports, cleans up and the source goes on.
             b.Kill();
-            var moved = Qt.StrataCmd("migrate", "--from", a.Qmp, "--to", b.Qmp, "--disk", "vda", "--image", P("b.qcow2"));
+            var moved = Tools.StrataCmd("migrate", "--from", a.Qmp, "--to", b.Qmp, "--disk", "vda", "--image", P("b.qcow2"));
             Assert.NotEqual(0, moved.Exit);
-            Assert.False(Qt.LooksLikeCrash(moved.Stderr), moved.ToString());
+            Assert.False(Tools.LooksLikeCrash(moved.Stderr), moved.ToString());
             Assert.Equal(before, new[] { await Sha(qa, "bp"), await Sha(qa, "bt") });
             var nodes = (await qa.ExecuteAsync("query-named-block-nodes"))!.AsArray();
             Assert.True(nodes.First(n => n!["node-name"]!.GetValue<string>() == "vda")!["dirty-bitmaps"]!.AsArray().All(x => x!["busy"]!.GetValue<bool>() == false));

@@ -1,3 +1,4 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
 using System.Text.Json.Nodes;
 using Strata.Protocol.Qmp;
 

@@ -1,3 +1,4 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Net.Sockets;
@@ -161,6 +162,7 @@ public class NbdTests : ScratchDirTest
         {
             var sw = Stopwatch.StartNew();
             while (!File.Exists(sock) && sw.ElapsedMilliseconds < 10000) Thread.Sleep(20);
+            Listening.WaitFor(sock);
             await using var client = await NbdClient.ConnectUnixAsync(sock, "c", ["base:allocation", "qemu:dirty-bitmap:b0"]);
             Assert.Equal(64 << 20, client.Size);
             Assert.True(client.ReadOnly);

@@ -54,6 +54,8 @@ internal sealed class QsdProcess : IDisposable
             if (sw.ElapsedMilliseconds > 10000) throw new TimeoutException("qemu-storage-daemon did not start");
             Thread.Sleep(20);
         }
+        Listening.WaitFor(qmp);
+        if (nbdSocket is not null) Listening.WaitFor(nbdSocket);
         _socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         if (!connect)
         {

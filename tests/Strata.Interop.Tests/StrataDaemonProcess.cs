@@ -32,6 +32,7 @@ internal sealed class StrataDaemonProcess : IDisposable
             if (sw.ElapsedMilliseconds > 15000) throw new TimeoutException("strata daemon did not start");
             Thread.Sleep(20);
         }
+        Listening.WaitFor(QmpPath);
     }
 
     public Process Process => _process;

@@ -1,3 +1,4 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
 using System.Diagnostics;
 using Strata.Protocol.Nbd;
 
@@ -56,6 +57,8 @@ public sealed class BackupSourceProcess : IDisposable
             if (sw.ElapsedMilliseconds > 15000) throw new TimeoutException($"{Kind} did not start");
             Thread.Sleep(20);
         }
+        Listening.WaitFor(QmpPath);
+        Listening.WaitFor(NbdPath);
     }
 
     /// <summary>SIGKILL: nothing is flushed or closed.</summary>
