@@ -247,7 +247,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     private async Task PullAsync(QmpSource source, List<DiskPlan> plans)
     {
         string? ownSocket = null;
-        string nbd = options.Nbd ?? (ownSocket = Path.Combine(repo.Root, $".nbd-{Environment.ProcessId}.sock"));
+        string nbd = options.Nbd ?? (ownSocket = SocketPaths.ForRun(Path.Combine(repo.Root, $".nbd-{Environment.ProcessId}.sock"), "pull"));
         if (ownSocket is not null)
         {
             try

@@ -44,7 +44,7 @@ public sealed class DiskMigrator(MigrationOptions o, Action<string> log)
 
         // The destination: a new image of the disk's size, exported writable for the mirror.
         Qcow2Image.Create(o.Image, new Qcow2CreateOptions { Size = node.VirtualSize }).Dispose();
-        string toNbd = o.ToNbd ?? await StartNbdAsync(to, Path.ChangeExtension(o.Image, ".nbd"));
+        string toNbd = o.ToNbd ?? await StartNbdAsync(to, SocketPaths.ForRun(Path.ChangeExtension(o.Image, ".nbd"), "migrate-to"));
         await to.ExecuteAsync("blockdev-add", new JsonObject
         {
             ["driver"] = "qcow2", ["node-name"] = o.Disk,
@@ -95,7 +95,7 @@ public sealed class DiskMigrator(MigrationOptions o, Action<string> log)
             log("switched over: the source's writers now write to the destination");
 
             // The source's bitmaps are final now; frozen, they can be exported read-only.
-            string fromNbd = o.FromNbd ?? await StartNbdAsync(from, Path.ChangeExtension(o.Image, ".from.nbd"));
+            string fromNbd = o.FromNbd ?? await StartNbdAsync(from, SocketPaths.ForRun(Path.ChangeExtension(o.Image, ".from.nbd"), "migrate-from"));
             var disable = new JsonArray(bitmaps.Where(b => b.Recording).Select(b => (JsonNode)new JsonObject
             {
                 ["type"] = "block-dirty-bitmap-disable", ["data"] = new JsonObject { ["node"] = o.Disk, ["name"] = b.Name },
