@@ -107,4 +107,33 @@ public class MirrorDifferentialTests : ScratchDirTest
         var strata = await DriveMirror("strata", complete);
         Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
     }
+
+    [Fact]
+    public async Task WithWriteBlockingEveryAcknowledgedWriteIsAlreadyOnTheTarget()
+    {
+        using var src = new BackupSourceProcess("strata", Dir, ["src"]);
+        Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", P("t.qcow2"), "32M").Exit);
+        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
+        var events = new EventLog(qmp);
+        await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("{\"driver\":\"qcow2\",\"node-name\":\"tgt\",\"file\":{\"driver\":\"file\",\"filename\":\"" + P("t.qcow2") + "\"}}"));
+        await qmp.ExecuteAsync("blockdev-mirror", JsonNode.Parse("""{"job-id":"m","device":"src","target":"tgt","sync":"full","copy-mode":"write-blocking"}"""));
+        await events.WaitAsync("BLOCK_JOB_READY");
+        await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"t","node-name":"tgt","name":"t"}"""));
+        await using var guest = await src.ConnectAsync("src");
+        await using var target = await Strata.Protocol.Nbd.NbdClient.ConnectUnixAsync(src.NbdPath, "t");
+        var rng = new Random(5);
+        for (int i = 0; i < 50; i++)
+        {
+            var data = new byte[4096 * rng.Next(1, 20)];
+            rng.NextBytes(data);
+            long at = rng.Next(0, 7000) * 4096L;
+            await guest.WriteAsync(at, data);
+            var back = new byte[data.Length];
+            await target.ReadAsync(at, back);
+            Assert.True(back.AsSpan().SequenceEqual(data), $"write {i} at {at} not yet on the target when acknowledged");
+        }
+        await qmp.ExecuteAsync("job-complete", new { id = "m" });
+        Assert.Null((await events.WaitAsync("BLOCK_JOB_COMPLETED"))["data"]!["error"]);
+        await qmp.ExecuteAsync("quit");
+    }
 }

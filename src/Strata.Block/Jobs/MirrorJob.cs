@@ -15,6 +15,9 @@ public sealed record MirrorOptions
     public long Granularity { get; init; } = 65536;
     public long Speed { get; init; }
     public int Workers { get; init; } = 4;
+    /// <summary>copy-mode=write-blocking: a guest write returns only once it is on the target too, so the two
+    /// converge however fast the guest writes.</summary>
+    public bool WriteBlocking { get; init; }
     /// <summary>The switch-over: stop the source's writers, run the given final copy, point the writers at the
     /// target, let them go. Supplied by the daemon, which knows who writes to the source.</summary>
     public Func<Func<Task>, Task>? Pivot { get; init; }
@@ -34,6 +37,9 @@ public sealed class MirrorJob : Job
     private readonly long _cluster;
     private readonly HierarchicalBitmap _dirty;
     private readonly object _lock = new();
+    /// <summary>Clusters being copied: a copy of a cluster never overlaps another copy of it, so an older read can
+    /// never land on the target after a newer one.</summary>
+    private readonly HashSet<long> _inFlight = new();
     private readonly SemaphoreSlim _work = new(0);
     private volatile int _finish; // 0: run on, 1: complete with pivot, 2: complete without
     private bool _hooked;
@@ -90,8 +96,60 @@ public sealed class MirrorJob : Job
     private void OnSourceWritten(long offset, long length)
     {
         Mark(offset, length);
+        if (_o.WriteBlocking && length > 0)
+        {
+            // The guest's write waits for its copy: take each cluster (after any copy of it in flight) and copy it now.
+            long first = offset / _cluster, last = Math.Min((offset + length - 1) / _cluster, _dirty.Length - 1);
+            for (long c = first; c <= last; c++)
+            {
+                lock (_lock)
+                {
+                    while (_inFlight.Contains(c)) Monitor.Wait(_lock);
+                    if (!_dirty.Get(c)) continue;
+                    _dirty.ResetRange(c, 1);
+                    _inFlight.Add(c);
+                }
+                try
+                {
+                    CopyRange(c * _cluster, (int)Math.Min(_cluster, _o.Source.Size - c * _cluster));
+                    AddProgress(Math.Min(_cluster, _o.Source.Size - c * _cluster));
+                }
+                catch
+                {
+                    lock (_lock) _dirty.SetRange(c, 1);
+                    throw;
+                }
+                finally
+                {
+                    Release(c, 1);
+                }
+            }
+        }
         SetTotal(Progress + DirtyBytes());
         _work.Release();
+    }
+
+    private void Release(long cluster, long count)
+    {
+        lock (_lock)
+        {
+            for (long c = cluster; c < cluster + count; c++) _inFlight.Remove(c);
+            Monitor.PulseAll(_lock);
+        }
+    }
+
+    private void CopyRange(long offset, int length)
+    {
+        var status = ChainStatus.Get(_o.Source, offset, length);
+        if (status.Zero && status.Length == length)
+        {
+            _o.Target.WriteZeroes(offset, length, mayUnmap: false);
+            return;
+        }
+        using var lease = AlignedBuffers.Rent(length);
+        var buffer = lease.Memory.Span[..length];
+        _o.Source.Read(offset, buffer);
+        _o.Target.Write(offset, buffer);
     }
 
     protected internal override void OnComplete(bool pivot)
@@ -143,53 +201,52 @@ public sealed class MirrorJob : Job
         long runLimit = Math.Max(1, (1L << 20) / _cluster);
         var workers = Enumerable.Range(0, Math.Max(1, _o.Workers)).Select(_ => Task.Run(async () =>
         {
-            var buffer = ArrayPool<byte>.Shared.Rent((int)(runLimit * _cluster));
-            try
+            while (true)
             {
-                while (true)
+                ct.ThrowIfCancellationRequested();
+                await PausePointAsync();
+                long cluster, count;
+                lock (_lock)
                 {
-                    ct.ThrowIfCancellationRequested();
-                    await PausePointAsync();
-                    long cluster, count;
-                    lock (_lock)
-                    {
-                        cluster = _dirty.NextSet(Interlocked.Read(ref _next));
-                        if (cluster < 0) cluster = _dirty.NextSet(0);
-                        if (cluster < 0) return;
-                        count = 1;
-                        while (count < runLimit && cluster + count < _dirty.Length && _dirty.Get(cluster + count)) count++;
-                        // Cleared before the read: a write landing after this point marks the cluster again.
-                        _dirty.ResetRange(cluster, count);
-                        Interlocked.Exchange(ref _next, cluster + count);
-                    }
-                    long offset = cluster * _cluster;
-                    int length = (int)Math.Min(count * _cluster, _o.Source.Size - offset);
-                    try
-                    {
-                        var status = ChainStatus.Get(_o.Source, offset, length);
-                        if (status.Zero && status.Length == length) _o.Target.WriteZeroes(offset, length, mayUnmap: false);
-                        else
-                        {
-                            _o.Source.Read(offset, buffer.AsSpan(0, length));
-                            _o.Target.Write(offset, buffer.AsSpan(0, length));
-                        }
-                    }
-                    catch
-                    {
-                        lock (_lock) _dirty.SetRange(cluster, count);
-                        throw;
-                    }
-                    AddProgress(length);
-                    if (Speed > 0) await Task.Delay(TimeSpan.FromSeconds(Math.Min(1.0, length / (double)Speed)), ct);
+                    cluster = NextFree(Interlocked.Read(ref _next));
+                    if (cluster < 0) cluster = NextFree(0);
+                    if (cluster < 0) return;
+                    count = 1;
+                    while (count < runLimit && cluster + count < _dirty.Length && _dirty.Get(cluster + count) && !_inFlight.Contains(cluster + count)) count++;
+                    // Cleared before the read: a write landing after this point marks the cluster again.
+                    _dirty.ResetRange(cluster, count);
+                    for (long c = cluster; c < cluster + count; c++) _inFlight.Add(c);
+                    Interlocked.Exchange(ref _next, cluster + count);
                 }
-            }
-            finally
-            {
-                ArrayPool<byte>.Shared.Return(buffer);
+                long offset = cluster * _cluster;
+                int length = (int)Math.Min(count * _cluster, _o.Source.Size - offset);
+                try
+                {
+                    CopyRange(offset, length);
+                }
+                catch
+                {
+                    lock (_lock) _dirty.SetRange(cluster, count);
+                    throw;
+                }
+                finally
+                {
+                    Release(cluster, count);
+                }
+                AddProgress(length);
+                if (Speed > 0) await Task.Delay(TimeSpan.FromSeconds(Math.Min(1.0, length / (double)Speed)), ct);
             }
         }, CancellationToken.None)).ToArray();
         await Task.WhenAll(workers);
         SetTotal(Progress + DirtyBytes());
+    }
+
+    /// <summary>The next dirty cluster at or after <paramref name="from"/> that no copy holds (caller holds the lock).</summary>
+    private long NextFree(long from)
+    {
+        for (long c = _dirty.NextSet(from); c >= 0; c = _dirty.NextSet(c + 1))
+            if (!_inFlight.Contains(c)) return c;
+        return -1;
     }
 
     private void Unhook()

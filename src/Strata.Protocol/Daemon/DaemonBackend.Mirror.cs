@@ -103,6 +103,7 @@ public sealed partial class DaemonBackend
                 Sync = sync switch { "full" => MirrorSync.Full, "top" => MirrorSync.Top, _ => MirrorSync.None },
                 Granularity = granularity ?? Math.Clamp(target.ClusterSize > 0 ? target.ClusterSize : 65536, 4096, 65536),
                 Speed = a["speed"] is JsonValue s ? s.GetValue<long>() : 0,
+                WriteBlocking = ArgSchema.OptStr(a, "copy-mode") == "write-blocking",
                 Pivot = targetNode is null ? null : finalSync => PivotAsync(source, targetNode, finalSync),
                 Release = release,
             }, ArgSchema.Bool(a, "auto-finalize", true), ArgSchema.Bool(a, "auto-dismiss", true));
