@@ -136,4 +136,59 @@ public class MirrorDifferentialTests : ScratchDirTest
         Assert.Null((await events.WaitAsync("BLOCK_JOB_COMPLETED"))["data"]!["error"]);
         await qmp.ExecuteAsync("quit");
     }
+
+    private async Task<List<string>> FailingTarget(string kind, string policy)
+    {
+        string dir = Directory.CreateDirectory(P(kind + policy)).FullName;
+        using var src = new BackupSourceProcess(kind, dir, ["src"]);
+        Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", Path.Combine(dir, "t.qcow2"), "32M").Exit);
+        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
+        var events = new EventLog(qmp);
+        var log = new List<string>();
+        await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("{\"driver\":\"qcow2\",\"node-name\":\"tgt\",\"file\":{\"driver\":\"blkdebug\",\"image\":{\"driver\":\"file\",\"filename\":\""
+            + dir + "/t.qcow2\"},\"inject-error\":[{\"event\":\"write_aio\",\"errno\":5,\"once\":true}]}}"));
+        await qmp.ExecuteAsync("blockdev-mirror", JsonNode.Parse("{\"job-id\":\"m\",\"device\":\"src\",\"target\":\"tgt\",\"sync\":\"full\",\"on-target-error\":\"" + policy + "\"}"));
+        var error = await events.WaitAsync("BLOCK_JOB_ERROR");
+        log.Add($"error: operation={error["data"]!["operation"]} action={error["data"]!["action"]}");
+        if (policy == "stop")
+        {
+            JsonNode? job = null;
+            for (int i = 0; i < 200; i++)
+            {
+                job = (await qmp.ExecuteAsync("query-block-jobs"))!.AsArray()[0];
+                if (job!["status"]!.GetValue<string>() == "paused") break;
+                await Task.Delay(20);
+            }
+            log.Add($"stopped: status={job!["status"]} io-status={job["io-status"]} paused={job["paused"]}");
+            await qmp.ExecuteAsync("job-resume", new { id = "m" });
+        }
+        if (policy == "report")
+        {
+            var end = await events.WaitAsync("BLOCK_JOB_COMPLETED");
+            log.Add($"end: error={end["data"]!["error"]}");
+        }
+        else
+        {
+            await events.WaitAsync("BLOCK_JOB_READY");
+            await qmp.ExecuteAsync("job-complete", new { id = "m" });
+            var end = await events.WaitAsync("BLOCK_JOB_COMPLETED");
+            log.Add($"end: error={end["data"]!["error"]?.ToString() ?? "-"}");
+            await src.CopyAsync("src", Path.Combine(dir, "src.raw"));
+        }
+        await qmp.ExecuteAsync("quit");
+        if (policy != "report")
+            log.Add($"target == source: {Tools.Run("qemu-img", "compare", "-F", "raw", Path.Combine(dir, "t.qcow2"), Path.Combine(dir, "src.raw")).Exit == 0}");
+        return log;
+    }
+
+    [Theory]
+    [InlineData("report")]
+    [InlineData("stop")]
+    [InlineData("ignore")]
+    public async Task AFailingMirrorTargetFollowsItsErrorPolicyAsInQemuStorageDaemon(string policy)
+    {
+        var qemu = await FailingTarget("qsd", policy);
+        var strata = await FailingTarget("strata", policy);
+        Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
+    }
 }

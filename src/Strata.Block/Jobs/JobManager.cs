@@ -189,11 +189,12 @@ public sealed class JobManager
         lock (_lock)
         {
             _emit("BLOCK_JOB_ERROR", new QDict().Add("device", job.Id).Add("operation", operation).Add("action", action));
-            if (action != "stop" || job.Status != JobStatus.Running) return;
+            if (action != "stop" || job.Status is not (JobStatus.Running or JobStatus.Ready)) return;
             job.IoFailed = true;
             job.UserPauses = 1;
             if (job.ResumeSignal.Task.IsCompleted) job.ResumeSignal = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-            Transition(job, JobStatus.Paused);
+            // A ready job (mirror) stops into standby, as a paused ready job does.
+            Transition(job, job.Status == JobStatus.Ready ? JobStatus.Standby : JobStatus.Paused);
         }
     }
 

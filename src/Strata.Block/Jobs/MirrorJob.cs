@@ -15,6 +15,10 @@ public sealed record MirrorOptions
     public long Granularity { get; init; } = 65536;
     public long Speed { get; init; }
     public int Workers { get; init; } = 4;
+    /// <summary>on-source-error / on-target-error: report (fail), stop (pause until resumed, then retry), ignore
+    /// (report and retry), enospc (stop on ENOSPC, report otherwise).</summary>
+    public string OnSourceError { get; init; } = "report";
+    public string OnTargetError { get; init; } = "report";
     /// <summary>copy-mode=write-blocking: a guest write returns only once it is on the target too, so the two
     /// converge however fast the guest writes.</summary>
     public bool WriteBlocking { get; init; }
@@ -140,17 +144,36 @@ public sealed class MirrorJob : Job
 
     private void CopyRange(long offset, int length)
     {
-        var status = ChainStatus.Get(_o.Source, offset, length);
-        if (status.Zero && status.Length == length)
+        string side = "read";
+        try
         {
-            _o.Target.WriteZeroes(offset, length, mayUnmap: false);
-            return;
+            var status = ChainStatus.Get(_o.Source, offset, length);
+            if (status.Zero && status.Length == length)
+            {
+                side = "write";
+                _o.Target.WriteZeroes(offset, length, mayUnmap: false);
+                return;
+            }
+            using var lease = AlignedBuffers.Rent(length);
+            var buffer = lease.Memory.Span[..length];
+            _o.Source.Read(offset, buffer);
+            side = "write";
+            _o.Target.Write(offset, buffer);
         }
-        using var lease = AlignedBuffers.Rent(length);
-        var buffer = lease.Memory.Span[..length];
-        _o.Source.Read(offset, buffer);
-        _o.Target.Write(offset, buffer);
+        catch (BlockIOException e)
+        {
+            e.Operation ??= side;
+            throw;
+        }
     }
+
+    /// <summary>The error policy for an I/O error, by the side it happened on.</summary>
+    private string Policy(BlockIOException e) => (e.Operation == "write" ? _o.OnTargetError : _o.OnSourceError) switch
+    {
+        "enospc" => e.Errno == 28 ? "stop" : "report",
+        "auto" => "report",
+        var p => p,
+    };
 
     protected internal override void OnComplete(bool pivot)
     {
@@ -224,15 +247,22 @@ public sealed class MirrorJob : Job
                 {
                     CopyRange(offset, length);
                 }
+                catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
+                {
+                    // Still dirty: reported, and copied again after a resume (stop) or at once (ignore).
+                    lock (_lock) _dirty.SetRange(cluster, count);
+                    Release(cluster, count);
+                    IoError(e.Operation ?? "read", Policy(e));
+                    if (Policy(e) == "ignore") await Task.Delay(10, CancellationToken.None);
+                    continue;
+                }
                 catch
                 {
                     lock (_lock) _dirty.SetRange(cluster, count);
+                    Release(cluster, count);
                     throw;
                 }
-                finally
-                {
-                    Release(cluster, count);
-                }
+                Release(cluster, count);
                 AddProgress(length);
                 if (Speed > 0) await Task.Delay(TimeSpan.FromSeconds(Math.Min(1.0, length / (double)Speed)), ct);
             }

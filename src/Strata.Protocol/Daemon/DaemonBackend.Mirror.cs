@@ -104,6 +104,8 @@ public sealed partial class DaemonBackend
                 Granularity = granularity ?? Math.Clamp(target.ClusterSize > 0 ? target.ClusterSize : 65536, 4096, 65536),
                 Speed = a["speed"] is JsonValue s ? s.GetValue<long>() : 0,
                 WriteBlocking = ArgSchema.OptStr(a, "copy-mode") == "write-blocking",
+                OnSourceError = ArgSchema.OptStr(a, "on-source-error") ?? "report",
+                OnTargetError = ArgSchema.OptStr(a, "on-target-error") ?? "report",
                 Pivot = targetNode is null ? null : finalSync => PivotAsync(source, targetNode, finalSync),
                 Release = release,
             }, ArgSchema.Bool(a, "auto-finalize", true), ArgSchema.Bool(a, "auto-dismiss", true));
