@@ -85,6 +85,10 @@ public abstract class BlockImage : IDisposable
         }
     }
 
+    /// <summary>Whether a range this image (with no backing) does not have is known to read as zeros; block status
+    /// says "zero" only then.</summary>
+    public virtual bool ReadsZeroesWhereUnallocated => true;
+
     /// <summary>For a filter (copy-before-write), the node it sits on: QEMU reports it as the backing image.</summary>
     public virtual BlockImage? FilteredChild => null;
 

@@ -33,7 +33,7 @@ public static class ChainStatus
                     return new ChainExtent(offset, ext.Length, depth, true, true, false, ext.HostOffset, false);
             }
             if (image.Backing is null)
-                return new ChainExtent(offset, ext.Length, depth, false, true, false, -1, false);
+                return new ChainExtent(offset, ext.Length, depth, false, image.ReadsZeroesWhereUnallocated, false, -1, false);
             image = image.Backing;
             depth++;
         }

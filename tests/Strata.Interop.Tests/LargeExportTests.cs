@@ -40,4 +40,35 @@ public class LargeExportTests : ScratchDirTest
         var strata = await Maps("strata");
         Assert.Equal(string.Join("\n", qemu), string.Join("\n", strata));
     }
+
+    private string NullMap(string kind, bool readZeroes)
+    {
+        string sock = P($"{kind}-{readZeroes}.nbd"), qmp = P($"{kind}-{readZeroes}.qmp");
+        var psi = kind == "qsd" ? new System.Diagnostics.ProcessStartInfo("qemu-storage-daemon")
+            : new System.Diagnostics.ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon" } };
+        foreach (var a in new[] { "--blockdev", $"driver=null-co,node-name=big,size=1099511627776,read-zeroes={(readZeroes ? "on" : "off")}",
+                     "--chardev", $"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m",
+                     "--nbd-server", $"addr.type=unix,addr.path={sock}", "--export", "type=nbd,id=e,node-name=big,name=big" })
+            psi.ArgumentList.Add(a);
+        psi.RedirectStandardError = psi.RedirectStandardOutput = true;
+        using var p = System.Diagnostics.Process.Start(psi)!;
+        try
+        {
+            for (int i = 0; i < 750 && !File.Exists(sock); i++) Thread.Sleep(20);
+            Listening.WaitFor(sock);
+            var r = Tools.Run("nbdinfo", "--map", $"nbd+unix:///big?socket={sock}");
+            Assert.True(r.Exit == 0, r.Stderr);
+            return r.Stdout.Trim();
+        }
+        finally
+        {
+            p.Kill();
+        }
+    }
+
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void ANullDiskOfOneTebibyteMapsAsInQemuStorageDaemon(bool readZeroes) =>
+        Assert.Equal(NullMap("qsd", readZeroes), NullMap("strata", readZeroes));
 }

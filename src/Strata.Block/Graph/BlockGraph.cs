@@ -55,6 +55,8 @@ public sealed record BlockNodeSpec
     public bool ReadOnly { get; init; }
     /// <summary>file driver: the path.</summary>
     public string? Filename { get; init; }
+    /// <summary>null-co read-zeroes=on.</summary>
+    public bool ReadZeroes { get; init; }
     /// <summary>cache.direct=on: the file is opened with O_DIRECT.</summary>
     public bool CacheDirect { get; init; }
     /// <summary>cache.no-flush=on: flushes are not passed to the host.</summary>
@@ -195,7 +197,7 @@ public sealed class BlockGraph : IDisposable
                 break;
             }
             case "null-co":
-                node = new BlockNode(name, "null-co", new NullImage(spec.Size, spec.ReadOnly), null, "null-co://", autoNamed);
+                node = new BlockNode(name, "null-co", new NullImage(spec.Size, spec.ReadOnly, spec.ReadZeroes), null, "null-co://", autoNamed);
                 break;
             case "qcow2":
             case "raw":

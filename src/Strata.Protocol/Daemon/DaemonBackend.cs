@@ -562,6 +562,7 @@ public sealed partial class DaemonBackend : IQmpBackend
             CacheDirect = a["cache"] is JsonObject c1 && ArgSchema.Bool(c1, "direct"),
             CacheNoFlush = a["cache"] is JsonObject c2 && ArgSchema.Bool(c2, "no-flush"),
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
+            ReadZeroes = driver == "null-co" && ArgSchema.Bool(a, "read-zeroes"),
         };
         if (driver == "throttle")
             spec = spec with { FileNodeName = ArgSchema.Str(a, "file"), ThrottleGroup = ArgSchema.Str(a, "throttle-group") };
