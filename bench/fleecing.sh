@@ -33,8 +33,11 @@ cleanup() { for p in "${pids[@]:-}"; do [[ -n $p ]] && kill "$p" 2>/dev/null || 
 trap cleanup EXIT
 bytes=$((SIZE_MIB * 1048576))
 
+export BENCH_DIR="$PWD/bench"   # (the script has cd'd to the repository root)
 cat > "$dir/run.py" <<'PY'
 import json, os, random, socket, struct, subprocess, sys, time
+sys.path.insert(0, os.environ["BENCH_DIR"])
+from benchqmp import Qmp
 
 d, impl, run, pid, size, nwrites = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 QMP, NBDS = f"{d}/qmp", f"{d}/nbd"
@@ -50,37 +53,6 @@ def warn(msg):
 def cpu():  # utime + stime of the daemon, seconds
     f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX); self.s.connect(path); self.f = self.s.makefile("rwb")
-        self.events = []
-        assert "QMP" in json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
-    def _read(self):
-        line = self.f.readline()
-        if not line: raise RuntimeError("QMP connection closed")
-        return json.loads(line)
-    def cmd(self, name, args=None):
-        msg = {"execute": name}
-        if args is not None: msg["arguments"] = args
-        self.f.write(json.dumps(msg).encode() + b"\n"); self.f.flush()
-        while True:
-            m = self._read()
-            if "return" in m: return m["return"]
-            if "error" in m: raise RuntimeError(f"{name}: {m['error'].get('desc')}")
-            self.events.append(m)
-    def wait_event(self, names, key, value, timeout=60):
-        end = time.monotonic() + timeout
-        while True:
-            for i, e in enumerate(self.events):
-                if e.get("event") in names and e.get("data", {}).get(key) == value:
-                    return self.events.pop(i)
-            if time.monotonic() > end: raise RuntimeError(f"no {names} for {value}")
-            self.s.settimeout(max(0.01, end - time.monotonic()))
-            try: self.events.append(self._read())
-            except socket.timeout: pass
-            finally: self.s.settimeout(None)
 
 class Nbd:  # fixed newstyle, NBD_OPT_GO, simple replies only (no structured replies negotiated)
     def __init__(self, path, name):

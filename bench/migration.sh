@@ -52,47 +52,17 @@ args=(); for ((off = 0; off < bytes; off += 268435456)); do args+=(-c "write -q 
 qemu-io -f qcow2 "${args[@]}" "$dir/src.qcow2"
 sync
 
+export BENCH_DIR="$PWD/bench"   # (the script has cd'd to the repository root)
 cat > "$dir/run.py" <<'PY'
 import json, os, random, socket, struct, subprocess, sys, threading, time
+sys.path.insert(0, os.environ["BENCH_DIR"])
+from benchqmp import Qmp
 
 def out(scenario, impl, run, value, unit):
     print(f"{scenario}\t{impl}\t{run}\t{value:.6g}\t{unit}", flush=True)
 
 def warn(msg):
     print(f"WARNING {msg}", file=sys.stderr, flush=True)
-
-class Qmp:
-    def __init__(self, path):
-        self.s = socket.socket(socket.AF_UNIX); self.s.connect(path); self.f = self.s.makefile("rwb")
-        self.events = []
-        assert "QMP" in json.loads(self.f.readline())
-        self.cmd("qmp_capabilities")
-    def _read(self):
-        line = self.f.readline()
-        if not line: raise RuntimeError("QMP connection closed")
-        return json.loads(line)
-    def cmd(self, name, args=None):
-        msg = {"execute": name}
-        if args is not None: msg["arguments"] = args
-        self.f.write(json.dumps(msg).encode() + b"\n"); self.f.flush()
-        while True:
-            m = self._read()
-            if "return" in m: return m["return"]
-            if "error" in m: raise RuntimeError(f"{name}: {m['error'].get('desc')}")
-            self.events.append(m)
-    def wait_event(self, names, job, timeout=600):
-        self.s.settimeout(timeout)
-        while True:
-            for i, e in enumerate(self.events):
-                if e.get("event") in names and e.get("data", {}).get("device") == job:
-                    return self.events.pop(i)
-            self.events.append(self._read())
-    def bitmaps(self, node):
-        for n in self.cmd("query-named-block-nodes"):
-            if n["node-name"] == node: return {b["name"]: b for b in n.get("dirty-bitmaps", [])}
-        raise RuntimeError(f"no node {node}")
-    def close(self):
-        self.s.close()
 
 def qemu_io(uri, cmds):
     p = subprocess.run(["qemu-io", "-f", "raw", uri], input="\n".join(cmds) + "\n", text=True, capture_output=True)
@@ -150,11 +120,11 @@ def bare(impl, aq, bq, an, bn, dst, run, size, bt_gran):
     b.cmd("block-export-add", {"type": "nbd", "id": "vda", "node-name": "vda", "name": "vda", "writable": True})
     a.cmd("blockdev-add", {"driver": "nbd", "node-name": "tgt", "export": "vda", "server": {"type": "unix", "path": bn}})
     a.cmd("blockdev-mirror", {"job-id": "m", "device": "vda", "target": "tgt", "sync": "full", "granularity": gran})
-    e = a.wait_event(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), "m")
+    e = a.wait_event(("BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), "device", "m", 600)
     if e["event"] != "BLOCK_JOB_READY": raise RuntimeError(f"mirror: {e}")
     t1 = time.monotonic()
     a.cmd("job-complete", {"id": "m"})
-    e = a.wait_event(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), "m")
+    e = a.wait_event(("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"), "device", "m", 600)
     t2 = time.monotonic()
     if e["event"] != "BLOCK_JOB_COMPLETED" or "error" in e.get("data", {}): raise RuntimeError(f"mirror: {e}")
     out(f"bare mirror, first command to COMPLETED", impl, run, t2 - t0, "s")

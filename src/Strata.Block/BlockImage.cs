@@ -85,6 +85,18 @@ public abstract class BlockImage : IDisposable
         }
     }
 
+    /// <summary>The ranges this layer itself holds (data or zeros), not what it reads through to: what sync=top copies.</summary>
+    public IEnumerable<(long Offset, long Length)> AllocatedInThisLayer()
+    {
+        for (long pos = 0; pos < Size;)
+        {
+            var e = GetLayerStatus(pos, Size - pos);
+            if (e.Length <= 0) yield break;
+            if (e.State != LayerState.Unallocated) yield return (e.Offset, e.Length);
+            pos += e.Length;
+        }
+    }
+
     /// <summary>Whether a range this image (with no backing) does not have is known to read as zeros; block status
     /// says "zero" only then.</summary>
     public virtual bool ReadsZeroesWhereUnallocated => true;

@@ -13,35 +13,6 @@ namespace Strata.Interop.Tests;
 /// </summary>
 public class FleecingDifferentialTests : ScratchDirTest
 {
-    private sealed class Transcript(QmpClient qmp)
-    {
-        public List<string> Lines { get; } = [];
-
-        public async Task<bool> Try(string cmd, string json)
-        {
-            try
-            {
-                await qmp.ExecuteAsync(cmd, JsonNode.Parse(json));
-                Lines.Add($"{cmd}: ok");
-                return true;
-            }
-            catch (QmpException e)
-            {
-                Lines.Add($"{cmd}: {e.ErrorClass}: {e.Message}");
-                return false;
-            }
-        }
-
-        public void Add(string line) => Lines.Add(line);
-    }
-
-    private static async Task<byte[]> ReadAll(NbdClient nbd)
-    {
-        var data = new byte[nbd.Size];
-        for (long pos = 0; pos < nbd.Size; pos += 1 << 20) await nbd.ReadAsync(pos, data.AsMemory((int)pos, (int)Math.Min(1 << 20, nbd.Size - pos)));
-        return data;
-    }
-
     private static async Task<long> BitmapCount(QmpClient qmp, string name) =>
         (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray().First(n => n!["node-name"]!.GetValue<string>() == "src")!["dirty-bitmaps"]!.AsArray()
             .First(b => b!["name"]?.GetValue<string>() == name)!["count"]!.GetValue<long>();
@@ -68,7 +39,7 @@ public class FleecingDifferentialTests : ScratchDirTest
         string dir = Directory.CreateDirectory(P(kind)).FullName;
         using var src = new BackupSourceProcess(kind, dir, ["src"]);
         await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
-        var t = new Transcript(qmp);
+        var t = new QmpTranscript(qmp);
         string nbd = src.NbdPath;
         await t.Try("block-dirty-bitmap-add", """{"node":"src","name":"b0"}""");
         await src.GuestWritesAsync("src", seed: 1);
@@ -116,7 +87,7 @@ public class FleecingDifferentialTests : ScratchDirTest
         {
             var dirty = await client.ExtentsWithFlagAsync("qemu:dirty-bitmap:b0", 1);
             t.Add("dirty extents of b0: " + string.Join(" ", dirty.Select(d => $"{d.Offset}+{d.Length}")));
-            var pulled = await ReadAll(client);
+            var pulled = await client.ReadAllAsync();
             Assert.True(pulled.AsSpan().SequenceEqual(File.ReadAllBytes(Path.Combine(dir, "freeze.raw"))), $"{kind}/{recipe}: the pull is the disk at the freeze point");
             // A second client that goes away with reads in flight.
             var rude = await NbdClient.ConnectUnixAsync(nbd, "fleece");
@@ -155,7 +126,7 @@ public class FleecingDifferentialTests : ScratchDirTest
             await t.Try("block-export-add", """{"type":"nbd","id":"check","node-name":"src","name":"check"}""");
         }
         await using (var check = await NbdClient.ConnectUnixAsync(nbd, "check"))
-            Assert.True((await ReadAll(check)).AsSpan().SequenceEqual(model), $"{kind}/{recipe}: every guest write reached the disk");
+            Assert.True((await check.ReadAllAsync()).AsSpan().SequenceEqual(model), $"{kind}/{recipe}: every guest write reached the disk");
         // b1 recorded exactly the guest's writes since the freeze: the next incremental is complete.
         t.Add($"b1 count: {await BitmapCount(qmp, "b1")}, b0 count: {await BitmapCount(qmp, "b0")}");
         await qmp.ExecuteAsync("quit");
@@ -167,9 +138,7 @@ public class FleecingDifferentialTests : ScratchDirTest
     [InlineData("sync-none")]
     public async Task FleecingBehavesAsInQemuStorageDaemon(string recipe)
     {
-        var qemu = await Fleece("qsd", recipe);
-        var strata = await Fleece("strata", recipe);
-        Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
+        await Differential.AssertSameAsQemu(kind => Fleece(kind, recipe));
     }
 
     /// <summary>A fleecing target that fails every write (blkdebug, ENOSPC as a full disk would): what the guest's write,
@@ -179,7 +148,7 @@ public class FleecingDifferentialTests : ScratchDirTest
         string dir = Directory.CreateDirectory(P(kind + policy)).FullName;
         using var src = new BackupSourceProcess(kind, dir, ["src"]);
         await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
-        var t = new Transcript(qmp);
+        var t = new QmpTranscript(qmp);
         await src.CopyAsync("src", Path.Combine(dir, "freeze.raw"));
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", Path.Combine(dir, "tmp.qcow2"), "32M").Exit);
         await t.Try("block-export-del", """{"id":"guest-src"}""");
@@ -222,8 +191,6 @@ public class FleecingDifferentialTests : ScratchDirTest
     [InlineData("break-snapshot")]
     public async Task AFailingFleecingTargetBehavesAsInQemuStorageDaemon(string policy)
     {
-        var qemu = await FailingTarget("qsd", policy);
-        var strata = await FailingTarget("strata", policy);
-        Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
+        await Differential.AssertSameAsQemu(kind => FailingTarget(kind, policy));
     }
 }

@@ -137,7 +137,7 @@ public class MigrationTests : ScratchDirTest
         model.Bitmaps.Add("bt", 4096);
         model.Bitmaps.Add("bd", 131072);
         await using (var nbd = await NbdClient.ConnectUnixAsync(a.Nbd, "vda"))
-            for (long pos = 0; pos < Size; pos += 1 << 20) await nbd.ReadAsync(pos, model.Disk.AsMemory((int)pos, 1 << 20));
+            (await nbd.ReadAllAsync()).CopyTo(model.Disk, 0);
         // Some bits before the move; then bd stops recording (a disabled bitmap keeps its bits and no more).
         await Guest(() => a.Nbd, model, seed: 1, CancellationToken.None, count: 50);
         await qmp.ExecuteAsync("block-dirty-bitmap-disable", new { node = "vda", name = "bd" });
@@ -175,8 +175,7 @@ public class MigrationTests : ScratchDirTest
         await using var qmp = await QmpClient.ConnectUnixAsync(b.Qmp);
         await using (var nbd = await NbdClient.ConnectUnixAsync(b.Nbd, "vda"))
         {
-            var disk = new byte[Size];
-            for (long pos = 0; pos < Size; pos += 1 << 20) await nbd.ReadAsync(pos, disk.AsMemory((int)pos, 1 << 20));
+            var disk = await nbd.ReadAllAsync();
             Assert.True(disk.AsSpan().SequenceEqual(model.Disk), "every acknowledged write is on the destination");
         }
         var listed = (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray().First(n => n!["node-name"]!.GetValue<string>() == "vda")!["dirty-bitmaps"]!.AsArray();
@@ -251,8 +250,7 @@ public class MigrationTests : ScratchDirTest
             await qb.ExecuteAsync("quit");
             using var again = new Daemon(Dir, "a2", P("a.qcow2"));
             await using var nbd = await NbdClient.ConnectUnixAsync(again.Nbd, "vda");
-            var disk = new byte[Size];
-            for (long pos = 0; pos < Size; pos += 1 << 20) await nbd.ReadAsync(pos, disk.AsMemory((int)pos, 1 << 20));
+            var disk = await nbd.ReadAllAsync();
             Assert.True(disk.AsSpan().SequenceEqual(model.Disk), "the source kept every acknowledged write");
             return;
         }
@@ -265,8 +263,7 @@ public class MigrationTests : ScratchDirTest
         Assert.All(listed, x => Assert.True(x!["inconsistent"]?.GetValue<bool>() == true, x!.ToJsonString()));
         await using (var nbd = await NbdClient.ConnectUnixAsync(b.Nbd, "vda"))
         {
-            var disk = new byte[Size];
-            for (long pos = 0; pos < Size; pos += 1 << 20) await nbd.ReadAsync(pos, disk.AsMemory((int)pos, 1 << 20));
+            var disk = await nbd.ReadAllAsync();
             Assert.True(disk.AsSpan().SequenceEqual(model.Disk), "the destination has every acknowledged write");
         }
         // An inconsistent bitmap can only be removed; a backup using it is refused.
@@ -296,8 +293,7 @@ public class MigrationTests : ScratchDirTest
         }
         await Guest(() => a.Nbd, model, seed: 9, CancellationToken.None, count: 20);
         await using var nbd = await NbdClient.ConnectUnixAsync(a.Nbd, "vda");
-        var disk = new byte[Size];
-        for (long pos = 0; pos < Size; pos += 1 << 20) await nbd.ReadAsync(pos, disk.AsMemory((int)pos, 1 << 20));
+        var disk = await nbd.ReadAllAsync();
         Assert.True(disk.AsSpan().SequenceEqual(model.Disk));
     }
 }

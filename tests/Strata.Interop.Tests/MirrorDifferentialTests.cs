@@ -16,34 +16,30 @@ public class MirrorDifferentialTests : ScratchDirTest
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", Path.Combine(dir, "small.qcow2"), "16M").Exit);
         await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
         var events = new EventLog(qmp);
-        var log = new List<string>();
-        async Task Try(string cmd, string json)
-        {
-            try { await qmp.ExecuteAsync(cmd, JsonNode.Parse(json)); log.Add($"{cmd}: ok"); }
-            catch (QmpException e) { log.Add($"{cmd}: {e.ErrorClass}: {e.Message}"); }
-        }
-        await Try("blockdev-add", "{\"driver\":\"qcow2\",\"node-name\":\"tgt\",\"file\":{\"driver\":\"file\",\"filename\":\"" + dir + "/t.qcow2\"}}");
-        await Try("blockdev-add", "{\"driver\":\"qcow2\",\"node-name\":\"small\",\"file\":{\"driver\":\"file\",\"filename\":\"" + dir + "/small.qcow2\"}}");
-        await Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"src","sync":"full"}""");
-        await Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"nope","sync":"full"}""");
-        await Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"tgt","sync":"full","granularity":1000}""");
-        await Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"tgt","sync":"full","granularity":256}""");
-        await Try("blockdev-mirror", """{"job-id":"ms","device":"src","target":"small","sync":"full"}""");
+        var transcript = new QmpTranscript(qmp);
+        var log = transcript.Lines;
+        await transcript.Try("blockdev-add", "{\"driver\":\"qcow2\",\"node-name\":\"tgt\",\"file\":{\"driver\":\"file\",\"filename\":\"" + dir + "/t.qcow2\"}}");
+        await transcript.Try("blockdev-add", "{\"driver\":\"qcow2\",\"node-name\":\"small\",\"file\":{\"driver\":\"file\",\"filename\":\"" + dir + "/small.qcow2\"}}");
+        await transcript.Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"src","sync":"full"}""");
+        await transcript.Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"nope","sync":"full"}""");
+        await transcript.Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"tgt","sync":"full","granularity":1000}""");
+        await transcript.Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"tgt","sync":"full","granularity":256}""");
+        await transcript.Try("blockdev-mirror", """{"job-id":"ms","device":"src","target":"small","sync":"full"}""");
         var failed = await events.WaitAsync("BLOCK_JOB_COMPLETED", e => e["data"]!["device"]!.GetValue<string>() == "ms");
         log.Add($"ms: {failed["data"]!["error"]}");
         events.Clear();
-        await Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"tgt","sync":"full","speed":1}""");
-        await Try("job-complete", """{"id":"m"}""");
-        await Try("block-job-set-speed", """{"device":"m","speed":0}""");
+        await transcript.Try("blockdev-mirror", """{"job-id":"m","device":"src","target":"tgt","sync":"full","speed":1}""");
+        await transcript.Try("job-complete", """{"id":"m"}""");
+        await transcript.Try("block-job-set-speed", """{"device":"m","speed":0}""");
         await events.WaitAsync("BLOCK_JOB_READY");
         var job = (await qmp.ExecuteAsync("query-block-jobs"))!.AsArray()[0]!;
         log.Add($"ready: status={job["status"]} ready={job["ready"]} type={job["type"]} offset==len: {job["offset"]!.GetValue<long>() == job["len"]!.GetValue<long>()}");
         // Writes while ready are mirrored too.
         Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x6d 5M 1M", $"nbd+unix:///src?socket={src.NbdPath}").Exit);
         await src.CopyAsync("src", Path.Combine(dir, "src.raw"));
-        if (ending == "complete") await Try("job-complete", """{"id":"m"}""");
-        else if (ending == "soft-cancel") await Try("block-job-cancel", """{"device":"m"}""");
-        else await Try("job-cancel", """{"id":"m"}""");
+        if (ending == "complete") await transcript.Try("job-complete", """{"id":"m"}""");
+        else if (ending == "soft-cancel") await transcript.Try("block-job-cancel", """{"device":"m"}""");
+        else await transcript.Try("job-cancel", """{"id":"m"}""");
         var end = await events.WaitAsync(ending == "cancel" ? "BLOCK_JOB_CANCELLED" : "BLOCK_JOB_COMPLETED");
         log.Add($"end: {end["event"]} error={end["data"]!["error"]?.GetValue<string>() ?? "-"}");
         var states = events.Snapshot().Where(e => e["event"]!.GetValue<string>() == "JOB_STATUS_CHANGE" && e["data"]!["id"]!.GetValue<string>() == "m")
@@ -70,9 +66,7 @@ public class MirrorDifferentialTests : ScratchDirTest
     [InlineData("cancel")]
     public async Task AMirrorLivesAsInQemuStorageDaemon(string ending)
     {
-        var qemu = await Scenario("qsd", ending);
-        var strata = await Scenario("strata", ending);
-        Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
+        await Differential.AssertSameAsQemu(kind => Scenario(kind, ending));
     }
 
     private async Task<List<string>> DriveMirror(string kind, bool complete)
@@ -103,9 +97,7 @@ public class MirrorDifferentialTests : ScratchDirTest
     [InlineData(false)]
     public async Task DriveMirrorSwitchesToTheImageItCreatedAsInQemuStorageDaemon(bool complete)
     {
-        var qemu = await DriveMirror("qsd", complete);
-        var strata = await DriveMirror("strata", complete);
-        Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
+        await Differential.AssertSameAsQemu(kind => DriveMirror(kind, complete));
     }
 
     [Fact]
@@ -187,8 +179,6 @@ public class MirrorDifferentialTests : ScratchDirTest
     [InlineData("ignore")]
     public async Task AFailingMirrorTargetFollowsItsErrorPolicyAsInQemuStorageDaemon(string policy)
     {
-        var qemu = await FailingTarget("qsd", policy);
-        var strata = await FailingTarget("strata", policy);
-        Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
+        await Differential.AssertSameAsQemu(kind => FailingTarget(kind, policy));
     }
 }

@@ -13,23 +13,19 @@ public class SnapshotSyncDifferentialTests : ScratchDirTest
         string dir = Directory.CreateDirectory(P(kind)).FullName;
         using var src = new BackupSourceProcess(kind, dir, ["src"]);
         await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
-        var log = new List<string>();
-        async Task Try(string cmd, string json)
-        {
-            try { await qmp.ExecuteAsync(cmd, JsonNode.Parse(json)); log.Add($"{cmd}: ok"); }
-            catch (QmpException e) { log.Add($"{cmd}: {e.ErrorClass}: {e.Message.Replace(dir, "DIR")}"); }
-        }
+        var transcript = new QmpTranscript(qmp, dir);
+        var log = transcript.Lines;
         string ov1 = Path.Combine(dir, "ov1.qcow2"), ov2 = Path.Combine(dir, "ov2.qcow2");
-        await Try("blockdev-snapshot-sync", "{\"node-name\":\"nope\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"ov1\"}");
-        await Try("blockdev-snapshot-sync", "{\"node-name\":\"src\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"src-file\"}");
-        await Try("blockdev-snapshot-sync", "{\"node-name\":\"src\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"ov1\"}");
+        await transcript.Try("blockdev-snapshot-sync", "{\"node-name\":\"nope\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"ov1\"}");
+        await transcript.Try("blockdev-snapshot-sync", "{\"node-name\":\"src\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"src-file\"}");
+        await transcript.Try("blockdev-snapshot-sync", "{\"node-name\":\"src\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"ov1\"}");
         Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x71 2M 64k", $"nbd+unix:///src?socket={src.NbdPath}").Exit);
-        await Try("transaction", "{\"actions\":[{\"type\":\"blockdev-snapshot-sync\",\"data\":{\"node-name\":\"ov1\",\"snapshot-file\":\"" + ov2
+        await transcript.Try("transaction", "{\"actions\":[{\"type\":\"blockdev-snapshot-sync\",\"data\":{\"node-name\":\"ov1\",\"snapshot-file\":\"" + ov2
             + "\",\"snapshot-node-name\":\"ov2\"}},{\"type\":\"block-dirty-bitmap-add\",\"data\":{\"node\":\"ov2\",\"name\":\"b\"}}]}");
         // A transaction that fails after a snapshot action takes the snapshot back.
-        await Try("transaction", "{\"actions\":[{\"type\":\"blockdev-snapshot-sync\",\"data\":{\"node-name\":\"ov2\",\"snapshot-file\":\"" + Path.Combine(dir, "ov3.qcow2")
+        await transcript.Try("transaction", "{\"actions\":[{\"type\":\"blockdev-snapshot-sync\",\"data\":{\"node-name\":\"ov2\",\"snapshot-file\":\"" + Path.Combine(dir, "ov3.qcow2")
             + "\",\"snapshot-node-name\":\"ov3\"}},{\"type\":\"abort\"}]}");
-        await Try("transaction", "{\"actions\":[{\"type\":\"blockdev-snapshot-sync\",\"data\":{\"node-name\":\"ov2\",\"snapshot-file\":\"" + Path.Combine(dir, "ov3.qcow2")
+        await transcript.Try("transaction", "{\"actions\":[{\"type\":\"blockdev-snapshot-sync\",\"data\":{\"node-name\":\"ov2\",\"snapshot-file\":\"" + Path.Combine(dir, "ov3.qcow2")
             + "\",\"snapshot-node-name\":\"ov3\"}},{\"type\":\"abort\",\"data\":{}}]}");
         Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x72 3M 64k", $"nbd+unix:///src?socket={src.NbdPath}").Exit);
         var nodes = (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray();
@@ -50,8 +46,6 @@ public class SnapshotSyncDifferentialTests : ScratchDirTest
     [Fact]
     public async Task ExternalSnapshotsBehaveAsInQemuStorageDaemon()
     {
-        var qemu = await Scenario("qsd");
-        var strata = await Scenario("strata");
-        Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
+        await Differential.AssertSameAsQemu(kind => Scenario(kind));
     }
 }

@@ -8,13 +8,10 @@ namespace Strata.Block.Filters;
 /// the graph's view of that: reads and writes pass to the source, and it lists the filter's two internal
 /// bitmaps as QEMU does — the access map (everything) and the clusters copy-before-write has handled.
 /// </summary>
-public sealed class BackupFilterImage : BlockImage
+public sealed class BackupFilterImage : FilterImage
 {
-    private readonly BlockImage _source;
-
-    public BackupFilterImage(BlockImage source, long cluster, Func<long> handledBytes)
+    public BackupFilterImage(BlockImage source, long cluster, Func<long> handledBytes) : base(source)
     {
-        _source = source;
         Bitmaps = new BitmapSet(source.Size, cluster) { PersistenceCheck = (_, _) => "Operation not supported" };
         long whole = (source.Size + cluster - 1) / cluster * cluster;
         Bitmaps.AddInternal(new InternalBitmap(cluster, handledBytes, () => false));
@@ -22,19 +19,6 @@ public sealed class BackupFilterImage : BlockImage
     }
 
     public override string FormatName => "copy-before-write";
-    public override long Size => _source.Size;
-    public override bool ReadOnly => _source.ReadOnly;
-    public override string FileName => _source.FileName;
-    public override int ClusterSize => _source.ClusterSize;
-    public override BlockImage? FilteredChild => _source;
-
-    public override void Read(long offset, Span<byte> buffer) => _source.Read(offset, buffer);
-    public override void Write(long offset, ReadOnlySpan<byte> data) => _source.Write(offset, data);
-    public override void WriteZeroes(long offset, long length, bool mayUnmap) => _source.WriteZeroes(offset, length, mayUnmap);
-    public override void Discard(long offset, long length) => _source.Discard(offset, length);
-    public override void Flush() => _source.Flush();
-    public override LayerExtent GetLayerStatus(long offset, long maxLength) => _source.GetLayerStatus(offset, maxLength);
-    public override void Resize(long newSize) => throw new BlockException("Cannot resize a node under a backup job");
 
     /// <summary>The source belongs to its own node.</summary>
     public override void Dispose() => GC.SuppressFinalize(this);

@@ -9,9 +9,8 @@ namespace Strata.Block.Filters;
 /// bitmap, only the bitmap's dirty clusters are kept. <see cref="SnapshotAccessImage"/> reads the frozen view.
 /// Reads and writes through the filter go to the source.
 /// </summary>
-public sealed class CopyBeforeWriteImage : BlockImage
+public sealed class CopyBeforeWriteImage : FilterImage
 {
-    private readonly BlockImage _source;
     private readonly BlockImage _target;
     private readonly long _cluster;
     private readonly HierarchicalBitmap _toCopy;
@@ -27,11 +26,11 @@ public sealed class CopyBeforeWriteImage : BlockImage
     /// write through; otherwise (break-guest-write, QEMU's default) the guest write fails and the snapshot stays.</param>
     /// <param name="timeoutSeconds">cbw-timeout: a copy that takes longer counts as failed (0: no limit).</param>
     public CopyBeforeWriteImage(BlockImage source, BlockImage target, DirtyBitmap? bitmap, bool breakSnapshot = false, uint timeoutSeconds = 0)
+        : base(source)
     {
         _breakSnapshot = breakSnapshot;
         _timeout = timeoutSeconds == 0 ? Timeout.InfiniteTimeSpan : TimeSpan.FromSeconds(timeoutSeconds);
         if (target.Size < source.Size) throw new BlockException("The target must be at least as large as the source");
-        _source = source;
         _target = target;
         _cluster = Math.Max(65536, target.ClusterSize);
         long clusters = (source.Size + _cluster - 1) / _cluster;
@@ -49,20 +48,6 @@ public sealed class CopyBeforeWriteImage : BlockImage
     }
 
     public override string FormatName => "copy-before-write";
-    public override BlockImage? FilteredChild => _source;
-    public override int ClusterSize => _source.ClusterSize;
-    public override long Size => _source.Size;
-    public override bool ReadOnly => _source.ReadOnly;
-    public override string FileName => _source.FileName;
-
-    public override void Read(long offset, Span<byte> buffer) => _source.Read(offset, buffer);
-    public override void Write(long offset, ReadOnlySpan<byte> data) => _source.Write(offset, data);
-    public override void WriteZeroes(long offset, long length, bool mayUnmap) => _source.WriteZeroes(offset, length, mayUnmap);
-    public override void Discard(long offset, long length) => _source.Discard(offset, length);
-    public override void Flush() => _source.Flush();
-    public override LayerExtent GetLayerStatus(long offset, long maxLength) => _source.GetLayerStatus(offset, maxLength);
-    public override void Resize(long newSize) => throw new BlockException("Cannot resize a node under copy-before-write");
-
     /// <summary>Before a write reaches the source: copy the old contents of its clusters still to copy.</summary>
     private void OnSourceWrite(long offset, long length)
     {
@@ -80,7 +65,7 @@ public sealed class CopyBeforeWriteImage : BlockImage
             try
             {
                 long at = c * _cluster;
-                int n = (int)Math.Min(_cluster, _source.Size - at);
+                int n = (int)Math.Min(_cluster, Child.Size - at);
                 if (_timeout == Timeout.InfiniteTimeSpan) CopyCluster(at, n);
                 else if (!Task.Run(() => CopyCluster(at, n)).Wait(_timeout))
                     throw new BlockIOException("copy-before-write timed out", 110);
@@ -114,7 +99,7 @@ public sealed class CopyBeforeWriteImage : BlockImage
         var buffer = ArrayPool<byte>.Shared.Rent(n);
         try
         {
-            _source.Read(at, buffer.AsSpan(0, n));
+            Child.Read(at, buffer.AsSpan(0, n));
             _target.Write(at, buffer.AsSpan(0, n));
         }
         finally
@@ -148,7 +133,7 @@ public sealed class CopyBeforeWriteImage : BlockImage
             try
             {
                 if (fromTarget) _target.Read(pos, slice);
-                else _source.Read(pos, slice);
+                else Child.Read(pos, slice);
             }
             finally
             {
@@ -163,11 +148,11 @@ public sealed class CopyBeforeWriteImage : BlockImage
         }
     }
 
-    internal long SnapshotSize => _source.Size;
+    internal long SnapshotSize => Child.Size;
 
     public override void Dispose()
     {
-        _source.RemoveBeforeWriteHook(OnSourceWrite);
+        Child.RemoveBeforeWriteHook(OnSourceWrite);
         _broken = true;
         GC.SuppressFinalize(this);
     }

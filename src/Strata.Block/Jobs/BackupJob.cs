@@ -73,7 +73,6 @@ public sealed class BackupJob : Job
     /// job (or its transaction) commits, before any other write can happen.</summary>
     public void Prepare(BitmapSet sourceBitmaps)
     {
-        long size = _o.Source.Size;
         switch (_o.Sync)
         {
             case BackupSync.Full:
@@ -81,12 +80,7 @@ public sealed class BackupJob : Job
                 _toCopy.SetRange(0, _toCopy.Length);
                 break;
             case BackupSync.Top:
-                for (long pos = 0; pos < size;)
-                {
-                    var e = _o.Source.GetLayerStatus(pos, size - pos);
-                    if (e.State != LayerState.Unallocated) MarkRange(e.Offset, e.Length);
-                    pos += e.Length;
-                }
+                foreach (var (off, len) in _o.Source.AllocatedInThisLayer()) MarkRange(off, len);
                 break;
             case BackupSync.Bitmap:
                 foreach (var (off, len) in _o.Bitmap!.DirtyExtents()) MarkRange(off, len);

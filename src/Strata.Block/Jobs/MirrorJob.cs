@@ -68,19 +68,13 @@ public sealed class MirrorJob : Job
     /// <summary>Starts tracking writes and marks what the chosen sync copies.</summary>
     public void Prepare()
     {
-        long size = _o.Source.Size;
         switch (_o.Sync)
         {
             case MirrorSync.Full:
                 _dirty.SetRange(0, _dirty.Length);
                 break;
             case MirrorSync.Top:
-                for (long pos = 0; pos < size;)
-                {
-                    var e = _o.Source.GetLayerStatus(pos, size - pos);
-                    if (e.State != LayerState.Unallocated) Mark(e.Offset, e.Length);
-                    pos += e.Length;
-                }
+                foreach (var (off, len) in _o.Source.AllocatedInThisLayer()) Mark(off, len);
                 break;
         }
         SetTotal(DirtyBytes());

@@ -104,10 +104,7 @@ public sealed class BackupSourceProcess : IDisposable
     public async Task CopyAsync(string disk, string to)
     {
         await using var nbd = await ConnectAsync(disk);
-        var buffer = new byte[nbd.Size];
-        for (long pos = 0; pos < nbd.Size; pos += 4 << 20)
-            await nbd.ReadAsync(pos, buffer.AsMemory((int)pos, (int)Math.Min(4 << 20, nbd.Size - pos)));
-        await File.WriteAllBytesAsync(to, buffer);
+        await File.WriteAllBytesAsync(to, await nbd.ReadAllAsync());
     }
 
     public void Dispose()
