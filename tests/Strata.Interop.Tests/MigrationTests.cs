@@ -118,13 +118,24 @@ public class MigrationTests : ScratchDirTest
     private static async Task<string> Sha(QmpClient qmp, string name) =>
         (await qmp.ExecuteAsync("x-debug-block-dirty-bitmap-sha256", new { node = "vda", name }))!["sha256"]!.GetValue<string>();
 
-    private (Daemon A, Daemon B, Model Model) Start()
+    /// <summary>Source A (disk vda with bitmaps, seeded) and an empty destination B, stopped together.</summary>
+    private sealed record Pair(Daemon A, Daemon B, Model Model) : IDisposable
+    {
+        public void Dispose()
+        {
+            A.Dispose();
+            B.Dispose();
+        }
+    }
+
+    private async Task<Pair> StartSeeded()
     {
         string image = P("a.qcow2");
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", image, $"{Size}").Exit);
         Assert.Equal(0, Tools.Run("qemu-io", "-c", "write -P 0x33 0 8M", image).Exit);
-        var model = new Model();
-        return (new Daemon(Dir, "a", image), new Daemon(Dir, "b", null), model);
+        var pair = new Pair(new Daemon(Dir, "a", image), new Daemon(Dir, "b", null), new Model());
+        await Seed(pair.A, pair.Model);
+        return pair;
     }
 
     private static async Task Seed(Daemon a, Model model)
@@ -147,10 +158,8 @@ public class MigrationTests : ScratchDirTest
     [Fact]
     public async Task ALiveDiskMovesWithEveryWriteAndExactBitmapsAndBackupsContinueIncrementally()
     {
-        var (a, b, model) = Start();
-        using var _a = a;
-        using var _b = b;
-        await Seed(a, model);
+        using var pair = await StartSeeded();
+        var (a, b, model) = pair;
         // A backup chain starts on the source.
         string repo = P("repo");
         Tools.StrataCmd("backup", "init", repo).Ok();
@@ -210,10 +219,8 @@ public class MigrationTests : ScratchDirTest
     [InlineData(3)] // switched over, bitmaps not yet moved
     public async Task KillingTheSourceAtAnyStepLeavesTheDestinationCompleteOrClearlyInconsistent(int killAfter)
     {
-        var (a, b, model) = Start();
-        using var _a = a;
-        using var _b = b;
-        await Seed(a, model);
+        using var pair = await StartSeeded();
+        var (a, b, model) = pair;
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", P("b.qcow2"), $"{Size}").Exit);
         await using var qa = await QmpClient.ConnectUnixAsync(a.Qmp);
         await using var qb = await QmpClient.ConnectUnixAsync(b.Qmp);
@@ -275,10 +282,8 @@ public class MigrationTests : ScratchDirTest
     [Fact]
     public async Task AMirrorThatFailsBeforeTheSwitchLeavesTheSourceAndItsBitmapsUntouched()
     {
-        var (a, b, model) = Start();
-        using var _a = a;
-        using var _b = b;
-        await Seed(a, model);
+        using var pair = await StartSeeded();
+        var (a, b, model) = pair;
         await using (var qa = await QmpClient.ConnectUnixAsync(a.Qmp))
         {
             var before = new[] { await Sha(qa, "bp"), await Sha(qa, "bt") };
