@@ -247,6 +247,8 @@ public class DaemonTests : ScratchDirTest
         { ["--chardev", "socket,id=q,path=/tmp/x.sock,server=on,wait=off", "--monitor", "chardev=nope"], "--monitor chardev=nope: chardev \"nope\" not found" },
         { ["--nbd-server"], "option '--nbd-server' requires an argument" },
         { ["--blockdev", "{\"driver\":\"file\",\"node-name\":\"f\",\"filename\":\"/dev/null\",\"x\":1}"], "--blockdev {\"driver\":\"file\",\"node-name\":\"f\",\"filename\":\"/dev/null\",\"x\":1}: Parameter 'x' is unexpected" },
+        { ["--blockdev", "driver=null-co,node-name=n,size=1.5"], "--blockdev driver=null-co,node-name=n,size=1.5: Parameter 'size' expects integer" },
+        { ["--blockdev", "driver=null-co,node-name=n,read-only=maybe"], "--blockdev driver=null-co,node-name=n,read-only=maybe: Parameter 'read-only' expects 'on' or 'off'" },
     };
 
     [Theory]

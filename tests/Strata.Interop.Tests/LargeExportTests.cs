@@ -52,17 +52,26 @@ public class LargeExportTests : ScratchDirTest
             psi.ArgumentList.Add(a);
         psi.RedirectStandardError = psi.RedirectStandardOutput = true;
         using var p = System.Diagnostics.Process.Start(psi)!;
+        // Drain the daemon's output as it comes, so a full pipe never stalls it and a failure can show it.
+        var output = new System.Collections.Concurrent.ConcurrentQueue<string>();
+        p.OutputDataReceived += (_, e) => { if (e.Data is not null) output.Enqueue(e.Data); };
+        p.ErrorDataReceived += (_, e) => { if (e.Data is not null) output.Enqueue(e.Data); };
+        p.BeginOutputReadLine();
+        p.BeginErrorReadLine();
+        string Context() => $"{kind} read-zeroes={readZeroes}, daemon {(p.HasExited ? $"exited {p.ExitCode}" : "running")}: {string.Join('\n', output)}";
         try
         {
-            for (int i = 0; i < 750 && !File.Exists(sock); i++) Thread.Sleep(20);
+            for (int i = 0; i < 750 && !File.Exists(sock) && !p.HasExited; i++) Thread.Sleep(20);
+            Assert.True(File.Exists(sock), Context());
             Listening.WaitFor(sock);
             var r = Tools.Run("nbdinfo", "--map", $"nbd+unix:///big?socket={sock}");
-            Assert.True(r.Exit == 0, r.Stderr);
+            Assert.True(r.Exit == 0, $"nbdinfo: {r.Stderr}\n{Context()}");
             return r.Stdout.Trim();
         }
         finally
         {
             p.Kill();
+            p.WaitForExit();
         }
     }
 

@@ -42,6 +42,34 @@ public class NbdTests : ScratchDirTest
         return img;
     }
 
+    /// <summary>A client that connects the moment the socket appears finds the command line's exports, even the
+    /// last of many: like qemu-storage-daemon, nobody is served before every --export is in place.</summary>
+    [Fact]
+    public async Task AClientConnectingAsSoonAsTheSocketAppearsFindsEveryCommandLineExport()
+    {
+        const int exports = 5000;
+        string sock = P("early.nbd");
+        var args = new List<string> { "--blockdev", "driver=null-co,node-name=n,size=1048576", "--nbd-server", $"addr.type=unix,addr.path={sock}" };
+        for (int i = 0; i < exports; i++) args.AddRange(["--export", $"type=nbd,id=e{i},node-name=n,name=e{i}"]);
+        using var daemon = new StrataDaemonProcess(Dir, "early", args, waitForMonitor: false);
+        var sw = Stopwatch.StartNew();
+        while (!File.Exists(sock))
+        {
+            Assert.False(daemon.Process.HasExited, "the daemon exited");
+            Assert.True(sw.ElapsedMilliseconds < 30000, "no NBD socket");
+            Thread.SpinWait(1000);
+        }
+        // The file exists from bind(); listen() follows a moment later.
+        while (true)
+        {
+            using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+            try { probe.Connect(new UnixDomainSocketEndPoint(sock)); break; }
+            catch (SocketException) { Thread.SpinWait(1000); }
+        }
+        await using var client = await NbdClient.ConnectUnixAsync(sock, $"e{exports - 1}");
+        Assert.Equal(1 << 20, client.Size);
+    }
+
     [Fact]
     public async Task QemuIoWritesThroughTheExportReadBackEverywhere()
     {

@@ -8,7 +8,7 @@ internal sealed class StrataDaemonProcess : IDisposable
     private readonly Process _process;
     public string QmpPath { get; }
 
-    public StrataDaemonProcess(string dir, string name, IEnumerable<string> blockdevArgs, string? pidFile = null)
+    public StrataDaemonProcess(string dir, string name, IEnumerable<string> blockdevArgs, string? pidFile = null, bool waitForMonitor = true)
     {
         QmpPath = Path.Combine(dir, name + ".qmp");
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
@@ -25,6 +25,7 @@ internal sealed class StrataDaemonProcess : IDisposable
             psi.ArgumentList.Add(pidFile);
         }
         _process = Process.Start(psi)!;
+        if (!waitForMonitor) return;
         var sw = Stopwatch.StartNew();
         while (!File.Exists(QmpPath))
         {

@@ -358,8 +358,10 @@ public sealed partial class DaemonBackend : IQmpBackend
     ];
 
     /// <summary>Starts the NBD server. <paramref name="legacy"/>: QMP's {type, data:{…}} address; otherwise the
-    /// command line's flat {type, path | host, port}.</summary>
-    public void StartNbdServer(JsonObject addr, bool legacy, long? maxConnections, bool tls = false)
+    /// command line's flat {type, path | host, port}. <paramref name="accept"/> false binds and listens but leaves
+    /// clients waiting in the backlog until <see cref="AcceptNbdClients"/>: the command line adds its exports first,
+    /// so a client that connects as soon as the socket exists never finds its export missing.</summary>
+    public void StartNbdServer(JsonObject addr, bool legacy, long? maxConnections, bool tls = false, bool accept = true)
     {
         if (_nbd is not null) throw QmpException.Generic("NBD server already running");
         if (tls) throw QmpException.Generic("TLS is not supported by strata daemon");
@@ -385,8 +387,10 @@ public sealed partial class DaemonBackend : IQmpBackend
         {
             throw QmpException.Generic("Parameter 'addr.port' expects a port number");
         }
-        _nbd.Start();
+        if (accept) _nbd.Start();
     }
+
+    public void AcceptNbdClients() => _nbd?.Start();
 
     private void StopNbdServer()
     {

@@ -52,7 +52,7 @@ public sealed class DaemonHost : IAsyncDisposable
             }
             catch (Exception e) when (e is QmpException or BlockException)
             {
-                throw new DaemonUsageException($"--blockdev {text}: {e.Message}");
+                throw new DaemonUsageException($"--blockdev {text}: {DaemonCommandLine.OptionError(text, e.Message)}");
             }
         }
         foreach (var text in _options.NbdServers)
@@ -61,11 +61,11 @@ public sealed class DaemonHost : IAsyncDisposable
             {
                 var v = DaemonCommandLine.ParseValue(text, "addr", $"--nbd-server {text}");
                 if (v["addr"] is not JsonObject addr) throw QmpException.Generic("Parameter 'addr' is missing");
-                Backend.StartNbdServer(addr, legacy: false, v["max-connections"] is JsonValue m ? m.GetValue<long>() : null, v.ContainsKey("tls-creds"));
+                Backend.StartNbdServer(addr, legacy: false, v["max-connections"] is JsonValue m ? m.GetValue<long>() : null, v.ContainsKey("tls-creds"), accept: false);
             }
             catch (QmpException e)
             {
-                throw new DaemonUsageException($"--nbd-server {text}: {e.Message}");
+                throw new DaemonUsageException($"--nbd-server {text}: {DaemonCommandLine.OptionError(text, e.Message)}");
             }
         }
         foreach (var text in _options.Exports)
@@ -76,9 +76,10 @@ public sealed class DaemonHost : IAsyncDisposable
             }
             catch (Exception e) when (e is QmpException or BlockException)
             {
-                throw new DaemonUsageException($"--export {text}: {e.Message}");
+                throw new DaemonUsageException($"--export {text}: {DaemonCommandLine.OptionError(text, e.Message)}");
             }
         }
+        Backend.AcceptNbdClients();
         // The pidfile exists before any client can connect (a client that sees the socket may read it at once).
         if (_options.PidFile is { } pid)
         {

@@ -102,6 +102,16 @@ public static class DaemonCommandLine
     private static string? Text(JsonObject o, string key) => o[key] is JsonValue v ? v.ToString() : null;
 
     /// <summary>JSON (starts with '{') or key=value,… with an implied first key.</summary>
+    /// <summary>The error an option's value gets, worded as qemu-storage-daemon words it: a keyval value is text,
+    /// so a type mismatch reads "expects integer" where QMP's JSON says "Invalid parameter type".</summary>
+    public static string OptionError(string text, string message)
+    {
+        if (text.TrimStart().StartsWith('{')) return message;
+        var m = System.Text.RegularExpressions.Regex.Match(message, @"^Invalid parameter type for '(.+)', expected: (integer|number|boolean)$");
+        if (!m.Success) return message;
+        return m.Groups[2].Value == "boolean" ? $"Parameter '{m.Groups[1].Value}' expects 'on' or 'off'" : $"Parameter '{m.Groups[1].Value}' expects {m.Groups[2].Value}";
+    }
+
     public static JsonObject ParseValue(string text, string impliedKey, string context)
     {
         if (text.TrimStart().StartsWith('{'))
