@@ -262,6 +262,23 @@ public sealed class HostFile : IDisposable
         return fallocate((int)_handle.DangerousGetHandle(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0;
     }
 
+    private readonly object _lockClaimGate = new();
+
+    /// <summary>The image-locking claim this open file holds (<see cref="FileLocks"/>); none until one is set.</summary>
+    public LockClaim LockClaim { get; private set; } = LockClaim.None;
+
+    /// <summary>Moves this file's image locks to <paramref name="claim"/>; throws <see cref="ImageLockedException"/>
+    /// (keeping the old claim) when another open file's locks forbid it.</summary>
+    public void SetLockClaim(LockClaim claim)
+    {
+        lock (_lockClaimGate)
+        {
+            if (claim == LockClaim) return;
+            FileLocks.Move(_handle, Path, LockClaim, claim);
+            LockClaim = claim;
+        }
+    }
+
     public void Dispose()
     {
         // O_DIRECT wrote whole blocks past a logical end that was not block-aligned: cut the file back.

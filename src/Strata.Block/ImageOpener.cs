@@ -6,6 +6,22 @@ namespace Strata.Block;
 /// <summary>A backing chain that cannot be opened (loop, too deep, a layer missing); reported as it is.</summary>
 public sealed class BackingChainException(string message) : BlockException(message);
 
+/// <summary>How an opener takes QEMU's image locks (see <see cref="FileLocks"/>).</summary>
+public enum ImageLocking
+{
+    /// <summary>No locks: the library's own files, or locking=off.</summary>
+    Off,
+    /// <summary>The locks qemu-img takes: a qcow2 layer keeps writers and resizers off; a raw one only reads
+    /// (or writes) and shares everything.</summary>
+    Normal,
+    /// <summary>Like <see cref="Normal"/>, and a raw top must not change either (qemu-img convert's sources).</summary>
+    Stable,
+    /// <summary>Like <see cref="Normal"/> writable, and the size may change (qemu-img resize).</summary>
+    Resize,
+    /// <summary>-U: read while others may do anything.</summary>
+    ForceShare,
+}
+
 /// <summary>Opens images by format (probed or given) together with their whole backing chain.</summary>
 public static class ImageOpener
 {
@@ -22,24 +38,39 @@ public static class ImageOpener
     }
 
     /// <summary>Opens <paramref name="path"/> and its backing chain (backing files always read-only).</summary>
-    public static BlockImage Open(string path, string? format = null, bool readOnly = true, bool openBacking = true)
+    public static BlockImage Open(string path, string? format = null, bool readOnly = true, bool openBacking = true,
+        ImageLocking locking = ImageLocking.Off)
     {
+        if (locking == ImageLocking.ForceShare && !readOnly) throw new BlockException("force-share=on can only be used with read-only images");
         var seen = new HashSet<string>(StringComparer.Ordinal);
-        return OpenLayer(path, format, readOnly, openBacking, seen, 0);
+        return OpenLayer(path, format, readOnly, openBacking, seen, 0, locking);
     }
 
-    private static BlockImage OpenLayer(string path, string? format, bool readOnly, bool openBacking, HashSet<string> seen, int depth)
+    /// <summary>The claim an opener takes on a layer's file.</summary>
+    public static LockClaim ClaimFor(string format, bool readOnly, ImageLocking locking, bool isBacking = false) => locking switch
+    {
+        ImageLocking.Off => LockClaim.None,
+        ImageLocking.ForceShare => LockClaim.SharedRead,
+        _ when format == "qcow2" || isBacking => LockClaim.Qcow2(readOnly),
+        ImageLocking.Stable => new(BlockPermissions.ConsistentRead, BlockPermissions.Write),
+        ImageLocking.Resize => new(BlockPermissions.ConsistentRead | BlockPermissions.Write | BlockPermissions.Resize, BlockPermissions.None),
+        _ => new(BlockPermissions.ConsistentRead | (readOnly ? 0 : BlockPermissions.Write), BlockPermissions.None),
+    };
+
+    private static BlockImage OpenLayer(string path, string? format, bool readOnly, bool openBacking, HashSet<string> seen, int depth,
+        ImageLocking locking)
     {
         if (depth > MaxChainDepth)
             throw new BackingChainException($"Backing chain of '{path}' is deeper than {MaxChainDepth} images");
         if (!seen.Add(Path.GetFullPath(path)))
             throw new BackingChainException($"Backing file '{path}' creates an infinite loop.");
-        BlockImage image = OpenSingle(path, format, readOnly);
+        BlockImage image = OpenSingle(path, format, readOnly, locking, isBacking: depth > 0);
         if (!openBacking || image.BackingFileName is not { } backing) return image;
         try
         {
             string backingPath = ResolveBackingPath(path, backing);
-            var backingImage = OpenLayer(backingPath, image.BackingFormat, readOnly: true, openBacking: true, seen, depth + 1);
+            var backingImage = OpenLayer(backingPath, image.BackingFormat, readOnly: true, openBacking: true, seen, depth + 1,
+                locking == ImageLocking.Stable ? ImageLocking.Normal : locking);
             image.ReplaceBacking(backingImage);
             return image;
         }
@@ -56,7 +87,7 @@ public static class ImageOpener
     }
 
     /// <summary>Opens one image without its backing chain; errors read "Could not open 'PATH': reason" as in QEMU.</summary>
-    public static BlockImage OpenSingle(string path, string? format, bool readOnly)
+    public static BlockImage OpenSingle(string path, string? format, bool readOnly, ImageLocking locking = ImageLocking.Off, bool isBacking = false)
     {
         try
         {
@@ -64,6 +95,8 @@ public static class ImageOpener
             var file = HostFile.Open(path, readOnly);
             try
             {
+                // Locked before the format driver reads or marks anything: a qcow2 opened writable sets in-use flags.
+                if (format is "raw" or "qcow2") file.SetLockClaim(ClaimFor(format, readOnly, locking, isBacking));
                 return format switch
                 {
                     "raw" => new RawImage(file),

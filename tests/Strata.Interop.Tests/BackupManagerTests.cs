@@ -351,7 +351,8 @@ public class BackupManagerTests : ScratchDirTest
         // A second pull (incremental) starts the server again: the first one was stopped.
         var inc = Tools.StrataCmd("backup", "run", "--socket", $"127.0.0.1:{port}", "--disk", "d", "--mode", "pull", "--json", Repo).Ok();
         Assert.Equal("inc", inc.Json()[0].GetProperty("level").GetString());
-        Tools.QemuImg("convert", "-O", "raw", P("d.qcow2"), P("d.raw")).Ok();
+        // The daemon still has the disk open (and locked): read it as qemu-img reads a live image, with -U.
+        Tools.QemuImg("convert", "-U", "-O", "raw", P("d.qcow2"), P("d.raw")).Ok();
         AssertRestores("d", id, P("d.raw"));
     }
 

@@ -45,6 +45,15 @@ public sealed class BlockNode
 
     /// <summary>Of <see cref="Users"/>, the block jobs writing to this node (QEMU's op blockers).</summary>
     public int JobUsers { get; internal set; }
+
+    /// <summary>A file node taking QEMU's image locks (locking=auto/on; off leaves the file unlocked).</summary>
+    public bool Locking { get; init; } = true;
+
+    /// <summary>The lock claims of this node's exports and jobs.</summary>
+    internal List<LockClaim> Claims { get; } = new();
+
+    /// <summary>The host file under a file node, if any (what image locks are taken on).</summary>
+    internal HostFile? HostFile => Image is RawImage { FormatName: "file" } f ? f.File : null;
 }
 
 /// <summary>The definition of a node to add (what blockdev-add and --blockdev carry, already validated).</summary>
@@ -88,6 +97,8 @@ public sealed record BlockNodeSpec
     public Blkdebug? Faults { get; init; }
     /// <summary>null-co: the size.</summary>
     public long Size { get; init; } = 1L << 30;
+    /// <summary>file nodes: take QEMU's image locks (locking=auto or on).</summary>
+    public bool Locking { get; init; } = true;
 }
 
 /// <summary>
@@ -221,6 +232,9 @@ public sealed class BlockGraph : IDisposable
                 }
                 try
                 {
+                    // QEMU's qcow2 keeps writers and resizers off its file whoever uses the node; taken before the
+                    // image is opened, since a writable open marks in-use flags in the file.
+                    if (spec.Driver == "qcow2") RefreshLocks(child, LockClaim.Qcow2(spec.ReadOnly));
                     BlockImage image = spec.Driver == "raw"
                         ? new RawImage(fileImage.File, "raw", ownsFile: false)
                         : Qcow2Image.Open(fileImage.File, new Qcow2OpenOptions { OwnsFile = false, ReadOnly = spec.ReadOnly });
@@ -240,7 +254,8 @@ public sealed class BlockGraph : IDisposable
                     {
                         try
                         {
-                            image.ReplaceBacking(ImageOpener.Open(ImageOpener.ResolveBackingPath(child.FileName, backing), image.BackingFormat));
+                            image.ReplaceBacking(ImageOpener.Open(ImageOpener.ResolveBackingPath(child.FileName, backing), image.BackingFormat,
+                                locking: child.Locking ? ImageLocking.Normal : ImageLocking.Off));
                         }
                         catch
                         {
@@ -254,6 +269,7 @@ public sealed class BlockGraph : IDisposable
                 catch
                 {
                     if (createdChild) RemoveLocked(child);
+                    else RefreshLocksQuietly(child);
                     throw;
                 }
                 break;
@@ -267,7 +283,7 @@ public sealed class BlockGraph : IDisposable
         node = new BlockNode(node.Name, node.Driver, node.Image, node.FileChild, node.FileName, node.AutoNamed)
             {
                 DiscardUnmap = spec.DiscardUnmap, CacheDirect = spec.CacheDirect, CacheNoFlush = spec.CacheNoFlush,
-                BackingChild = node.BackingChild, OtherChildren = node.OtherChildren,
+                BackingChild = node.BackingChild, OtherChildren = node.OtherChildren, Locking = spec.Locking,
             };
         _nodes[name] = node;
         _order.Add(name);
@@ -281,42 +297,103 @@ public sealed class BlockGraph : IDisposable
             throw new BlockException("Invalid node-name: '" + name + "'");
     }
 
-    /// <summary>A block job writes to the node: blockdev-del refuses it as busy meanwhile.</summary>
-    public void AddJobUser(BlockNode node)
+    /// <summary>A block job writes to the node: blockdev-del refuses it as busy meanwhile. Its lock claim is
+    /// taken first; <see cref="ImageLockedException"/> when another process's locks forbid it.</summary>
+    public void AddJobUser(BlockNode node, LockClaim claim)
     {
         lock (_lock)
         {
+            AddClaim(node, claim);
             node.Users++;
             node.JobUsers++;
         }
     }
 
-    public void RemoveJobUser(BlockNode node)
+    public void RemoveJobUser(BlockNode node, LockClaim claim)
     {
         lock (_lock)
         {
             node.Users--;
             node.JobUsers--;
+            RemoveClaim(node, claim);
         }
     }
 
     /// <summary>An export starts using the node: blockdev-del refuses it meanwhile.</summary>
-    public void AddUser(BlockNode node)
+    public void AddUser(BlockNode node, LockClaim claim)
     {
         lock (_lock)
         {
+            AddClaim(node, claim);
             node.Users++;
             node.BackendUsers++;
         }
     }
 
-    public void RemoveUser(BlockNode node)
+    public void RemoveUser(BlockNode node, LockClaim claim)
     {
         lock (_lock)
         {
             node.Users--;
             node.BackendUsers--;
+            RemoveClaim(node, claim);
         }
+    }
+
+    /// <summary>A job's claim on a node it only reads (a backup's source): image locks, no blockdev-del block.</summary>
+    public void AddSourceClaim(BlockNode node, LockClaim claim)
+    {
+        lock (_lock) AddClaim(node, claim);
+    }
+
+    public void RemoveSourceClaim(BlockNode node, LockClaim claim)
+    {
+        lock (_lock) RemoveClaim(node, claim);
+    }
+
+    private void AddClaim(BlockNode node, LockClaim claim)
+    {
+        node.Claims.Add(claim);
+        try
+        {
+            RefreshLocks(node);
+        }
+        catch
+        {
+            node.Claims.Remove(claim);
+            throw;
+        }
+    }
+
+    private void RemoveClaim(BlockNode node, LockClaim claim)
+    {
+        node.Claims.Remove(claim);
+        RefreshLocksQuietly(node);
+    }
+
+    /// <summary>Sets the image locks of the file under <paramref name="node"/> to what its users claim: a qcow2
+    /// parent its fixed claim, a raw parent (which passes its users' claims through) and the file node's own exports
+    /// and jobs theirs. <paramref name="opening"/> is the claim of a qcow2 node about to open on the file.</summary>
+    private void RefreshLocks(BlockNode node, LockClaim? opening = null)
+    {
+        var fileNode = node.HostFile is not null ? node : node.Driver == "raw" ? node.FileChild : null;
+        if (fileNode?.HostFile is not { } file || !fileNode.Locking) return;
+        var wanted = fileNode.Claims.Aggregate(opening ?? LockClaim.None, (u, c) => u.Union(c));
+        foreach (var parent in _nodes.Values)
+        {
+            if (parent.FileChild != fileNode) continue;
+            wanted = parent.Driver == "qcow2"
+                ? wanted.Union(LockClaim.Qcow2(parent.Image.ReadOnly))
+                : parent.Claims.Aggregate(wanted, (u, c) => u.Union(c));
+        }
+        file.SetLockClaim(wanted);
+    }
+
+    /// <summary>Giving up claims: what remains cannot newly conflict, and a failure to unlock must not stop a
+    /// removal half-way.</summary>
+    private void RefreshLocksQuietly(BlockNode node)
+    {
+        try { RefreshLocks(node); } catch (BlockException) { }
     }
 
     /// <summary>blockdev-del: the node must have no users; its persistent bitmaps are stored as it closes.</summary>
@@ -404,6 +481,7 @@ public sealed class BlockGraph : IDisposable
         {
             child.Users--;
             if (child.AutoNamed) RemoveLocked(child);
+            else RefreshLocksQuietly(child);
         }
     }
 

@@ -38,7 +38,10 @@ internal static class ImgCommands
 
     private static Option<string> OutputOption() => new("--output") { Description = "human or json", DefaultValueFactory = _ => "human" };
 
-    private static Option<bool> ForceShareOption() => new("-U", "--force-share") { Description = "open even if in use (accepted for compatibility)" };
+    private static Option<bool> ForceShareOption() => new("-U", "--force-share") { Description = "open even if another process uses the image (read-only)" };
+
+    /// <summary>qemu-img's image locks: normal ones, or none held against others with -U.</summary>
+    private static ImageLocking ReadLocking(bool forceShare) => forceShare ? ImageLocking.ForceShare : ImageLocking.Normal;
 
     /// <summary>Runs a command body, turning errors into qemu-img style messages and exit codes.</summary>
     private static int Run(TextWriter stderr, Func<int> body, int errorExit = 1)
@@ -82,10 +85,11 @@ internal static class ImgCommands
         _ => throw new BlockException("--output must be used with human or json as argument."),
     };
 
-    private static BlockImage OpenImage(string path, string? format, bool readOnly = true, bool openBacking = true)
+    private static BlockImage OpenImage(string path, string? format, bool readOnly = true, bool openBacking = true,
+        ImageLocking locking = ImageLocking.Normal)
     {
         CheckFormatName(format);
-        return ImageOpener.Open(path, format, readOnly, openBacking);
+        return ImageOpener.Open(path, format, readOnly, openBacking, locking);
     }
 
     // ------------------------------------------------------------------ create
@@ -247,7 +251,8 @@ internal static class ImgCommands
         var output = OutputOption();
         var chain = new Option<bool>("--backing-chain") { Description = "show the whole backing chain" };
         var file = new Argument<string>("filename");
-        var cmd = new Command("info", "Show information about an image") { format, output, chain, ForceShareOption(), file };
+        var forceShare = ForceShareOption();
+        var cmd = new Command("info", "Show information about an image") { format, output, chain, forceShare, file };
         cmd.SetAction(r => Run(stderr, () =>
         {
             string mode = OutputMode(r.GetValue(output)!);
@@ -262,7 +267,7 @@ internal static class ImgCommands
             while (true)
             {
                 seen.Add(Path.GetFullPath(path));
-                var layer = ImageOpener.OpenSingle(path, layerFormat, readOnly: true);
+                var layer = ImageOpener.OpenSingle(path, layerFormat, readOnly: true, ReadLocking(r.GetValue(forceShare)), isBacking: layers.Count > 0);
                 layers.Add(layer);
                 names.Add(path);
                 if (!r.GetValue(chain) || layer.BackingFileName is not { } backing) break;
@@ -330,7 +335,8 @@ internal static class ImgCommands
         var repair = new Option<string?>("-r") { Description = "repair: leaks or all" };
         var quiet = QuietOption();
         var file = new Argument<string>("filename");
-        var cmd = new Command("check", "Check an image for consistency") { format, output, repair, quiet, ForceShareOption(), file };
+        var forceShare = ForceShareOption();
+        var cmd = new Command("check", "Check an image for consistency") { format, output, repair, quiet, forceShare, file };
         cmd.SetAction(r => Run(stderr, () =>
         {
             string mode = OutputMode(r.GetValue(output)!);
@@ -342,7 +348,8 @@ internal static class ImgCommands
                 var other => throw new UsageException($"Unknown option value for -r (expecting 'leaks' or 'all'): {other}"),
             };
             string path = r.GetValue(file)!;
-            using var image = OpenImage(path, r.GetValue(format), readOnly: repairMode == RepairMode.None, openBacking: true);
+            using var image = OpenImage(path, r.GetValue(format), readOnly: repairMode == RepairMode.None, openBacking: true,
+                repairMode == RepairMode.None ? ReadLocking(r.GetValue(forceShare)) : ImageLocking.Normal);
             if (image is not Qcow2Image q)
             {
                 stderr.WriteLine($"{Prog}: This image format does not support checks");
@@ -439,7 +446,8 @@ internal static class ImgCommands
         var quiet = QuietOption();
         var progress = new Option<bool>("-p") { Description = "show progress" };
         var files = new Argument<string[]>("filenames") { Arity = ArgumentArity.ZeroOrMore };
-        var cmd = new Command("compare", "Check whether two images have the same content") { fa, fb, strict, quiet, progress, ForceShareOption(), files };
+        var forceShare = ForceShareOption();
+        var cmd = new Command("compare", "Check whether two images have the same content") { fa, fb, strict, quiet, progress, forceShare, files };
         cmd.SetAction(r => Run(stderr, () =>
         {
             var names = r.GetValue(files) ?? [];
@@ -447,7 +455,7 @@ internal static class ImgCommands
             // qemu-img names the image that failed to open and exits 2, as for any compare error.
             BlockImage? Open(string name, string? format)
             {
-                try { return OpenImage(name, format); }
+                try { return OpenImage(name, format, locking: ReadLocking(r.GetValue(forceShare))); }
                 catch (BlockException e) { stderr.WriteLine($"{Prog}: {Qualify(name, e.Message)}"); return null; }
             }
             using var a = Open(names[0], r.GetValue(fa));
@@ -511,8 +519,9 @@ internal static class ImgCommands
         var outOfOrder = new Option<bool>("-W") { Description = "out-of-order writes (always on)" };
         var coroutines = new Option<int?>("-m") { Description = "parallel workers (1..16)" };
         var files = new Argument<string[]>("filenames") { Arity = ArgumentArity.ZeroOrMore };
+        var forceShare = ForceShareOption();
         var cmd = new Command("convert", "Convert or copy an image")
-            { format, outFormat, compress, backing, backingFormat, opts, progress, quiet, noCreate, cache, srcCache, outOfOrder, coroutines, ForceShareOption(), files };
+            { format, outFormat, compress, backing, backingFormat, opts, progress, quiet, noCreate, cache, srcCache, outOfOrder, coroutines, forceShare, files };
         cmd.SetAction(r => Run(stderr, () =>
         {
             var names = r.GetValue(files) ?? [];
@@ -530,7 +539,8 @@ internal static class ImgCommands
             {
                 foreach (var s in names[..^1])
                 {
-                    try { sources.Add(OpenImage(s, r.GetValue(format))); }
+                    // The sources must not change while they are copied (qemu-img keeps writers off even a raw one).
+                    try { sources.Add(OpenImage(s, r.GetValue(format), locking: r.GetValue(forceShare) ? ImageLocking.ForceShare : ImageLocking.Stable)); }
                     catch (BlockException e) { throw new BlockException(Qualify(s, e.Message)); }
                 }
                 long total = sources.Sum(s => s.Size);
@@ -589,13 +599,14 @@ internal static class ImgCommands
         var start = new Option<string?>("--start-offset") { Description = "first byte to map" };
         var max = new Option<string?>("--max-length") { Description = "bytes to map" };
         var files = new Argument<string[]>("filename") { Arity = ArgumentArity.ZeroOrMore };
-        var cmd = new Command("map", "Show where the image's data lives") { format, output, start, max, ForceShareOption(), files };
+        var forceShare = ForceShareOption();
+        var cmd = new Command("map", "Show where the image's data lives") { format, output, start, max, forceShare, files };
         cmd.SetAction(r => Run(stderr, () =>
         {
             var names = r.GetValue(files) ?? [];
             if (names.Length != 1) throw new UsageException("Expecting one image file name");
             string mode = OutputMode(r.GetValue(output)!);
-            using var image = OpenImage(names[0], r.GetValue(format));
+            using var image = OpenImage(names[0], r.GetValue(format), locking: ReadLocking(r.GetValue(forceShare)));
             long from = 0, length = image.Size;
             if (r.GetValue(start) is { } s && !SizeText.TryParse(s, out from)) throw new BlockException("Invalid start offset specified! You may use k, M, G, T, P or E suffixes for");
             if (r.GetValue(max) is { } m && !SizeText.TryParse(m, out length)) throw new BlockException("Invalid length specified! You may use k, M, G, T, P or E suffixes for");
@@ -652,10 +663,13 @@ internal static class ImgCommands
         cmd.SetAction(r => Run(stderr, () =>
         {
             string path = r.GetValue(file)!;
+            // The whole chain must open (no loop, no missing layer) before the top and its backing file are taken
+            // for writing, or a loop would read as the image locking itself out.
+            OpenImage(path, r.GetValue(format), locking: ImageLocking.Off).Dispose();
             using var top = OpenImage(path, r.GetValue(format), readOnly: false, openBacking: false);
             if (top.BackingFileName is not { } backingName) throw new BlockException("Image does not have a backing file");
             string backingPath = ImageOpener.ResolveBackingPath(path, backingName);
-            using var backing = ImageOpener.Open(backingPath, top.BackingFormat, readOnly: false);
+            using var backing = ImageOpener.Open(backingPath, top.BackingFormat, readOnly: false, locking: ImageLocking.Normal);
             var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout) : null;
             ChainOperations.Commit(top, backing, r.GetValue(keep), printer is null ? null : printer.Report);
             printer?.Finish();
@@ -703,7 +717,7 @@ internal static class ImgCommands
             {
                 if (newBacking is not null)
                 {
-                    try { newChain = ImageOpener.Open(ImageOpener.ResolveBackingPath(path, newBacking), newFormat); }
+                    try { newChain = ImageOpener.Open(ImageOpener.ResolveBackingPath(path, newBacking), newFormat, locking: ImageLocking.Normal); }
                     catch (BlockException e) { throw new BlockException($"Could not open new backing file '{newBacking}': {e.Message}"); }
                 }
                 var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout) : null;
@@ -820,7 +834,7 @@ internal static class ImgCommands
             if (!SizeText.TryParse(sign == 0 ? text : text[1..], out long amount))
                 throw new BlockException("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
             if (r.GetValue(prealloc) is { } p && p != "off") throw new BlockException($"Preallocation mode '{p}' is not supported");
-            using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), readOnly: false, openBacking: false);
+            using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), readOnly: false, openBacking: false, ImageLocking.Resize);
             long newSize = sign == 0 ? amount : image.Size + sign * amount;
             if (newSize < 0) throw new BlockException("New image size must be positive");
             if (newSize < image.Size && !r.GetValue(shrink))

@@ -16,13 +16,15 @@ internal static class IoCommand
         var format = new Option<string?>("-f") { Description = "image format (probed when omitted)" };
         var commands = new Option<string[]>("-c") { Description = "command to run (repeatable)" };
         var readOnly = new Option<bool>("-r") { Description = "open read-only" };
+        var forceShare = new Option<bool>("-U", "--force-share") { Description = "open even if another process uses the image (read-only)" };
         var file = new Argument<string>("filename");
-        var cmd = new Command("io", "Run read/write commands on an image (qemu-io style)") { format, commands, readOnly, file };
+        var cmd = new Command("io", "Run read/write commands on an image (qemu-io style)") { format, commands, readOnly, forceShare, file };
         cmd.SetAction(r =>
         {
             try
             {
-                using var image = ImageOpener.Open(r.GetValue(file)!, r.GetValue(format), r.GetValue(readOnly));
+                using var image = ImageOpener.Open(r.GetValue(file)!, r.GetValue(format), r.GetValue(readOnly),
+                    locking: r.GetValue(forceShare) ? ImageLocking.ForceShare : ImageLocking.Normal);
                 foreach (var line in r.GetValue(commands) ?? [])
                 {
                     int rc = Execute(image, line, stdout, stderr);

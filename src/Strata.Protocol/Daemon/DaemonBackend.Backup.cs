@@ -115,14 +115,29 @@ public sealed partial class DaemonBackend
             if (Jobs.All.OfType<BackupJob>().Any(j => j.TargetImage == targetNode.Image && j.Status is not (JobStatus.Concluded or JobStatus.Null)))
                 throw QmpException.Generic($"Node '{targetName}' is busy: block device is in use by block job: backup");
             target = targetNode.Image;
-            Graph.AddJobUser(targetNode);
-            release = () => Graph.RemoveJobUser(targetNode);
+            Graph.AddJobUser(targetNode, LockClaim.BackupTarget);
+            release = () => Graph.RemoveJobUser(targetNode, LockClaim.BackupTarget);
         }
         else
         {
             target = OpenDriveTarget(source, targetName, sync, ArgSchema.OptStr(a, "format"), ArgSchema.OptStr(a, "mode") ?? "absolute-paths");
             release = target.Dispose;
         }
+        try
+        {
+            Graph.AddSourceClaim(source, LockClaim.BackupSource);
+        }
+        catch
+        {
+            release();
+            throw;
+        }
+        var releaseTarget = release;
+        release = () =>
+        {
+            Graph.RemoveSourceClaim(source, LockClaim.BackupSource);
+            releaseTarget();
+        };
         try
         {
             if (ArgSchema.Bool(a, "compress") && !target.SupportsCompression) throw QmpException.Generic("Compression is not supported for this drive ");

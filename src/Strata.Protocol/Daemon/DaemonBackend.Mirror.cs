@@ -65,8 +65,8 @@ public sealed partial class DaemonBackend
                 throw QmpException.Generic($"Node '{targetName}' is busy: block device is in use by block job: mirror");
             target = targetNode.Image;
             var held = targetNode;
-            Graph.AddJobUser(held);
-            release = () => Graph.RemoveJobUser(held);
+            Graph.AddJobUser(held, LockClaim.MirrorTarget);
+            release = () => Graph.RemoveJobUser(held, LockClaim.MirrorTarget);
         }
         else
         {
@@ -86,14 +86,29 @@ public sealed partial class DaemonBackend
             }
             target = targetNode.Image;
             var created = targetNode;
-            Graph.AddJobUser(created);
+            Graph.AddJobUser(created, LockClaim.MirrorTarget);
             release = () =>
             {
-                Graph.RemoveJobUser(created);
+                Graph.RemoveJobUser(created, LockClaim.MirrorTarget);
                 if (!Jobs.All.OfType<MirrorJob>().Any(j => j.TargetImage == created.Image && j.Pivoted))
                     try { Graph.DeleteForce(created); } catch (BlockException) { }
             };
         }
+        try
+        {
+            Graph.AddSourceClaim(source, LockClaim.MirrorSource);
+        }
+        catch
+        {
+            release();
+            throw;
+        }
+        var releaseTarget = release;
+        release = () =>
+        {
+            Graph.RemoveSourceClaim(source, LockClaim.MirrorSource);
+            releaseTarget();
+        };
         try
         {
             var job = new MirrorJob(jobId, new MirrorOptions

@@ -83,8 +83,8 @@ public sealed partial class DaemonBackend
             {
                 var (export, _) = _exports[id];
                 export.Retarget(to.Image);
-                Graph.RemoveUser(from);
-                Graph.AddUser(to);
+                Graph.RemoveUser(from, LockClaim.Export(export.Writable));
+                Graph.AddUser(to, LockClaim.Export(export.Writable));
                 _exports[id] = (export, to);
             }
         }

@@ -57,7 +57,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         }
         catch (BlockException e)
         {
-            throw QmpException.Generic(e.Message);
+            throw QmpException.Generic(ImageLockedException.WithoutHint(e.Message));
         }
         finally
         {
@@ -108,7 +108,17 @@ public sealed partial class DaemonBackend : IQmpBackend
         Add("query-version", [], "VersionInfo", _ => Version);
         Add("query-commands", [], "[CommandInfo]", _ => _commands.Keys.Order().Select(n => (object?)new QDict().Add("name", n)).ToList());
         Add("query-qmp-schema", [], "[SchemaInfo]", _ => Schema());
-        Add("quit", [], "any", _ => new QDict()); // the daemon stops once the reply is out (ReplySent)
+        Add("quit", [], "any", _ =>
+        {
+            // The daemon stops once the reply is out (ReplySent). With no job still writing, the images are closed
+            // first: a client that runs qemu-img as soon as it has the reply finds them unlocked and complete.
+            if (Jobs.All.All(j => j.Status is JobStatus.Concluded or JobStatus.Null))
+            {
+                StopAsync().AsTask().GetAwaiter().GetResult();
+                Graph.Dispose();
+            }
+            return new QDict();
+        });
         Add("query-block", [], "[BlockInfo]", _ => new List<object?>()); // a storage daemon has no devices
         Add("query-jobs", [], "[JobInfo]", _ => Jobs.QueryJobs());
         Add("query-block-jobs", [], "[BlockJobInfo]", _ => Jobs.QueryBlockJobs());
@@ -463,7 +473,16 @@ public sealed partial class DaemonBackend : IQmpBackend
         }
         var export = new NbdExport(id, name, description, node.Image, writable, bitmaps, ArgSchema.Bool(a, "allocation-depth")) { DiscardUnmap = node.DiscardUnmap };
         _nbd.AddExport(export);
-        Graph.AddUser(node);
+        try
+        {
+            Graph.AddUser(node, LockClaim.Export(writable));
+        }
+        catch (BlockException)
+        {
+            _nbd.RemoveExport(export);
+            foreach (var b in busy) b.Busy = false;
+            throw;
+        }
         _exports[id] = (export, node);
     }
 
@@ -475,7 +494,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         _nbd!.RemoveExport(entry.Export);
         if (hard) _nbd.Disconnect();
         foreach (var b in entry.Export.Bitmaps) b.Busy = false;
-        Graph.RemoveUser(entry.Node);
+        Graph.RemoveUser(entry.Node, LockClaim.Export(entry.Export.Writable));
         _exports.Remove(id);
         Emit("BLOCK_EXPORT_DELETED", new QDict().Add("id", id));
     }
@@ -487,7 +506,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         foreach (var (export, node) in _exports.Values)
         {
             foreach (var b in export.Bitmaps) b.Busy = false;
-            Graph.RemoveUser(node);
+            Graph.RemoveUser(node, LockClaim.Export(export.Writable));
         }
         _exports.Clear();
         await _nbd.DisposeAsync();
@@ -567,6 +586,7 @@ public sealed partial class DaemonBackend : IQmpBackend
             CacheNoFlush = a["cache"] is JsonObject c2 && ArgSchema.Bool(c2, "no-flush"),
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
             ReadZeroes = driver == "null-co" && ArgSchema.Bool(a, "read-zeroes"),
+            Locking = ArgSchema.OptStr(a, "locking") != "off",
         };
         if (driver == "throttle")
             spec = spec with { FileNodeName = ArgSchema.Str(a, "file"), ThrottleGroup = ArgSchema.Str(a, "throttle-group") };

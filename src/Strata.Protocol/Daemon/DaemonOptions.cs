@@ -172,7 +172,7 @@ public static class DaemonCommandLine
         return parts;
     }
 
-    private static readonly string[] StringKeys = ["filename", "node-name", "name", "id", "path", "file", "backing", "chardev", "host", "port", "target", "export", "bitmap"];
+    private static readonly string[] StringKeys = ["locking", "filename", "node-name", "name", "id", "path", "file", "backing", "chardev", "host", "port", "target", "export", "bitmap"];
 
     /// <summary>keyval values are strings; the schema decides their type. Booleans (on/off) and numbers are
     /// converted here except for members that are always strings.</summary>

@@ -1,0 +1,223 @@
+using Tools = Strata.Interop.Tests.Infra.Tools;
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using Strata.Protocol.Qmp;
+
+namespace Strata.Interop.Tests;
+
+/// <summary>
+/// QEMU's image locking: strata daemon takes the same lock bytes as qemu-storage-daemon for the same command line,
+/// so qemu-img and QEMU keep off images Strata uses, and Strata (daemon, img, io) keeps off images QEMU uses.
+/// </summary>
+public class ImageLockingTests : ScratchDirTest
+{
+    private const string SharedWrite = "Failed to get shared \"write\" lock";
+    private const string Write = "Failed to get \"write\" lock";
+
+    /// <summary>A daemon of either kind started with <paramref name="args"/> plus a QMP monitor; killed on dispose.</summary>
+    private sealed class Daemon : IDisposable
+    {
+        private readonly Process _process;
+        public string QmpPath { get; }
+
+        public Daemon(string kind, string dir, IEnumerable<string> args)
+        {
+            QmpPath = Path.Combine(dir, $"{kind}-{Guid.NewGuid():N}.qmp");
+            var psi = kind == "qsd" ? new ProcessStartInfo("qemu-storage-daemon")
+                : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon" } };
+            foreach (var a in args) psi.ArgumentList.Add(a);
+            foreach (var a in new[] { "--chardev", $"socket,id=m,path={QmpPath},server=on,wait=off", "--monitor", "chardev=m" }) psi.ArgumentList.Add(a);
+            psi.RedirectStandardError = psi.RedirectStandardOutput = true;
+            _process = Process.Start(psi)!;
+            var sw = Stopwatch.StartNew();
+            while (!File.Exists(QmpPath))
+            {
+                if (_process.HasExited) throw new InvalidOperationException($"{kind} exited: {_process.StandardError.ReadToEnd()}");
+                if (sw.ElapsedMilliseconds > 20000) throw new TimeoutException($"{kind} did not start");
+                Thread.Sleep(10);
+            }
+            Listening.WaitFor(QmpPath);
+        }
+
+        public void Dispose()
+        {
+            if (!_process.HasExited)
+            {
+                _process.Kill();
+                _process.WaitForExit();
+            }
+            _process.Dispose();
+        }
+    }
+
+    /// <summary>The byte ranges of the open-file-description locks on <paramref name="path"/>, as /proc/locks lists them.</summary>
+    private static string LockBytes(string path)
+    {
+        string inode = ":" + Tools.Run("stat", "-c", "%i", path).Stdout.Trim() + " ";
+        var ranges = File.ReadAllLines("/proc/locks")
+            .Where(l => l.Contains("OFDLCK") && l.Contains(inode))
+            .Select(l => l.Split(' ', StringSplitOptions.RemoveEmptyEntries))
+            .Select(f => $"{f[^2]}-{f[^1]}")
+            .Distinct().Order(StringComparer.Ordinal);
+        return string.Join(" ", ranges);
+    }
+
+    private string[] Images()
+    {
+        Tools.QemuImg("create", "-q", "-f", "qcow2", P("base.qcow2"), "16M").Ok();
+        Tools.QemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", P("top.qcow2")).Ok();
+        Tools.QemuImg("create", "-q", "-f", "raw", P("disk.raw"), "16M").Ok();
+        return [P("base.qcow2"), P("top.qcow2"), P("disk.raw")];
+    }
+
+    public static TheoryData<string, string[]> Configurations => new()
+    {
+        { "qcow2 writable", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
+        { "qcow2 read-only", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2,read-only=on", "--blockdev", "driver=qcow2,node-name=n,file=f,read-only=on"] },
+        { "overlay and its backing file", ["--blockdev", "driver=file,node-name=f,filename=DIR/top.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
+        { "file node alone", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2"] },
+        { "raw without users", ["--blockdev", "driver=file,node-name=f,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=n,file=f"] },
+        { "raw exported writable", ["--blockdev", "driver=file,node-name=f,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=n,file=f",
+            "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=n,writable=on"] },
+        { "file exported read-only", ["--blockdev", "driver=file,node-name=f,filename=DIR/disk.raw",
+            "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=f"] },
+        { "locking=off", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2,locking=off", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
+    };
+
+    [Theory]
+    [MemberData(nameof(Configurations))]
+    public void TheDaemonLocksTheBytesQemuStorageDaemonLocks(string what, string[] args)
+    {
+        var images = Images();
+        string Locks(string kind)
+        {
+            string dir = Directory.CreateDirectory(P(kind)).FullName;
+            using var daemon = new Daemon(kind, dir, args.Select(a => a.Replace("DIR", Dir)));
+            return string.Join(" | ", images.Select(i => $"{Path.GetFileName(i)}: {LockBytes(i)}"));
+        }
+        string qemu = Locks("qsd");
+        Assert.Equal(qemu, Locks("strata"));
+        if (what == "qcow2 writable") Assert.Contains("base.qcow2: 100-101 103-103 201-201 203-203", qemu);
+    }
+
+    [Fact]
+    public async Task ExportsAndJobsChangeTheLocksAsInQemuStorageDaemon()
+    {
+        Images();
+        Tools.QemuImg("create", "-q", "-f", "raw", P("target.raw"), "16M").Ok();
+        async Task<string> Story(string kind)
+        {
+            string dir = Directory.CreateDirectory(P(kind)).FullName;
+            var log = new List<string>();
+            using var daemon = new Daemon(kind, dir, [
+                "--blockdev", $"driver=file,node-name=f,filename={P("disk.raw")}", "--blockdev", "driver=raw,node-name=n,file=f",
+                "--blockdev", $"driver=file,node-name=tf,filename={P("target.raw")}", "--blockdev", "driver=raw,node-name=t,file=tf",
+                "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(dir, "e.nbd")}"]);
+            await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
+            void Note(string when) => log.Add($"{when}: disk {LockBytes(P("disk.raw"))}; target {LockBytes(P("target.raw"))}");
+            Note("start");
+            await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"e","node-name":"n","writable":true}"""));
+            Note("writable export");
+            await qmp.ExecuteAsync("blockdev-backup", JsonNode.Parse("""{"job-id":"j","device":"n","target":"t","sync":"full","speed":1}"""));
+            Note("backup running");
+            await qmp.ExecuteAsync("job-cancel", new { id = "j" });
+            for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(10);
+            Note("backup gone");
+            await qmp.ExecuteAsync("blockdev-mirror", JsonNode.Parse("""{"job-id":"m","device":"n","target":"t","sync":"full","speed":1}"""));
+            Note("mirror running");
+            await qmp.ExecuteAsync("job-cancel", new { id = "m" });
+            for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(10);
+            Note("mirror gone");
+            await qmp.ExecuteAsync("block-export-del", new { id = "e" });
+            for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-block-exports"))!.AsArray().Count > 0; i++) await Task.Delay(10);
+            Note("export gone");
+            return string.Join("\n", log);
+        }
+        string qemu = await Story("qsd"), strata = await Story("strata");
+        Assert.True(qemu == strata, $"qemu-storage-daemon:\n{qemu}\nstrata daemon:\n{strata}");
+        Assert.Contains("writable export: disk 100-101 203-203", qemu);
+    }
+
+    [Fact]
+    public void QemuToolsKeepOffAnImageTheDaemonUses()
+    {
+        Images();
+        using var daemon = new Daemon("strata", Dir, ["--blockdev", $"driver=file,node-name=f,filename={P("base.qcow2")}", "--blockdev", "driver=qcow2,node-name=n,file=f"]);
+        var info = Tools.Run("qemu-img", "info", P("base.qcow2"));
+        Assert.Equal(1, info.Exit);
+        Assert.Equal($"qemu-img: Could not open '{P("base.qcow2")}': {SharedWrite}\nIs another process using the image [{P("base.qcow2")}]?", info.Stderr.Trim());
+        Assert.Equal(0, Tools.Run("qemu-img", "info", "-U", P("base.qcow2")).Exit);
+        var write = Tools.Run("qemu-io", "-c", "write 0 4k", P("base.qcow2"));
+        Assert.NotEqual(0, write.Exit);
+        Assert.Contains(Write, write.Stderr);
+        // A second daemon is refused as qemu-storage-daemon would refuse it.
+        var second = Tools.Run("qemu-storage-daemon", "--blockdev", $"driver=file,node-name=g,filename={P("base.qcow2")}", "--blockdev", "driver=qcow2,node-name=m,file=g");
+        Assert.Equal(1, second.Exit);
+        Assert.Contains(Write, second.Stderr);
+    }
+
+    [Fact]
+    public async Task StrataKeepsOffAnImageQemuUsesAndSaysWhyInQemusWords()
+    {
+        Images();
+        using var qsd = new Daemon("qsd", Dir, ["--blockdev", $"driver=file,node-name=f,filename={P("base.qcow2")}", "--blockdev", "driver=qcow2,node-name=n,file=f"]);
+        string hint = $"\nIs another process using the image [{P("base.qcow2")}]?";
+
+        var info = Tools.StrataCmd("img", "info", P("base.qcow2"));
+        Assert.Equal(1, info.Exit);
+        Assert.Equal($"strata img: Could not open '{P("base.qcow2")}': {SharedWrite}{hint}", info.Stderr.Trim());
+        Assert.Equal(0, Tools.StrataCmd("img", "info", "-U", P("base.qcow2")).Exit);
+        Assert.Equal(0, Tools.StrataCmd("img", "compare", "-U", P("base.qcow2"), P("base.qcow2")).Exit);
+        Assert.NotEqual(0, Tools.StrataCmd("img", "bitmap", "--add", P("base.qcow2"), "b").Exit);
+        var write = Tools.StrataCmd("io", "-c", "write 0 4k", P("base.qcow2"));
+        Assert.Contains(Write + hint, write.Stderr);
+
+        // The daemon's command line and QMP give qemu-storage-daemon's errors, QMP without the hint line.
+        string blockdev = $"driver=file,node-name=g,filename={P("base.qcow2")},read-only=on";
+        var startQemu = Tools.Run("qemu-storage-daemon", "--blockdev", blockdev, "--blockdev", "driver=qcow2,node-name=m,file=g,read-only=on");
+        var startStrata = Tools.StrataCmd("daemon", "--blockdev", blockdev, "--blockdev", "driver=qcow2,node-name=m,file=g,read-only=on");
+        Assert.Equal(1, startStrata.Exit);
+        Assert.Equal(startQemu.Stderr.Trim().Replace("qemu-storage-daemon:", "strata daemon:"), startStrata.Stderr.Trim());
+
+        var answers = new List<string>();
+        foreach (var kind in new[] { "qsd", "strata" })
+        {
+            using var other = new Daemon(kind, Directory.CreateDirectory(P(kind)).FullName, []);
+            await using var qmp = await QmpClient.ConnectUnixAsync(other.QmpPath);
+            var add = new JsonObject { ["driver"] = "qcow2", ["node-name"] = "x", ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = P("base.qcow2") } };
+            var e = await Assert.ThrowsAsync<QmpException>(() => qmp.ExecuteAsync("blockdev-add", add));
+            answers.Add($"{e.ErrorClass}: {e.Message}");
+            // Nothing was left open: the node can be added once the other process lets go.
+            Assert.Empty((await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray());
+        }
+        Assert.Equal($"GenericError: {Write}", answers[0]);
+        Assert.Equal(answers[0], answers[1]);
+    }
+
+    [Fact]
+    public async Task QuitAnswersOnceTheImagesAreClosedAndUnlocked()
+    {
+        Images();
+        using var daemon = new Daemon("strata", Dir, ["--blockdev", $"driver=file,node-name=f,filename={P("base.qcow2")}", "--blockdev", "driver=qcow2,node-name=n,file=f"]);
+        await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
+        await qmp.ExecuteAsync("block-dirty-bitmap-add", new { node = "n", name = "b", persistent = true });
+        Assert.NotEqual("", LockBytes(P("base.qcow2")));
+        await qmp.ExecuteAsync("quit");
+        // At once, without waiting for the process to end: the image is free and its bitmap stored.
+        var info = Tools.Run("qemu-img", "info", "--output=json", P("base.qcow2"));
+        Assert.True(info.Exit == 0, info.Stderr);
+        Assert.Contains("\"name\": \"b\"", info.Stdout);
+        Tools.QemuImg("check", P("base.qcow2")).Ok();
+    }
+
+    [Fact]
+    public async Task DeletingTheFormatNodeGivesUpItsLocks()
+    {
+        Images();
+        using var daemon = new Daemon("strata", Dir, ["--blockdev", $"driver=file,node-name=f,filename={P("base.qcow2")}", "--blockdev", "driver=qcow2,node-name=n,file=f"]);
+        await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
+        await qmp.ExecuteAsync("blockdev-del", JsonNode.Parse("""{"node-name":"n"}"""));
+        Assert.Equal("", LockBytes(P("base.qcow2")));
+        Assert.Equal(0, Tools.Run("qemu-img", "info", P("base.qcow2")).Exit);
+    }
+}
