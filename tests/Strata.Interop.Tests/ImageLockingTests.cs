@@ -81,6 +81,10 @@ public class ImageLockingTests : ScratchDirTest
             "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=n,writable=on"] },
         { "file exported read-only", ["--blockdev", "driver=file,node-name=f,filename=DIR/disk.raw",
             "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=f"] },
+        { "raw exported through a throttle filter", ["--object", "throttle-group,id=tg,x-bps-total=1000000",
+            "--blockdev", "driver=file,node-name=f,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=n,file=f",
+            "--blockdev", "driver=throttle,node-name=t,file=n,throttle-group=tg",
+            "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=t,writable=on"] },
         { "locking=off", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2,locking=off", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
     };
 
@@ -136,6 +140,43 @@ public class ImageLockingTests : ScratchDirTest
         string qemu = await Story("qsd"), strata = await Story("strata");
         Assert.True(qemu == strata, $"qemu-storage-daemon:\n{qemu}\nstrata daemon:\n{strata}");
         Assert.Contains("writable export: disk 100-101 203-203", qemu);
+    }
+
+    /// <summary>Pull-model fleecing: a copy-before-write filter in use keeps other writers off its source, and the
+    /// guest's export through it passes its own claim down.</summary>
+    [Fact]
+    public async Task FleecingLocksTheSourceAsInQemuStorageDaemon()
+    {
+        Images();
+        Tools.QemuImg("create", "-q", "-f", "qcow2", P("fleece.qcow2"), "16M").Ok();
+        async Task<string> Story(string kind)
+        {
+            string dir = Directory.CreateDirectory(P(kind)).FullName;
+            var log = new List<string>();
+            using var daemon = new Daemon(kind, dir, [
+                "--blockdev", $"driver=file,node-name=sf,filename={P("disk.raw")}", "--blockdev", "driver=raw,node-name=s,file=sf",
+                "--blockdev", $"driver=file,node-name=ff,filename={P("fleece.qcow2")}", "--blockdev", "driver=qcow2,node-name=fl,file=ff",
+                "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(dir, "e.nbd")}"]);
+            await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
+            void Note(string when) => log.Add($"{when}: source {LockBytes(P("disk.raw"))}; fleece {LockBytes(P("fleece.qcow2"))}");
+            Note("start");
+            await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("""{"driver":"copy-before-write","node-name":"cbw","file":"s","target":"fl"}"""));
+            Note("filter");
+            await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("""{"driver":"snapshot-access","node-name":"acc","file":"cbw"}"""));
+            Note("snapshot access");
+            await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"pull","node-name":"acc"}"""));
+            await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"guest","node-name":"cbw","writable":true}"""));
+            Note("exports");
+            await qmp.ExecuteAsync("block-export-del", new { id = "guest" });
+            await qmp.ExecuteAsync("block-export-del", new { id = "pull" });
+            for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-block-exports"))!.AsArray().Count > 0; i++) await Task.Delay(10);
+            await qmp.ExecuteAsync("blockdev-del", JsonNode.Parse("""{"node-name":"acc"}"""));
+            Note("no snapshot access");
+            return string.Join("\n", log);
+        }
+        string qemu = await Story("qsd"), strata = await Story("strata");
+        Assert.True(qemu == strata, $"qemu-storage-daemon:\n{qemu}\nstrata daemon:\n{strata}");
+        Assert.Contains("snapshot access: source 201-201 203-203", qemu);
     }
 
     [Fact]

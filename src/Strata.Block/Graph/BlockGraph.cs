@@ -269,7 +269,7 @@ public sealed class BlockGraph : IDisposable
                 catch
                 {
                     if (createdChild) RemoveLocked(child);
-                    else RefreshLocksQuietly(child);
+                    else RefreshLocksQuietly();
                     throw;
                 }
                 break;
@@ -287,6 +287,19 @@ public sealed class BlockGraph : IDisposable
             };
         _nodes[name] = node;
         _order.Add(name);
+        if (node.OtherChildren.Count > 0 || node.BackingChild is not null)
+        {
+            // A filter or a named backing node changes what is demanded of the nodes below it.
+            try
+            {
+                RefreshLocks();
+            }
+            catch
+            {
+                RemoveLocked(node);
+                throw;
+            }
+        }
         return node;
     }
 
@@ -356,11 +369,12 @@ public sealed class BlockGraph : IDisposable
         node.Claims.Add(claim);
         try
         {
-            RefreshLocks(node);
+            RefreshLocks();
         }
         catch
         {
             node.Claims.Remove(claim);
+            RefreshLocksQuietly();
             throw;
         }
     }
@@ -368,32 +382,53 @@ public sealed class BlockGraph : IDisposable
     private void RemoveClaim(BlockNode node, LockClaim claim)
     {
         node.Claims.Remove(claim);
-        RefreshLocksQuietly(node);
+        RefreshLocksQuietly();
     }
 
-    /// <summary>Sets the image locks of the file under <paramref name="node"/> to what its users claim: a qcow2
-    /// parent its fixed claim, a raw parent (which passes its users' claims through) and the file node's own exports
-    /// and jobs theirs. <paramref name="opening"/> is the claim of a qcow2 node about to open on the file.</summary>
-    private void RefreshLocks(BlockNode node, LockClaim? opening = null)
+    /// <summary>Sets every file node's image locks to what its users demand (<see cref="Demand"/>).
+    /// <paramref name="opening"/>: the claim of a qcow2 node about to open on <paramref name="openingOn"/>.</summary>
+    private void RefreshLocks(BlockNode? openingOn = null, LockClaim? opening = null)
     {
-        var fileNode = node.HostFile is not null ? node : node.Driver == "raw" ? node.FileChild : null;
-        if (fileNode?.HostFile is not { } file || !fileNode.Locking) return;
-        var wanted = fileNode.Claims.Aggregate(opening ?? LockClaim.None, (u, c) => u.Union(c));
+        foreach (var node in _nodes.Values)
+        {
+            if (node.HostFile is not { } file || !node.Locking) continue;
+            var wanted = Demand(node);
+            if (node == openingOn && opening is { } extra) wanted = wanted.Union(extra);
+            file.SetLockClaim(wanted);
+        }
+    }
+
+    /// <summary>What the users of <paramref name="node"/> demand of it, as QEMU's permission graph has it: its own
+    /// exports and jobs; a qcow2 parent's fixed claim; a raw or throttle parent passes its users' demands through; a
+    /// copy-before-write filter in use passes them through and keeps other writers and resizers off its source
+    /// (their writes would escape the copy); a node used as a backing file must not change.</summary>
+    private LockClaim Demand(BlockNode node)
+    {
+        var demand = node.Claims.Aggregate(LockClaim.None, (u, c) => u.Union(c));
         foreach (var parent in _nodes.Values)
         {
-            if (parent.FileChild != fileNode) continue;
-            wanted = parent.Driver == "qcow2"
-                ? wanted.Union(LockClaim.Qcow2(parent.Image.ReadOnly))
-                : parent.Claims.Aggregate(wanted, (u, c) => u.Union(c));
+            if (parent.FileChild == node)
+                demand = demand.Union(parent.Driver == "qcow2" ? LockClaim.Qcow2(parent.Image.ReadOnly) : Demand(parent));
+            if (parent.BackingChild == node)
+                demand = demand.Union(LockClaim.Qcow2(readOnly: true));
+            if (parent.OtherChildren.Count > 0 && parent.OtherChildren[0] == node)
+            {
+                if (parent.Driver == "throttle") demand = demand.Union(Demand(parent));
+                else if (parent.Driver == "copy-before-write" && InUse(parent))
+                    demand = demand.Union(Demand(parent)).Union(new(BlockPermissions.None, BlockPermissions.Write | BlockPermissions.Resize));
+            }
         }
-        file.SetLockClaim(wanted);
+        return demand;
     }
+
+    private bool InUse(BlockNode node) =>
+        node.Claims.Count > 0 || _nodes.Values.Any(p => p.FileChild == node || p.BackingChild == node || p.OtherChildren.Contains(node));
 
     /// <summary>Giving up claims: what remains cannot newly conflict, and a failure to unlock must not stop a
     /// removal half-way.</summary>
-    private void RefreshLocksQuietly(BlockNode node)
+    private void RefreshLocksQuietly()
     {
-        try { RefreshLocks(node); } catch (BlockException) { }
+        try { RefreshLocks(); } catch (BlockException) { }
     }
 
     /// <summary>blockdev-del: the node must have no users; its persistent bitmaps are stored as it closes.</summary>
@@ -481,8 +516,8 @@ public sealed class BlockGraph : IDisposable
         {
             child.Users--;
             if (child.AutoNamed) RemoveLocked(child);
-            else RefreshLocksQuietly(child);
         }
+        RefreshLocksQuietly();
     }
 
     /// <summary>Closes every node, parents before children, storing persistent bitmaps.</summary>
