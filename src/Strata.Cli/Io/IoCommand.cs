@@ -23,8 +23,22 @@ internal static class IoCommand
         {
             try
             {
-                using var image = ImageOpener.Open(r.GetValue(file)!, r.GetValue(format), r.GetValue(readOnly),
-                    locking: r.GetValue(forceShare) ? ImageLocking.ForceShare : ImageLocking.Normal);
+                string path = r.GetValue(file)!;
+                BlockImage image;
+                try
+                {
+                    image = ImageOpener.Open(path, r.GetValue(format), r.GetValue(readOnly),
+                        locking: r.GetValue(forceShare) ? ImageLocking.ForceShare : ImageLocking.Normal);
+                }
+                catch (BlockException e)
+                {
+                    // qemu-io's words: the device, then the driver's reason without qemu-img's "Could not open" frame.
+                    string prefix = $"Could not open '{path}': ";
+                    string reason = e.Message.StartsWith(prefix, StringComparison.Ordinal) ? e.Message[prefix.Length..] : e.Message;
+                    stderr.WriteLine($"strata io: can't open device {path}: {reason}");
+                    return 1;
+                }
+                using var _ = image;
                 foreach (var line in r.GetValue(commands) ?? [])
                 {
                     int rc = Execute(image, line, stdout, stderr);
