@@ -104,41 +104,64 @@ public class ImageLockingTests : ScratchDirTest
         if (what == "qcow2 writable") Assert.Contains("base.qcow2: 100-101 103-103 201-201 203-203", qemu);
     }
 
+    /// <summary>Runs the same QMP steps against qemu-storage-daemon and strata daemon, started with the same
+    /// blockdevs and an NBD server; each step's note records the lock bytes of <paramref name="files"/>, and the two
+    /// logs must agree. Returns QEMU's log.</summary>
+    private async Task<string> SameLockStory(string[] blockdevs, (string Label, string Path)[] files, Func<QmpClient, Action<string>, Task> steps)
+    {
+        var logs = new List<string>();
+        foreach (var kind in new[] { "qsd", "strata" })
+        {
+            string dir = Directory.CreateDirectory(P(kind)).FullName;
+            var log = new List<string>();
+            using var daemon = new Daemon(kind, dir, [.. blockdevs, "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(dir, "e.nbd")}"]);
+            await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
+            await steps(qmp, when => log.Add($"{when}: " + string.Join("; ", files.Select(f => $"{f.Label} {LockBytes(f.Path)}"))));
+            logs.Add(string.Join("\n", log));
+        }
+        Assert.True(logs[0] == logs[1], $"qemu-storage-daemon:\n{logs[0]}\nstrata daemon:\n{logs[1]}");
+        return logs[0];
+    }
+
+    /// <summary>--blockdev arguments for a file node NAME-file and a format node NAME on it.</summary>
+    private static string[] FormatOnFile(string driver, string name, string path) =>
+        ["--blockdev", $"driver=file,node-name={name}-file,filename={path}", "--blockdev", $"driver={driver},node-name={name},file={name}-file"];
+
+    /// <summary>Jobs and exports go away asynchronously: waits until none is left.</summary>
+    private static async Task Settled(QmpClient qmp)
+    {
+        for (int i = 0; i < 500; i++)
+        {
+            if ((await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count == 0 && (await qmp.ExecuteAsync("query-block-exports"))!.AsArray().Count == 0) return;
+            await Task.Delay(10);
+        }
+    }
+
     [Fact]
     public async Task ExportsAndJobsChangeTheLocksAsInQemuStorageDaemon()
     {
         Images();
         Tools.QemuImg("create", "-q", "-f", "raw", P("target.raw"), "16M").Ok();
-        async Task<string> Story(string kind)
-        {
-            string dir = Directory.CreateDirectory(P(kind)).FullName;
-            var log = new List<string>();
-            using var daemon = new Daemon(kind, dir, [
-                "--blockdev", $"driver=file,node-name=f,filename={P("disk.raw")}", "--blockdev", "driver=raw,node-name=n,file=f",
-                "--blockdev", $"driver=file,node-name=tf,filename={P("target.raw")}", "--blockdev", "driver=raw,node-name=t,file=tf",
-                "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(dir, "e.nbd")}"]);
-            await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
-            void Note(string when) => log.Add($"{when}: disk {LockBytes(P("disk.raw"))}; target {LockBytes(P("target.raw"))}");
-            Note("start");
-            await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"e","node-name":"n","writable":true}"""));
-            Note("writable export");
-            await qmp.ExecuteAsync("blockdev-backup", JsonNode.Parse("""{"job-id":"j","device":"n","target":"t","sync":"full","speed":1}"""));
-            Note("backup running");
-            await qmp.ExecuteAsync("job-cancel", new { id = "j" });
-            for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(10);
-            Note("backup gone");
-            await qmp.ExecuteAsync("blockdev-mirror", JsonNode.Parse("""{"job-id":"m","device":"n","target":"t","sync":"full","speed":1}"""));
-            Note("mirror running");
-            await qmp.ExecuteAsync("job-cancel", new { id = "m" });
-            for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(10);
-            Note("mirror gone");
-            await qmp.ExecuteAsync("block-export-del", new { id = "e" });
-            for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-block-exports"))!.AsArray().Count > 0; i++) await Task.Delay(10);
-            Note("export gone");
-            return string.Join("\n", log);
-        }
-        string qemu = await Story("qsd"), strata = await Story("strata");
-        Assert.True(qemu == strata, $"qemu-storage-daemon:\n{qemu}\nstrata daemon:\n{strata}");
+        string qemu = await SameLockStory(
+            [.. FormatOnFile("raw", "n", P("disk.raw")), .. FormatOnFile("raw", "t", P("target.raw"))],
+            [("disk", P("disk.raw")), ("target", P("target.raw"))],
+            async (qmp, note) =>
+            {
+                note("start");
+                await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"e","node-name":"n","writable":true}"""));
+                note("writable export");
+                foreach (var job in new[] { "blockdev-backup", "blockdev-mirror" })
+                {
+                    await qmp.ExecuteAsync(job, JsonNode.Parse("""{"job-id":"j","device":"n","target":"t","sync":"full","speed":1}"""));
+                    note(job + " running");
+                    await qmp.ExecuteAsync("job-cancel", new { id = "j" });
+                    for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(10);
+                    note(job + " gone");
+                }
+                await qmp.ExecuteAsync("block-export-del", new { id = "e" });
+                await Settled(qmp);
+                note("export gone");
+            });
         Assert.Contains("writable export: disk 100-101 203-203", qemu);
     }
 
@@ -149,33 +172,25 @@ public class ImageLockingTests : ScratchDirTest
     {
         Images();
         Tools.QemuImg("create", "-q", "-f", "qcow2", P("fleece.qcow2"), "16M").Ok();
-        async Task<string> Story(string kind)
-        {
-            string dir = Directory.CreateDirectory(P(kind)).FullName;
-            var log = new List<string>();
-            using var daemon = new Daemon(kind, dir, [
-                "--blockdev", $"driver=file,node-name=sf,filename={P("disk.raw")}", "--blockdev", "driver=raw,node-name=s,file=sf",
-                "--blockdev", $"driver=file,node-name=ff,filename={P("fleece.qcow2")}", "--blockdev", "driver=qcow2,node-name=fl,file=ff",
-                "--nbd-server", $"addr.type=unix,addr.path={Path.Combine(dir, "e.nbd")}"]);
-            await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
-            void Note(string when) => log.Add($"{when}: source {LockBytes(P("disk.raw"))}; fleece {LockBytes(P("fleece.qcow2"))}");
-            Note("start");
-            await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("""{"driver":"copy-before-write","node-name":"cbw","file":"s","target":"fl"}"""));
-            Note("filter");
-            await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("""{"driver":"snapshot-access","node-name":"acc","file":"cbw"}"""));
-            Note("snapshot access");
-            await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"pull","node-name":"acc"}"""));
-            await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"guest","node-name":"cbw","writable":true}"""));
-            Note("exports");
-            await qmp.ExecuteAsync("block-export-del", new { id = "guest" });
-            await qmp.ExecuteAsync("block-export-del", new { id = "pull" });
-            for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-block-exports"))!.AsArray().Count > 0; i++) await Task.Delay(10);
-            await qmp.ExecuteAsync("blockdev-del", JsonNode.Parse("""{"node-name":"acc"}"""));
-            Note("no snapshot access");
-            return string.Join("\n", log);
-        }
-        string qemu = await Story("qsd"), strata = await Story("strata");
-        Assert.True(qemu == strata, $"qemu-storage-daemon:\n{qemu}\nstrata daemon:\n{strata}");
+        string qemu = await SameLockStory(
+            [.. FormatOnFile("raw", "s", P("disk.raw")), .. FormatOnFile("qcow2", "fl", P("fleece.qcow2"))],
+            [("source", P("disk.raw")), ("fleece", P("fleece.qcow2"))],
+            async (qmp, note) =>
+            {
+                note("start");
+                await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("""{"driver":"copy-before-write","node-name":"cbw","file":"s","target":"fl"}"""));
+                note("filter");
+                await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("""{"driver":"snapshot-access","node-name":"acc","file":"cbw"}"""));
+                note("snapshot access");
+                await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"pull","node-name":"acc"}"""));
+                await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"guest","node-name":"cbw","writable":true}"""));
+                note("exports");
+                await qmp.ExecuteAsync("block-export-del", new { id = "guest" });
+                await qmp.ExecuteAsync("block-export-del", new { id = "pull" });
+                await Settled(qmp);
+                await qmp.ExecuteAsync("blockdev-del", JsonNode.Parse("""{"node-name":"acc"}"""));
+                note("no snapshot access");
+            });
         Assert.Contains("snapshot access: source 201-201 203-203", qemu);
     }
 

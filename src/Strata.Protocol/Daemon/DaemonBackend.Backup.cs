@@ -123,21 +123,7 @@ public sealed partial class DaemonBackend
             target = OpenDriveTarget(source, targetName, sync, ArgSchema.OptStr(a, "format"), ArgSchema.OptStr(a, "mode") ?? "absolute-paths");
             release = target.Dispose;
         }
-        try
-        {
-            Graph.AddSourceClaim(source, LockClaim.BackupSource);
-        }
-        catch
-        {
-            release();
-            throw;
-        }
-        var releaseTarget = release;
-        release = () =>
-        {
-            Graph.RemoveSourceClaim(source, LockClaim.BackupSource);
-            releaseTarget();
-        };
+        release = ClaimSource(source, LockClaim.BackupSource, release);
         try
         {
             if (ArgSchema.Bool(a, "compress") && !target.SupportsCompression) throw QmpException.Generic("Compression is not supported for this drive ");
@@ -180,6 +166,26 @@ public sealed partial class DaemonBackend
             release();
             throw;
         }
+    }
+
+    /// <summary>Takes a job's lock claim on its source; returns <paramref name="release"/> extended to give it back.
+    /// When the claim is refused, <paramref name="release"/> runs at once (the target is let go) and the error stands.</summary>
+    private Action ClaimSource(BlockNode source, LockClaim claim, Action release)
+    {
+        try
+        {
+            Graph.AddSourceClaim(source, claim);
+        }
+        catch
+        {
+            release();
+            throw;
+        }
+        return () =>
+        {
+            Graph.RemoveSourceClaim(source, claim);
+            release();
+        };
     }
 
     /// <summary>drive-backup's target: created (absolute-paths) or opened (existing).</summary>

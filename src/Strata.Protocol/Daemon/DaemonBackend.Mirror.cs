@@ -94,21 +94,7 @@ public sealed partial class DaemonBackend
                     try { Graph.DeleteForce(created); } catch (BlockException) { }
             };
         }
-        try
-        {
-            Graph.AddSourceClaim(source, LockClaim.MirrorSource);
-        }
-        catch
-        {
-            release();
-            throw;
-        }
-        var releaseTarget = release;
-        release = () =>
-        {
-            Graph.RemoveSourceClaim(source, LockClaim.MirrorSource);
-            releaseTarget();
-        };
+        release = ClaimSource(source, LockClaim.MirrorSource, release);
         try
         {
             var job = new MirrorJob(jobId, new MirrorOptions
