@@ -165,6 +165,26 @@ public class ImageLockingTests : ScratchDirTest
         Assert.Contains("writable export: disk 100-101 203-203", qemu);
     }
 
+    [Fact]
+    public async Task ADriveBackupTargetIsLockedAsInQemuStorageDaemon()
+    {
+        Images();
+        Tools.QemuIo(P("base.qcow2"), ["write -P 0x5a 0 4M"]);
+        string qemu = await SameLockStory([.. FormatOnFile("qcow2", "n", P("base.qcow2"))], [("target", P("drive.qcow2"))],
+            async (qmp, note) =>
+            {
+                await qmp.ExecuteAsync("drive-backup", new JsonObject
+                {
+                    ["job-id"] = "j", ["device"] = "n", ["target"] = P("drive.qcow2"), ["format"] = "qcow2", ["sync"] = "full", ["speed"] = 1,
+                });
+                note("running");
+                await qmp.ExecuteAsync("job-cancel", new { id = "j" });
+                await Settled(qmp);
+                note("gone");
+            });
+        Assert.Contains("running: target 100-101 103-103 201-201 203-203", qemu);
+    }
+
     /// <summary>Pull-model fleecing: a copy-before-write filter in use keeps other writers off its source, and the
     /// guest's export through it passes its own claim down.</summary>
     [Fact]

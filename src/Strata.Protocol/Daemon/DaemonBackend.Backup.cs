@@ -121,6 +121,18 @@ public sealed partial class DaemonBackend
         else
         {
             target = OpenDriveTarget(source, targetName, sync, ArgSchema.OptStr(a, "format"), ArgSchema.OptStr(a, "mode") ?? "absolute-paths");
+            try
+            {
+                // The target's own file is locked as QEMU's target node would be; its backing chain (which for sync=none
+                // is the source's own image, open here already) is read through without a second claim.
+                if (target is Qcow2Image q) q.File.SetLockClaim(LockClaim.Qcow2(readOnly: false));
+                else if (target is RawImage r) r.File.SetLockClaim(LockClaim.BackupTarget);
+            }
+            catch
+            {
+                target.Dispose();
+                throw;
+            }
             release = target.Dispose;
         }
         release = ClaimSource(source, LockClaim.BackupSource, release);
