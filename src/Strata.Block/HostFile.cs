@@ -65,16 +65,34 @@ public sealed class HostFile : IDisposable
         }
     }
 
+    /// <summary>What creating a file claims, as QEMU's file driver does: it writes and sizes the file, so an image
+    /// another process uses (and keeps writers off) is refused before a byte of it is cut.</summary>
+    public static readonly LockClaim CreateClaim = new(BlockPermissions.Write | BlockPermissions.Resize, BlockPermissions.Resize);
+
+    /// <summary>Creates (or empties) a file for a new image. The existing file is only truncated once its image
+    /// locks show nobody else is using it.</summary>
     public static HostFile Create(string path)
     {
+        HostFile file;
         try
         {
-            var handle = File.OpenHandle(path, FileMode.Create, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
-            return new HostFile(path, handle, false);
+            var handle = File.OpenHandle(path, FileMode.OpenOrCreate, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
+            file = new HostFile(path, handle, false);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             throw new BlockException($"Could not create '{path}': {e.Message}");
+        }
+        try
+        {
+            file.SetLockClaim(CreateClaim);
+            file.SetLength(0);
+            return file;
+        }
+        catch
+        {
+            file.Dispose();
+            throw;
         }
     }
 

@@ -271,6 +271,27 @@ public class ImageLockingTests : ScratchDirTest
         Assert.Equal(answers[0], answers[1]);
     }
 
+    /// <summary>Creating or converting over an image another process uses would destroy it: refused before a byte
+    /// is cut, in qemu-img's words.</summary>
+    [Theory]
+    [InlineData("create -f qcow2 IMG 1M")]
+    [InlineData("create -f raw IMG 1M")]
+    [InlineData("convert -O qcow2 SRC IMG")]
+    [InlineData("convert -O raw SRC IMG")]
+    public void OverwritingAnImageInUseIsRefusedAsQemuImgRefusesIt(string command)
+    {
+        Images();
+        using var qsd = new Daemon("qsd", Dir, [.. FormatOnFile("qcow2", "n", P("base.qcow2"))]);
+        Tools.QemuImg("create", "-q", "-f", "qcow2", P("src.qcow2"), "1M").Ok();
+        string[] args = command.Replace("IMG", P("base.qcow2")).Replace("SRC", P("src.qcow2")).Split(' ');
+        var qemu = Tools.Run("qemu-img", args);
+        var strata = Tools.StrataCmd(["img", .. args]);
+        Assert.Equal(1, qemu.Exit);
+        Assert.Equal(1, strata.Exit);
+        Assert.Equal(qemu.Stderr.Trim().Replace("qemu-img:", "strata img:"), strata.Stderr.Trim());
+        Assert.Contains("virtual size: 16 MiB", Tools.Run("qemu-img", "info", "-U", P("base.qcow2")).Stdout);
+    }
+
     [Fact]
     public async Task QuitAnswersOnceTheImagesAreClosedAndUnlocked()
     {

@@ -203,8 +203,15 @@ internal static class ImgCommands
         }
         if (format == "raw")
         {
-            using var r = RawImage.Create(file, size.Value);
-            r.Flush();
+            try
+            {
+                using var r = RawImage.Create(file, size.Value);
+                r.Flush();
+            }
+            catch (BlockException e)
+            {
+                throw new BlockException($"{file}: {e.Message}");
+            }
         }
         else
         {
@@ -559,8 +566,15 @@ internal static class ImgCommands
                 if (fresh)
                 {
                     var createOpts = kv.Where(p => p.Key is not ("backing_file" or "backing_fmt")).Select(p => $"{p.Key}={p.Value}").ToArray();
-                    Create(TextWriter.Null, target, outFmt, targetBacking, targetBackingFormat, createOpts, total.ToString(System.Globalization.CultureInfo.InvariantCulture),
-                        quiet: true, unsafeBacking: true);
+                    try
+                    {
+                        Create(TextWriter.Null, target, outFmt, targetBacking, targetBackingFormat, createOpts, total.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                            quiet: true, unsafeBacking: true);
+                    }
+                    catch (BlockException e) when (e.Message.StartsWith(target + ": ", StringComparison.Ordinal))
+                    {
+                        throw new BlockException($"{target}: error while converting {outFmt}: {e.Message[(target.Length + 2)..]}");
+                    }
                 }
                 dst = OpenImage(target, fresh ? outFmt : r.GetValue(outFormat), readOnly: false, openBacking: targetBacking is not null);
                 using var _dst = dst;

@@ -259,7 +259,7 @@ public sealed partial class DaemonBackend : IQmpBackend
                 }
                 catch (BlockException e)
                 {
-                    throw new BlockException(e.Message.Replace("Could not create", "Could not create file"));
+                    throw new BlockException(ImageLockedException.WithoutHint(e.Message).Replace("Could not create", "Could not create file"));
                 }
                 return Task.CompletedTask;
             };

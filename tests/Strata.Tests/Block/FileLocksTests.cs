@@ -61,4 +61,26 @@ public class FileLocksTests
             File.Delete(path);
         }
     }
+
+    [Fact]
+    public void CreatingOverAFileInUseLeavesItWhole()
+    {
+        string path = Path.GetTempFileName();
+        try
+        {
+            File.WriteAllBytes(path, new byte[12345]);
+            using (var user = HostFile.Open(path, readOnly: false))
+            {
+                user.SetLockClaim(LockClaim.Qcow2(readOnly: false));
+                var e = Assert.Throws<ImageLockedException>(() => HostFile.Create(path));
+                Assert.StartsWith("Failed to get \"write\" lock", e.Message);
+                Assert.Equal(12345, new FileInfo(path).Length);
+            }
+            using (var created = HostFile.Create(path)) Assert.Equal(0, created.Length);
+        }
+        finally
+        {
+            File.Delete(path);
+        }
+    }
 }
