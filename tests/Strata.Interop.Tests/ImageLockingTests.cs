@@ -85,6 +85,11 @@ public class ImageLockingTests : ScratchDirTest
             "--blockdev", "driver=file,node-name=f,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=n,file=f",
             "--blockdev", "driver=throttle,node-name=t,file=n,throttle-group=tg",
             "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=t,writable=on"] },
+        { "raw node named as a backing node", ["--blockdev", "driver=file,node-name=rf,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=r,file=rf",
+            "--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f,backing=r"] },
+        { "raw backing node under an exported overlay", ["--blockdev", "driver=file,node-name=rf,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=r,file=rf",
+            "--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f,backing=r",
+            "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=n,writable=on"] },
         { "locking=off", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2,locking=off", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
     };
 

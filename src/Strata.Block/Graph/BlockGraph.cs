@@ -401,7 +401,8 @@ public sealed class BlockGraph : IDisposable
     /// <summary>What the users of <paramref name="node"/> demand of it, as QEMU's permission graph has it: its own
     /// exports and jobs; a qcow2 parent's fixed claim; a raw or throttle parent passes its users' demands through; a
     /// copy-before-write filter in use passes them through and keeps other writers and resizers off its source
-    /// (their writes would escape the copy); a node used as a backing file must not change.</summary>
+    /// (their writes would escape the copy); the backing node of a node in use is read (and may still be written by
+    /// others: QEMU shares that, so that a commit can write into it).</summary>
     private LockClaim Demand(BlockNode node)
     {
         var demand = node.Claims.Aggregate(LockClaim.None, (u, c) => u.Union(c));
@@ -409,8 +410,8 @@ public sealed class BlockGraph : IDisposable
         {
             if (parent.FileChild == node)
                 demand = demand.Union(parent.Driver == "qcow2" ? LockClaim.Qcow2(parent.Image.ReadOnly) : Demand(parent));
-            if (parent.BackingChild == node)
-                demand = demand.Union(LockClaim.Qcow2(readOnly: true));
+            if (parent.BackingChild == node && InUse(parent))
+                demand = demand.Union(new(BlockPermissions.ConsistentRead, BlockPermissions.None));
             if (parent.OtherChildren.Count > 0 && parent.OtherChildren[0] == node)
             {
                 if (parent.Driver == "throttle") demand = demand.Union(Demand(parent));
