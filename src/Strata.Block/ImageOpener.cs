@@ -20,6 +20,9 @@ public enum ImageLocking
     Resize,
     /// <summary>-U: read while others may do anything.</summary>
     ForceShare,
+    /// <summary>Only what format drivers claim for themselves: qcow2 layers lock, raw layers take nothing (a
+    /// daemon's backing chain below a node nobody uses yet, as qemu-storage-daemon opens it).</summary>
+    FormatOnly,
 }
 
 /// <summary>Opens images by format (probed or given) together with their whole backing chain.</summary>
@@ -51,7 +54,10 @@ public static class ImageOpener
     {
         ImageLocking.Off => LockClaim.None,
         ImageLocking.ForceShare => LockClaim.SharedRead,
-        _ when format == "qcow2" || isBacking => LockClaim.Qcow2(readOnly),
+        _ when format == "qcow2" => LockClaim.Qcow2(readOnly),
+        ImageLocking.FormatOnly => LockClaim.None,
+        // A backing file is read; others may still write it (QEMU shares that, so that a commit can).
+        _ when isBacking => new(BlockPermissions.ConsistentRead, BlockPermissions.None),
         ImageLocking.Stable => new(BlockPermissions.ConsistentRead, BlockPermissions.Write),
         ImageLocking.Resize => new(BlockPermissions.ConsistentRead | BlockPermissions.Write | BlockPermissions.Resize, BlockPermissions.None),
         _ => new(BlockPermissions.ConsistentRead | (readOnly ? 0 : BlockPermissions.Write), BlockPermissions.None),

@@ -67,7 +67,8 @@ public class ImageLockingTests : ScratchDirTest
         Tools.QemuImg("create", "-q", "-f", "qcow2", P("base.qcow2"), "16M").Ok();
         Tools.QemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", P("top.qcow2")).Ok();
         Tools.QemuImg("create", "-q", "-f", "raw", P("disk.raw"), "16M").Ok();
-        return [P("base.qcow2"), P("top.qcow2"), P("disk.raw")];
+        Tools.QemuImg("create", "-q", "-f", "qcow2", "-b", "disk.raw", "-F", "raw", P("raw-top.qcow2")).Ok();
+        return [P("base.qcow2"), P("top.qcow2"), P("disk.raw"), P("raw-top.qcow2")];
     }
 
     public static TheoryData<string, string[]> Configurations => new()
@@ -75,6 +76,7 @@ public class ImageLockingTests : ScratchDirTest
         { "qcow2 writable", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
         { "qcow2 read-only", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2,read-only=on", "--blockdev", "driver=qcow2,node-name=n,file=f,read-only=on"] },
         { "overlay and its backing file", ["--blockdev", "driver=file,node-name=f,filename=DIR/top.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
+        { "overlay of a raw backing file", ["--blockdev", "driver=file,node-name=f,filename=DIR/raw-top.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
         { "file node alone", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2"] },
         { "raw without users", ["--blockdev", "driver=file,node-name=f,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=n,file=f"] },
         { "raw exported writable", ["--blockdev", "driver=file,node-name=f,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=n,file=f",

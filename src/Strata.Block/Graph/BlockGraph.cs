@@ -255,7 +255,7 @@ public sealed class BlockGraph : IDisposable
                         try
                         {
                             image.ReplaceBacking(ImageOpener.Open(ImageOpener.ResolveBackingPath(child.FileName, backing), image.BackingFormat,
-                                locking: child.Locking ? ImageLocking.Normal : ImageLocking.Off));
+                                locking: child.Locking ? ImageLocking.FormatOnly : ImageLocking.Off));
                         }
                         catch
                         {
