@@ -29,14 +29,7 @@ public class ImageLockingTests : ScratchDirTest
             foreach (var a in new[] { "--chardev", $"socket,id=m,path={QmpPath},server=on,wait=off", "--monitor", "chardev=m" }) psi.ArgumentList.Add(a);
             psi.RedirectStandardError = psi.RedirectStandardOutput = true;
             _process = Process.Start(psi)!;
-            var sw = Stopwatch.StartNew();
-            while (!File.Exists(QmpPath))
-            {
-                if (_process.HasExited) throw new InvalidOperationException($"{kind} exited: {_process.StandardError.ReadToEnd()}");
-                if (sw.ElapsedMilliseconds > 20000) throw new TimeoutException($"{kind} did not start");
-                Thread.Sleep(10);
-            }
-            Listening.WaitFor(QmpPath);
+            Listening.WaitForProcess(_process, kind, 20000, QmpPath);
         }
 
         public void Dispose()

@@ -37,15 +37,7 @@ public class MigrationTests : ScratchDirTest
             foreach (var a in new[] { "--chardev", $"socket,id=m,path={Qmp},server=on,wait=off", "--monitor", "chardev=m", "--nbd-server", $"addr.type=unix,addr.path={Nbd}" })
                 psi.ArgumentList.Add(a);
             Process = Process.Start(psi)!;
-            var sw = Stopwatch.StartNew();
-            while (!File.Exists(Qmp) || !File.Exists(Nbd))
-            {
-                if (Process.HasExited) throw new InvalidOperationException("daemon exited: " + Process.StandardError.ReadToEnd());
-                if (sw.ElapsedMilliseconds > 15000) throw new TimeoutException("daemon did not start");
-                Thread.Sleep(20);
-            }
-            Listening.WaitFor(Qmp);
-            Listening.WaitFor(Nbd);
+            Listening.WaitForProcess(Process, "daemon", 15000, Qmp, Nbd);
         }
 
         public void Kill()

@@ -30,14 +30,7 @@ public class QemuVmBackupTests : ScratchDirTest
                      })
                 psi.ArgumentList.Add(a);
             _process = Process.Start(psi)!;
-            var sw = Stopwatch.StartNew();
-            while (!File.Exists(QmpPath))
-            {
-                if (_process.HasExited) throw new InvalidOperationException("qemu-system-x86_64 exited: " + _process.StandardError.ReadToEnd());
-                if (sw.ElapsedMilliseconds > 30000) throw new TimeoutException("the VM did not start");
-                Thread.Sleep(20);
-            }
-            Listening.WaitFor(QmpPath);
+            Listening.WaitForProcess(_process, "qemu-system-x86_64", 30000, QmpPath);
         }
 
         /// <summary>Shuts the VM down as a management tool would, and waits until it has stored its bitmaps and exited.</summary>

@@ -47,15 +47,7 @@ internal sealed class QsdProcess : IDisposable
         {
             throw new InvalidOperationException("qemu-storage-daemon is not installed (apt-get install qemu-system-common): " + e.Message);
         }
-        var sw = Stopwatch.StartNew();
-        while (!File.Exists(qmp) || (nbdSocket is not null && !File.Exists(nbdSocket)))
-        {
-            if (_process.HasExited) throw new InvalidOperationException("qemu-storage-daemon exited: " + _process.StandardError.ReadToEnd());
-            if (sw.ElapsedMilliseconds > 10000) throw new TimeoutException("qemu-storage-daemon did not start");
-            Thread.Sleep(20);
-        }
-        Listening.WaitFor(qmp);
-        if (nbdSocket is not null) Listening.WaitFor(nbdSocket);
+        Listening.WaitForProcess(_process, "qemu-storage-daemon", 10000, nbdSocket is null ? [qmp] : [qmp, nbdSocket]);
         _socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         if (!connect)
         {

@@ -26,14 +26,7 @@ internal sealed class StrataDaemonProcess : IDisposable
         }
         _process = Process.Start(psi)!;
         if (!waitForMonitor) return;
-        var sw = Stopwatch.StartNew();
-        while (!File.Exists(QmpPath))
-        {
-            if (_process.HasExited) throw new InvalidOperationException("strata daemon exited: " + _process.StandardError.ReadToEnd());
-            if (sw.ElapsedMilliseconds > 15000) throw new TimeoutException("strata daemon did not start");
-            Thread.Sleep(20);
-        }
-        Listening.WaitFor(QmpPath);
+        Listening.WaitForProcess(_process, "strata daemon", 15000, QmpPath);
     }
 
     public Process Process => _process;

@@ -50,15 +50,7 @@ public sealed class BackupSourceProcess : IDisposable
         psi.UseShellExecute = false;
         foreach (var a in args) psi.ArgumentList.Add(a);
         _process = Process.Start(psi)!;
-        var sw = Stopwatch.StartNew();
-        while (!File.Exists(QmpPath) || !File.Exists(NbdPath))
-        {
-            if (_process.HasExited) throw new InvalidOperationException($"{Kind} exited: " + _process.StandardError.ReadToEnd());
-            if (sw.ElapsedMilliseconds > 15000) throw new TimeoutException($"{Kind} did not start");
-            Thread.Sleep(20);
-        }
-        Listening.WaitFor(QmpPath);
-        Listening.WaitFor(NbdPath);
+        Listening.WaitForProcess(_process, Kind, 15000, QmpPath, NbdPath);
     }
 
     /// <summary>SIGKILL: nothing is flushed or closed.</summary>
