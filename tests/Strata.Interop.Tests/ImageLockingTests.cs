@@ -292,6 +292,44 @@ public class ImageLockingTests : ScratchDirTest
         Assert.Contains("virtual size: 16 MiB", Tools.Run("qemu-img", "info", "-U", P("base.qcow2")).Stdout);
     }
 
+    /// <summary>Two format nodes on one file node share one open file, so no lock byte can tell them apart: the
+    /// daemon checks their permissions against each other, as QEMU's graph does.</summary>
+    [Fact]
+    public async Task FormatNodesSharingAFileNodeAreCheckedAgainstEachOtherAsInQemuStorageDaemon()
+    {
+        Images();
+        var answers = new List<string>();
+        foreach (var kind in new[] { "qsd", "strata" })
+        {
+            var log = new List<string>();
+            using (var daemon = new Daemon(kind, Directory.CreateDirectory(P(kind)).FullName, ["--blockdev", $"driver=file,node-name=f,filename={P("base.qcow2")}"]))
+            {
+                await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
+                foreach (var (name, readOnly) in new[] { ("r1", true), ("r2", true), ("w1", false), ("w2", false), ("r3", true) })
+                {
+                    if (name == "w1")
+                        foreach (var r in new[] { "r1", "r2" }) await qmp.ExecuteAsync("blockdev-del", new JsonObject { ["node-name"] = r });
+                    try
+                    {
+                        await qmp.ExecuteAsync("blockdev-add", new JsonObject { ["driver"] = "qcow2", ["node-name"] = name, ["file"] = "f", ["read-only"] = readOnly });
+                        log.Add($"{name}: ok");
+                    }
+                    catch (QmpException e)
+                    {
+                        log.Add($"{name}: {e.ErrorClass}: {e.Message}");
+                    }
+                }
+            }
+            // On the command line too.
+            string[] args = ["--blockdev", $"driver=file,node-name=f,filename={P("base.qcow2")}", "--blockdev", "driver=qcow2,node-name=q1,file=f", "--blockdev", "driver=qcow2,node-name=q2,file=f"];
+            var start = kind == "qsd" ? Tools.Run("qemu-storage-daemon", args) : Tools.StrataCmd(["daemon", .. args]);
+            log.Add($"command line: exit {start.Exit}: {start.Stderr.Trim().Replace("qemu-storage-daemon:", "DAEMON:").Replace("strata daemon:", "DAEMON:")}");
+            answers.Add(string.Join("\n", log));
+        }
+        Assert.True(answers[0] == answers[1], $"qemu-storage-daemon:\n{answers[0]}\nstrata daemon:\n{answers[1]}");
+        Assert.Contains("w2: GenericError: Permission conflict on node 'f'", answers[0]);
+    }
+
     [Fact]
     public async Task QuitAnswersOnceTheImagesAreClosedAndUnlocked()
     {

@@ -234,7 +234,11 @@ public sealed class BlockGraph : IDisposable
                 {
                     // QEMU's qcow2 keeps writers and resizers off its file whoever uses the node; taken before the
                     // image is opened, since a writable open marks in-use flags in the file.
-                    if (spec.Driver == "qcow2") RefreshLocks(child, LockClaim.Qcow2(spec.ReadOnly));
+                    if (spec.Driver == "qcow2")
+                    {
+                        CheckSiblingPermissions(child, name, LockClaim.Qcow2(spec.ReadOnly));
+                        RefreshLocks(child, LockClaim.Qcow2(spec.ReadOnly));
+                    }
                     BlockImage image = spec.Driver == "raw"
                         ? new RawImage(fileImage.File, "raw", ownsFile: false)
                         : Qcow2Image.Open(fileImage.File, new Qcow2OpenOptions { OwnsFile = false, ReadOnly = spec.ReadOnly });
@@ -420,6 +424,28 @@ public sealed class BlockGraph : IDisposable
             }
         }
         return demand;
+    }
+
+    /// <summary>QEMU's permission check between parents of one node (one open file, so the OFD locks cannot
+    /// see it): a new parent may not take what another refuses to share, nor refuse what another takes — two
+    /// writable qcow2 nodes on one file would each overwrite the other's metadata.</summary>
+    private void CheckSiblingPermissions(BlockNode child, string newParent, LockClaim wanted)
+    {
+        foreach (var parent in _nodes.Values)
+        {
+            if (parent.FileChild != child) continue;
+            var held = parent.Driver == "qcow2" ? LockClaim.Qcow2(parent.Image.ReadOnly) : Demand(parent);
+            if (Conflict(held.Taken & wanted.Unshared, parent.Name, newParent) is { } a) throw new BlockException(a);
+            if (Conflict(wanted.Taken & held.Unshared, newParent, parent.Name) is { } b) throw new BlockException(b);
+        }
+
+        string? Conflict(BlockPermissions both, string requiredBy, string unsharedBy)
+        {
+            if (both == BlockPermissions.None) return null;
+            var names = Enumerable.Range(0, 4).Select(i => (BlockPermissions)(1 << i)).Where(p => both.HasFlag(p)).Select(LockClaim.PermissionName);
+            return $"Permission conflict on node '{child.Name}': permissions '{string.Join(", ", names)}' are both required by node '{requiredBy}' " +
+                   $"(uses node '{child.Name}' as 'file' child) and unshared by node '{unsharedBy}' (uses node '{child.Name}' as 'file' child).";
+        }
     }
 
     private bool InUse(BlockNode node) =>
