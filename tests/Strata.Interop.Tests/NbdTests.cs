@@ -42,6 +42,24 @@ public class NbdTests : ScratchDirTest
         return img;
     }
 
+    /// <summary>Our client waits for the server to close after NBD_CMD_DISC, so an export can be deleted in safe mode
+    /// the moment the client is done: against strata daemon and qemu-storage-daemon alike, every time.</summary>
+    [Theory]
+    [InlineData("strata")]
+    [InlineData("qsd")]
+    public async Task AnExportIsFreeForASafeDeleteOnceOurClientHasDisconnected(string kind)
+    {
+        using var src = new BackupSourceProcess(kind, Dir, ["d"]);
+        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
+        for (int i = 0; i < 30; i++)
+        {
+            await qmp.ExecuteAsync("block-export-add", JsonNode.Parse($$"""{"type":"nbd","id":"e{{i}}","node-name":"d","name":"e{{i}}"}"""));
+            await using (var client = await NbdClient.ConnectUnixAsync(src.NbdPath, $"e{i}"))
+                await client.ReadAsync(0, new byte[4096]);
+            await qmp.ExecuteAsync("block-export-del", new { id = $"e{i}" });
+        }
+    }
+
     /// <summary>A client that connects the moment the socket appears finds the command line's exports, even the
     /// last of many: like qemu-storage-daemon, nobody is served before every --export is in place.</summary>
     [Fact]

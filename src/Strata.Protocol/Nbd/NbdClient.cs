@@ -354,6 +354,14 @@ public sealed class NbdClient : IAsyncDisposable
         catch (Exception)
         {
         }
+        if (_readLoop is not null)
+        {
+            // Wait (briefly) for the server to close its end after NBD_CMD_DISC: once it has, it no longer counts this
+            // connection, so a management tool that deletes the export right after (block-export-del, safe mode)
+            // is not told it is still in use.
+            try { _socket.Shutdown(SocketShutdown.Send); } catch (Exception) { }
+            try { await _readLoop.WaitAsync(TimeSpan.FromSeconds(2)); } catch (Exception) { }
+        }
         try { _socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
         await _stream.DisposeAsync();
         if (_readLoop is not null) try { await _readLoop; } catch (Exception) { }
