@@ -33,6 +33,10 @@ public abstract class BlockImage : IDisposable
     public Bitmaps.BitmapSet Bitmaps { get; protected set; } = null!;
 
     /// <summary>Writes back the persistent bitmaps now (QEMU does so on close); no-op for formats without them.</summary>
+    /// <summary>Reopens the image read-only (QEMU does this to the old top of an external snapshot): pending metadata
+    /// and persistent bitmaps are written, then writes are refused. Drivers that cannot do it say so.</summary>
+    public virtual void SwitchToReadOnly() => throw new BlockException($"Cannot reopen '{FileName}' read-only");
+
     public virtual void StoreBitmaps()
     {
     }

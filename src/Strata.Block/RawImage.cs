@@ -26,7 +26,16 @@ public sealed class RawImage : BlockImage
     public override string FormatName => _formatName;
     /// <summary>The file's length in whole sectors; it follows the file (a "file" node under a qcow2 that grows).</summary>
     public override long Size => Math.Max(Interlocked.Read(ref _size), (_file.Length + 511) & ~511L);
-    public override bool ReadOnly => _file.ReadOnly;
+    private volatile bool _switchedToReadOnly;
+
+    public override bool ReadOnly => _file.ReadOnly || _switchedToReadOnly;
+
+    public override void SwitchToReadOnly()
+    {
+        if (ReadOnly) return;
+        Flush();
+        _switchedToReadOnly = true;
+    }
     public override string FileName => _file.Path;
 
     public static RawImage Create(string path, long size)

@@ -185,6 +185,25 @@ public class ImageLockingTests : ScratchDirTest
         Assert.Contains("running: target 100-101 103-103 201-201 203-203", qemu);
     }
 
+    /// <summary>After an external snapshot the old top is reopened read-only: its file keeps a reader's locks.</summary>
+    [Fact]
+    public async Task AnExternalSnapshotLeavesTheOldTopLockedAsAReaderAsInQemuStorageDaemon()
+    {
+        Images();
+        string qemu = await SameLockStory([.. FormatOnFile("qcow2", "n", P("base.qcow2"))], [("base", P("base.qcow2")), ("overlay", P("snap.qcow2"))],
+            async (qmp, note) =>
+            {
+                File.Delete(P("snap.qcow2"));
+                await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"e","node-name":"n","writable":true}"""));
+                await qmp.ExecuteAsync("blockdev-snapshot-sync", new JsonObject
+                {
+                    ["node-name"] = "n", ["snapshot-file"] = P("snap.qcow2"), ["snapshot-node-name"] = "snap", ["format"] = "qcow2",
+                });
+                note("after the snapshot");
+            });
+        Assert.Contains("after the snapshot: base 100-100 201-201 203-203; overlay 100-101 103-103 201-201 203-203", qemu);
+    }
+
     /// <summary>Pull-model fleecing: a copy-before-write filter in use keeps other writers off its source, and the
     /// guest's export through it passes its own claim down.</summary>
     [Fact]

@@ -17,6 +17,7 @@ public class SnapshotSyncDifferentialTests : ScratchDirTest
         var log = transcript.Lines;
         string ov1 = Path.Combine(dir, "ov1.qcow2"), ov2 = Path.Combine(dir, "ov2.qcow2");
         await transcript.Try("blockdev-snapshot-sync", "{\"node-name\":\"nope\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"ov1\"}");
+        await transcript.Try("blockdev-snapshot-sync", "{\"node-name\":\"src\",\"snapshot-file\":\"" + ov1 + "\"}");
         await transcript.Try("blockdev-snapshot-sync", "{\"node-name\":\"src\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"src-file\"}");
         await transcript.Try("blockdev-snapshot-sync", "{\"node-name\":\"src\",\"snapshot-file\":\"" + ov1 + "\",\"snapshot-node-name\":\"ov1\"}");
         Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x71 2M 64k", $"nbd+unix:///src?socket={src.NbdPath}").Exit);
@@ -30,7 +31,7 @@ public class SnapshotSyncDifferentialTests : ScratchDirTest
         Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x72 3M 64k", $"nbd+unix:///src?socket={src.NbdPath}").Exit);
         var nodes = (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray();
         foreach (var n in nodes.Where(n => !n!["node-name"]!.GetValue<string>().StartsWith('#')))
-            log.Add($"{n!["node-name"]} drv={n["drv"]} depth={n["backing_file_depth"]} backing={n["backing_file"]?.GetValue<string>().Replace(dir, "DIR") ?? "-"} bitmaps={n["dirty-bitmaps"]?.ToJsonString() ?? "-"}");
+            log.Add($"{n!["node-name"]} drv={n["drv"]} ro={n["ro"]} depth={n["backing_file_depth"]} backing={n["backing_file"]?.GetValue<string>().Replace(dir, "DIR") ?? "-"} bitmaps={n["dirty-bitmaps"]?.ToJsonString() ?? "-"}");
         log.Add("exports on: " + string.Join(",", (await qmp.ExecuteAsync("query-block-exports"))!.AsArray().Select(e => e!["node-name"]!.GetValue<string>())));
         await qmp.ExecuteAsync("quit");
         var chain = Tools.Run("qemu-img", "info", "--backing-chain", ov2);

@@ -487,6 +487,16 @@ public sealed class BlockGraph : IDisposable
             }, topLevel: false);
     }
 
+    /// <summary>Reopens a node read-only (the old top of an external snapshot); its file keeps only a reader's locks.</summary>
+    public void SwitchToReadOnly(BlockNode node)
+    {
+        lock (_lock)
+        {
+            node.Image.SwitchToReadOnly();
+            RefreshLocksQuietly();
+        }
+    }
+
     /// <summary>Removes a node nothing but this daemon's own bookkeeping uses (undoing a snapshot in a failed
     /// transaction), whether or not it was named automatically.</summary>
     public void DeleteForce(BlockNode node)

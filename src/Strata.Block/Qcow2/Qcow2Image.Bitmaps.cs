@@ -153,6 +153,19 @@ public sealed partial class Qcow2Image
     /// <summary>Stored entries in directory order (the order they were loaded or written).</summary>
     private IEnumerable<StoredBitmap> OrderedStoredEntries() => _storedBitmaps.Values;
 
+    public override void SwitchToReadOnly()
+    {
+        if (!_writable) return;
+        Flush();
+        lock (_lock)
+        {
+            StoreBitmapsLocked();
+            _file.Flush();
+            _writable = false;
+            foreach (var b in Bitmaps.All.Where(b => b.Persistent)) b.ReadOnly = true;
+        }
+    }
+
     public override void StoreBitmaps()
     {
         if (!_writable) return;

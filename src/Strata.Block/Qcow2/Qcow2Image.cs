@@ -30,7 +30,7 @@ public sealed partial class Qcow2Image : BlockImage
     private readonly int _l2Entries;
     private readonly int _refcountOrder;
     private readonly long _refcountsPerBlock;
-    private readonly bool _writable;
+    private volatile bool _writable;
     private readonly bool _ownsFile;
 
     private Qcow2Header _header;

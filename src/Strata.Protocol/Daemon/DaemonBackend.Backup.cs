@@ -275,7 +275,7 @@ public sealed partial class DaemonBackend
                     }
                     case "blockdev-snapshot-sync":
                         ArgSchema.Validate(data, SnapshotSyncArgs);
-                        undo.Push(TakeSnapshot(data));
+                        undo.Push(TakeSnapshot(data, commits));
                         break;
                     default:
                         PrepareBitmapAction(type, data, undo, commits);

@@ -20,14 +20,17 @@ public sealed partial class DaemonBackend
     {
         Add("blockdev-snapshot-sync", SnapshotSyncArgs, "any", a =>
         {
-            TakeSnapshot(a);
+            var commits = new List<Action>();
+            TakeSnapshot(a, commits);
+            foreach (var commit in commits) commit();
             return new QDict();
         });
     }
 
     /// <summary>Creates the overlay and puts it on top at once (so later actions of a transaction see the new node);
-    /// returns how to undo that if the transaction fails.</summary>
-    private Action TakeSnapshot(JsonObject a)
+    /// returns how to undo that if the transaction fails, and adds to <paramref name="commits"/> what QEMU does once
+    /// it succeeds: the old top is reopened read-only.</summary>
+    private Action TakeSnapshot(JsonObject a, List<Action> commits)
     {
         string? device = ArgSchema.OptStr(a, "device"), nodeName = ArgSchema.OptStr(a, "node-name");
         if ((device is null) == (nodeName is null)) throw QmpException.Generic("Exactly one of device and node-name must be specified");
@@ -37,8 +40,9 @@ public sealed partial class DaemonBackend
         string format = ArgSchema.OptStr(a, "format") ?? "qcow2";
         if (format != "qcow2") throw QmpException.Generic($"Unknown file format '{format}'");
         string? snapshotNode = ArgSchema.OptStr(a, "snapshot-node-name");
+        // Addressed by node name, the overlay must be named too (a device's overlay may stay anonymous).
+        if (nodeName is not null && snapshotNode is null) throw QmpException.Generic("New overlay node-name missing");
         if (snapshotNode is not null && Graph.Find(snapshotNode) is not null) throw QmpException.Generic("New overlay node-name already in use");
-        if (node.Image.ReadOnly) throw QmpException.Generic($"Node '{node.Name}' is read only");
         if ((ArgSchema.OptStr(a, "mode") ?? "absolute-paths") == "absolute-paths")
         {
             if (File.Exists(file)) File.Delete(file);
@@ -61,6 +65,11 @@ public sealed partial class DaemonBackend
         }
         // The node's users (its exports) move up to the overlay; the node stays below as its backing.
         MoveExportsAsync(node, overlay, null).GetAwaiter().GetResult();
+        commits.Add(() =>
+        {
+            // As QEMU: best effort, a node that cannot be reopened stays as it is.
+            try { Graph.SwitchToReadOnly(node); } catch (BlockException) { }
+        });
         return () =>
         {
             MoveExportsAsync(overlay, node, null).GetAwaiter().GetResult();

@@ -44,6 +44,26 @@ public class BitmapPersistenceTests
     }
 
     [Fact]
+    public void SwitchingToReadOnlyStoresTheBitmapsAndRefusesWrites()
+    {
+        using var dir = new TempDir();
+        string path = MakeImage(dir);
+        using var img = ImageOpener.Open(path, readOnly: false);
+        img.Write(7 << 20, new byte[] { 2 });
+        string hash = img.Bitmaps.Get("bm0").Bits.Sha256();
+        img.SwitchToReadOnly();
+        Assert.True(img.ReadOnly);
+        Assert.True(img.Bitmaps.Get("bm0").ReadOnly);
+        Assert.Throws<BlockException>(() => img.Write(0, new byte[] { 3 }));
+        // Still open, yet another reader finds the bitmaps stored and consistent, with the last write in them.
+        using var other = ImageOpener.Open(path);
+        Assert.False(other.Bitmaps.Get("bm0").Inconsistent);
+        Assert.Equal(hash, other.Bitmaps.Get("bm0").Bits.Sha256());
+        var report = ((Qcow2Image)other).Check(RepairMode.None);
+        Assert.True(report.Corruptions == 0 && report.Leaks == 0, string.Join("\n", report.Messages));
+    }
+
+    [Fact]
     public void AReadWriteOpenMarksBitmapsInUseUntilClosed()
     {
         using var dir = new TempDir();
