@@ -230,9 +230,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                 await source.ExecuteAsync("blockdev-del", new JsonObject { ["node-name"] = node });
                 return;
             }
-            catch (QmpException e) when (e.ErrorClass == "GenericError" && e.Message.Contains("not found", StringComparison.OrdinalIgnoreCase) || e.ErrorClass == "DeviceNotFound")
+            catch (QmpException e) when (e.ErrorClass == "DeviceNotFound" || e.ErrorClass == "GenericError" &&
+                                         (e.Message.StartsWith("Failed to find node", StringComparison.Ordinal) || e.Message.Contains("not found", StringComparison.OrdinalIgnoreCase)))
             {
-                return;
+                return; // already gone (QEMU and strata daemon both say "Failed to find node with node-name=…")
             }
             catch (QmpException) when (attempt < 40)
             {

@@ -546,7 +546,9 @@ public sealed class BlockGraph : IDisposable
     {
         _nodes.Remove(node.Name);
         _order.Remove(node.Name);
-        node.Image.Dispose();
+        // Once out of the graph the node is gone whatever closing it meets (a failing disk under blkdebug, say):
+        // QEMU's blockdev-del does not fail after its checks either, and the rest of the removal must still run.
+        try { node.Image.Dispose(); } catch (Exception e) when (e is BlockException or IOException) { }
         if (node.BackingChild is { } backingChild) backingChild.Users--;
         foreach (var other in node.OtherChildren) other.Users--;
         if (node.FileChild is { } child)
