@@ -299,6 +299,16 @@ public sealed class HostFile : IDisposable
 
     public void Dispose()
     {
+        // Locks are given up explicitly, not by the close: a process forked meanwhile (by another thread, on its way to
+        // exec) shares this open file description and would keep them until it execs.
+        lock (_lockClaimGate)
+        {
+            if (LockClaim != LockClaim.None && !_handle.IsClosed)
+            {
+                try { FileLocks.Move(_handle, Path, LockClaim, LockClaim.None); } catch (BlockException) { }
+                LockClaim = LockClaim.None;
+            }
+        }
         // O_DIRECT wrote whole blocks past a logical end that was not block-aligned: cut the file back.
         if (Direct && !ReadOnly && !_handle.IsClosed && RandomAccess.GetLength(_handle) > Length) RandomAccess.SetLength(_handle, Length);
         _handle.Dispose();
