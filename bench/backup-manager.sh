@@ -15,13 +15,8 @@
 set -euo pipefail
 SIZE_MIB=${1:-4096}
 RUNS=${2:-3}
-cd "$(dirname "$0")/.."
-dotnet build -c Release -v q -nologo src/Strata.Cli >/dev/null
-STRATA="dotnet $PWD/src/Strata.Cli/bin/Release/net10.0/strata.dll"
-dir=$(mktemp -d /tmp/bkmb.XXXX)
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+source "$(dirname "$0")/common.sh" bkmb
+STRATA="dotnet $STRATA_DLL"
 bytes=$((SIZE_MIB * 1048576))
 clusters=$((bytes / 65536))
 ndirty=$(((clusters + 99) / 100))

@@ -3,11 +3,8 @@
 # Usage: bench/daemon-startup.sh [RUNS]   (needs qemu-img, qemu-storage-daemon, python3; builds Release first)
 set -euo pipefail
 RUNS=${1:-5}
-cd "$(dirname "$0")/.."
-dotnet build -c Release -v q -nologo src/Strata.Cli >/dev/null
-STRATA="dotnet $PWD/src/Strata.Cli/bin/Release/net10.0/strata.dll daemon"
-dir=$(mktemp -d /tmp/sdb.XXXX)
-trap 'rm -rf "$dir"' EXIT
+source "$(dirname "$0")/common.sh" sdb
+STRATA="dotnet $STRATA_DLL daemon"
 qemu-img create -q -f qcow2 "$dir/d.qcow2" 1G
 measure() { # LABEL CMD...
     python3 - "$dir" "$@" <<'PY'

@@ -16,21 +16,14 @@
 # block-export-del fleece, block-job-cancel fl, blockdev-del tmp.
 # Correctness guards (WARNING lines on stderr): b0's count, the dirty bytes nbdinfo reports, the frozen view holds the
 # pre-fleecing data at every latency write and the dirtied data at every dirty cluster, the incremental pull equals it.
-# Usage: bench/fleecing.sh [SIZE_MIB] [RUNS]   (env: N_WRITES=2000, STRATA="cmd daemon" to skip the build,
+# Usage: bench/fleecing.sh [SIZE_MIB] [RUNS]   (env: N_WRITES=2000, STRATA_DLL=path/to/strata.dll to skip the build,
 #        BENCH_SCRATCH=parent dir for images; needs qemu-img, qemu-io, qemu-storage-daemon, nbdcopy, nbdinfo, python3)
 set -euo pipefail
 SIZE_MIB=${1:-4096}
 RUNS=${2:-3}
 N_WRITES=${N_WRITES:-2000}
-cd "$(dirname "$0")/.."
-if [[ -z ${STRATA:-} ]]; then
-    dotnet build -c Release -v q -nologo src/Strata.Cli >/dev/null
-    STRATA="dotnet $PWD/src/Strata.Cli/bin/Release/net10.0/strata.dll daemon"
-fi
-dir=$(mktemp -d "${BENCH_SCRATCH:-/tmp}/fleece.XXXX")
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do [[ -n $p ]] && kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+source "$(dirname "$0")/common.sh" fleece
+STRATA="dotnet $STRATA_DLL daemon"
 bytes=$((SIZE_MIB * 1048576))
 
 export BENCH_DIR="$PWD/bench"   # (the script has cd'd to the repository root)

@@ -36,16 +36,8 @@ set -euo pipefail
 SIZE_MIB=${1:-4096}
 RUNS=${2:-3}
 BT_GRAN=${BT_GRAN:-65536}
-cd "$(dirname "$0")/.."
-if [[ -z ${STRATA_DLL:-} ]]; then
-    dotnet build -c Release -v q -nologo src/Strata.Cli >/dev/null
-    STRATA_DLL=$PWD/src/Strata.Cli/bin/Release/net10.0/strata.dll
-fi
+source "$(dirname "$0")/common.sh" migr
 S="dotnet $STRATA_DLL"
-dir=$(mktemp -d "${BENCH_SCRATCH:-/tmp}/migr.XXXX")
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do [[ -n $p ]] && kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
 bytes=$((SIZE_MIB * 1048576))
 qemu-img create -q -f qcow2 "$dir/src.qcow2" "$bytes"
 args=(); for ((off = 0; off < bytes; off += 268435456)); do args+=(-c "write -q -P 0x5a $off 268435456"); done

@@ -6,13 +6,8 @@
 set -euo pipefail
 SIZE_MIB=${1:-4096}
 RUNS=${2:-3}
-cd "$(dirname "$0")/.."
-dotnet build -c Release -v q -nologo src/Strata.Cli >/dev/null
-STRATA="dotnet $PWD/src/Strata.Cli/bin/Release/net10.0/strata.dll daemon"
-dir=$(mktemp -d /tmp/nbdb.XXXX)
-pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$dir"; }
-trap cleanup EXIT
+source "$(dirname "$0")/common.sh" nbdb
+STRATA="dotnet $STRATA_DLL daemon"
 bytes=$((SIZE_MIB * 1048576))
 qemu-img create -q -f qcow2 "$dir/src.qcow2" "$bytes"
 args=(); for ((off = 0; off < bytes; off += 268435456)); do args+=(-c "write -q -P 0x5a $off 268435456"); done

@@ -56,6 +56,17 @@ public sealed class BlockNode
     internal HostFile? HostFile => Image is RawImage { FormatName: "file" } f ? f.File : null;
 }
 
+/// <summary>Who uses a node besides its parents in the graph.</summary>
+public enum NodeUser
+{
+    /// <summary>An NBD export (QEMU's BlockBackend): blockdev-del says the node is in use.</summary>
+    Export,
+    /// <summary>A block job writing to the node: blockdev-del says it is busy.</summary>
+    JobTarget,
+    /// <summary>A job that only reads the node (a backup's or mirror's source): image locks only.</summary>
+    JobSource,
+}
+
 /// <summary>The definition of a node to add (what blockdev-add and --blockdev carry, already validated).</summary>
 public sealed record BlockNodeSpec
 {
@@ -314,58 +325,32 @@ public sealed class BlockGraph : IDisposable
             throw new BlockException("Invalid node-name: '" + name + "'");
     }
 
-    /// <summary>A block job writes to the node: blockdev-del refuses it as busy meanwhile. Its lock claim is
-    /// taken first; <see cref="ImageLockedException"/> when another process's locks forbid it.</summary>
-    public void AddJobUser(BlockNode node, LockClaim claim)
+    /// <summary>A user starts using the node. Its lock claim is taken first (<see cref="ImageLockedException"/> when
+    /// another process's locks forbid it); exports and writing jobs then keep blockdev-del off the node.</summary>
+    public void AddUser(BlockNode node, NodeUser user, LockClaim claim)
     {
         lock (_lock)
         {
             AddClaim(node, claim);
-            node.Users++;
-            node.JobUsers++;
+            Count(node, user, +1);
         }
     }
 
-    public void RemoveJobUser(BlockNode node, LockClaim claim)
+    public void RemoveUser(BlockNode node, NodeUser user, LockClaim claim)
     {
         lock (_lock)
         {
-            node.Users--;
-            node.JobUsers--;
+            Count(node, user, -1);
             RemoveClaim(node, claim);
         }
     }
 
-    /// <summary>An export starts using the node: blockdev-del refuses it meanwhile.</summary>
-    public void AddUser(BlockNode node, LockClaim claim)
+    private static void Count(BlockNode node, NodeUser user, int delta)
     {
-        lock (_lock)
-        {
-            AddClaim(node, claim);
-            node.Users++;
-            node.BackendUsers++;
-        }
-    }
-
-    public void RemoveUser(BlockNode node, LockClaim claim)
-    {
-        lock (_lock)
-        {
-            node.Users--;
-            node.BackendUsers--;
-            RemoveClaim(node, claim);
-        }
-    }
-
-    /// <summary>A job's claim on a node it only reads (a backup's source): image locks, no blockdev-del block.</summary>
-    public void AddSourceClaim(BlockNode node, LockClaim claim)
-    {
-        lock (_lock) AddClaim(node, claim);
-    }
-
-    public void RemoveSourceClaim(BlockNode node, LockClaim claim)
-    {
-        lock (_lock) RemoveClaim(node, claim);
+        if (user == NodeUser.JobSource) return;
+        node.Users += delta;
+        if (user == NodeUser.Export) node.BackendUsers += delta;
+        else node.JobUsers += delta;
     }
 
     private void AddClaim(BlockNode node, LockClaim claim)

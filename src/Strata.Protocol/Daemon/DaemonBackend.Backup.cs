@@ -115,8 +115,8 @@ public sealed partial class DaemonBackend
             if (Jobs.All.OfType<BackupJob>().Any(j => j.TargetImage == targetNode.Image && j.Status is not (JobStatus.Concluded or JobStatus.Null)))
                 throw QmpException.Generic($"Node '{targetName}' is busy: block device is in use by block job: backup");
             target = targetNode.Image;
-            Graph.AddJobUser(targetNode, LockClaim.BackupTarget);
-            release = () => Graph.RemoveJobUser(targetNode, LockClaim.BackupTarget);
+            Graph.AddUser(targetNode, NodeUser.JobTarget, LockClaim.BackupTarget);
+            release = () => Graph.RemoveUser(targetNode, NodeUser.JobTarget, LockClaim.BackupTarget);
         }
         else
         {
@@ -186,7 +186,7 @@ public sealed partial class DaemonBackend
     {
         try
         {
-            Graph.AddSourceClaim(source, claim);
+            Graph.AddUser(source, NodeUser.JobSource, claim);
         }
         catch
         {
@@ -195,7 +195,7 @@ public sealed partial class DaemonBackend
         }
         return () =>
         {
-            Graph.RemoveSourceClaim(source, claim);
+            Graph.RemoveUser(source, NodeUser.JobSource, claim);
             release();
         };
     }

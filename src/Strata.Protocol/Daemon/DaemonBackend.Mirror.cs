@@ -65,8 +65,8 @@ public sealed partial class DaemonBackend
                 throw QmpException.Generic($"Node '{targetName}' is busy: block device is in use by block job: mirror");
             target = targetNode.Image;
             var held = targetNode;
-            Graph.AddJobUser(held, LockClaim.MirrorTarget);
-            release = () => Graph.RemoveJobUser(held, LockClaim.MirrorTarget);
+            Graph.AddUser(held, NodeUser.JobTarget, LockClaim.MirrorTarget);
+            release = () => Graph.RemoveUser(held, NodeUser.JobTarget, LockClaim.MirrorTarget);
         }
         else
         {
@@ -86,10 +86,10 @@ public sealed partial class DaemonBackend
             }
             target = targetNode.Image;
             var created = targetNode;
-            Graph.AddJobUser(created, LockClaim.MirrorTarget);
+            Graph.AddUser(created, NodeUser.JobTarget, LockClaim.MirrorTarget);
             release = () =>
             {
-                Graph.RemoveJobUser(created, LockClaim.MirrorTarget);
+                Graph.RemoveUser(created, NodeUser.JobTarget, LockClaim.MirrorTarget);
                 if (!Jobs.All.OfType<MirrorJob>().Any(j => j.TargetImage == created.Image && j.Pivoted))
                     try { Graph.DeleteForce(created); } catch (BlockException) { }
             };

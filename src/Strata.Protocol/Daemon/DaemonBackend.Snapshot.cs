@@ -92,8 +92,8 @@ public sealed partial class DaemonBackend
             {
                 var (export, _) = _exports[id];
                 export.Retarget(to.Image);
-                Graph.RemoveUser(from, LockClaim.Export(export.Writable));
-                Graph.AddUser(to, LockClaim.Export(export.Writable));
+                Graph.RemoveUser(from, NodeUser.Export, LockClaim.Export(export.Writable));
+                Graph.AddUser(to, NodeUser.Export, LockClaim.Export(export.Writable));
                 _exports[id] = (export, to);
             }
         }

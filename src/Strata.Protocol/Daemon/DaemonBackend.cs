@@ -475,7 +475,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         _nbd.AddExport(export);
         try
         {
-            Graph.AddUser(node, LockClaim.Export(writable));
+            Graph.AddUser(node, NodeUser.Export, LockClaim.Export(writable));
         }
         catch (BlockException)
         {
@@ -494,7 +494,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         _nbd!.RemoveExport(entry.Export);
         if (hard) _nbd.Disconnect();
         foreach (var b in entry.Export.Bitmaps) b.Busy = false;
-        Graph.RemoveUser(entry.Node, LockClaim.Export(entry.Export.Writable));
+        Graph.RemoveUser(entry.Node, NodeUser.Export, LockClaim.Export(entry.Export.Writable));
         _exports.Remove(id);
         Emit("BLOCK_EXPORT_DELETED", new QDict().Add("id", id));
     }
@@ -506,7 +506,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         foreach (var (export, node) in _exports.Values)
         {
             foreach (var b in export.Bitmaps) b.Busy = false;
-            Graph.RemoveUser(node, LockClaim.Export(export.Writable));
+            Graph.RemoveUser(node, NodeUser.Export, LockClaim.Export(export.Writable));
         }
         _exports.Clear();
         await _nbd.DisposeAsync();
