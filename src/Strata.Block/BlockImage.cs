@@ -32,11 +32,11 @@ public abstract class BlockImage : IDisposable
     /// <summary>The node's dirty bitmaps: every write marks the recording ones before it is acknowledged.</summary>
     public Bitmaps.BitmapSet Bitmaps { get; protected set; } = null!;
 
-    /// <summary>Writes back the persistent bitmaps now (QEMU does so on close); no-op for formats without them.</summary>
     /// <summary>Reopens the image read-only (QEMU does this to the old top of an external snapshot): pending metadata
     /// and persistent bitmaps are written, then writes are refused. Drivers that cannot do it say so.</summary>
     public virtual void SwitchToReadOnly() => throw new BlockException($"Cannot reopen '{FileName}' read-only");
 
+    /// <summary>Writes back the persistent bitmaps now (QEMU does so on close); no-op for formats without them.</summary>
     public virtual void StoreBitmaps()
     {
     }
@@ -73,21 +73,200 @@ public abstract class BlockImage : IDisposable
         lock (this) _afterWrite = _afterWrite.Where(h => h != hook).ToArray();
     }
 
-    /// <summary>Drivers open one of these at the start of every write, zero write and discard (<c>using var</c>):
-    /// the before-write hooks run now, the after-write hooks when the scope ends.</summary>
-    protected WriteScope BeginWrite(long offset, long length)
+    // ------------------------------------------------------------------ the request path
+    //
+    // Every read, write, zero write, discard and flush of a node enters here, as in QEMU's block/io.c: range and
+    // permission checks, the request counted in flight (what Drain waits for), the before-write hooks and the dirty
+    // marking, then the driver, which only moves data. Host errors leave as BlockIOException with their errno.
+
+    /// <summary>Reads exactly buffer.Length bytes at <paramref name="offset"/> (must lie inside the image).</summary>
+    public void Read(long offset, Span<byte> buffer)
+    {
+        CheckRange(offset, buffer.Length);
+        if (buffer.IsEmpty) return;
+        using var request = Requests.Enter();
+        using var serialised = ReadSerialiser?.Shared(offset, buffer.Length);
+        try
+        {
+            DriverRead(offset, buffer);
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "read");
+        }
+    }
+
+    public void Write(long offset, ReadOnlySpan<byte> data)
+    {
+        CheckWritable();
+        CheckRange(offset, data.Length);
+        if (data.IsEmpty) return;
+        using var request = Requests.Enter();
+        var scope = BeginWrite(offset, data.Length);
+        try
+        {
+            DriverWrite(offset, data);
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "write");
+        }
+        finally
+        {
+            scope.Dispose();
+        }
+    }
+
+    /// <summary>Makes the range read as zeros; <paramref name="mayUnmap"/> lets the driver free storage.</summary>
+    public void WriteZeroes(long offset, long length, bool mayUnmap)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        if (length == 0) return;
+        using var request = Requests.Enter();
+        var scope = BeginWrite(offset, length);
+        try
+        {
+            DriverWriteZeroes(offset, length, mayUnmap);
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "write");
+        }
+        finally
+        {
+            scope.Dispose();
+        }
+    }
+
+    /// <summary>The guest no longer needs the data: after this the range reads as zeros or as the backing file.</summary>
+    public void Discard(long offset, long length)
+    {
+        CheckWritable();
+        CheckRange(offset, length);
+        if (length == 0) return;
+        using var request = Requests.Enter();
+        var scope = BeginWrite(offset, length);
+        try
+        {
+            DriverDiscard(offset, length);
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "write");
+        }
+        finally
+        {
+            scope.Dispose();
+        }
+    }
+
+    /// <summary>Writes one whole cluster compressed (at a cluster-aligned offset; the last one may be short).</summary>
+    public void WriteCompressed(long offset, ReadOnlySpan<byte> cluster)
+    {
+        if (!SupportsCompression) throw new BlockException($"Compression is not supported by the {FormatName} format");
+        CheckWritable();
+        CheckRange(offset, cluster.Length);
+        if (cluster.IsEmpty) return;
+        using var request = Requests.Enter();
+        var scope = BeginWrite(offset, cluster.Length);
+        try
+        {
+            DriverWriteCompressed(offset, cluster);
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "write");
+        }
+        finally
+        {
+            scope.Dispose();
+        }
+    }
+
+    /// <summary>Writes back metadata and makes everything written so far durable.</summary>
+    public void Flush()
+    {
+        using var request = Requests.Enter();
+        try
+        {
+            DriverFlush();
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "write");
+        }
+    }
+
+    /// <summary>The before-write hooks run and the recording bitmaps are marked now, before the driver is called; the
+    /// after-write hooks when the scope ends (whether or not the write succeeded).</summary>
+    private WriteScope BeginWrite(long offset, long length)
     {
         foreach (var hook in _beforeWrite) hook(offset, length);
+        Bitmaps.MarkDirty(offset, length);
         return new WriteScope(this, offset, length);
     }
 
-    protected readonly struct WriteScope(BlockImage image, long offset, long length) : IDisposable
+    private readonly struct WriteScope(BlockImage image, long offset, long length) : IDisposable
     {
         public void Dispose()
         {
             foreach (var hook in image._afterWrite) hook(offset, length);
         }
     }
+
+    /// <summary>The driver's read: exactly buffer.Length bytes, inside the image, already checked and counted.</summary>
+    protected abstract void DriverRead(long offset, Span<byte> buffer);
+
+    /// <summary>The driver's write: hooks have run and bitmaps are marked; it only moves data.</summary>
+    protected abstract void DriverWrite(long offset, ReadOnlySpan<byte> data);
+
+    protected abstract void DriverWriteZeroes(long offset, long length, bool mayUnmap);
+
+    protected abstract void DriverDiscard(long offset, long length);
+
+    protected abstract void DriverFlush();
+
+    protected virtual void DriverWriteCompressed(long offset, ReadOnlySpan<byte> cluster) =>
+        throw new BlockException($"Compression is not supported by the {FormatName} format");
+
+    // ------------------------------------------------------------------ in flight and drain
+
+    /// <summary>This node's requests in flight and its drain gate.</summary>
+    public NodeRequests Requests { get; } = new();
+
+    private readonly List<BlockImage> _parents = [];
+
+    /// <summary>Nodes whose requests come down to this one (filters above it, overlays, a copy-before-write source
+    /// that writes into it): draining this node holds them too, as QEMU quiesces a node's parents.</summary>
+    public IReadOnlyList<BlockImage> Parents
+    {
+        get { lock (_parents) return _parents.ToArray(); }
+    }
+
+    /// <summary>Records that <paramref name="parent"/> sends requests to this node (undone by <see cref="RemoveParent"/>).</summary>
+    public void AddParent(BlockImage parent)
+    {
+        lock (_parents) _parents.Add(parent);
+    }
+
+    public void RemoveParent(BlockImage parent)
+    {
+        lock (_parents) _parents.Remove(parent);
+    }
+
+    /// <summary>The nodes this one sends requests to: its backing image and a filter's child.</summary>
+    public virtual IEnumerable<BlockImage> Children
+    {
+        get
+        {
+            if (Backing is { } b) yield return b;
+        }
+    }
+
+    /// <summary>Quiesces this node: new requests from outside the graph wait, and every request in flight here, in the
+    /// nodes above and in the nodes below has ended when this returns. Dispose the section to let requests go on.</summary>
+    public DrainedSection Drain() => DrainedSection.Begin([this]);
 
     /// <summary>The ranges this layer itself holds (data or zeros), not what it reads through to: what sync=top copies.</summary>
     public IEnumerable<(long Offset, long Length)> AllocatedInThisLayer()
@@ -109,7 +288,18 @@ public abstract class BlockImage : IDisposable
     public virtual BlockImage? FilteredChild => null;
 
     /// <summary>The opened backing image, if any (owned by this image).</summary>
-    public BlockImage? Backing { get; protected set; }
+    public BlockImage? Backing
+    {
+        get => _backing;
+        protected set
+        {
+            _backing?.RemoveParent(this);
+            _backing = value;
+            value?.AddParent(this);
+        }
+    }
+
+    private BlockImage? _backing;
 
     /// <summary>Backing file name as stored in the image header (unresolved).</summary>
     public virtual string? BackingFileName => null;
@@ -123,20 +313,6 @@ public abstract class BlockImage : IDisposable
     /// <summary>Preferred unit of I/O for copying (the cluster size, or 64 KiB).</summary>
     public int CopyGranularity => ClusterSize > 0 ? ClusterSize : 65536;
 
-    /// <summary>Reads exactly buffer.Length bytes at <paramref name="offset"/> (must lie inside the image).</summary>
-    public abstract void Read(long offset, Span<byte> buffer);
-
-    public abstract void Write(long offset, ReadOnlySpan<byte> data);
-
-    /// <summary>Makes the range read as zeros; <paramref name="mayUnmap"/> lets the driver free storage.</summary>
-    public abstract void WriteZeroes(long offset, long length, bool mayUnmap);
-
-    /// <summary>The guest no longer needs the data: after this the range reads as zeros or as the backing file.</summary>
-    public abstract void Discard(long offset, long length);
-
-    /// <summary>Writes back metadata and makes everything written so far durable.</summary>
-    public abstract void Flush();
-
     /// <summary>State of the range starting at <paramref name="offset"/> in this layer only; the extent returned
     /// starts at <paramref name="offset"/> and is at most <paramref name="maxLength"/> long.</summary>
     public abstract LayerExtent GetLayerStatus(long offset, long maxLength);
@@ -145,10 +321,6 @@ public abstract class BlockImage : IDisposable
 
     /// <summary>True when the format can write compressed clusters (<see cref="WriteCompressed"/>).</summary>
     public virtual bool SupportsCompression => false;
-
-    /// <summary>Writes one whole cluster compressed (at a cluster-aligned offset; the last one may be short).</summary>
-    public virtual void WriteCompressed(long offset, ReadOnlySpan<byte> cluster) =>
-        throw new BlockException($"Compression is not supported by the {FormatName} format");
 
     /// <summary>Reads the range as this layer alone would, with unallocated parts as zeros (no backing).</summary>
     public virtual void ReadLayerOnly(long offset, Span<byte> buffer)

@@ -190,13 +190,34 @@ public sealed class HostFile : IDisposable
     /// flush_to_disk here.</summary>
     public Blkdebug? Faults { get; set; }
 
-    public void DataEvent(bool write, long offset, long length) => Faults?.Event(write ? "write_aio" : "read_aio", offset, length);
+    /// <summary>Runs before each guest-data read or write of this file (after its mapping was decided), as blkdebug's
+    /// suspend points do in QEMU: tests hold a request there to widen a race window on purpose.</summary>
+    public Action<bool, long, long>? BeforeDataIo { get; set; }
 
-    /// <summary>Reads up to buffer.Length bytes; bytes past the end of the file read as zeros.</summary>
+    public void DataEvent(bool write, long offset, long length)
+    {
+        Faults?.Event(write ? "write_aio" : "read_aio", offset, length);
+        BeforeDataIo?.Invoke(write, offset, length);
+    }
+
+    /// <summary>Reads up to buffer.Length bytes; bytes past the end of the file read as zeros. Host errors leave as
+    /// <see cref="BlockIOException"/> with their errno.</summary>
     public void Read(long offset, Span<byte> buffer)
     {
         if (offset < 0 || offset > long.MaxValue - buffer.Length)
             throw new BlockException($"'{Path}': read at invalid offset {offset} (corrupt metadata?)");
+        try
+        {
+            ReadCore(offset, buffer);
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "read");
+        }
+    }
+
+    private void ReadCore(long offset, Span<byte> buffer)
+    {
         if (Direct && !Aligned(offset, buffer.Length, buffer))
         {
             ReadBounced(offset, buffer);
@@ -220,8 +241,15 @@ public sealed class HostFile : IDisposable
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
         if (offset < 0 || offset > (1L << 56))
             throw new BlockException($"'{Path}': write at invalid offset {offset} (corrupt metadata?)");
-        if (Direct && !Aligned(offset, data.Length, data)) WriteBounced(offset, data);
-        else RandomAccess.Write(_handle, data, offset);
+        try
+        {
+            if (Direct && !Aligned(offset, data.Length, data)) WriteBounced(offset, data);
+            else RandomAccess.Write(_handle, data, offset);
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "write");
+        }
         long end = offset + data.Length;
         long cur;
         while (end > (cur = Interlocked.Read(ref _length)))
@@ -231,7 +259,14 @@ public sealed class HostFile : IDisposable
     public void SetLength(long length)
     {
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
-        RandomAccess.SetLength(_handle, length);
+        try
+        {
+            RandomAccess.SetLength(_handle, length);
+        }
+        catch (Exception e) when (HostError.IsHostError(e))
+        {
+            throw HostError.ToBlockError(e, "write");
+        }
         Interlocked.Exchange(ref _length, length);
     }
 
@@ -241,7 +276,10 @@ public sealed class HostFile : IDisposable
         Faults?.Event("flush_to_disk", 0, 0);
         if (!FlushEnabled || ReadOnly) return;
         if (fsync((int)_handle.DangerousGetHandle()) != 0)
-            throw new BlockException($"fsync of '{Path}' failed: errno {Marshal.GetLastPInvokeError()}");
+        {
+            int errno = Marshal.GetLastPInvokeError();
+            throw new BlockIOException($"fsync of '{Path}' failed: {BlockIOException.Describe(errno)}", errno) { Operation = "write" };
+        }
     }
 
     /// <summary>Next data offset at or after <paramref name="offset"/> (SEEK_DATA), or -1 when none.</summary>

@@ -24,31 +24,21 @@ public sealed class NullImage : BlockImage
     public override bool ReadOnly => _readOnly;
     public override string FileName => "null-co://";
 
-    public override void Read(long offset, Span<byte> buffer)
+    protected override void DriverRead(long offset, Span<byte> buffer) => buffer.Clear();
+
+    protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
-        CheckRange(offset, buffer.Length);
-        buffer.Clear();
     }
 
-    public override void Write(long offset, ReadOnlySpan<byte> data)
+    protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap)
     {
-        CheckWritable();
-        CheckRange(offset, data.Length);
-        using var writeScope = BeginWrite(offset, data.Length);
-        Bitmaps.MarkDirty(offset, data.Length);
     }
 
-    public override void WriteZeroes(long offset, long length, bool mayUnmap)
+    protected override void DriverDiscard(long offset, long length)
     {
-        CheckWritable();
-        CheckRange(offset, length);
-        using var writeScope = BeginWrite(offset, length);
-        Bitmaps.MarkDirty(offset, length);
     }
 
-    public override void Discard(long offset, long length) => WriteZeroes(offset, length, true);
-
-    public override void Flush()
+    protected override void DriverFlush()
     {
     }
 

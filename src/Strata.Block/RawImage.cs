@@ -45,40 +45,29 @@ public sealed class RawImage : BlockImage
         return new RawImage(f);
     }
 
-    public override void Read(long offset, Span<byte> buffer)
+    protected override void DriverRead(long offset, Span<byte> buffer)
     {
-        CheckRange(offset, buffer.Length);
-        using var serialised = ReadSerialiser?.Shared(offset, buffer.Length);
         _file.DataEvent(false, offset, buffer.Length);
         _file.Read(offset, buffer);
     }
 
-    public override void Write(long offset, ReadOnlySpan<byte> data)
+    protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
-        CheckWritable();
-        CheckRange(offset, data.Length);
-        using var writeScope = BeginWrite(offset, data.Length);
-        Bitmaps.MarkDirty(offset, data.Length);
         _file.DataEvent(true, offset, data.Length);
         _file.Write(offset, data);
     }
 
-    public override void WriteZeroes(long offset, long length, bool mayUnmap)
+    protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap)
     {
-        CheckWritable();
-        CheckRange(offset, length);
-        if (length == 0) return;
-        using var writeScope = BeginWrite(offset, length);
-        Bitmaps.MarkDirty(offset, length);
         if (mayUnmap && _file.PunchHole(offset, length)) return;
         var zeros = new byte[(int)Math.Min(length, 1 << 20)];
         for (long pos = 0; pos < length; pos += zeros.Length)
             _file.Write(offset + pos, zeros.AsSpan(0, (int)Math.Min(zeros.Length, length - pos)));
     }
 
-    public override void Discard(long offset, long length) => WriteZeroes(offset, length, mayUnmap: true);
+    protected override void DriverDiscard(long offset, long length) => DriverWriteZeroes(offset, length, mayUnmap: true);
 
-    public override void Flush() => _file.Flush();
+    protected override void DriverFlush() => _file.Flush();
 
     public override LayerExtent GetLayerStatus(long offset, long maxLength)
     {

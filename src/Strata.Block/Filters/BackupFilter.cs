@@ -19,7 +19,4 @@ public sealed class BackupFilterImage : FilterImage
     }
 
     public override string FormatName => "copy-before-write";
-
-    /// <summary>The source belongs to its own node.</summary>
-    public override void Dispose() => GC.SuppressFinalize(this);
 }

@@ -44,6 +44,8 @@ public sealed class CopyBeforeWriteImage : FilterImage
                 _toCopy.SetRange(first, last - first + 1);
             }
         Bitmaps = new BitmapSet(source.Size, BitmapSet.DefaultGranularityFor(0)) { PersistenceCheck = (_, _) => "Operation not supported" };
+        // The source's writes come down into the target: draining the target holds them too.
+        target.AddParent(source);
         source.AddBeforeWriteHook(OnSourceWrite);
     }
 
@@ -67,7 +69,12 @@ public sealed class CopyBeforeWriteImage : FilterImage
                 long at = c * _cluster;
                 int n = (int)Math.Min(_cluster, Child.Size - at);
                 if (_timeout == Timeout.InfiniteTimeSpan) CopyCluster(at, n);
-                else if (!Task.Run(() => CopyCluster(at, n)).Wait(_timeout))
+                else if (!Task.Run(() =>
+                         {
+                             // Part of the guest write waiting for it: a drain of the source must not hold it.
+                             using var inside = NodeRequests.Internal();
+                             CopyCluster(at, n);
+                         }).Wait(_timeout))
                     throw new BlockIOException("copy-before-write timed out", 110);
                 lock (_lock) _copied.SetRange(c, 1);
             }
@@ -153,8 +160,9 @@ public sealed class CopyBeforeWriteImage : FilterImage
     public override void Dispose()
     {
         Child.RemoveBeforeWriteHook(OnSourceWrite);
+        _target.RemoveParent(Child);
         _broken = true;
-        GC.SuppressFinalize(this);
+        base.Dispose();
     }
 }
 
@@ -174,16 +182,12 @@ public sealed class SnapshotAccessImage : BlockImage
     public override bool ReadOnly => true;
     public override string FileName => cbw.FileName;
 
-    public override void Read(long offset, Span<byte> buffer)
-    {
-        CheckRange(offset, buffer.Length);
-        cbw.ReadSnapshot(offset, buffer);
-    }
+    protected override void DriverRead(long offset, Span<byte> buffer) => cbw.ReadSnapshot(offset, buffer);
 
-    public override void Write(long offset, ReadOnlySpan<byte> data) => throw new BlockException("snapshot-access nodes are read-only");
-    public override void WriteZeroes(long offset, long length, bool mayUnmap) => throw new BlockException("snapshot-access nodes are read-only");
-    public override void Discard(long offset, long length) => throw new BlockException("snapshot-access nodes are read-only");
-    public override void Flush() { }
+    protected override void DriverWrite(long offset, ReadOnlySpan<byte> data) => throw new BlockException("snapshot-access nodes are read-only");
+    protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap) => throw new BlockException("snapshot-access nodes are read-only");
+    protected override void DriverDiscard(long offset, long length) => throw new BlockException("snapshot-access nodes are read-only");
+    protected override void DriverFlush() { }
     public override LayerExtent GetLayerStatus(long offset, long maxLength) => new(offset, Math.Min(maxLength, Size - offset), LayerState.Data, -1);
     public override void Resize(long newSize) => throw new BlockException("snapshot-access nodes cannot be resized");
 

@@ -35,6 +35,7 @@ public sealed class ThrottleImage : BlockImage
     {
         _child = child;
         _group = group;
+        child.AddParent(this);
         Bitmaps = new Strata.Block.Bitmaps.BitmapSet(child.Size, Strata.Block.Bitmaps.BitmapSet.DefaultGranularityFor(0)) { PersistenceCheck = (_, _) => "Operation not supported" };
     }
 
@@ -44,34 +45,31 @@ public sealed class ThrottleImage : BlockImage
     public override string FileName => _child.FileName;
     public override int ClusterSize => _child.ClusterSize;
 
-    public override void Read(long offset, Span<byte> buffer)
+    public override IEnumerable<BlockImage> Children => [_child];
+
+    protected override void DriverRead(long offset, Span<byte> buffer)
     {
         _group.Take(buffer.Length);
         _child.Read(offset, buffer);
     }
 
-    public override void Write(long offset, ReadOnlySpan<byte> data)
+    protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
         _group.Take(data.Length);
-        Bitmaps.MarkDirty(offset, data.Length);
         _child.Write(offset, data);
     }
 
-    public override void WriteZeroes(long offset, long length, bool mayUnmap)
-    {
-        Bitmaps.MarkDirty(offset, length);
-        _child.WriteZeroes(offset, length, mayUnmap);
-    }
+    protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap) => _child.WriteZeroes(offset, length, mayUnmap);
 
-    public override void Discard(long offset, long length)
-    {
-        Bitmaps.MarkDirty(offset, length);
-        _child.Discard(offset, length);
-    }
+    protected override void DriverDiscard(long offset, long length) => _child.Discard(offset, length);
 
-    public override void Flush() => _child.Flush();
+    protected override void DriverFlush() => _child.Flush();
     public override LayerExtent GetLayerStatus(long offset, long maxLength) => _child.GetLayerStatus(offset, maxLength);
     public override void Resize(long newSize) => throw new BlockException("Cannot resize through a throttle node");
 
-    public override void Dispose() => GC.SuppressFinalize(this); // the child belongs to its own node
+    public override void Dispose()
+    {
+        _child.RemoveParent(this); // the child belongs to its own node
+        GC.SuppressFinalize(this);
+    }
 }

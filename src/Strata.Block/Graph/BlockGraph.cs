@@ -206,7 +206,9 @@ public sealed class BlockGraph : IDisposable
                         var bnode = _nodes.GetValueOrDefault(bn) ?? throw new BlockException($"Cannot find device='{bn}' nor node-name='{bn}'");
                         bitmap = bnode.Image.Bitmaps.Find(bname) ?? throw new BlockException($"Dirty bitmap '{bname}' not found");
                     }
-                    filter = new Filters.CopyBeforeWriteImage(file.Image, target.Image, bitmap, spec.CbwBreakSnapshot, spec.CbwTimeout);
+                    // Inserted drained, as QEMU inserts a filter: no write is half-way past the point in time it fixes.
+                    using (file.Image.Drain())
+                        filter = new Filters.CopyBeforeWriteImage(file.Image, target.Image, bitmap, spec.CbwBreakSnapshot, spec.CbwTimeout);
                     children.Add(target);
                 }
                 else
@@ -455,6 +457,7 @@ public sealed class BlockGraph : IDisposable
             if (node.JobUsers > 0) throw new BlockException($"Node '{name}' is busy: block device is in use by block job: backup");
             if (node.AutoNamed) throw new BlockException($"Node {name} is not owned by the monitor");
             if (node.Users > 0) throw new BlockException($"Block device {name} is in use");
+            using var drained = node.Image.Drain();
             RemoveLocked(node);
         }
     }
@@ -489,6 +492,7 @@ public sealed class BlockGraph : IDisposable
         lock (_lock)
         {
             if (node.Users > 0) throw new BlockException($"Block device {node.Name} is in use");
+            using var drained = node.Image.Drain();
             RemoveLocked(node);
         }
     }
@@ -545,8 +549,16 @@ public sealed class BlockGraph : IDisposable
     }
 
     /// <summary>Closes every node, parents before children, storing persistent bitmaps.</summary>
+    /// <summary>Drains every node (QEMU's bdrv_drain_all_begin): transactions and quit.</summary>
+    public DrainedSection DrainAll(TimeSpan? timeout = null)
+    {
+        lock (_lock) return DrainedSection.Begin(_nodes.Values.Select(n => n.Image).ToList(), timeout);
+    }
+
     public void Dispose()
     {
+        // Whatever is in flight lands before the images close (a request stuck on a dead NBD server is given up on).
+        using var drained = NodeRequests.InsideRequest ? null : DrainAll(TimeSpan.FromSeconds(30));
         lock (_lock)
         {
             foreach (var name in _order.AsEnumerable().Reverse().ToList())

@@ -94,6 +94,8 @@ public sealed class BackupJob : Job
         SetTotal(_o.Sync == BackupSync.None ? 0 : CountBytes());
         // sync=none is fleecing: the target is read (through to the source) while this job fills it.
         if (_o.Sync == BackupSync.None) _o.Target.ReadSerialiser ??= new RangeLock();
+        // Copy-before-write writes into the target from inside the source's writes: draining the target holds them.
+        _o.Target.AddParent(_o.Source);
         _o.Source.AddBeforeWriteHook(CopyBeforeWrite);
         _hooked = true;
     }
@@ -268,6 +270,10 @@ public sealed class BackupJob : Job
             {
                 if (stop.IsCancellationRequested) { ct.ThrowIfCancellationRequested(); return; }
                 await PausePointAsync();
+                // A drained source holds the job here, between copies (QEMU pauses its jobs while their nodes are
+                // drained); once a copy is taken it runs to the end inside the graph, since a guest write that a
+                // drain waits for may be waiting for that very copy.
+                await _o.Source.Requests.WhileDrainedAsync();
                 if (_hookError is not null) throw _hookError;
                 // Under a speed limit, runs are QEMU's 1 MiB chunks, each waiting for its turn before it is taken
                 // (a guest write never waits behind a throttled copy).
@@ -300,6 +306,7 @@ public sealed class BackupJob : Job
                 }
                 try
                 {
+                    using var inside = NodeRequests.Internal();
                     CopyClusters(cluster, count, ticket);
                 }
                 catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
@@ -392,6 +399,7 @@ public sealed class BackupJob : Job
         if (!_hooked) return;
         _hooked = false;
         _o.Source.RemoveBeforeWriteHook(CopyBeforeWrite);
+        _o.Target.RemoveParent(_o.Source);
     }
 
     protected internal override void Commit()

@@ -46,6 +46,7 @@ public sealed class MirrorJob : Job
     private readonly HashSet<long> _inFlight = new();
     private readonly SemaphoreSlim _work = new(0);
     private volatile int _finish; // 0: run on, 1: complete with pivot, 2: complete without
+    private volatile bool _pivoting;
     private bool _hooked;
     private long _next;
 
@@ -192,6 +193,7 @@ public sealed class MirrorJob : Job
             if (_finish == 1)
             {
                 if (_o.Pivot is null) throw new BlockException("this mirror has nothing to switch over");
+                _pivoting = true;
                 await _o.Pivot(async () =>
                 {
                     // Writers are stopped: what is dirty now is all there is.
@@ -222,6 +224,8 @@ public sealed class MirrorJob : Job
             {
                 ct.ThrowIfCancellationRequested();
                 await PausePointAsync();
+                // Held while the source is drained, except for the switch-over's own final copy (the pivot drains).
+                if (!_pivoting) await _o.Source.Requests.WhileDrainedAsync();
                 long cluster, count;
                 lock (_lock)
                 {
@@ -239,6 +243,7 @@ public sealed class MirrorJob : Job
                 int length = (int)Math.Min(count * _cluster, _o.Source.Size - offset);
                 try
                 {
+                    using var inside = NodeRequests.Internal();
                     CopyRange(offset, length);
                 }
                 catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")

@@ -260,14 +260,16 @@ public sealed partial class Qcow2Image
             WriteL1Table((long)_header.L1TableOffset, _l1);
             _l1Dirty = false;
         }
-        if (_pendingFrees.Count > 0)
+        long oldestAccess = OldestHostAccess();
+        if (_pendingFrees.Any(f => f.Generation <= oldestAccess))
         {
-            // Only now that no entry on disk points at them may the old clusters lose their references.
+            // Only now that no entry on disk points at them may the old clusters lose their references — and only
+            // those no request still in flight may be reading or writing (the rest wait for a later write-back).
             _file.Flush();
-            foreach (var (offset, length) in _pendingFrees)
+            foreach (var (offset, length, _) in _pendingFrees.Where(f => f.Generation <= oldestAccess))
                 for (long c = ClusterOf(offset); c <= ClusterOf(offset + length - 1); c++)
                     AdjustRefcount(c, -1);
-            _pendingFrees.Clear();
+            _pendingFrees.RemoveAll(f => f.Generation <= oldestAccess);
             _compressedCursor = 0;
             WriteDirtyRefcountBlocks();
             if (_refTableDirty) WriteRefcountTable();

@@ -49,7 +49,7 @@ public sealed partial class Qcow2Image : BlockImage
     private ulong[] _refTable;
     private bool _refTableDirty;
     private readonly Dictionary<long, RefcountBlock> _refBlocks = new();
-    private readonly List<(long Offset, long Length)> _pendingFrees = new();
+    private readonly List<(long Offset, long Length, long Generation)> _pendingFrees = new();
     private long _freeClusterHint;
     private long _compressedCursor;
     private long _endCluster;
@@ -270,33 +270,43 @@ public sealed partial class Qcow2Image : BlockImage
     [ThreadStatic] private static byte[]? t_clusterBuffer;
     [ThreadStatic] private static byte[]? t_compressedBuffer;
 
-    public override void Read(long offset, Span<byte> buffer)
+    protected override void DriverRead(long offset, Span<byte> buffer)
     {
-        CheckRange(offset, buffer.Length);
-        using var serialised = ReadSerialiser?.Shared(offset, buffer.Length);
         while (!buffer.IsEmpty)
         {
             Run run;
-            lock (_lock) run = MapRun(offset, buffer.Length);
-            var slice = buffer[..(int)run.Length];
-            switch (run.Kind)
+            long access;
+            lock (_lock)
             {
-                case L2EntryKind.Normal:
-                    _file.DataEvent(false, run.HostOffset, slice.Length);
-                    _file.Read(run.HostOffset, slice);
-                    break;
-                case L2EntryKind.ZeroAllocated:
-                case L2EntryKind.ZeroUnallocated:
-                    slice.Clear();
-                    break;
-                case L2EntryKind.Unallocated:
-                    ReadFromBacking(offset, slice);
-                    break;
-                case L2EntryKind.Compressed:
-                    var cluster = t_clusterBuffer ??= new byte[Qcow2MaxCluster];
-                    ReadCompressedCluster(run.Entry, cluster.AsSpan(0, (int)_clusterSize));
-                    cluster.AsSpan((int)(offset & (_clusterSize - 1)), slice.Length).CopyTo(slice);
-                    break;
+                run = MapRun(offset, buffer.Length);
+                access = BeginHostAccess(run.Kind);
+            }
+            var slice = buffer[..(int)run.Length];
+            try
+            {
+                switch (run.Kind)
+                {
+                    case L2EntryKind.Normal:
+                        _file.DataEvent(false, run.HostOffset, slice.Length);
+                        _file.Read(run.HostOffset, slice);
+                        break;
+                    case L2EntryKind.ZeroAllocated:
+                    case L2EntryKind.ZeroUnallocated:
+                        slice.Clear();
+                        break;
+                    case L2EntryKind.Unallocated:
+                        ReadFromBacking(offset, slice);
+                        break;
+                    case L2EntryKind.Compressed:
+                        var cluster = t_clusterBuffer ??= new byte[Qcow2MaxCluster];
+                        ReadCompressedCluster(run.Entry, cluster.AsSpan(0, (int)_clusterSize));
+                        cluster.AsSpan((int)(offset & (_clusterSize - 1)), slice.Length).CopyTo(slice);
+                        break;
+                }
+            }
+            finally
+            {
+                EndHostAccess(access);
             }
             offset += run.Length;
             buffer = buffer[(int)run.Length..];
@@ -318,15 +328,11 @@ public sealed partial class Qcow2Image : BlockImage
 
     // ------------------------------------------------------------------ writes
 
-    public override void Write(long offset, ReadOnlySpan<byte> data)
+    protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
-        CheckWritable();
-        CheckRange(offset, data.Length);
-        using var writeScope = BeginWrite(offset, data.Length);
-        Bitmaps.MarkDirty(offset, data.Length);
         while (!data.IsEmpty)
         {
-            long host = -1, length;
+            long host = -1, length, access = NoHostAccess;
             Allocation? allocation = null;
             lock (_lock)
             {
@@ -338,6 +344,7 @@ public sealed partial class Qcow2Image : BlockImage
                     {
                         host = run.HostOffset;
                         length = run.Length;
+                        access = BeginHostAccess(run.Kind);
                         break;
                     }
                     allocation = PrepareAllocation(offset, data);
@@ -351,8 +358,15 @@ public sealed partial class Qcow2Image : BlockImage
             }
             if (allocation is null)
             {
-                _file.DataEvent(true, host, length);
-                _file.Write(host, data[..(int)length]);
+                try
+                {
+                    _file.DataEvent(true, host, length);
+                    _file.Write(host, data[..(int)length]);
+                }
+                finally
+                {
+                    EndHostAccess(access);
+                }
             }
             else
             {
@@ -361,19 +375,14 @@ public sealed partial class Qcow2Image : BlockImage
                 try
                 {
                     _file.DataEvent(true, allocation.HostStart, length);
+                    if (allocation.Buffer is null) _file.Write(allocation.HostStart, data[..(int)length]);
+                    else _file.Write(allocation.HostStart, allocation.Buffer);
                 }
                 catch
                 {
-                    lock (_lock)
-                    {
-                        // The write failed before any data went out: give the clusters back to the in-flight set's owner.
-                        foreach (var c in Enumerable.Range(0, (int)allocation.Count)) _clustersInFlight.Remove(allocation.FirstCluster + c);
-                        Monitor.PulseAll(_lock);
-                    }
+                    lock (_lock) RollBackAllocation(allocation);
                     throw;
                 }
-                if (allocation.Buffer is null) _file.Write(allocation.HostStart, data[..(int)length]);
-                else _file.Write(allocation.HostStart, allocation.Buffer);
                 lock (_lock)
                 {
                     CommitAllocation(allocation);
@@ -434,6 +443,57 @@ public sealed partial class Qcow2Image : BlockImage
         return new Allocation(firstCluster, count, hostStart, consumed, buffer);
     }
 
+    /// <summary>The data write of an allocation failed: nothing points at its clusters, so they are free again at
+    /// once, and writers waiting for the guest clusters go on (the guest clusters keep what they had). Caller holds
+    /// the lock.</summary>
+    private void RollBackAllocation(Allocation a)
+    {
+        for (long i = 0; i < a.Count; i++)
+        {
+            _clustersInFlight.Remove(a.FirstCluster + i);
+            AdjustRefcount(ClusterOf(a.HostStart) + i, -1);
+        }
+        Monitor.PulseAll(_lock);
+    }
+
+    // ------------------------------------------------------------------ host cluster lifetime
+    //
+    // Reads and in-place writes map a run under the lock and move the data outside it. A discard (or a rewrite of a
+    // compressed or shared cluster) can meanwhile drop the mapping and, at the next write-back, free the host cluster
+    // for a new allocation: the old request would then read, or write into, another guest cluster's data. So every
+    // release is stamped with a generation, every access outside the lock registers the generation it mapped in, and
+    // a cluster is freed only once no access that mapped before its release is still going.
+
+    private const long NoHostAccess = -1;
+    private long _mapGeneration;
+    private readonly Dictionary<long, int> _hostAccesses = new();
+
+    /// <summary>Registers an access to the host clusters just mapped. Caller holds the lock.</summary>
+    private long BeginHostAccess(L2EntryKind kind)
+    {
+        if (kind is not (L2EntryKind.Normal or L2EntryKind.Compressed)) return NoHostAccess;
+        long generation = _mapGeneration;
+        _hostAccesses[generation] = _hostAccesses.GetValueOrDefault(generation) + 1;
+        return generation;
+    }
+
+    private void EndHostAccess(long generation)
+    {
+        if (generation == NoHostAccess) return;
+        lock (_lock)
+        {
+            if (--_hostAccesses[generation] == 0) _hostAccesses.Remove(generation);
+        }
+    }
+
+    /// <summary>The oldest generation an access still in flight mapped in (long.MaxValue when none). Caller holds the lock.</summary>
+    private long OldestHostAccess()
+    {
+        long oldest = long.MaxValue;
+        foreach (var g in _hostAccesses.Keys) if (g < oldest) oldest = g;
+        return oldest;
+    }
+
     /// <summary>Points the L2 entries at freshly written clusters. Caller holds the lock.</summary>
     private void CommitAllocation(Allocation a)
     {
@@ -473,18 +533,19 @@ public sealed partial class Qcow2Image : BlockImage
         }
     }
 
-    /// <summary>Schedules the host storage an old L2 entry referenced to be freed once the new entry is on disk.</summary>
+    /// <summary>Schedules the host storage an old L2 entry referenced to be freed once the new entry is on disk and
+    /// no request that mapped the old entry is still using it.</summary>
     private void ReleaseEntry(ulong entry)
     {
         switch (Qcow2Entry.Classify(entry))
         {
             case L2EntryKind.Normal:
             case L2EntryKind.ZeroAllocated:
-                _pendingFrees.Add(((long)(entry & Qcow2Entry.OffsetMask), _clusterSize));
+                _pendingFrees.Add(((long)(entry & Qcow2Entry.OffsetMask), _clusterSize, ++_mapGeneration));
                 break;
             case L2EntryKind.Compressed:
                 var (host, sectors) = Qcow2Entry.DecodeCompressed(entry, _clusterBits);
-                _pendingFrees.Add((host, Qcow2Entry.CompressedReadLength(host, sectors)));
+                _pendingFrees.Add((host, Qcow2Entry.CompressedReadLength(host, sectors), ++_mapGeneration));
                 break;
         }
     }
@@ -511,21 +572,13 @@ public sealed partial class Qcow2Image : BlockImage
         return table;
     }
 
-    public override void WriteZeroes(long offset, long length, bool mayUnmap)
+    protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap)
     {
-        CheckWritable();
-        CheckRange(offset, length);
-        using var writeScope = BeginWrite(offset, length);
-        Bitmaps.MarkDirty(offset, length);
         ZeroOrDiscard(offset, length, discard: false, mayUnmap);
     }
 
-    public override void Discard(long offset, long length)
+    protected override void DriverDiscard(long offset, long length)
     {
-        CheckWritable();
-        CheckRange(offset, length);
-        using var writeScope = BeginWrite(offset, length);
-        Bitmaps.MarkDirty(offset, length);
         ZeroOrDiscard(offset, length, discard: true, mayUnmap: true);
     }
 
@@ -550,7 +603,7 @@ public sealed partial class Qcow2Image : BlockImage
                         alreadyZero = k is L2EntryKind.ZeroAllocated or L2EntryKind.ZeroUnallocated ||
                                       (k == L2EntryKind.Unallocated && Backing is null);
                     }
-                    if (!alreadyZero) Write(offset, new byte[pieceEnd - offset]);
+                    if (!alreadyZero) DriverWrite(offset, new byte[pieceEnd - offset]);
                 }
                 offset = pieceEnd;
                 continue;
@@ -602,19 +655,16 @@ public sealed partial class Qcow2Image : BlockImage
         table.Dirty = true;
     }
 
-    public override void WriteCompressed(long offset, ReadOnlySpan<byte> cluster)
+    protected override void DriverWriteCompressed(long offset, ReadOnlySpan<byte> cluster)
     {
-        CheckWritable();
         if ((offset & (_clusterSize - 1)) != 0 || cluster.Length > _clusterSize)
             throw new BlockException("Compressed writes must cover one aligned cluster");
-        using var writeScope = BeginWrite(offset, cluster.Length);
-        Bitmaps.MarkDirty(offset, cluster.Length);
         var padded = new byte[_clusterSize];
         cluster.CopyTo(padded);
         var compressed = ClusterCompression.Compress(_header.CompressionType, padded, (int)_clusterSize - 512);
         if (compressed is null)
         {
-            Write(offset, cluster);
+            DriverWrite(offset, cluster);
             return;
         }
         lock (_lock)
@@ -661,7 +711,7 @@ public sealed partial class Qcow2Image : BlockImage
 
     // ------------------------------------------------------------------ flush and close
 
-    public override void Flush()
+    protected override void DriverFlush()
     {
         if (!_writable) return;
         lock (_lock) WriteBackMetadata();

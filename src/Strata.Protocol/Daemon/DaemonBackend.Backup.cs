@@ -53,7 +53,9 @@ public sealed partial class DaemonBackend
 
     private void StartBackups(IReadOnlyList<PreparedBackup> backups, bool grouped)
     {
-        // Freeze every job at the same point in time before any of them copies.
+        // Freeze every job at the same point in time before any of them copies, with the sources drained: a write
+        // that has marked the bitmap but not yet landed would otherwise be in neither the backup nor the successor.
+        using var drained = DrainedSection.Begin(backups.Select(b => b.Source.Image));
         foreach (var b in backups)
         {
             b.Job.Prepare(b.Source.Image.Bitmaps);
@@ -247,6 +249,9 @@ public sealed partial class DaemonBackend
         var undo = new Stack<Action>();
         var commits = new List<Action>();
         var backups = new List<PreparedBackup>();
+        // As QEMU's qmp_transaction: nothing is in flight anywhere while the actions prepare and commit, so bitmaps
+        // created, cleared or frozen together all see the same writes.
+        using var drained = Graph.DrainAll();
         try
         {
             int i = 0;

@@ -55,13 +55,14 @@ public sealed class NbdImage : BlockImage
         }
         catch (NbdException e)
         {
-            throw new BlockException($"NBD request failed: {e.Message}");
+            // NBD's errnos are Linux's numbers: the server's error stays what it was (EIO, ENOSPC, …).
+            int errno = e.Errno == 0 ? 5 : (int)e.Errno;
+            throw new BlockIOException($"NBD request failed: {e.Message}", errno);
         }
     }
 
-    public override void Read(long offset, Span<byte> buffer)
+    protected override void DriverRead(long offset, Span<byte> buffer)
     {
-        CheckRange(offset, buffer.Length);
         var temp = new byte[Math.Min(buffer.Length, 32 << 20)];
         for (int pos = 0; pos < buffer.Length; pos += temp.Length)
         {
@@ -71,12 +72,8 @@ public sealed class NbdImage : BlockImage
         }
     }
 
-    public override void Write(long offset, ReadOnlySpan<byte> data)
+    protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
-        CheckWritable();
-        CheckRange(offset, data.Length);
-        using var writeScope = BeginWrite(offset, data.Length);
-        Bitmaps.MarkDirty(offset, data.Length);
         for (int pos = 0; pos < data.Length; pos += 32 << 20)
         {
             var chunk = data.Slice(pos, Math.Min(32 << 20, data.Length - pos)).ToArray();
@@ -85,12 +82,8 @@ public sealed class NbdImage : BlockImage
         }
     }
 
-    public override void WriteZeroes(long offset, long length, bool mayUnmap)
+    protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap)
     {
-        CheckWritable();
-        CheckRange(offset, length);
-        using var writeScope = BeginWrite(offset, length);
-        Bitmaps.MarkDirty(offset, length);
         InChunks(offset, length, (at, n) => _client.WriteZeroesAsync(at, n, noHole: !mayUnmap));
     }
 
@@ -105,16 +98,12 @@ public sealed class NbdImage : BlockImage
         }
     }
 
-    public override void Discard(long offset, long length)
+    protected override void DriverDiscard(long offset, long length)
     {
-        CheckWritable();
-        CheckRange(offset, length);
-        using var writeScope = BeginWrite(offset, length);
-        Bitmaps.MarkDirty(offset, length);
         InChunks(offset, length, _client.TrimAsync);
     }
 
-    public override void Flush() => Run(() => _client.FlushAsync());
+    protected override void DriverFlush() => Run(() => _client.FlushAsync());
 
     public override LayerExtent GetLayerStatus(long offset, long maxLength)
     {
