@@ -188,6 +188,9 @@ public sealed class JobManager
     {
         lock (_lock)
         {
+            // A cancelled job does not retry (QEMU's backup loop checks for cancel before it does): copies that were
+            // still failing when the cancel came neither report nor pause it again.
+            if (job.IsCancelled) return;
             _emit("BLOCK_JOB_ERROR", new QDict().Add("device", job.Id).Add("operation", operation).Add("action", action));
             if (action != "stop" || job.Status is not (JobStatus.Running or JobStatus.Ready)) return;
             job.IoFailed = true;
