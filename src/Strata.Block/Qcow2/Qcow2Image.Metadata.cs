@@ -13,14 +13,29 @@ public sealed partial class Qcow2Image
         if (tableIndex >= _refTable.Length) return null;
         long blockOffset = (long)(_refTable[tableIndex] & ~Qcow2Entry.RefcountTableReservedMask);
         if (blockOffset == 0) return null;
-        if (_refBlocks.TryGetValue(tableIndex, out var block)) return block;
+        if (_refBlocks.TryGetValue(tableIndex, out var block))
+        {
+            block.LastUse = ++_refClock;
+            return block;
+        }
         if (blockOffset < 0 || (blockOffset & (_clusterSize - 1)) != 0 || blockOffset >= _file.Length)
             throw new BlockException($"qcow2: refcount block offset 0x{blockOffset:x} is invalid (table index {tableIndex}); image is corrupt");
         var data = new byte[_clusterSize];
         _file.Read(blockOffset, data);
-        block = new RefcountBlock(data);
+        block = new RefcountBlock(data) { LastUse = ++_refClock };
+        EvictCleanRefcountBlocks();
         _refBlocks[tableIndex] = block;
         return block;
+    }
+
+    /// <summary>Keeps the refcount cache bounded: past its capacity the least recently used half of the clean blocks
+    /// go (they are on disk as they are). Dirty ones stay until the next write-back, which is never started from
+    /// here: callers hold references to blocks they are about to change, and only clean, unused ones may go.</summary>
+    private void EvictCleanRefcountBlocks()
+    {
+        if (_refBlocks.Count < _refCacheCapacity) return;
+        var clean = _refBlocks.Where(kv => !kv.Value.Dirty).OrderBy(kv => kv.Value.LastUse).ToList();
+        foreach (var (index, _) in clean.Take(Math.Max(1, clean.Count / 2))) _refBlocks.Remove(index);
     }
 
     /// <summary>Refcount of a host cluster (0 where no refcount block covers it). Caller holds the lock.</summary>
@@ -51,7 +66,8 @@ public sealed partial class Qcow2Image
             if (candidate == hostCluster) candidate++;
             if (candidate >= rangeStart + _refcountsPerBlock)
                 throw new BlockException("qcow2: no room for a refcount block");
-            block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true };
+            block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true, LastUse = ++_refClock };
+            EvictCleanRefcountBlocks();
             _refBlocks[tableIndex] = block;
             NoteAllocated(candidate, 1);
             RefcountCodec.Set(block.Data, candidate - rangeStart, _refcountOrder, 1);
@@ -105,7 +121,8 @@ public sealed partial class Qcow2Image
             {
                 if (ti < oldTable.Length && (oldTable[ti] & ~Qcow2Entry.RefcountTableReservedMask) != 0) continue;
                 _refTable[ti] = (ulong)(blockCluster << _clusterBits);
-                _refBlocks[ti] = new RefcountBlock(new byte[_clusterSize]) { Dirty = true };
+                EvictCleanRefcountBlocks();
+                _refBlocks[ti] = new RefcountBlock(new byte[_clusterSize]) { Dirty = true, LastUse = ++_refClock };
                 blockCluster++;
             }
             NoteAllocated(endCluster, blockCluster - endCluster);

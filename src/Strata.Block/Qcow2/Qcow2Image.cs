@@ -49,6 +49,8 @@ public sealed partial class Qcow2Image : BlockImage
     private ulong[] _refTable;
     private bool _refTableDirty;
     private readonly Dictionary<long, RefcountBlock> _refBlocks = new();
+    private readonly int _refCacheCapacity;
+    private long _refClock;
     private readonly List<(long Offset, long Length, long Generation)> _pendingFrees = new();
     private long _freeClusterHint;
     private long _compressedCursor;
@@ -66,6 +68,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         public readonly byte[] Data = data;
         public bool Dirty;
+        public long LastUse;
     }
 
     public HostFile File => _file;
@@ -80,6 +83,12 @@ public sealed partial class Qcow2Image : BlockImage
     public override string? BackingFormat => _backingFormat;
     public override int ClusterSize => (int)_clusterSize;
     public override bool SupportsCompression => true;
+
+    /// <summary>Metadata blocks held in memory now (bounded by the cache sizes; for tests).</summary>
+    internal int CachedRefcountBlocks
+    {
+        get { lock (_lock) return _refBlocks.Count; }
+    }
 
     /// <summary>Whether a bitmap of this name is in the image's bitmap directory right now.</summary>
     public bool IsStoredBitmap(string name) => _storedBitmaps.ContainsKey(name);
@@ -100,6 +109,8 @@ public sealed partial class Qcow2Image : BlockImage
         _writable = !file.ReadOnly && !options.ReadOnly;
         _ownsFile = options.OwnsFile;
         _l2CacheCapacity = (int)Math.Max(16, options.L2CacheBytes / _clusterSize);
+        // QEMU keeps a quarter as much refcount cache as L2 cache.
+        _refCacheCapacity = (int)Math.Max(8, options.L2CacheBytes / 4 / _clusterSize);
         _l1 = [];
         _refTable = [];
     }

@@ -76,6 +76,39 @@ public class Qcow2ModelTests
     }
 
     [Fact]
+    public void TheRefcountCacheStaysWithinItsBoundOverALargeImage()
+    {
+        using var dir = new TempDir();
+        string path = dir["big.qcow2"];
+        const int cluster = 512; // one refcount block covers 256 clusters: 8 MiB of data needs over 64 of them
+        const long size = 8 << 20;
+        Qcow2Image.Create(path, new Qcow2CreateOptions { Size = size, ClusterSize = cluster }).Dispose();
+        var options = new Qcow2OpenOptions { L2CacheBytes = 16 << 10 }; // room for 8 refcount blocks
+        int most = 0;
+        var data = new byte[64 << 10];
+        using (var img = Qcow2Image.Open(HostFile.Open(path, readOnly: false), options))
+        {
+            for (long pos = 0; pos < size; pos += data.Length)
+            {
+                data.AsSpan().Fill((byte)(pos >> 16));
+                img.Write(pos, data);
+                if ((pos >> 16) % 4 == 3) img.Flush();
+                most = Math.Max(most, img.CachedRefcountBlocks);
+            }
+            Assert.True(most <= 16, $"the refcount cache grew to {most} blocks");
+        }
+        using var check = (Qcow2Image)ImageOpener.Open(path, "qcow2", readOnly: true);
+        var read = new byte[data.Length];
+        for (long pos = 0; pos < size; pos += read.Length)
+        {
+            check.Read(pos, read);
+            Assert.All(read, b => Assert.Equal((byte)(pos >> 16), b));
+        }
+        var report = check.Check(RepairMode.None);
+        Assert.True(report.Corruptions == 0 && report.Leaks == 0, string.Join("\n", report.Messages));
+    }
+
+    [Fact]
     public void GrowsTheRefcountTableWhenTheImageOutgrowsIt()
     {
         // 512-byte clusters: one refcount table cluster covers 64 blocks of 256 clusters = 8 MiB of file.
