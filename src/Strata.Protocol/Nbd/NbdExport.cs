@@ -47,8 +47,23 @@ public sealed class NbdExport
         return t;
     }
 
-    /// <summary>A request starts: waits while the export is drained. Dispose when it is answered.</summary>
-    public async ValueTask<IDisposable> EnterAsync()
+    /// <summary>A request starts: waits while the export is drained. Call <see cref="Leave"/> once its I/O is done
+    /// (its reply need not be sent: a drain waits for the image, not for a client that reads slowly).
+    /// Completes synchronously, allocating nothing, unless a drain holds requests back.</summary>
+    public ValueTask EnterAsync()
+    {
+        lock (_gate)
+        {
+            if (_open.Task.IsCompleted)
+            {
+                _active++;
+                return ValueTask.CompletedTask;
+            }
+        }
+        return EnterWhenOpenAsync();
+    }
+
+    private async ValueTask EnterWhenOpenAsync()
     {
         while (true)
         {
@@ -58,7 +73,7 @@ public sealed class NbdExport
                 if (_open.Task.IsCompleted)
                 {
                     _active++;
-                    return new Leaver(this);
+                    return;
                 }
                 wait = _open.Task;
             }
@@ -66,16 +81,11 @@ public sealed class NbdExport
         }
     }
 
-    private sealed class Leaver(NbdExport export) : IDisposable
+    /// <summary>A request entered with <see cref="EnterAsync"/> has finished its I/O.</summary>
+    public void Leave()
     {
-        private int _done;
-
-        public void Dispose()
-        {
-            if (Interlocked.Exchange(ref _done, 1) != 0) return;
-            lock (export._gate)
-                if (--export._active == 0) export._drained?.TrySetResult();
-        }
+        lock (_gate)
+            if (--_active == 0) _drained?.TrySetResult();
     }
 
     /// <summary>Holds new requests back and waits for those in flight (QEMU's drain).</summary>

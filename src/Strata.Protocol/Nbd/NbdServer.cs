@@ -1,5 +1,6 @@
 using System.IO.Pipelines;
 using System.Net;
+using Strata.Block;
 
 namespace Strata.Protocol.Nbd;
 
@@ -15,17 +16,18 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
     private static readonly StreamPipeReaderOptions ReaderOptions = new(bufferSize: 1 << 20, minimumReadSize: 64 << 10);
     private static readonly StreamPipeWriterOptions WriterOptions = new(minimumBufferSize: 1 << 20);
 
-    private NbdServer(int maxConnections, Func<Func<PipeReader, PipeWriter, CancellationToken, Task>, ConnectionListener> listen)
+    private NbdServer(int maxConnections, BlockIoThreads? ioThreads, Func<Func<PipeReader, PipeWriter, CancellationToken, Task>, ConnectionListener> listen)
     {
         _maxConnections = maxConnections;
-        _listener = listen((reader, writer, ct) => new NbdServerSession(this, reader, writer).RunAsync(ct));
+        _listener = listen((reader, writer, ct) => new NbdServerSession(this, reader, writer, ioThreads).RunAsync(ct));
     }
 
-    public static NbdServer ListenUnix(string path, int maxConnections = 100) =>
-        new(maxConnections, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions));
+    /// <param name="ioThreads">Where requests' image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>
+    public static NbdServer ListenUnix(string path, int maxConnections = 100, BlockIoThreads? ioThreads = null) =>
+        new(maxConnections, ioThreads, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions));
 
-    public static NbdServer ListenTcp(string host, int port, int maxConnections = 100) =>
-        new(maxConnections, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions));
+    public static NbdServer ListenTcp(string host, int port, int maxConnections = 100, BlockIoThreads? ioThreads = null) =>
+        new(maxConnections, ioThreads, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions));
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint;
 

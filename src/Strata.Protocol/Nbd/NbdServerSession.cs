@@ -2,6 +2,7 @@ using System.Buffers;
 using System.Buffers.Binary;
 using System.IO.Pipelines;
 using System.Text;
+using System.Threading.Channels;
 using Strata.Block;
 using Strata.Formats.Nbd;
 
@@ -19,27 +20,40 @@ public interface INbdExportRegistry
 /// One NBD connection over a pipe pair (it never touches a socket): fixed-newstyle handshake and option
 /// haggling, then transmission with many requests in flight, replies in completion order, simple or
 /// structured, with base:allocation, qemu:allocation-depth and qemu:dirty-bitmap contexts.
-/// Protocol violations close this connection; request errors get the protocol's errno.
+/// Protocol violations close this connection; every request gets a reply, failed ones the protocol's errno.
 /// </summary>
 public sealed class NbdServerSession
 {
+    /// <summary>Requests admitted and not yet answered (QEMU's MAX_NBD_REQUESTS).</summary>
     private const int MaxInFlight = 16;
+
+    /// <summary>Data buffers (write payloads, read results) of a connection's admitted requests: with 16 requests of
+    /// up to 32 MiB a connection could otherwise hold 512 MiB.</summary>
+    private const long MaxDataInFlight = 64L << 20;
+
     private readonly INbdExportRegistry _registry;
     private readonly PipeReader _input;
     private readonly PipeWriter _output;
-    private readonly SemaphoreSlim _writeLock = new(1, 1);
+    private readonly BlockIoThreads _ioThreads;
     private readonly SemaphoreSlim _inFlight = new(MaxInFlight, MaxInFlight);
+    private readonly ByteBudget _dataBudget = new(MaxDataInFlight);
+    private readonly Stack<Request> _idleRequests = new();
+    private readonly Channel<Request> _replies = Channel.CreateUnbounded<Request>(new UnboundedChannelOptions { SingleReader = true });
+    private CancellationTokenSource? _stopReading;
+    private volatile bool _clientGone;
     private bool _structured;
     private bool _noZeroes;
     private string? _contextExport;
     private List<(uint Id, string Name)> _contexts = new();
     private NbdExport? _export;
 
-    public NbdServerSession(INbdExportRegistry registry, PipeReader input, PipeWriter output)
+    /// <param name="ioThreads">Where the image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>
+    public NbdServerSession(INbdExportRegistry registry, PipeReader input, PipeWriter output, BlockIoThreads? ioThreads = null)
     {
         _registry = registry;
         _input = input;
         _output = output;
+        _ioThreads = ioThreads ?? BlockIoThreads.Shared;
     }
 
     public async Task RunAsync(CancellationToken ct)
@@ -103,20 +117,12 @@ public sealed class NbdServerSession
         }
     }
 
-    private async ValueTask SendAsync(ReadOnlyMemory<byte> a, ReadOnlyMemory<byte> b = default, CancellationToken ct = default)
+    /// <summary>Handshake replies, one at a time (transmission replies go through the reply writer).</summary>
+    private async ValueTask SendAsync(ReadOnlyMemory<byte> message, CancellationToken ct)
     {
-        await _writeLock.WaitAsync(ct);
-        try
-        {
-            _output.Write(a.Span);
-            if (!b.IsEmpty) _output.Write(b.Span);
-            var flush = await _output.FlushAsync(ct);
-            if (flush.IsCompleted) throw new IOException("client went away");
-        }
-        finally
-        {
-            _writeLock.Release();
-        }
+        _output.Write(message.Span);
+        var flush = await _output.FlushAsync(ct);
+        if (flush.IsCompleted) throw new IOException("client went away");
     }
 
     // ------------------------------------------------------------------ handshake
@@ -127,7 +133,7 @@ public sealed class NbdServerSession
         BinaryPrimitives.WriteUInt64BigEndian(hello, NbdConst.NbdMagic);
         BinaryPrimitives.WriteUInt64BigEndian(hello.AsSpan(8), NbdConst.IHaveOpt);
         BinaryPrimitives.WriteUInt16BigEndian(hello.AsSpan(16), NbdConst.FlagFixedNewstyle | NbdConst.FlagNoZeroes);
-        await SendAsync(hello, ct: ct);
+        await SendAsync(hello, ct);
         uint clientFlags = BinaryPrimitives.ReadUInt32BigEndian(await ReadExactAsync(4, ct));
         if ((clientFlags & ~(NbdConst.ClientFlagFixedNewstyle | NbdConst.ClientFlagNoZeroes)) != 0) return false;
         _noZeroes = (clientFlags & NbdConst.ClientFlagNoZeroes) != 0;
@@ -156,11 +162,11 @@ public sealed class NbdServerSession
                     var reply = new byte[_noZeroes ? 10 : 134];
                     BinaryPrimitives.WriteUInt64BigEndian(reply, (ulong)export.Image.Size);
                     BinaryPrimitives.WriteUInt16BigEndian(reply.AsSpan(8), (ushort)TransmissionFlags(export));
-                    await SendAsync(reply, ct: ct);
+                    await SendAsync(reply, ct);
                     return true;
                 }
                 case NbdOption.Abort:
-                    await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct: ct);
+                    await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct);
                     return false;
                 case NbdOption.List:
                     if (length != 0)
@@ -176,9 +182,9 @@ public sealed class NbdServerSession
                         BinaryPrimitives.WriteUInt32BigEndian(payload, (uint)name.Length);
                         name.CopyTo(payload, 4);
                         desc.CopyTo(payload, 4 + name.Length);
-                        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Server, payload), ct: ct);
+                        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Server, payload), ct);
                     }
-                    await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct: ct);
+                    await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct);
                     break;
                 case NbdOption.Info:
                 case NbdOption.Go:
@@ -190,7 +196,7 @@ public sealed class NbdServerSession
                     else
                     {
                         _structured = true;
-                        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct: ct);
+                        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct);
                     }
                     break;
                 case NbdOption.ListMetaContext:
@@ -205,7 +211,7 @@ public sealed class NbdServerSession
     }
 
     private ValueTask ErrorReplyAsync(uint option, NbdReply error, string message, CancellationToken ct) =>
-        SendAsync(NbdMessages.OptionReply(option, error, Encoding.UTF8.GetBytes(message)), ct: ct);
+        SendAsync(NbdMessages.OptionReply(option, error, Encoding.UTF8.GetBytes(message)), ct);
 
     private NbdTransmissionFlags TransmissionFlags(NbdExport e)
     {
@@ -247,27 +253,27 @@ public sealed class NbdServerSession
         var info = new byte[2 + nameBytes.Length];
         BinaryPrimitives.WriteUInt16BigEndian(info, (ushort)NbdInfo.Name);
         nameBytes.CopyTo(info, 2);
-        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, info), ct: ct);
+        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, info), ct);
         if (export.Description is { } description)
         {
             var d = Encoding.UTF8.GetBytes(description);
             var di = new byte[2 + d.Length];
             BinaryPrimitives.WriteUInt16BigEndian(di, (ushort)NbdInfo.Description);
             d.CopyTo(di, 2);
-            await SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, di), ct: ct);
+            await SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, di), ct);
         }
         var bs = new byte[14];
         BinaryPrimitives.WriteUInt16BigEndian(bs, (ushort)NbdInfo.BlockSize);
         BinaryPrimitives.WriteUInt32BigEndian(bs.AsSpan(2), 1);
         BinaryPrimitives.WriteUInt32BigEndian(bs.AsSpan(6), 4096);
         BinaryPrimitives.WriteUInt32BigEndian(bs.AsSpan(10), NbdConst.MaxPayload);
-        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, bs), ct: ct);
+        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, bs), ct);
         var ex = new byte[12];
         BinaryPrimitives.WriteUInt16BigEndian(ex, (ushort)NbdInfo.Export);
         BinaryPrimitives.WriteUInt64BigEndian(ex.AsSpan(2), (ulong)export.Image.Size);
         BinaryPrimitives.WriteUInt16BigEndian(ex.AsSpan(10), (ushort)TransmissionFlags(export));
-        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, ex), ct: ct);
-        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct: ct);
+        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, ex), ct);
+        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct);
         if ((NbdOption)option == NbdOption.Go)
         {
             _export = export;
@@ -324,9 +330,9 @@ public sealed class NbdServerSession
             var payload = new byte[4 + n.Length];
             BinaryPrimitives.WriteUInt32BigEndian(payload, listing ? 0 : id);
             n.CopyTo(payload, 4);
-            await SendAsync(NbdMessages.OptionReply(option, NbdReply.MetaContext, payload), ct: ct);
+            await SendAsync(NbdMessages.OptionReply(option, NbdReply.MetaContext, payload), ct);
         }
-        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct: ct);
+        await SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []), ct);
         if (!listing)
         {
             _contexts = selected;
@@ -351,281 +357,459 @@ public sealed class NbdServerSession
     }
 
     // ------------------------------------------------------------------ transmission
+    //
+    // Three parties per connection. The request reader (this session's task, on the thread pool) parses a header,
+    // waits for an in-flight slot and the data budget, and only then takes in a write's payload; it answers what
+    // needs no image I/O itself and hands the rest to the block I/O threads. A block I/O thread does the synchronous
+    // image calls and queues the answered request. The reply writer (on the thread pool) writes every queued reply
+    // into the pipe and flushes once per batch. So blocking I/O never holds a pool thread, a slow image never delays
+    // another connection's handshake, and only a failed flush — never an I/O error — means the client is gone.
+
+    /// <summary>One request from admission to reply; the session keeps at most <see cref="MaxInFlight"/> and
+    /// reuses them, so a request allocates nothing but its data buffer (pooled).</summary>
+    private sealed class Request(NbdServerSession session) : IBlockIoWork
+    {
+        public NbdRequest Header;
+        public NbdExport Export = null!;
+        /// <summary>The write payload, or the bytes read (ArrayPool; longer than the request).</summary>
+        public byte[]? Data;
+        /// <summary>Bytes of the data budget this request holds.</summary>
+        public long Reserved;
+        /// <summary>Non-zero: the request failed with this NBD errno.</summary>
+        public uint Errno;
+        public string? Message;
+        /// <summary>A structured read's extents, holes and data in order; empty: one data chunk for the whole range.</summary>
+        public readonly List<(long Offset, long Length, bool Zero)> Chunks = new();
+        /// <summary>Block status: the extents of each negotiated context, in context order.</summary>
+        public readonly List<List<(uint Length, uint Flags)>> Status = new();
+
+        public void Execute() => session.Perform(this);
+    }
 
     private async Task TransmitAsync(CancellationToken ct)
     {
         var export = _export!;
-        var pending = new List<Task>();
-        var header = new byte[NbdConst.RequestHeaderLength];
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        _stopReading = stop;
+        var writer = WriteRepliesAsync(ct);
         try
         {
-            while (true)
-            {
-                await ReadExactAsync(header, ct);
-                if (!NbdRequest.TryParse(header, out var req)) return; // bad magic: the stream is lost
-                if (req.Command == NbdCommand.Disc) return;
-                byte[]? payload = null;
-                if (req.Command == NbdCommand.Write)
-                {
-                    if (req.Length > NbdConst.MaxPayload)
-                    {
-                        // Too big to accept; past the limit we cannot even trust the stream, so stop here.
-                        await ReplyErrorAsync(req, NbdErrno.EOVERFLOW, "write payload too large");
-                        return;
-                    }
-                    payload = ArrayPool<byte>.Shared.Rent((int)req.Length);
-                    await ReadExactAsync(payload.AsMemory(0, (int)req.Length), ct);
-                }
-                await _inFlight.WaitAsync(ct);
-                var task = Task.Run(async () =>
-                {
-                    try
-                    {
-                        await HandleAsync(export, req, payload);
-                    }
-                    finally
-                    {
-                        if (payload is not null) ArrayPool<byte>.Shared.Return(payload);
-                        _inFlight.Release();
-                    }
-                }, CancellationToken.None);
-                pending.RemoveAll(t => t.IsCompleted);
-                pending.Add(task);
-            }
+            await ReadRequestsAsync(export, stop.Token);
         }
         finally
         {
-            // DISC or end of input: finish what is in flight (their replies may fail if the client left).
-            try { await Task.WhenAll(pending); } catch (Exception) { }
+            // DISC, end of input or a client gone: every admitted request still runs and gets its reply (written only
+            // while the client is there), then the writer flushes the last batch.
+            for (int i = 0; i < MaxInFlight; i++) await _inFlight.WaitAsync(CancellationToken.None);
+            _replies.Writer.TryComplete();
+            await writer;
         }
     }
 
-    private async Task HandleAsync(NbdExport export, NbdRequest req, byte[]? payload)
+    private async Task ReadRequestsAsync(NbdExport export, CancellationToken ct)
     {
-        using var entered = await export.EnterAsync();
-        var image = export.Image;
+        var header = new byte[NbdConst.RequestHeaderLength];
+        while (true)
+        {
+            await ReadExactAsync(header, ct);
+            if (!NbdRequest.TryParse(header, out var req)) return; // bad magic: the stream is lost
+            if (req.Command == NbdCommand.Disc) return;
+            // A slot first: nothing of a request, not even its payload, is taken in while MaxInFlight are unanswered.
+            await _inFlight.WaitAsync(ct);
+            var r = TakeRequest(export, req);
+            try
+            {
+                if (req.Command == NbdCommand.Write && req.Length > NbdConst.MaxPayload)
+                {
+                    // Too big to accept; past the limit we cannot even trust the stream, so stop here.
+                    Answer(r, NbdErrno.EOVERFLOW, "write payload too large");
+                    return;
+                }
+                if (Refusal(export, req) is { } refusal)
+                {
+                    if (req.Command == NbdCommand.Write) await SkipAsync(req.Length, ct);
+                    Answer(r, NbdErrno.EINVAL, refusal);
+                    continue;
+                }
+                if (req.Command is NbdCommand.Read or NbdCommand.Write && req.Length > 0)
+                {
+                    await _dataBudget.AcquireAsync(req.Length, ct);
+                    r.Reserved = req.Length;
+                    r.Data = ArrayPool<byte>.Shared.Rent((int)req.Length);
+                    if (req.Command == NbdCommand.Write) await ReadExactAsync(r.Data.AsMemory(0, (int)req.Length), ct);
+                }
+                if (req.Command == NbdCommand.Cache)
+                {
+                    Answer(r, 0, null); // a hint with nothing to do for a local image
+                    continue;
+                }
+                await export.EnterAsync();
+                _ioThreads.Queue(r);
+            }
+            catch
+            {
+                Release(r); // not handed on: give back its slot and buffers
+                throw;
+            }
+        }
+    }
+
+    private Request TakeRequest(NbdExport export, NbdRequest header)
+    {
+        Request? r;
+        lock (_idleRequests) _idleRequests.TryPop(out r);
+        r ??= new Request(this);
+        r.Header = header;
+        r.Export = export;
+        return r;
+    }
+
+    /// <summary>A request answered without image I/O goes straight to the reply writer.</summary>
+    private void Answer(Request r, uint errno, string? message)
+    {
+        r.Errno = errno;
+        r.Message = message;
+        _replies.Writer.TryWrite(r);
+    }
+
+    /// <summary>Why a request is refused before any I/O (EINVAL), or null.</summary>
+    private string? Refusal(NbdExport export, NbdRequest req)
+    {
+        var known = req.Command switch
+        {
+            NbdCommand.Read => NbdCommandFlags.Fua | NbdCommandFlags.Df,
+            NbdCommand.Write => NbdCommandFlags.Fua,
+            NbdCommand.WriteZeroes => NbdCommandFlags.Fua | NbdCommandFlags.NoHole | NbdCommandFlags.FastZero,
+            NbdCommand.Trim => NbdCommandFlags.Fua,
+            NbdCommand.BlockStatus => NbdCommandFlags.ReqOne,
+            NbdCommand.Flush or NbdCommand.Cache => NbdCommandFlags.None,
+            _ => (NbdCommandFlags)0xffff,
+        };
+        if (known == (NbdCommandFlags)0xffff) return $"unsupported command {(ushort)req.Command}";
+        if ((req.Flags & ~known) != 0) return $"unsupported flags 0x{(ushort)req.Flags:x} for this command";
+        long size = export.Image.Size;
+        if (req.Command != NbdCommand.Flush && (req.Offset > (ulong)size || req.Length > (ulong)size - req.Offset))
+            return $"operation past EOF; From: {req.Offset}, Len: {req.Length}, Size: {size}";
+        if (!export.Writable && req.Command is NbdCommand.Write or NbdCommand.WriteZeroes or NbdCommand.Trim) return "Export is read-only";
+        if (req.Command == NbdCommand.Read && req.Length > NbdConst.MaxPayload) return "read request too large";
+        if (req.Command == NbdCommand.BlockStatus)
+        {
+            if (!_structured || _contexts.Count == 0) return "No meta contexts negotiated";
+            if (req.Length == 0) return "zero-length block status request";
+        }
+        return null;
+    }
+
+    /// <summary>The image calls of one request, on a block I/O thread. Whatever they throw becomes the request's
+    /// errno: the client always gets an answer and the session goes on.</summary>
+    private void Perform(Request r)
+    {
+        var export = r.Export;
+        var req = r.Header;
         try
         {
-            var known = req.Command switch
-            {
-                NbdCommand.Read => NbdCommandFlags.Fua | NbdCommandFlags.Df,
-                NbdCommand.Write => NbdCommandFlags.Fua,
-                NbdCommand.WriteZeroes => NbdCommandFlags.Fua | NbdCommandFlags.NoHole | NbdCommandFlags.FastZero,
-                NbdCommand.Trim => NbdCommandFlags.Fua,
-                NbdCommand.BlockStatus => NbdCommandFlags.ReqOne,
-                NbdCommand.Flush or NbdCommand.Cache => NbdCommandFlags.None,
-                _ => (NbdCommandFlags)0xffff,
-            };
-            if (known == (NbdCommandFlags)0xffff)
-            {
-                await ReplyErrorAsync(req, NbdErrno.EINVAL, $"unsupported command {(ushort)req.Command}");
-                return;
-            }
-            if ((req.Flags & ~known) != 0)
-            {
-                await ReplyErrorAsync(req, NbdErrno.EINVAL, $"unsupported flags 0x{(ushort)req.Flags:x} for this command");
-                return;
-            }
-            if (req.Command != NbdCommand.Flush && (req.Offset > (ulong)image.Size || req.Length > (ulong)image.Size - req.Offset))
-            {
-                await ReplyErrorAsync(req, NbdErrno.EINVAL, $"operation past EOF; From: {req.Offset}, Len: {req.Length}, Size: {image.Size}");
-                return;
-            }
-            if (!export.Writable && req.Command is NbdCommand.Write or NbdCommand.WriteZeroes or NbdCommand.Trim)
-            {
-                await ReplyErrorAsync(req, NbdErrno.EINVAL, "Export is read-only");
-                return;
-            }
+            var image = export.Image;
             long offset = (long)req.Offset;
             // 32 bits unsigned on the wire: zeroing, trimming and block status may ask for up to 4 GiB - 1.
             long length = req.Length;
+            bool fua = (req.Flags & NbdCommandFlags.Fua) != 0;
             switch (req.Command)
             {
                 case NbdCommand.Read:
-                    if (req.Length > NbdConst.MaxPayload)
-                    {
-                        await ReplyErrorAsync(req, NbdErrno.EINVAL, "read request too large");
-                        return;
-                    }
-                    await ReadAsync(image, req, offset, (int)length);
-                    return;
+                    ReadData(image, r, offset, (int)length);
+                    break;
                 case NbdCommand.Write:
-                    image.Write(offset, payload.AsSpan(0, (int)length));
-                    if ((req.Flags & NbdCommandFlags.Fua) != 0) image.Flush();
+                    image.Write(offset, r.Data.AsSpan(0, (int)length));
+                    if (fua) image.Flush();
                     break;
                 case NbdCommand.WriteZeroes:
                     image.WriteZeroes(offset, length, mayUnmap: export.DiscardUnmap && (req.Flags & NbdCommandFlags.NoHole) == 0);
-                    if ((req.Flags & NbdCommandFlags.Fua) != 0) image.Flush();
+                    if (fua) image.Flush();
                     break;
                 case NbdCommand.Trim:
                     if (export.DiscardUnmap) image.Discard(offset, length);
-                    if ((req.Flags & NbdCommandFlags.Fua) != 0) image.Flush();
+                    if (fua) image.Flush();
                     break;
                 case NbdCommand.Flush:
                     image.Flush();
                     break;
-                case NbdCommand.Cache:
-                    break;
                 case NbdCommand.BlockStatus:
-                    await BlockStatusAsync(export, req, offset, length);
-                    return;
+                    CollectStatus(export, r, offset, length);
+                    break;
             }
-            await ReplyOkAsync(req);
         }
-        catch (BlockException e)
+        catch (Exception e)
         {
-            await ReplyErrorAsync(req, e is BlockIOException io ? NbdErrno.FromSystem(io.Errno) : NbdErrno.EIO, e.Message);
+            uint? errno = ErrnoOf(e);
+            if (errno is null && e is ObjectDisposedException && export.ShuttingDown) errno = NbdErrno.ESHUTDOWN;
+            if (errno is null)
+                Console.Error.WriteLine($"strata: NBD {req.Command} of {req.Length} bytes at {req.Offset} on export '{export.Name}' failed unexpectedly: {e}");
+            r.Errno = errno ?? NbdErrno.EIO;
+            r.Message = e.Message;
         }
-        catch (IOException)
+        finally
         {
-            // The client is gone; nothing to answer.
+            export.Leave();
+        }
+        _replies.Writer.TryWrite(r);
+    }
+
+    /// <summary>The NBD errno for a failed image call, or null for a failure nobody expects (a bug: answered EIO
+    /// and logged). Host errors arrive as IOException: on Linux .NET keeps the errno of those it has no better
+    /// type for in HResult (ENOSPC is 28, EIO 5); EACCES, EPERM and EBADF become UnauthorizedAccessException.</summary>
+    public static uint? ErrnoOf(Exception e) => e switch
+    {
+        BlockIOException io => NbdErrno.FromSystem(io.Errno),
+        NbdException { Errno: not 0 } remote => NbdErrno.FromSystem((int)remote.Errno), // a remote server's: the same numbers
+        BlockException => NbdErrno.EIO,
+        IOException io when io.HResult is > 0 and < 4096 => NbdErrno.FromSystem(io.HResult),
+        IOException => NbdErrno.EIO,
+        UnauthorizedAccessException => NbdErrno.EPERM,
+        OutOfMemoryException => NbdErrno.ENOMEM,
+        _ => null,
+    };
+
+    /// <summary>A read's bytes. Structured and not DF: holes are not read, only described (OFFSET_HOLE chunks).</summary>
+    private void ReadData(BlockImage image, Request r, long offset, int length)
+    {
+        if (length == 0) return;
+        var data = r.Data.AsSpan(0, length);
+        if (!_structured || (r.Header.Flags & NbdCommandFlags.Df) != 0)
+        {
+            image.Read(offset, data);
+            return;
+        }
+        long end = offset + length;
+        long pos = offset;
+        var chunks = r.Chunks;
+        while (pos < end)
+        {
+            var e = ChainStatus.Get(image, pos, end - pos);
+            if (e.Length <= 0) break;
+            if (chunks.Count > 0 && chunks[^1].Zero == e.Zero) chunks[^1] = (chunks[^1].Offset, chunks[^1].Length + e.Length, e.Zero);
+            else chunks.Add((pos, e.Length, e.Zero));
+            pos += e.Length;
+        }
+        if (pos < end) chunks.Add((pos, end - pos, false)); // status ran short: read the rest as data
+        foreach (var (at, n, zero) in chunks)
+            if (!zero) image.Read(at, data.Slice((int)(at - offset), (int)n));
+    }
+
+    private void CollectStatus(NbdExport export, Request r, long offset, long length)
+    {
+        bool one = (r.Header.Flags & NbdCommandFlags.ReqOne) != 0;
+        while (r.Status.Count < _contexts.Count) r.Status.Add(new List<(uint, uint)>());
+        for (int i = 0; i < _contexts.Count; i++) Extents(export, _contexts[i].Name, offset, length, one, r.Status[i]);
+    }
+
+    /// <summary>Writes every answered request's reply into the pipe, flushing once per batch (and every
+    /// <see cref="FlushThreshold"/> bytes within one), then frees the request.</summary>
+    private async Task WriteRepliesAsync(CancellationToken ct)
+    {
+        var replies = _replies.Reader;
+        while (await replies.WaitToReadAsync(CancellationToken.None))
+        {
+            long unflushed = 0;
+            while (replies.TryRead(out var r))
+            {
+                if (!_clientGone)
+                {
+                    try
+                    {
+                        unflushed += WriteReply(r);
+                    }
+                    catch (Exception)
+                    {
+                        ClientGone(); // the pipe is closed
+                    }
+                }
+                Release(r);
+                if (unflushed >= FlushThreshold)
+                {
+                    await FlushRepliesAsync(ct);
+                    unflushed = 0;
+                }
+            }
+            if (unflushed > 0) await FlushRepliesAsync(ct);
         }
     }
 
-    private async ValueTask ReplyOkAsync(NbdRequest req)
+    private const long FlushThreshold = 4 << 20;
+
+    private async ValueTask FlushRepliesAsync(CancellationToken ct)
     {
-        if (_structured)
+        if (_clientGone) return;
+        try
         {
-            var h = new byte[NbdMessages.StructuredHeaderLength];
-            NbdMessages.StructuredHeader(h, true, NbdReplyType.None, req.Cookie, 0);
-            await SendAsync(h);
+            var flush = await _output.FlushAsync(ct);
+            if (flush.IsCompleted || flush.IsCanceled) ClientGone();
         }
-        else
+        catch (Exception)
         {
-            var h = new byte[16];
+            ClientGone();
+        }
+    }
+
+    /// <summary>A reply could not be sent: the only sign that the client is gone. Stop taking requests; those in
+    /// flight finish without a reply.</summary>
+    private void ClientGone()
+    {
+        _clientGone = true;
+        try { _stopReading?.Cancel(); } catch (ObjectDisposedException) { }
+    }
+
+    /// <summary>Gives back what a request holds: its data buffer, its share of the budget, its slot.</summary>
+    private void Release(Request r)
+    {
+        if (r.Data is not null) ArrayPool<byte>.Shared.Return(r.Data);
+        r.Data = null;
+        if (r.Reserved > 0) _dataBudget.Release(r.Reserved);
+        r.Reserved = 0;
+        r.Errno = 0;
+        r.Message = null;
+        r.Export = null!;
+        // Keep small lists for the next request, not the rare huge ones.
+        if (r.Chunks.Capacity > 1024) r.Chunks.Capacity = 0;
+        r.Chunks.Clear();
+        foreach (var s in r.Status)
+        {
+            s.Clear();
+            if (s.Capacity > 4096) s.Capacity = 0;
+        }
+        lock (_idleRequests) _idleRequests.Push(r);
+        _inFlight.Release();
+    }
+
+    /// <summary>Writes one reply into the pipe (not flushed); returns how many bytes.</summary>
+    private long WriteReply(Request r)
+    {
+        var req = r.Header;
+        if (r.Errno != 0) return WriteError(req.Cookie, r.Errno, r.Message ?? "");
+        if (req.Command == NbdCommand.BlockStatus) return WriteStatus(r);
+        if (req.Command != NbdCommand.Read || req.Length == 0) return WriteDone(req.Cookie);
+        var data = r.Data.AsSpan(0, (int)req.Length);
+        if (!_structured)
+        {
+            var h = _output.GetSpan(16);
             NbdMessages.SimpleReplyHeader(h, 0, req.Cookie);
-            await SendAsync(h);
+            _output.Advance(16);
+            _output.Write(data);
+            return 16 + data.Length;
         }
+        if (r.Chunks.Count == 0)
+        {
+            WriteDataChunk(req.Cookie, true, (long)req.Offset, data);
+            return NbdMessages.StructuredHeaderLength + 8 + data.Length;
+        }
+        long written = 0;
+        for (int i = 0; i < r.Chunks.Count; i++)
+        {
+            var (at, n, zero) = r.Chunks[i];
+            bool done = i == r.Chunks.Count - 1;
+            if (zero)
+            {
+                var b = _output.GetSpan(NbdMessages.StructuredHeaderLength + 12);
+                NbdMessages.StructuredHeader(b, done, NbdReplyType.OffsetHole, req.Cookie, 12);
+                BinaryPrimitives.WriteUInt64BigEndian(b[20..], (ulong)at);
+                BinaryPrimitives.WriteUInt32BigEndian(b[28..], (uint)n);
+                _output.Advance(NbdMessages.StructuredHeaderLength + 12);
+                written += NbdMessages.StructuredHeaderLength + 12;
+            }
+            else
+            {
+                WriteDataChunk(req.Cookie, done, at, data.Slice((int)(at - (long)req.Offset), (int)n));
+                written += NbdMessages.StructuredHeaderLength + 8 + n;
+            }
+        }
+        return written;
     }
 
-    private async ValueTask ReplyErrorAsync(NbdRequest req, uint errno, string message)
+    private void WriteDataChunk(ulong cookie, bool done, long offset, ReadOnlySpan<byte> data)
+    {
+        var h = _output.GetSpan(NbdMessages.StructuredHeaderLength + 8);
+        NbdMessages.StructuredHeader(h, done, NbdReplyType.OffsetData, cookie, (uint)(8 + data.Length));
+        BinaryPrimitives.WriteUInt64BigEndian(h[20..], (ulong)offset);
+        _output.Advance(NbdMessages.StructuredHeaderLength + 8);
+        _output.Write(data);
+    }
+
+    private long WriteDone(ulong cookie)
     {
         if (_structured)
         {
-            var msg = Encoding.UTF8.GetBytes(message.Length > 4096 ? message[..4096] : message);
-            var b = new byte[NbdMessages.StructuredHeaderLength + 6 + msg.Length];
-            NbdMessages.StructuredHeader(b, true, NbdReplyType.Error, req.Cookie, (uint)(6 + msg.Length));
-            BinaryPrimitives.WriteUInt32BigEndian(b.AsSpan(20), errno);
-            BinaryPrimitives.WriteUInt16BigEndian(b.AsSpan(24), (ushort)msg.Length);
-            msg.CopyTo(b, 26);
-            await SendAsync(b);
+            var h = _output.GetSpan(NbdMessages.StructuredHeaderLength);
+            NbdMessages.StructuredHeader(h, true, NbdReplyType.None, cookie, 0);
+            _output.Advance(NbdMessages.StructuredHeaderLength);
+            return NbdMessages.StructuredHeaderLength;
         }
-        else
-        {
-            var h = new byte[16];
-            NbdMessages.SimpleReplyHeader(h, errno, req.Cookie);
-            await SendAsync(h);
-        }
+        var s = _output.GetSpan(16);
+        NbdMessages.SimpleReplyHeader(s, 0, cookie);
+        _output.Advance(16);
+        return 16;
     }
 
-    private async Task ReadAsync(BlockImage image, NbdRequest req, long offset, int length)
+    private const int MaxErrorMessage = 4096;
+
+    private long WriteError(ulong cookie, uint errno, string message)
     {
         if (!_structured)
         {
-            var data = ArrayPool<byte>.Shared.Rent(length);
-            try
-            {
-                image.Read(offset, data.AsSpan(0, length));
-                var h = new byte[16];
-                NbdMessages.SimpleReplyHeader(h, 0, req.Cookie);
-                await SendAsync(h, data.AsMemory(0, length));
-            }
-            finally
-            {
-                ArrayPool<byte>.Shared.Return(data);
-            }
-            return;
+            var s = _output.GetSpan(16);
+            NbdMessages.SimpleReplyHeader(s, errno, cookie);
+            _output.Advance(16);
+            return 16;
         }
-        if (length == 0)
-        {
-            await ReplyOkAsync(req);
-            return;
-        }
-        // Structured: holes as OFFSET_HOLE chunks, data as OFFSET_DATA; DF asks for a single data chunk.
-        var chunks = (req.Flags & NbdCommandFlags.Df) != 0
-            ? [new ChainExtent(offset, length, 0, true, false, true, -1, false)]
-            : ChainStatus.Map(image, offset, length).ToList();
-        for (int i = 0; i < chunks.Count; i++)
-        {
-            var c = chunks[i];
-            bool done = i == chunks.Count - 1;
-            if (c.Zero)
-            {
-                var b = new byte[NbdMessages.StructuredHeaderLength + 12];
-                NbdMessages.StructuredHeader(b, done, NbdReplyType.OffsetHole, req.Cookie, 12);
-                BinaryPrimitives.WriteUInt64BigEndian(b.AsSpan(20), (ulong)c.Offset);
-                BinaryPrimitives.WriteUInt32BigEndian(b.AsSpan(28), (uint)c.Length);
-                await SendAsync(b);
-                continue;
-            }
-            var data = ArrayPool<byte>.Shared.Rent((int)c.Length);
-            try
-            {
-                image.Read(c.Offset, data.AsSpan(0, (int)c.Length));
-                var h = new byte[NbdMessages.StructuredHeaderLength + 8];
-                NbdMessages.StructuredHeader(h, done, NbdReplyType.OffsetData, req.Cookie, (uint)(8 + c.Length));
-                BinaryPrimitives.WriteUInt64BigEndian(h.AsSpan(20), (ulong)c.Offset);
-                await SendAsync(h, data.AsMemory(0, (int)c.Length));
-            }
-            finally
-            {
-                ArrayPool<byte>.Shared.Return(data);
-            }
-        }
+        var text = message.AsSpan(0, Math.Min(message.Length, MaxErrorMessage));
+        var b = _output.GetSpan(NbdMessages.StructuredHeaderLength + 6 + Encoding.UTF8.GetMaxByteCount(text.Length));
+        int n = Encoding.UTF8.GetBytes(text, b[(NbdMessages.StructuredHeaderLength + 6)..]);
+        NbdMessages.StructuredHeader(b, true, NbdReplyType.Error, cookie, (uint)(6 + n));
+        BinaryPrimitives.WriteUInt32BigEndian(b[20..], errno);
+        BinaryPrimitives.WriteUInt16BigEndian(b[24..], (ushort)n);
+        _output.Advance(NbdMessages.StructuredHeaderLength + 6 + n);
+        return NbdMessages.StructuredHeaderLength + 6 + n;
     }
 
-    private async Task BlockStatusAsync(NbdExport export, NbdRequest req, long offset, long length)
+    private long WriteStatus(Request r)
     {
-        if (!_structured || _contexts.Count == 0)
-        {
-            await ReplyErrorAsync(req, NbdErrno.EINVAL, "No meta contexts negotiated");
-            return;
-        }
-        if (length == 0)
-        {
-            await ReplyErrorAsync(req, NbdErrno.EINVAL, "zero-length block status request");
-            return;
-        }
-        bool one = (req.Flags & NbdCommandFlags.ReqOne) != 0;
+        long written = 0;
         for (int i = 0; i < _contexts.Count; i++)
         {
-            var (id, name) = _contexts[i];
-            var extents = Extents(export, name, offset, length, one);
-            var b = new byte[NbdMessages.StructuredHeaderLength + 4 + 8 * extents.Count];
-            NbdMessages.StructuredHeader(b, i == _contexts.Count - 1, NbdReplyType.BlockStatus, req.Cookie, (uint)(4 + 8 * extents.Count));
-            BinaryPrimitives.WriteUInt32BigEndian(b.AsSpan(20), id);
+            var extents = r.Status[i];
+            int length = NbdMessages.StructuredHeaderLength + 4 + 8 * extents.Count;
+            var b = _output.GetSpan(length);
+            NbdMessages.StructuredHeader(b, i == _contexts.Count - 1, NbdReplyType.BlockStatus, r.Header.Cookie, (uint)(4 + 8 * extents.Count));
+            BinaryPrimitives.WriteUInt32BigEndian(b[20..], _contexts[i].Id);
             for (int k = 0; k < extents.Count; k++)
             {
-                BinaryPrimitives.WriteUInt32BigEndian(b.AsSpan(24 + 8 * k), extents[k].Length);
-                BinaryPrimitives.WriteUInt32BigEndian(b.AsSpan(28 + 8 * k), extents[k].Flags);
+                BinaryPrimitives.WriteUInt32BigEndian(b[(24 + 8 * k)..], extents[k].Length);
+                BinaryPrimitives.WriteUInt32BigEndian(b[(28 + 8 * k)..], extents[k].Flags);
             }
-            await SendAsync(b);
+            _output.Advance(length);
+            written += length;
         }
+        return written;
     }
 
     private const int MaxExtents = 1 << 16;
 
-    private static List<(uint Length, uint Flags)> Extents(NbdExport export, string context, long offset, long length, bool one)
+    private static void Extents(NbdExport export, string context, long offset, long length, bool one, List<(uint Length, uint Flags)> list)
     {
-        var list = new List<(uint Length, uint Flags)>();
+        list.Clear();
         long end = offset + length;
-        void AddExtent(long len, uint flags)
-        {
-            if (list.Count > 0 && list[^1].Flags == flags) list[^1] = ((uint)(list[^1].Length + len), flags);
-            else list.Add(((uint)len, flags));
-        }
         if (context.StartsWith(NbdExport.DirtyBitmapPrefix, StringComparison.Ordinal))
         {
-            var bitmap = export.Bitmaps.First(b => NbdExport.DirtyBitmapPrefix + b.Name == context);
+            Strata.Block.Bitmaps.DirtyBitmap? bitmap = null;
+            foreach (var b in export.Bitmaps)
+                if (context.AsSpan(NbdExport.DirtyBitmapPrefix.Length).SequenceEqual(b.Name)) bitmap = b;
             long pos = offset;
-            foreach (var (o, l) in bitmap.DirtyExtents(offset, length))
+            foreach (var (o, l) in bitmap!.DirtyExtents(offset, length))
             {
-                if (o > pos) AddExtent(o - pos, 0);
-                AddExtent(l, 1);
+                if (o > pos) AddExtent(list, o - pos, 0);
+                AddExtent(list, l, 1);
                 pos = o + l;
                 if (one || list.Count >= MaxExtents) break;
             }
-            if (pos < end && !(one && list.Count > 0) && list.Count < MaxExtents) AddExtent(end - pos, 0);
+            if (pos < end && !(one && list.Count > 0) && list.Count < MaxExtents) AddExtent(list, end - pos, 0);
         }
         else
         {
@@ -636,12 +820,59 @@ public sealed class NbdServerSession
                 uint flags = context == NbdExport.AllocationDepthContext
                     ? (e.Present ? (uint)(e.Depth + 1) : 0)
                     : (e.Data ? 0u : 1u) | (e.Zero ? 2u : 0u);
-                AddExtent(e.Length, flags);
+                AddExtent(list, e.Length, flags);
                 pos += e.Length;
                 if (one) break;
             }
         }
         if (one && list.Count > 0) list.RemoveRange(1, list.Count - 1);
-        return list;
+    }
+
+    private static void AddExtent(List<(uint Length, uint Flags)> list, long length, uint flags)
+    {
+        if (list.Count > 0 && list[^1].Flags == flags) list[^1] = ((uint)(list[^1].Length + length), flags);
+        else list.Add(((uint)length, flags));
+    }
+
+    /// <summary>Bytes of data buffers held by a connection's admitted requests. One waiter only: the request
+    /// reader, which admits requests one at a time.</summary>
+    private sealed class ByteBudget(long limit)
+    {
+        private readonly object _lock = new();
+        private readonly SemaphoreSlim _released = new(0);
+        private long _used;
+        private bool _waiting;
+
+        /// <summary>Waits until <paramref name="bytes"/> fit; a request larger than the whole budget waits until
+        /// nothing else holds any.</summary>
+        public async ValueTask AcquireAsync(long bytes, CancellationToken ct)
+        {
+            while (true)
+            {
+                lock (_lock)
+                {
+                    if (_used == 0 || _used + bytes <= limit)
+                    {
+                        _used += bytes;
+                        _waiting = false;
+                        return;
+                    }
+                    _waiting = true;
+                }
+                await _released.WaitAsync(ct);
+            }
+        }
+
+        public void Release(long bytes)
+        {
+            bool wake;
+            lock (_lock)
+            {
+                _used -= bytes;
+                wake = _waiting;
+                _waiting = false;
+            }
+            if (wake) _released.Release();
+        }
     }
 }
