@@ -200,7 +200,7 @@ public static class HostError
     /// <summary>The errno behind a host exception: .NET on Unix puts it in HResult for errors it has no type for.</summary>
     public static int ErrnoOf(Exception e) => e switch
     {
-        UnauthorizedAccessException => 13,
+        UnauthorizedAccessException => 1, // .NET's name for EACCES and EPERM alike: "not permitted" (NBD has no EACCES)
         IOException io when io.HResult is > 0 and < 4096 => io.HResult,
         _ => 5,
     };
@@ -208,6 +208,6 @@ public static class HostError
     public static BlockIOException ToBlockError(Exception e, string operation)
     {
         int errno = ErrnoOf(e);
-        return new BlockIOException(BlockIOException.Describe(errno), errno) { Operation = operation };
+        return new BlockIOException(e.Message, errno) { Operation = operation };
     }
 }

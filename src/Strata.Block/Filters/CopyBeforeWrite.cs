@@ -43,7 +43,6 @@ public sealed class CopyBeforeWriteImage : FilterImage
                 long first = off / _cluster, last = (off + len - 1) / _cluster;
                 _toCopy.SetRange(first, last - first + 1);
             }
-        Bitmaps = new BitmapSet(source.Size, BitmapSet.DefaultGranularityFor(0)) { PersistenceCheck = (_, _) => "Operation not supported" };
         // The source's writes come down into the target: draining the target holds them too.
         target.AddParent(source);
         source.AddBeforeWriteHook(OnSourceWrite);

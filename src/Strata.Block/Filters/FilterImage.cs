@@ -10,6 +10,8 @@ public abstract class FilterImage : BlockImage
     {
         Child = child;
         child.AddParent(this);
+        // A filter's own bitmaps (none unless someone adds one) are marked by the request path like any node's.
+        Bitmaps = new Bitmaps.BitmapSet(child.Size, Strata.Block.Bitmaps.BitmapSet.DefaultGranularityFor(0)) { PersistenceCheck = (_, _) => "Operation not supported" };
     }
 
     protected BlockImage Child { get; }

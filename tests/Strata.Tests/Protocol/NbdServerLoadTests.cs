@@ -16,12 +16,12 @@ public class NbdServerLoadTests
         public int ReadsWaiting;
         public override string FormatName => "gated";
 
-        public override void Read(long offset, Span<byte> buffer)
+        protected override void DriverRead(long offset, Span<byte> buffer)
         {
             Interlocked.Increment(ref ReadsWaiting);
             gate.Wait();
             Interlocked.Decrement(ref ReadsWaiting);
-            base.Read(offset, buffer);
+            base.DriverRead(offset, buffer);
         }
     }
 

@@ -32,13 +32,13 @@ public class NbdServerSessionTests
             if (Interlocked.Exchange(ref NextFault, null) is { } e) throw e;
         }
 
-        public override void Read(long offset, Span<byte> buffer)
+        protected override void DriverRead(long offset, Span<byte> buffer)
         {
             Fault();
-            base.Read(offset, buffer);
+            base.DriverRead(offset, buffer);
         }
 
-        public override void Write(long offset, ReadOnlySpan<byte> data)
+        protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
         {
             Fault();
             if (WriteGate is { } gate)
@@ -47,25 +47,25 @@ public class NbdServerSessionTests
                 gate.Wait();
                 Interlocked.Decrement(ref WritesWaiting);
             }
-            base.Write(offset, data);
+            base.DriverWrite(offset, data);
         }
 
-        public override void WriteZeroes(long offset, long length, bool mayUnmap)
+        protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap)
         {
             Fault();
-            base.WriteZeroes(offset, length, mayUnmap);
+            base.DriverWriteZeroes(offset, length, mayUnmap);
         }
 
-        public override void Discard(long offset, long length)
+        protected override void DriverDiscard(long offset, long length)
         {
             Fault();
-            base.Discard(offset, length);
+            base.DriverDiscard(offset, length);
         }
 
-        public override void Flush()
+        protected override void DriverFlush()
         {
             Fault();
-            base.Flush();
+            base.DriverFlush();
         }
 
         public override LayerExtent GetLayerStatus(long offset, long maxLength)
@@ -290,14 +290,14 @@ public class NbdServerSessionTests
         public int Failed;
         public override string FormatName => "every-third-fails";
 
-        public override void Write(long offset, ReadOnlySpan<byte> data)
+        protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
         {
             if (Interlocked.Increment(ref _calls) % 3 == 0)
             {
                 Interlocked.Increment(ref Failed);
                 throw new IOException("No space left on device", 28);
             }
-            base.Write(offset, data);
+            base.DriverWrite(offset, data);
         }
     }
 
