@@ -207,7 +207,8 @@ public static class HostError
 
     public static BlockIOException ToBlockError(Exception e, string operation)
     {
+        // QEMU reports an I/O error as strerror alone (a job's error, an NBD error message): .NET's message adds the path.
         int errno = ErrnoOf(e);
-        return new BlockIOException(e.Message, errno) { Operation = operation };
+        return new BlockIOException(BlockIOException.Describe(errno), errno) { Operation = operation };
     }
 }

@@ -42,6 +42,8 @@ public class MirrorDifferentialTests : ScratchDirTest
         else await transcript.Try("job-cancel", """{"id":"m"}""");
         var end = await events.WaitAsync(ending == "cancel" ? "BLOCK_JOB_CANCELLED" : "BLOCK_JOB_COMPLETED");
         log.Add($"end: {end["event"]} error={end["data"]!["error"]?.GetValue<string>() ?? "-"}");
+        // The job's last states follow the end event (QEMU sends them in the same breath; a loaded machine may not).
+        await events.WaitAsync("JOB_STATUS_CHANGE", e => e["data"]!["id"]!.GetValue<string>() == "m" && e["data"]!["status"]!.GetValue<string>() == "null");
         var states = events.Snapshot().Where(e => e["event"]!.GetValue<string>() == "JOB_STATUS_CHANGE" && e["data"]!["id"]!.GetValue<string>() == "m")
             .Select(e => e["data"]!["status"]!.GetValue<string>());
         log.Add("states: " + string.Join(" ", states));

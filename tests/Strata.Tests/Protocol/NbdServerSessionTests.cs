@@ -230,7 +230,9 @@ public class NbdServerSessionTests
             var reply = await c.ReplyAsync(command == NbdCommand.Read ? length : 0);
             Assert.Equal(cookie, reply.Cookie);
             Assert.True(errno == reply.Errno, $"{fault.GetType().Name} on {command}: errno {reply.Errno}, expected {errno}");
-            if (structured) Assert.Equal(fault.Message, reply.Message);
+            // Host exceptions reach the client as strerror, as QEMU words them; block errors keep their own message.
+            string message = HostError.IsHostError(fault) ? BlockIOException.Describe(HostError.ErrnoOf(fault)) : fault.Message;
+            if (structured) Assert.Equal(message, reply.Message);
             Assert.Null(image.NextFault); // the request did reach the image
         }
         if (structured)
