@@ -13,7 +13,8 @@ public sealed class NbdException(string message, uint errno = 0) : IOException(m
 
 /// <summary>
 /// An NBD client: fixed-newstyle handshake with structured replies and meta contexts, then pipelined requests
-/// (any number in flight, matched by cookie). Reads qemu-nbd, qemu-storage-daemon and strata daemon exports.
+/// (any number in flight, matched by cookie), asynchronous or — for block drivers on threads of their own —
+/// synchronous. Reads qemu-nbd, qemu-storage-daemon and strata daemon exports.
 /// </summary>
 public sealed class NbdClient : IAsyncDisposable
 {
@@ -23,7 +24,9 @@ public sealed class NbdClient : IAsyncDisposable
     private readonly Dictionary<ulong, Pending> _pending = new();
     private readonly Dictionary<string, uint> _contexts = new(StringComparer.Ordinal);
     private Task? _readLoop;
-    private long _nextCookie;
+    private ulong _nextCookie;
+    /// <summary>Set (under the pending lock) once the connection can no longer carry requests.</summary>
+    private NbdException? _broken;
     private bool _structured;
 
     public long Size { get; private set; }
@@ -37,7 +40,7 @@ public sealed class NbdClient : IAsyncDisposable
         public readonly long Offset = offset;
         public readonly Memory<byte> Destination = destination;
         public readonly TaskCompletionSource Done = new(TaskCreationOptions.RunContinuationsAsynchronously);
-        public readonly Dictionary<uint, List<(uint Length, uint Flags)>> Extents = new();
+        public Dictionary<uint, List<(uint Length, uint Flags)>>? Extents;
         public NbdException? Error;
     }
 
@@ -164,12 +167,44 @@ public sealed class NbdClient : IAsyncDisposable
     }
 
     // ------------------------------------------------------------------ transmission
+    //
+    // Any number of requests in flight, matched by cookie. Only the reply reader completes a request (with its
+    // reply, or with the connection's failure when it stops), so a request's destination is never written after
+    // its caller has been released. Once the connection has failed, every new request fails at once.
+
+    /// <summary>Zero and trim requests split larger ranges into requests of this size (the length is 32 bits).</summary>
+    private const long MaxRangeRequest = 1L << 30;
+
+    /// <summary>Largest block status and error chunks accepted from a server: a misbehaving server cannot make the
+    /// reply reader allocate gigabytes.</summary>
+    private const int MaxStatusChunk = NbdConst.MaxPayload;
+    private const int MaxErrorChunk = 64 << 10;
+
+    private Pending Register(NbdCommand command, long offset, Memory<byte> destination, out ulong cookie)
+    {
+        var p = new Pending(command, offset, destination);
+        lock (_pending)
+        {
+            if (_broken is not null) throw new NbdException(_broken.Message);
+            cookie = ++_nextCookie;
+            _pending[cookie] = p;
+        }
+        return p;
+    }
+
+    /// <summary>A request could not be sent whole: the stream is out of step, so the connection is finished. The
+    /// reply reader, woken by the shutdown, fails whatever is in flight.</summary>
+    private void Break(Exception e)
+    {
+        lock (_pending) _broken ??= new NbdException("connection lost: " + e.Message);
+        try { _socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
+    }
+
+    private static bool IsConnectionError(Exception e) => e is IOException or SocketException or ObjectDisposedException;
 
     private async Task<Pending> SendAsync(NbdCommand command, NbdCommandFlags flags, long offset, uint length, ReadOnlyMemory<byte> payload, Memory<byte> destination)
     {
-        ulong cookie = (ulong)Interlocked.Increment(ref _nextCookie);
-        var p = new Pending(command, offset, destination);
-        lock (_pending) _pending[cookie] = p;
+        var p = Register(command, offset, destination, out ulong cookie);
         var header = new byte[NbdConst.RequestHeaderLength];
         new NbdRequest(flags, command, cookie, (ulong)offset, length).Write(header);
         await _sendLock.WaitAsync();
@@ -177,6 +212,10 @@ public sealed class NbdClient : IAsyncDisposable
         {
             await _stream.WriteAsync(header);
             if (!payload.IsEmpty) await _stream.WriteAsync(payload);
+        }
+        catch (Exception e) when (IsConnectionError(e))
+        {
+            Break(e);
         }
         finally
         {
@@ -205,7 +244,141 @@ public sealed class NbdClient : IAsyncDisposable
     {
         if (!_contexts.TryGetValue(context, out uint id)) throw new NbdException($"meta context '{context}' was not negotiated");
         var p = await SendAsync(NbdCommand.BlockStatus, reqOne ? NbdCommandFlags.ReqOne : 0, offset, length, default, default);
-        return p.Extents.TryGetValue(id, out var list) ? list : [];
+        return p.Extents?.GetValueOrDefault(id) ?? [];
+    }
+
+    // ------------------------------------------------------------------ synchronous requests
+    //
+    // For callers with a thread of their own to block (a block driver on the block I/O threads): the request is
+    // written from the calling thread and the reply reader wakes it directly — no thread-pool thread is needed to
+    // hand the result over, and spans are used in place (no copy, no temporary array). Ranges of any length are
+    // split into requests the protocol allows, all in flight at once.
+
+    /// <summary>Reads <paramref name="destination"/>.Length bytes at <paramref name="offset"/> (any length).</summary>
+    public unsafe void Read(long offset, Span<byte> destination, bool df = false)
+    {
+        fixed (byte* pointer = destination)
+        {
+            // The reply reader fills the span through this; it is done with it before the wait below returns.
+            var memory = new PointerMemory(pointer, destination.Length).Memory;
+            var requests = new List<Pending>();
+            Exception? failure = null;
+            for (int pos = 0; pos < destination.Length || pos == 0; pos += NbdConst.MaxPayload)
+            {
+                int n = Math.Min(NbdConst.MaxPayload, destination.Length - pos);
+                if (!TrySend(NbdCommand.Read, df ? NbdCommandFlags.Df : 0, offset + pos, (uint)n, default, memory.Slice(pos, n), requests, ref failure)) break;
+                if (destination.Length == 0) break;
+            }
+            WaitAll(requests, failure);
+        }
+    }
+
+    /// <summary>Writes <paramref name="data"/> at <paramref name="offset"/> (any length).</summary>
+    public void Write(long offset, ReadOnlySpan<byte> data, bool fua = false)
+    {
+        var requests = new List<Pending>();
+        Exception? failure = null;
+        for (int pos = 0; pos < data.Length || pos == 0; pos += NbdConst.MaxPayload)
+        {
+            int n = Math.Min(NbdConst.MaxPayload, data.Length - pos);
+            if (!TrySend(NbdCommand.Write, fua ? NbdCommandFlags.Fua : 0, offset + pos, (uint)n, data.Slice(pos, n), default, requests, ref failure)) break;
+            if (data.Length == 0) break;
+        }
+        WaitAll(requests, failure);
+    }
+
+    /// <summary>Zeroes a range of any length.</summary>
+    public void WriteZeroes(long offset, long length, bool noHole = false) =>
+        RangeRequests(NbdCommand.WriteZeroes, noHole ? NbdCommandFlags.NoHole : 0, offset, length);
+
+    /// <summary>Trims a range of any length.</summary>
+    public void Trim(long offset, long length) => RangeRequests(NbdCommand.Trim, 0, offset, length);
+
+    public void Flush() => RangeRequests(NbdCommand.Flush, 0, 0, 0);
+
+    /// <summary>Block status of one negotiated context (one request: up to 4 GiB - 1).</summary>
+    public IReadOnlyList<(uint Length, uint Flags)> BlockStatus(string context, long offset, uint length, bool reqOne = false)
+    {
+        if (!_contexts.TryGetValue(context, out uint id)) throw new NbdException($"meta context '{context}' was not negotiated");
+        var requests = new List<Pending>(1);
+        Exception? failure = null;
+        TrySend(NbdCommand.BlockStatus, reqOne ? NbdCommandFlags.ReqOne : 0, offset, length, default, default, requests, ref failure);
+        WaitAll(requests, failure);
+        return requests[0].Extents?.GetValueOrDefault(id) ?? [];
+    }
+
+    private void RangeRequests(NbdCommand command, NbdCommandFlags flags, long offset, long length)
+    {
+        var requests = new List<Pending>();
+        Exception? failure = null;
+        for (long pos = 0; pos < length || pos == 0; pos += MaxRangeRequest)
+        {
+            uint n = (uint)Math.Min(MaxRangeRequest, length - pos);
+            if (!TrySend(command, flags, offset + pos, n, default, default, requests, ref failure)) break;
+            if (length == 0) break;
+        }
+        WaitAll(requests, failure);
+    }
+
+    /// <summary>Registers and writes one request from the calling thread; false (and <paramref name="failure"/>) when
+    /// the connection is broken, after which no more are sent.</summary>
+    private bool TrySend(NbdCommand command, NbdCommandFlags flags, long offset, uint length, ReadOnlySpan<byte> payload, Memory<byte> destination,
+        List<Pending> requests, ref Exception? failure)
+    {
+        Pending p;
+        ulong cookie;
+        try
+        {
+            p = Register(command, offset, destination, out cookie);
+        }
+        catch (NbdException e)
+        {
+            failure = e;
+            return false;
+        }
+        requests.Add(p);
+        Span<byte> header = stackalloc byte[NbdConst.RequestHeaderLength];
+        new NbdRequest(flags, command, cookie, (ulong)offset, length).Write(header);
+        _sendLock.Wait();
+        try
+        {
+            SendAll(header);
+            if (!payload.IsEmpty) SendAll(payload);
+            return true;
+        }
+        catch (Exception e) when (IsConnectionError(e))
+        {
+            Break(e);
+            return false;
+        }
+        finally
+        {
+            _sendLock.Release();
+        }
+    }
+
+    private void SendAll(ReadOnlySpan<byte> bytes)
+    {
+        while (!bytes.IsEmpty) bytes = bytes[_socket.Send(bytes)..];
+    }
+
+    /// <summary>Waits for every request sent (whatever happened to the others: the caller's buffers must be free
+    /// when this returns), then throws the first failure.</summary>
+    private static void WaitAll(List<Pending> requests, Exception? failure)
+    {
+        foreach (var p in requests) p.Done.Task.GetAwaiter().GetResult();
+        foreach (var p in requests)
+            if (p.Error is not null) throw p.Error;
+        if (failure is not null) throw failure;
+    }
+
+    /// <summary>Memory over a pinned span, for the reply reader (valid only while the span is fixed).</summary>
+    private sealed unsafe class PointerMemory(byte* pointer, int length) : System.Buffers.MemoryManager<byte>
+    {
+        public override Span<byte> GetSpan() => new(pointer, length);
+        public override System.Buffers.MemoryHandle Pin(int elementIndex = 0) => new(pointer + elementIndex);
+        public override void Unpin() { }
+        protected override void Dispose(bool disposing) { }
     }
 
     /// <summary>Every extent of a context over the whole export, with the given flag set ("dirty" ranges).</summary>
@@ -233,20 +406,23 @@ public sealed class NbdClient : IAsyncDisposable
         return result;
     }
 
+    /// <summary>The reply reader: one per connection, the only one to complete requests.</summary>
     private async Task ReadLoopAsync()
     {
         try
         {
-            var magic = new byte[4];
+            // Reused for every reply: fixed-size headers and the small chunk bodies.
+            var head = new byte[20];
+            var scratch = new byte[64 << 10];
             while (true)
             {
-                await _stream.ReadExactlyAsync(magic);
-                uint m = BinaryPrimitives.ReadUInt32BigEndian(magic);
+                await _stream.ReadExactlyAsync(head.AsMemory(0, 4));
+                uint m = BinaryPrimitives.ReadUInt32BigEndian(head);
                 if (m == NbdConst.SimpleReplyMagic)
                 {
-                    var rest = await ReadExactAsync(12, CancellationToken.None);
-                    uint error = BinaryPrimitives.ReadUInt32BigEndian(rest);
-                    ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(rest.AsSpan(4));
+                    await _stream.ReadExactlyAsync(head.AsMemory(4, 12));
+                    uint error = BinaryPrimitives.ReadUInt32BigEndian(head.AsSpan(4));
+                    ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(head.AsSpan(8));
                     var p = Take(cookie);
                     if (error == 0 && p.Command == NbdCommand.Read && p.Destination.Length > 0) await _stream.ReadExactlyAsync(p.Destination);
                     if (error != 0) p.Error = new NbdException($"request failed with errno {error}", error);
@@ -254,55 +430,69 @@ public sealed class NbdClient : IAsyncDisposable
                 }
                 else if (m == NbdConst.StructuredReplyMagic)
                 {
-                    var h = await ReadExactAsync(16, CancellationToken.None);
-                    bool done = (BinaryPrimitives.ReadUInt16BigEndian(h) & 1) != 0;
-                    var type = (NbdReplyType)BinaryPrimitives.ReadUInt16BigEndian(h.AsSpan(2));
-                    ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(h.AsSpan(4));
-                    uint length = BinaryPrimitives.ReadUInt32BigEndian(h.AsSpan(12));
-                    Pending p;
-                    lock (_pending) p = _pending[cookie];
+                    await _stream.ReadExactlyAsync(head.AsMemory(4, 16));
+                    bool done = (BinaryPrimitives.ReadUInt16BigEndian(head.AsSpan(4)) & 1) != 0;
+                    var type = (NbdReplyType)BinaryPrimitives.ReadUInt16BigEndian(head.AsSpan(6));
+                    ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(head.AsSpan(8));
+                    uint length = BinaryPrimitives.ReadUInt32BigEndian(head.AsSpan(16));
+                    Pending? p;
+                    lock (_pending) _pending.TryGetValue(cookie, out p);
+                    if (p is null) throw new NbdException($"reply for unknown cookie {cookie}");
                     switch (type)
                     {
+                        case NbdReplyType.None:
+                            if (length != 0) throw new NbdException("NONE chunk with a payload");
+                            break;
                         case NbdReplyType.OffsetData:
                         {
-                            var off = await ReadExactAsync(8, CancellationToken.None);
-                            long at = (long)BinaryPrimitives.ReadUInt64BigEndian(off) - p.Offset;
-                            int n = (int)length - 8;
+                            if (length < 8) throw new NbdException("data chunk too short");
+                            await _stream.ReadExactlyAsync(scratch.AsMemory(0, 8));
+                            long at = (long)BinaryPrimitives.ReadUInt64BigEndian(scratch) - p.Offset;
+                            long n = length - 8L;
                             if (at < 0 || at + n > p.Destination.Length) throw new NbdException("data chunk outside the request");
-                            await _stream.ReadExactlyAsync(p.Destination.Slice((int)at, n));
+                            await _stream.ReadExactlyAsync(p.Destination.Slice((int)at, (int)n));
                             break;
                         }
                         case NbdReplyType.OffsetHole:
                         {
-                            var b = await ReadExactAsync(12, CancellationToken.None);
-                            long at = (long)BinaryPrimitives.ReadUInt64BigEndian(b) - p.Offset;
-                            int n = (int)BinaryPrimitives.ReadUInt32BigEndian(b.AsSpan(8));
+                            if (length != 12) throw new NbdException("hole chunk of the wrong size");
+                            await _stream.ReadExactlyAsync(scratch.AsMemory(0, 12));
+                            long at = (long)BinaryPrimitives.ReadUInt64BigEndian(scratch) - p.Offset;
+                            long n = BinaryPrimitives.ReadUInt32BigEndian(scratch.AsSpan(8));
                             if (at < 0 || at + n > p.Destination.Length) throw new NbdException("hole chunk outside the request");
-                            p.Destination.Span.Slice((int)at, n).Clear();
+                            p.Destination.Span.Slice((int)at, (int)n).Clear();
                             break;
                         }
                         case NbdReplyType.BlockStatus:
                         {
-                            var b = await ReadExactAsync((int)length, CancellationToken.None);
+                            if (length < 4 || length > MaxStatusChunk || (length - 4) % 8 != 0) throw new NbdException("malformed block status chunk");
+                            var b = length <= scratch.Length ? scratch : new byte[length];
+                            await _stream.ReadExactlyAsync(b.AsMemory(0, (int)length));
                             uint id = BinaryPrimitives.ReadUInt32BigEndian(b);
-                            var list = new List<(uint, uint)>();
-                            for (int i = 4; i + 8 <= b.Length; i += 8)
+                            var list = new List<(uint, uint)>((int)(length - 4) / 8);
+                            for (int i = 4; i + 8 <= length; i += 8)
                                 list.Add((BinaryPrimitives.ReadUInt32BigEndian(b.AsSpan(i)), BinaryPrimitives.ReadUInt32BigEndian(b.AsSpan(i + 4))));
-                            p.Extents[id] = list;
-                            break;
-                        }
-                        case NbdReplyType.Error:
-                        case NbdReplyType.ErrorOffset:
-                        {
-                            var b = await ReadExactAsync((int)length, CancellationToken.None);
-                            uint errno = BinaryPrimitives.ReadUInt32BigEndian(b);
-                            int ml = BinaryPrimitives.ReadUInt16BigEndian(b.AsSpan(4));
-                            p.Error = new NbdException(Encoding.UTF8.GetString(b, 6, Math.Min(ml, b.Length - 6)), errno);
+                            (p.Extents ??= new())[id] = list;
                             break;
                         }
                         default:
-                            await ReadExactAsync((int)length, CancellationToken.None);
+                        {
+                            if (((ushort)type & 0x8000) == 0)
+                            {
+                                // An unknown chunk that is not an error: skip it, in pieces.
+                                if (length > NbdConst.MaxPayload) throw new NbdException($"chunk of type {(ushort)type} too large");
+                                for (long left = length; left > 0; left -= Math.Min(left, scratch.Length))
+                                    await _stream.ReadExactlyAsync(scratch.AsMemory(0, (int)Math.Min(left, scratch.Length)));
+                                break;
+                            }
+                            // Error, error with offset, and error types this client does not know: errno, message, rest.
+                            if (length < 6 || length > MaxErrorChunk) throw new NbdException("malformed error chunk");
+                            await _stream.ReadExactlyAsync(scratch.AsMemory(0, (int)length));
+                            uint errno = BinaryPrimitives.ReadUInt32BigEndian(scratch);
+                            int ml = Math.Min(BinaryPrimitives.ReadUInt16BigEndian(scratch.AsSpan(4)), (int)length - 6);
+                            p.Error = new NbdException(Encoding.UTF8.GetString(scratch, 6, ml), errno);
                             break;
+                        }
                     }
                     if (done)
                     {
@@ -320,9 +510,10 @@ public sealed class NbdClient : IAsyncDisposable
         {
             lock (_pending)
             {
+                _broken ??= e as NbdException ?? new NbdException("connection lost: " + e.Message);
                 foreach (var p in _pending.Values)
                 {
-                    p.Error ??= e as NbdException ?? new NbdException("connection lost: " + e.Message);
+                    p.Error ??= _broken;
                     p.Done.TrySetResult();
                 }
                 _pending.Clear();
