@@ -47,63 +47,52 @@ public sealed class NbdImage : BlockImage
     public override bool ReadOnly => _readOnly;
     public override string FileName => _description;
 
-    private static void Run(Func<Task> op)
+    /// <summary>Runs a synchronous client request: the calling thread (a block I/O thread or a job's) sends it and is
+    /// woken by the client's reply reader, never by waiting on a task (no thread-pool thread is held for it).</summary>
+    private static void Run(Action request)
     {
         try
         {
-            op().GetAwaiter().GetResult();
+            request();
         }
         catch (NbdException e)
         {
-            // NBD's errnos are Linux's numbers: the server's error stays what it was (EIO, ENOSPC, …).
-            int errno = e.Errno == 0 ? 5 : (int)e.Errno;
-            throw new BlockIOException($"NBD request failed: {e.Message}", errno);
+            throw Failed(e);
         }
     }
 
+    /// <summary>NBD's errnos are Linux's numbers: the server's error stays what it was (EIO, ENOSPC, …).</summary>
+    private static BlockIOException Failed(NbdException e) => new($"NBD request failed: {e.Message}", e.Errno == 0 ? 5 : (int)e.Errno);
+
     protected override void DriverRead(long offset, Span<byte> buffer)
     {
-        var temp = new byte[Math.Min(buffer.Length, 32 << 20)];
-        for (int pos = 0; pos < buffer.Length; pos += temp.Length)
+        try
         {
-            int n = Math.Min(temp.Length, buffer.Length - pos);
-            Run(() => _client.ReadAsync(offset + pos, temp.AsMemory(0, n)));
-            temp.AsSpan(0, n).CopyTo(buffer[pos..]);
+            _client.Read(offset, buffer);
+        }
+        catch (NbdException e)
+        {
+            throw Failed(e);
         }
     }
 
     protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
-        for (int pos = 0; pos < data.Length; pos += 32 << 20)
+        try
         {
-            var chunk = data.Slice(pos, Math.Min(32 << 20, data.Length - pos)).ToArray();
-            long at = offset + pos;
-            Run(() => _client.WriteAsync(at, chunk));
+            _client.Write(offset, data);
+        }
+        catch (NbdException e)
+        {
+            throw Failed(e);
         }
     }
 
-    protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap)
-    {
-        InChunks(offset, length, (at, n) => _client.WriteZeroesAsync(at, n, noHole: !mayUnmap));
-    }
+    protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap) => Run(() => _client.WriteZeroes(offset, length, noHole: !mayUnmap));
 
-    /// <summary>Zero and trim requests carry a 32-bit length: split larger ranges.</summary>
-    private static void InChunks(long offset, long length, Func<long, uint, Task> request)
-    {
-        for (long pos = 0; pos < length; pos += 1L << 30)
-        {
-            uint n = (uint)Math.Min(1L << 30, length - pos);
-            long at = offset + pos;
-            Run(() => request(at, n));
-        }
-    }
+    protected override void DriverDiscard(long offset, long length) => Run(() => _client.Trim(offset, length));
 
-    protected override void DriverDiscard(long offset, long length)
-    {
-        InChunks(offset, length, _client.TrimAsync);
-    }
-
-    protected override void DriverFlush() => Run(() => _client.FlushAsync());
+    protected override void DriverFlush() => Run(_client.Flush);
 
     public override LayerExtent GetLayerStatus(long offset, long maxLength)
     {
@@ -111,7 +100,7 @@ public sealed class NbdImage : BlockImage
         if (maxLength <= 0) return new LayerExtent(offset, 0, LayerState.Data, -1);
         if (!_client.Contexts.ContainsKey(Allocation)) return new LayerExtent(offset, maxLength, LayerState.Data, -1);
         IReadOnlyList<(uint Length, uint Flags)> extents = [];
-        Run(async () => extents = await _client.BlockStatusAsync(Allocation, offset, (uint)Math.Min(maxLength, 1L << 30), reqOne: true));
+        Run(() => extents = _client.BlockStatus(Allocation, offset, (uint)Math.Min(maxLength, 1L << 30), reqOne: true));
         if (extents.Count == 0) return new LayerExtent(offset, maxLength, LayerState.Data, -1);
         var (len, flags) = extents[0];
         long length = Math.Clamp(len, 1, maxLength);
