@@ -59,10 +59,23 @@ public sealed partial class DaemonBackend : IQmpBackend
         {
             throw QmpException.Generic(ImageLockedException.WithoutHint(e.Message));
         }
+        catch (Formats.Qcow2.ImageFormatException e)
+        {
+            // A corrupt or unsupported image header: QEMU's open fails with the same GenericError.
+            throw QmpException.Generic(e.Message);
+        }
         finally
         {
             _serial.Release();
         }
+    }
+
+    /// <summary>Where the stack of an unexpected command failure goes (the daemon's stderr).</summary>
+    public TextWriter Log { get; init; } = TextWriter.Null;
+
+    public void CommandFailed(string command, Exception error)
+    {
+        lock (Log) Log.WriteLine($"strata daemon: unexpected error in '{command}' (answered GenericError, still serving): {error}");
     }
 
     public void ReplySent(string command)
