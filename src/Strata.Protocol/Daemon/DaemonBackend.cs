@@ -386,29 +386,18 @@ public sealed partial class DaemonBackend : IQmpBackend
     /// so a client that connects as soon as the socket exists never finds its export missing.</summary>
     public void StartNbdServer(JsonObject addr, bool legacy, long? maxConnections, bool tls = false, bool accept = true)
     {
+        // The address is checked first: QEMU's marshaller visits every argument before the command runs.
+        var address = legacy ? SocketAddressArg.ParseLegacy(addr, "addr.") : SocketAddressArg.Parse(addr, "addr.");
         if (_nbd is not null) throw QmpException.Generic("NBD server already running");
         if (tls) throw QmpException.Generic("TLS is not supported by strata daemon");
-        if (addr["type"] is not JsonValue tv || tv.GetValueKind() != JsonValueKind.String) throw QmpException.Generic("Parameter 'addr.type' is missing");
-        string type = tv.GetValue<string>();
-        var data = legacy ? addr["data"] as JsonObject ?? throw QmpException.Generic("Parameter 'addr.data' is missing") : addr;
         int max = (int)(maxConnections ?? 100);
         try
         {
-            _nbd = type switch
-            {
-                "unix" => NbdServer.ListenUnix(data["path"]?.ToString() ?? throw QmpException.Generic("Parameter 'addr.path' is missing"), max),
-                "inet" => NbdServer.ListenTcp(data["host"]?.ToString() ?? "localhost",
-                    int.Parse(data["port"]?.ToString() ?? throw QmpException.Generic("Parameter 'addr.port' is missing"), System.Globalization.CultureInfo.InvariantCulture), max),
-                _ => throw QmpException.Generic($"Parameter 'addr.type' does not accept value '{type}'"),
-            };
+            _nbd = address.Path is { } path ? NbdServer.ListenUnix(path, max) : NbdServer.ListenTcp(address.ListenHost(), address.Port, max);
         }
         catch (System.Net.Sockets.SocketException e)
         {
-            throw QmpException.Generic($"Failed to bind socket: {e.Message}");
-        }
-        catch (FormatException)
-        {
-            throw QmpException.Generic("Parameter 'addr.port' expects a port number");
+            throw QmpException.Generic(address.BindError(e));
         }
         if (accept) _nbd.Start();
     }
@@ -651,21 +640,10 @@ public sealed partial class DaemonBackend : IQmpBackend
         }
         if (driver == "nbd")
         {
-            var server = (JsonObject)a["server"]!;
-            string type = server["type"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.type' is missing");
+            var server = SocketAddressArg.Parse((JsonObject)a["server"]!, prefix + "server.");
             if (a.ContainsKey("tls-creds")) throw QmpException.Generic("TLS is not supported by strata daemon");
             if (a.ContainsKey("x-dirty-bitmap")) throw QmpException.Generic($"Parameter '{prefix}x-dirty-bitmap' is not supported");
-            spec = type switch
-            {
-                "unix" => spec with { NbdSocketPath = server["path"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.path' is missing") },
-                "inet" => spec with
-                {
-                    NbdHost = server["host"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.host' is missing"),
-                    NbdPort = int.TryParse(server["port"]?.ToString(), out int port) ? port : throw QmpException.Generic($"Parameter '{prefix}server.port' is missing or invalid"),
-                },
-                _ => throw QmpException.Generic($"Parameter '{prefix}server.type' does not accept value '{type}'"),
-            };
-            spec = spec with { NbdExport = ArgSchema.OptStr(a, "export") ?? "" };
+            spec = spec with { NbdSocketPath = server.Path, NbdHost = server.Host, NbdPort = server.Port, NbdExport = ArgSchema.OptStr(a, "export") ?? "" };
         }
         if (driver is "qcow2" or "raw")
         {
