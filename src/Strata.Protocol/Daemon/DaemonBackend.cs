@@ -474,6 +474,10 @@ public sealed partial class DaemonBackend : IQmpBackend
             throw;
         }
         var export = new NbdExport(id, name, description, node.Image, writable, bitmaps, ArgSchema.Bool(a, "allocation-depth")) { DiscardUnmap = node.DiscardUnmap };
+        // A node switching over to a mirror's target: the new export is held with the others (before any client
+        // can reach it) and moves with them.
+        _switchingOver.TryGetValue(node, out var switching);
+        if (switching is not null) _ = export.DrainAsync();
         _nbd.AddExport(export);
         try
         {
@@ -486,6 +490,7 @@ public sealed partial class DaemonBackend : IQmpBackend
             throw;
         }
         _exports[id] = (export, node);
+        switching?.Add(export);
     }
 
     private void DeleteExport(string id, bool hard)
@@ -501,8 +506,23 @@ public sealed partial class DaemonBackend : IQmpBackend
         Emit("BLOCK_EXPORT_DELETED", new QDict().Add("id", id));
     }
 
-    /// <summary>Closes the NBD server (daemon shutdown).</summary>
-    public async ValueTask StopAsync()
+    /// <summary>Daemon shutdown (SIGTERM): closes the NBD server between two QMP commands, as quit does; a command
+    /// that does not finish within a few seconds is not waited for.</summary>
+    public async ValueTask ShutdownAsync()
+    {
+        bool entered = await _serial.WaitAsync(TimeSpan.FromSeconds(10));
+        try
+        {
+            await StopAsync();
+        }
+        finally
+        {
+            if (entered) _serial.Release();
+        }
+    }
+
+    /// <summary>Closes the NBD server (quit, under the dispatcher's lock; <see cref="ShutdownAsync"/> otherwise).</summary>
+    private async ValueTask StopAsync()
     {
         if (_nbd is null) return;
         foreach (var (export, node) in _exports.Values)

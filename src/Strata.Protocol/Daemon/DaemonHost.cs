@@ -152,7 +152,7 @@ public sealed class DaemonHost : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         foreach (var s in _servers) await s.DisposeAsync();
-        await Backend.StopAsync();
+        await Backend.ShutdownAsync();
         Graph.Dispose();
         if (_pidFileWritten && _options.PidFile is { } pid) try { File.Delete(pid); } catch (IOException) { }
     }
