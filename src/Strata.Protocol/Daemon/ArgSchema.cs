@@ -55,7 +55,7 @@ public static class ArgSchema
             case ArgType.Enum:
                 if (!IsKind(value, JsonValueKind.String)) throw TypeError(name, "string");
                 string v = value!.GetValue<string>();
-                if (!spec.Values!.Contains(v)) throw QmpException.Generic($"Parameter '{name}' does not accept value '{v}'");
+                if (!spec.Values!.Contains(v)) throw QmpException.Generic($"Parameter '{LastName(name)}' does not accept value '{v}'");
                 break;
             case ArgType.Bool:
                 if (!IsKind(value, JsonValueKind.True) && !IsKind(value, JsonValueKind.False)) throw TypeError(name, "boolean");
@@ -73,13 +73,35 @@ public static class ArgSchema
                 var uv = (JsonValue)value!;
                 ulong max = spec.Type switch { ArgType.UInt16 => ushort.MaxValue, ArgType.UInt32 => uint.MaxValue, _ => ulong.MaxValue };
                 if (!TryGetUnsigned(uv, out ulong u) || u > max)
-                    throw QmpException.Generic(spec.Type == ArgType.UInt64 ? $"Parameter '{name}' expects uint64" : $"Parameter '{name}' expects {(spec.Type == ArgType.UInt16 ? "uint16_t" : "uint32_t")}");
+                    throw QmpException.Generic(spec.Type == ArgType.UInt64 ? $"Parameter '{name}' expects uint64" : $"Parameter '{LastName(name)}' expects {(spec.Type == ArgType.UInt16 ? "uint16_t" : "uint32_t")}");
                 break;
             case ArgType.Object:
                 if (value is not JsonObject) throw TypeError(name, "object");
                 break;
         }
     }
+
+    /// <summary>A list of BlockDirtyBitmapOrStr (a bitmap's name, or {node, name}), checked as QEMU's visitor checks
+    /// it before the command runs.</summary>
+    public static void CheckBitmapList(JsonNode? list, string name)
+    {
+        if (list is not JsonArray array) throw TypeError(name, "array");
+        for (int i = 0; i < array.Count; i++)
+        {
+            if (array[i] is JsonObject o) Validate(o, [new("node", ArgType.Str), new("name", ArgType.Str)], $"{name}[{i}].");
+            else if (!IsKind(array[i], JsonValueKind.String)) throw AlternateError(null, "BlockDirtyBitmapOrStr");
+        }
+    }
+
+    /// <summary>A value that fits none of an alternate's branches (BlockdevRef, BlockDirtyBitmapOrStr, …). QEMU names
+    /// it by the member's own name, and a list item by no name at all, which its message prints as 'null'.</summary>
+    public static QmpException AlternateError(string? name, string type) =>
+        QmpException.Generic($"Invalid parameter type for '{(name is null ? "null" : LastName(name))}', expected: {type}");
+
+    /// <summary>QEMU's core visitor names an enum value it does not know, or a number past a narrow unsigned type,
+    /// by the member's own name, not its path ('type', not 'actions[0].type'); the input visitor's errors (types,
+    /// missing and unexpected members) give the path.</summary>
+    private static string LastName(string name) => name[(name.LastIndexOf('.') + 1)..];
 
     private static bool IsKind(JsonNode? node, JsonValueKind kind) => node is JsonValue v && v.GetValueKind() == kind;
 

@@ -57,7 +57,7 @@ public sealed partial class DaemonBackend
             var node = Graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
             // Bad arguments are refused before anything is touched: the bitmaps stay waiting for a good import
             // (or a cancel). Only a failed transfer marks them.
-            var server = SocketAddressArg.Parse(a["server"]!.AsObject(), "server.");
+            var server = SocketAddressArg.Parse(a["server"]!.AsObject(), "server.").ForConnect();
             string export = ArgSchema.Str(a, "export");
             List<DirtyBitmap>? incoming;
             lock (_incomingBitmaps)

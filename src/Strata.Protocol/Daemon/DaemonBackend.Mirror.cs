@@ -21,9 +21,10 @@ public sealed partial class DaemonBackend
         new("copy-mode", ArgType.Enum, true, ["background", "write-blocking"]), new("auto-finalize", ArgType.Bool, true), new("auto-dismiss", ArgType.Bool, true),
     ];
 
+    /// <summary>drive-mirror has no filter-node-name in QEMU 7.2.</summary>
     private static readonly ArgSpec[] DriveMirrorArgs =
     [
-        .. MirrorCommon, new("format", ArgType.Str, true), new("node-name", ArgType.Str, true),
+        .. MirrorCommon.Where(s => s.Name != "filter-node-name"), new("format", ArgType.Str, true), new("node-name", ArgType.Str, true),
         new("mode", ArgType.Enum, true, ["existing", "absolute-paths"]), new("unmap", ArgType.Bool, true),
     ];
 

@@ -73,6 +73,7 @@ public sealed record SocketAddressArg(string? Path, string? Host, int Port)
         {
             case "unix":
                 string path = ArgSchema.Str(o, "path");
+                if (path.Length == 0) throw QmpException.Generic("UNIX socket path must not be empty");
                 if (ArgSchema.Bool(o, "abstract")) throw QmpException.Generic("Abstract unix sockets are not supported by strata daemon");
                 if (Encoding.UTF8.GetByteCount(path) > MaxUnixPath) throw QmpException.Generic($"UNIX socket path '{path}' is too long");
                 return new SocketAddressArg(path, null, 0);
@@ -96,6 +97,14 @@ public sealed record SocketAddressArg(string? Path, string? Host, int Port)
         if (!int.TryParse(port, NumberStyles.None, CultureInfo.InvariantCulture, out int n) || n > 65535)
             throw QmpException.Generic($"address resolution failed for {host}:{port}: port number out of range (0-65535)");
         return n;
+    }
+
+    /// <summary>The address checked for connecting to it: an empty host names nothing (listening, it is every
+    /// address).</summary>
+    public SocketAddressArg ForConnect()
+    {
+        if (Host is "") throw QmpException.Generic($"address resolution failed for :{Port}: Name or service not known");
+        return this;
     }
 
     /// <summary>The address to listen on: an IP literal, localhost, or a name resolved here (the listener takes
