@@ -20,7 +20,7 @@ internal static class DaemonCommand
         {
             options = DaemonCommandLine.Parse(args);
         }
-        catch (DaemonUsageException e)
+        catch (Exception e)
         {
             stderr.WriteLine($"{Prog}: {e.Message}");
             return 1;
@@ -38,15 +38,16 @@ internal static class DaemonCommand
         if (options.Daemonize && Environment.GetEnvironmentVariable("STRATA_DAEMONIZED") is null)
             return Daemonize(args, stderr);
 
-        var host = new DaemonHost(options);
+        var host = new DaemonHost(options, stderr);
         try
         {
             host.Start();
         }
-        catch (Exception e) when (e is DaemonUsageException or BlockException or IOException)
+        catch (Exception e)
         {
+            // As qemu-storage-daemon: one line naming the option, exit 1 — whatever the failure was.
             stderr.WriteLine($"{Prog}: {e.Message}");
-            host.DisposeAsync().AsTask().Wait();
+            Close(host, stderr);
             return 1;
         }
         if (Environment.GetEnvironmentVariable("STRATA_DAEMONIZED") is not null)
@@ -55,8 +56,22 @@ internal static class DaemonCommand
             Console.Out.Flush();
         }
         host.RunAsync().Wait();
-        host.DisposeAsync().AsTask().Wait();
-        return 0;
+        return Close(host, stderr) ? 0 : 1;
+    }
+
+    /// <summary>Closes every node (persistent bitmaps are stored then); a failure is reported, not thrown.</summary>
+    private static bool Close(DaemonHost host, TextWriter stderr)
+    {
+        try
+        {
+            host.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            return true;
+        }
+        catch (Exception e)
+        {
+            stderr.WriteLine($"{Prog}: closing: {e.Message}");
+            return false;
+        }
     }
 
     /// <summary>--daemonize: start a copy of ourselves in the background and exit once it is up.</summary>

@@ -6,7 +6,7 @@ using Strata.Protocol.Qmp;
 namespace Strata.Protocol.Daemon;
 
 /// <summary>QAPI-like argument types, checked the way QEMU's input visitor checks them.</summary>
-public enum ArgType { Str, Bool, Int, UInt32, UInt64, Enum, Any, Object, StrOrNull }
+public enum ArgType { Str, Bool, Int, UInt16, UInt32, UInt64, Enum, Any, Object, StrOrNull }
 
 /// <summary>One member of a command's arguments.</summary>
 public sealed record ArgSpec(string Name, ArgType Type, bool Optional = false, string[]? Values = null)
@@ -15,7 +15,7 @@ public sealed record ArgSpec(string Name, ArgType Type, bool Optional = false, s
     {
         ArgType.Str => "str",
         ArgType.Bool => "bool",
-        ArgType.Int or ArgType.UInt32 or ArgType.UInt64 => "int",
+        ArgType.Int or ArgType.UInt16 or ArgType.UInt32 or ArgType.UInt64 => "int",
         ArgType.Enum => "str",
         _ => "any",
     };
@@ -55,22 +55,25 @@ public static class ArgSchema
             case ArgType.Enum:
                 if (!IsKind(value, JsonValueKind.String)) throw TypeError(name, "string");
                 string v = value!.GetValue<string>();
-                if (!spec.Values!.Contains(v)) throw QmpException.Generic($"Parameter '{name}' does not accept value '{v}'");
+                if (!spec.Values!.Contains(v)) throw QmpException.Generic($"Parameter '{LastName(name)}' does not accept value '{v}'");
                 break;
             case ArgType.Bool:
                 if (!IsKind(value, JsonValueKind.True) && !IsKind(value, JsonValueKind.False)) throw TypeError(name, "boolean");
                 break;
             case ArgType.Int:
-                if (!IsInteger(value)) throw TypeError(name, "integer");
-                if (!((JsonValue)value!).TryGetValue<long>(out _)) throw QmpException.Generic($"Parameter '{name}' expects int64_t");
+                // QEMU's JSON parser makes a number with a fraction, an exponent or past int64 a double.
+                if (value is not JsonValue iv || iv.GetValueKind() != JsonValueKind.Number || !iv.TryGetValue<long>(out _)) throw TypeError(name, "integer");
                 break;
+            case ArgType.UInt16:
             case ArgType.UInt32:
-                if (!IsInteger(value)) throw TypeError(name, "integer");
-                if (!((JsonValue)value!).TryGetValue<uint>(out _)) throw QmpException.Generic($"Parameter '{name}' expects uint32_t");
-                break;
             case ArgType.UInt64:
-                if (!IsInteger(value)) throw TypeError(name, "integer");
-                if (!((JsonValue)value!).TryGetValue<ulong>(out _)) throw QmpException.Generic($"Parameter '{name}' expects uint64_t");
+                // QEMU visits every unsigned member as uint64 first (any non-integer: "expects uint64"), then
+                // checks the narrower range. A negative number is refused here; QEMU would take it modulo 2^64.
+                if (!IsInteger(value)) throw QmpException.Generic($"Parameter '{name}' expects uint64");
+                var uv = (JsonValue)value!;
+                ulong max = spec.Type switch { ArgType.UInt16 => ushort.MaxValue, ArgType.UInt32 => uint.MaxValue, _ => ulong.MaxValue };
+                if (!TryGetUnsigned(uv, out ulong u) || u > max)
+                    throw QmpException.Generic(spec.Type == ArgType.UInt64 ? $"Parameter '{name}' expects uint64" : $"Parameter '{LastName(name)}' expects {(spec.Type == ArgType.UInt16 ? "uint16_t" : "uint32_t")}");
                 break;
             case ArgType.Object:
                 if (value is not JsonObject) throw TypeError(name, "object");
@@ -78,12 +81,45 @@ public static class ArgSchema
         }
     }
 
+    /// <summary>A list of BlockDirtyBitmapOrStr (a bitmap's name, or {node, name}), checked as QEMU's visitor checks
+    /// it before the command runs.</summary>
+    public static void CheckBitmapList(JsonNode? list, string name)
+    {
+        if (list is not JsonArray array) throw TypeError(name, "array");
+        for (int i = 0; i < array.Count; i++)
+        {
+            if (array[i] is JsonObject o) Validate(o, [new("node", ArgType.Str), new("name", ArgType.Str)], $"{name}[{i}].");
+            else if (!IsKind(array[i], JsonValueKind.String)) throw AlternateError(null, "BlockDirtyBitmapOrStr");
+        }
+    }
+
+    /// <summary>A value that fits none of an alternate's branches (BlockdevRef, BlockDirtyBitmapOrStr, …). QEMU names
+    /// it by the member's own name, and a list item by no name at all, which its message prints as 'null'.</summary>
+    public static QmpException AlternateError(string? name, string type) =>
+        QmpException.Generic($"Invalid parameter type for '{(name is null ? "null" : LastName(name))}', expected: {type}");
+
+    /// <summary>QEMU's core visitor names an enum value it does not know, or a number past a narrow unsigned type,
+    /// by the member's own name, not its path ('type', not 'actions[0].type'); the input visitor's errors (types,
+    /// missing and unexpected members) give the path.</summary>
+    private static string LastName(string name) => name[(name.LastIndexOf('.') + 1)..];
+
     private static bool IsKind(JsonNode? node, JsonValueKind kind) => node is JsonValue v && v.GetValueKind() == kind;
 
     private static bool IsInteger(JsonNode? node) =>
-        node is JsonValue v && v.GetValueKind() == JsonValueKind.Number && (v.TryGetValue<long>(out _) || v.TryGetValue<ulong>(out _) || IsWhole(v));
+        node is JsonValue v && v.GetValueKind() == JsonValueKind.Number && (v.TryGetValue<long>(out _) || v.TryGetValue<ulong>(out _));
 
-    private static bool IsWhole(JsonValue v) => v.TryGetValue<double>(out double d) && Math.Floor(d) == d && !v.ToJsonString().Contains('.') && !v.ToJsonString().Contains('e', StringComparison.OrdinalIgnoreCase);
+    /// <summary>Parsed JSON converts between number types; a value built in code (the command line's keyval) holds
+    /// a long and converts to nothing else.</summary>
+    private static bool TryGetUnsigned(JsonValue v, out ulong u)
+    {
+        if (v.TryGetValue(out u)) return true;
+        if (v.TryGetValue(out long l) && l >= 0)
+        {
+            u = (ulong)l;
+            return true;
+        }
+        return false;
+    }
 
     private static QmpException TypeError(string name, string expected) =>
         QmpException.Generic($"Invalid parameter type for '{name}', expected: {expected}");

@@ -65,12 +65,54 @@ public sealed partial class DaemonBackend
         else foreach (var b in backups) Jobs.Start([b.Job]);
     }
 
+    private static readonly ArgSpec[] XPerfArgs = [new("use-copy-range", ArgType.Bool, true), new("max-workers", ArgType.Int, true), new("max-chunk", ArgType.Int, true)];
+
+    /// <summary>The nested members of a backup's arguments, checked before anything else as QEMU's visitor does.</summary>
+    private static void CheckBackupMembers(JsonObject a, string prefix)
+    {
+        if (a["x-perf"] is JsonObject perf) ArgSchema.Validate(perf, XPerfArgs, prefix + "x-perf.");
+    }
+
+    /// <summary>Every action's type and data, checked before any action is prepared: QEMU's visitor reads the whole
+    /// request first, naming members by their path ('actions[1].data.node').</summary>
+    private void CheckActions(JsonArray actions)
+    {
+        for (int i = 0; i < actions.Count; i++)
+        {
+            string prefix = $"actions[{i}].";
+            if (actions[i] is not JsonObject action) throw QmpException.Generic($"Invalid parameter type for 'actions[{i}]', expected: object");
+            ArgSchema.Validate(action, [new("type", ArgType.Enum, false, [.. BitmapActions, "abort", "blockdev-backup", "drive-backup", "blockdev-snapshot-sync"]), new("data", ArgType.Object)], prefix);
+            string type = ArgSchema.Str(action, "type");
+            var data = action["data"]!.AsObject();
+            prefix += "data.";
+            switch (type)
+            {
+                case "abort":
+                    ArgSchema.Validate(data, [], prefix);
+                    break;
+                case "blockdev-backup":
+                case "drive-backup":
+                    ArgSchema.Validate(data, type == "drive-backup" ? DriveBackupArgs : BlockdevBackupArgs, prefix);
+                    CheckBackupMembers(data, prefix);
+                    break;
+                case "blockdev-snapshot-sync":
+                    ArgSchema.Validate(data, SnapshotSyncArgs, prefix);
+                    break;
+                default:
+                    ArgSchema.Validate(data, _commands[type].Args, prefix);
+                    if (type == "block-dirty-bitmap-merge") ArgSchema.CheckBitmapList(data["bitmaps"], prefix + "bitmaps");
+                    break;
+            }
+        }
+    }
+
     private static bool IsValidJobId(string id) =>
         id.Length > 0 && char.IsAsciiLetter(id[0]) && id.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '.' or '_');
 
     /// <summary>Checks a backup request in QEMU's order (qemu-spec §3.2) and builds its job.</summary>
     private PreparedBackup PrepareBackup(JsonObject a, bool drive)
     {
+        CheckBackupMembers(a, "");
         string deviceName = ArgSchema.Str(a, "device");
         string sync = ArgSchema.Str(a, "sync");
         string? bitmapName = ArgSchema.OptStr(a, "bitmap");
@@ -143,7 +185,7 @@ public sealed partial class DaemonBackend
             if (ArgSchema.Bool(a, "compress") && !target.SupportsCompression) throw QmpException.Generic("Compression is not supported for this drive ");
             if (a["x-perf"] is JsonObject perf)
             {
-                ArgSchema.Validate(perf, [new("use-copy-range", ArgType.Bool, true), new("max-workers", ArgType.Int, true), new("max-chunk", ArgType.Int, true)], "x-perf.");
+                ArgSchema.Validate(perf, XPerfArgs, "x-perf.");
                 if (perf["max-workers"] is JsonValue mw && mw.GetValue<long>() is < 1 or > int.MaxValue) throw QmpException.Generic("max-workers must be between 1 and 2147483647");
                 long cluster = Math.Max(65536, target.ClusterSize);
                 if (perf["max-chunk"] is JsonValue mc && mc.GetValue<long>() is var chunk && chunk != 0 && chunk < cluster)
@@ -240,6 +282,7 @@ public sealed partial class DaemonBackend
     private object? Transaction(JsonObject a)
     {
         if (a["actions"] is not JsonArray actions) throw QmpException.Generic("Invalid parameter type for 'actions', expected: array");
+        CheckActions(actions);
         bool grouped = false;
         if (a["properties"] is JsonObject props)
         {

@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using Strata.Block;
 using Strata.Block.Bitmaps;
 using Strata.Formats.Json;
 using Strata.Protocol.Nbd;
@@ -54,47 +55,40 @@ public sealed partial class DaemonBackend
         Add("x-strata-bitmap-import", [new("node", ArgType.Str), new("server", ArgType.Object), new("export", ArgType.Str)], "any", a =>
         {
             var node = Graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
+            // Bad arguments are refused before anything is touched: the bitmaps stay waiting for a good import
+            // (or a cancel). Only a failed transfer marks them.
+            var server = SocketAddressArg.Parse(a["server"]!.AsObject(), "server.").ForConnect();
+            string export = ArgSchema.Str(a, "export");
             List<DirtyBitmap>? incoming;
             lock (_incomingBitmaps)
                 if (!_incomingBitmaps.Remove(node.Name, out incoming)) throw QmpException.Generic($"Node '{node.Name}' is not receiving bitmaps");
-            var server = a["server"]!.AsObject();
-            string export = ArgSchema.Str(a, "export");
-            // Bad arguments are refused before anything is touched (only a failed transfer marks bitmaps).
-            try
-            {
-                if (ArgSchema.Str(server, "type") == "unix") ArgSchema.Validate(server, [new("type", ArgType.Str), new("path", ArgType.Str)], "server.");
-                else if (ArgSchema.Str(server, "type") == "inet") ArgSchema.Validate(server, [new("type", ArgType.Str), new("host", ArgType.Str), new("port", ArgType.Str)], "server.");
-                else throw QmpException.Generic("Parameter 'server.type' does not accept value '" + server["type"] + "'");
-            }
-            catch
-            {
-                lock (_incomingBitmaps) _incomingBitmaps[node.Name] = incoming;
-                throw;
-            }
             var pending = new List<DirtyBitmap>(incoming);
             try
             {
                 ImportAsync(server, export, node.Image.Size, pending).GetAwaiter().GetResult();
             }
-            catch (Exception e) when (e is IOException or NbdException or System.Net.Sockets.SocketException or InvalidOperationException or QmpException)
+            catch (Exception e)
             {
+                // Whatever went wrong, no bitmap stays busy: each one not yet merged is released as inconsistent
+                // (never silently incomplete), and can be removed.
                 foreach (var b in pending) node.Image.Bitmaps.FailImport(b);
+                if (e is not (IOException or NbdException or System.Net.Sockets.SocketException or InvalidOperationException or QmpException or BlockException))
+                    CommandFailed("x-strata-bitmap-import", e);
                 throw QmpException.Generic($"Bitmap migration from export '{export}' failed: {e.Message}; "
                     + $"bitmap(s) {string.Join(", ", pending.Select(b => "'" + b.Name + "'"))} marked inconsistent");
             }
             return new QDict();
 
-            async Task ImportAsync(JsonObject srv, string name, long size, List<DirtyBitmap> todo)
+            async Task ImportAsync(SocketAddressArg srv, string name, long size, List<DirtyBitmap> todo)
             {
-                string type = ArgSchema.Str(srv, "type");
                 foreach (var b in todo.ToList())
                 {
                     // One connection per bitmap, negotiating only its context: the server answers every block
                     // status request with every negotiated context.
                     string context = NbdExport.DirtyBitmapPrefix + b.Name;
-                    await using var client = type == "unix"
-                        ? await NbdClient.ConnectUnixAsync(ArgSchema.Str(srv, "path"), name, [context])
-                        : await NbdClient.ConnectTcpAsync(ArgSchema.Str(srv, "host"), int.Parse(ArgSchema.Str(srv, "port"), System.Globalization.CultureInfo.InvariantCulture), name, [context]);
+                    await using var client = srv.Path is { } path
+                        ? await NbdClient.ConnectUnixAsync(path, name, [context])
+                        : await NbdClient.ConnectTcpAsync(srv.Host!, srv.Port, name, [context]);
                     if (client.Size != size) throw new InvalidOperationException($"the source disk is {client.Size} bytes, this one {size}");
                     if (!client.Contexts.ContainsKey(context)) throw new InvalidOperationException($"the source does not export bitmap '{b.Name}'");
                     // The bits merge into what was recorded here since the switch-over.

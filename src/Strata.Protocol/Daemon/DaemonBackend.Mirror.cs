@@ -4,6 +4,7 @@ using Strata.Block.Graph;
 using Strata.Block.Jobs;
 using Strata.Block.Qcow2;
 using Strata.Formats.Json;
+using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
 
 namespace Strata.Protocol.Daemon;
@@ -20,9 +21,10 @@ public sealed partial class DaemonBackend
         new("copy-mode", ArgType.Enum, true, ["background", "write-blocking"]), new("auto-finalize", ArgType.Bool, true), new("auto-dismiss", ArgType.Bool, true),
     ];
 
+    /// <summary>drive-mirror has no filter-node-name in QEMU 7.2.</summary>
     private static readonly ArgSpec[] DriveMirrorArgs =
     [
-        .. MirrorCommon, new("format", ArgType.Str, true), new("node-name", ArgType.Str, true),
+        .. MirrorCommon.Where(s => s.Name != "filter-node-name"), new("format", ArgType.Str, true), new("node-name", ArgType.Str, true),
         new("mode", ArgType.Enum, true, ["existing", "absolute-paths"]), new("unmap", ArgType.Bool, true),
     ];
 
@@ -120,11 +122,53 @@ public sealed partial class DaemonBackend
         }
     }
 
+    /// <summary>Exports held while their node switches over to a mirror's target, by node (read and changed under
+    /// the dispatcher's lock): an export added to the node meanwhile is held from the start and moves too.</summary>
+    private readonly Dictionary<BlockNode, List<NbdExport>> _switchingOver = new();
+
     /// <summary>
     /// The switch-over, as QEMU's drain and replace-node: every export on the source holds new requests and lets
     /// those in flight finish; the mirror copies what is left; the exports then point at the target node and go on.
-    /// A client never sees an error or a lost write.
+    /// A client never sees an error or a lost write. It runs in the job, but like QEMU's main loop it changes
+    /// the export table only between two QMP commands: each step that touches it takes the dispatcher's lock.
     /// </summary>
-    private async Task PivotAsync(BlockNode source, BlockNode target, Func<Task> finalSync) =>
-        await MoveExportsAsync(source, target, finalSync);
+    private async Task PivotAsync(BlockNode source, BlockNode target, Func<Task> finalSync)
+    {
+        List<NbdExport> held;
+        List<Task> drained;
+        await _serial.WaitAsync();
+        try
+        {
+            held = _exports.Values.Where(e => e.Node == source).Select(e => e.Export).ToList();
+            drained = held.Select(e => e.DrainAsync()).ToList();
+            _switchingOver[source] = held;
+        }
+        finally
+        {
+            _serial.Release();
+        }
+        bool copied = false;
+        try
+        {
+            // Outside the lock: requests in flight and the last copy may take a while, and a job paused meanwhile
+            // (job-pause, on-target-error=stop) must still hear job-resume and job-cancel.
+            await Task.WhenAll(drained);
+            await finalSync();
+            copied = true;
+        }
+        finally
+        {
+            await _serial.WaitAsync();
+            try
+            {
+                _switchingOver.Remove(source);
+                if (copied) RetargetExports(source, target);
+            }
+            finally
+            {
+                _serial.Release();
+                foreach (var e in held) e.Resume();
+            }
+        }
+    }
 }

@@ -36,6 +36,9 @@ public sealed partial class DaemonBackend
         if ((device is null) == (nodeName is null)) throw QmpException.Generic("Exactly one of device and node-name must be specified");
         string target = device ?? nodeName!;
         var node = Graph.Find(target) ?? throw QmpException.Generic($"Cannot find device='{device ?? ""}' nor node-name='{nodeName ?? ""}'");
+        // QEMU blocks a mirror's source for the job's whole life; here only its switch-over, whose held exports
+        // a snapshot would otherwise let go.
+        if (_switchingOver.ContainsKey(node)) throw QmpException.Generic($"Node '{node.Name}' is busy: block device is in use by block job: mirror");
         string file = ArgSchema.Str(a, "snapshot-file");
         string format = ArgSchema.OptStr(a, "format") ?? "qcow2";
         if (format != "qcow2") throw QmpException.Generic($"Unknown file format '{format}'");
@@ -64,7 +67,7 @@ public sealed partial class DaemonBackend
             throw QmpException.Generic(e.Message);
         }
         // The node's users (its exports) move up to the overlay; the node stays below as its backing.
-        MoveExportsAsync(node, overlay, null).GetAwaiter().GetResult();
+        MoveExportsAsync(node, overlay).GetAwaiter().GetResult();
         commits.Add(() =>
         {
             // As QEMU: best effort, a node that cannot be reopened stays as it is.
@@ -72,34 +75,37 @@ public sealed partial class DaemonBackend
         });
         return () =>
         {
-            MoveExportsAsync(overlay, node, null).GetAwaiter().GetResult();
+            MoveExportsAsync(overlay, node).GetAwaiter().GetResult();
             try { Graph.DeleteForce(overlay); } catch (BlockException) { }
         };
     }
 
-    /// <summary>Holds the node's exports, lets in-flight requests finish, runs <paramref name="whileHeld"/> (a
-    /// mirror's last copy), points them at <paramref name="to"/> and lets them go: no client sees an error.</summary>
-    private async Task MoveExportsAsync(BlockNode from, BlockNode to, Func<Task>? whileHeld)
+    /// <summary>Holds the node's exports, lets in-flight requests finish, points them at <paramref name="to"/> and
+    /// lets them go: no client sees an error. Runs inside a QMP command (under the dispatcher's lock).</summary>
+    private async Task MoveExportsAsync(BlockNode from, BlockNode to)
     {
-        List<string> ids;
-        lock (_exports) ids = _exports.Where(e => e.Value.Node == from).Select(e => e.Key).ToList();
-        var moving = ids.Select(id => _exports[id].Export).ToList();
+        var moving = _exports.Values.Where(e => e.Node == from).Select(e => e.Export).ToList();
         try
         {
             await Task.WhenAll(moving.Select(e => e.DrainAsync()));
-            if (whileHeld is not null) await whileHeld();
-            foreach (var id in ids)
-            {
-                var (export, _) = _exports[id];
-                export.Retarget(to.Image);
-                Graph.RemoveUser(from, NodeUser.Export, LockClaim.Export(export.Writable));
-                Graph.AddUser(to, NodeUser.Export, LockClaim.Export(export.Writable));
-                _exports[id] = (export, to);
-            }
+            RetargetExports(from, to);
         }
         finally
         {
             foreach (var e in moving) e.Resume();
+        }
+    }
+
+    /// <summary>Points every export of <paramref name="from"/> at <paramref name="to"/>, with its use of the node
+    /// and its lock claim. Changes the export table: the caller holds the dispatcher's lock.</summary>
+    private void RetargetExports(BlockNode from, BlockNode to)
+    {
+        foreach (var (id, (export, _)) in _exports.Where(e => e.Value.Node == from).ToList())
+        {
+            export.Retarget(to.Image);
+            Graph.RemoveUser(from, NodeUser.Export, LockClaim.Export(export.Writable));
+            Graph.AddUser(to, NodeUser.Export, LockClaim.Export(export.Writable));
+            _exports[id] = (export, to);
         }
     }
 }

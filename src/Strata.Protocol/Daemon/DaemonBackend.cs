@@ -59,10 +59,23 @@ public sealed partial class DaemonBackend : IQmpBackend
         {
             throw QmpException.Generic(ImageLockedException.WithoutHint(e.Message));
         }
+        catch (Formats.Qcow2.ImageFormatException e)
+        {
+            // A corrupt or unsupported image header: QEMU's open fails with the same GenericError.
+            throw QmpException.Generic(e.Message);
+        }
         finally
         {
             _serial.Release();
         }
+    }
+
+    /// <summary>Where the stack of an unexpected command failure goes (the daemon's stderr).</summary>
+    public TextWriter Log { get; init; } = TextWriter.Null;
+
+    public void CommandFailed(string command, Exception error)
+    {
+        lock (Log) Log.WriteLine($"strata daemon: unexpected error in '{command}' (answered GenericError, still serving): {error}");
     }
 
     public void ReplySent(string command)
@@ -216,6 +229,15 @@ public sealed partial class DaemonBackend : IQmpBackend
 
     // ------------------------------------------------------------------ blockdev-create
 
+    /// <summary>QEMU 7.2's BlockdevDriver enum: what a backing-fmt may name (Strata opens qcow2 and raw).</summary>
+    private static readonly string[] QemuBlockDrivers =
+    [
+        "blkdebug", "blklogwrites", "blkreplay", "blkverify", "bochs", "cloop", "compress", "copy-before-write", "copy-on-read", "dmg", "file",
+        "snapshot-access", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "luks", "nbd", "nfs", "null-aio",
+        "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum", "raw", "rbd", "replication", "ssh", "throttle", "vdi",
+        "vhdx", "vmdk", "vpc", "vvfat",
+    ];
+
     private static readonly ArgSpec[] CreateFileArgs =
     [
         new("driver", ArgType.Enum, false, ["file", "qcow2"]), new("filename", ArgType.Str), new("size", ArgType.UInt64),
@@ -226,7 +248,7 @@ public sealed partial class DaemonBackend : IQmpBackend
     private static readonly ArgSpec[] CreateQcow2Args =
     [
         new("driver", ArgType.Enum, false, ["file", "qcow2"]), new("file", ArgType.Any), new("size", ArgType.UInt64),
-        new("version", ArgType.Enum, true, ["v2", "v3"]), new("backing-file", ArgType.Str, true), new("backing-fmt", ArgType.Str, true),
+        new("version", ArgType.Enum, true, ["v2", "v3"]), new("backing-file", ArgType.Str, true), new("backing-fmt", ArgType.Enum, true, QemuBlockDrivers),
         new("encrypt", ArgType.Any, true), new("cluster-size", ArgType.UInt64, true),
         new("preallocation", ArgType.Enum, true, ["off", "metadata", "falloc", "full"]), new("lazy-refcounts", ArgType.Bool, true),
         new("refcount-bits", ArgType.Int, true), new("compression-type", ArgType.Enum, true, ["zlib", "zstd"]),
@@ -266,9 +288,8 @@ public sealed partial class DaemonBackend : IQmpBackend
         }
         else
         {
-            if (o["file"] is not JsonValue fv || fv.GetValueKind() != JsonValueKind.String)
-                throw QmpException.Generic("Parameter 'options.file': only a node name is supported here");
-            string fileNode = fv.GetValue<string>();
+            string fileNode = BlockdevRef(o["file"], "options.", "file").Name
+                ?? throw QmpException.Generic("Parameter 'options.file': only a node name is supported here");
             var options = new Qcow2CreateOptions
             {
                 Size = size,
@@ -324,8 +345,9 @@ public sealed partial class DaemonBackend : IQmpBackend
 
     private object? BitmapMerge(JsonObject a)
     {
+        ArgSchema.CheckBitmapList(a["bitmaps"], "bitmaps");
         var node = BitmapNode(a);
-        if (a["bitmaps"] is not JsonArray list) throw QmpException.Generic("Invalid parameter type for 'bitmaps', expected: array");
+        var list = a["bitmaps"]!.AsArray();
         // QEMU 7.2 crashes on an empty list; we refuse it.
         if (list.Count == 0) throw QmpException.Generic("Parameter 'bitmaps' must name at least one source bitmap");
         var sources = new List<DirtyBitmap>();
@@ -344,7 +366,7 @@ public sealed partial class DaemonBackend : IQmpBackend
                     sources.Add(otherNode.Image.Bitmaps.Get(ArgSchema.Str(o, "name")));
                     break;
                 default:
-                    throw QmpException.Generic($"Invalid parameter type for 'bitmaps[{i}]', expected: BlockDirtyBitmapOrStr");
+                    throw ArgSchema.AlternateError(null, "BlockDirtyBitmapOrStr");
             }
             i++;
         }
@@ -373,29 +395,18 @@ public sealed partial class DaemonBackend : IQmpBackend
     /// so a client that connects as soon as the socket exists never finds its export missing.</summary>
     public void StartNbdServer(JsonObject addr, bool legacy, long? maxConnections, bool tls = false, bool accept = true)
     {
+        // The address is checked first: QEMU's marshaller visits every argument before the command runs.
+        var address = legacy ? SocketAddressArg.ParseLegacy(addr, "addr.") : SocketAddressArg.Parse(addr, "addr.");
         if (_nbd is not null) throw QmpException.Generic("NBD server already running");
         if (tls) throw QmpException.Generic("TLS is not supported by strata daemon");
-        if (addr["type"] is not JsonValue tv || tv.GetValueKind() != JsonValueKind.String) throw QmpException.Generic("Parameter 'addr.type' is missing");
-        string type = tv.GetValue<string>();
-        var data = legacy ? addr["data"] as JsonObject ?? throw QmpException.Generic("Parameter 'addr.data' is missing") : addr;
         int max = (int)(maxConnections ?? 100);
         try
         {
-            _nbd = type switch
-            {
-                "unix" => NbdServer.ListenUnix(data["path"]?.ToString() ?? throw QmpException.Generic("Parameter 'addr.path' is missing"), max),
-                "inet" => NbdServer.ListenTcp(data["host"]?.ToString() ?? "localhost",
-                    int.Parse(data["port"]?.ToString() ?? throw QmpException.Generic("Parameter 'addr.port' is missing"), System.Globalization.CultureInfo.InvariantCulture), max),
-                _ => throw QmpException.Generic($"Parameter 'addr.type' does not accept value '{type}'"),
-            };
+            _nbd = address.Path is { } path ? NbdServer.ListenUnix(path, max) : NbdServer.ListenTcp(address.ListenHost(), address.Port, max);
         }
         catch (System.Net.Sockets.SocketException e)
         {
-            throw QmpException.Generic($"Failed to bind socket: {e.Message}");
-        }
-        catch (FormatException)
-        {
-            throw QmpException.Generic("Parameter 'addr.port' expects a port number");
+            throw QmpException.Generic(address.BindError(e));
         }
         if (accept) _nbd.Start();
     }
@@ -414,6 +425,7 @@ public sealed partial class DaemonBackend : IQmpBackend
     public void AddExport(JsonObject a)
     {
         ArgSchema.Validate(a, ExportArgs);
+        if (a.TryGetPropertyValue("bitmaps", out var bitmapList)) ArgSchema.CheckBitmapList(bitmapList, "bitmaps");
         if (ArgSchema.Str(a, "type") != "nbd") throw QmpException.Generic($"Export type '{ArgSchema.Str(a, "type")}' is not supported");
         if (_nbd is null) throw QmpException.Generic("NBD server not running");
         string id = ArgSchema.Str(a, "id");
@@ -428,9 +440,8 @@ public sealed partial class DaemonBackend : IQmpBackend
         bool writable = ArgSchema.Bool(a, "writable");
         if (writable && node.Image.ReadOnly) throw QmpException.Generic($"Cannot export read-only node '{nodeName}' as writable");
         var bitmaps = new List<DirtyBitmap>();
-        if (a["bitmaps"] is { } list)
+        if (bitmapList is JsonArray array)
         {
-            if (list is not JsonArray array) throw QmpException.Generic("Invalid parameter type for 'bitmaps', expected: array");
             int i = 0;
             foreach (var item in array)
             {
@@ -450,7 +461,7 @@ public sealed partial class DaemonBackend : IQmpBackend
                     var other = Graph.Find(on) ?? throw QmpException.Generic($"Cannot find device='{on}' nor node-name='{on}'");
                     b = other.Image.Bitmaps.Find(ArgSchema.Str(o, "name")) ?? throw QmpException.Generic($"Bitmap '{ArgSchema.Str(o, "name")}' is not found");
                 }
-                else throw QmpException.Generic($"Invalid parameter type for 'bitmaps[{i}]', expected: BlockDirtyBitmapOrStr");
+                else throw ArgSchema.AlternateError(null, "BlockDirtyBitmapOrStr");
                 if (!writable && b.Enabled) throw QmpException.Generic($"Enabled bitmap '{b.Name}' incompatible with readonly export");
                 if (bitmaps.Any(x => x.Name == b.Name)) throw QmpException.Generic($"Bitmap '{b.Name}' is listed twice");
                 bitmaps.Add(b);
@@ -472,6 +483,10 @@ public sealed partial class DaemonBackend : IQmpBackend
             throw;
         }
         var export = new NbdExport(id, name, description, node.Image, writable, bitmaps, ArgSchema.Bool(a, "allocation-depth")) { DiscardUnmap = node.DiscardUnmap };
+        // A node switching over to a mirror's target: the new export is held with the others (before any client
+        // can reach it) and moves with them.
+        _switchingOver.TryGetValue(node, out var switching);
+        if (switching is not null) _ = export.DrainAsync();
         _nbd.AddExport(export);
         try
         {
@@ -484,6 +499,7 @@ public sealed partial class DaemonBackend : IQmpBackend
             throw;
         }
         _exports[id] = (export, node);
+        switching?.Add(export);
     }
 
     private void DeleteExport(string id, bool hard)
@@ -499,8 +515,23 @@ public sealed partial class DaemonBackend : IQmpBackend
         Emit("BLOCK_EXPORT_DELETED", new QDict().Add("id", id));
     }
 
-    /// <summary>Closes the NBD server (daemon shutdown).</summary>
-    public async ValueTask StopAsync()
+    /// <summary>Daemon shutdown (SIGTERM): closes the NBD server between two QMP commands, as quit does; a command
+    /// that does not finish within a few seconds is not waited for.</summary>
+    public async ValueTask ShutdownAsync()
+    {
+        bool entered = await _serial.WaitAsync(TimeSpan.FromSeconds(10));
+        try
+        {
+            await StopAsync();
+        }
+        finally
+        {
+            if (entered) _serial.Release();
+        }
+    }
+
+    /// <summary>Closes the NBD server (quit, under the dispatcher's lock; <see cref="ShutdownAsync"/> otherwise).</summary>
+    private async ValueTask StopAsync()
     {
         if (_nbd is null) return;
         foreach (var (export, node) in _exports.Values)
@@ -547,11 +578,11 @@ public sealed partial class DaemonBackend : IQmpBackend
         ["null-co"] = [new("size", ArgType.Int, true), new("latency-ns", ArgType.UInt64, true), new("read-zeroes", ArgType.Bool, true)],
         ["copy-before-write"] =
         [
-            new("file", ArgType.Str), new("target", ArgType.Str), new("bitmap", ArgType.Object, true),
+            new("file", ArgType.Any), new("target", ArgType.Any), new("bitmap", ArgType.Object, true),
             new("on-cbw-error", ArgType.Enum, true, ["break-guest-write", "break-snapshot"]), new("cbw-timeout", ArgType.UInt32, true),
         ],
-        ["snapshot-access"] = [new("file", ArgType.Str)],
-        ["throttle"] = [new("file", ArgType.Str), new("throttle-group", ArgType.Str)],
+        ["snapshot-access"] = [new("file", ArgType.Any)],
+        ["throttle"] = [new("file", ArgType.Any), new("throttle-group", ArgType.Str)],
         ["blkdebug"] =
         [
             new("image", ArgType.Any), new("config", ArgType.Str, true), new("align", ArgType.Int, true), new("max-transfer", ArgType.Int, true),
@@ -581,7 +612,7 @@ public sealed partial class DaemonBackend : IQmpBackend
             NodeName = ArgSchema.OptStr(a, "node-name"),
             ReadOnly = ArgSchema.Bool(a, "read-only"),
             DiscardUnmap = ArgSchema.OptStr(a, "discard") is "unmap" or "on",
-            Filename = driver == "file" ? ArgSchema.Str(a, "filename") : null,
+            Filename = driver == "file" ? FileName(ArgSchema.Str(a, "filename")) : null,
             CacheDirect = a["cache"] is JsonObject c1 && ArgSchema.Bool(c1, "direct"),
             CacheNoFlush = a["cache"] is JsonObject c2 && ArgSchema.Bool(c2, "no-flush"),
             Size = driver == "null-co" ? ArgSchema.OptLong(a, "size") ?? 1L << 30 : 0,
@@ -589,15 +620,15 @@ public sealed partial class DaemonBackend : IQmpBackend
             Locking = ArgSchema.OptStr(a, "locking") != "off",
         };
         if (driver == "throttle")
-            spec = spec with { FileNodeName = ArgSchema.Str(a, "file"), ThrottleGroup = ArgSchema.Str(a, "throttle-group") };
+            spec = spec with { FileNodeName = NamedNode(a, "file", prefix), ThrottleGroup = ArgSchema.Str(a, "throttle-group") };
         if (driver is "copy-before-write" or "snapshot-access")
         {
-            spec = spec with { FileNodeName = ArgSchema.Str(a, "file") };
+            spec = spec with { FileNodeName = NamedNode(a, "file", prefix) };
             if (driver == "copy-before-write")
             {
                 spec = spec with
                 {
-                    TargetNodeName = ArgSchema.Str(a, "target"),
+                    TargetNodeName = NamedNode(a, "target", prefix),
                     CbwBreakSnapshot = ArgSchema.OptStr(a, "on-cbw-error") == "break-snapshot",
                     CbwTimeout = (uint)(ArgSchema.OptLong(a, "cbw-timeout") ?? 0),
                 };
@@ -610,14 +641,11 @@ public sealed partial class DaemonBackend : IQmpBackend
         }
         if (driver == "blkdebug")
         {
-            if (a["image"] is not JsonObject image || ArgSchema.OptStr(image, "driver") != "file")
-                throw QmpException.Generic($"Parameter '{prefix}image': only an inline file node is supported under blkdebug");
-            ArgSchema.Validate(image, BlockdevAddCommon.Concat(DriverArgs["file"]).ToArray(), prefix + "image.");
-            if (a.ContainsKey("config")) throw QmpException.Generic($"Parameter '{prefix}config': blkdebug config files are not supported");
+            var (_, image) = BlockdevRef(a["image"], prefix, "image");
             var states = new List<BlkdebugStateRule>();
             var errors = new List<BlkdebugErrorRule>();
             int i = 0;
-            foreach (var r in a["set-state"] as JsonArray ?? [])
+            foreach (var r in List(a, "set-state", prefix))
             {
                 var o = r as JsonObject ?? throw QmpException.Generic($"Invalid parameter type for '{prefix}set-state[{i}]', expected: object");
                 ArgSchema.Validate(o, [new("event", ArgType.Enum, false, Blkdebug.KnownEvents), new("state", ArgType.Int, true), new("new_state", ArgType.Int)], $"{prefix}set-state[{i}].");
@@ -625,7 +653,7 @@ public sealed partial class DaemonBackend : IQmpBackend
                 i++;
             }
             i = 0;
-            foreach (var r in a["inject-error"] as JsonArray ?? [])
+            foreach (var r in List(a, "inject-error", prefix))
             {
                 var o = r as JsonObject ?? throw QmpException.Generic($"Invalid parameter type for '{prefix}inject-error[{i}]', expected: object");
                 ArgSchema.Validate(o, [new("event", ArgType.Enum, false, Blkdebug.KnownEvents), new("iotype", ArgType.Str, true), new("errno", ArgType.Int, true),
@@ -634,48 +662,27 @@ public sealed partial class DaemonBackend : IQmpBackend
                     ArgSchema.OptLong(o, "sector"), ArgSchema.Bool(o, "once")));
                 i++;
             }
-            spec = spec with { Filename = ArgSchema.Str(image, "filename"), Faults = new Blkdebug(states, errors) };
+            if (image is not { Driver: "file" }) throw QmpException.Generic($"Parameter '{prefix}image': only an inline file node is supported under blkdebug");
+            if (a.ContainsKey("config")) throw QmpException.Generic($"Parameter '{prefix}config': blkdebug config files are not supported");
+            spec = spec with { Filename = image.Filename, Faults = new Blkdebug(states, errors) };
         }
         if (driver == "nbd")
         {
-            var server = (JsonObject)a["server"]!;
-            string type = server["type"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.type' is missing");
+            var server = SocketAddressArg.Parse((JsonObject)a["server"]!, prefix + "server.").ForConnect();
             if (a.ContainsKey("tls-creds")) throw QmpException.Generic("TLS is not supported by strata daemon");
             if (a.ContainsKey("x-dirty-bitmap")) throw QmpException.Generic($"Parameter '{prefix}x-dirty-bitmap' is not supported");
-            spec = type switch
-            {
-                "unix" => spec with { NbdSocketPath = server["path"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.path' is missing") },
-                "inet" => spec with
-                {
-                    NbdHost = server["host"]?.ToString() ?? throw QmpException.Generic($"Parameter '{prefix}server.host' is missing"),
-                    NbdPort = int.TryParse(server["port"]?.ToString(), out int port) ? port : throw QmpException.Generic($"Parameter '{prefix}server.port' is missing or invalid"),
-                },
-                _ => throw QmpException.Generic($"Parameter '{prefix}server.type' does not accept value '{type}'"),
-            };
-            spec = spec with { NbdExport = ArgSchema.OptStr(a, "export") ?? "" };
+            spec = spec with { NbdSocketPath = server.Path, NbdHost = server.Host, NbdPort = server.Port, NbdExport = ArgSchema.OptStr(a, "export") ?? "" };
         }
         if (driver is "qcow2" or "raw")
         {
-            switch (a["file"])
-            {
-                case JsonValue v when v.GetValueKind() == JsonValueKind.String:
-                    spec = spec with { FileNodeName = v.GetValue<string>() };
-                    break;
-                case JsonObject o:
-                    var inline = ParseBlockdev(o, prefix + "file.");
-                    spec = spec with { FileInline = inline with { ReadOnly = inline.ReadOnly || spec.ReadOnly } };
-                    break;
-                default:
-                    throw QmpException.Generic($"Invalid parameter type for '{prefix}file', expected: BlockdevRef");
-            }
+            var (fileName, inline) = BlockdevRef(a["file"], prefix, "file");
+            spec = inline is null ? spec with { FileNodeName = fileName } : spec with { FileInline = inline with { ReadOnly = inline.ReadOnly || spec.ReadOnly } };
             if (a.TryGetPropertyValue("backing", out var backing))
             {
-                spec = backing switch
-                {
-                    null => spec with { OpenBacking = false },
-                    JsonValue bv when bv.GetValueKind() == JsonValueKind.String => spec with { OpenBacking = false, BackingNodeName = bv.GetValue<string>() },
-                    _ => throw QmpException.Generic($"Parameter '{prefix}backing': an inline backing definition is not supported; name a node or use null"),
-                };
+                var (backingName, backingInline) = BlockdevRef(backing, prefix, "backing", orNull: true);
+                if (backingInline is not null)
+                    throw QmpException.Generic($"Parameter '{prefix}backing': an inline backing definition is not supported; name a node or use null");
+                spec = spec with { OpenBacking = false, BackingNodeName = backingName };
             }
             if (driver == "raw" && (a.ContainsKey("offset") || a.ContainsKey("size")))
                 throw QmpException.Generic($"Parameter '{prefix}offset'/'size' of the raw driver are not supported");
@@ -683,11 +690,48 @@ public sealed partial class DaemonBackend : IQmpBackend
         return spec;
     }
 
+    /// <summary>A BlockdevRef member (a node's name, or an inline definition: <paramref name="orNull"/> allows null
+    /// too), its types checked as QEMU's visitor checks them before anything else.</summary>
+    private static (string? Name, BlockNodeSpec? Inline) BlockdevRef(JsonNode? value, string prefix, string member, bool orNull = false) => value switch
+    {
+        null when orNull => (null, null),
+        JsonValue v when v.GetValueKind() == JsonValueKind.String => (v.GetValue<string>(), null),
+        JsonObject o => (null, ParseBlockdev(o, prefix + member + ".")),
+        _ => throw ArgSchema.AlternateError(prefix + member, orNull ? "BlockdevRefOrNull" : "BlockdevRef"),
+    };
+
+    /// <summary>A BlockdevRef that must name an existing node here (filters take no inline child).</summary>
+    private static string NamedNode(JsonObject a, string member, string prefix) =>
+        BlockdevRef(a[member], prefix, member).Name
+        ?? throw QmpException.Generic($"Parameter '{prefix}{member}': an inline node definition is not supported here; name a node");
+
+    /// <summary>An optional list member's items (none when absent).</summary>
+    private static JsonArray List(JsonObject a, string member, string prefix) => a.TryGetPropertyValue(member, out var v)
+        ? v as JsonArray ?? throw QmpException.Generic($"Invalid parameter type for '{prefix}{member}', expected: array")
+        : [];
+
+    /// <summary>A file node's file name, refused as QEMU refuses it before any open: empty, or with a NUL (which
+    /// ends a C string: QEMU then looks for the part before it).</summary>
+    private static string FileName(string name)
+    {
+        if (name.Length == 0) throw QmpException.Generic("The 'file' block driver requires a file name");
+        if (name.Contains('\0')) throw QmpException.Generic($"Could not open '{name}': No such file or directory");
+        return name;
+    }
+
     private object? BlockdevAdd(JsonObject a)
     {
         var spec = ParseBlockdev(a);
         if (spec.NodeName is null) throw QmpException.Generic("A top-level node must have a node-name");
-        Graph.Add(spec);
+        try
+        {
+            Graph.Add(spec);
+        }
+        catch (PathTooLongException)
+        {
+            // ENAMETOOLONG, which the file layer leaves as .NET's exception.
+            throw QmpException.Generic($"Could not open '{spec.Filename ?? spec.FileInline?.Filename}': File name too long");
+        }
         return new QDict();
     }
 

@@ -21,86 +21,118 @@ public sealed class DaemonHost : IAsyncDisposable
     public BlockGraph Graph { get; } = new();
     public DaemonBackend Backend { get; }
 
-    public DaemonHost(DaemonOptions options)
+    /// <param name="log">Where the stack of an unexpected QMP command failure goes (the daemon's stderr).</param>
+    public DaemonHost(DaemonOptions options, TextWriter? log = null)
     {
         _options = options;
-        Backend = new DaemonBackend(Graph);
+        Backend = new DaemonBackend(Graph) { Log = log ?? TextWriter.Null };
     }
 
-    /// <summary>Opens the nodes and starts listening. Errors carry the option text, as qemu-storage-daemon's do.</summary>
+    /// <summary>Opens the nodes and starts listening. Every failure is a <see cref="DaemonUsageException"/> whose
+    /// message carries the option text, as qemu-storage-daemon's do: the daemon says one line and exits 1.</summary>
     public void Start()
     {
         foreach (var text in _options.Objects)
         {
-            // throttle-group objects are used by throttle nodes; other object types (iothread, …) are accepted and ignored.
-            var o = DaemonCommandLine.ParseValue(text, "qom-type", $"--object {text}");
-            if (o["qom-type"]?.ToString() != "throttle-group") continue;
-            string id = o["id"]?.ToString() ?? throw new DaemonUsageException($"--object {text}: Parameter 'id' is missing");
-            long bps = 0;
-            foreach (var key in new[] { "x-bps-total", "limits.bps-total" })
-                if (o[key] is JsonValue v && long.TryParse(v.ToString(), out long n)) bps = n;
-            if (o["limits"] is JsonObject limits && limits["bps-total"] is JsonValue lv && long.TryParse(lv.ToString(), out long ln)) bps = ln;
-            Graph.ThrottleGroups[id] = new Strata.Block.Filters.ThrottleGroup(id, bps);
+            Option($"--object {text}", () =>
+            {
+                // throttle-group objects are used by throttle nodes; other object types (iothread, …) are accepted and ignored.
+                var o = DaemonCommandLine.ParseValue(text, "qom-type", $"--object {text}");
+                if (o["qom-type"]?.ToString() != "throttle-group") return;
+                string id = o["id"]?.ToString() ?? throw QmpException.Generic("Parameter 'id' is missing");
+                long bps = 0;
+                foreach (var key in new[] { "x-bps-total", "limits.bps-total" })
+                    if (o[key] is JsonValue v && long.TryParse(v.ToString(), out long n)) bps = n;
+                if (o["limits"] is JsonObject limits && limits["bps-total"] is JsonValue lv && long.TryParse(lv.ToString(), out long ln)) bps = ln;
+                Graph.ThrottleGroups[id] = new Strata.Block.Filters.ThrottleGroup(id, bps);
+            });
         }
         foreach (var (text, value) in _options.Blockdevs)
         {
-            try
+            Option($"--blockdev {text}", () =>
             {
                 var spec = DaemonBackend.ParseBlockdev(value);
                 if (spec.NodeName is null) throw new BlockException("A top-level node must have a node-name");
                 Graph.Add(spec);
-            }
-            catch (Exception e) when (e is QmpException or BlockException)
-            {
-                throw new DaemonUsageException($"--blockdev {text}: {DaemonCommandLine.OptionError(text, e.Message)}");
-            }
+            });
         }
         foreach (var text in _options.NbdServers)
         {
-            try
+            Option($"--nbd-server {text}", () =>
             {
                 var v = DaemonCommandLine.ParseValue(text, "addr", $"--nbd-server {text}");
-                if (v["addr"] is not JsonObject addr) throw QmpException.Generic("Parameter 'addr' is missing");
-                Backend.StartNbdServer(addr, legacy: false, v["max-connections"] is JsonValue m ? m.GetValue<long>() : null, v.ContainsKey("tls-creds"), accept: false);
-            }
-            catch (QmpException e)
-            {
-                throw new DaemonUsageException($"--nbd-server {text}: {DaemonCommandLine.OptionError(text, e.Message)}");
-            }
+                ArgSchema.Validate(v, NbdServerOptions);
+                Backend.StartNbdServer(v["addr"]!.AsObject(), legacy: false, ArgSchema.OptLong(v, "max-connections"), v.ContainsKey("tls-creds"), accept: false);
+            });
         }
         foreach (var text in _options.Exports)
-        {
-            try
-            {
-                Backend.AddExport(DaemonCommandLine.ParseValue(text, "type", $"--export {text}"));
-            }
-            catch (Exception e) when (e is QmpException or BlockException)
-            {
-                throw new DaemonUsageException($"--export {text}: {DaemonCommandLine.OptionError(text, e.Message)}");
-            }
-        }
+            Option($"--export {text}", () => Backend.AddExport(DaemonCommandLine.ParseValue(text, "type", $"--export {text}")));
         Backend.AcceptNbdClients();
         // The pidfile exists before any client can connect (a client that sees the socket may read it at once).
         if (_options.PidFile is { } pid)
         {
-            File.WriteAllText(pid, Environment.ProcessId + "\n");
+            try
+            {
+                File.WriteAllText(pid, Environment.ProcessId + "\n");
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new DaemonUsageException($"cannot create PID file: Could not create '{pid}': {FileError(e)}");
+            }
             _pidFileWritten = true;
         }
         foreach (var (text, id) in _options.Monitors)
         {
             var c = _options.Chardevs[id];
-            try
+            // qemu-storage-daemon binds when it creates the chardev, so its errors name the --chardev option.
+            Option($"--chardev {c.Text}", () =>
             {
-                var server = c.Path is not null ? QmpServer.ListenUnix(c.Path, Backend) : QmpServer.ListenTcp(c.Host!, c.Port, Backend);
-                server.Start();
-                _servers.Add(server);
-            }
-            catch (System.Net.Sockets.SocketException e)
-            {
-                throw new DaemonUsageException($"--monitor {text}: Failed to bind socket: {e.Message}");
-            }
+                var address = new SocketAddressArg(c.Path, c.Host, c.Port);
+                try
+                {
+                    var server = c.Path is not null ? QmpServer.ListenUnix(c.Path, Backend) : QmpServer.ListenTcp(address.ListenHost(), c.Port, Backend);
+                    server.Start();
+                    _servers.Add(server);
+                }
+                catch (System.Net.Sockets.SocketException e)
+                {
+                    throw QmpException.Generic(address.BindError(e));
+                }
+            });
         }
     }
+
+    private static readonly ArgSpec[] NbdServerOptions =
+    [
+        new("addr", ArgType.Object), new("tls-creds", ArgType.Str, true), new("tls-authz", ArgType.Str, true), new("max-connections", ArgType.UInt32, true),
+    ];
+
+    /// <summary>Runs one option's setup; any failure, expected or not, becomes one line naming the option.</summary>
+    private static void Option(string context, Action setup)
+    {
+        try
+        {
+            setup();
+        }
+        catch (DaemonUsageException)
+        {
+            throw;
+        }
+        catch (Exception e)
+        {
+            // A lock conflict keeps QEMU's hint line: on the command line it is for people.
+            string text = context[(context.IndexOf(' ') + 1)..];
+            throw new DaemonUsageException($"{context}: {DaemonCommandLine.OptionError(text, e.Message)}");
+        }
+    }
+
+    /// <summary>The system's words for a file error (.NET's messages name the path in their own way).</summary>
+    private static string FileError(Exception e) => e switch
+    {
+        DirectoryNotFoundException or FileNotFoundException => "No such file or directory",
+        UnauthorizedAccessException => "Permission denied",
+        _ => e.Message,
+    };
 
     /// <summary>Runs until quit or a termination signal.</summary>
     public async Task RunAsync()
@@ -120,7 +152,7 @@ public sealed class DaemonHost : IAsyncDisposable
     public async ValueTask DisposeAsync()
     {
         foreach (var s in _servers) await s.DisposeAsync();
-        await Backend.StopAsync();
+        await Backend.ShutdownAsync();
         Graph.Dispose();
         if (_pidFileWritten && _options.PidFile is { } pid) try { File.Delete(pid); } catch (IOException) { }
     }

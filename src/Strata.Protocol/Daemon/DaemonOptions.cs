@@ -3,8 +3,9 @@ using System.Text.Json.Nodes;
 
 namespace Strata.Protocol.Daemon;
 
-/// <summary>A QMP monitor socket (--chardev socket,… plus --monitor chardev=…).</summary>
-public sealed record MonitorSpec(string Id, string? Path, string? Host, int Port);
+/// <summary>A QMP monitor socket (--chardev socket,… plus --monitor chardev=…); <paramref name="Text"/> is the
+/// --chardev option's value, for errors.</summary>
+public sealed record MonitorSpec(string Id, string? Path, string? Host, int Port, string Text = "");
 
 /// <summary>What qemu-storage-daemon's command line says, parsed.</summary>
 public sealed class DaemonOptions
@@ -78,7 +79,19 @@ public static class DaemonCommandLine
                     if (Text(c, "server") is not ("on" or "true" or "yes"))
                         throw new DaemonUsageException($"--chardev {value}: only server=on sockets are supported");
                     if (o.Chardevs.ContainsKey(id)) throw new DaemonUsageException($"--chardev {value}: attempt to add duplicate property '{id}' to object (type 'container')");
-                    o.Chardevs[id] = new MonitorSpec(id, path, host, port is null ? 0 : int.Parse(port, System.Globalization.CultureInfo.InvariantCulture));
+                    int portNumber = 0;
+                    if (path is null)
+                    {
+                        try
+                        {
+                            portNumber = SocketAddressArg.ParsePort(host!, port!);
+                        }
+                        catch (Qmp.QmpException e)
+                        {
+                            throw new DaemonUsageException($"--chardev {value}: {e.Message}");
+                        }
+                    }
+                    o.Chardevs[id] = new MonitorSpec(id, path, host, portNumber, value!);
                     break;
                 }
                 case "--monitor":
@@ -107,6 +120,8 @@ public static class DaemonCommandLine
     public static string OptionError(string text, string message)
     {
         if (text.TrimStart().StartsWith('{')) return message;
+        var u = System.Text.RegularExpressions.Regex.Match(message, @"^Parameter '(.+)' expects uint64$");
+        if (u.Success) return $"Parameter '{u.Groups[1].Value}' expects integer";
         var m = System.Text.RegularExpressions.Regex.Match(message, @"^Invalid parameter type for '(.+)', expected: (integer|number|boolean)$");
         if (!m.Success) return message;
         return m.Groups[2].Value == "boolean" ? $"Parameter '{m.Groups[1].Value}' expects 'on' or 'off'" : $"Parameter '{m.Groups[1].Value}' expects {m.Groups[2].Value}";
@@ -211,10 +226,12 @@ public static class DaemonCommandLine
             if (o[key] is not JsonObject child) continue;
             ListsFromIndexes(child);
             var keys = child.Select(kv => kv.Key).ToList();
-            if (keys.Count > 0 && keys.All(k => k.All(char.IsAsciiDigit)) && keys.Select(int.Parse).Order().SequenceEqual(Enumerable.Range(0, keys.Count)))
+            // Indexes are compared as text ("0".."n-1"): a huge digit string is simply not a list index.
+            var indexes = Enumerable.Range(0, keys.Count).Select(i => i.ToString(System.Globalization.CultureInfo.InvariantCulture)).ToList();
+            if (keys.Count > 0 && keys.Order(StringComparer.Ordinal).SequenceEqual(indexes.Order(StringComparer.Ordinal)))
             {
                 var list = new JsonArray();
-                foreach (var k in keys.OrderBy(int.Parse))
+                foreach (var k in indexes)
                 {
                     var item = child[k];
                     child.Remove(k);

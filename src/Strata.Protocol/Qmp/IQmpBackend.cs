@@ -13,6 +13,10 @@ public interface IQmpBackend
     /// time, like QEMU's main loop, whichever session sent them.</summary>
     ValueTask<object?> ExecuteAsync(string command, JsonObject arguments, CancellationToken cancellationToken);
 
+    /// <summary>Called when a command failed with something other than <see cref="QmpException"/> (a bug, or an
+    /// error nobody translated): the session answers GenericError and keeps serving; the backend may log it.</summary>
+    void CommandFailed(string command, Exception error) { }
+
     /// <summary>Called once the reply to <paramref name="command"/> has been written (quit exits only then).</summary>
     void ReplySent(string command) { }
 

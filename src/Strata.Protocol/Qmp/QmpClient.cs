@@ -1,3 +1,4 @@
+using System.IO.Pipelines;
 using System.Net.Sockets;
 using System.Text;
 using System.Text.Json;
@@ -8,22 +9,26 @@ namespace Strata.Protocol.Qmp;
 
 /// <summary>
 /// An async QMP client: connects, negotiates, runs commands (one reply per id) and exposes events as an async
-/// stream. Works against strata daemon, qemu-storage-daemon and QEMU alike.
+/// stream. Works against strata daemon, qemu-storage-daemon and QEMU alike. A line from the server longer than a
+/// QMP server accepts as input ends the connection with <see cref="QmpLineTooLongException"/>, which every
+/// command waiting for a reply then throws.
 /// </summary>
 public sealed class QmpClient : IAsyncDisposable
 {
     private readonly Socket _socket;
     private readonly NetworkStream _stream;
-    private readonly StreamReader _reader;
+    private readonly QmpLineReader _reader;
     private readonly SemaphoreSlim _commandLock = new(1, 1);
     private readonly Channel<JsonObject> _events = Channel.CreateUnbounded<JsonObject>();
     private readonly Dictionary<long, TaskCompletionSource<JsonObject>> _pending = new();
     private readonly Task _readLoop;
     private long _nextId;
+    /// <summary>Why the connection ended, once it has (under the lock of <see cref="_pending"/>).</summary>
+    private Exception? _closed;
 
     public JsonObject Greeting { get; }
 
-    private QmpClient(Socket socket, JsonObject greeting, StreamReader reader, NetworkStream stream)
+    private QmpClient(Socket socket, JsonObject greeting, QmpLineReader reader, NetworkStream stream)
     {
         _socket = socket;
         _stream = stream;
@@ -42,9 +47,20 @@ public sealed class QmpClient : IAsyncDisposable
     {
         await socket.ConnectAsync(endPoint, ct);
         var stream = new NetworkStream(socket, ownsSocket: false);
-        var reader = new StreamReader(stream, Encoding.UTF8);
-        string line = await reader.ReadLineAsync(ct) ?? throw new IOException("QMP server closed the connection before its greeting");
-        var greeting = JsonNode.Parse(line) as JsonObject ?? throw new IOException("QMP greeting is not an object");
+        var reader = new QmpLineReader(PipeReader.Create(stream, new StreamPipeReaderOptions(leaveOpen: true)));
+        JsonObject greeting;
+        try
+        {
+            string line = await reader.ReadLineAsync(ct) ?? throw new IOException("QMP server closed the connection before its greeting");
+            greeting = JsonNode.Parse(line) as JsonObject ?? throw new IOException("QMP greeting is not an object");
+        }
+        catch (Exception e)
+        {
+            await stream.DisposeAsync();
+            socket.Dispose();
+            if (e is JsonException) throw new IOException("QMP greeting is not JSON: " + e.Message, e);
+            throw;
+        }
         var client = new QmpClient(socket, greeting, reader, stream);
         await client.ExecuteAsync("qmp_capabilities", null, ct);
         return client;
@@ -58,7 +74,11 @@ public sealed class QmpClient : IAsyncDisposable
     {
         long id = Interlocked.Increment(ref _nextId);
         var tcs = new TaskCompletionSource<JsonObject>(TaskCreationOptions.RunContinuationsAsynchronously);
-        lock (_pending) _pending[id] = tcs;
+        lock (_pending)
+        {
+            if (_closed is not null) throw new IOException(_closed.Message, _closed);
+            _pending[id] = tcs;
+        }
         var message = new JsonObject { ["execute"] = command, ["id"] = id };
         if (arguments is not null) message["arguments"] = arguments as JsonNode ?? JsonSerializer.SerializeToNode(arguments);
         var bytes = Encoding.UTF8.GetBytes(message.ToJsonString() + "\n");
@@ -79,10 +99,12 @@ public sealed class QmpClient : IAsyncDisposable
 
     private async Task ReadLoopAsync()
     {
+        Exception reason = new IOException("QMP connection closed");
         try
         {
             while (await _reader.ReadLineAsync() is { } line)
             {
+                if (line.Length == 0) continue;
                 if (JsonNode.Parse(line) is not JsonObject msg) continue;
                 if (msg.ContainsKey("event"))
                 {
@@ -97,15 +119,32 @@ public sealed class QmpClient : IAsyncDisposable
                 }
             }
         }
-        catch (Exception)
+        catch (QmpLineTooLongException e)
         {
+            reason = e;
+            // Nothing after it can be trusted to be a message boundary.
+            try { _socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
+        }
+        catch (JsonException e)
+        {
+            reason = new IOException("QMP server sent something that is not JSON: " + e.Message, e);
+            try { _socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
+        }
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException or OperationCanceledException)
+        {
+            // The connection went away (or was disposed): "closed" says it.
+        }
+        catch (Exception e)
+        {
+            reason = new IOException("QMP client failed reading a reply: " + e.Message, e);
         }
         finally
         {
             _events.Writer.TryComplete();
             lock (_pending)
             {
-                foreach (var t in _pending.Values) t.TrySetException(new IOException("QMP connection closed"));
+                _closed = reason;
+                foreach (var t in _pending.Values) t.TrySetException(reason is QmpLineTooLongException ? reason : new IOException(reason.Message, reason));
                 _pending.Clear();
             }
         }

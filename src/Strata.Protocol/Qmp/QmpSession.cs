@@ -9,8 +9,9 @@ namespace Strata.Protocol.Qmp;
 
 /// <summary>
 /// One QMP conversation over a pipe pair (it never touches a socket): greeting, capabilities negotiation,
-/// commands with their replies, and events between replies once negotiated. Protocol errors get an error reply;
-/// an input that breaks the framing limits closes this session only.
+/// commands with their replies, and events between replies once negotiated. Protocol errors get an error reply,
+/// and so does a command whatever its handler throws; only an input that breaks the framing limits (or the
+/// connection's end) closes the session, and this session only.
 /// </summary>
 public sealed class QmpSession
 {
@@ -171,6 +172,14 @@ public sealed class QmpSession
         catch (QmpException e)
         {
             await WriteErrorAsync(id, e.ErrorClass, e.Message, ct, hasId);
+            return;
+        }
+        catch (Exception e) when (!(e is OperationCanceledException && ct.IsCancellationRequested))
+        {
+            // QEMU's monitor never goes away because a command went wrong: whatever a handler throws is that
+            // command's error (an IOException from an image must not pass for this connection's own end).
+            _backend.CommandFailed(command, e);
+            await WriteErrorAsync(id, "GenericError", string.IsNullOrEmpty(e.Message) ? e.GetType().Name : e.Message, ct, hasId);
             return;
         }
         await WriteReplyAsync(id, result ?? new QDict(), ct, hasId);
