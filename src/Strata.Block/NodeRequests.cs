@@ -47,6 +47,22 @@ public sealed class NodeRequests
         return new Ticket(this);
     }
 
+    /// <summary>
+    /// Admits a request from a user outside the graph that will run its I/O later, elsewhere (an NBD export, QEMU's
+    /// BlockBackend): counted in flight from now until <see cref="LeaveAdmitted"/>, so a drain waits for it; false
+    /// (nothing counted) while the node is drained — wait for <see cref="WhileDrainedAsync"/> and try again. The I/O
+    /// of an admitted request runs in an <see cref="Internal"/> scope: it must not wait at the gate it already passed.
+    /// </summary>
+    public bool TryAdmit()
+    {
+        Interlocked.Increment(ref _inFlight);
+        if (Volatile.Read(ref _quiesced) == 0) return true;
+        Exit();
+        return false;
+    }
+
+    public void LeaveAdmitted() => Exit();
+
     private void Exit()
     {
         if (Interlocked.Decrement(ref _inFlight) == 0 && Volatile.Read(ref _quiesced) > 0)
@@ -154,7 +170,10 @@ public sealed class DrainedSection : IDisposable
 
     /// <summary>Drains <paramref name="roots"/> and what is above and below them; with a <paramref name="timeout"/>, a
     /// request still in flight when it passes is left to finish on its own (for closing, not for a point in time).</summary>
-    public static DrainedSection Begin(IEnumerable<BlockImage> roots, TimeSpan? timeout = null)
+    /// <param name="drainerPasses">Whether the calling thread's own requests pass the closed gates: true for a
+    /// section that begins and ends on one thread (a QMP command); false for one held across awaits, whose thread
+    /// goes on to do other work meanwhile.</param>
+    public static DrainedSection Begin(IEnumerable<BlockImage> roots, TimeSpan? timeout = null, bool drainerPasses = true)
     {
         if (NodeRequests.InsideRequest)
             throw new InvalidOperationException("A drain cannot begin inside a request: it would wait for itself");
@@ -177,7 +196,7 @@ public sealed class DrainedSection : IDisposable
         var rootList = roots.ToList();
         foreach (var r in rootList) Up(r);
         foreach (var r in rootList) Down(r);
-        int drainer = Environment.CurrentManagedThreadId;
+        int drainer = drainerPasses ? Environment.CurrentManagedThreadId : -1;
         foreach (var n in nodes) n.Requests.Quiesce(drainer);
         var deadline = timeout is { } t ? DateTime.UtcNow + t : DateTime.MaxValue;
         foreach (var n in nodes) n.Requests.WaitIdle(deadline);

@@ -196,8 +196,10 @@ public sealed class MirrorJob : Job
                 _pivoting = true;
                 await _o.Pivot(async () =>
                 {
-                    // Writers are stopped: what is dirty now is all there is.
+                    // Writers are stopped: what is dirty now is all there is. The source and target are drained for
+                    // the switch: the job's own requests are the ones inside the graph.
                     await CopyDirtyAsync(ct);
+                    using var inside = NodeRequests.Internal();
                     _o.Target.Flush();
                 });
                 Pivoted = true;

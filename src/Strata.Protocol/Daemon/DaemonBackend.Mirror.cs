@@ -153,7 +153,10 @@ public sealed partial class DaemonBackend
             // Outside the lock: requests in flight and the last copy may take a while, and a job paused meanwhile
             // (job-pause, on-target-error=stop) must still hear job-resume and job-cancel.
             await Task.WhenAll(drained);
-            await finalSync();
+            // And the nodes themselves, as QEMU drains source and target for the switch: whatever else writes to
+            // them (a job, a filter above) holds too. The mirror's own last copy runs inside the graph and passes.
+            using (DrainedSection.Begin([source.Image, target.Image], drainerPasses: false))
+                await finalSync();
             copied = true;
         }
         finally

@@ -46,6 +46,8 @@ public sealed partial class DaemonBackend
         // Addressed by node name, the overlay must be named too (a device's overlay may stay anonymous).
         if (nodeName is not null && snapshotNode is null) throw QmpException.Generic("New overlay node-name missing");
         if (snapshotNode is not null && Graph.Find(snapshotNode) is not null) throw QmpException.Generic("New overlay node-name already in use");
+        // Taken drained, as QEMU does: no write to the old top is half-way while the overlay goes on top of it.
+        using var drained = node.Image.Drain();
         if ((ArgSchema.OptStr(a, "mode") ?? "absolute-paths") == "absolute-paths")
         {
             if (File.Exists(file)) File.Delete(file);

@@ -53,14 +53,20 @@ public sealed class NbdExport
     public ValueTask EnterAsync()
     {
         lock (_gate)
-        {
-            if (_open.Task.IsCompleted)
-            {
-                _active++;
+            if (_open.Task.IsCompleted && TryAdmitLocked())
                 return ValueTask.CompletedTask;
-            }
-        }
         return EnterWhenOpenAsync();
+    }
+
+    /// <summary>Past the export's own gate, the request is admitted to its node as well (QEMU's BlockBackend): a
+    /// drain of the node waits for it, and while the node is drained it waits here, uncounted — so neither the
+    /// export's hold nor a node's drain ever waits for a request stuck at the other's gate, and a request let in
+    /// after a switch-over reads the export's new image. Caller holds the gate.</summary>
+    private bool TryAdmitLocked()
+    {
+        if (!Image.Requests.TryAdmit()) return false;
+        _active++;
+        return true;
     }
 
     private async ValueTask EnterWhenOpenAsync()
@@ -72,20 +78,27 @@ public sealed class NbdExport
             {
                 if (_open.Task.IsCompleted)
                 {
-                    _active++;
-                    return;
+                    if (TryAdmitLocked()) return;
+                    wait = Image.Requests.WhileDrainedAsync();
                 }
-                wait = _open.Task;
+                else
+                {
+                    wait = _open.Task;
+                }
             }
             await wait;
         }
     }
 
-    /// <summary>A request entered with <see cref="EnterAsync"/> has finished its I/O.</summary>
+    /// <summary>A request entered with <see cref="EnterAsync"/> has finished its I/O: it leaves the export and its
+    /// node (the image it was admitted to: an export is retargeted only while no request is in it).</summary>
     public void Leave()
     {
         lock (_gate)
+        {
+            Image.Requests.LeaveAdmitted();
             if (--_active == 0) _drained?.TrySetResult();
+        }
     }
 
     /// <summary>Holds new requests back and waits for those in flight (QEMU's drain).</summary>

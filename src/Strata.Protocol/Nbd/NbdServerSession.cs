@@ -506,6 +506,8 @@ public sealed class NbdServerSession
     {
         var export = r.Export;
         var req = r.Header;
+        // Admitted to the node when it entered the export: its calls are inside the graph and pass a drain's gate.
+        using var admitted = NodeRequests.Internal();
         try
         {
             var image = export.Image;
