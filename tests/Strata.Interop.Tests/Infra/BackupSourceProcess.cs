@@ -12,6 +12,7 @@ namespace Strata.Interop.Tests;
 public sealed class BackupSourceProcess : IDisposable
 {
     private Process? _process;
+    private readonly System.Text.StringBuilder _log = new();
     private readonly string _dir;
     private readonly string[] _disks;
     public string Kind { get; }
@@ -51,7 +52,22 @@ public sealed class BackupSourceProcess : IDisposable
         foreach (var a in args) psi.ArgumentList.Add(a);
         _process = Process.Start(psi)!;
         Listening.WaitForProcess(_process, Kind, 15000, QmpPath, NbdPath);
+        // Drained from now on: a daemon that says much would otherwise block on a full pipe.
+        var started = _process;
+        started.OutputDataReceived += (_, e) => { if (e.Data is not null) lock (_log) _log.AppendLine(e.Data); };
+        started.ErrorDataReceived += (_, e) => { if (e.Data is not null) lock (_log) _log.AppendLine(e.Data); };
+        started.BeginOutputReadLine();
+        started.BeginErrorReadLine();
     }
+
+    /// <summary>What the daemon printed (stdout and stderr) since it started listening, for failure messages.</summary>
+    public string Log
+    {
+        get { lock (_log) return _log.ToString(); }
+    }
+
+    /// <summary>Waits for the daemon to exit by itself (after QMP quit); false on timeout.</summary>
+    public bool WaitForExit(int ms) => _process!.WaitForExit(ms);
 
     /// <summary>SIGKILL: nothing is flushed or closed.</summary>
     public void Kill()
