@@ -398,7 +398,10 @@ public sealed class BackupJob : Job
         _copyListing = null;
         if (!_hooked) return;
         _hooked = false;
-        _o.Source.RemoveBeforeWriteHook(CopyBeforeWrite);
+        // Removed drained, as QEMU removes its filter: a guest write that took the hook list before the removal is
+        // still copying into the target, and the target may be closed as soon as this job lets it go.
+        using (DrainedSection.Begin([_o.Source], drainerPasses: false))
+            _o.Source.RemoveBeforeWriteHook(CopyBeforeWrite);
         _o.Target.RemoveParent(_o.Source);
     }
 

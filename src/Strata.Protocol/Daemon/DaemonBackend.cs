@@ -508,7 +508,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         if (!hard && entry.Export.Connections > 0) throw QmpException.Generic($"export '{id}' still in use");
         entry.Export.ShuttingDown = true;
         _nbd!.RemoveExport(entry.Export);
-        if (hard) _nbd.Disconnect();
+        if (hard) entry.Export.DisconnectClients();
         foreach (var b in entry.Export.Bitmaps) b.Busy = false;
         Graph.RemoveUser(entry.Node, NodeUser.Export, LockClaim.Export(entry.Export.Writable));
         _exports.Remove(id);

@@ -116,6 +116,29 @@ public sealed class NbdExport
     /// <summary>Points the export at another image (a mirror's target). Only while drained.</summary>
     public void Retarget(BlockImage image) => Image = image;
 
+    private readonly List<Action> _disconnects = [];
+
+    /// <summary>A connection serving this export says how to end it (until the returned registration is disposed).</summary>
+    public IDisposable RegisterConnection(Action disconnect)
+    {
+        lock (_disconnects) _disconnects.Add(disconnect);
+        return new Registration(() => { lock (_disconnects) _disconnects.Remove(disconnect); });
+    }
+
+    private sealed class Registration(Action remove) : IDisposable
+    {
+        public void Dispose() => remove();
+    }
+
+    /// <summary>block-export-del mode=hard: ends this export's connections, and only theirs (others on the same
+    /// server, or still negotiating, go on).</summary>
+    public void DisconnectClients()
+    {
+        Action[] all;
+        lock (_disconnects) all = [.. _disconnects];
+        foreach (var d in all) d();
+    }
+
     /// <summary>Lets held requests go.</summary>
     public void Resume()
     {

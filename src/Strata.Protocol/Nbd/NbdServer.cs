@@ -60,9 +60,6 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
 
     public void Start() => _listener.Start();
 
-    /// <summary>Drops every connection (block-export-del mode=hard, or server stop).</summary>
-    public void Disconnect() => _listener.Disconnect();
-
     public async ValueTask DisposeAsync()
     {
         _listener.Disconnect();

@@ -62,9 +62,12 @@ public sealed class NbdServerSession
         {
             if (!await HandshakeAsync(ct)) return;
             Interlocked.Increment(ref _export!.Connections);
+            // A hard deletion of this export ends this connection (and no other).
+            using var connection = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            using var registered = _export.RegisterConnection(() => { try { connection.Cancel(); } catch (ObjectDisposedException) { } });
             try
             {
-                await TransmitAsync(ct);
+                await TransmitAsync(connection.Token);
             }
             finally
             {
