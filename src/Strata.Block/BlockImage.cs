@@ -96,83 +96,40 @@ public abstract class BlockImage : IDisposable
         }
     }
 
-    public void Write(long offset, ReadOnlySpan<byte> data)
-    {
-        CheckWritable();
-        CheckRange(offset, data.Length);
-        if (data.IsEmpty) return;
-        using var request = Requests.Enter();
-        var scope = BeginWrite(offset, data.Length);
-        try
-        {
-            DriverWrite(offset, data);
-        }
-        catch (Exception e) when (HostError.IsHostError(e))
-        {
-            throw HostError.ToBlockError(e, "write");
-        }
-        finally
-        {
-            scope.Dispose();
-        }
-    }
+    public void Write(long offset, ReadOnlySpan<byte> data) =>
+        WriteRequest(offset, data.Length, data, static (image, at, bytes) => image.DriverWrite(at, bytes));
 
     /// <summary>Makes the range read as zeros; <paramref name="mayUnmap"/> lets the driver free storage.</summary>
-    public void WriteZeroes(long offset, long length, bool mayUnmap)
-    {
-        CheckWritable();
-        CheckRange(offset, length);
-        if (length == 0) return;
-        using var request = Requests.Enter();
-        var scope = BeginWrite(offset, length);
-        try
-        {
-            DriverWriteZeroes(offset, length, mayUnmap);
-        }
-        catch (Exception e) when (HostError.IsHostError(e))
-        {
-            throw HostError.ToBlockError(e, "write");
-        }
-        finally
-        {
-            scope.Dispose();
-        }
-    }
+    public void WriteZeroes(long offset, long length, bool mayUnmap) =>
+        WriteRequest(offset, length, (length, mayUnmap), static (image, at, a) => image.DriverWriteZeroes(at, a.length, a.mayUnmap));
 
     /// <summary>The guest no longer needs the data: after this the range reads as zeros or as the backing file.</summary>
-    public void Discard(long offset, long length)
-    {
-        CheckWritable();
-        CheckRange(offset, length);
-        if (length == 0) return;
-        using var request = Requests.Enter();
-        var scope = BeginWrite(offset, length);
-        try
-        {
-            DriverDiscard(offset, length);
-        }
-        catch (Exception e) when (HostError.IsHostError(e))
-        {
-            throw HostError.ToBlockError(e, "write");
-        }
-        finally
-        {
-            scope.Dispose();
-        }
-    }
+    public void Discard(long offset, long length) =>
+        WriteRequest(offset, length, length, static (image, at, n) => image.DriverDiscard(at, n));
 
     /// <summary>Writes one whole cluster compressed (at a cluster-aligned offset; the last one may be short).</summary>
     public void WriteCompressed(long offset, ReadOnlySpan<byte> cluster)
     {
         if (!SupportsCompression) throw new BlockException($"Compression is not supported by the {FormatName} format");
+        WriteRequest(offset, cluster.Length, cluster, static (image, at, bytes) => image.DriverWriteCompressed(at, bytes));
+    }
+
+    /// <summary>A driver call with what it needs (a span included: the state may be a ref struct).</summary>
+    private delegate void DriverCall<TState>(BlockImage image, long offset, TState state) where TState : allows ref struct;
+
+    /// <summary>Every change to guest data: checked, counted in flight, the before-write hooks run and the recording
+    /// bitmaps marked before the driver is called, the after-write hooks when it returns or fails.</summary>
+    private void WriteRequest<TState>(long offset, long length, TState state, DriverCall<TState> call) where TState : allows ref struct
+    {
         CheckWritable();
-        CheckRange(offset, cluster.Length);
-        if (cluster.IsEmpty) return;
+        CheckRange(offset, length);
+        if (length == 0) return;
         using var request = Requests.Enter();
-        var scope = BeginWrite(offset, cluster.Length);
+        foreach (var hook in _beforeWrite) hook(offset, length);
+        Bitmaps.MarkDirty(offset, length);
         try
         {
-            DriverWriteCompressed(offset, cluster);
+            call(this, offset, state);
         }
         catch (Exception e) when (HostError.IsHostError(e))
         {
@@ -180,7 +137,7 @@ public abstract class BlockImage : IDisposable
         }
         finally
         {
-            scope.Dispose();
+            foreach (var hook in _afterWrite) hook(offset, length);
         }
     }
 
@@ -195,23 +152,6 @@ public abstract class BlockImage : IDisposable
         catch (Exception e) when (HostError.IsHostError(e))
         {
             throw HostError.ToBlockError(e, "write");
-        }
-    }
-
-    /// <summary>The before-write hooks run and the recording bitmaps are marked now, before the driver is called; the
-    /// after-write hooks when the scope ends (whether or not the write succeeded).</summary>
-    private WriteScope BeginWrite(long offset, long length)
-    {
-        foreach (var hook in _beforeWrite) hook(offset, length);
-        Bitmaps.MarkDirty(offset, length);
-        return new WriteScope(this, offset, length);
-    }
-
-    private readonly struct WriteScope(BlockImage image, long offset, long length) : IDisposable
-    {
-        public void Dispose()
-        {
-            foreach (var hook in image._afterWrite) hook(offset, length);
         }
     }
 
