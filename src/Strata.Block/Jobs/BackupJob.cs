@@ -306,8 +306,7 @@ public sealed class BackupJob : Job
                 }
                 try
                 {
-                    using var inside = NodeRequests.Internal();
-                    CopyClusters(cluster, count, ticket);
+                    await CopyInsideGraphAsync(() => CopyClusters(cluster, count, ticket));
                 }
                 catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
                 {

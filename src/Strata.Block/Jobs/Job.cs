@@ -122,6 +122,20 @@ public abstract class Job
     /// <summary>The work. Throw (or return after a cancellation) to fail.</summary>
     protected internal abstract Task RunAsync(CancellationToken cancellationToken);
 
+    /// <summary>Threads for the jobs' copies: blocking image I/O off the .NET thread pool, and apart from the guests'
+    /// block I/O threads, since a guest write may wait for a copy (copy-before-write) and must never be what a copy
+    /// waits for a thread behind. Not capped low: the copies in flight are already bounded (workers per job), and a
+    /// backup's copies wait for each other's turn, which a queue behind a full set of threads could never give.</summary>
+    private static readonly BlockIoThreads CopyThreads = new("strata-job", minThreads: 0, maxThreads: 1024, TimeSpan.FromSeconds(10));
+
+    /// <summary>Runs one copy of the job on a copy thread, inside the graph (it passes drained gates: it was taken
+    /// before the drain, and a guest write the drain waits for may be waiting for it).</summary>
+    protected static Task CopyInsideGraphAsync(Action copy) => CopyThreads.RunAsync(() =>
+    {
+        using var inside = NodeRequests.Internal();
+        copy();
+    });
+
     /// <summary>Pause point: jobs call it between units of work.</summary>
     protected Task PausePointAsync() => ResumeSignal.Task;
 

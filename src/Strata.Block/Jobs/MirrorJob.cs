@@ -245,8 +245,7 @@ public sealed class MirrorJob : Job
                 int length = (int)Math.Min(count * _cluster, _o.Source.Size - offset);
                 try
                 {
-                    using var inside = NodeRequests.Internal();
-                    CopyRange(offset, length);
+                    await CopyInsideGraphAsync(() => CopyRange(offset, length));
                 }
                 catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
                 {
