@@ -31,14 +31,38 @@ public class NoSpaceTests : ScratchDirTest
             ? "ok"
             : $"FAILED: {r.Stdout.Trim()} {r.Stderr.Trim()}";
 
+    /// <summary>One scenario's world: a 3 MiB tmpfs at DIR/small, a daemon of <paramref name="kind"/> serving a 64 MiB
+    /// disk, its QMP connection, events and transcript.</summary>
+    private sealed class Setup : IAsyncDisposable
+    {
+        public required string Dir { get; init; }
+        public required SmallDisk Small { get; init; }
+        public required BackupSourceProcess Source { get; init; }
+        public required QmpClient Qmp { get; init; }
+        public required EventLog Events { get; init; }
+        public required QmpTranscript Transcript { get; init; }
+
+        public static async Task<Setup> StartAsync(string kind, string dir)
+        {
+            var small = new SmallDisk(Path.Combine(dir, "small"), "3M");
+            var src = new BackupSourceProcess(kind, dir, ["disk"], size: "64M");
+            var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
+            return new Setup { Dir = dir, Small = small, Source = src, Qmp = qmp, Events = new EventLog(qmp), Transcript = new QmpTranscript(qmp, dir) };
+        }
+
+        public async ValueTask DisposeAsync()
+        {
+            await Qmp.DisposeAsync();
+            Source.Dispose();
+            Small.Dispose();
+        }
+    }
+
     private async Task<List<string>> BackupScenario(string kind, string policy)
     {
         string dir = Directory.CreateDirectory(P($"{kind}-{policy}")).FullName;
-        using var small = new SmallDisk(Path.Combine(dir, "small"), "3M");
-        using var src = new BackupSourceProcess(kind, dir, ["disk"], size: "64M");
-        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
-        var events = new EventLog(qmp);
-        var t = new QmpTranscript(qmp, dir);
+        await using var setup = await Setup.StartAsync(kind, dir);
+        var (src, qmp, events, t) = (setup.Source, setup.Qmp, setup.Events, setup.Transcript);
         var log = t.Lines;
         foreach (var (name, file) in new[] { ("full0", "full0.qcow2"), ("inc1", "inc1.qcow2"), ("small", "small/t.qcow2") })
         {
@@ -111,11 +135,8 @@ public class NoSpaceTests : ScratchDirTest
     private async Task<List<string>> MirrorScenario(string kind)
     {
         string dir = Directory.CreateDirectory(P($"{kind}-mirror")).FullName;
-        using var small = new SmallDisk(Path.Combine(dir, "small"), "3M");
-        using var src = new BackupSourceProcess(kind, dir, ["disk"], size: "64M");
-        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
-        var events = new EventLog(qmp);
-        var t = new QmpTranscript(qmp, dir);
+        await using var setup = await Setup.StartAsync(kind, dir);
+        var (src, qmp, events, t) = (setup.Source, setup.Qmp, setup.Events, setup.Transcript);
         var log = t.Lines;
         Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", Path.Combine(dir, "small/t.qcow2"), "64M").Exit);
         await t.Try("blockdev-add", $$$"""{"driver":"qcow2","node-name":"small","file":{"driver":"file","filename":"{{{Path.Combine(dir, "small/t.qcow2")}}}"}}""");

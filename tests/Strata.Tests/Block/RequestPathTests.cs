@@ -34,6 +34,31 @@ public class RequestPathTests
 
     private static byte[] Filled(byte value, int length) => Enumerable.Repeat(value, length).ToArray();
 
+    /// <summary>Holds the next guest-data write of an image after the request path has counted it and marked the
+    /// bitmaps, before its bytes land, until <see cref="Release"/>.</summary>
+    private sealed class HeldWrite : IDisposable
+    {
+        private readonly ManualResetEventSlim _reached = new(), _release = new();
+
+        public HeldWrite(Qcow2Image image) => image.File.BeforeDataIo = (write, _, _) =>
+        {
+            if (!write || _reached.IsSet) return;
+            _reached.Set();
+            _release.Wait(TimeSpan.FromSeconds(30));
+        };
+
+        public bool WaitReached() => _reached.Wait(TimeSpan.FromSeconds(10));
+
+        public void Release() => _release.Set();
+
+        public void Dispose()
+        {
+            _release.Set();
+            _reached.Dispose();
+            _release.Dispose();
+        }
+    }
+
     /// <summary>A write that has marked the bitmap but not yet reached the disk when an incremental backup starts must
     /// end up in that backup or in the bitmap the next one uses. Without a drain it was in neither: the job copied
     /// the cluster before the write landed, and the write's mark went to the bitmap the job then consumed.</summary>
@@ -49,16 +74,9 @@ public class RequestPathTests
             source.Write(5 * Cluster, Filled(0x22, Cluster)); // something for the incremental besides the held write
 
             // Hold the next data write to cluster 3 after the request path has marked b0, before its bytes land.
-            using var reached = new ManualResetEventSlim();
-            using var release = new ManualResetEventSlim();
-            source.File.BeforeDataIo = (write, _, _) =>
-            {
-                if (!write || reached.IsSet) return;
-                reached.Set();
-                release.Wait(TimeSpan.FromSeconds(30));
-            };
+            using var hold = new HeldWrite(source);
             var held = Task.Run(() => source.Write(3 * Cluster, Filled(0x33, Cluster)));
-            Assert.True(reached.Wait(TimeSpan.FromSeconds(10)), "the write never reached the disk");
+            Assert.True(hold.WaitReached(), "the write never reached the disk");
             Assert.Equal(1, source.Requests.InFlight);
 
             var backup = Qmp(backend, "blockdev-backup", """{"device":"disk","target":"target","sync":"incremental","bitmap":"b0","job-id":"inc","auto-dismiss":false}""");
@@ -68,7 +86,7 @@ public class RequestPathTests
             Assert.True(source.Requests.IsDrained, "the backup did not drain its source");
             await Task.Delay(200);
             Assert.False(backup.IsCompleted, "the backup started with a write in flight");
-            release.Set();
+            hold.Release();
             await held.WaitAsync(TimeSpan.FromSeconds(10));
             await backup.WaitAsync(TimeSpan.FromSeconds(10));
             source.File.BeforeDataIo = null;
@@ -112,16 +130,9 @@ public class RequestPathTests
         using var dir = new TempDir();
         string path = dir["d.qcow2"];
         using var img = Qcow2Image.Create(path, new Qcow2CreateOptions { Size = 4 * Cluster });
-        using var reached = new ManualResetEventSlim();
-        using var release = new ManualResetEventSlim();
-        img.File.BeforeDataIo = (write, _, _) =>
-        {
-            if (!write || reached.IsSet) return;
-            reached.Set();
-            release.Wait(TimeSpan.FromSeconds(30));
-        };
+        using var hold = new HeldWrite(img);
         var first = Task.Run(() => img.Write(0, Filled(1, 4096)));
-        Assert.True(reached.Wait(TimeSpan.FromSeconds(10)));
+        Assert.True(hold.WaitReached());
 
         // The drainer is one thread from begin to end, as a QMP command is.
         var drainedNow = new TaskCompletionSource();
@@ -138,7 +149,7 @@ public class RequestPathTests
         });
         drainer.Start();
         Assert.False(await Finishes(drainedNow.Task, 200), "the drain ended with a write in flight");
-        release.Set();
+        hold.Release();
         await drainedNow.Task.WaitAsync(TimeSpan.FromSeconds(10));
         Assert.True(first.IsCompleted);
 
