@@ -3,13 +3,23 @@ using Strata.Cli;
 using Strata.Cli.Img;
 using Strata.Cli.Io;
 
-return StrataCli.Run(args, Console.Out, Console.Error);
+// Reached through a link named after one of QEMU's tools, strata is that tool.
+string? face = (Environment.GetEnvironmentVariable("STRATA_FACE") ?? ToolFace.InvokedName()) is { } invoked ? ToolFace.SubcommandFor(invoked) : null;
+return face is null ? StrataCli.Run(args, Console.Out, Console.Error) : StrataCli.RunAs(face, args, Console.Out, Console.Error);
 
 namespace Strata.Cli
 {
     /// <summary>The `strata` command line; tests run it in-process.</summary>
     public static class StrataCli
     {
+        /// <summary>Runs as qemu-img ("img"), qemu-io ("io") or qemu-storage-daemon ("daemon"): QEMU's command line
+        /// for that tool, QEMU's name in every message.</summary>
+        public static int RunAs(string subcommand, string[] args, TextWriter stdout, TextWriter stderr)
+        {
+            ToolFace.AsQemu = true;
+            return Run([subcommand, .. args], stdout, stderr);
+        }
+
         public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
         {
             // The daemon takes qemu-storage-daemon's getopt_long command line verbatim.

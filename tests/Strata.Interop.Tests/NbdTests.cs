@@ -77,13 +77,7 @@ public class NbdTests : ScratchDirTest
             Assert.True(sw.ElapsedMilliseconds < 30000, "no NBD socket");
             Thread.SpinWait(1000);
         }
-        // The file exists from bind(); listen() follows a moment later.
-        while (true)
-        {
-            using var probe = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-            try { probe.Connect(new UnixDomainSocketEndPoint(sock)); break; }
-            catch (SocketException) { Thread.SpinWait(1000); }
-        }
+        Listening.WaitFor(sock);
         await using var client = await NbdClient.ConnectUnixAsync(sock, $"e{exports - 1}");
         Assert.Equal(1 << 20, client.Size);
     }

@@ -10,7 +10,7 @@ namespace Strata.Cli.Daemon;
 /// </summary>
 internal static class DaemonCommand
 {
-    private const string Prog = "strata daemon";
+    private static string Prog => ToolFace.Daemon;
     private const string ReadyLine = "strata-daemon-ready";
 
     public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
@@ -78,11 +78,15 @@ internal static class DaemonCommand
     private static int Daemonize(string[] args, TextWriter stderr)
     {
         var psi = new ProcessStartInfo(Environment.ProcessPath!) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        // Under `dotnet strata.dll` the host needs the entry assembly again; the apphost (`strata`, or a link to it)
+        // does not, and .NET lists strata.dll as argument 0 either way.
         string? entry = Environment.GetCommandLineArgs().FirstOrDefault();
-        if (entry is not null && entry.EndsWith(".dll", StringComparison.Ordinal)) psi.ArgumentList.Add(entry);
-        psi.ArgumentList.Add("daemon");
+        if (Path.GetFileNameWithoutExtension(Environment.ProcessPath) == "dotnet" && entry is not null && entry.EndsWith(".dll", StringComparison.Ordinal))
+            psi.ArgumentList.Add(entry);
+        if (!ToolFace.AsQemu) psi.ArgumentList.Add("daemon");
         foreach (var a in args) psi.ArgumentList.Add(a);
         psi.Environment["STRATA_DAEMONIZED"] = "1";
+        if (ToolFace.AsQemu) psi.Environment["STRATA_FACE"] = "qemu-storage-daemon"; // the child speaks as its parent
         using var child = Process.Start(psi)!;
         string? line = child.StandardOutput.ReadLine();
         if (line != ReadyLine)

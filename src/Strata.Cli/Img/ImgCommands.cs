@@ -13,7 +13,7 @@ internal sealed class UsageException(string message) : Exception(message);
 /// <summary><c>strata img</c>: an offline image tool that takes qemu-img's options and prints what it prints.</summary>
 internal static class ImgCommands
 {
-    public const string Prog = "strata img";
+    public static string Prog => ToolFace.Img;
 
     public static Command Build(TextWriter stdout, TextWriter stderr)
     {

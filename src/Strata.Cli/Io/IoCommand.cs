@@ -35,7 +35,7 @@ internal static class IoCommand
                     // qemu-io's words: the device, then the driver's reason without qemu-img's "Could not open" frame.
                     string prefix = $"Could not open '{path}': ";
                     string reason = e.Message.StartsWith(prefix, StringComparison.Ordinal) ? e.Message[prefix.Length..] : e.Message;
-                    stderr.WriteLine($"strata io: can't open device {path}: {reason}");
+                    stderr.WriteLine($"{ToolFace.Io}: can't open device {path}: {reason}");
                     return 1;
                 }
                 using var _ = image;
@@ -49,7 +49,7 @@ internal static class IoCommand
             }
             catch (BlockException e)
             {
-                stderr.WriteLine($"strata io: {e.Message}");
+                stderr.WriteLine($"{ToolFace.Io}: {e.Message}");
                 return 1;
             }
         });
