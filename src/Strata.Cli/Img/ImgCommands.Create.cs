@@ -1,0 +1,168 @@
+using System.CommandLine;
+using Strata.Block;
+using Strata.Block.Operations;
+using Strata.Block.Qcow2;
+using Strata.Formats.Json;
+using Strata.Formats.Qcow2;
+
+namespace Strata.Cli.Img;
+
+/// <summary>`img create`: qemu-img create's options and output.</summary>
+internal static partial class ImgCommands
+{
+    private static Command CreateCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var format = FormatOption();
+        var backing = new Option<string?>("-b") { Description = "backing file" };
+        var backingFormat = new Option<string?>("-F") { Description = "backing file format" };
+        var opts = new Option<string[]>("-o") { Description = "format options (cluster_size=…,compression_type=…,refcount_bits=…)", AllowMultipleArgumentsPerToken = false };
+        var quiet = QuietOption();
+        var unsafeBacking = new Option<bool>("-u") { Description = "do not open the backing file" };
+        var file = new Argument<string>("filename");
+        var size = new Argument<string?>("size") { Arity = ArgumentArity.ZeroOrOne };
+        var cmd = new Command("create", "Create a new image") { format, backing, backingFormat, opts, quiet, unsafeBacking, file, size };
+        cmd.SetAction(r => Run(stderr, () => Create(stdout, r.GetValue(file)!, r.GetValue(format) ?? "raw", r.GetValue(backing), r.GetValue(backingFormat),
+            r.GetValue(opts) ?? [], r.GetValue(size), r.GetValue(quiet), r.GetValue(unsafeBacking))));
+        return cmd;
+    }
+
+    internal static int Create(TextWriter stdout, string file, string format, string? backing, string? backingFormat, string[] options, string? sizeText, bool quiet, bool unsafeBacking)
+    {
+        if (format is not ("qcow2" or "raw")) throw new BlockException($"{file}: Unknown file format '{format}'");
+        var kv = ParseOptions(options, file);
+        int clusterSize = 65536;
+        var compression = Qcow2CompressionType.Deflate;
+        int refcountBits = 16;
+        long? size = null;
+        if (sizeText is not null)
+        {
+            if (!SizeText.TryParse(sizeText, out long s))
+                throw new BlockException("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+            size = s;
+        }
+        foreach (var (key, value) in kv)
+        {
+            switch (key)
+            {
+                case "cluster_size" when format == "qcow2":
+                    if (!SizeText.TryParse(value, out long cs) || cs < 512 || cs > 2 << 20 || (cs & (cs - 1)) != 0)
+                        throw new BlockException($"{file}: Cluster size must be a power of two between 512 and 2048k");
+                    clusterSize = (int)cs;
+                    break;
+                case "compression_type" when format == "qcow2":
+                    compression = value switch
+                    {
+                        "zlib" => Qcow2CompressionType.Deflate,
+                        "zstd" => Qcow2CompressionType.Zstd,
+                        _ => throw new BlockException($"{file}: Parameter 'compression_type' does not accept value '{value}'"),
+                    };
+                    break;
+                case "refcount_bits" when format == "qcow2":
+                    if (!int.TryParse(value, out refcountBits) || refcountBits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
+                        throw new BlockException($"{file}: Refcount width must be a power of two and may not exceed 64 bits");
+                    break;
+                case "compat" when format == "qcow2":
+                    if (value is not ("1.1" or "v3"))
+                        throw new BlockException($"{file}: Creating qcow2 version 2 (compat={value}) images is not supported");
+                    break;
+                case "lazy_refcounts" when format == "qcow2":
+                case "extended_l2" when format == "qcow2":
+                    if (value is not ("off" or "false"))
+                        throw new BlockException($"{file}: {key}={value} is not supported");
+                    break;
+                case "backing_file" when format == "qcow2":
+                    backing = value;
+                    break;
+                case "backing_fmt" when format == "qcow2":
+                    backingFormat = value;
+                    break;
+                case "size":
+                    if (!SizeText.TryParse(value, out long os)) throw new BlockException($"{file}: Parameter 'size' expects a size");
+                    size = os;
+                    break;
+                default:
+                    throw new BlockException($"{file}: Invalid parameter '{key}'");
+            }
+        }
+        if (backing is not null && format != "qcow2")
+            throw new BlockException($"{file}: Backing file not supported for file format '{format}'");
+        if (backing is not null)
+        {
+            if (backingFormat is null)
+            {
+                string detected = "raw";
+                try { detected = ImageOpener.ProbeFormat(ImageOpener.ResolveBackingPath(file, backing)); } catch (BlockException) { }
+                throw new BlockException($"{file}: Backing file specified without backing format\nDetected format of {detected}.");
+            }
+            CheckFormatName(backingFormat);
+            if (!unsafeBacking || size is null)
+            {
+                try
+                {
+                    using var b = ImageOpener.Open(ImageOpener.ResolveBackingPath(file, backing), backingFormat);
+                    size ??= b.Size;
+                }
+                catch (BlockException e)
+                {
+                    throw new BlockException($"{file}: {e.Message.Replace("Could not open backing file: ", "")}\nCould not open backing image.");
+                }
+            }
+        }
+        if (size is null) throw new BlockException($"{file}: Image creation needs a size parameter");
+        if (!quiet)
+        {
+            string line = format == "raw"
+                ? $"Formatting '{file}', fmt=raw size={size}"
+                : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
+                  (backing is null ? "" : $" backing_file={backing} backing_fmt={backingFormat}") + $" lazy_refcounts=off refcount_bits={refcountBits}";
+            stdout.WriteLine(line);
+        }
+        if (format == "raw")
+        {
+            try
+            {
+                using var r = RawImage.Create(file, size.Value);
+                r.Flush();
+            }
+            catch (BlockException e)
+            {
+                throw new BlockException($"{file}: {e.Message}");
+            }
+        }
+        else
+        {
+            try
+            {
+                using var q = Qcow2Image.Create(file, new Qcow2CreateOptions
+                {
+                    Size = size.Value,
+                    ClusterSize = clusterSize,
+                    CompressionType = compression,
+                    RefcountBits = refcountBits,
+                    BackingFile = backing,
+                    BackingFormat = backingFormat,
+                });
+            }
+            catch (BlockException e)
+            {
+                throw new BlockException($"{file}: {e.Message}");
+            }
+        }
+        return 0;
+    }
+
+    private static List<(string Key, string Value)> ParseOptions(IEnumerable<string> options, string file)
+    {
+        var list = new List<(string, string)>();
+        foreach (var group in options)
+        {
+            foreach (var part in group.Split(',', StringSplitOptions.RemoveEmptyEntries))
+            {
+                int eq = part.IndexOf('=');
+                if (eq <= 0) throw new BlockException($"{file}: Invalid parameter '{part}'");
+                list.Add((part[..eq], part[(eq + 1)..]));
+            }
+        }
+        return list;
+    }
+}

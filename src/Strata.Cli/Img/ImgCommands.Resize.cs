@@ -1,0 +1,79 @@
+using System.CommandLine;
+using Strata.Block;
+using Strata.Block.Operations;
+using Strata.Block.Qcow2;
+using Strata.Formats.Json;
+using Strata.Formats.Qcow2;
+
+namespace Strata.Cli.Img;
+
+/// <summary>`img resize`: qemu-img resize's options and output.</summary>
+internal static partial class ImgCommands
+{
+    private static Command ResizeCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var format = FormatOption();
+        var shrink = new Option<bool>("--shrink") { Description = "allow shrinking the image" };
+        var quiet = QuietOption();
+        var prealloc = new Option<string?>("--preallocation") { Description = "off only" };
+        var file = new Argument<string>("filename");
+        var size = new Argument<string>("size");
+        var cmd = new Command("resize", "Change the virtual size of an image") { format, shrink, quiet, prealloc, file, size };
+        cmd.SetAction(r => Run(stderr, () =>
+        {
+            string text = r.GetValue(size)!;
+            int sign = text.StartsWith('+') ? 1 : text.StartsWith('-') ? -1 : 0;
+            if (!SizeText.TryParse(sign == 0 ? text : text[1..], out long amount))
+                throw new BlockException("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+            if (r.GetValue(prealloc) is { } p && p != "off") throw new BlockException($"Preallocation mode '{p}' is not supported");
+            using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), readOnly: false, openBacking: false, ImageLocking.Resize);
+            long newSize = sign == 0 ? amount : image.Size + sign * amount;
+            if (newSize < 0) throw new BlockException("New image size must be positive");
+            if (newSize < image.Size && !r.GetValue(shrink))
+                throw new BlockException("Use the --shrink option to perform a shrink operation.");
+            image.Resize(newSize);
+            image.Flush();
+            if (!r.GetValue(quiet)) stdout.WriteLine("Image resized.");
+            return 0;
+        }));
+        return cmd;
+    }
+}
+
+/// <summary>Disposes the layers opened one by one.</summary>
+internal sealed class LayerList(List<BlockImage> layers) : IDisposable
+{
+    public void Dispose()
+    {
+        foreach (var l in layers) l.Dispose();
+    }
+}
+
+/// <summary>qemu-img's -p output: "    (NN.NN/100%)\r" updates, then a newline.</summary>
+internal sealed class ProgressPrinter(TextWriter output)
+{
+    private readonly object _lock = new();
+    private double _last = -1;
+
+    public void Report(long done, long total)
+    {
+        double pct = total == 0 ? 100 : done * 100.0 / total;
+        lock (_lock)
+        {
+            if (_last >= 0 && pct - _last < 1 && pct < 100) return;
+            _last = pct;
+            output.Write(System.FormattableString.Invariant($"    ({pct:F2}/100%)\r"));
+            output.Flush();
+        }
+    }
+
+    public void Finish()
+    {
+        lock (_lock)
+        {
+            if (_last < 100) output.Write("    (100.00/100%)\r");
+            output.Write("\n");
+            output.Flush();
+        }
+    }
+}
