@@ -92,7 +92,6 @@ public sealed class RawImage : BlockImage
     public override void Resize(long newSize)
     {
         CheckWritable();
-        Bitmaps.CheckResizeAllowed(newSize);
         _file.SetLength(newSize);
         Interlocked.Exchange(ref _size, newSize);
         Bitmaps.Resized(newSize);

@@ -302,19 +302,28 @@ public sealed class BitmapSet
         }
     }
 
-    /// <summary>Bitmaps cannot follow a size change (QEMU refuses to resize an image which has bitmaps).</summary>
-    public void CheckResizeAllowed(long newSize)
+    /// <summary>A qcow2 image resizes its persistent bitmaps with the disk, but only those it can rewrite: a busy,
+    /// inconsistent or read-only one refuses the resize, in QEMU's words.</summary>
+    public void CheckResizeAllowed()
+    {
+        lock (_lock)
+            foreach (var b in _bitmaps.Where(b => b.Persistent))
+                CheckUsable(b, allowReadOnly: false);
+    }
+
+    /// <summary>The disk changed size: every bitmap follows, keeping the bits of what is left (QEMU truncates its
+    /// bitmaps the same way; a regrown tail starts clean).</summary>
+    internal void Resized(long newSize)
     {
         lock (_lock)
         {
-            if (_bitmaps.Count > 0 && newSize != DiskSize)
-                throw new BitmapException("Can't resize an image which has bitmaps");
+            DiskSize = newSize;
+            foreach (var b in _bitmaps)
+            {
+                b.Resize(newSize);
+                b.Successor?.Resize(newSize);
+            }
         }
-    }
-
-    internal void Resized(long newSize)
-    {
-        lock (_lock) DiskSize = newSize;
     }
 }
 

@@ -25,7 +25,7 @@ public sealed class DirtyBitmap
     public long Granularity { get; }
     /// <summary>Creation order within the node.</summary>
     internal long Sequence { get; set; }
-    public long DiskSize { get; }
+    public long DiskSize { get; private set; }
     public HierarchicalBitmap Bits { get; internal set; }
 
     /// <summary>Writes set bits (QEMU: not disabled).</summary>
@@ -48,6 +48,20 @@ public sealed class DirtyBitmap
 
     /// <summary>Dirty bytes: set bits × granularity (not clipped to the disk size, as in QEMU).</summary>
     public long CountBytes => Inconsistent ? 0 : Bits.Count * Granularity;
+
+    /// <summary>Follows a disk resize: bits past the new end are dropped, a grown tail is clean.</summary>
+    internal void Resize(long newDiskSize)
+    {
+        long bits = BitCount(newDiskSize, Granularity);
+        if (bits != Bits.Length)
+        {
+            var resized = new HierarchicalBitmap(bits);
+            foreach (var (start, count) in Bits.SetRuns())
+                if (start < bits) resized.SetRange(start, Math.Min(count, bits - start));
+            Bits = resized;
+        }
+        DiskSize = newDiskSize;
+    }
 
     public static long BitCount(long diskSize, long granularity) => (diskSize + granularity - 1) / granularity;
 

@@ -56,6 +56,9 @@ public sealed class BackupJob : Job
     /// <summary>The image being written (a node may be the target of one backup at a time).</summary>
     public BlockImage TargetImage => _o.Target;
 
+    /// <summary>The image read (QEMU blocks resizing it while the job runs).</summary>
+    public BlockImage SourceImage => _o.Source;
+
     public BackupJob(string id, BackupOptions options, bool autoFinalize, bool autoDismiss) : base(id, "backup", autoFinalize, autoDismiss)
     {
         _o = options;

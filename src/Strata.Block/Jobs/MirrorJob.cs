@@ -58,6 +58,9 @@ public sealed class MirrorJob : Job
 
     public BlockImage TargetImage => _o.Target;
 
+    /// <summary>The image read (QEMU blocks resizing it while the job runs).</summary>
+    public BlockImage SourceImage => _o.Source;
+
     public MirrorJob(string id, MirrorOptions options, bool autoFinalize, bool autoDismiss) : base(id, "mirror", autoFinalize, autoDismiss)
     {
         _o = options;

@@ -318,7 +318,7 @@ public sealed partial class Qcow2Image
     {
         CheckWritable();
         if (newSize < 0) throw new BlockException("Image size must not be negative");
-        Bitmaps.CheckResizeAllowed((newSize + 511) & ~511L);
+        Bitmaps.CheckResizeAllowed();
         lock (_lock)
         {
             long oldSize = Size;

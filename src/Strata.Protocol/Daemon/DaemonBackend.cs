@@ -151,6 +151,7 @@ public sealed partial class DaemonBackend : IQmpBackend
         Add("block-job-finalize", [jobId], "any", a => Ok(() => Jobs.FinalizeJob(ArgSchema.Str(a, "id"), blockFamily: true)));
         Add("block-job-dismiss", [jobId], "any", a => Ok(() => Jobs.DismissJob(ArgSchema.Str(a, "id"), blockFamily: true)));
         Add("blockdev-create", [new("job-id", ArgType.Str), new("options", ArgType.Object)], "any", BlockdevCreate);
+        Add("block_resize", [new("device", ArgType.Str, true), new("node-name", ArgType.Str, true), new("size", ArgType.Int)], "any", BlockResize);
         RegisterBackup();
         RegisterMirror();
         RegisterMigration();
@@ -307,6 +308,8 @@ public sealed partial class DaemonBackend : IQmpBackend
                 : ArgSchema.OptStr(o, "preallocation") is { } p and not "off" ? $"Unsupported preallocation mode '{p}'" : null;
             work = _ =>
             {
+                // qcow2 counts the disk in 512-byte sectors: QEMU's job fails on any other size.
+                if (size % 512 != 0) throw new BlockException("Image size must be a multiple of 512 bytes");
                 if (unsupported is not null) throw new BlockException(unsupported);
                 var node = Graph.Find(fileNode) ?? throw new BlockException($"Cannot find device='{fileNode}' nor node-name='{fileNode}'");
                 if (node.Image is not RawImage { FormatName: "file" } file) throw new BlockException($"Node '{fileNode}' is not a file node");
@@ -316,6 +319,41 @@ public sealed partial class DaemonBackend : IQmpBackend
             };
         }
         Jobs.Start([new DelegateJob(id, "create", autoFinalize: true, autoDismiss: false, work)]);
+        return new QDict();
+    }
+
+    /// <summary>block_resize: a live node grows or shrinks, drained so no request straddles the change; QEMU's checks
+    /// and words, in QEMU's order.</summary>
+    private object? BlockResize(JsonObject a)
+    {
+        long size = a["size"]!.GetValue<long>();
+        if (size < 0) throw QmpException.Generic("Parameter 'size' expects a >0 size");
+        string? device = ArgSchema.OptStr(a, "device"), nodeName = ArgSchema.OptStr(a, "node-name");
+        // A storage daemon has no devices: only node-name can name what is resized.
+        var node = (nodeName is null ? null : Graph.Find(nodeName))
+            ?? throw QmpException.Generic($"Cannot find device='{device ?? ""}' nor node-name='{nodeName ?? ""}'");
+        foreach (var job in Jobs.All.Where(j => j.Status is not (JobStatus.Concluded or JobStatus.Null)))
+        {
+            var (source, target) = job switch
+            {
+                BackupJob b => (b.SourceImage, b.TargetImage),
+                MirrorJob m => (m.SourceImage, m.TargetImage),
+                _ => (null, null),
+            };
+            if (source == node.Image || target == node.Image)
+                throw QmpException.Generic($"Node '{node.Name}' is busy: block device is in use by block job: {job.Type}");
+        }
+        // Permissions, as QEMU's graph has them: an NBD export never lets its node change size under its clients,
+        // and qcow2 keeps its file's size to itself (raw passes resizing through).
+        string Conflict(string by) => $"Permission conflict on node '{node.Name}': permissions 'resize' are both required by an unnamed block device " +
+            $"(uses node '{node.Name}' as 'root' child) and unshared by {by}.";
+        if (_exports.Values.Any(e => e.Node == node)) throw QmpException.Generic(Conflict($"an unnamed block device (uses node '{node.Name}' as 'root' child)"));
+        if (Graph.Nodes.FirstOrDefault(p => p.FileChild == node && p.Image is Qcow2Image) is { } parent)
+            throw QmpException.Generic(Conflict($"node '{parent.Name}' (uses node '{node.Name}' as 'file' child)"));
+        if (node.Image.ReadOnly) throw QmpException.Generic("Image is read-only");
+        if (node.Image is Qcow2Image && size % 512 != 0) throw QmpException.Generic("The new size must be a multiple of 512");
+        using (DrainedSection.Begin([node.Image]))
+            node.Image.Resize(size);
         return new QDict();
     }
 
@@ -446,12 +484,15 @@ public sealed partial class DaemonBackend : IQmpBackend
             foreach (var item in array)
             {
                 DirtyBitmap b;
+                // The node QEMU asks about below: where a plain name was found, the export's node otherwise.
+                BlockImage? holder = node.Image;
                 if (item is JsonValue v && v.GetValueKind() == JsonValueKind.String)
                 {
                     // A plain name is looked up on the node and down its backing chain.
                     string bn = v.GetValue<string>();
                     DirtyBitmap? found = null;
-                    for (var img = node.Image; img is not null && found is null; img = img.Backing) found = img.Bitmaps.Find(bn);
+                    for (holder = node.Image; holder is not null; holder = holder.Backing)
+                        if ((found = holder.Bitmaps.Find(bn)) is not null) break;
                     b = found ?? throw QmpException.Generic($"Bitmap '{bn}' is not found");
                 }
                 else if (item is JsonObject o)
@@ -462,7 +503,9 @@ public sealed partial class DaemonBackend : IQmpBackend
                     b = other.Image.Bitmaps.Find(ArgSchema.Str(o, "name")) ?? throw QmpException.Generic($"Bitmap '{ArgSchema.Str(o, "name")}' is not found");
                 }
                 else throw ArgSchema.AlternateError(null, "BlockDirtyBitmapOrStr");
-                if (!writable && b.Enabled) throw QmpException.Generic($"Enabled bitmap '{b.Name}' incompatible with readonly export");
+                // An enabled bitmap on a read-only export may still change under it — unless nothing can write the
+                // node at all (QEMU 7.2 refuses only when the node itself is writable).
+                if (!writable && b.Enabled && holder is { ReadOnly: false }) throw QmpException.Generic($"Enabled bitmap '{b.Name}' incompatible with readonly export");
                 if (bitmaps.Any(x => x.Name == b.Name)) throw QmpException.Generic($"Bitmap '{b.Name}' is listed twice");
                 bitmaps.Add(b);
                 i++;
