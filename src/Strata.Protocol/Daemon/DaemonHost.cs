@@ -14,7 +14,7 @@ namespace Strata.Protocol.Daemon;
 public sealed class DaemonHost : IAsyncDisposable
 {
     private readonly DaemonOptions _options;
-    private readonly List<QmpServer> _servers = new();
+    private readonly List<IAsyncDisposable> _monitors = new();
     private readonly TaskCompletionSource _stop = new(TaskCreationOptions.RunContinuationsAsynchronously);
     private bool _pidFileWritten;
 
@@ -90,9 +90,29 @@ public sealed class DaemonHost : IAsyncDisposable
                 var address = new SocketAddressArg(c.Path, c.Host, c.Port);
                 try
                 {
-                    var server = c.Path is not null ? QmpServer.ListenUnix(c.Path, Backend) : QmpServer.ListenTcp(address.ListenHost(), c.Port, Backend);
-                    server.Start();
-                    _servers.Add(server);
+                    if (c.Stdio)
+                        _monitors.Add(QmpStreamMonitor.Stdio(Backend));
+                    else if (c.Client)
+                        _monitors.Add(QmpStreamMonitor.Connect(c.Path is not null ? new System.Net.Sockets.UnixDomainSocketEndPoint(c.Path)
+                            : new System.Net.IPEndPoint(System.Net.IPAddress.TryParse(c.Host, out var ip) ? ip : System.Net.Dns.GetHostAddresses(c.Host!)[0], c.Port), Backend));
+                    else
+                    {
+                        var server = c.Path is not null ? QmpServer.ListenUnix(c.Path, Backend) : QmpServer.ListenTcp(address.ListenHost(), c.Port, Backend);
+                        server.Start();
+                        _monitors.Add(server);
+                    }
+                }
+                catch (System.Net.Sockets.SocketException e) when (c.Client)
+                {
+                    string where = c.Path ?? $"{c.Host}:{c.Port}";
+                    string cause = e.SocketErrorCode switch
+                    {
+                        System.Net.Sockets.SocketError.AddressNotAvailable or System.Net.Sockets.SocketError.NotConnected when c.Path is not null => "No such file or directory",
+                        System.Net.Sockets.SocketError.ConnectionRefused => "Connection refused",
+                        _ => e.Message,
+                    };
+                    if (c.Path is not null && !File.Exists(c.Path)) cause = "No such file or directory";
+                    throw QmpException.Generic($"Failed to connect to '{where}': {cause}");
                 }
                 catch (System.Net.Sockets.SocketException e)
                 {
@@ -151,7 +171,7 @@ public sealed class DaemonHost : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
-        foreach (var s in _servers) await s.DisposeAsync();
+        foreach (var m in _monitors) await m.DisposeAsync();
         await Backend.ShutdownAsync();
         Graph.Dispose();
         if (_pidFileWritten && _options.PidFile is { } pid) try { File.Delete(pid); } catch (IOException) { }

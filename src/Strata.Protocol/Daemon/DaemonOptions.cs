@@ -5,7 +5,13 @@ namespace Strata.Protocol.Daemon;
 
 /// <summary>A QMP monitor socket (--chardev socket,… plus --monitor chardev=…); <paramref name="Text"/> is the
 /// --chardev option's value, for errors.</summary>
-public sealed record MonitorSpec(string Id, string? Path, string? Host, int Port, string Text = "");
+public sealed record MonitorSpec(string Id, string? Path, string? Host, int Port, string Text = "")
+{
+    /// <summary>--chardev stdio: QMP on the daemon's own stdin and stdout.</summary>
+    public bool Stdio { get; init; }
+    /// <summary>server=off: the daemon connects to the address instead of listening on it.</summary>
+    public bool Client { get; init; }
+}
 
 /// <summary>What qemu-storage-daemon's command line says, parsed.</summary>
 public sealed class DaemonOptions
@@ -69,16 +75,21 @@ public static class DaemonCommandLine
                 {
                     var c = ParseValue(value!, "backend", $"--chardev {value}");
                     string backend = Text(c, "backend") ?? throw new DaemonUsageException($"--chardev {value}: chardev: \"backend\" missing");
-                    if (backend != "socket") throw new DaemonUsageException($"--chardev {value}: chardev backend '{backend}' is not supported (only socket)");
+                    if (backend is not ("socket" or "stdio")) throw new DaemonUsageException($"--chardev {value}: chardev backend '{backend}' is not supported (only socket and stdio)");
                     string id = Text(c, "id") ?? throw new DaemonUsageException($"--chardev {value}: Parameter 'id' is missing");
+                    if (o.Chardevs.ContainsKey(id)) throw new DaemonUsageException($"--chardev {value}: attempt to add duplicate property '{id}' to object (type 'container')");
+                    if (backend == "stdio")
+                    {
+                        if (o.Chardevs.Values.Any(x => x.Stdio)) throw new DaemonUsageException($"--chardev {value}: cannot use stdio by multiple character devices");
+                        o.Chardevs[id] = new MonitorSpec(id, null, null, 0, value!) { Stdio = true };
+                        break;
+                    }
                     string? path = Text(c, "path");
                     string? host = Text(c, "host");
                     string? port = Text(c, "port");
                     if (path is null && (host is null || port is null))
                         throw new DaemonUsageException($"--chardev {value}: chardev: socket: no local or remote address");
-                    if (Text(c, "server") is not ("on" or "true" or "yes"))
-                        throw new DaemonUsageException($"--chardev {value}: only server=on sockets are supported");
-                    if (o.Chardevs.ContainsKey(id)) throw new DaemonUsageException($"--chardev {value}: attempt to add duplicate property '{id}' to object (type 'container')");
+                    bool client = Text(c, "server") is null or "off" or "false" or "no";
                     int portNumber = 0;
                     if (path is null)
                     {
@@ -91,7 +102,7 @@ public static class DaemonCommandLine
                             throw new DaemonUsageException($"--chardev {value}: {e.Message}");
                         }
                     }
-                    o.Chardevs[id] = new MonitorSpec(id, path, host, portNumber, value!);
+                    o.Chardevs[id] = new MonitorSpec(id, path, host, portNumber, value!) { Client = client };
                     break;
                 }
                 case "--monitor":
