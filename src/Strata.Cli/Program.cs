@@ -31,7 +31,19 @@ namespace Strata.Cli
             root.Subcommands.Add(MigrateCommand.Build(stdout, stderr));
             root.Subcommands.Add(DemoCommand.Build(stdout, stderr));
             var config = new InvocationConfiguration { Output = stdout, Error = stderr };
-            int rc = root.Parse(FixNegativeSizes(args)).Invoke(config);
+            var parsed = root.Parse(FixNegativeSizes(args));
+            // Strata's own commands exit 2 on bad arguments (the README's promise); the img and io faces keep the codes
+            // of the QEMU tools they stand for.
+            if (parsed.Errors.Count > 0 && args.Length > 0 && args[0] is not ("img" or "io"))
+            {
+                foreach (var error in parsed.Errors) stderr.WriteLine($"strata: {error.Message}");
+                var names = new List<string>();
+                for (System.CommandLine.Parsing.SymbolResult? r = parsed.CommandResult; r is System.CommandLine.Parsing.CommandResult c && c.Parent is not null; r = c.Parent)
+                    names.Insert(0, c.Command.Name);
+                stderr.WriteLine($"Try '{string.Join(' ', names.Prepend("strata"))} --help' for more information");
+                return 2;
+            }
+            int rc = parsed.Invoke(config);
             stdout.Flush();
             return rc;
         }

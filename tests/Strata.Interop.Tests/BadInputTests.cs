@@ -152,4 +152,19 @@ public class BadInputTests
         Assert.False(File.Exists(n), "a failed command left a new file behind: " + r);
         AssertQemuCheckClean(g);
     }
+
+    /// <summary>Strata's own commands exit 2 on bad arguments, with one line per problem and where to look.</summary>
+    [Theory]
+    [InlineData("backup run /nonexistent", "Option '--socket' is required.", "Try 'strata backup run --help'")]
+    [InlineData("backup list", "Required argument missing for command: 'list'.", "Try 'strata backup list --help'")]
+    [InlineData("backup frobnicate", "Unrecognized command or argument 'frobnicate'.", "Try 'strata backup --help'")]
+    [InlineData("migrate --to", "Required argument missing for option: '--to'.", "Try 'strata migrate --help'")]
+    public void StrataCommandsExitTwoOnBadArguments(string command, string problem, string hint)
+    {
+        var r = StrataCmd(command.Split(' '));
+        Assert.True(r.Exit == 2, "expected exit 2:\n" + r);
+        Assert.Contains("strata: " + problem, r.Stderr);
+        Assert.Contains(hint, r.Stderr);
+        Assert.Equal("", r.Stdout);
+    }
 }
