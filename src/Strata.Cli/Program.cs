@@ -24,6 +24,8 @@ namespace Strata.Cli
         {
             // The daemon takes qemu-storage-daemon's getopt_long command line verbatim.
             if (args.Length > 0 && args[0] == "daemon") return Daemon.DaemonCommand.Run(args[1..], stdout, stderr);
+            // So does qemu-io's (getopt, and commands that go on after one fails).
+            if (args.Length > 0 && args[0] == "io") return IoCommand.Run(args[1..], stdout, stderr);
             var root = new RootCommand("Strata: incremental backups for disk images, compatible with QEMU's tools");
             root.Subcommands.Add(ImgCommands.Build(stdout, stderr));
             root.Subcommands.Add(IoCommand.Build(stdout, stderr));
@@ -31,7 +33,9 @@ namespace Strata.Cli
             root.Subcommands.Add(MigrateCommand.Build(stdout, stderr));
             root.Subcommands.Add(DemoCommand.Build(stdout, stderr));
             var config = new InvocationConfiguration { Output = stdout, Error = stderr };
-            int rc = root.Parse(FixNegativeSizes(args)).Invoke(config);
+            var parse = root.Parse(FixNegativeSizes(args));
+            // qemu-img's command line errors are qemu-img's messages, not the parser's.
+            int rc = parse.Errors.Count > 0 && args.Length > 0 && args[0] == "img" ? ImgCommands.ReportParseErrors(parse, stderr) : parse.Invoke(config);
             stdout.Flush();
             return rc;
         }

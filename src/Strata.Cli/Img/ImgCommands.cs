@@ -34,6 +34,44 @@ internal static partial class ImgCommands
         return img;
     }
 
+    /// <summary>A command line System.CommandLine could not parse, reported in qemu-img's words (never the parser's
+    /// own English): exit code 1 and qemu-img's hint, as its getopt loop does.</summary>
+    public static int ReportParseErrors(ParseResult parse, TextWriter stderr)
+    {
+        string message = ParseErrorMessage(parse);
+        stderr.WriteLine($"{Prog}: {message}");
+        stderr.WriteLine($"Try '{Prog} --help' for more information");
+        return 1;
+    }
+
+    private static string ParseErrorMessage(ParseResult parse)
+    {
+        var command = parse.CommandResult.Command;
+        var unmatched = parse.UnmatchedTokens;
+        // An unknown option may have been taken as an image name, so every argument token is looked at, up to "--".
+        foreach (var token in parse.Tokens)
+        {
+            if (token.Type == System.CommandLine.Parsing.TokenType.DoubleDash) break;
+            if (token.Type == System.CommandLine.Parsing.TokenType.Argument && token.Value.Length > 1 && token.Value[0] == '-'
+                && !char.IsAsciiDigit(token.Value[1]))
+                return $"unrecognized option '{token.Value}'";
+        }
+        foreach (var error in parse.Errors)
+            if (error.SymbolResult is System.CommandLine.Parsing.OptionResult option)
+                return $"missing argument for option '{option.IdentifierToken?.Value ?? option.Option.Name}'";
+        if (command.Name == "img")
+            return unmatched.Count > 0 ? $"Command not found: {unmatched[0]}" : "Not enough arguments";
+        return command.Name switch
+        {
+            "create" => "Expecting image file name",
+            "compare" => "Expecting two image file names",
+            "convert" => "Must specify image file name",
+            "resize" => unmatched.Count > 0 ? "Expecting image file name and size" : "Not enough arguments",
+            "bitmap" => "Expecting filename and bitmap name",
+            _ => "Expecting one image file name",
+        };
+    }
+
     /// <summary>Image names given as --image-opts strings in this call (key=value options, not file names).</summary>
     private static readonly AsyncLocal<HashSet<string>?> s_imageOptsNames = new();
 
