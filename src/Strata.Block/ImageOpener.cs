@@ -248,11 +248,25 @@ public static class ImageOpener
             return name;
         }
         if (options is null) return name;
+        var nbd = options["driver"] == "nbd" ? options
+            : options["file.driver"] == "nbd" && options["driver"] is null or "raw" && options.TopLevelKeys.All(k => k is "driver" or "file") ? options.Child("file")
+            : null;
+        if (nbd is not null) return NbdDisplayName(nbd) ?? name;
         var plain = options.Values.Keys.Where(k => k is not ("driver" or "file.driver" or "file.filename" or "filename" or "backing")).ToList();
         bool fileBelow = options["file.driver"] is null or "file" && options["driver"] is null or "qcow2" or "raw";
         if (plain.Count == 0 && fileBelow && (options["file.filename"] ?? options["filename"]) is { } file) return file;
         if (plain.Count == 0 && options["driver"] == "file" && options["filename"] is { } direct) return direct;
         return name;
+    }
+
+    /// <summary>How QEMU names an NBD node: nbd://HOST:PORT[/EXPORT] or nbd+unix://[/EXPORT]?socket=PATH.</summary>
+    private static string? NbdDisplayName(BlockOptions nbd)
+    {
+        var server = nbd.Child("server");
+        string export = nbd["export"] is { Length: > 0 } e ? "/" + e : "";
+        if ((server["path"] ?? nbd["path"]) is { } path) return $"nbd+unix://{export}?socket={path}";
+        if ((server["host"] ?? nbd["host"]) is { } host) return $"nbd://{host}:{server["port"] ?? nbd["port"] ?? "10809"}{export}";
+        return null;
     }
 
     /// <summary>"backing": null in a json: name or backing=null... keeps the backing file closed.</summary>

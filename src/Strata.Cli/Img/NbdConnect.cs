@@ -19,5 +19,9 @@ internal static class NbdConnect
         {
             throw new BlockException($"Failed to connect to '{where}': Connection refused");
         }
+        catch (BlockException e) when (e.Message.Contains("Name or service not known", StringComparison.Ordinal))
+        {
+            throw new BlockException($"address resolution failed for {where}: Name or service not known");
+        }
     }
 }

@@ -309,7 +309,7 @@ internal static class IoCommand
     private static BlockImage Need(Session s)
     {
         if (s.Image is not null) return s.Image;
-        s.Out.WriteLine("no file open, try 'help open'");
+        s.Err.WriteLine("no file open, try 'help open'");
         throw new CommandFailedException();
     }
 
@@ -350,7 +350,8 @@ internal static class IoCommand
         if (SizeText.TryParse(text, out long v)) return v;
         if (text.StartsWith("0x", StringComparison.OrdinalIgnoreCase) && long.TryParse(text.AsSpan(2), NumberStyles.HexNumber, CultureInfo.InvariantCulture, out v)) return v;
         if (text.StartsWith('-') && long.TryParse(text, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out v)) return v;
-        s.Out.WriteLine($"Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {text}");
+        bool wellFormed = System.Text.RegularExpressions.Regex.IsMatch(text, "^[0-9]+(\\.[0-9]+)?([kKmMgGtTpPeE]|[kKmMgGtTpPeE]?[bB])?$");
+        s.Out.WriteLine(wellFormed ? $"Parsing error: argument too large -- {text}" : $"Parsing error: non-numeric argument, or extraneous/unrecognized suffix -- {text}");
         throw new CommandFailedException();
     }
 
@@ -462,17 +463,12 @@ internal static class IoCommand
         bool zero = flags.Contains('z'), unmap = flags.Contains('u'), compressed = flags.Contains('c');
         if (zero && values.ContainsKey('P'))
         {
-            s.Out.WriteLine("-z and -P cannot be specified at the same time");
+            s.Out.WriteLine("Only one of -z, -P, and -s can be specified at the same time");
             return false;
         }
         if (unmap && !zero)
         {
             s.Out.WriteLine("-u requires -z to be specified");
-            return false;
-        }
-        if (compressed && zero)
-        {
-            s.Out.WriteLine("-c and -z cannot be specified at the same time");
             return false;
         }
         var (off, len) = Range(s, rest, vectored);
@@ -632,7 +628,7 @@ internal static class IoCommand
         return trim >= 0 ? text[..trim] + suffix : text + suffix;
     }
 
-    /// <summary>read -v: qemu-io's hex dump, 16 bytes a line.</summary>
+    /// <summary>read -v: qemu-io's hex dump, 16 bytes a line, letters and digits shown as themselves, the rest as '.'.</summary>
     private static void Dump(TextWriter o, byte[] buf, long offset)
     {
         var sb = new StringBuilder();
@@ -642,7 +638,7 @@ internal static class IoCommand
             sb.Append(CultureInfo.InvariantCulture, $"{offset + i:x8}:  ");
             for (int j = 0; j < n; j++) sb.Append(CultureInfo.InvariantCulture, $"{buf[i + j]:x2} ");
             sb.Append(' ');
-            for (int j = 0; j < n; j++) sb.Append(buf[i + j] is >= 32 and < 127 ? (char)buf[i + j] : '.');
+            for (int j = 0; j < n; j++) sb.Append(char.IsAsciiLetterOrDigit((char)buf[i + j]) ? (char)buf[i + j] : '.');
             sb.Append('\n');
         }
         o.Write(sb.ToString());
