@@ -42,6 +42,9 @@ public sealed class Blkdebug(IEnumerable<BlkdebugStateRule> stateRules, IEnumera
     private readonly List<BlkdebugErrorRule> _errorRules = errorRules.ToList();
     private int _state = 1;
 
+    /// <summary>No rules at all: the driver passes every request on unchanged.</summary>
+    public bool IsEmpty => _stateRules.Count == 0 && _errorRules.Count == 0;
+
     public static readonly string[] KnownEvents = ["read_aio", "write_aio", "flush_to_disk"];
 
     /// <summary>Every event name QEMU's blkdebug accepts. Rules on events Strata's drivers do not raise are taken

@@ -157,7 +157,7 @@ public static class ImageOpener
     /// host and port, export name, read-only.</summary>
     public static Func<string?, string?, int, string, bool, BlockImage>? NbdConnector { get; set; }
 
-    private static readonly string[] ProtocolDrivers = ["file", "host_device", "blkdebug", "nbd", "null-co", "null-aio"];
+    private static readonly string[] ProtocolDrivers = ["file", "host_device", "blkdebug", "nbd", "null-co", "null-aio", "ssh"];
 
     /// <summary>Options every node takes, whatever its driver.</summary>
     private static readonly string[] CommonOptions =
@@ -174,6 +174,7 @@ public static class ImageOpener
         ["blkdebug"] = ["config", "x-image", "image", "align", "max-transfer", "opt-write-zero", "max-write-zero", "opt-discard",
             "max-discard", "inject-error", "set-state", "take-child-perms", "unshare-child-perms"],
         ["nbd"] = ["server", "export", "tls-creds", "tls-hostname", "x-dirty-bitmap", "reconnect-delay", "open-timeout", "host", "port", "path"],
+        ["ssh"] = ["server", "path", "user", "host-key-check", "host", "port"],
         ["null-co"] = ["size", "latency-ns", "read-zeroes", "filename"],
         ["null-aio"] = ["size", "latency-ns", "read-zeroes", "filename"],
     };
@@ -252,6 +253,12 @@ public static class ImageOpener
             : options["file.driver"] == "nbd" && options["driver"] is null or "raw" && options.TopLevelKeys.All(k => k is "driver" or "file") ? options.Child("file")
             : null;
         if (nbd is not null) return NbdDisplayName(nbd) ?? name;
+        if (options["driver"] == "blkdebug" && !options.HasChild("inject-error") && !options.HasChild("set-state"))
+        {
+            var image = options.Child("image");
+            string? inner = options["x-image"] ?? image["driver"] switch { "null-co" => "null-co://", "file" => image["filename"], _ => null };
+            if (inner is not null) return $"blkdebug:{options["config"]}:{inner}";
+        }
         var plain = options.Values.Keys.Where(k => k is not ("driver" or "file.driver" or "file.filename" or "filename" or "backing")).ToList();
         bool fileBelow = options["file.driver"] is null or "file" && options["driver"] is null or "qcow2" or "raw";
         if (plain.Count == 0 && fileBelow && (options["file.filename"] ?? options["filename"]) is { } file) return file;
@@ -282,8 +289,7 @@ public static class ImageOpener
                 case "file" or "host_device":
                     return options["filename"];
                 case "blkdebug":
-                    if (options["x-image"] is { } x) options = BlockSpec.FromFilename(x);
-                    else options = FileChild(options.Child("image"));
+                    options = BlkdebugImage(options);
                     continue;
                 case "nbd" or "null-co" or "null-aio":
                     return null;
@@ -295,6 +301,28 @@ public static class ImageOpener
             }
         }
         return null;
+    }
+
+    /// <summary>blkdebug's image: the x-image filename (from "blkdebug:CONF:IMAGE") and the image.* options together,
+    /// as QEMU opens a child from a filename plus options.</summary>
+    private static BlockOptions BlkdebugImage(BlockOptions options)
+    {
+        var image = options.Child("image");
+        if (options["x-image"] is not { } x) return FileChild(image);
+        if (image["driver"] is null) return FileChild(new BlockOptions(image.Values.Append(KeyValuePair.Create("filename", (string?)x))));
+        return WithFilename(image, x);
+    }
+
+    /// <summary>Options given with a filename (qemu-io's <c>open -o OPTIONS NAME</c>): a json: name adds its options;
+    /// under a protocol driver the name is that protocol's (blkdebug::IMAGE); otherwise it names the file below.</summary>
+    public static BlockOptions WithFilename(BlockOptions given, string filename)
+    {
+        BlockOptions parsed;
+        if (BlockSpec.ProtocolOf(filename) == "json") parsed = BlockSpec.FromFilename(filename);
+        else if (given["driver"] is { } driver && Array.IndexOf(ProtocolDrivers, driver) >= 0)
+            parsed = new BlockOptions(BlockSpec.FromFilename(filename).Values.Where(kv => kv.Key != "driver"));
+        else parsed = TopOptions(filename);
+        return new BlockOptions(given.Values.Concat(parsed.Values.Where(kv => !given.Contains(kv.Key))));
     }
 
     /// <summary>A child's options: without a driver, its filename names the protocol (file.filename=nbd://…).</summary>
@@ -395,10 +423,14 @@ public static class ImageOpener
                     }
                 }
                 var faults = Blkdebug.FromOptions(text, options);
-                var imageOptions = options["x-image"] is { } x ? BlockSpec.FromFilename(x) : FileChild(options.Child("image"));
+                var imageOptions = BlkdebugImage(options);
                 if (imageOptions["driver"] is null) throw new BlockException("A block device must be specified for \"image\"");
                 if (imageOptions["driver"] is not ("file" or "host_device" or "blkdebug"))
+                {
+                    // Without rules blkdebug only passes requests on, so any node may sit under it; rules need a host file.
+                    if (asTop && faults.IsEmpty) return OpenNode(imageOptions, null, readOnly, locking, isBacking);
                     throw new BlockException($"Strata's blkdebug runs only over host files, not over '{imageOptions["driver"]}'");
+                }
                 var inner = (RawImage)OpenProtocol(imageOptions, readOnly, locking, isBacking, asTop: false);
                 inner.File.Faults = faults;
                 if (asTop) inner.File.SetLockClaim(ClaimFor("raw", readOnly, locking, isBacking));
@@ -416,6 +448,29 @@ public static class ImageOpener
                     throw new BlockException($"address resolution failed for {host}:{portText}: Servname not supported for ai_socktype");
                 var connect = NbdConnector ?? throw new BlockException("Unknown driver 'nbd'");
                 return connect(path, host, port, options["export"] ?? "", readOnly);
+            }
+            case "ssh":
+            {
+                // Strata has no SSH client: the server is only reached, so that a wrong address gets QEMU's answer.
+                string host = options["server.host"] ?? options["host"] ?? throw new BlockException("Parameter 'server.host' is missing");
+                string portText = options["server.port"] ?? options["port"] ?? "22";
+                if (!int.TryParse(portText, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int port))
+                    throw new BlockException("Parameter 'port' expects a number");
+                try
+                {
+                    using var probe = new System.Net.Sockets.TcpClient();
+                    probe.Connect(host, port);
+                }
+                catch (System.Net.Sockets.SocketException e)
+                {
+                    string reason = e.SocketErrorCode == System.Net.Sockets.SocketError.ConnectionRefused ? "Connection refused" : e.Message;
+                    throw new BlockException($"Failed to connect to '{host}:{port}': {reason}");
+                }
+                catch (ArgumentOutOfRangeException)
+                {
+                    throw new BlockException($"Failed to connect to '{host}:{port}': Invalid argument");
+                }
+                throw new BlockException("Strata has no ssh driver");
             }
             case "null-co" or "null-aio":
             {

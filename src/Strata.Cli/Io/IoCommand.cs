@@ -200,7 +200,21 @@ internal static class IoCommand
         }
         bool failed = false;
         foreach (var line in commands)
+        {
+            if (line.Trim() is "quit" or "q") break;
             if (!Execute(session, line)) failed = true;
+        }
+        if (commands.Count == 0)
+        {
+            // No -c: qemu-io reads commands from its input, prompting before each (the iotests pipe scripts in).
+            while (true)
+            {
+                stdout.Write("qemu-io> ");
+                stdout.Flush();
+                if (Console.In.ReadLine() is not { } line || line.Trim() is "quit" or "q") break;
+                if (!Execute(session, line)) failed = true;
+            }
+        }
         try
         {
             session.Close();
@@ -266,8 +280,8 @@ internal static class IoCommand
             switch (name)
             {
                 case "read": return ReadCommand(s, words, vectored: false, "read");
-                case "readv": return ReadCommand(s, words, vectored: true, "read");
-                case "aio_read": return ReadCommand(s, words, vectored: true, "read");
+                case "readv": return ReadCommand(s, words, vectored: true, "readv");
+                case "aio_read": return ReadCommand(s, words, vectored: true, "aio_read");
                 case "write": return WriteCommand(s, words, vectored: false);
                 case "writev": return WriteCommand(s, words, vectored: true);
                 case "aio_write": return WriteCommand(s, words, vectored: true);
@@ -405,7 +419,7 @@ internal static class IoCommand
 
     private static bool ReadCommand(Session s, List<string> words, bool vectored, string op)
     {
-        var (flags, values, rest) = Options(words, vectored ? "Cqvi" : "abCqvp", vectored ? "P" : "Psl");
+        var (flags, values, rest) = Options(words, vectored ? "Cqvip" : "abCqvp", vectored ? "P" : "Psl");
         var image = Need(s);
         var (off, len) = Range(s, rest, vectored);
         if (off + len > image.Size || off > image.Size)
@@ -458,7 +472,7 @@ internal static class IoCommand
 
     private static bool WriteCommand(Session s, List<string> words, bool vectored)
     {
-        var (flags, values, rest) = Options(words, vectored ? "Cfquzi" : "bcCfnquz", vectored ? "P" : "Ps");
+        var (flags, values, rest) = Options(words, vectored ? "Cfquzip" : "bcCfnquzp", vectored ? "P" : "Ps");
         var image = Need(s);
         bool zero = flags.Contains('z'), unmap = flags.Contains('u'), compressed = flags.Contains('c');
         if (zero && values.ContainsKey('P'))
@@ -475,7 +489,7 @@ internal static class IoCommand
         byte pattern = values.TryGetValue('P', out var p) ? Pattern(s, p) : (byte)0xcd;
         if (off + len > image.Size)
         {
-            s.Out.WriteLine("write failed: Input/output error");
+            s.Out.WriteLine($"{words[0]} failed: Input/output error");
             return false;
         }
         var sw = Stopwatch.StartNew();
@@ -492,7 +506,7 @@ internal static class IoCommand
         }
         catch (BlockException e)
         {
-            return Failed(s, "write", e);
+            return Failed(s, words[0], e);
         }
         sw.Stop();
         if (!flags.Contains('q')) Report(s.Out, "wrote", off, len, sw.Elapsed);
@@ -574,8 +588,7 @@ internal static class IoCommand
             if (values.TryGetValue('o', out var o))
             {
                 var given = BlockSpec.FromKeyValues(o);
-                var fromPath = path is null ? [] : ImageOpener.TopOptions(path).Values.Where(kv => !given.Contains(kv.Key));
-                var options = new BlockOptions(given.Values.Concat(fromPath));
+                var options = path is null ? given : ImageOpener.WithFilename(given, path);
                 s.Image = OpenForSession(opened, path ?? o, options, null, readOnly);
             }
             else if (path is not null) s.Image = OpenForSession(opened, path, null, null, readOnly);
