@@ -42,7 +42,97 @@ public sealed class Blkdebug(IEnumerable<BlkdebugStateRule> stateRules, IEnumera
     private readonly List<BlkdebugErrorRule> _errorRules = errorRules.ToList();
     private int _state = 1;
 
+    /// <summary>No rules at all: the driver passes every request on unchanged.</summary>
+    public bool IsEmpty => _stateRules.Count == 0 && _errorRules.Count == 0;
+
     public static readonly string[] KnownEvents = ["read_aio", "write_aio", "flush_to_disk"];
+
+    /// <summary>Every event name QEMU's blkdebug accepts. Rules on events Strata's drivers do not raise are taken
+    /// (so a config file written for QEMU loads) and simply never fire.</summary>
+    public static readonly string[] QemuEvents =
+    [
+        "l1_update", "l1_grow_alloc_table", "l1_grow_write_table", "l1_grow_activate_table", "l2_load", "l2_update",
+        "l2_update_compressed", "l2_alloc_cow_read", "l2_alloc_write", "read_aio", "read_backing_aio", "read_compressed",
+        "write_aio", "write_compressed", "vmstate_load", "vmstate_save", "cow_read", "cow_write", "reftable_load",
+        "reftable_grow", "reftable_update", "refblock_load", "refblock_update", "refblock_update_part", "refblock_alloc",
+        "refblock_alloc_hookup", "refblock_alloc_write", "refblock_alloc_write_blocks", "refblock_alloc_write_table",
+        "refblock_alloc_switch_table", "cluster_alloc", "cluster_alloc_bytes", "cluster_free", "flush_to_os",
+        "flush_to_disk", "pwritev_rmw_head", "pwritev_rmw_after_head", "pwritev_rmw_tail", "pwritev_rmw_after_tail",
+        "pwritev", "pwritev_zero", "pwritev_done", "empty_image_prepare", "l1_shrink_write_table",
+        "l1_shrink_free_l2_clusters", "cor_write", "cluster_alloc_space", "none",
+    ];
+
+    /// <summary>Rules from blkdebug's options: a config file's text (may be null) and the inline
+    /// inject-error.N.* / set-state.N.* keys, as QEMU's blkdebug takes them (config file rules first).</summary>
+    public static Blkdebug FromOptions(string? configText, BlockOptions options)
+    {
+        var sections = new List<(string Name, Dictionary<string, string> Keys)>();
+        if (configText is not null) sections.AddRange(ParseConfig(configText));
+        foreach (var name in new[] { "inject-error", "set-state" })
+        {
+            var list = options.Child(name);
+            for (int i = 0; list.HasChild(i.ToString(System.Globalization.CultureInfo.InvariantCulture)); i++)
+            {
+                var item = list.Child(i.ToString(System.Globalization.CultureInfo.InvariantCulture));
+                sections.Add((name, item.Values.ToDictionary(kv => kv.Key, kv => kv.Value ?? "", StringComparer.Ordinal)));
+            }
+        }
+        var states = new List<BlkdebugStateRule>();
+        var errors = new List<BlkdebugErrorRule>();
+        foreach (var (name, keys) in sections)
+        {
+            string ev = keys.GetValueOrDefault("event") ?? throw new BlockSpecException("Parameter 'event' is missing");
+            if (Array.IndexOf(QemuEvents, ev) < 0) throw new BlockSpecException($"Invalid parameter '{ev}'");
+            if (name == "set-state")
+            {
+                states.Add(new BlkdebugStateRule(ev, Number(keys, "state") ?? 0,
+                    Number(keys, "new_state") ?? throw new BlockSpecException("Parameter 'new_state' is missing")));
+            }
+            else
+            {
+                int? state = Number(keys, "state");
+                errors.Add(new BlkdebugErrorRule(ev, Number(keys, "errno") ?? 5, state is 0 ? null : state,
+                    keys.TryGetValue("sector", out var sector) && long.Parse(sector, System.Globalization.CultureInfo.InvariantCulture) is >= 0 and var s ? s : null,
+                    keys.GetValueOrDefault("once") is "on" or "true" or "yes"));
+            }
+        }
+        return new Blkdebug(states, errors);
+    }
+
+    private static int? Number(Dictionary<string, string> keys, string key) =>
+        !keys.TryGetValue(key, out var text) ? null
+        : int.TryParse(text, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out int v) ? v
+        : throw new BlockSpecException($"Parameter '{key}' expects a number");
+
+    /// <summary>QEMU's config file syntax: "[section]" headers, then <c>key = "value"</c> lines; '#' starts a
+    /// comment line. Only [inject-error] and [set-state] sections mean anything to blkdebug.</summary>
+    public static List<(string Name, Dictionary<string, string> Keys)> ParseConfig(string text)
+    {
+        var sections = new List<(string Name, Dictionary<string, string> Keys)>();
+        Dictionary<string, string>? current = null;
+        int lineNo = 0;
+        foreach (var raw in text.Split('\n'))
+        {
+            lineNo++;
+            string line = raw.Trim();
+            if (line.Length == 0 || line[0] == '#') continue;
+            if (line[0] == '[')
+            {
+                int close = line.IndexOf(']');
+                if (close < 0) throw new BlockSpecException($"blkdebug config:{lineNo}: parse error");
+                string name = line[1..close].Split(' ', 2)[0];
+                current = new Dictionary<string, string>(StringComparer.Ordinal);
+                if (name is "inject-error" or "set-state") sections.Add((name, current));
+                continue;
+            }
+            int eq = line.IndexOf('=');
+            string value = eq < 0 ? "" : line[(eq + 1)..].Trim();
+            if (current is null || eq <= 0 || value.Length < 2 || value[0] != '"' || value[^1] != '"')
+                throw new BlockSpecException($"blkdebug config:{lineNo}: parse error");
+            current[line[..eq].Trim()] = value[1..^1];
+        }
+        return sections;
+    }
 
     /// <summary>Called before an I/O: throws the injected error if a rule matches, then applies state changes.</summary>
     public void Event(string name, long offset, long length)

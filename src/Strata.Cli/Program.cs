@@ -24,6 +24,8 @@ namespace Strata.Cli
         {
             // The daemon takes qemu-storage-daemon's getopt_long command line verbatim.
             if (args.Length > 0 && args[0] == "daemon") return Daemon.DaemonCommand.Run(args[1..], stdout, stderr);
+            // So does qemu-io's (getopt, and commands that go on after one fails).
+            if (args.Length > 0 && args[0] == "io") return IoCommand.Run(args[1..], stdout, stderr);
             var root = new RootCommand("Strata: incremental backups for disk images, compatible with QEMU's tools");
             root.Subcommands.Add(ImgCommands.Build(stdout, stderr));
             root.Subcommands.Add(IoCommand.Build(stdout, stderr));
@@ -32,10 +34,11 @@ namespace Strata.Cli
             root.Subcommands.Add(DemoCommand.Build(stdout, stderr));
             var config = new InvocationConfiguration { Output = stdout, Error = stderr };
             var parsed = root.Parse(FixNegativeSizes(args));
-            // Strata's own commands exit 2 on bad arguments (the README's promise); the img and io faces keep the codes
-            // of the QEMU tools they stand for.
-            if (parsed.Errors.Count > 0 && args.Length > 0 && args[0] is not ("img" or "io"))
+            if (parsed.Errors.Count > 0 && args.Length > 0)
             {
+                // qemu-img's command line errors are qemu-img's messages, not the parser's.
+                if (args[0] == "img") return ImgCommands.ReportParseErrors(parsed, stderr);
+                // Strata's own commands exit 2 on bad arguments (the README's promise).
                 foreach (var error in parsed.Errors) stderr.WriteLine($"strata: {error.Message}");
                 var names = new List<string>();
                 for (System.CommandLine.Parsing.SymbolResult? r = parsed.CommandResult; r is System.CommandLine.Parsing.CommandResult c && c.Parent is not null; r = c.Parent)

@@ -32,11 +32,11 @@ internal static partial class ImgCommands
             while (true)
             {
                 seen.Add(Path.GetFullPath(path));
-                var layer = ImageOpener.OpenSingle(path, layerFormat, readOnly: true, ReadLocking(r.GetValue(forceShare)), isBacking: layers.Count > 0);
+                var layer = OpenImageLayer(path, layerFormat, readOnly: true, ReadLocking(r.GetValue(forceShare)), isBacking: layers.Count > 0);
                 layers.Add(layer);
-                names.Add(path);
+                names.Add(DisplayName(path));
                 if (!r.GetValue(chain) || layer.BackingFileName is not { } backing) break;
-                string next = ImageOpener.ResolveBackingPath(path, backing);
+                string next = BackingPath(path, backing);
                 if (seen.Contains(Path.GetFullPath(next))) throw new BlockException($"Backing file '{next}' creates an infinite loop.");
                 path = next;
                 layerFormat = layer.BackingFormat;

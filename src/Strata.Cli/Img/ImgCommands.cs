@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.CommandLine.Invocation;
 using Strata.Block;
 using Strata.Block.Operations;
 using Strata.Block.Qcow2;
@@ -28,8 +29,78 @@ internal static partial class ImgCommands
         img.Subcommands.Add(RebaseCommand(stdout, stderr));
         img.Subcommands.Add(ResizeCommand(stdout, stderr));
         img.Subcommands.Add(BitmapCommand(stdout, stderr));
+        ImageOpener.NbdConnector ??= NbdConnect.Connect;
+        foreach (var sub in img.Subcommands) AddImageOptsAndObjects(sub, stderr);
         return img;
     }
+
+    /// <summary>A command line System.CommandLine could not parse, reported in qemu-img's words (never the parser's
+    /// own English): exit code 1 and qemu-img's hint, as its getopt loop does.</summary>
+    public static int ReportParseErrors(ParseResult parse, TextWriter stderr)
+    {
+        string message = ParseErrorMessage(parse);
+        stderr.WriteLine($"{Prog}: {message}");
+        stderr.WriteLine($"Try '{Prog} --help' for more information");
+        return 1;
+    }
+
+    private static string ParseErrorMessage(ParseResult parse)
+    {
+        var command = parse.CommandResult.Command;
+        var unmatched = parse.UnmatchedTokens;
+        // An unknown option may have been taken as an image name, so every argument token is looked at, up to "--".
+        foreach (var token in parse.Tokens)
+        {
+            if (token.Type == System.CommandLine.Parsing.TokenType.DoubleDash) break;
+            if (token.Type == System.CommandLine.Parsing.TokenType.Argument && token.Value.Length > 1 && token.Value[0] == '-'
+                && !char.IsAsciiDigit(token.Value[1]))
+                return $"unrecognized option '{token.Value}'";
+        }
+        foreach (var error in parse.Errors)
+            if (error.SymbolResult is System.CommandLine.Parsing.OptionResult option)
+                return $"missing argument for option '{option.IdentifierToken?.Value ?? option.Option.Name}'";
+        if (command.Name == "img")
+            return unmatched.Count > 0 ? $"Command not found: {unmatched[0]}" : "Not enough arguments";
+        return command.Name switch
+        {
+            "create" => "Expecting image file name",
+            "compare" => "Expecting two image file names",
+            "convert" => "Must specify image file name",
+            "resize" => unmatched.Count > 0 ? "Expecting image file name and size" : "Not enough arguments",
+            "bitmap" => "Expecting filename and bitmap name",
+            _ => "Expecting one image file name",
+        };
+    }
+
+    /// <summary>Image names given as --image-opts strings in this call (key=value options, not file names).</summary>
+    private static readonly AsyncLocal<HashSet<string>?> s_imageOptsNames = new();
+
+    /// <summary>--image-opts and --object, which every qemu-img subcommand takes: the option strings among the image
+    /// names (the subcommand's first argument; for convert all but the last) are remembered for
+    /// <see cref="OpenImage"/>, and the objects are checked before the subcommand runs, as qemu-img does.</summary>
+    private static void AddImageOptsAndObjects(Command sub, TextWriter stderr)
+    {
+        var imageOpts = new Option<bool>("--image-opts") { Description = "image names are option strings (driver=qcow2,file.filename=...)" };
+        var objects = new Option<string[]>("--object") { Description = "define an object (secret,id=ID,data=...|file=...)" };
+        sub.Options.Add(imageOpts);
+        sub.Options.Add(objects);
+        if (sub.Action is not SynchronousCommandLineAction inner) return;
+        sub.SetAction(r => Run(stderr, () =>
+        {
+            var ids = new HashSet<string>(StringComparer.Ordinal);
+            foreach (var definition in r.GetValue(objects) ?? []) QemuObjects.Check(definition, ids);
+            s_imageOptsNames.Value = null;
+            if (r.GetValue(imageOpts) && sub.Arguments.Count > 0)
+            {
+                var names = r.GetResult(sub.Arguments[0])?.Tokens.Select(t => t.Value).ToList() ?? [];
+                if (sub.Name == "convert" && names.Count > 0) names.RemoveAt(names.Count - 1);
+                s_imageOptsNames.Value = new HashSet<string>(names, StringComparer.Ordinal);
+            }
+            return inner.Invoke(r);
+        }));
+    }
+
+    private static bool IsImageOpts(string name) => s_imageOptsNames.Value?.Contains(name) == true;
 
     private static Option<string?> FormatOption(string name = "-f", string description = "image format (qcow2 or raw); probed when omitted") =>
         new(name) { Description = description };
@@ -85,10 +156,28 @@ internal static partial class ImgCommands
         _ => throw new BlockException("--output must be used with human or json as argument."),
     };
 
+    /// <summary>Opens an image named on the command line with its backing chain: a file name, json:/protocol name,
+    /// or an --image-opts option string.</summary>
     private static BlockImage OpenImage(string path, string? format, bool readOnly = true, bool openBacking = true,
         ImageLocking locking = ImageLocking.Normal)
     {
         CheckFormatName(format);
+        if (IsImageOpts(path)) return ImageOpener.OpenSpecChain(path, BlockSpec.FromKeyValues(path), format, readOnly, openBacking, locking);
         return ImageOpener.Open(path, format, readOnly, openBacking, locking);
     }
+
+    /// <summary>Opens one layer named on the command line (or found as a backing name) without its backing chain.</summary>
+    private static BlockImage OpenImageLayer(string path, string? format, bool readOnly, ImageLocking locking, bool isBacking)
+    {
+        if (IsImageOpts(path)) return ImageOpener.OpenSpec(path, BlockSpec.FromKeyValues(path), format, readOnly, locking, isBacking);
+        return ImageOpener.OpenSingle(path, format, readOnly, locking, isBacking);
+    }
+
+    /// <summary>The name qemu-img shows for an image given on the command line (see <see cref="ImageOpener.DisplayName"/>).</summary>
+    private static string DisplayName(string path) =>
+        ImageOpener.DisplayName(path, IsImageOpts(path) ? BlockSpec.FromKeyValues(path) : null);
+
+    /// <summary>Where a backing name points, relative to the image that names it (an --image-opts string's host file).</summary>
+    private static string BackingPath(string imagePath, string backing) =>
+        ImageOpener.ResolveBackingPath(IsImageOpts(imagePath) ? ImageOpener.HostPathOf(BlockSpec.FromKeyValues(imagePath)) ?? "" : imagePath, backing);
 }
