@@ -18,7 +18,9 @@ public sealed partial class Qcow2Image
             block.LastUse = ++_refClock;
             return block;
         }
-        if (blockOffset < 0 || (blockOffset & (_clusterSize - 1)) != 0 || blockOffset >= _file.Length)
+        if ((blockOffset & (_clusterSize - 1)) != 0)
+            throw SignalCorruption(fatal: true, $"Refblock offset {CHex(blockOffset)} unaligned (reftable index: {CHex(tableIndex)})");
+        if (blockOffset < 0 || blockOffset >= _file.Length)
             throw new BlockException($"qcow2: refcount block offset 0x{blockOffset:x} is invalid (table index {tableIndex}); image is corrupt");
         var data = new byte[_clusterSize];
         _file.Read(blockOffset, data);
@@ -66,6 +68,8 @@ public sealed partial class Qcow2Image
             if (candidate == hostCluster) candidate++;
             if (candidate >= rangeStart + _refcountsPerBlock)
                 throw new BlockException("qcow2: no room for a refcount block");
+            CheckNotHeader(candidate << _clusterBits, "refcount block");
+            CheckHostWrite(candidate << _clusterBits, _clusterSize);
             block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true, LastUse = ++_refClock };
             EvictCleanRefcountBlocks();
             _refBlocks[tableIndex] = block;
@@ -73,6 +77,7 @@ public sealed partial class Qcow2Image
             RefcountCodec.Set(block.Data, candidate - rangeStart, _refcountOrder, 1);
             _refTable[tableIndex] = (ulong)(candidate << _clusterBits);
             _refTableDirty = true;
+            _overlap.AddRefcountBlock(candidate << _clusterBits);
         }
         RefcountCodec.Set(block.Data, hostCluster % _refcountsPerBlock, _refcountOrder, value);
         block.Dirty = true;
@@ -109,6 +114,9 @@ public sealed partial class Qcow2Image
                 continue;
             }
 
+            // The table and its new blocks go past everything in use; a broken refcount structure could still
+            // say otherwise.
+            CheckHostWrite(endCluster << _clusterBits, (tableClusters + blocks) << _clusterBits);
             // Commit in memory: new table contents, blocks, refcounts of the table and of the blocks.
             var newTable = new ulong[tableEntries];
             Array.Copy(_refTable, newTable, _refTable.Length);
@@ -144,6 +152,7 @@ public sealed partial class Qcow2Image
             WriteHeaderFields();
             _file.Flush();
             _refTableDirty = false;
+            RebuildOverlapIndex();
             for (long c = 0; c < oldTableClusters; c++)
                 AdjustRefcount((oldTableOffset >> _clusterBits) + c, -1);
             if (_freeClusterHint > (oldTableOffset >> _clusterBits)) _freeClusterHint = oldTableOffset >> _clusterBits;
@@ -201,7 +210,9 @@ public sealed partial class Qcow2Image
     private long AllocateBytes(int length)
     {
         long cursor = _compressedCursor;
-        if (cursor != 0 && (cursor & (_clusterSize - 1)) != 0)
+        // As QEMU, a cluster whose refcount is already at the largest the width holds (1 with refcount_bits=1)
+        // takes no more compressed data: the next one starts a fresh cluster.
+        if (cursor != 0 && (cursor & (_clusterSize - 1)) != 0 && GetRefcount(ClusterOf(cursor)) < RefcountCodec.MaxValue(_refcountOrder))
         {
             long firstCluster = ClusterOf(cursor);
             long lastCluster = ClusterOf(cursor + length - 1);
@@ -229,7 +240,9 @@ public sealed partial class Qcow2Image
         foreach (var (ti, block) in _refBlocks)
         {
             if (!block.Dirty) continue;
-            _file.Write((long)(_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask), block.Data);
+            long offset = (long)(_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask);
+            CheckHostWrite(offset, _clusterSize, Qcow2MetadataKind.RefcountBlock);
+            _file.Write(offset, block.Data);
             block.Dirty = false;
         }
     }
@@ -238,6 +251,7 @@ public sealed partial class Qcow2Image
     {
         var raw = new byte[_refTable.Length * 8];
         for (int i = 0; i < _refTable.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), _refTable[i]);
+        CheckHostWrite((long)_header.RefcountTableOffset, raw.Length, Qcow2MetadataKind.RefcountTable);
         _file.Write((long)_header.RefcountTableOffset, raw);
         _refTableDirty = false;
     }
@@ -251,7 +265,7 @@ public sealed partial class Qcow2Image
     /// </summary>
     private void WriteBackMetadata()
     {
-        if (!_writable) return;
+        if (!_writable || _corrupt) return;
         bool l2Dirty = _l2Cache.Values.Any(t => t.Dirty);
         if (RefcountsDirty)
         {
@@ -267,6 +281,7 @@ public sealed partial class Qcow2Image
             {
                 if (!table.Dirty) continue;
                 for (int i = 0; i < table.Entries.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table.Entries[i]);
+                CheckHostWrite(offset, _clusterSize, Qcow2MetadataKind.ActiveL2);
                 _file.Write(offset, raw);
                 table.Dirty = false;
             }
@@ -274,6 +289,7 @@ public sealed partial class Qcow2Image
         if (_l1Dirty)
         {
             _file.Flush();
+            CheckHostWrite((long)_header.L1TableOffset, _l1.Length * 8L, Qcow2MetadataKind.ActiveL1);
             WriteL1Table((long)_header.L1TableOffset, _l1);
             _l1Dirty = false;
         }
@@ -317,6 +333,7 @@ public sealed partial class Qcow2Image
     public override void Resize(long newSize)
     {
         CheckWritable();
+        ThrowIfCorrupt();
         if (newSize < 0) throw new BlockException("Image size must not be negative");
         Bitmaps.CheckResizeAllowed((newSize + 511) & ~511L);
         lock (_lock)
@@ -357,6 +374,7 @@ public sealed partial class Qcow2Image
                 WriteBackMetadata(); // refcounts of the new table before anything points at it
                 var raw = new byte[l1Clusters << _clusterBits];
                 for (int i = 0; i < newL1.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), newL1[i]);
+                CheckHostWrite(newOffset, raw.Length);
                 _file.Write(newOffset, raw);
                 _file.Flush();
                 long oldOffset = (long)_header.L1TableOffset;
@@ -365,6 +383,7 @@ public sealed partial class Qcow2Image
                 WriteHeaderFields();
                 _file.Flush();
                 _l1 = newL1;
+                _overlap.SetActiveL1(newOffset, newL1.Length * 8L);
                 if (oldOffset != 0)
                     for (long c = 0; c < oldClusters; c++) AdjustRefcount((oldOffset >> _clusterBits) + c, -1);
                 WriteBackMetadata();

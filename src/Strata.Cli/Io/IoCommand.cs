@@ -39,13 +39,23 @@ internal static class IoCommand
                     return 1;
                 }
                 using var _ = image;
+                bool failed = false;
                 foreach (var line in r.GetValue(commands) ?? [])
                 {
-                    int rc = Execute(image, line, stdout, stderr);
-                    if (rc != 0) return rc;
+                    try
+                    {
+                        int rc = Execute(image, line, stdout, stderr);
+                        if (rc != 0) return rc;
+                    }
+                    catch (BlockIOException e)
+                    {
+                        // As qemu-io: a failed request is reported with its errno and the next command still runs.
+                        stdout.WriteLine($"{line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[0]} failed: {e.Message}");
+                        failed = true;
+                    }
                 }
                 image.Flush();
-                return 0;
+                return failed ? 1 : 0;
             }
             catch (BlockException e)
             {

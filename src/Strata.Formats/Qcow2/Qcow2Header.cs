@@ -57,6 +57,8 @@ public sealed record Qcow2Header
     public const int MaxBackingFileSize = 1023;
     /// <summary>Host offsets have 56 bits in every table entry.</summary>
     public const ulong MaxHostOffset = (1UL << 56) - 1;
+    /// <summary>Where the incompatible feature bits lie (version 3), rewritten alone to mark an image corrupt.</summary>
+    public const int IncompatibleFeaturesOffset = 72;
 
     public uint Version { get; init; } = 3;
     public ulong BackingFileOffset { get; init; }
