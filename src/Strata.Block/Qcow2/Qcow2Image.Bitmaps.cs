@@ -61,6 +61,10 @@ public sealed partial class Qcow2Image
             // As QEMU does on a read-write open: every bitmap is in_use on disk until it is stored again.
             if (_writable) MarkBitmapsInUse();
         }
+        catch (BitmapConstraintException e)
+        {
+            throw new BlockException(e.Message);
+        }
         catch (ImageFormatException e)
         {
             // The data stays readable; the bitmaps are not usable. Writing could lose them, so refuse it.

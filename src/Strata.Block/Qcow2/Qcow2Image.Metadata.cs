@@ -59,25 +59,33 @@ public sealed partial class Qcow2Image
         var block = GetRefcountBlock(tableIndex);
         if (block is null)
         {
-            // A range with no block is entirely free, so the new block can describe itself: put it at the
-            // first cluster of its range that is not being allocated right now.
+            // A range with no block is entirely free, so the new block can describe itself: put it at the first
+            // cluster of its range that is not being allocated right now. When the whole range is being allocated
+            // (an allocation larger than a refcount block covers, as an L1 table of 512-byte clusters), the block
+            // goes past everything in use instead, and its own refcount lands in the block of that place.
             long rangeStart = tableIndex * _refcountsPerBlock;
+            long rangeEnd = rangeStart + _refcountsPerBlock;
+            long reservedEnd = reservedStart + reservedCount;
             long candidate = rangeStart;
-            if (reservedCount > 0 && candidate >= reservedStart && candidate < reservedStart + reservedCount)
-                candidate = reservedStart + reservedCount;
-            if (candidate == hostCluster) candidate++;
-            if (candidate >= rangeStart + _refcountsPerBlock)
-                throw new BlockException("qcow2: no room for a refcount block");
+            while (candidate < rangeEnd && ((candidate >= reservedStart && candidate < reservedEnd) || candidate == hostCluster))
+                candidate = candidate >= reservedStart && candidate < reservedEnd ? reservedEnd : candidate + 1;
+            bool describesItself = candidate < rangeEnd;
+            if (!describesItself)
+            {
+                candidate = Math.Max(NextUnusedClusterEstimate(), reservedEnd);
+                if (candidate == hostCluster) candidate++;
+            }
             CheckNotHeader(candidate << _clusterBits, "refcount block");
             CheckHostWrite(candidate << _clusterBits, _clusterSize);
             block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true, LastUse = ++_refClock };
             EvictCleanRefcountBlocks();
             _refBlocks[tableIndex] = block;
             NoteAllocated(candidate, 1);
-            RefcountCodec.Set(block.Data, candidate - rangeStart, _refcountOrder, 1);
             _refTable[tableIndex] = (ulong)(candidate << _clusterBits);
             _refTableDirty = true;
             _overlap.AddRefcountBlock(candidate << _clusterBits);
+            if (describesItself) RefcountCodec.Set(block.Data, candidate - rangeStart, _refcountOrder, 1);
+            else SetRefcount(candidate, 1, reservedStart, reservedCount);
         }
         RefcountCodec.Set(block.Data, hostCluster % _refcountsPerBlock, _refcountOrder, value);
         block.Dirty = true;
@@ -363,7 +371,7 @@ public sealed partial class Qcow2Image
                 return;
             }
             long neededL1 = (((newSize + _clusterSize - 1) >> _clusterBits) + _l2Entries - 1) / _l2Entries;
-            if (neededL1 > 0x2000000) throw new BlockException("Image size too large for this cluster size");
+            if (neededL1 > Qcow2Header.MaxL1Entries) throw new BlockException("Image size too large for this cluster size");
             if (neededL1 > _l1.Length)
             {
                 WriteBackMetadata();
@@ -457,7 +465,7 @@ public sealed partial class Qcow2Image
             throw new BlockException("Refcount width must be a power of two and may not exceed 64 bits");
         long cs = options.ClusterSize;
         long l1Needed = ((options.Size + cs - 1) / cs + cs / 8 - 1) / (cs / 8);
-        if (l1Needed > 0x2000000 || options.Size > long.MaxValue / 4)
+        if (l1Needed > Qcow2Header.MaxL1Entries || options.Size > long.MaxValue / 4)
             throw new BlockException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         var header = new Qcow2Header
         {
