@@ -23,7 +23,8 @@ public sealed partial class Qcow2Image
     /// <summary>True once a corruption marked the image corrupt (later writes are refused).</summary>
     public bool MarkedCorrupt => _corrupt;
 
-    /// <summary>Rebuilds the metadata index from the tables in memory (on open and after a table moved).
+    /// <summary>Rebuilds the metadata index from the tables in memory (on open and after a table moved). Internal
+    /// snapshots register their table and L1 tables with <c>_overlap.SetSnapshotTable</c> / <c>SetInactiveL1Tables</c>.
     /// Caller holds the lock (or is opening the image).</summary>
     private void RebuildOverlapIndex()
     {
@@ -36,9 +37,6 @@ public sealed partial class Qcow2Image
         _overlap.ClearRefcountBlocks();
         foreach (var e in _refTable) _overlap.AddRefcountBlock((long)(e & ~Qcow2Entry.RefcountTableReservedMask));
     }
-
-    /// <summary>The metadata index, for the other parts of the driver (snapshot tables register themselves here).</summary>
-    private Qcow2OverlapCheck Overlap => _overlap;
 
     /// <summary>Refuses a write to the host file that would land on metadata other than <paramref name="ignore"/>
     /// (the structure being written): the image is marked corrupt and the request fails with EIO. Caller holds the

@@ -43,6 +43,20 @@ public class Qcow2OverlapCheckTests
     }
 
     [Fact]
+    public void Snapshot_tables_are_refused_too_after_the_refcount_table_and_before_the_L2_tables()
+    {
+        var c = Layout();
+        c.SetSnapshotTable(12 * Cs, 300);
+        c.SetInactiveL1Tables([(14 * Cs, 16), (15 * Cs, Cs + 8)]);
+        c.AddL2Table(16 * Cs);
+        Assert.Equal(Qcow2MetadataKind.SnapshotTable, c.Find(12 * Cs + 4096, 512));
+        Assert.Equal(Qcow2MetadataKind.InactiveL1, c.Find(14 * Cs, 512));
+        // The second inactive L1 table spills 8 bytes into cluster 16, which is also an L2 table: QEMU names the L1.
+        Assert.Equal(Qcow2MetadataKind.InactiveL1, c.Find(16 * Cs, 512));
+        Assert.Equal(Qcow2MetadataKind.None, c.Find(13 * Cs, Cs));
+    }
+
+    [Fact]
     public void The_structure_being_written_is_left_out_but_nothing_else()
     {
         var c = Layout();
