@@ -175,7 +175,7 @@ public sealed record Qcow2Header
         long l2Entries = ClusterSize / 8;
         ulong needL1 = (ulong)((((long)Size + ClusterSize - 1) / ClusterSize + l2Entries - 1) / l2Entries);
         if (L1Size < needL1)
-            throw new ImageFormatException($"L1 table is too small ({L1Size} entries for {needL1} needed)");
+            throw new ImageFormatException("L1 table is too small");
         if (HeaderLength > (ulong)ClusterSize)
             throw new ImageFormatException("qcow2 header exceeds cluster size");
         var unknown = IncompatibleFeatures & ~KnownIncompatible;
