@@ -56,9 +56,14 @@ public sealed partial class Qcow2Image
             _file.Read((long)bx.DirectoryOffset, dir);
             var entries = BitmapDirectoryEntry.ParseDirectory(dir, bx.NbBitmaps, _clusterSize, (long)_header.Size);
             _bitmapDirectory = ((long)bx.DirectoryOffset, (long)bx.DirectorySize);
+            _overlap.SetBitmapDirectory(_bitmapDirectory.Offset, _bitmapDirectory.Size);
             foreach (var e in entries) LoadBitmap(e);
             // As QEMU does on a read-write open: every bitmap is in_use on disk until it is stored again.
             if (_writable) MarkBitmapsInUse();
+        }
+        catch (BitmapConstraintException e)
+        {
+            throw new BlockException(e.Message);
         }
         catch (ImageFormatException e)
         {
@@ -144,6 +149,7 @@ public sealed partial class Qcow2Image
         foreach (var stored in OrderedStoredEntries())
         {
             BinaryPrimitives.WriteUInt32BigEndian(flagBytes, (uint)(stored.Entry.Flags | BitmapFlags.InUse));
+            CheckHostWrite(pos + 12, flagBytes.Length, Qcow2MetadataKind.BitmapDirectory);
             _file.Write(pos + 12, flagBytes);
             pos += stored.Entry.EncodedSize;
         }
@@ -204,6 +210,7 @@ public sealed partial class Qcow2Image
                 b.Bits.CopyBytes(i * _clusterSize, buffer.AsSpan(0, length));
                 if (buffer.AsSpan().IndexOfAnyExcept((byte)0) < 0) continue; // an all-zero cluster is entry 0
                 long host = AllocateClusters(1);
+                CheckHostWrite(host, _clusterSize);
                 _file.Write(host, buffer);
                 clusters.Add(host);
                 BinaryPrimitives.WriteUInt64BigEndian(table.AsSpan((int)(i * 8)), (ulong)host);
@@ -212,6 +219,7 @@ public sealed partial class Qcow2Image
             long tableOffset = AllocateClusters(tableClusters);
             var tableCluster = new byte[tableClusters * _clusterSize];
             table.CopyTo(tableCluster, 0);
+            CheckHostWrite(tableOffset, tableCluster.Length);
             _file.Write(tableOffset, tableCluster);
             var entry = new BitmapDirectoryEntry((ulong)tableOffset, (uint)tableSize, b.Enabled ? BitmapFlags.Auto : BitmapFlags.None,
                 BitmapDirectoryEntry.DirtyTrackingType, (byte)System.Numerics.BitOperations.Log2((ulong)b.Granularity), b.Name!, []);
@@ -228,6 +236,7 @@ public sealed partial class Qcow2Image
             dirOffset = AllocateClusters(dirClusters);
             var padded = new byte[dirClusters * _clusterSize];
             dir.CopyTo(padded, 0);
+            CheckHostWrite(dirOffset, padded.Length);
             _file.Write(dirOffset, padded);
         }
         // New data, tables and directory (and their refcounts) are durable before the header names them.
@@ -256,6 +265,7 @@ public sealed partial class Qcow2Image
         _storedBitmaps.Clear();
         foreach (var (k, v) in newStored) _storedBitmaps[k] = v;
         _bitmapDirectory = (dirOffset, dirSize);
+        _overlap.SetBitmapDirectory(dirOffset, dirSize);
         _bitmapsMarkedInUse = false;
         _bitmapsChanged = false;
         WriteBackMetadata();

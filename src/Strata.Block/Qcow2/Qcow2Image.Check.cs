@@ -141,6 +141,13 @@ public sealed partial class Qcow2Image
             Count((long)_header.RefcountTableOffset, _header.RefcountTableClusters * _clusterSize);
             for (long ti = 0; ti < _refTable.Length; ti++)
             {
+                if ((_refTable[ti] & Qcow2Entry.RefcountTableReservedMask) != 0)
+                {
+                    // As QEMU: the entry cannot be trusted, so its block is not counted as referenced.
+                    report.Messages.Add($"ERROR refcount table entry {ti} has reserved bits set");
+                    report.Corruptions++;
+                    continue;
+                }
                 long blockOffset = (long)(_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask);
                 if (blockOffset == 0) continue;
                 if ((blockOffset & (_clusterSize - 1)) != 0)

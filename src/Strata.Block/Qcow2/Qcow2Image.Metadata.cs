@@ -18,7 +18,9 @@ public sealed partial class Qcow2Image
             block.LastUse = ++_refClock;
             return block;
         }
-        if (blockOffset < 0 || (blockOffset & (_clusterSize - 1)) != 0 || blockOffset >= _file.Length)
+        if ((blockOffset & (_clusterSize - 1)) != 0)
+            throw SignalCorruption(fatal: true, $"Refblock offset {CHex(blockOffset)} unaligned (reftable index: {CHex(tableIndex)})");
+        if (blockOffset < 0 || blockOffset >= _file.Length)
             throw new BlockException($"qcow2: refcount block offset 0x{blockOffset:x} is invalid (table index {tableIndex}); image is corrupt");
         var data = new byte[_clusterSize];
         _file.Read(blockOffset, data);
@@ -57,22 +59,33 @@ public sealed partial class Qcow2Image
         var block = GetRefcountBlock(tableIndex);
         if (block is null)
         {
-            // A range with no block is entirely free, so the new block can describe itself: put it at the
-            // first cluster of its range that is not being allocated right now.
+            // A range with no block is entirely free, so the new block can describe itself: put it at the first
+            // cluster of its range that is not being allocated right now. When the whole range is being allocated
+            // (an allocation larger than a refcount block covers, as an L1 table of 512-byte clusters), the block
+            // goes past everything in use instead, and its own refcount lands in the block of that place.
             long rangeStart = tableIndex * _refcountsPerBlock;
+            long rangeEnd = rangeStart + _refcountsPerBlock;
+            long reservedEnd = reservedStart + reservedCount;
             long candidate = rangeStart;
-            if (reservedCount > 0 && candidate >= reservedStart && candidate < reservedStart + reservedCount)
-                candidate = reservedStart + reservedCount;
-            if (candidate == hostCluster) candidate++;
-            if (candidate >= rangeStart + _refcountsPerBlock)
-                throw new BlockException("qcow2: no room for a refcount block");
+            while (candidate < rangeEnd && ((candidate >= reservedStart && candidate < reservedEnd) || candidate == hostCluster))
+                candidate = candidate >= reservedStart && candidate < reservedEnd ? reservedEnd : candidate + 1;
+            bool describesItself = candidate < rangeEnd;
+            if (!describesItself)
+            {
+                candidate = Math.Max(NextUnusedClusterEstimate(), reservedEnd);
+                if (candidate == hostCluster) candidate++;
+            }
+            CheckNotHeader(candidate << _clusterBits, "refcount block");
+            CheckHostWrite(candidate << _clusterBits, _clusterSize);
             block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true, LastUse = ++_refClock };
             EvictCleanRefcountBlocks();
             _refBlocks[tableIndex] = block;
             NoteAllocated(candidate, 1);
-            RefcountCodec.Set(block.Data, candidate - rangeStart, _refcountOrder, 1);
             _refTable[tableIndex] = (ulong)(candidate << _clusterBits);
             _refTableDirty = true;
+            _overlap.AddRefcountBlock(candidate << _clusterBits);
+            if (describesItself) RefcountCodec.Set(block.Data, candidate - rangeStart, _refcountOrder, 1);
+            else SetRefcount(candidate, 1, reservedStart, reservedCount);
         }
         RefcountCodec.Set(block.Data, hostCluster % _refcountsPerBlock, _refcountOrder, value);
         block.Dirty = true;
@@ -109,6 +122,9 @@ public sealed partial class Qcow2Image
                 continue;
             }
 
+            // The table and its new blocks go past everything in use; a broken refcount structure could still
+            // say otherwise.
+            CheckHostWrite(endCluster << _clusterBits, (tableClusters + blocks) << _clusterBits);
             // Commit in memory: new table contents, blocks, refcounts of the table and of the blocks.
             var newTable = new ulong[tableEntries];
             Array.Copy(_refTable, newTable, _refTable.Length);
@@ -144,6 +160,7 @@ public sealed partial class Qcow2Image
             WriteHeaderFields();
             _file.Flush();
             _refTableDirty = false;
+            RebuildOverlapIndex();
             for (long c = 0; c < oldTableClusters; c++)
                 AdjustRefcount((oldTableOffset >> _clusterBits) + c, -1);
             if (_freeClusterHint > (oldTableOffset >> _clusterBits)) _freeClusterHint = oldTableOffset >> _clusterBits;
@@ -201,7 +218,9 @@ public sealed partial class Qcow2Image
     private long AllocateBytes(int length)
     {
         long cursor = _compressedCursor;
-        if (cursor != 0 && (cursor & (_clusterSize - 1)) != 0)
+        // As QEMU, a cluster whose refcount is already at the largest the width holds (1 with refcount_bits=1)
+        // takes no more compressed data: the next one starts a fresh cluster.
+        if (cursor != 0 && (cursor & (_clusterSize - 1)) != 0 && GetRefcount(ClusterOf(cursor)) < RefcountCodec.MaxValue(_refcountOrder))
         {
             long firstCluster = ClusterOf(cursor);
             long lastCluster = ClusterOf(cursor + length - 1);
@@ -229,7 +248,9 @@ public sealed partial class Qcow2Image
         foreach (var (ti, block) in _refBlocks)
         {
             if (!block.Dirty) continue;
-            _file.Write((long)(_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask), block.Data);
+            long offset = (long)(_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask);
+            CheckHostWrite(offset, _clusterSize, Qcow2MetadataKind.RefcountBlock);
+            _file.Write(offset, block.Data);
             block.Dirty = false;
         }
     }
@@ -238,6 +259,7 @@ public sealed partial class Qcow2Image
     {
         var raw = new byte[_refTable.Length * 8];
         for (int i = 0; i < _refTable.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), _refTable[i]);
+        CheckHostWrite((long)_header.RefcountTableOffset, raw.Length, Qcow2MetadataKind.RefcountTable);
         _file.Write((long)_header.RefcountTableOffset, raw);
         _refTableDirty = false;
     }
@@ -251,7 +273,7 @@ public sealed partial class Qcow2Image
     /// </summary>
     private void WriteBackMetadata()
     {
-        if (!_writable) return;
+        if (!_writable || _corrupt) return;
         bool l2Dirty = _l2Cache.Values.Any(t => t.Dirty);
         if (RefcountsDirty)
         {
@@ -267,6 +289,7 @@ public sealed partial class Qcow2Image
             {
                 if (!table.Dirty) continue;
                 for (int i = 0; i < table.Entries.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table.Entries[i]);
+                CheckHostWrite(offset, _clusterSize, Qcow2MetadataKind.ActiveL2);
                 _file.Write(offset, raw);
                 table.Dirty = false;
             }
@@ -274,6 +297,7 @@ public sealed partial class Qcow2Image
         if (_l1Dirty)
         {
             _file.Flush();
+            CheckHostWrite((long)_header.L1TableOffset, _l1.Length * 8L, Qcow2MetadataKind.ActiveL1);
             WriteL1Table((long)_header.L1TableOffset, _l1);
             _l1Dirty = false;
         }
@@ -317,6 +341,7 @@ public sealed partial class Qcow2Image
     public override void Resize(long newSize)
     {
         CheckWritable();
+        ThrowIfCorrupt();
         if (newSize < 0) throw new BlockException("Image size must not be negative");
         Bitmaps.CheckResizeAllowed();
         lock (_lock)
@@ -346,7 +371,7 @@ public sealed partial class Qcow2Image
                 return;
             }
             long neededL1 = (((newSize + _clusterSize - 1) >> _clusterBits) + _l2Entries - 1) / _l2Entries;
-            if (neededL1 > 0x2000000) throw new BlockException("Image size too large for this cluster size");
+            if (neededL1 > Qcow2Header.MaxL1Entries) throw new BlockException("Image size too large for this cluster size");
             if (neededL1 > _l1.Length)
             {
                 WriteBackMetadata();
@@ -357,6 +382,7 @@ public sealed partial class Qcow2Image
                 WriteBackMetadata(); // refcounts of the new table before anything points at it
                 var raw = new byte[l1Clusters << _clusterBits];
                 for (int i = 0; i < newL1.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), newL1[i]);
+                CheckHostWrite(newOffset, raw.Length);
                 _file.Write(newOffset, raw);
                 _file.Flush();
                 long oldOffset = (long)_header.L1TableOffset;
@@ -365,6 +391,7 @@ public sealed partial class Qcow2Image
                 WriteHeaderFields();
                 _file.Flush();
                 _l1 = newL1;
+                _overlap.SetActiveL1(newOffset, newL1.Length * 8L);
                 if (oldOffset != 0)
                     for (long c = 0; c < oldClusters; c++) AdjustRefcount((oldOffset >> _clusterBits) + c, -1);
                 WriteBackMetadata();
@@ -438,7 +465,7 @@ public sealed partial class Qcow2Image
             throw new BlockException("Refcount width must be a power of two and may not exceed 64 bits");
         long cs = options.ClusterSize;
         long l1Needed = ((options.Size + cs - 1) / cs + cs / 8 - 1) / (cs / 8);
-        if (l1Needed > 0x2000000 || options.Size > long.MaxValue / 4)
+        if (l1Needed > Qcow2Header.MaxL1Entries || options.Size > long.MaxValue / 4)
             throw new BlockException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         var header = new Qcow2Header
         {

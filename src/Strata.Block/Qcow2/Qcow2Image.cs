@@ -182,7 +182,9 @@ public sealed partial class Qcow2Image : BlockImage
         img._refTable = new ulong[refTableBytes / 8];
         for (int i = 0; i < img._refTable.Length; i++)
             img._refTable[i] = BinaryPrimitives.ReadUInt64BigEndian(rtRaw.AsSpan(i * 8));
+        img.RebuildOverlapIndex();
         img.InitBitmaps();
+        img.RebuildOverlapIndex();
 
         return img;
     }
@@ -210,7 +212,7 @@ public sealed partial class Qcow2Image : BlockImage
             return t;
         }
         if ((l2Offset & (_clusterSize - 1)) != 0)
-            throw new BlockException($"qcow2: L2 table offset 0x{l2Offset:x} unaligned (L1 index: {l1Index}); image is corrupt");
+            throw SignalCorruption(fatal: true, $"L2 table offset {CHex(l2Offset)} unaligned (L1 index: {CHex(l1Index)})");
         if (l2Offset + _clusterSize > _file.Length)
             throw new BlockException($"qcow2: L2 table offset 0x{l2Offset:x} lies past the end of the file (L1 index: {l1Index}); image is corrupt");
         var raw = new byte[_clusterSize];
@@ -236,14 +238,17 @@ public sealed partial class Qcow2Image : BlockImage
     /// <summary>The mapping of a run of guest bytes with one state and (for data) contiguous host offsets.</summary>
     private readonly record struct Run(L2EntryKind Kind, long Length, long HostOffset, ulong Entry);
 
-    /// <summary>Finds the run starting at <paramref name="offset"/>. Caller holds the lock.</summary>
-    private Run MapRun(long offset, long maxLength)
+    /// <summary>Finds the run starting at <paramref name="offset"/>; <paramref name="forWrite"/> when the run is to
+    /// be written (only changes the message of a corruption). Caller holds the lock.</summary>
+    private Run MapRun(long offset, long maxLength, bool forWrite = false)
     {
         long cluster = ClusterOf(offset);
         long inCluster = offset & (_clusterSize - 1);
         ulong entry = GetL2Entry(cluster);
         var kind = Qcow2Entry.Classify(entry);
         long host = kind is L2EntryKind.Normal or L2EntryKind.ZeroAllocated ? (long)(entry & Qcow2Entry.OffsetMask) : -1;
+        if (host > 0 && (host & (_clusterSize - 1)) != 0)
+            throw UnalignedClusterCorruption(cluster, entry, host, forWrite);
         long length = Math.Min(_clusterSize - inCluster, maxLength);
         if (kind == L2EntryKind.Compressed)
             return new Run(kind, length, -1, entry);
@@ -258,6 +263,23 @@ public sealed partial class Qcow2Image : BlockImage
         }
         return new Run(kind, length, host < 0 ? -1 : host + inCluster, entry);
     }
+
+    /// <summary>An L2 entry whose host offset is not cluster aligned: signalled as QEMU words it for the path that
+    /// met it (a write into a cluster it owns, or any other lookup).</summary>
+    private BlockIOException UnalignedClusterCorruption(long cluster, ulong entry, long host, bool forWrite)
+    {
+        if (forWrite && (entry & Qcow2Entry.Copied) != 0)
+        {
+            string what = Qcow2Entry.Classify(entry) == L2EntryKind.ZeroAllocated ? "Preallocated zero" : "Data";
+            return SignalCorruption(fatal: true, $"{what} cluster offset {CHex(host)} unaligned (guest offset: {CHex(cluster << _clusterBits)})");
+        }
+        long l2Offset = (long)(_l1[cluster / _l2Entries] & Qcow2Entry.OffsetMask);
+        return SignalCorruption(fatal: true,
+            $"Cluster allocation offset {CHex(host)} unaligned (L2 offset: {CHex(l2Offset)}, L2 index: {CHex(cluster % _l2Entries)})");
+    }
+
+    /// <summary>A number as C's <c>%#x</c> prints it (QEMU's messages): 0x-prefixed hex, but plain 0 for zero.</summary>
+    private static string CHex(long value) => value == 0 ? "0" : $"0x{value:x}";
 
     private static L2EntryKind NormalizeForRun(L2EntryKind k) => k == L2EntryKind.ZeroAllocated ? L2EntryKind.ZeroUnallocated : k;
 
@@ -341,6 +363,7 @@ public sealed partial class Qcow2Image : BlockImage
 
     protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
+        ThrowIfCorrupt();
         while (!data.IsEmpty)
         {
             long host = -1, length, access = NoHostAccess;
@@ -350,11 +373,12 @@ public sealed partial class Qcow2Image : BlockImage
                 BeforeGuestWrite();
                 while (true)
                 {
-                    var run = MapRun(offset, data.Length);
+                    var run = MapRun(offset, data.Length, forWrite: true);
                     if (run.Kind == L2EntryKind.Normal && (run.Entry & Qcow2Entry.Copied) != 0)
                     {
                         host = run.HostOffset;
                         length = run.Length;
+                        CheckHostWrite(host, length);
                         access = BeginHostAccess(run.Kind);
                         break;
                     }
@@ -436,6 +460,7 @@ public sealed partial class Qcow2Image : BlockImage
         long consumed = end - offset;
 
         long hostStart = AllocateClusters(count);
+        CheckHostWrite(hostStart, count << _clusterBits);
         long headPad = offset - start;
         long tailEnd = Math.Min((firstCluster + count) << _clusterBits, Size);
         long tailPad = Math.Max(0, tailEnd - end);
@@ -572,14 +597,19 @@ public sealed partial class Qcow2Image : BlockImage
         {
             if ((l1e & Qcow2Entry.Copied) == 0)
                 throw new BlockException("qcow2: shared L2 tables (internal snapshots) are not supported for writing");
+            // The table is about to change: refuse now, not at the next write-back, if it lies on other metadata.
+            CheckHostWrite(l2Offset, _clusterSize, Qcow2MetadataKind.ActiveL2);
             return LoadL2(l2Offset, l1Index);
         }
         long newOffset = AllocateClusters(1);
+        CheckNotHeader(newOffset, "L2 table");
+        CheckHostWrite(newOffset, _clusterSize);
         var table = new L2Table(new ulong[_l2Entries]) { Dirty = true, LastUse = ++_l2Clock };
         MakeRoomInL2Cache();
         _l2Cache[newOffset] = table;
         _l1[l1Index] = (ulong)newOffset | Qcow2Entry.Copied;
         _l1Dirty = true;
+        _overlap.AddL2Table(newOffset);
         return table;
     }
 
@@ -595,6 +625,7 @@ public sealed partial class Qcow2Image : BlockImage
 
     private void ZeroOrDiscard(long offset, long length, bool discard, bool mayUnmap)
     {
+        ThrowIfCorrupt();
         long end = offset + length;
         while (offset < end)
         {
@@ -670,6 +701,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         if ((offset & (_clusterSize - 1)) != 0 || cluster.Length > _clusterSize)
             throw new BlockException("Compressed writes must cover one aligned cluster");
+        ThrowIfCorrupt();
         var padded = new byte[_clusterSize];
         cluster.CopyTo(padded);
         var compressed = ClusterCompression.Compress(_header.CompressionType, padded, (int)_clusterSize - 512);
@@ -682,6 +714,8 @@ public sealed partial class Qcow2Image : BlockImage
         {
             BeforeGuestWrite();
             long host = AllocateBytes(compressed.Length);
+            CheckNotHeader(host, "compressed cluster");
+            CheckHostWrite(host, compressed.Length);
             _file.Write(host, compressed);
             long guest = ClusterOf(offset);
             var table = EnsureL2Table(guest / _l2Entries);
@@ -734,7 +768,7 @@ public sealed partial class Qcow2Image : BlockImage
         _disposed = true;
         try
         {
-            if (_writable)
+            if (_writable && !_corrupt)
                 lock (_lock)
                 {
                     StoreBitmapsLocked();

@@ -59,8 +59,9 @@ internal static partial class ImgCommands
                     if (k == "backing_file") targetBacking = v;
                     else if (k == "backing_fmt") targetBackingFormat = v;
                 }
+                // qemu-img no longer probes the format of a backing file it is asked to write into a header.
                 if (targetBacking is not null && targetBackingFormat is null)
-                    targetBackingFormat = ImageOpener.ProbeFormat(ImageOpener.ResolveBackingPath(target, targetBacking));
+                    throw new BlockException("Use of backing file requires explicit backing format");
                 BlockImage dst;
                 bool fresh = !r.GetValue(noCreate);
                 if (fresh)

@@ -117,11 +117,13 @@ internal static partial class ImgCommands
                   (backing is null ? "" : $" backing_file={backing} backing_fmt={backingFormat}") + $" lazy_refcounts=off refcount_bits={refcountBits}";
             stdout.WriteLine(line);
         }
+        // The line above shows the size as given; the image gets it rounded up to whole sectors, as qemu-img does.
+        long sectorSize = (size.Value + 511) & ~511L;
         if (format == "raw")
         {
             try
             {
-                using var r = RawImage.Create(file, size.Value);
+                using var r = RawImage.Create(file, sectorSize);
                 r.Flush();
             }
             catch (BlockException e)
@@ -135,7 +137,7 @@ internal static partial class ImgCommands
             {
                 using var q = Qcow2Image.Create(file, new Qcow2CreateOptions
                 {
-                    Size = size.Value,
+                    Size = sectorSize,
                     ClusterSize = clusterSize,
                     CompressionType = compression,
                     RefcountBits = refcountBits,

@@ -28,19 +28,18 @@ internal static partial class ImgCommands
             if (newBacking is null) throw new UsageException("Must specify backing file (-b) or use '-b \"\"' for no backing file");
             if (newBacking.Length == 0) newBacking = null;
             string? newFormat = r.GetValue(backingFormat);
-            if (newBacking is not null && newFormat is null)
-            {
-                try { newFormat = ImageOpener.ProbeFormat(ImageOpener.ResolveBackingPath(path, newBacking)); }
-                catch (BlockException) when (r.GetValue(unsafeMode)) { newFormat = null; }
-            }
             CheckFormatName(newFormat);
+            // As qemu-img 7.2: a new backing file is never written into the header without its format.
+            var formatMissing = () => new BlockException($"Could not change the backing file to '{newBacking}': backing format must be specified");
             if (r.GetValue(unsafeMode))
             {
                 using var img = OpenImage(path, r.GetValue(format), readOnly: false, openBacking: false);
+                if (newBacking is not null && newFormat is null) throw formatMissing();
                 img.SetBackingFile(newBacking, newFormat);
                 return 0;
             }
             using var image = OpenImage(path, r.GetValue(format), readOnly: false, openBacking: true);
+            if (newBacking is not null && newFormat is null) throw formatMissing();
             BlockImage? newChain = null;
             try
             {

@@ -39,6 +39,9 @@ public readonly record struct BitmapsExtension(uint NbBitmaps, ulong DirectorySi
     }
 }
 
+/// <summary>A bitmap directory entry breaks the rules QEMU checks on open: the image is refused, read-only too.</summary>
+public sealed class BitmapConstraintException(string message) : Exception(message);
+
 /// <summary>One bitmap directory entry.</summary>
 public sealed record BitmapDirectoryEntry(ulong TableOffset, uint TableSize, BitmapFlags Flags, byte Type, byte GranularityBits, string Name, byte[] ExtraData)
 {
@@ -98,16 +101,13 @@ public sealed record BitmapDirectoryEntry(ulong TableOffset, uint TableSize, Bit
     {
         string who = $"Bitmap '{Name}'";
         if (Name.Length == 0 || Encoding.UTF8.GetByteCount(Name) > 1023) throw new ImageFormatException($"{who}: invalid name length");
-        if (TableSize == 0 || TableOffset == 0 || TableOffset % (ulong)clusterSize != 0 || TableOffset > Qcow2Header.MaxHostOffset)
-            throw new ImageFormatException($"{who}: invalid bitmap table offset or size");
-        if (TableSize > MaxTableSize || TableSize * clusterSize > MaxBitmapBytes)
-            throw new ImageFormatException($"{who}: bitmap table is too large");
-        if (GranularityBits < 9 || GranularityBits > 31) throw new ImageFormatException($"{who}: granularity bits {GranularityBits} out of range 9..31");
-        if (((uint)Flags & ReservedFlagsMask) != 0) throw new ImageFormatException($"{who}: reserved flags are set (0x{(uint)Flags:x})");
-        if (Type != DirtyTrackingType) throw new ImageFormatException($"{who}: unknown bitmap type {Type}");
+        // What QEMU checks of every entry on open: an image breaking any of these is not opened at all.
+        bool broken = TableSize == 0 || TableOffset == 0 || TableOffset % (ulong)clusterSize != 0 || TableOffset > Qcow2Header.MaxHostOffset ||
+                      TableSize > MaxTableSize || TableSize * clusterSize > MaxBitmapBytes ||
+                      GranularityBits < 9 || GranularityBits > 31 || ((uint)Flags & ReservedFlagsMask) != 0 || Type != DirtyTrackingType ||
+                      ((Flags & BitmapFlags.InUse) == 0 && TableSize < RequiredTableSize(diskSize, Granularity, clusterSize));
+        if (broken) throw new BitmapConstraintException($"{who} doesn't satisfy the constraints");
         if (ExtraData.Length != 0) throw new ImageFormatException($"{who}: Bitmap extra data is not supported");
-        if ((Flags & BitmapFlags.InUse) == 0 && TableSize < RequiredTableSize(diskSize, Granularity, clusterSize))
-            throw new ImageFormatException($"{who}: bitmap table is too small for the disk");
     }
 
     /// <summary>Table entries needed: one per cluster of bitmap data.</summary>

@@ -57,6 +57,12 @@ public sealed record Qcow2Header
     public const int MaxBackingFileSize = 1023;
     /// <summary>Host offsets have 56 bits in every table entry.</summary>
     public const ulong MaxHostOffset = (1UL << 56) - 1;
+    /// <summary>QEMU's largest active L1 table: 32 MiB of entries (128 GiB of guest at 512-byte clusters).</summary>
+    public const uint MaxL1Entries = (32u << 20) / 8;
+    /// <summary>QEMU's largest refcount table, in bytes (8 MiB).</summary>
+    public const long MaxRefcountTableBytes = 8L << 20;
+    /// <summary>Where the incompatible feature bits lie (version 3), rewritten alone to mark an image corrupt.</summary>
+    public const int IncompatibleFeaturesOffset = 72;
 
     public uint Version { get; init; } = 3;
     public ulong BackingFileOffset { get; init; }
@@ -160,14 +166,16 @@ public sealed record Qcow2Header
             throw new ImageFormatException("Active L1 table offset invalid");
         if (RefcountTableOffset % (ulong)ClusterSize != 0 || RefcountTableOffset == 0)
             throw new ImageFormatException("Refcount table offset invalid");
-        if (RefcountTableClusters == 0 || RefcountTableClusters > (1u << 24))
-            throw new ImageFormatException($"Reference count table too large or empty ({RefcountTableClusters} clusters)");
-        if (L1Size > 0x2000000)
+        if (RefcountTableClusters == 0)
+            throw new ImageFormatException("Image does not contain a reference count table");
+        if (RefcountTableClusters > MaxRefcountTableBytes >> ClusterBits)
+            throw new ImageFormatException("Reference count table too large");
+        if (L1Size > MaxL1Entries)
             throw new ImageFormatException("Active L1 table too large");
         long l2Entries = ClusterSize / 8;
         ulong needL1 = (ulong)((((long)Size + ClusterSize - 1) / ClusterSize + l2Entries - 1) / l2Entries);
         if (L1Size < needL1)
-            throw new ImageFormatException($"L1 table is too small ({L1Size} entries for {needL1} needed)");
+            throw new ImageFormatException("L1 table is too small");
         if (HeaderLength > (ulong)ClusterSize)
             throw new ImageFormatException("qcow2 header exceeds cluster size");
         var unknown = IncompatibleFeatures & ~KnownIncompatible;

@@ -104,9 +104,12 @@ public static class Qcow2HeaderExtensionCodec
                 if (type == Qcow2ExtensionType.End) break;
                 if (len > end - off - 8)
                     throw new ImageFormatException($"Invalid header extension 0x{(uint)type:x8}: length {len} exceeds the header cluster");
-                if (!seen.Add(type))
-                    throw new ImageFormatException($"Header extension 0x{(uint)type:x8} appears twice");
-                list.Add(new Qcow2HeaderExtension(type, cluster0.Slice(off + 8, (int)len).ToArray()));
+                var ext = new Qcow2HeaderExtension(type, cluster0.Slice(off + 8, (int)len).ToArray());
+                // As QEMU reads them, a repeated extension of a known type replaces the earlier one (the last
+                // backing format wins); unknown ones are all kept, to be written back as found.
+                int earlier = Enum.IsDefined(type) && !seen.Add(type) ? list.FindIndex(e => e.Type == type) : -1;
+                if (earlier >= 0) list[earlier] = ext;
+                else list.Add(ext);
                 off += 8 + (int)((len + 7) & ~7u);
             }
         }

@@ -130,15 +130,42 @@ public class BitmapPersistenceTests
 
     public static TheoryData<string, int, byte[]> Corruptions => new()
     {
-        { "type", 16, new byte[] { 2 } },
-        { "granularity bits", 17, new byte[] { 40 } },
-        { "reserved flags", 12, new byte[] { 0, 0, 0, 8 } },
         { "table past EOF", 0, new byte[] { 0, 0, 0, 0, 0x10, 0, 0, 0 } },
-        { "table unaligned", 6, new byte[] { 0x10, 0x08 } },
         { "name not UTF-8", 24, new byte[] { 0xff, 0xfe } },
         { "extra data", 20, new byte[] { 0, 0, 0, 8 } },
+    };
+
+    /// <summary>Entries QEMU's open refuses outright (qemu-img info too): "doesn't satisfy the constraints".</summary>
+    public static TheoryData<string, int, byte[]> ConstraintViolations => new()
+    {
+        { "type", 16, new byte[] { 2 } },
+        { "granularity bits", 17, new byte[] { 40 } },
+        { "unknown flag", 12, new byte[] { 0, 0, 0, 4 } },
+        { "reserved flags", 12, new byte[] { 0, 0, 0, 8 } },
+        { "table unaligned", 6, new byte[] { 0x10, 0x08 } },
         { "table size zero", 8, new byte[] { 0, 0, 0, 0 } },
     };
+
+    [Theory]
+    [MemberData(nameof(ConstraintViolations))]
+    public void EntriesBreakingQemusConstraintsMakeTheOpenFailInEveryMode(string what, int fieldOffset, byte[] bytes)
+    {
+        using var dir = new TempDir();
+        string path = MakeImage(dir);
+        long dirOffset;
+        using (var img = (Qcow2Image)ImageOpener.Open(path))
+            dirOffset = (long)BitmapsExtension.Parse(img.Extras.Find(Qcow2ExtensionType.Bitmaps)!.Data).DirectoryOffset;
+        using (var f = File.OpenWrite(path))
+        {
+            f.Position = dirOffset + fieldOffset;
+            f.Write(bytes);
+        }
+        foreach (bool readOnly in new[] { true, false })
+        {
+            var e = Assert.Throws<BlockException>(() => ImageOpener.Open(path, readOnly: readOnly));
+            Assert.True(e.Message.EndsWith("doesn't satisfy the constraints", StringComparison.Ordinal), $"{what}: {e.Message}");
+        }
+    }
 
     [Theory]
     [MemberData(nameof(Corruptions))]

@@ -53,6 +53,10 @@ public class Qcow2HeaderTests
     }
 
     [Theory]
+    // QEMU's limits: an L1 table of at most 32 MiB, a refcount table of at most 8 MiB.
+    [InlineData(36, 0x400001, "Active L1 table too large")]
+    [InlineData(56, 0x81, "Reference count table too large")]
+    [InlineData(56, 0, "Image does not contain a reference count table")]
     [InlineData(0, 0x11, "not in qcow2 format")]
     [InlineData(4, 4, "version")]
     [InlineData(20, 8, "cluster size")]
@@ -76,6 +80,16 @@ public class Qcow2HeaderTests
         BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(72), 1UL << 20);
         var e = Assert.Throws<ImageFormatException>(() => Qcow2Header.Parse(bytes));
         Assert.Equal("Unsupported qcow2 feature(s): Unknown incompatible feature: 100000", e.Message);
+    }
+
+    [Fact]
+    public void AcceptsQemusLargestTables()
+    {
+        var bytes = new byte[112];
+        (Sample() with { Size = 128UL << 30, ClusterBits = 9, L1Size = 0x400000, RefcountTableOffset = 0x200, RefcountTableClusters = 0x4000 }).Write(bytes);
+        var h = Qcow2Header.Parse(bytes);
+        Assert.Equal(0x400000u, h.L1Size);
+        Assert.Equal(8L << 20, h.RefcountTableClusters * h.ClusterSize);
     }
 
     [Fact]
@@ -152,6 +166,26 @@ public class Qcow2HeaderExtensionTests
         var (bytes, h) = Qcow2HeaderExtensionCodec.Build(header, [unknown], null);
         var parsed = Qcow2HeaderExtensionCodec.Parse(h, bytes);
         Assert.Equal(new byte[] { 1, 2, 3 }, parsed.Find((Qcow2ExtensionType)0x12345678)!.Data);
+    }
+
+    [Fact]
+    public void ARepeatedBackingFormatIsNotAnErrorAndTheLastOneWins()
+    {
+        // QEMU reads the extensions in order and keeps the last backing format; unknown repeats are all kept.
+        var header = new Qcow2Header { ClusterBits = 16, Size = 1 << 20, L1Size = 1, L1TableOffset = 0x30000, RefcountTableOffset = 0x10000, RefcountTableClusters = 1 };
+        var unknown = (Qcow2ExtensionType)0x12345678;
+        var exts = new[]
+        {
+            new Qcow2HeaderExtension(Qcow2ExtensionType.BackingFormat, "raw"u8.ToArray()),
+            new Qcow2HeaderExtension(unknown, [1]),
+            new Qcow2HeaderExtension(Qcow2ExtensionType.BackingFormat, "qcow2"u8.ToArray()),
+            new Qcow2HeaderExtension(unknown, [2]),
+        };
+        var (bytes, h) = Qcow2HeaderExtensionCodec.Build(header, exts, "base.qcow2");
+        var parsed = Qcow2HeaderExtensionCodec.Parse(h, bytes);
+        Assert.Equal("qcow2", parsed.BackingFormat);
+        Assert.Single(parsed.Extensions, e => e.Type == Qcow2ExtensionType.BackingFormat);
+        Assert.Equal(2, parsed.Extensions.Count(e => e.Type == unknown));
     }
 
     [Fact]
