@@ -21,6 +21,7 @@ public sealed class BlockIOException(string message, int errno) : BlockException
         22 => "Invalid argument",
         28 => "No space left on device",
         95 => "Operation not supported",
+        123 => "No medium found",
         _ => $"Unknown error {errno}",
     };
 }
