@@ -154,8 +154,6 @@ public sealed partial class Qcow2Image : BlockImage
                 throw new BlockException("qcow2: Image has the dirty bit set (lazy refcounts); repair it with 'check -r all' first");
             if (header.Version < 3)
                 throw new BlockException("Writing qcow2 version 2 images is not supported; convert the image to version 3 first");
-            if (header.NbSnapshots != 0)
-                throw new BlockException("Writing qcow2 images that contain internal snapshots is not supported");
         }
 
         long l1Bytes = header.L1Size * 8L;
@@ -183,6 +181,7 @@ public sealed partial class Qcow2Image : BlockImage
         for (int i = 0; i < img._refTable.Length; i++)
             img._refTable[i] = BinaryPrimitives.ReadUInt64BigEndian(rtRaw.AsSpan(i * 8));
         img.InitBitmaps();
+        img.LoadSnapshots();
 
         return img;
     }
@@ -570,9 +569,8 @@ public sealed partial class Qcow2Image : BlockImage
         long l2Offset = (long)(l1e & Qcow2Entry.OffsetMask);
         if (l2Offset != 0)
         {
-            if ((l1e & Qcow2Entry.Copied) == 0)
-                throw new BlockException("qcow2: shared L2 tables (internal snapshots) are not supported for writing");
-            return LoadL2(l2Offset, l1Index);
+            // Without OFLAG_COPIED the table is shared with a snapshot: the active tree gets its own copy.
+            return (l1e & Qcow2Entry.Copied) != 0 ? LoadL2(l2Offset, l1Index) : CopyOnWriteL2Table(l1Index, l2Offset);
         }
         long newOffset = AllocateClusters(1);
         var table = new L2Table(new ulong[_l2Entries]) { Dirty = true, LastUse = ++_l2Clock };

@@ -28,6 +28,7 @@ internal static partial class ImgCommands
         img.Subcommands.Add(RebaseCommand(stdout, stderr));
         img.Subcommands.Add(ResizeCommand(stdout, stderr));
         img.Subcommands.Add(BitmapCommand(stdout, stderr));
+        img.Subcommands.Add(SnapshotCommand(stdout, stderr));
         return img;
     }
 
