@@ -107,7 +107,16 @@ public sealed partial class Qcow2Image
                 WriteL1Table(l1Offset, _l1);
             }
             sn = sn with { L1TableOffset = (ulong)l1Offset };
-            UpdateTreeRefcounts(_l1, +1, SnapshotL1Home.Active);
+            try
+            {
+                UpdateTreeRefcounts(_l1, +1, SnapshotL1Home.Active);
+            }
+            catch (BlockException) when (_refcountOrder < 6)
+            {
+                // A refcount at its width's limit (refcount_bits=1 allows no sharing at all). What was raised stays
+                // raised: leaks, never a cluster counted too low.
+                throw new SnapshotException("Invalid argument", EINVAL);
+            }
             WriteBackMetadata();
             WriteSnapshotTable([.. _snapshots, sn]);
             return sn;

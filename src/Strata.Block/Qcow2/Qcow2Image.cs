@@ -150,10 +150,6 @@ public sealed partial class Qcow2Image : BlockImage
         {
             if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0)
                 throw new BlockException("qcow2: Image is corrupt; cannot be opened read/write");
-            if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) != 0)
-                throw new BlockException("qcow2: Image has the dirty bit set (lazy refcounts); repair it with 'check -r all' first");
-            if (header.Version < 3)
-                throw new BlockException("Writing qcow2 version 2 images is not supported; convert the image to version 3 first");
         }
 
         long l1Bytes = header.L1Size * 8L;
@@ -182,6 +178,7 @@ public sealed partial class Qcow2Image : BlockImage
             img._refTable[i] = BinaryPrimitives.ReadUInt64BigEndian(rtRaw.AsSpan(i * 8));
         img.InitBitmaps();
         img.LoadSnapshots();
+        img.RepairIfDirty();
 
         return img;
     }
@@ -267,6 +264,7 @@ public sealed partial class Qcow2Image : BlockImage
     /// </summary>
     private void BeforeGuestWrite()
     {
+        MarkDirtyForLazyRefcounts();
         MarkBitmapsInUse();
         var unknown = _header.AutoclearFeatures & ~Qcow2AutoclearFeatures.Bitmaps;
         if (unknown == Qcow2AutoclearFeatures.None) return;
@@ -593,6 +591,11 @@ public sealed partial class Qcow2Image : BlockImage
 
     private void ZeroOrDiscard(long offset, long length, bool discard, bool mayUnmap)
     {
+        if (!discard && _header.Version < 3 && Backing is not null)
+        {
+            WriteZeroBuffers(offset, length);
+            return;
+        }
         long end = offset + length;
         while (offset < end)
         {
@@ -638,7 +641,14 @@ public sealed partial class Qcow2Image : BlockImage
         bool allocated = kind is L2EntryKind.Normal or L2EntryKind.Compressed or L2EntryKind.ZeroAllocated;
         bool keepsHost = false;
         ulong replacement;
-        if (discard)
+        if (_header.Version < 3)
+        {
+            // Version 2 has no zero flag: QEMU unmaps (the backing file shows through a discard; zeroing over a
+            // backing file writes real zeros before it gets here).
+            if (!allocated) return;
+            replacement = 0;
+        }
+        else if (discard)
         {
             if (!allocated && Backing is null) return;
             replacement = Qcow2Entry.ZeroFlag;
@@ -737,6 +747,7 @@ public sealed partial class Qcow2Image : BlockImage
                 {
                     StoreBitmapsLocked();
                     WriteBackMetadata();
+                    MarkClean();
                 }
         }
         finally
