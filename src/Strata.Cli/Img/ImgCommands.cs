@@ -29,6 +29,7 @@ internal static partial class ImgCommands
         img.Subcommands.Add(ResizeCommand(stdout, stderr));
         img.Subcommands.Add(BitmapCommand(stdout, stderr));
         img.Subcommands.Add(SnapshotCommand(stdout, stderr));
+        img.Subcommands.Add(AmendCommand(stdout, stderr));
         return img;
     }
 
