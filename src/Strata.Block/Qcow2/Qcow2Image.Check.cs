@@ -132,7 +132,7 @@ public sealed partial class Qcow2Image
                     }
                 }
             }
-            CountSnapshots(Count, report);
+            CountSnapshots(Count, report, repair);
             CountBitmaps(Count, report);
             foreach (var error in _bitmapLoadErrors)
             {

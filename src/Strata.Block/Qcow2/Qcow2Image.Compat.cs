@@ -200,6 +200,8 @@ public sealed partial class Qcow2Image
                 AutoclearFeatures = version >= 3 ? _header.AutoclearFeatures : 0,
             };
             RewriteHeaderExtensions(exts);
+            // Version 3 wants every snapshot entry complete: rewriting the table gives each its full extra data.
+            if (version >= 3 && _snapshots.Count > 0) WriteSnapshotTable(new List<Qcow2Snapshot>(_snapshots));
         }
     }
 }

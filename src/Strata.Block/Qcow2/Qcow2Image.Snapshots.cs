@@ -23,7 +23,7 @@ public sealed partial class Qcow2Image
     /// <summary>QEMU's limit on L1 tables (QCOW_MAX_L1_SIZE), in bytes.</summary>
     private const long MaxL1Bytes = 32L << 20;
 
-    private const int ENOENT = 2, EINVAL = 22, EEXIST = 17, EFBIG = 27;
+    private const int ENOENT = 2, EAGAIN = 11, EINVAL = 22, EEXIST = 17, EFBIG = 27;
 
     /// <summary>The internal snapshots, in table order.</summary>
     public IReadOnlyList<Qcow2Snapshot> Snapshots => _snapshots;
@@ -35,20 +35,22 @@ public sealed partial class Qcow2Image
         if (_header.NbSnapshots == 0) return;
         long offset = (long)_header.SnapshotsOffset;
         long available = Math.Max(0, _file.Length - offset);
-        // The table's length is only known once parsed: read a little, and more if the entries go on.
-        long chunk = Math.Min(available, 64 * 1024);
+        // The table's length is only known once parsed: read a little, and more if the entries go on. Past the end
+        // of the file it reads as zeros, as QEMU reads it. The last entry may start just below the size limit.
+        const long Limit = Qcow2SnapshotTable.MaxTableSize + 256 * 1024;
+        long chunk = 64 * 1024;
         while (true)
         {
             var bytes = new byte[chunk];
-            _file.Read(offset, bytes);
+            _file.Read(offset, bytes.AsSpan(0, (int)Math.Min(chunk, available)));
             try
             {
                 (_snapshots, _snapshotsSize) = Qcow2SnapshotTable.Parse(bytes, _header.NbSnapshots, (ulong)Size);
                 return;
             }
-            catch (ImageFormatException) when (chunk < available && chunk < 2 * Qcow2SnapshotTable.MaxTableSize)
+            catch (ImageFormatException) when (chunk < Limit)
             {
-                chunk = Math.Min(available, chunk * 4);
+                chunk = Math.Min(Limit, chunk * 4);
             }
         }
     }
@@ -70,6 +72,26 @@ public sealed partial class Qcow2Image
         var l1 = new ulong[sn.L1Size];
         for (int i = 0; i < l1.Length; i++) l1[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
         return l1;
+    }
+
+    /// <summary>
+    /// Reads the image as one of its snapshots from now on (read-only opens only), as qemu-img convert -l does. With
+    /// <paramref name="byIdOrName"/> the one string names the snapshot by ID or else by name; otherwise the given ID
+    /// and name must both match.
+    /// </summary>
+    public void LoadSnapshotTemporarily(string? id, string? name, bool byIdOrName)
+    {
+        if (!ReadOnly) throw new BlockException("Cannot load snapshot on a writable image");
+        lock (_lock)
+        {
+            int index = byIdOrName
+                ? FindSnapshot(id!)
+                : _snapshots.FindIndex(s => (id is null || s.Id == id) && (name is null || s.Name == name));
+            if (index < 0 || (id is null && name is null)) throw new BlockException("Can't find snapshot");
+            var sn = _snapshots[index];
+            _l1 = ReadSnapshotL1(sn);
+            _l2Cache.Clear();
+        }
     }
 
     /// <summary>Takes an internal snapshot of the disk (no VM state), as <c>qemu-img snapshot -c</c> does.</summary>
@@ -98,6 +120,8 @@ public sealed partial class Qcow2Image
             if (Qcow2SnapshotTable.EncodedSize([.. _snapshots, sn]) > Qcow2SnapshotTable.MaxTableSize)
                 throw new SnapshotException("File too large", EFBIG);
 
+            CheckTreeCanBeShared(_l1);
+
             // The copy of the L1 table first, then the references it adds, and only then the table entry naming it.
             long l1Offset = 0;
             if (_l1.Length > 0)
@@ -120,6 +144,39 @@ public sealed partial class Qcow2Image
             WriteBackMetadata();
             WriteSnapshotTable([.. _snapshots, sn]);
             return sn;
+        }
+    }
+
+    /// <summary>Refuses, before anything changes, a tree whose L2 or data clusters lie past the end of the file: their
+    /// refcounts cannot be raised (QEMU fails with EFBIG where the refcount table could not grow that far, else
+    /// EAGAIN). Caller holds the lock.</summary>
+    private void CheckTreeCanBeShared(ulong[] l1)
+    {
+        const long MaxRefcountTableBytes = 8L << 20;
+        void CheckCluster(long offset)
+        {
+            if (offset + _clusterSize <= Math.Max(_file.Length, _endCluster << _clusterBits)) return;
+            long tableBytes = ((offset >> _clusterBits) / _refcountsPerBlock + 1) * 8;
+            throw tableBytes > MaxRefcountTableBytes ? new SnapshotException("File too large", EFBIG)
+                                                     : new SnapshotException("Resource temporarily unavailable", EAGAIN);
+        }
+        for (long i = 0; i < l1.Length; i++)
+        {
+            long l2Offset = (long)(l1[i] & Qcow2Entry.OffsetMask);
+            if (l2Offset == 0) continue;
+            CheckCluster(l2Offset);
+            foreach (ulong e in LoadL2(l2Offset, i).Entries)
+            {
+                switch (Qcow2Entry.Classify(e))
+                {
+                    case L2EntryKind.Normal or L2EntryKind.ZeroAllocated:
+                        CheckCluster((long)(e & Qcow2Entry.OffsetMask));
+                        break;
+                    case L2EntryKind.Compressed:
+                        CheckCluster(Qcow2Entry.DecodeCompressed(e, _clusterBits).HostOffset & ~(_clusterSize - 1));
+                        break;
+                }
+            }
         }
     }
 
@@ -310,9 +367,22 @@ public sealed partial class Qcow2Image
     }
 
     /// <summary>Counts the references of the snapshot table and of every snapshot's tree, for <c>check</c>.</summary>
-    private void CountSnapshots(Action<long, long> count, CheckReport report)
+    private void CountSnapshots(Action<long, long> count, CheckReport report, RepairMode repair)
     {
         if (_snapshots.Count == 0) return;
+        // Version 3 requires the disk size in every entry; a table written for version 2 may lack it.
+        var incomplete = _header.Version >= 3
+            ? Enumerable.Range(0, _snapshots.Count).Where(i => _snapshots[i].ExtraDataSize < Qcow2SnapshotTable.MinV3ExtraDataSize).ToList()
+            : [];
+        foreach (int i in incomplete)
+        {
+            report.Messages.Add($"{(repair == RepairMode.All ? "Repairing" : "ERROR")} snapshot table entry {i} is incomplete");
+            report.Corruptions++;
+            if (repair == RepairMode.All) report.CorruptionsFixed++;
+        }
+        if (incomplete.Count > 0 && repair == RepairMode.All)
+            WriteSnapshotTable(_snapshots.Select(sn => sn.ExtraDataSize < Qcow2SnapshotTable.MinV3ExtraDataSize
+                ? sn with { ExtraDataSize = Qcow2SnapshotTable.KnownExtraDataSize } : sn).ToList());
         var l2Raw = new byte[_clusterSize];
         for (int n = 0; n < _snapshots.Count; n++)
         {

@@ -69,7 +69,16 @@ internal static partial class ImgCommands
             }
             using var image = OpenImage(files[0], r.GetValue(format), readOnly: false, openBacking: true);
             if (image is not Qcow2Image q) throw new BlockException($"Format driver '{image.FormatName}' does not support option amendment");
-            q.Amend(amend);
+            try
+            {
+                q.Amend(amend);
+            }
+            catch (SnapshotException e)
+            {
+                // A snapshot whose zero clusters cannot be read blocks a downgrade; QEMU reports both.
+                stderr.WriteLine($"{Prog}: {e.Message}");
+                throw new BlockException($"Failed to turn zero into data clusters: {Strerror(e.Errno)}");
+            }
             return 0;
         }));
         return cmd;
