@@ -30,6 +30,7 @@ public static class ImageInfo
             // A filter shows the node below it as its backing image, under the same file name.
             d.Add("backing-image", Build(child, displayName, true));
         }
+        if (image is Qcow2Image { Snapshots.Count: > 0 } qs) d.Add("snapshots", SnapshotInfos(qs.Snapshots));
         if (image is Qcow2Image q)
         {
             var data = new QDict();
@@ -69,6 +70,22 @@ public static class ImageInfo
         if (b.Enabled || (b.Successor?.Enabled ?? false)) flags.Add("auto");
         return flags;
     }
+
+    /// <summary>SnapshotInfo list: icount only where the entry records one.</summary>
+    private static List<object?> SnapshotInfos(IReadOnlyList<Qcow2Snapshot> snapshots) =>
+        snapshots.Select(sn =>
+        {
+            var d = new QDict()
+                .Add("id", sn.Id)
+                .Add("name", sn.Name)
+                .Add("vm-state-size", (long)sn.VmStateSize)
+                .Add("date-sec", (long)sn.DateSeconds)
+                .Add("date-nsec", (long)sn.DateNanoseconds)
+                .Add("vm-clock-sec", (long)(sn.VmClockNanoseconds / 1_000_000_000))
+                .Add("vm-clock-nsec", (long)(sn.VmClockNanoseconds % 1_000_000_000));
+            if (sn.Icount != ulong.MaxValue) d.Add("icount", (long)sn.Icount);
+            return (object?)d;
+        }).ToList();
 
     public static long ActualSize(BlockImage image) => image switch
     {

@@ -46,7 +46,11 @@ public class CorruptImageTests : ScratchDirTest
 
     /// <summary>Images qemu-storage-daemon opens anyway (it reads those tables lazily and fails on first use);
     /// Strata checks them at open and refuses.</summary>
-    private static readonly HashSet<string> QemuOpensAnyway = ["l1-past-eof", "refcount-table-past-eof", "snapshot-table-past-eof", "truncated-in-extensions"];
+    private static readonly HashSet<string> QemuOpensAnyway = ["l1-past-eof", "refcount-table-past-eof", "truncated-in-extensions"];
+
+    /// <summary>Images both open: a snapshot table past the end of the file reads as zeros (empty entries), as in
+    /// QEMU, whose iotest 080 relies on it.</summary>
+    private static readonly HashSet<string> BothOpen = ["snapshot-table-past-eof"];
 
     /// <summary>Checks both implementations make, worded alike: the messages must be QEMU's exactly.</summary>
     private static readonly HashSet<string> SameMessage =
@@ -82,7 +86,7 @@ public class CorruptImageTests : ScratchDirTest
         await using var qmp = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
         var outcomes = new List<(string, string?, string?)>();
         int i = 0;
-        foreach (var (name, _, _) in Corpus)
+        foreach (var (name, _, _) in Corpus.Where(c => !BothOpen.Contains(c.Name)))
         {
             string path = Build(name);
             await qmp.ExecuteAsync("blockdev-add", new Dictionary<string, object> { ["driver"] = "file", ["node-name"] = $"f{i}", ["filename"] = path });
@@ -115,6 +119,11 @@ public class CorruptImageTests : ScratchDirTest
         var report = string.Join("\n", qemu.Zip(strata, (q, s) => $"{q.Name}: qsd {q.Class ?? "ok"}: {q.Message} | strata {s.Class ?? "ok"}: {s.Message}"));
         foreach (var ((name, qClass, qMessage), (_, sClass, sMessage)) in qemu.Zip(strata))
         {
+            if (BothOpen.Contains(name))
+            {
+                Assert.True(qClass is null && sClass is null, $"{name} should open in both:\n{report}");
+                continue;
+            }
             Assert.True(sClass is not null, $"strata opened {name}:\n{report}");
             if (QemuOpensAnyway.Contains(name))
             {
@@ -130,7 +139,7 @@ public class CorruptImageTests : ScratchDirTest
     [Fact]
     public void DaemonStartupWithEachCorruptImageSaysOneLineAndExits1AsQemuDoes()
     {
-        foreach (var (name, _, _) in Corpus)
+        foreach (var (name, _, _) in Corpus.Where(c => !BothOpen.Contains(c.Name)))
         {
             string path = Build(name);
             string[] args = ["--blockdev", $"driver=file,node-name=f,filename={path}", "--blockdev", "driver=qcow2,node-name=q,file=f"];

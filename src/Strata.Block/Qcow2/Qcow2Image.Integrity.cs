@@ -24,7 +24,7 @@ public sealed partial class Qcow2Image
     public bool MarkedCorrupt => _corrupt;
 
     /// <summary>Rebuilds the metadata index from the tables in memory (on open and after a table moved). Internal
-    /// snapshots register their table and L1 tables with <c>_overlap.SetSnapshotTable</c> / <c>SetInactiveL1Tables</c>.
+    /// snapshots' table and L1 tables are part of it (rebuilt whenever the snapshot table changes).
     /// Caller holds the lock (or is opening the image).</summary>
     private void RebuildOverlapIndex()
     {
@@ -36,6 +36,8 @@ public sealed partial class Qcow2Image
         foreach (var e in _l1) _overlap.AddL2Table((long)(e & Qcow2Entry.OffsetMask));
         _overlap.ClearRefcountBlocks();
         foreach (var e in _refTable) _overlap.AddRefcountBlock((long)(e & ~Qcow2Entry.RefcountTableReservedMask));
+        _overlap.SetSnapshotTable((long)_header.SnapshotsOffset, _snapshotsSize);
+        _overlap.SetInactiveL1Tables(_snapshots.Select(sn => ((long)sn.L1TableOffset, sn.L1Size * 8L)));
     }
 
     /// <summary>Refuses a write to the host file that would land on metadata other than <paramref name="ignore"/>

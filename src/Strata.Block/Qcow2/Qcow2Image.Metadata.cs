@@ -467,9 +467,10 @@ public sealed partial class Qcow2Image
         long l1Needed = ((options.Size + cs - 1) / cs + cs / 8 - 1) / (cs / 8);
         if (l1Needed > Qcow2Header.MaxL1Entries || options.Size > long.MaxValue / 4)
             throw new BlockException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
+        CheckVersionOptions(options);
         var header = new Qcow2Header
         {
-            Version = 3,
+            Version = (uint)options.Version,
             ClusterBits = bits,
             Size = 0,
             L1Size = 0,
@@ -477,14 +478,16 @@ public sealed partial class Qcow2Image
             RefcountTableOffset = (ulong)cs,
             RefcountTableClusters = 1,
             RefcountOrder = System.Numerics.BitOperations.Log2((uint)options.RefcountBits),
-            HeaderLength = Qcow2Header.V3HeaderLength,
+            HeaderLength = (uint)(options.Version >= 3 ? Qcow2Header.V3HeaderLength : Qcow2Header.V2HeaderLength),
+            CompatibleFeatures = options.LazyRefcounts ? Qcow2CompatibleFeatures.LazyRefcounts : 0,
             CompressionType = options.CompressionType,
             IncompatibleFeatures = options.CompressionType == Qcow2CompressionType.Zstd ? Qcow2IncompatibleFeatures.CompressionType : 0,
         };
         var exts = new List<Qcow2HeaderExtension>();
         if (options.BackingFile is not null && options.BackingFormat is not null)
             exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.BackingFormat, System.Text.Encoding.UTF8.GetBytes(options.BackingFormat)));
-        exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.FeatureNameTable, Qcow2FeatureName.EncodeTable(Qcow2FeatureName.Standard)));
+        if (options.Version >= 3)
+            exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.FeatureNameTable, Qcow2FeatureName.EncodeTable(Qcow2FeatureName.Standard)));
         var (bytes, finalHeader) = Qcow2HeaderExtensionCodec.Build(header, exts, options.BackingFile);
         return (bytes, finalHeader, cs);
     }
@@ -519,4 +522,7 @@ public sealed record Qcow2CreateOptions
     public Qcow2CompressionType CompressionType { get; init; } = Qcow2CompressionType.Deflate;
     public string? BackingFile { get; init; }
     public string? BackingFormat { get; init; }
+    /// <summary>2 (compat=0.10) or 3 (compat=1.1).</summary>
+    public int Version { get; init; } = 3;
+    public bool LazyRefcounts { get; init; }
 }

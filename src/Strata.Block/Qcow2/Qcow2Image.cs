@@ -150,12 +150,6 @@ public sealed partial class Qcow2Image : BlockImage
         {
             if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0)
                 throw new BlockException("qcow2: Image is corrupt; cannot be opened read/write");
-            if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) != 0)
-                throw new BlockException("qcow2: Image has the dirty bit set (lazy refcounts); repair it with 'check -r all' first");
-            if (header.Version < 3)
-                throw new BlockException("Writing qcow2 version 2 images is not supported; convert the image to version 3 first");
-            if (header.NbSnapshots != 0)
-                throw new BlockException("Writing qcow2 images that contain internal snapshots is not supported");
         }
 
         long l1Bytes = header.L1Size * 8L;
@@ -184,7 +178,9 @@ public sealed partial class Qcow2Image : BlockImage
             img._refTable[i] = BinaryPrimitives.ReadUInt64BigEndian(rtRaw.AsSpan(i * 8));
         img.RebuildOverlapIndex();
         img.InitBitmaps();
+        img.LoadSnapshots();
         img.RebuildOverlapIndex();
+        img.RepairIfDirty();
 
         return img;
     }
@@ -290,6 +286,7 @@ public sealed partial class Qcow2Image : BlockImage
     /// </summary>
     private void BeforeGuestWrite()
     {
+        MarkDirtyForLazyRefcounts();
         MarkBitmapsInUse();
         var unknown = _header.AutoclearFeatures & ~Qcow2AutoclearFeatures.Bitmaps;
         if (unknown == Qcow2AutoclearFeatures.None) return;
@@ -596,7 +593,10 @@ public sealed partial class Qcow2Image : BlockImage
         if (l2Offset != 0)
         {
             if ((l1e & Qcow2Entry.Copied) == 0)
-                throw new BlockException("qcow2: shared L2 tables (internal snapshots) are not supported for writing");
+            {
+                // Without OFLAG_COPIED the table is shared with a snapshot: the active tree gets its own copy.
+                return CopyOnWriteL2Table(l1Index, l2Offset);
+            }
             // The table is about to change: refuse now, not at the next write-back, if it lies on other metadata.
             CheckHostWrite(l2Offset, _clusterSize, Qcow2MetadataKind.ActiveL2);
             return LoadL2(l2Offset, l1Index);
@@ -626,6 +626,11 @@ public sealed partial class Qcow2Image : BlockImage
     private void ZeroOrDiscard(long offset, long length, bool discard, bool mayUnmap)
     {
         ThrowIfCorrupt();
+        if (!discard && _header.Version < 3 && Backing is not null)
+        {
+            WriteZeroBuffers(offset, length);
+            return;
+        }
         long end = offset + length;
         while (offset < end)
         {
@@ -671,7 +676,14 @@ public sealed partial class Qcow2Image : BlockImage
         bool allocated = kind is L2EntryKind.Normal or L2EntryKind.Compressed or L2EntryKind.ZeroAllocated;
         bool keepsHost = false;
         ulong replacement;
-        if (discard)
+        if (_header.Version < 3)
+        {
+            // Version 2 has no zero flag: QEMU unmaps (the backing file shows through a discard; zeroing over a
+            // backing file writes real zeros before it gets here).
+            if (!allocated) return;
+            replacement = 0;
+        }
+        else if (discard)
         {
             if (!allocated && Backing is null) return;
             replacement = Qcow2Entry.ZeroFlag;
@@ -773,6 +785,7 @@ public sealed partial class Qcow2Image : BlockImage
                 {
                     StoreBitmapsLocked();
                     WriteBackMetadata();
+                    MarkClean();
                 }
         }
         finally

@@ -27,8 +27,10 @@ internal static partial class ImgCommands
         var coroutines = new Option<int?>("-m") { Description = "parallel workers (1..16)" };
         var files = new Argument<string[]>("filenames") { Arity = ArgumentArity.ZeroOrMore };
         var forceShare = ForceShareOption();
+        var snapshotParam = new Option<string?>("-l") { Description = "convert an internal snapshot: snapshot.id=…,snapshot.name=… or an ID or name" };
+        var snapshotName = new Option<string?>("-s") { Description = "convert the internal snapshot with this ID or name" };
         var cmd = new Command("convert", "Convert or copy an image")
-            { format, outFormat, compress, backing, backingFormat, opts, progress, quiet, noCreate, cache, srcCache, outOfOrder, coroutines, forceShare, files };
+            { format, outFormat, compress, backing, backingFormat, opts, progress, quiet, noCreate, cache, srcCache, outOfOrder, coroutines, forceShare, snapshotParam, snapshotName, files };
         cmd.SetAction(r => Run(stderr, () =>
         {
             var names = r.GetValue(files) ?? [];
@@ -50,6 +52,8 @@ internal static partial class ImgCommands
                     try { sources.Add(OpenImage(s, r.GetValue(format), locking: r.GetValue(forceShare) ? ImageLocking.ForceShare : ImageLocking.Stable)); }
                     catch (BlockException e) { throw new BlockException(Qualify(s, e.Message)); }
                 }
+                if ((r.GetValue(snapshotParam) ?? r.GetValue(snapshotName)) is { } snapshot)
+                    LoadSourceSnapshot(sources, snapshot);
                 long total = sources.Sum(s => s.Size);
                 string? targetBacking = r.GetValue(backing);
                 string? targetBackingFormat = r.GetValue(backingFormat);
@@ -103,5 +107,34 @@ internal static partial class ImgCommands
             return 0;
         }));
         return cmd;
+    }
+
+    /// <summary>-l/-s: the source is read as the snapshot's disk (qemu-img's bdrv_snapshot_load_tmp).</summary>
+    private static void LoadSourceSnapshot(List<BlockImage> sources, string snapshot)
+    {
+        if (sources.Count > 1) throw new BlockException("No support for concatenating multiple snapshot");
+        string? id = null, name = null;
+        if (snapshot.StartsWith("snapshot.", StringComparison.Ordinal))
+        {
+            foreach (var part in snapshot.Split(','))
+            {
+                if (part.StartsWith("snapshot.id=", StringComparison.Ordinal)) id = part["snapshot.id=".Length..];
+                else if (part.StartsWith("snapshot.name=", StringComparison.Ordinal)) name = part["snapshot.name=".Length..];
+                else throw new BlockException($"Failed in parsing snapshot param '{snapshot}'");
+            }
+        }
+        else
+        {
+            id = snapshot;
+        }
+        try
+        {
+            if (sources[0] is not Qcow2Image q) throw new BlockException("Operation not supported");
+            q.LoadSnapshotTemporarily(id, name, byIdOrName: !snapshot.StartsWith("snapshot.", StringComparison.Ordinal));
+        }
+        catch (BlockException e)
+        {
+            throw new BlockException($"Failed to load snapshot: {e.Message}");
+        }
     }
 }

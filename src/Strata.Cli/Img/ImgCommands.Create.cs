@@ -33,6 +33,7 @@ internal static partial class ImgCommands
         int clusterSize = 65536;
         var compression = Qcow2CompressionType.Deflate;
         int refcountBits = 16;
+        string? compat = null, lazyRefcounts = null, preallocation = null;
         long? size = null;
         if (sizeText is not null)
         {
@@ -62,10 +63,16 @@ internal static partial class ImgCommands
                         throw new BlockException($"{file}: Refcount width must be a power of two and may not exceed 64 bits");
                     break;
                 case "compat" when format == "qcow2":
-                    if (value is not ("1.1" or "v3"))
-                        throw new BlockException($"{file}: Creating qcow2 version 2 (compat={value}) images is not supported");
+                    compat = value;
                     break;
                 case "lazy_refcounts" when format == "qcow2":
+                    if (value is not ("on" or "off" or "true" or "false"))
+                        throw new BlockException($"{file}: Parameter 'lazy_refcounts' expects 'on' or 'off'");
+                    lazyRefcounts = value;
+                    break;
+                case "preallocation":
+                    preallocation = value;
+                    break;
                 case "extended_l2" when format == "qcow2":
                     if (value is not ("off" or "false"))
                         throw new BlockException($"{file}: {key}={value} is not supported");
@@ -111,19 +118,37 @@ internal static partial class ImgCommands
         if (size is null) throw new BlockException($"{file}: Image creation needs a size parameter");
         if (!quiet)
         {
+            string prealloc = preallocation is null ? "" : $" preallocation={preallocation}";
             string line = format == "raw"
-                ? $"Formatting '{file}', fmt=raw size={size}"
-                : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
-                  (backing is null ? "" : $" backing_file={backing} backing_fmt={backingFormat}") + $" lazy_refcounts=off refcount_bits={refcountBits}";
+                ? $"Formatting '{file}', fmt=raw size={size}{prealloc}"
+                : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
+                  (compat is null ? "" : $" compat={compat}") +
+                  (backing is null ? "" : $" backing_file={backing} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBits}";
             stdout.WriteLine(line);
         }
         // The line above shows the size as given; the image gets it rounded up to whole sectors, as qemu-img does.
         long sectorSize = (size.Value + 511) & ~511L;
+        var preallocMode = preallocation switch
+        {
+            null or "off" => Preallocation.Off,
+            "metadata" when format == "qcow2" => Preallocation.Metadata,
+            "falloc" => Preallocation.Falloc,
+            "full" => Preallocation.Full,
+            "metadata" => throw new BlockException($"{file}: Unsupported preallocation mode: metadata"),
+            _ => throw new BlockException($"{file}: Parameter 'preallocation' does not accept value '{preallocation}'"),
+        };
+        int version = compat switch
+        {
+            null or "1.1" or "v3" => 3,
+            "0.10" or "v2" => 2,
+            _ => throw new BlockException($"{file}: Parameter 'version' does not accept value '{compat}'"),
+        };
         if (format == "raw")
         {
             try
             {
                 using var r = RawImage.Create(file, sectorSize);
+                if (preallocMode != Preallocation.Off) WriteZeros(r, sectorSize);
                 r.Flush();
             }
             catch (BlockException e)
@@ -143,7 +168,10 @@ internal static partial class ImgCommands
                     RefcountBits = refcountBits,
                     BackingFile = backing,
                     BackingFormat = backingFormat,
+                    Version = version,
+                    LazyRefcounts = lazyRefcounts is "on" or "true",
                 });
+                q.Preallocate(preallocMode);
             }
             catch (BlockException e)
             {
@@ -151,6 +179,14 @@ internal static partial class ImgCommands
             }
         }
         return 0;
+    }
+
+    /// <summary>Raw falloc/full preallocation: every byte gets a disk block.</summary>
+    private static void WriteZeros(BlockImage image, long size)
+    {
+        var zeros = new byte[Math.Min(size, 1L << 20)];
+        for (long at = 0; at < size; at += zeros.Length)
+            image.Write(at, zeros.AsSpan(0, (int)Math.Min(zeros.Length, size - at)));
     }
 
     private static List<(string Key, string Value)> ParseOptions(IEnumerable<string> options, string file)

@@ -84,6 +84,7 @@ internal static partial class ImgCommands
         {
             var h = q.Header;
             if ((h.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) != 0) sb.Append("cleanly shut down: no\n");
+            sb.Append(SnapshotListText(image));
             sb.Append("Format specific information:\n");
             var specific = (QDict)InfoJson(image, givenName)["format-specific"]!;
             QemuHumanDump.Write(sb, (QDict)specific["data"]!, 1);

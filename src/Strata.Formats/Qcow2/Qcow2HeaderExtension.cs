@@ -87,31 +87,29 @@ public static class Qcow2HeaderExtensionCodec
     public static Qcow2HeaderExtras Parse(Qcow2Header header, ReadOnlySpan<byte> cluster0)
     {
         var list = new List<Qcow2HeaderExtension>();
-        if (header.Version >= 3)
+        // Version 2 images may carry extensions too (right after the 72-byte header), as QEMU writes them.
+        long end = Math.Min(cluster0.Length, header.BackingFileOffset != 0 ? (long)header.BackingFileOffset : header.ClusterSize);
+        int off = (int)header.HeaderLength;
+        var seen = new HashSet<Qcow2ExtensionType>();
+        while (true)
         {
-            long end = Math.Min(cluster0.Length, header.BackingFileOffset != 0 ? (long)header.BackingFileOffset : header.ClusterSize);
-            int off = (int)header.HeaderLength;
-            var seen = new HashSet<Qcow2ExtensionType>();
-            while (true)
+            if (off + 8 > end)
             {
-                if (off + 8 > end)
-                {
-                    // QEMU tolerates a missing end marker when the area is exhausted.
-                    break;
-                }
-                var type = (Qcow2ExtensionType)BinaryPrimitives.ReadUInt32BigEndian(cluster0[off..]);
-                uint len = BinaryPrimitives.ReadUInt32BigEndian(cluster0[(off + 4)..]);
-                if (type == Qcow2ExtensionType.End) break;
-                if (len > end - off - 8)
-                    throw new ImageFormatException($"Invalid header extension 0x{(uint)type:x8}: length {len} exceeds the header cluster");
-                var ext = new Qcow2HeaderExtension(type, cluster0.Slice(off + 8, (int)len).ToArray());
-                // As QEMU reads them, a repeated extension of a known type replaces the earlier one (the last
-                // backing format wins); unknown ones are all kept, to be written back as found.
-                int earlier = Enum.IsDefined(type) && !seen.Add(type) ? list.FindIndex(e => e.Type == type) : -1;
-                if (earlier >= 0) list[earlier] = ext;
-                else list.Add(ext);
-                off += 8 + (int)((len + 7) & ~7u);
+                // QEMU tolerates a missing end marker when the area is exhausted.
+                break;
             }
+            var type = (Qcow2ExtensionType)BinaryPrimitives.ReadUInt32BigEndian(cluster0[off..]);
+            uint len = BinaryPrimitives.ReadUInt32BigEndian(cluster0[(off + 4)..]);
+            if (type == Qcow2ExtensionType.End) break;
+            if (len > end - off - 8)
+                throw new ImageFormatException($"Invalid header extension 0x{(uint)type:x8}: length {len} exceeds the header cluster");
+            var ext = new Qcow2HeaderExtension(type, cluster0.Slice(off + 8, (int)len).ToArray());
+            // As QEMU reads them, a repeated extension of a known type replaces the earlier one (the last
+            // backing format wins); unknown ones are all kept, to be written back as found.
+            int earlier = Enum.IsDefined(type) && !seen.Add(type) ? list.FindIndex(e => e.Type == type) : -1;
+            if (earlier >= 0) list[earlier] = ext;
+            else list.Add(ext);
+            off += 8 + (int)((len + 7) & ~7u);
         }
         string? backing = null;
         if (header.BackingFileOffset != 0)
@@ -135,11 +133,8 @@ public static class Qcow2HeaderExtensionCodec
     {
         var exts = extensions.ToList();
         int len = header.WrittenLength;
-        if (header.Version >= 3)
-        {
-            foreach (var e in exts) len += e.EncodedLength;
-            len += 8; // end marker
-        }
+        foreach (var e in exts) len += e.EncodedLength;
+        len += 8; // end marker
         byte[] backingBytes = backingFile is null ? [] : Encoding.UTF8.GetBytes(backingFile);
         if (backingBytes.Length > Qcow2Header.MaxBackingFileSize)
             throw new ImageFormatException("Backing file name too long");
@@ -155,17 +150,14 @@ public static class Qcow2HeaderExtensionCodec
         var bytes = new byte[total];
         h.Write(bytes);
         int off = h.WrittenLength;
-        if (h.Version >= 3)
+        foreach (var e in exts)
         {
-            foreach (var e in exts)
-            {
-                BinaryPrimitives.WriteUInt32BigEndian(bytes.AsSpan(off), (uint)e.Type);
-                BinaryPrimitives.WriteUInt32BigEndian(bytes.AsSpan(off + 4), (uint)e.Data.Length);
-                e.Data.CopyTo(bytes.AsSpan(off + 8));
-                off += e.EncodedLength;
-            }
-            off += 8; // end marker: already zero
+            BinaryPrimitives.WriteUInt32BigEndian(bytes.AsSpan(off), (uint)e.Type);
+            BinaryPrimitives.WriteUInt32BigEndian(bytes.AsSpan(off + 4), (uint)e.Data.Length);
+            e.Data.CopyTo(bytes.AsSpan(off + 8));
+            off += e.EncodedLength;
         }
+        off += 8; // end marker: already zero
         backingBytes.CopyTo(bytes.AsSpan(off));
         return (bytes, h);
     }

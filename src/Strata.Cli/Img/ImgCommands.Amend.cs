@@ -1,0 +1,86 @@
+using System.CommandLine;
+using Strata.Block;
+using Strata.Block.Qcow2;
+
+namespace Strata.Cli.Img;
+
+/// <summary>`img amend`: qemu-img amend's options and messages (qcow2 only).</summary>
+internal static partial class ImgCommands
+{
+    /// <summary>qcow2 creation options that QEMU cannot change on an existing image.</summary>
+    private static readonly HashSet<string> CreationOnlyOptions =
+        ["cluster_size", "preallocation", "compression_type", "extended_l2", "encryption", "encrypt.format", "data_file", "data_file_raw"];
+
+    private static Command AmendCommand(TextWriter stdout, TextWriter stderr)
+    {
+        var format = FormatOption();
+        var opts = new Option<string[]>("-o") { Description = "options to change (compat, lazy_refcounts, size)" };
+        var quiet = QuietOption();
+        var progress = new Option<bool>("-p") { Description = "show progress (accepted, nothing to show)" };
+        var force = new Option<bool>("--force") { Description = "accepted for compatibility" };
+        var file = new Argument<string[]>("filename") { Arity = ArgumentArity.ZeroOrMore };
+        var cmd = new Command("amend", "Change format-specific options of an image") { format, opts, quiet, progress, force, file };
+        cmd.SetAction(r => Run(stderr, () =>
+        {
+            var options = r.GetValue(opts) ?? [];
+            if (options.Length == 0) throw new UsageException("Must specify options (-o)");
+            var files = r.GetValue(file) ?? [];
+            if (files.Length != 1) throw new UsageException("Expecting one image file name");
+            var amend = new Qcow2AmendOptions();
+            foreach (var (key, value) in ParseOptions(options, files[0]))
+            {
+                switch (key)
+                {
+                    case "compat":
+                        amend = amend with
+                        {
+                            Version = value switch
+                            {
+                                "0.10" or "v2" => 2,
+                                "1.1" or "v3" => 3,
+                                _ => throw new BlockException($"Unknown compatibility level {value}"),
+                            },
+                        };
+                        break;
+                    case "lazy_refcounts":
+                        amend = amend with
+                        {
+                            LazyRefcounts = value switch
+                            {
+                                "on" or "true" => true,
+                                "off" or "false" => false,
+                                _ => throw new BlockException("Parameter 'lazy_refcounts' expects 'on' or 'off'"),
+                            },
+                        };
+                        break;
+                    case "size":
+                        if (!SizeText.TryParse(value, out long size)) throw new BlockException("Parameter 'size' expects a size");
+                        amend = amend with { Size = size };
+                        break;
+                    case "refcount_bits":
+                        throw new BlockException("Changing the refcount width is not supported by strata; convert the image instead");
+                    case "backing_file" or "backing_fmt":
+                        throw new BlockException("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.");
+                    case var k when CreationOnlyOptions.Contains(k):
+                        throw new BlockException($"Invalid parameter '{k}'\nThis option is only supported for image creation");
+                    default:
+                        throw new BlockException($"Invalid parameter '{key}'");
+                }
+            }
+            using var image = OpenImage(files[0], r.GetValue(format), readOnly: false, openBacking: true);
+            if (image is not Qcow2Image q) throw new BlockException($"Format driver '{image.FormatName}' does not support option amendment");
+            try
+            {
+                q.Amend(amend);
+            }
+            catch (SnapshotException e)
+            {
+                // A snapshot whose zero clusters cannot be read blocks a downgrade; QEMU reports both.
+                stderr.WriteLine($"{Prog}: {e.Message}");
+                throw new BlockException($"Failed to turn zero into data clusters: {Strerror(e.Errno)}");
+            }
+            return 0;
+        }));
+        return cmd;
+    }
+}
