@@ -35,7 +35,8 @@ internal static partial class ImgCommands
             using var b = Open(names[1], r.GetValue(fb));
             if (b is null) return 2;
             bool quietMode = r.GetValue(quiet);
-            var progressPrinter = r.GetValue(progress) && !quietMode ? new ProgressPrinter(stdout) : null;
+            var progressPrinter = r.GetValue(progress) && !quietMode ? new ProgressPrinter(stdout, minSkip: 2) : null;
+            progressPrinter?.Report(0);
             CompareResult result;
             try
             {
