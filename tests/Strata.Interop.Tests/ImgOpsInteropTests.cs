@@ -206,3 +206,73 @@ public class ImgOpsInteropTests
         Assert.Equal(Maps.Normalize(q.Json(), withOffsets: true), Maps.Normalize(s.Json(), withOffsets: true));
     }
 }
+
+/// <summary>`strata img measure` and `strata img dd` print and produce what qemu-img does.</summary>
+public class MeasureDdInteropTests
+{
+    private static string Face(string text) => text.Replace("strata img", "qemu-img");
+
+    [Theory]
+    [InlineData("--size", "1G", "-O", "qcow2")]
+    [InlineData("--size", "10M", "-O", "qcow2", "-o", "cluster_size=2M,refcount_bits=64")]
+    [InlineData("--size", "3000k", "-O", "qcow2", "-o", "extended_l2=on", "--output=json")]
+    [InlineData("--size", "3000k", "-O", "raw")]
+    [InlineData("--size", "abc", "-O", "qcow2")]
+    [InlineData("-O", "qcow2")]
+    [InlineData("-f", "qcow2", "--size", "1M")]
+    public void MeasureSize_PrintsAsQemu(params string[] args)
+    {
+        var q = QemuImg(["measure", .. args]);
+        var s = StrataCmd(["img", "measure", .. args]);
+        Assert.Equal((q.Exit, q.Stdout, q.Stderr), (s.Exit, s.Stdout, Face(s.Stderr)));
+    }
+
+    [Theory]
+    [InlineData("qcow2", "human", "")]
+    [InlineData("qcow2", "json", "cluster_size=2M")]
+    [InlineData("qcow2", "human", "compat=0.10")]
+    [InlineData("qcow2", "human", "backing_file=x.qcow2")]
+    [InlineData("raw", "json", "")]
+    public void MeasureImageWithDataAndBitmaps_PrintsAsQemu(string target, string output, string options)
+    {
+        using var t = new TempDir();
+        string img = t["m.qcow2"];
+        Workloads.QemuQcow2(img, "64M", Workloads.Mixed);
+        QemuImg("bitmap", "--add", "-g", "512", img, "b1").Ok();
+        QemuImg("bitmap", "--add", "-g", "2M", img, "bitmap-two").Ok();
+        string[] args = ["measure", "--output=" + output, "-O", target, .. options.Length > 0 ? new[] { "-o", options } : [], img];
+        var q = QemuImg(args).Ok();
+        var s = StrataCmd(["img", .. args]).Ok();
+        Assert.Equal(q.Stdout, s.Stdout);
+    }
+
+    [Theory]
+    [InlineData("bs=512", "skip=1", "count=2")]
+    [InlineData("bs=64k", "count=3")]
+    [InlineData("bs=1M", "skip=2")]
+    [InlineData("bs=4k", "skip=100000")]
+    public void Dd_CopiesAsQemu(params string[] operands)
+    {
+        using var t = new TempDir();
+        string src = t["in.qcow2"];
+        Workloads.QemuQcow2(src, "8M", ["write -P 0x11 0 1M", "write -P 0x22 3M 64k", "write -z 4M 1M", "write -P 0x33 7M 1M"]);
+        var q = QemuImg(["dd", "-f", "qcow2", "-O", "qcow2", .. operands, "if=" + src, "of=" + t["q.qcow2"]]);
+        var s = StrataCmd(["img", "dd", "-f", "qcow2", "-O", "qcow2", .. operands, "if=" + src, "of=" + t["s.qcow2"]]);
+        Assert.Equal((q.Exit, q.Stdout), (s.Exit, s.Stdout));
+        Assert.Equal(q.Stderr, Face(s.Stderr));
+        AssertQemuIdentical(t["q.qcow2"], t["s.qcow2"], "-s");
+        AssertQemuCheckClean(t["s.qcow2"]);
+    }
+
+    [Theory]
+    [InlineData("if=x")]
+    [InlineData("bs=0", "if=x", "of=y")]
+    [InlineData("foo=1", "if=x", "of=y")]
+    [InlineData("count=-1", "if=x", "of=y")]
+    public void DdBadOperands_FailAsQemu(params string[] operands)
+    {
+        var q = QemuImg(["dd", .. operands]);
+        var s = StrataCmd(["img", "dd", .. operands]);
+        Assert.Equal((q.Exit, q.Stdout, q.Stderr), (s.Exit, s.Stdout, Face(s.Stderr)));
+    }
+}

@@ -52,7 +52,9 @@ public static class ImageConverter
 {
     private enum WorkKind { Data, Zero }
 
-    private readonly record struct WorkItem(BlockImage Source, long SourceOffset, long TargetOffset, long Length, WorkKind Kind);
+    /// <summary>A range of the target (the sources concatenated): it may span two sources when clusters are
+    /// written compressed.</summary>
+    private readonly record struct WorkItem(long TargetOffset, long Length, WorkKind Kind);
 
     public static void Convert(IReadOnlyList<BlockImage> sources, BlockImage target, ConvertOptions options)
     {
@@ -88,7 +90,7 @@ public static class ImageConverter
                         if (CountsForProgress(item, options))
                             options.Progress?.Invoke(Interlocked.Add(ref dataDone, item.Length), dataTotal);
                         var span = buffer.AsSpan(0, (int)item.Length);
-                        if (item.Kind == WorkKind.Data) ReadSource(item, span, options);
+                        if (item.Kind == WorkKind.Data) ReadSources(sources, item.TargetOffset, span, options);
                         if (options.WriteInOrder)
                         {
                             lock (writeTurn)
@@ -144,6 +146,11 @@ public static class ImageConverter
 
     private static IEnumerable<WorkItem> Plan(IReadOnlyList<BlockImage> sources, ConvertOptions options, int chunk)
     {
+        if (options.Compress)
+        {
+            foreach (var item in PlanClusters(sources, options, chunk)) yield return item;
+            yield break;
+        }
         long targetOffset = 0;
         foreach (var source in sources)
         {
@@ -168,14 +175,6 @@ public static class ImageConverter
                         else if (targetOffset + length > backingEnd) length = backingEnd - targetOffset;
                     }
                 }
-                else if (options.Compress)
-                {
-                    // Compressed clusters are written whole: windows on the cluster grid, and a window is zero
-                    // only if it is zero throughout.
-                    length = Math.Min(chunk - (offset % chunk), source.Size - offset);
-                    var ext = ChainStatus.Get(source, offset, length);
-                    kind = ext.Zero && ext.Length >= length ? WorkKind.Zero : WorkKind.Data;
-                }
                 else
                 {
                     // One block-status extent at a time, as qemu-img goes: sparse detection then sees the data of
@@ -187,26 +186,90 @@ public static class ImageConverter
                 if (length <= 0) throw new BlockException("block status returned an empty extent");
                 if (!skip)
                     for (long pos = 0; pos < length; pos += chunk)
-                    {
-                        long n = Math.Min(chunk, length - pos);
-                        yield return new WorkItem(source, offset + pos, targetOffset + pos, n, kind);
-                    }
+                        yield return new WorkItem(targetOffset + pos, Math.Min(chunk, length - pos), kind);
                 offset += length;
                 targetOffset += length;
             }
         }
     }
 
-    private static void ReadSource(in WorkItem item, Span<byte> span, ConvertOptions options)
+    /// <summary>Compressed clusters are written whole: target clusters, across source boundaries. A cluster is
+    /// zero (or, with a backing file, left to it) only if it is so throughout; anything mixed is read as data.</summary>
+    private static IEnumerable<WorkItem> PlanClusters(IReadOnlyList<BlockImage> sources, ConvertOptions options, int cluster)
+    {
+        long total = sources.Sum(s => s.Size);
+        for (long t = 0; t < total; t += cluster)
+        {
+            long length = Math.Min(cluster, total - t);
+            LayerState? common = null;
+            bool mixed = false;
+            foreach (var (source, offset, n) in Pieces(sources, t, length))
+            {
+                for (long pos = offset; !mixed && pos < offset + n;)
+                {
+                    LayerState state;
+                    long extent;
+                    if (options.TargetHasBacking)
+                    {
+                        var ext = source.GetLayerStatus(pos, offset + n - pos);
+                        (state, extent) = (ext.State, ext.Length);
+                    }
+                    else
+                    {
+                        var ext = ChainStatus.Get(source, pos, offset + n - pos);
+                        (state, extent) = (ext.Zero ? LayerState.Zero : LayerState.Data, ext.Length);
+                    }
+                    mixed = common is { } c && c != state;
+                    common = state;
+                    pos += extent;
+                }
+            }
+            var kind = mixed || common != LayerState.Zero && common != LayerState.Unallocated ? WorkKind.Data
+                : common == LayerState.Zero ? WorkKind.Zero : (WorkKind?)null;
+            // Past the end of the target's backing file a zero cluster is left as it is: it reads zeros already.
+            if (kind == WorkKind.Zero && options.TargetHasBacking && options.TargetBackingSize >= 0 && t >= options.TargetBackingSize) kind = null;
+            if (kind is { } k) yield return new WorkItem(t, length, k);
+        }
+    }
+
+    /// <summary>The (source, offset in it, length) pieces of a target range.</summary>
+    private static IEnumerable<(BlockImage Source, long Offset, long Length)> Pieces(IReadOnlyList<BlockImage> sources, long targetOffset, long length)
+    {
+        long start = 0;
+        foreach (var source in sources)
+        {
+            long end = start + source.Size;
+            if (targetOffset < end && length > 0)
+            {
+                long n = Math.Min(length, end - targetOffset);
+                yield return (source, targetOffset - start, n);
+                targetOffset += n;
+                length -= n;
+            }
+            start = end;
+        }
+    }
+
+    private static void ReadSources(IReadOnlyList<BlockImage> sources, long targetOffset, Span<byte> span, ConvertOptions options)
+    {
+        int done = 0;
+        foreach (var (source, offset, n) in Pieces(sources, targetOffset, span.Length))
+        {
+            ReadSource(source, offset, span.Slice(done, (int)n), options);
+            done += (int)n;
+        }
+    }
+
+    private static void ReadSource(BlockImage source, long offset, Span<byte> span, ConvertOptions options)
     {
         if (!options.Salvage)
         {
-            item.Source.Read(item.SourceOffset, span);
+            source.Read(offset, span);
             return;
         }
         try
         {
-            item.Source.Read(item.SourceOffset, span);
+            source.Read(offset, span);
         }
         catch (BlockException)
         {
@@ -216,11 +279,11 @@ public static class ImageConverter
                 var sector = span.Slice(pos, Math.Min(512, span.Length - pos));
                 try
                 {
-                    item.Source.Read(item.SourceOffset + pos, sector);
+                    source.Read(offset + pos, sector);
                 }
                 catch (BlockException e)
                 {
-                    options.Warn?.Invoke($"error while reading offset {item.SourceOffset + pos}: {e.Message}");
+                    options.Warn?.Invoke($"error while reading offset {offset + pos}: {e.Message}");
                     sector.Clear();
                 }
             }
