@@ -42,6 +42,13 @@ internal static partial class ImgCommands
             {
                 result = ImageComparer.Compare(a, b, r.GetValue(strict), progressPrinter is null ? null : progressPrinter.Report);
             }
+            catch (CompareReadException e)
+            {
+                stderr.WriteLine($"{Prog}: Error while reading offset {e.Offset} of {(e.InFirstImage ? names[0] : names[1])}: {e.Message}");
+                // qemu-img's stdout is buffered: its size warning comes out after the error.
+                if (a.Size != b.Size && !r.GetValue(strict) && !quietMode) stdout.WriteLine("Warning: Image size mismatch!");
+                return 4;
+            }
             catch (BlockException e)
             {
                 stderr.WriteLine($"{Prog}: {e.Message}");
