@@ -171,6 +171,23 @@ public class ImgOpsInteropTests
         Assert.Equal(q.Stderr.Replace(t.Q(""), ""), s.Stderr.Replace(t.S(""), "").Replace("strata img", "qemu-img"));
     }
 
+    /// <summary>A backing file named without its format is refused (convert -B / -o backing_file, rebase -u), as
+    /// qemu-img 7.2 refuses it, and nothing is created.</summary>
+    [Theory]
+    [InlineData("convert", "-O", "qcow2", "-B", "base.qcow2", "top.qcow2", "out.qcow2")]
+    [InlineData("convert", "-O", "qcow2", "-o", "backing_file=base.qcow2", "top.qcow2", "out.qcow2")]
+    [InlineData("rebase", "-u", "-b", "base.qcow2", "top.qcow2")]
+    public void BackingFileWithoutFormat_FailsAsQemu(params string[] args)
+    {
+        using var t = new Twin();
+        t.Both(ShortMiddleChain);
+        string[] Resolve(Func<string, string> p) => args.Select(a => a.EndsWith(".qcow2", StringComparison.Ordinal) && !a.Contains('=') && a != "base.qcow2" ? p(a) : a).ToArray();
+        var q = QemuImg(Resolve(t.Q));
+        var s = StrataCmd(["img", .. Resolve(t.S)]);
+        Assert.Equal((q.Exit, q.Stdout, q.Stderr), (s.Exit, s.Stdout, s.Stderr.Replace("strata img", "qemu-img")));
+        Assert.Equal(File.Exists(t.Q("out.qcow2")), File.Exists(t.S("out.qcow2")));
+    }
+
     /// <summary>iotest 252's regression: rebasing from no backing file onto one with data must make the clusters
     /// the image did not have read zeros as before, as zero clusters (not zero data).</summary>
     [Fact]

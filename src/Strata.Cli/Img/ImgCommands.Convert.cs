@@ -92,7 +92,7 @@ internal static partial class ImgCommands
                 if (compressed && fresh && outFmt != "qcow2") throw new BlockException("Compression not supported for this file format");
                 if (r.GetValue(bitmaps)) CheckBitmapsCopyable(sources, r.GetValue(skipBroken));
                 if (fresh && targetBacking is not null && targetBackingFormat is null)
-                    targetBackingFormat = ImageOpener.ProbeFormat(ImageOpener.ResolveBackingPath(target, targetBacking));
+                    throw new BlockException("Use of backing file requires explicit backing format");
                 if (fresh)
                 {
                     var createOpts = kv.Where(p => p.Key is not ("backing_file" or "backing_fmt")).Select(p => $"{p.Key}={p.Value}").ToArray();

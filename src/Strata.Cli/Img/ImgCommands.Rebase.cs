@@ -28,11 +28,10 @@ internal static partial class ImgCommands
             if (newBacking is null) throw new UsageException("Must specify backing file (-b) or use '-b \"\"' for no backing file");
             if (newBacking.Length == 0) newBacking = null;
             string? newFormat = r.GetValue(backingFormat);
+            if (newBacking is not null && newFormat is null && r.GetValue(unsafeMode))
+                throw new BlockException($"Could not change the backing file to '{newBacking}': backing format must be specified");
             if (newBacking is not null && newFormat is null)
-            {
-                try { newFormat = ImageOpener.ProbeFormat(ImageOpener.ResolveBackingPath(path, newBacking)); }
-                catch (BlockException) when (r.GetValue(unsafeMode)) { newFormat = null; }
-            }
+                newFormat = ImageOpener.ProbeFormat(ImageOpener.ResolveBackingPath(path, newBacking));
             CheckFormatName(newFormat);
             if (r.GetValue(unsafeMode))
             {
