@@ -160,7 +160,8 @@ internal static partial class ImgCommands
     /// <summary>Each persistent bitmap of the source, with its granularity, state and bits, into the target.</summary>
     private static void CopyBitmaps(BlockImage source, BlockImage target, bool skipBroken, TextWriter? warnings)
     {
-        foreach (var b in source.Bitmaps.All)
+        // Newest first, as qemu-img walks a node's bitmaps: the target then stores them in the source's order.
+        foreach (var b in source.Bitmaps.All.Reverse())
         {
             if (!b.Persistent || b.Name is null) continue;
             if (skipBroken && b.Inconsistent)
