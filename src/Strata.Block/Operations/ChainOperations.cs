@@ -8,43 +8,76 @@ public static class ChainOperations
     private const int Chunk = 2 << 20;
 
     /// <summary>
-    /// Writes everything <paramref name="top"/> holds in its own layer into <paramref name="backing"/> (opened
-    /// read-write), then, unless <paramref name="keepTop"/>, empties the top layer as <c>qemu-img commit</c> does.
+    /// Changes the virtual size the way QEMU's block layer does: when an image grows while its backing file is
+    /// longer than the old end, the new range must read as zeros, not as the backing file's data there (nor as data a
+    /// shrink left in the old last cluster). Whole clusters get zero clusters, the partial old last cluster explicit
+    /// zeros. The image's backing chain must be open for that.
     /// </summary>
-    public static void Commit(BlockImage top, BlockImage backing, bool keepTop, Action<long, long>? progress = null)
+    public static void Resize(BlockImage image, long newSize)
     {
-        if (backing.Size < top.Size) backing.Resize(top.Size);
+        long oldSize = image.Size;
+        image.Resize(newSize);
+        if (newSize <= oldSize || image.Backing is not { } backing || backing.Size <= oldSize) return;
+        long cluster = Math.Max(image.ClusterSize, 512);
+        long zeroStart = (oldSize + cluster - 1) / cluster * cluster;
+        if (newSize > zeroStart) image.WriteZeroes(zeroStart, newSize - zeroStart, mayUnmap: false);
+        if (zeroStart > oldSize) image.Write(oldSize, new byte[Math.Min(zeroStart, newSize) - oldSize]);
+    }
+
+    /// <summary>
+    /// Writes into <paramref name="target"/> (the layer <paramref name="baseDepth"/> levels below
+    /// <paramref name="top"/>, opened read-write on its own) everything the layers above it hold, as
+    /// <c>qemu-img commit</c> does; past the end of a shorter intermediate layer the chain reads zeros, and those
+    /// zeros are committed too. <paramref name="top"/> is the chain opened for reading. The target grows to the top's
+    /// size if it is shorter.
+    /// </summary>
+    public static void Commit(BlockImage top, int baseDepth, BlockImage target, Action<long, long>? progress = null)
+    {
+        var layers = new List<BlockImage>();
+        for (var layer = top; layers.Count < baseDepth; layer = layer.Backing)
+            layers.Add(layer ?? throw new ArgumentOutOfRangeException(nameof(baseDepth), "the base is not in the chain"));
+        if (target.Size < top.Size) Resize(target, top.Size);
         var buffer = ArrayPool<byte>.Shared.Rent(Chunk);
         try
         {
             for (long pos = 0; pos < top.Size;)
             {
-                var ext = top.GetLayerStatus(pos, Math.Min(Chunk, top.Size - pos));
-                switch (ext.State)
+                var (length, state) = StatusAbove(layers, pos, Math.Min(Chunk, top.Size - pos));
+                switch (state)
                 {
                     case LayerState.Data:
-                        var span = buffer.AsSpan(0, (int)ext.Length);
+                        var span = buffer.AsSpan(0, (int)length);
                         top.Read(pos, span);
-                        backing.Write(pos, span);
+                        target.Write(pos, span);
                         break;
                     case LayerState.Zero:
-                        backing.WriteZeroes(pos, ext.Length, mayUnmap: true);
+                        target.WriteZeroes(pos, length, mayUnmap: true);
                         break;
                 }
-                pos += ext.Length;
+                pos += length;
                 progress?.Invoke(pos, top.Size);
             }
-            backing.Flush();
-            if (!keepTop)
-            {
-                if (top is Qcow2.Qcow2Image q) q.MakeEmpty();
-                top.Flush();
-            }
+            target.Flush();
         }
         finally
         {
             ArrayPool<byte>.Shared.Return(buffer);
         }
+    }
+
+    /// <summary>What the layers above the base say about a range: the first layer that has it decides; a layer the
+    /// range lies past the end of reads as zeros there, which counts as that layer's.</summary>
+    private static (long Length, LayerState State) StatusAbove(List<BlockImage> layers, long pos, long length)
+    {
+        for (int i = 0; i < layers.Count; i++)
+        {
+            var layer = layers[i];
+            if (pos >= layer.Size) return (length, LayerState.Zero);
+            var ext = layer.GetLayerStatus(pos, Math.Min(length, layer.Size - pos));
+            if (ext.State != LayerState.Unallocated) return (ext.Length, ext.State);
+            length = ext.Length;
+        }
+        return (length, LayerState.Unallocated);
     }
 
     /// <summary>
@@ -62,6 +95,10 @@ public static class ChainOperations
             for (long pos = 0; pos < image.Size;)
             {
                 var ext = image.GetLayerStatus(pos, Math.Min(Chunk, image.Size - pos));
+                long oldEnd = oldBacking?.Size ?? 0;
+                // Past the old backing file's end the image read zeros: there the differences become zero writes.
+                bool pastOldEnd = pos >= oldEnd;
+                if (!pastOldEnd && pos + ext.Length > oldEnd) ext = ext with { Length = oldEnd - pos };
                 if (ext.State == LayerState.Unallocated)
                 {
                     int n = (int)ext.Length;
@@ -76,8 +113,9 @@ public static class ChainOperations
                         for (int p = 0; p < n;)
                         {
                             int len = (int)Math.Min(g - ((pos + p) % g), n - p);
-                            if (!o.Slice(p, len).SequenceEqual(nw.Slice(p, len)))
-                                image.Write(pos + p, o.Slice(p, len));
+                            bool differs = !o.Slice(p, len).SequenceEqual(nw.Slice(p, len));
+                            if (differs && pastOldEnd) image.WriteZeroes(pos + p, len, mayUnmap: false);
+                            else if (differs) image.Write(pos + p, o.Slice(p, len));
                             p += len;
                         }
                     }

@@ -7,6 +7,14 @@ public enum CompareOutcome { Identical, ContentMismatch, SizeMismatchStrict, Sta
 /// <summary>Result of comparing two images. <see cref="Offset"/> is the first differing 512-byte sector, in bytes.</summary>
 public readonly record struct CompareResult(CompareOutcome Outcome, long Offset, bool SizesDiffer);
 
+/// <summary>A read of one of the compared images failed (<see cref="InFirstImage"/> says which) in the chunk at
+/// <see cref="Offset"/>: qemu-img reports it and exits 4.</summary>
+public sealed class CompareReadException(long offset, bool inFirstImage, string reason) : BlockException(reason)
+{
+    public long Offset { get; } = offset;
+    public bool InFirstImage { get; } = inFirstImage;
+}
+
 /// <summary>Compares what two images read as, the way <c>qemu-img compare</c> does.</summary>
 public static class ImageComparer
 {
@@ -64,6 +72,7 @@ public static class ImageComparer
         }
         foreach (var t in threads) t.Join();
         if (failure is not null) throw failure is BlockException ? failure : new BlockException($"error while comparing: {failure.Message}");
+        bool firstIsLarger = a.Size > b.Size;
         if (strictMismatch != long.MaxValue && strictMismatch <= firstMismatch)
             return new CompareResult(CompareOutcome.StatusMismatchStrict, strictMismatch, sizesDiffer);
         if (firstMismatch != long.MaxValue)
@@ -84,7 +93,7 @@ public static class ImageComparer
                         for (long p = pos; p < pos + ext.Length; p += chunkSize)
                         {
                             int n = (int)Math.Min(chunkSize, pos + ext.Length - p);
-                            larger.Read(p, buf.AsSpan(0, n));
+                            ReadChecked(larger, firstIsLarger, p, buf.AsSpan(0, n), p);
                             int nz = buf.AsSpan(0, n).IndexOfAnyExcept((byte)0);
                             if (nz >= 0) return new CompareResult(CompareOutcome.ContentMismatch, (p + nz) & ~511L, true);
                         }
@@ -121,8 +130,8 @@ public static class ImageComparer
             {
                 var sa = bufA.AsSpan(0, (int)n);
                 var sb = bufB.AsSpan(0, (int)n);
-                if (ea.Zero) sa.Clear(); else a.Read(pos, sa);
-                if (eb.Zero) sb.Clear(); else b.Read(pos, sb);
+                if (ea.Zero) sa.Clear(); else ReadChecked(a, true, pos, sa, start);
+                if (eb.Zero) sb.Clear(); else ReadChecked(b, false, pos, sb, start);
                 if (!sa.SequenceEqual(sb))
                 {
                     int i = 0;
@@ -136,5 +145,18 @@ public static class ImageComparer
             pos += n;
         }
         return -1;
+    }
+
+    /// <summary>A read whose I/O error names the image and the chunk, as qemu-img reports it.</summary>
+    private static void ReadChecked(BlockImage image, bool first, long offset, Span<byte> buffer, long chunkOffset)
+    {
+        try
+        {
+            image.Read(offset, buffer);
+        }
+        catch (BlockIOException e)
+        {
+            throw new CompareReadException(chunkOffset, first, e.Message);
+        }
     }
 }

@@ -11,8 +11,26 @@ public sealed record ConvertOptions
     /// <summary>The target has a backing file equal to the source's: copy only what the source's top layer holds.</summary>
     public bool TargetHasBacking { get; init; }
 
+    /// <summary>Size of the target's backing file when the target is new (-1: unknown or none). Past its end the
+    /// backing file reads as zeros, so the source's zero ranges there need no write.</summary>
+    public long TargetBackingSize { get; init; } = -1;
+
     /// <summary>The target is freshly created and reads as zeros, so zero ranges need no write.</summary>
     public bool TargetIsZeroed { get; init; } = true;
+
+    /// <summary>qemu-img's -S: a run of zeros at least this long (bytes, a multiple of 512) is not written as data.
+    /// 0 writes everything as data (a fully allocated target).</summary>
+    public int MinSparse { get; init; } = 4096;
+
+    /// <summary>Writes land in the target in guest order (qemu-img's default; -W turns it off), so a new qcow2
+    /// target's clusters are laid out in order. Reads still run in parallel.</summary>
+    public bool WriteInOrder { get; init; } = true;
+
+    /// <summary>--salvage: a sector that cannot be read is copied as zeros, with a warning, instead of failing.</summary>
+    public bool Salvage { get; init; }
+
+    /// <summary>Receives --salvage warnings (the text after "warning: ").</summary>
+    public Action<string>? Warn { get; init; }
 
     /// <summary>Parallel copy workers.</summary>
     public int Workers { get; init; } = Math.Max(2, Environment.ProcessorCount);
@@ -20,33 +38,42 @@ public sealed record ConvertOptions
     /// <summary>Largest single read/write.</summary>
     public int ChunkSize { get; init; } = 2 << 20;
 
-    /// <summary>Called with (bytes done, bytes total) as the copy proceeds.</summary>
+    /// <summary>Called with (bytes done, bytes total) of the data to copy, as qemu-img counts progress: only ranges
+    /// that are read and written as data count, each when a worker takes it.</summary>
     public Action<long, long>? Progress { get; init; }
 }
 
 /// <summary>
-/// Copies one or more source images (concatenated) into a target, in parallel: block status decides what
-/// is read at all, and chunks that read as zeros are not written to a zeroed target.
+/// Copies one or more source images (concatenated) into a target, the way <c>qemu-img convert</c> does: block
+/// status decides what is read at all, runs of zeros are left as holes (or zero-written where the target would not
+/// read zeros), reads run in parallel and writes land in guest order.
 /// </summary>
 public static class ImageConverter
 {
-    private enum WorkKind { Copy, Zero }
+    private enum WorkKind { Data, Zero }
 
-    private readonly record struct WorkItem(BlockImage Source, long SourceOffset, long TargetOffset, long Length, WorkKind Kind);
+    /// <summary>A range of the target (the sources concatenated): it may span two sources when clusters are
+    /// written compressed.</summary>
+    private readonly record struct WorkItem(long TargetOffset, long Length, WorkKind Kind);
 
     public static void Convert(IReadOnlyList<BlockImage> sources, BlockImage target, ConvertOptions options)
     {
         long total = sources.Sum(s => s.Size);
         if (target.Size < total)
             throw new BlockException($"Target is smaller ({target.Size} bytes) than the source ({total} bytes)");
-        int granularity = Math.Max(target.CopyGranularity, 512);
-        int chunk = options.Compress ? target.ClusterSize : Math.Max(options.ChunkSize / granularity * granularity, granularity);
-        long done = 0;
-        var items = Plan(sources, options, chunk);
+        int chunk = options.Compress ? target.ClusterSize : Math.Max(options.ChunkSize / 512 * 512, 512);
+
+        // Planned up front, as qemu-img does, so progress can count the data to copy before copying starts.
+        var items = Plan(sources, options, chunk).Where(i => !Skippable(i, options)).ToList();
+        long dataTotal = items.Where(i => CountsForProgress(i, options)).Sum(i => i.Length);
+        long dataDone = 0;
+
         Exception? failure = null;
         using var cts = new CancellationTokenSource();
         int workers = Math.Max(1, options.Workers);
-        var queue = new System.Collections.Concurrent.BlockingCollection<WorkItem>(workers * 4);
+        int nextTaken = 0;
+        int nextToWrite = 0;
+        var writeTurn = new object();
         var threads = new Thread[workers];
         for (int w = 0; w < workers; w++)
         {
@@ -55,20 +82,43 @@ public static class ImageConverter
                 var buffer = ArrayPool<byte>.Shared.Rent(chunk);
                 try
                 {
-                    foreach (var item in queue.GetConsumingEnumerable(cts.Token))
+                    while (!cts.IsCancellationRequested)
                     {
-                        CopyOne(item, target, options, buffer, granularity);
-                        long now = Interlocked.Add(ref done, item.Length);
-                        options.Progress?.Invoke(now, total);
+                        int index = Interlocked.Increment(ref nextTaken) - 1;
+                        if (index >= items.Count) break;
+                        var item = items[index];
+                        if (CountsForProgress(item, options))
+                            options.Progress?.Invoke(Interlocked.Add(ref dataDone, item.Length), dataTotal);
+                        var span = buffer.AsSpan(0, (int)item.Length);
+                        if (item.Kind == WorkKind.Data) ReadSources(sources, item.TargetOffset, span, options);
+                        if (options.WriteInOrder)
+                        {
+                            lock (writeTurn)
+                            {
+                                while (nextToWrite != index && !cts.IsCancellationRequested) Monitor.Wait(writeTurn, 100);
+                            }
+                            if (cts.IsCancellationRequested) break;
+                        }
+                        try
+                        {
+                            WriteOne(item, span, target, options);
+                        }
+                        finally
+                        {
+                            if (options.WriteInOrder)
+                                lock (writeTurn)
+                                {
+                                    nextToWrite = index + 1;
+                                    Monitor.PulseAll(writeTurn);
+                                }
+                        }
                     }
-                }
-                catch (OperationCanceledException)
-                {
                 }
                 catch (Exception e)
                 {
                     Interlocked.CompareExchange(ref failure, e, null);
                     cts.Cancel();
+                    lock (writeTurn) Monitor.PulseAll(writeTurn);
                 }
                 finally
                 {
@@ -77,32 +127,6 @@ public static class ImageConverter
             }) { IsBackground = true, Name = $"convert-{w}" };
             threads[w].Start();
         }
-        try
-        {
-            foreach (var item in items)
-            {
-                if (cts.IsCancellationRequested) break;
-                if (item.Kind == WorkKind.Zero && options.TargetIsZeroed && !options.TargetHasBacking)
-                {
-                    long now = Interlocked.Add(ref done, item.Length);
-                    options.Progress?.Invoke(now, total);
-                    continue;
-                }
-                try
-                {
-                    queue.Add(item, cts.Token);
-                }
-                catch (OperationCanceledException)
-                {
-                    break;
-                }
-            }
-        }
-        catch (Exception e)
-        {
-            Interlocked.CompareExchange(ref failure, e, null);
-        }
-        queue.CompleteAdding();
         foreach (var t in threads) t.Join();
         if (failure is not null)
         {
@@ -110,11 +134,23 @@ public static class ImageConverter
             throw new BlockException($"error while converting: {failure.Message}");
         }
         target.Flush();
-        options.Progress?.Invoke(total, total);
     }
+
+    /// <summary>A zero range of a target that already reads as zeros needs no write at all.</summary>
+    private static bool Skippable(in WorkItem item, ConvertOptions options) =>
+        item.Kind == WorkKind.Zero && options.MinSparse != 0 && options.TargetIsZeroed && !options.TargetHasBacking;
+
+    /// <summary>qemu-img counts data, and with -S 0 the zeros it writes as data.</summary>
+    private static bool CountsForProgress(in WorkItem item, ConvertOptions options) =>
+        item.Kind == WorkKind.Data || options.MinSparse == 0;
 
     private static IEnumerable<WorkItem> Plan(IReadOnlyList<BlockImage> sources, ConvertOptions options, int chunk)
     {
+        if (options.Compress)
+        {
+            foreach (var item in PlanClusters(sources, options, chunk)) yield return item;
+            yield break;
+        }
         long targetOffset = 0;
         foreach (var source in sources)
         {
@@ -123,80 +159,243 @@ public static class ImageConverter
             {
                 long length;
                 WorkKind kind;
+                bool skip = false;
                 if (options.TargetHasBacking)
                 {
                     // Only what the top layer itself holds differs from the shared backing file.
                     var ext = source.GetLayerStatus(offset, source.Size - offset);
                     length = ext.Length;
-                    if (ext.State == LayerState.Unallocated)
+                    kind = ext.State == LayerState.Zero ? WorkKind.Zero : WorkKind.Data;
+                    skip = ext.State == LayerState.Unallocated;
+                    if (ext.State == LayerState.Zero && options.TargetBackingSize >= 0)
                     {
-                        offset += length;
-                        targetOffset += length;
-                        continue;
+                        // Past the end of the target's backing file the target reads zeros already.
+                        long backingEnd = options.TargetBackingSize;
+                        if (targetOffset >= backingEnd) skip = true;
+                        else if (targetOffset + length > backingEnd) length = backingEnd - targetOffset;
                     }
-                    kind = ext.State == LayerState.Zero ? WorkKind.Zero : WorkKind.Copy;
                 }
                 else
                 {
-                    // Windows on the chunk grid (so compressed writes stay cluster aligned); a window that is
-                    // zero throughout is not read at all.
-                    length = Math.Min(chunk - (offset % chunk), source.Size - offset);
-                    var ext = ChainStatus.Get(source, offset, length);
-                    kind = ext.Zero && ext.Length >= length ? WorkKind.Zero : WorkKind.Copy;
+                    // One block-status extent at a time, as qemu-img goes: sparse detection then sees the data of
+                    // one extent, and a zero extent is not read at all.
+                    var ext = ChainStatus.Get(source, offset, source.Size - offset);
+                    length = ext.Length;
+                    kind = ext.Zero ? WorkKind.Zero : WorkKind.Data;
                 }
                 if (length <= 0) throw new BlockException("block status returned an empty extent");
-                for (long pos = 0; pos < length; pos += chunk)
-                {
-                    long n = Math.Min(chunk, length - pos);
-                    yield return new WorkItem(source, offset + pos, targetOffset + pos, n, kind);
-                }
+                if (!skip)
+                    for (long pos = 0; pos < length; pos += chunk)
+                        yield return new WorkItem(targetOffset + pos, Math.Min(chunk, length - pos), kind);
                 offset += length;
                 targetOffset += length;
             }
         }
     }
 
-    private static void CopyOne(WorkItem item, BlockImage target, ConvertOptions options, byte[] buffer, int granularity)
+    /// <summary>Compressed clusters are written whole: target clusters, across source boundaries. A cluster is
+    /// zero (or, with a backing file, left to it) only if it is so throughout; anything mixed is read as data.</summary>
+    private static IEnumerable<WorkItem> PlanClusters(IReadOnlyList<BlockImage> sources, ConvertOptions options, int cluster)
+    {
+        long total = sources.Sum(s => s.Size);
+        for (long t = 0; t < total; t += cluster)
+        {
+            long length = Math.Min(cluster, total - t);
+            LayerState? common = null;
+            bool mixed = false;
+            foreach (var (source, offset, n) in Pieces(sources, t, length))
+            {
+                for (long pos = offset; !mixed && pos < offset + n;)
+                {
+                    LayerState state;
+                    long extent;
+                    if (options.TargetHasBacking)
+                    {
+                        var ext = source.GetLayerStatus(pos, offset + n - pos);
+                        (state, extent) = (ext.State, ext.Length);
+                    }
+                    else
+                    {
+                        var ext = ChainStatus.Get(source, pos, offset + n - pos);
+                        (state, extent) = (ext.Zero ? LayerState.Zero : LayerState.Data, ext.Length);
+                    }
+                    mixed = common is { } c && c != state;
+                    common = state;
+                    pos += extent;
+                }
+            }
+            var kind = mixed || common != LayerState.Zero && common != LayerState.Unallocated ? WorkKind.Data
+                : common == LayerState.Zero ? WorkKind.Zero : (WorkKind?)null;
+            // Past the end of the target's backing file a zero cluster is left as it is: it reads zeros already.
+            if (kind == WorkKind.Zero && options.TargetHasBacking && options.TargetBackingSize >= 0 && t >= options.TargetBackingSize) kind = null;
+            if (kind is { } k) yield return new WorkItem(t, length, k);
+        }
+    }
+
+    /// <summary>The (source, offset in it, length) pieces of a target range.</summary>
+    private static IEnumerable<(BlockImage Source, long Offset, long Length)> Pieces(IReadOnlyList<BlockImage> sources, long targetOffset, long length)
+    {
+        long start = 0;
+        foreach (var source in sources)
+        {
+            long end = start + source.Size;
+            if (targetOffset < end && length > 0)
+            {
+                long n = Math.Min(length, end - targetOffset);
+                yield return (source, targetOffset - start, n);
+                targetOffset += n;
+                length -= n;
+            }
+            start = end;
+        }
+    }
+
+    private static void ReadSources(IReadOnlyList<BlockImage> sources, long targetOffset, Span<byte> span, ConvertOptions options)
+    {
+        int done = 0;
+        foreach (var (source, offset, n) in Pieces(sources, targetOffset, span.Length))
+        {
+            ReadSource(source, offset, span.Slice(done, (int)n), options);
+            done += (int)n;
+        }
+    }
+
+    private static void ReadSource(BlockImage source, long offset, Span<byte> span, ConvertOptions options)
+    {
+        if (!options.Salvage)
+        {
+            source.Read(offset, span);
+            return;
+        }
+        try
+        {
+            source.Read(offset, span);
+        }
+        catch (BlockException)
+        {
+            // Sector by sector: what cannot be read is copied as zeros.
+            for (int pos = 0; pos < span.Length; pos += 512)
+            {
+                var sector = span.Slice(pos, Math.Min(512, span.Length - pos));
+                try
+                {
+                    source.Read(offset + pos, sector);
+                }
+                catch (BlockException e)
+                {
+                    options.Warn?.Invoke($"error while reading offset {offset + pos}: {e.Message}");
+                    sector.Clear();
+                }
+            }
+        }
+    }
+
+    private static void WriteOne(in WorkItem item, Span<byte> span, BlockImage target, ConvertOptions options)
     {
         if (item.Kind == WorkKind.Zero)
         {
-            target.WriteZeroes(item.TargetOffset, item.Length, mayUnmap: true);
-            return;
+            if (options.MinSparse != 0)
+            {
+                WriteZeroRange(target, item.TargetOffset, item.Length, options);
+                return;
+            }
+            // -S 0: zeros are written as data, so the target ends up fully allocated.
+            span.Clear();
         }
-        var span = buffer.AsSpan(0, (int)item.Length);
-        item.Source.Read(item.SourceOffset, span);
         if (options.Compress)
         {
-            if (options.TargetIsZeroed && span.IndexOfAnyExcept((byte)0) < 0) return;
+            // Compressed clusters are written whole: only a cluster of nothing but zeros can be left out.
+            if (options.MinSparse != 0 && span.IndexOfAnyExcept((byte)0) < 0)
+            {
+                WriteZeroRange(target, item.TargetOffset, item.Length, options);
+                return;
+            }
             if (item.TargetOffset % target.ClusterSize == 0)
             {
                 target.WriteCompressed(item.TargetOffset, span);
                 return;
             }
         }
-        if (!options.TargetIsZeroed && !options.TargetHasBacking)
+        if (options.MinSparse == 0)
         {
             target.Write(item.TargetOffset, span);
             return;
         }
-        // Write only the pieces that are not all zeros (qemu-img's default sparse detection); a target with a
-        // backing file gets explicit zeros instead, since it would otherwise show the backing data.
-        int pos = 0;
-        while (pos < span.Length)
+        for (int pos = 0; pos < span.Length;)
         {
-            int piece = (int)Math.Min(granularity - ((item.TargetOffset + pos) % granularity), span.Length - pos);
-            bool zero = span.Slice(pos, piece).IndexOfAnyExcept((byte)0) < 0;
-            int runEnd = pos + piece;
-            while (runEnd < span.Length)
-            {
-                int next = Math.Min(granularity, span.Length - runEnd);
-                bool z = span.Slice(runEnd, next).IndexOfAnyExcept((byte)0) < 0;
-                if (z != zero) break;
-                runEnd += next;
-            }
-            if (!zero) target.Write(item.TargetOffset + pos, span[pos..runEnd]);
-            else if (options.TargetHasBacking) target.WriteZeroes(item.TargetOffset + pos, runEnd - pos, mayUnmap: true);
-            pos = runEnd;
+            int run = SparseDetection.NextRun(span[pos..], item.TargetOffset + pos, options.MinSparse, out bool data);
+            if (data) target.Write(item.TargetOffset + pos, span.Slice(pos, run));
+            else WriteZeroRange(target, item.TargetOffset + pos, run, options);
+            pos += run;
         }
+    }
+
+    /// <summary>Makes a target range read as zeros: nothing to do on a fresh target without a backing file.</summary>
+    private static void WriteZeroRange(BlockImage target, long offset, long length, ConvertOptions options)
+    {
+        if (options.TargetIsZeroed && !options.TargetHasBacking) return;
+        target.WriteZeroes(offset, length, mayUnmap: true);
+    }
+}
+
+/// <summary>
+/// qemu-img convert's sparse detection (-S): which leading part of a buffer is written as data and which is left
+/// as a hole. Zero runs shorter than the minimum are written with the data around them, and run ends are moved to
+/// the alignment grid so that writes avoid read-modify-write cycles.
+/// </summary>
+public static class SparseDetection
+{
+    private const int Sector = 512;
+
+    /// <summary>Length in bytes of the run at the start of <paramref name="buffer"/> (which starts at target offset
+    /// <paramref name="offset"/>, sector aligned), and whether it is written as data.</summary>
+    public static int NextRun(ReadOnlySpan<byte> buffer, long offset, int minSparse, out bool data)
+    {
+        int sectors = (buffer.Length + Sector - 1) / Sector;
+        long sector = offset / Sector;
+        int minSectors = Math.Max(1, Math.Min(minSparse / Sector, sectors));
+        int alignment = 1 << System.Numerics.BitOperations.Log2((uint)Math.Max(1, minSparse / Sector));
+        int used = SameRun(buffer, 0, sectors, sector, alignment, out bool first);
+        data = first;
+        if (!first) return ToBytes(used, buffer.Length);
+        int checkedSectors = used;
+        while (checkedSectors < sectors)
+        {
+            int run = SameRun(buffer, checkedSectors, sectors, sector + checkedSectors, alignment, out bool isData);
+            checkedSectors += run;
+            if (isData) used = checkedSectors;
+            else if (run >= minSectors) break;
+        }
+        return ToBytes(used, buffer.Length);
+    }
+
+    private static int ToBytes(int sectors, int limit) => (int)Math.Min((long)sectors * Sector, limit);
+
+    /// <summary>Sectors from <paramref name="start"/> that are all zero or all not, the end moved onto the alignment
+    /// grid: a data run grows to the next boundary, a zero run shrinks to the previous one (or becomes data when
+    /// that would leave nothing).</summary>
+    private static int SameRun(ReadOnlySpan<byte> buffer, int start, int sectors, long sector, int alignment, out bool data)
+    {
+        int n = sectors - start;
+        bool zero = IsZeroSector(buffer, start);
+        int i = 1;
+        while (i < n && IsZeroSector(buffer, start + i) == zero) i++;
+        if (i < n)
+        {
+            int tail = (int)((sector + i) & (alignment - 1));
+            if (tail != 0)
+            {
+                if (zero && i <= tail) zero = false;
+                i = zero ? i - tail : Math.Min(i + alignment - tail, n);
+            }
+        }
+        data = !zero;
+        return i;
+    }
+
+    private static bool IsZeroSector(ReadOnlySpan<byte> buffer, int sector)
+    {
+        int from = sector * Sector;
+        return buffer.Slice(from, Math.Min(Sector, buffer.Length - from)).IndexOfAnyExcept((byte)0) < 0;
     }
 }

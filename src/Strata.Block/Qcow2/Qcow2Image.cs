@@ -755,6 +755,7 @@ public sealed partial class Qcow2Image : BlockImage
                 _ => LayerState.Unallocated,
             };
             long length = run.Length;
+            if (state == LayerState.Zero) length = ZeroRunLength(offset, length, run.Kind, run.HostOffset);
             if (run.Kind == L2EntryKind.Compressed)
             {
                 // Merge following compressed clusters: they have no contiguous host mapping to report.
@@ -764,6 +765,22 @@ public sealed partial class Qcow2Image : BlockImage
             }
             return new LayerExtent(offset, length, state, run.Kind == L2EntryKind.Normal || run.Kind == L2EntryKind.ZeroAllocated ? run.HostOffset : -1);
         }
+    }
+
+    /// <summary>MapRun lets zero clusters with and without a host cluster form one run (a read need not tell them
+    /// apart); block status must, as QEMU reports the host offset of the one and not of the other, and only a
+    /// contiguous host range as one extent. Caller holds the lock.</summary>
+    private long ZeroRunLength(long offset, long maxLength, L2EntryKind kind, long hostOffset)
+    {
+        long length = Math.Min(_clusterSize - (offset & (_clusterSize - 1)), maxLength);
+        while (length < maxLength)
+        {
+            ulong entry = GetL2Entry(ClusterOf(offset + length));
+            if (Qcow2Entry.Classify(entry) != kind) break;
+            if (kind == L2EntryKind.ZeroAllocated && (long)(entry & Qcow2Entry.OffsetMask) != hostOffset + length) break;
+            length = Math.Min(length + _clusterSize, maxLength);
+        }
+        return length;
     }
 
     // ------------------------------------------------------------------ flush and close

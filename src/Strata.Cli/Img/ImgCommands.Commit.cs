@@ -18,23 +18,51 @@ internal static partial class ImgCommands
         var progress = new Option<bool>("-p") { Description = "show progress" };
         var cache = new Option<string?>("-t") { Description = "cache mode (accepted)" };
         var file = new Argument<string>("filename");
-        var cmd = new Command("commit", "Write an image's changes into its backing file") { format, quiet, keep, progress, cache, file };
+        var baseOption = new Option<string?>("-b") { Description = "the layer of the backing chain to commit into (implies -d)" };
+        var cmd = new Command("commit", "Write an image's changes into its backing file") { format, quiet, keep, progress, cache, file, baseOption };
         cmd.SetAction(r => Run(stderr, () =>
         {
             string path = r.GetValue(file)!;
-            // The whole chain must open (no loop, no missing layer) before the top and its backing file are taken
-            // for writing, or a loop would read as the image locking itself out.
-            OpenImage(path, r.GetValue(format), locking: ImageLocking.Off).Dispose();
-            using var top = OpenImage(path, r.GetValue(format), readOnly: false, openBacking: false);
-            if (top.BackingFileName is not { } backingName) throw new BlockException("Image does not have a backing file");
-            string backingPath = ImageOpener.ResolveBackingPath(path, backingName);
-            using var backing = ImageOpener.Open(backingPath, top.BackingFormat, readOnly: false, locking: ImageLocking.Normal);
-            var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout) : null;
-            ChainOperations.Commit(top, backing, r.GetValue(keep), printer is null ? null : printer.Report);
+            // The whole chain opens first (no loop, no missing layer), without locks: it is what the commit reads.
+            // The top and the base are then taken for writing on their own, or a loop would read as the image
+            // locking itself out.
+            using var chain = OpenImage(path, r.GetValue(format), locking: ImageLocking.Off);
+            if (chain.Backing is null) throw new BlockException("Image does not have a backing file");
+            string? baseName = r.GetValue(baseOption);
+            int baseDepth = baseName is null ? 1 : FindInChain(chain, baseName)
+                ?? throw new BlockException($"Did not find '{baseName}' in the backing chain of '{path}'");
+            var layers = ImageOpener.Layers(chain);
+            var baseLayer = layers[baseDepth];
+            bool emptyTop = !r.GetValue(keep) && baseName is null;
+            using var top = emptyTop ? OpenImage(path, r.GetValue(format), readOnly: false, openBacking: false) : null;
+            using var target = ImageOpener.Open(baseLayer.FileName, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal);
+            var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout, minSkip: 1) : null;
+            printer?.Report(0, 1);
+            ChainOperations.Commit(chain, baseDepth, target, printer is null ? null : printer.Report);
+            if (top is Qcow2Image q)
+            {
+                q.MakeEmpty();
+                q.Flush();
+            }
             printer?.Finish();
             if (!r.GetValue(quiet)) stdout.WriteLine("Image committed.");
             return 0;
         }));
         return cmd;
+    }
+
+    /// <summary>The depth of the layer <paramref name="name"/> names, as qemu-img finds a base: the backing file name
+    /// as an overlay stores it, or a path that (relative to that overlay) is the same file.</summary>
+    private static int? FindInChain(BlockImage top, string name)
+    {
+        var layers = ImageOpener.Layers(top);
+        for (int depth = 1; depth < layers.Count; depth++)
+        {
+            var overlay = layers[depth - 1];
+            if (overlay.BackingFileName == name) return depth;
+            string candidate = Path.GetFullPath(ImageOpener.ResolveBackingPath(overlay.FileName, name));
+            if (candidate == Path.GetFullPath(layers[depth].FileName)) return depth;
+        }
+        return null;
     }
 }

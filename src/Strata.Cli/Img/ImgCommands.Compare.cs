@@ -35,11 +35,19 @@ internal static partial class ImgCommands
             using var b = Open(names[1], r.GetValue(fb));
             if (b is null) return 2;
             bool quietMode = r.GetValue(quiet);
-            var progressPrinter = r.GetValue(progress) && !quietMode ? new ProgressPrinter(stdout) : null;
+            var progressPrinter = r.GetValue(progress) && !quietMode ? new ProgressPrinter(stdout, minSkip: 2) : null;
+            progressPrinter?.Report(0);
             CompareResult result;
             try
             {
                 result = ImageComparer.Compare(a, b, r.GetValue(strict), progressPrinter is null ? null : progressPrinter.Report);
+            }
+            catch (CompareReadException e)
+            {
+                stderr.WriteLine($"{Prog}: Error while reading offset {e.Offset} of {(e.InFirstImage ? names[0] : names[1])}: {e.Message}");
+                // qemu-img's stdout is buffered: its size warning comes out after the error.
+                if (a.Size != b.Size && !r.GetValue(strict) && !quietMode) stdout.WriteLine("Warning: Image size mismatch!");
+                return 4;
             }
             catch (BlockException e)
             {

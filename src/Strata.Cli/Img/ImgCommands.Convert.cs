@@ -13,35 +13,62 @@ internal static partial class ImgCommands
     private static Command ConvertCommand(TextWriter stdout, TextWriter stderr)
     {
         var format = FormatOption();
-        var outFormat = new Option<string?>("-O") { Description = "output format (default raw)" };
+        // qemu-img takes the last of a repeated option: these are lists, and the last value counts.
+        var outFormat = new Option<string[]>("-O") { Description = "output format (default raw)" };
         var compress = new Option<bool>("-c") { Description = "compress the target (qcow2)" };
-        var backing = new Option<string?>("-B") { Description = "backing file of the target" };
-        var backingFormat = new Option<string?>("-F") { Description = "format of the target's backing file" };
+        var backing = new Option<string[]>("-B") { Description = "backing file of the target" };
+        var backingFormat = new Option<string[]>("-F") { Description = "format of the target's backing file" };
         var opts = new Option<string[]>("-o") { Description = "target format options" };
         var progress = new Option<bool>("-p") { Description = "show progress" };
         var quiet = QuietOption();
         var noCreate = new Option<bool>("-n") { Description = "do not create the target (it must exist)" };
-        var cache = new Option<string?>("-t") { Description = "target cache mode: unsafe (default), writeback, none" };
-        var srcCache = new Option<string?>("-T") { Description = "source cache mode (accepted)" };
-        var outOfOrder = new Option<bool>("-W") { Description = "out-of-order writes (always on)" };
-        var coroutines = new Option<int?>("-m") { Description = "parallel workers (1..16)" };
+        var cache = new Option<string[]>("-t") { Description = "target cache mode: unsafe (default), writeback, writethrough, none, directsync" };
+        var srcCache = new Option<string[]>("-T") { Description = "source cache mode (accepted)" };
+        var outOfOrder = new Option<bool>("-W") { Description = "out-of-order writes" };
+        var coroutines = new Option<string[]>("-m") { Description = "parallel workers (1..16)" };
+        var sparse = new Option<string[]>("-S") { Description = "shortest run of zeros left as a hole (0: allocate everything)" };
+        var salvage = new Option<bool>("--salvage") { Description = "copy unreadable sectors as zeros instead of failing" };
+        var bitmaps = new Option<bool>("--bitmaps") { Description = "also copy the source's persistent bitmaps" };
+        var skipBroken = new Option<bool>("--skip-broken-bitmaps") { Description = "with --bitmaps, leave out inconsistent bitmaps" };
         var files = new Argument<string[]>("filenames") { Arity = ArgumentArity.ZeroOrMore };
         var forceShare = ForceShareOption();
         var snapshotParam = new Option<string?>("-l") { Description = "convert an internal snapshot: snapshot.id=…,snapshot.name=… or an ID or name" };
         var snapshotName = new Option<string?>("-s") { Description = "convert the internal snapshot with this ID or name" };
         var cmd = new Command("convert", "Convert or copy an image")
-            { format, outFormat, compress, backing, backingFormat, opts, progress, quiet, noCreate, cache, srcCache, outOfOrder, coroutines, forceShare, snapshotParam, snapshotName, files };
+        {
+            format, outFormat, compress, backing, backingFormat, opts, progress, quiet, noCreate, cache, srcCache, outOfOrder, coroutines,
+            sparse, salvage, bitmaps, skipBroken, forceShare, snapshotParam, snapshotName, files,
+        };
         cmd.SetAction(r => Run(stderr, () =>
         {
             var names = r.GetValue(files) ?? [];
-            if (names.Length < 2) throw new UsageException("Expecting image file name");
-            string target = names[^1];
-            string outFmt = r.GetValue(outFormat) ?? "raw";
-            if (outFmt is not ("raw" or "qcow2")) throw new BlockException($"Unknown file format '{outFmt}'");
+            string? outFmtGiven = Last(r, outFormat);
+            string outFmt = outFmtGiven ?? "raw";
             bool compressed = r.GetValue(compress);
-            if (compressed && outFmt != "qcow2") throw new BlockException("Compression not supported for this file format");
-            int workers = r.GetValue(coroutines) ?? 8;
-            if (workers is < 1 or > 16) throw new BlockException("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+            bool fresh = !r.GetValue(noCreate);
+            bool quietMode = r.GetValue(quiet);
+            int workers = 8;
+            if (Last(r, coroutines) is { } m && (!int.TryParse(m, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out workers) || workers is < 1 or > 16))
+                throw new BlockException("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
+            int minSparse = 4096;
+            if (Last(r, sparse) is { } sparseText)
+            {
+                if (!SizeText.TryParse(sparseText, out long sparseBytes))
+                    throw new BlockException("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+                if (sparseBytes % 512 != 0 || sparseBytes > 32768L * 512)
+                    throw new BlockException("Invalid buffer size for sparse output specified. Valid sizes are multiples of 512 up to 16777216. Select 0 to disable sparse detection (fully allocates output).");
+                minSparse = (int)sparseBytes;
+            }
+            if (r.GetValue(skipBroken) && !r.GetValue(bitmaps)) throw new BlockException("Use of --skip-broken-bitmaps requires --bitmaps");
+            var optionGroups = r.GetValue(opts) ?? [];
+            if (!fresh && optionGroups.Length > 0) throw new BlockException("-o has no effect when skipping image creation");
+            if (names.Length < 2) throw new BlockException("Must specify image file name");
+            string cacheMode = Last(r, cache) ?? "unsafe";
+            if (!IsCacheMode(cacheMode)) throw new BlockException($"Invalid cache option: {cacheMode}");
+            if (Last(r, srcCache) is { } sc && !IsCacheMode(sc)) throw new BlockException($"Invalid source cache option: {sc}");
+            string target = names[^1];
+            var printer = r.GetValue(progress) && !quietMode ? new ProgressPrinter(stdout, minSkip: 1) : null;
+            printer?.Report(0);
 
             var sources = new List<BlockImage>();
             try
@@ -55,19 +82,21 @@ internal static partial class ImgCommands
                 if ((r.GetValue(snapshotParam) ?? r.GetValue(snapshotName)) is { } snapshot)
                     LoadSourceSnapshot(sources, snapshot);
                 long total = sources.Sum(s => s.Size);
-                string? targetBacking = r.GetValue(backing);
-                string? targetBackingFormat = r.GetValue(backingFormat);
-                var kv = ParseOptions(r.GetValue(opts) ?? [], target);
+                string? targetBacking = Last(r, backing);
+                string? targetBackingFormat = Last(r, backingFormat);
+                var kv = ParseOptions(optionGroups, target);
                 foreach (var (k, v) in kv)
                 {
                     if (k == "backing_file") targetBacking = v;
                     else if (k == "backing_fmt") targetBackingFormat = v;
                 }
-                // qemu-img no longer probes the format of a backing file it is asked to write into a header.
-                if (targetBacking is not null && targetBackingFormat is null)
+                if (fresh && outFmt is not ("raw" or "qcow2")) throw new BlockException($"Unknown file format '{outFmt}'");
+                if (sources.Count > 1 && targetBacking is not null)
+                    throw new BlockException("Having a backing file for the target makes no sense when concatenating multiple input images");
+                if (compressed && fresh && outFmt != "qcow2") throw new BlockException("Compression not supported for this file format");
+                if (r.GetValue(bitmaps)) CheckBitmapsCopyable(sources, r.GetValue(skipBroken));
+                if (fresh && targetBacking is not null && targetBackingFormat is null)
                     throw new BlockException("Use of backing file requires explicit backing format");
-                BlockImage dst;
-                bool fresh = !r.GetValue(noCreate);
                 if (fresh)
                 {
                     var createOpts = kv.Where(p => p.Key is not ("backing_file" or "backing_fmt")).Select(p => $"{p.Key}={p.Value}").ToArray();
@@ -81,23 +110,31 @@ internal static partial class ImgCommands
                         throw new BlockException($"{target}: error while converting {outFmt}: {e.Message[(target.Length + 2)..]}");
                     }
                 }
-                dst = OpenImage(target, fresh ? outFmt : r.GetValue(outFormat), readOnly: false, openBacking: targetBacking is not null);
-                using var _dst = dst;
-                string cacheMode = r.GetValue(cache) ?? "unsafe";
+                // Without -n, -B only names the new target's backing file; an existing target keeps its own.
+                using var dst = OpenImage(target, fresh ? outFmt : outFmtGiven, readOnly: false, openBacking: fresh ? targetBacking is not null : true);
+                if (!fresh && dst.Size < total) throw new BlockException("output file is smaller than input file");
+                if (r.GetValue(bitmaps) && dst is not Qcow2Image) throw new BlockException($"Format driver '{dst.FormatName}' does not support bitmaps");
+                if (compressed && !dst.SupportsCompression) throw new BlockException("Compression not supported for this file format");
                 if (cacheMode == "unsafe")
                 {
                     if (dst is Qcow2Image dq) dq.File.FlushEnabled = false;
                     if (dst is RawImage dr) dr.File.FlushEnabled = false;
                 }
-                var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout) : null;
+                bool targetHasBacking = fresh && targetBacking is not null;
                 ImageConverter.Convert(sources, dst, new ConvertOptions
                 {
                     Compress = compressed,
-                    TargetHasBacking = targetBacking is not null,
+                    TargetHasBacking = targetHasBacking,
+                    TargetBackingSize = targetHasBacking && dst.Backing is { } tb ? tb.Size : -1,
                     TargetIsZeroed = fresh,
+                    MinSparse = minSparse,
+                    WriteInOrder = !r.GetValue(outOfOrder),
+                    Salvage = r.GetValue(salvage),
+                    Warn = quietMode ? null : w => stderr.WriteLine($"{Prog}: warning: {w}"),
                     Workers = Math.Min(workers, Math.Max(4, 2 * Environment.ProcessorCount)),
                     Progress = printer is null ? null : printer.Report,
                 });
+                if (r.GetValue(bitmaps)) CopyBitmaps(sources[0], dst, r.GetValue(skipBroken), quietMode ? null : stderr);
                 printer?.Finish();
             }
             finally
@@ -136,5 +173,39 @@ internal static partial class ImgCommands
         {
             throw new BlockException($"Failed to load snapshot: {e.Message}");
         }
+    }
+
+    private static string? Last(ParseResult r, Option<string[]> option) => r.GetValue(option) is { Length: > 0 } values ? values[^1] : null;
+
+    private static bool IsCacheMode(string mode) => mode is "none" or "writeback" or "writethrough" or "directsync" or "unsafe";
+
+    /// <summary>--bitmaps copies from one source only, and an inconsistent bitmap only when told to leave it out.</summary>
+    private static void CheckBitmapsCopyable(List<BlockImage> sources, bool skipBroken)
+    {
+        if (sources.Count > 1) throw new BlockException("Copying bitmaps only possible with single source");
+        if (sources[0] is not Qcow2Image) throw new BlockException("Source lacks bitmap support");
+        if (skipBroken) return;
+        foreach (var b in sources[0].Bitmaps.All)
+            if (b.Persistent && b.Inconsistent)
+                throw new BlockException($"Cannot copy inconsistent bitmap '{b.Name}'\nTry --skip-broken-bitmaps, or use 'qemu-img bitmap --remove' to delete it");
+    }
+
+    /// <summary>Each persistent bitmap of the source, with its granularity, state and bits, into the target.</summary>
+    private static void CopyBitmaps(BlockImage source, BlockImage target, bool skipBroken, TextWriter? warnings)
+    {
+        // Newest first, as qemu-img walks a node's bitmaps: the target then stores them in the source's order.
+        foreach (var b in source.Bitmaps.All.Reverse())
+        {
+            if (!b.Persistent || b.Name is null) continue;
+            if (skipBroken && b.Inconsistent)
+            {
+                warnings?.WriteLine($"{Prog}: warning: Skipping inconsistent bitmap '{b.Name}'");
+                continue;
+            }
+            target.Bitmaps.Add(b.Name, b.Granularity, persistent: true, disabled: false);
+            target.Bitmaps.Merge(b.Name, [b]);
+            if (!b.Enabled) target.Bitmaps.Disable(b.Name);
+        }
+        target.Flush();
     }
 }

@@ -48,7 +48,8 @@ internal static partial class ImgCommands
                     try { newChain = ImageOpener.Open(ImageOpener.ResolveBackingPath(path, newBacking), newFormat, locking: ImageLocking.Normal); }
                     catch (BlockException e) { throw new BlockException($"Could not open new backing file '{newBacking}': {e.Message}"); }
                 }
-                var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout) : null;
+                var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout, minSkip: 2) : null;
+                printer?.Report(0);
                 ChainOperations.Rebase(image, image.Backing, newChain, newBacking, newFormat, printer is null ? null : printer.Report);
                 printer?.Finish();
             }

@@ -26,12 +26,13 @@ internal static partial class ImgCommands
             if (!SizeText.TryParse(sign == 0 ? text : text[1..], out long amount))
                 throw new BlockException("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
             if (r.GetValue(prealloc) is { } p && p != "off") throw new BlockException($"Preallocation mode '{p}' is not supported");
-            using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), readOnly: false, openBacking: false, ImageLocking.Resize);
+            // With its backing chain, as qemu-img opens it: growing over a longer backing file must zero the new range.
+            using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), readOnly: false, openBacking: true, ImageLocking.Resize);
             long newSize = sign == 0 ? amount : image.Size + sign * amount;
             if (newSize < 0) throw new BlockException("New image size must be positive");
             if (newSize < image.Size && !r.GetValue(shrink))
                 throw new BlockException("Use the --shrink option to perform a shrink operation.");
-            image.Resize(newSize);
+            ChainOperations.Resize(image, newSize);
             image.Flush();
             if (!r.GetValue(quiet)) stdout.WriteLine("Image resized.");
             return 0;
@@ -49,29 +50,37 @@ internal sealed class LayerList(List<BlockImage> layers) : IDisposable
     }
 }
 
-/// <summary>qemu-img's -p output: "    (NN.NN/100%)\r" updates, then a newline.</summary>
-internal sealed class ProgressPrinter(TextWriter output)
+/// <summary>qemu-img's -p output: "    (NN.NN/100%)\r" updates, then a newline. Like qemu-img, it prints 0% and 100%
+/// every time they are reported, and otherwise only once progress has moved more than
+/// <paramref name="minSkip"/> points since the last line printed (1 for convert and commit, 2 for rebase).</summary>
+internal sealed class ProgressPrinter(TextWriter output, double minSkip = 1)
 {
     private readonly object _lock = new();
-    private double _last = -1;
+    private double _lastPrinted;
 
-    public void Report(long done, long total)
+    public void Report(long done, long total) => Report(total == 0 ? 100 : Math.Min(100, done * 100.0 / total));
+
+    public void Report(double percent)
     {
-        double pct = total == 0 ? 100 : done * 100.0 / total;
+        // qemu-img keeps the value as a float: the comparisons are made at that precision.
+        float current = (float)percent;
         lock (_lock)
         {
-            if (_last >= 0 && pct - _last < 1 && pct < 100) return;
-            _last = pct;
-            output.Write(System.FormattableString.Invariant($"    ({pct:F2}/100%)\r"));
-            output.Flush();
+            if (current > _lastPrinted + minSkip || current == 100 || current == 0)
+            {
+                _lastPrinted = current;
+                output.Write(System.FormattableString.Invariant($"    ({current:F2}/100%)\r"));
+                output.Flush();
+            }
         }
     }
 
+    /// <summary>The end of a successful run: 100% once more, then the newline.</summary>
     public void Finish()
     {
+        Report(100);
         lock (_lock)
         {
-            if (_last < 100) output.Write("    (100.00/100%)\r");
             output.Write("\n");
             output.Flush();
         }

@@ -29,6 +29,8 @@ internal static partial class ImgCommands
         img.Subcommands.Add(RebaseCommand(stdout, stderr));
         img.Subcommands.Add(ResizeCommand(stdout, stderr));
         img.Subcommands.Add(BitmapCommand(stdout, stderr));
+        img.Subcommands.Add(MeasureCommand(stdout, stderr));
+        img.Subcommands.Add(DdCommand(stdout, stderr));
         img.Subcommands.Add(SnapshotCommand(stdout, stderr));
         img.Subcommands.Add(AmendCommand(stdout, stderr));
         ImageOpener.NbdConnector ??= NbdConnect.Connect;
