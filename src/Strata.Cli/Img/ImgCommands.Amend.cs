@@ -25,6 +25,12 @@ internal static partial class ImgCommands
             var options = r.GetValue(opts) ?? [];
             if (options.Length == 0) throw new UsageException("Must specify options (-o)");
             var files = r.GetValue(file) ?? [];
+            if (ImgOptionHelp.Requested(options) && (r.GetValue(format) is not null || files.Length == 1))
+            {
+                string amendFormat = r.GetValue(format) ?? ImageOpener.ProbeFormat(files[0]);
+                stdout.Write(ImgOptionHelp.ForAmend(amendFormat) ?? throw new BlockException($"Format driver '{amendFormat}' does not support option amendment"));
+                return 0;
+            }
             if (files.Length != 1) throw new UsageException("Expecting one image file name");
             var amend = new Qcow2AmendOptions();
             foreach (var (key, value) in ParseOptions(options, files[0]))

@@ -61,6 +61,12 @@ internal static partial class ImgCommands
             }
             if (r.GetValue(skipBroken) && !r.GetValue(bitmaps)) throw new BlockException("Use of --skip-broken-bitmaps requires --bitmaps");
             var optionGroups = r.GetValue(opts) ?? [];
+            if (ImgOptionHelp.Requested(optionGroups))
+            {
+                // Only a target beside a source counts as a named file here, as in qemu-img.
+                stdout.Write(ImgOptionHelp.ForCreate(Last(r, outFormat) ?? "raw", fileNamed: names.Length >= 2));
+                return 0;
+            }
             if (!fresh && optionGroups.Length > 0) throw new BlockException("-o has no effect when skipping image creation");
             if (names.Length < 2) throw new BlockException("Must specify image file name");
             string cacheMode = Last(r, cache) ?? "unsafe";

@@ -18,11 +18,21 @@ internal static partial class ImgCommands
         var opts = new Option<string[]>("-o") { Description = "format options (cluster_size=…,compression_type=…,refcount_bits=…)", AllowMultipleArgumentsPerToken = false };
         var quiet = QuietOption();
         var unsafeBacking = new Option<bool>("-u") { Description = "do not open the backing file" };
-        var file = new Argument<string>("filename");
+        var file = new Argument<string?>("filename") { Arity = ArgumentArity.ZeroOrOne };
         var size = new Argument<string?>("size") { Arity = ArgumentArity.ZeroOrOne };
         var cmd = new Command("create", "Create a new image") { format, backing, backingFormat, opts, quiet, unsafeBacking, file, size };
-        cmd.SetAction(r => Run(stderr, () => Create(stdout, r.GetValue(file)!, r.GetValue(format) ?? "raw", r.GetValue(backing), r.GetValue(backingFormat),
-            r.GetValue(opts) ?? [], r.GetValue(size), r.GetValue(quiet), r.GetValue(unsafeBacking))));
+        cmd.SetAction(r => Run(stderr, () =>
+        {
+            // -o help lists the options, with the file protocol's once a file is named; no file is created.
+            if (ImgOptionHelp.Requested(r.GetValue(opts) ?? []))
+            {
+                stdout.Write(ImgOptionHelp.ForCreate(r.GetValue(format) ?? "raw", fileNamed: r.GetValue(file) is not null));
+                return 0;
+            }
+            string target = r.GetValue(file) ?? throw new UsageException("Expecting image file name");
+            return Create(stdout, target, r.GetValue(format) ?? "raw", r.GetValue(backing), r.GetValue(backingFormat),
+                r.GetValue(opts) ?? [], r.GetValue(size), r.GetValue(quiet), r.GetValue(unsafeBacking));
+        }));
         return cmd;
     }
 
@@ -123,7 +133,7 @@ internal static partial class ImgCommands
                 ? $"Formatting '{file}', fmt=raw size={size}{prealloc}"
                 : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
                   (compat is null ? "" : $" compat={compat}") +
-                  (backing is null ? "" : $" backing_file={backing} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBits}";
+                  (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBits}";
             stdout.WriteLine(line);
         }
         // The line above shows the size as given; the image gets it rounded up to whole sectors, as qemu-img does.
@@ -194,8 +204,10 @@ internal static partial class ImgCommands
         var list = new List<(string, string)>();
         foreach (var group in options)
         {
-            foreach (var part in group.Split(',', StringSplitOptions.RemoveEmptyEntries))
+            // ",," is a comma inside a value (a file name), as in all of QEMU's option strings.
+            foreach (var part in ImgOptionHelp.SplitUnescaped(group))
             {
+                if (part.Length == 0) continue;
                 int eq = part.IndexOf('=');
                 if (eq <= 0) throw new BlockException($"{file}: Invalid parameter '{part}'");
                 list.Add((part[..eq], part[(eq + 1)..]));

@@ -73,7 +73,8 @@ internal static class ImgOptionHelp
         return false;
     }
 
-    private static IEnumerable<string> SplitUnescaped(string value)
+    /// <summary>The elements of a QEMU option string: split at single commas, ",," kept as one comma.</summary>
+    public static IEnumerable<string> SplitUnescaped(string value)
     {
         var current = new StringBuilder();
         for (int i = 0; i < value.Length; i++)
