@@ -138,6 +138,7 @@ public sealed partial class Qcow2Image : BlockImage
         var cluster0 = new byte[Math.Min(fileLength, header.ClusterSize)];
         file.Read(0, cluster0);
         var extras = Qcow2HeaderExtensionCodec.Parse(header, cluster0);
+        header.ThrowIfUnsupportedFeatures(extras.Find(Qcow2ExtensionType.FeatureNameTable) is { } table ? Qcow2FeatureName.DecodeTable(table.Data) : []);
         var headerRaw = cluster0.AsSpan(0, header.WrittenLength).ToArray();
 
         if (header.CryptMethod != 0)
@@ -181,6 +182,7 @@ public sealed partial class Qcow2Image : BlockImage
         img.LoadSnapshots();
         img.RebuildOverlapIndex();
         img.RepairIfDirty();
+        if (!file.ReadOnly) img.ClearUnknownAutoclearBits();
 
         return img;
     }
@@ -288,6 +290,13 @@ public sealed partial class Qcow2Image : BlockImage
     {
         MarkDirtyForLazyRefcounts();
         MarkBitmapsInUse();
+        ClearUnknownAutoclearBits();
+    }
+
+    /// <summary>Autoclear bits this driver does not maintain are cleared, as the spec asks of a program that does not
+    /// know them — at a read-write open, as QEMU does, so `check -r` and friends leave them cleared too.</summary>
+    private void ClearUnknownAutoclearBits()
+    {
         var unknown = _header.AutoclearFeatures & ~Qcow2AutoclearFeatures.Bitmaps;
         if (unknown == Qcow2AutoclearFeatures.None) return;
         _header = _header with { AutoclearFeatures = _header.AutoclearFeatures & Qcow2AutoclearFeatures.Bitmaps };

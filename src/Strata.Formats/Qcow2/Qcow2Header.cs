@@ -148,6 +148,24 @@ public sealed record Qcow2Header
     }
 
     /// <summary>Checks the rules that do not need the rest of the file.</summary>
+    /// <summary>Refuses incompatible features this reader does not know, naming them from the image's own feature
+    /// name table (header extension) where it has them, as QEMU reports them: the table's names in its order, then
+    /// the bits left as one hex mask. Checked once the header extensions are read.</summary>
+    public void ThrowIfUnsupportedFeatures(IReadOnlyList<Qcow2FeatureName> featureNames)
+    {
+        ulong unknown = (ulong)(IncompatibleFeatures & ~KnownIncompatible);
+        if (unknown == 0) return;
+        var parts = new List<string>();
+        foreach (var f in featureNames)
+        {
+            if (f.Kind != 0 || f.Bit >= 64 || (unknown & (1UL << f.Bit)) == 0) continue;
+            parts.Add(f.Name);
+            unknown &= ~(1UL << f.Bit);
+        }
+        if (unknown != 0) parts.Add($"Unknown incompatible feature: {unknown:x}");
+        throw new ImageFormatException($"Unsupported qcow2 feature(s): {string.Join(", ", parts)}");
+    }
+
     public void Validate()
     {
         if (ClusterBits < MinClusterBits || ClusterBits > MaxClusterBits)
@@ -178,9 +196,6 @@ public sealed record Qcow2Header
             throw new ImageFormatException("L1 table is too small");
         if (HeaderLength > (ulong)ClusterSize)
             throw new ImageFormatException("qcow2 header exceeds cluster size");
-        var unknown = IncompatibleFeatures & ~KnownIncompatible;
-        if (unknown != 0)
-            throw new ImageFormatException($"Unsupported qcow2 feature(s): Unknown incompatible feature: {(ulong)unknown:x}");
         bool ctBit = (IncompatibleFeatures & Qcow2IncompatibleFeatures.CompressionType) != 0;
         if (CompressionType is not (Qcow2CompressionType.Deflate or Qcow2CompressionType.Zstd))
             throw new ImageFormatException($"Unknown compression type {(byte)CompressionType}");

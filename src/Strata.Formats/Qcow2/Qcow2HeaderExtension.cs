@@ -66,13 +66,16 @@ public readonly record struct Qcow2FeatureName(byte Kind, byte Bit, string Name)
 
     public static List<Qcow2FeatureName> DecodeTable(ReadOnlySpan<byte> data)
     {
+        // As QEMU reads it: the table as if zero-padded, so a last entry cut short still counts, and the first
+        // entry without a name ends it.
         var list = new List<Qcow2FeatureName>();
-        for (int off = 0; off + EntrySize <= data.Length; off += EntrySize)
+        for (int off = 0; off + 2 < data.Length; off += EntrySize)
         {
-            var e = data.Slice(off, EntrySize);
+            var e = data.Slice(off, Math.Min(EntrySize, data.Length - off));
             var name = e[2..];
             int nul = name.IndexOf((byte)0);
             if (nul >= 0) name = name[..nul];
+            if (name.IsEmpty) break;
             list.Add(new Qcow2FeatureName(e[0], e[1], Encoding.ASCII.GetString(name)));
         }
         return list;

@@ -78,8 +78,22 @@ public class Qcow2HeaderTests
         var bytes = new byte[112];
         Sample().Write(bytes);
         BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(72), 1UL << 20);
-        var e = Assert.Throws<ImageFormatException>(() => Qcow2Header.Parse(bytes));
+        var header = Qcow2Header.Parse(bytes);
+        var e = Assert.Throws<ImageFormatException>(() => header.ThrowIfUnsupportedFeatures([]));
         Assert.Equal("Unsupported qcow2 feature(s): Unknown incompatible feature: 100000", e.Message);
+    }
+
+    /// <summary>The image's feature name table names what it can (in the table's order), the rest stays a mask.</summary>
+    [Fact]
+    public void NamesUnknownIncompatibleBitsFromTheImagesFeatureTable()
+    {
+        var bytes = new byte[112];
+        Sample().Write(bytes);
+        BinaryPrimitives.WriteUInt64BigEndian(bytes.AsSpan(72), (1UL << 61) | (1UL << 62) | (1UL << 63));
+        var header = Qcow2Header.Parse(bytes);
+        Qcow2FeatureName[] table = [new(0, 63, "test1"), new(1, 62, "compatible, not listed"), new(0, 61, "test3")];
+        var e = Assert.Throws<ImageFormatException>(() => header.ThrowIfUnsupportedFeatures(table));
+        Assert.Equal("Unsupported qcow2 feature(s): test1, test3, Unknown incompatible feature: 4000000000000000", e.Message);
     }
 
     [Fact]
