@@ -29,7 +29,11 @@ public sealed class RawOverNode : BlockImage
     protected override void DriverDiscard(long offset, long length) => _node.Discard(offset, length);
     protected override void DriverFlush() => _node.Flush();
 
-    public override LayerExtent GetLayerStatus(long offset, long maxLength) => _node.GetLayerStatus(offset, maxLength);
+    /// <summary>The node's status, each byte at its own offset: QEMU's raw format and its nbd and null-co protocols
+    /// all report the offset as valid, so `map` shows it.</summary>
+    public override LayerExtent GetLayerStatus(long offset, long maxLength) => _node.GetLayerStatus(offset, maxLength) is var e && e.Length > 0
+        ? e with { HostOffset = e.Offset }
+        : e;
 
     public override void Resize(long newSize) => _node.Resize(newSize);
 

@@ -22,6 +22,9 @@ namespace Strata.Cli
 
         public static int Run(string[] args, TextWriter stdout, TextWriter stderr)
         {
+            // Image names like nbd+unix://… reach an NBD server through the protocol library, which the block
+            // layer does not reference.
+            Strata.Block.ImageOpener.NbdConnector ??= Img.NbdConnect.Connect;
             // The daemon takes qemu-storage-daemon's getopt_long command line verbatim.
             if (args.Length > 0 && args[0] == "daemon") return Daemon.DaemonCommand.Run(args[1..], stdout, stderr);
             // So does qemu-io's (getopt, and commands that go on after one fails).

@@ -152,9 +152,31 @@ public class QemuNamesAndIoFaceTests : ScratchDirTest
         Tools.QemuImg("create", "-q", "-f", "qcow2", P("a.qcow2"), "1M").Ok();
         Tools.Run("qemu-io", "-c", "write -P 0x5c 0 64k", P("a.qcow2"));
         string sock = P("nbd.sock");
-        Tools.Run("qemu-nbd", "--fork", "-k", sock, "-f", "qcow2", "-x", "exp", P("a.qcow2")).Ok();
+        // --persistent: three clients in turn; stopped through its pid file at the end.
+        Tools.Run("qemu-nbd", "--fork", "--persistent", "--pid-file", P("nbd.pid"), "-k", sock, "-f", "qcow2", "-x", "exp", P("a.qcow2")).Ok();
+        using var stop = new PidFileKiller(P("nbd.pid"));
         var r = Tools.StrataCmd("io", "-c", "read -P 0x5c 0 64k", "-c", "read -P 0 64k 64k", $"nbd+unix:///exp?socket={sock}").Ok();
         Assert.Contains("read 65536/65536 bytes at offset 65536", r.Stdout);
         Assert.DoesNotContain("verification failed", r.Stdout);
+        // The raw format over nbd maps each byte to its own offset, as qemu-img shows it.
+        string name = $"nbd+unix:///exp?socket={sock}";
+        Assert.Equal(Tools.QemuImg("map", "-f", "raw", "--output=json", name).Stdout, Tools.StrataCmd("img", "map", "-f", "raw", "--output=json", name).Ok().Stdout);
+    }
+}
+
+/// <summary>Kills the process a pid file names (a forked server) when disposed.</summary>
+internal sealed class PidFileKiller(string pidFile) : IDisposable
+{
+    public void Dispose()
+    {
+        try
+        {
+            using var p = System.Diagnostics.Process.GetProcessById(int.Parse(File.ReadAllText(pidFile).Trim()));
+            p.Kill();
+            p.WaitForExit(5000);
+        }
+        catch (Exception e) when (e is IOException or ArgumentException or FormatException or InvalidOperationException)
+        {
+        }
     }
 }

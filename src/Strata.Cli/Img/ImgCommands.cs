@@ -33,7 +33,6 @@ internal static partial class ImgCommands
         img.Subcommands.Add(DdCommand(stdout, stderr));
         img.Subcommands.Add(SnapshotCommand(stdout, stderr));
         img.Subcommands.Add(AmendCommand(stdout, stderr));
-        ImageOpener.NbdConnector ??= NbdConnect.Connect;
         foreach (var sub in img.Subcommands) AddImageOptsAndObjects(sub, stderr);
         return img;
     }
