@@ -36,4 +36,24 @@ public class OptionHelpTests : ScratchDirTest
         }
         Assert.Equal(answers[0], answers[1]);
     }
+
+    /// <summary>A cluster size that is a number but not a usable size is the driver's to refuse, after the
+    /// Formatting line; one that is no number at all is refused while the options are read.</summary>
+    [Theory]
+    [InlineData("4M")]
+    [InlineData("3000")]
+    [InlineData("abc")]
+    [InlineData("4k")]
+    public void ClusterSizesAreJudgedWhereQemuImgJudgesThem(string clusterSize)
+    {
+        var answers = new List<string>();
+        foreach (var tool in new[] { "qemu", "strata" })
+        {
+            string img = P($"{tool}.qcow2");
+            string[] args = ["create", "-f", "qcow2", "-o", $"cluster_size={clusterSize}", img, "1M"];
+            var r = tool == "qemu" ? Tools.QemuImg(args) : Tools.StrataCmd(["img", .. args]);
+            answers.Add($"exit {r.Exit}\n{r.Stdout}\n{r.Stderr.Replace("qemu-img:", "PROG:").Replace("strata img:", "PROG:")}".Replace(img, "IMG"));
+        }
+        Assert.Equal(answers[0], answers[1]);
+    }
 }

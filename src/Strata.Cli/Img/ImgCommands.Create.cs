@@ -40,7 +40,7 @@ internal static partial class ImgCommands
     {
         if (format is not ("qcow2" or "raw")) throw new BlockException($"{file}: Unknown file format '{format}'");
         var kv = ParseOptions(options, file);
-        int clusterSize = 65536;
+        long clusterSize = 65536;
         var compression = Qcow2CompressionType.Deflate;
         int refcountBits = 16;
         string? compat = null, lazyRefcounts = null, preallocation = null;
@@ -56,9 +56,11 @@ internal static partial class ImgCommands
             switch (key)
             {
                 case "cluster_size" when format == "qcow2":
-                    if (!SizeText.TryParse(value, out long cs) || cs < 512 || cs > 2 << 20 || (cs & (cs - 1)) != 0)
-                        throw new BlockException($"{file}: Cluster size must be a power of two between 512 and 2048k");
-                    clusterSize = (int)cs;
+                    // A number is an option-parsing matter; whether it is a usable cluster size the driver judges,
+                    // after the Formatting line (as in qemu-img).
+                    if (!SizeText.TryParse(value, out long cs))
+                        throw new BlockException($"{file}: Parameter 'cluster_size' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.");
+                    clusterSize = cs;
                     break;
                 case "compression_type" when format == "qcow2":
                     compression = value switch
@@ -136,6 +138,8 @@ internal static partial class ImgCommands
                   (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBits}";
             stdout.WriteLine(line);
         }
+        if (format == "qcow2" && (clusterSize < 512 || clusterSize > 2 << 20 || (clusterSize & (clusterSize - 1)) != 0))
+            throw new BlockException($"{file}: Cluster size must be a power of two between 512 and 2048k");
         // The line above shows the size as given; the image gets it rounded up to whole sectors, as qemu-img does.
         long sectorSize = (size.Value + 511) & ~511L;
         var preallocMode = preallocation switch
@@ -173,7 +177,7 @@ internal static partial class ImgCommands
                 using var q = Qcow2Image.Create(file, new Qcow2CreateOptions
                 {
                     Size = sectorSize,
-                    ClusterSize = clusterSize,
+                    ClusterSize = (int)clusterSize,
                     CompressionType = compression,
                     RefcountBits = refcountBits,
                     BackingFile = backing,

@@ -192,6 +192,8 @@ public sealed record Qcow2Header
             throw new ImageFormatException("Active L1 table too large");
         long l2Entries = ClusterSize / 8;
         ulong needL1 = (ulong)((((long)Size + ClusterSize - 1) / ClusterSize + l2Entries - 1) / l2Entries);
+        if (needL1 > int.MaxValue)
+            throw new ImageFormatException("Image is too big");
         if (L1Size < needL1)
             throw new ImageFormatException("L1 table is too small");
         if (HeaderLength > (ulong)ClusterSize)
