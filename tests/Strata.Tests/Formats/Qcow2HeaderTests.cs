@@ -63,8 +63,8 @@ public class Qcow2HeaderTests
     [InlineData(20, 22, "cluster size")]
     [InlineData(96, 7, "Reference count entry width")]
     [InlineData(100, 100, "header length")]
-    // A disk needing more than 2^31 L1 entries (here 2^62 bytes): QEMU says so before judging the L1 size.
-    [InlineData(24, 0x40000000, "Image is too big")]
+    // A disk needing more than 2^31 L1 entries (here 1 EiB): QEMU says so before judging the L1 size.
+    [InlineData(24, 0x10000000, "Image is too big")]
     public void RejectsBadFields(int offset, uint value, string expected)
     {
         var bytes = new byte[112];
