@@ -73,10 +73,22 @@ public static class ImageConverter
         int workers = Math.Max(1, options.Workers);
         int nextTaken = 0;
         int nextToWrite = 0;
-        var writeTurn = new object();
+        // In-order writes: the writer of item i wakes only the worker that holds item i + 1 (its own event), never
+        // every worker at once — a broadcast per chunk cost more than the copy itself.
+        var owner = new int[items.Count + 1];
+        Array.Fill(owner, -1);
+        var turn = new ManualResetEventSlim[workers];
+        for (int w = 0; w < workers; w++) turn[w] = new ManualResetEventSlim(false);
+        void PassTurn(int written)
+        {
+            Volatile.Write(ref nextToWrite, written + 1);
+            int next = Volatile.Read(ref owner[written + 1]);
+            if (next >= 0) turn[next].Set();
+        }
         var threads = new Thread[workers];
         for (int w = 0; w < workers; w++)
         {
+            int self = w;
             threads[w] = new Thread(() =>
             {
                 var buffer = ArrayPool<byte>.Shared.Rent(chunk);
@@ -86,6 +98,7 @@ public static class ImageConverter
                     {
                         int index = Interlocked.Increment(ref nextTaken) - 1;
                         if (index >= items.Count) break;
+                        Volatile.Write(ref owner[index], self);
                         var item = items[index];
                         if (CountsForProgress(item, options))
                             options.Progress?.Invoke(Interlocked.Add(ref dataDone, item.Length), dataTotal);
@@ -93,10 +106,9 @@ public static class ImageConverter
                         if (item.Kind == WorkKind.Data) ReadSources(sources, item.TargetOffset, span, options);
                         if (options.WriteInOrder)
                         {
-                            lock (writeTurn)
-                            {
-                                while (nextToWrite != index && !cts.IsCancellationRequested) Monitor.Wait(writeTurn, 100);
-                            }
+                            // Reset before looking: a turn passed in between is seen in nextToWrite.
+                            turn[self].Reset();
+                            while (Volatile.Read(ref nextToWrite) != index && !cts.IsCancellationRequested) turn[self].Wait(100);
                             if (cts.IsCancellationRequested) break;
                         }
                         try
@@ -105,12 +117,7 @@ public static class ImageConverter
                         }
                         finally
                         {
-                            if (options.WriteInOrder)
-                                lock (writeTurn)
-                                {
-                                    nextToWrite = index + 1;
-                                    Monitor.PulseAll(writeTurn);
-                                }
+                            if (options.WriteInOrder) PassTurn(index);
                         }
                     }
                 }
@@ -118,7 +125,7 @@ public static class ImageConverter
                 {
                     Interlocked.CompareExchange(ref failure, e, null);
                     cts.Cancel();
-                    lock (writeTurn) Monitor.PulseAll(writeTurn);
+                    foreach (var t in turn) t.Set();
                 }
                 finally
                 {
@@ -128,6 +135,7 @@ public static class ImageConverter
             threads[w].Start();
         }
         foreach (var t in threads) t.Join();
+        foreach (var t in turn) t.Dispose();
         if (failure is not null)
         {
             if (failure is BlockException) throw failure;
