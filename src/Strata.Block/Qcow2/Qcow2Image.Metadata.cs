@@ -325,6 +325,31 @@ public sealed partial class Qcow2Image
         _file.Write(offset, raw);
     }
 
+    /// <summary>Moves the active L1 table to a larger one (zero-padded): the disk grew, or a snapshot being applied has a
+    /// longer L1 table. The new table is on disk before the header points at it; the old one is freed after.</summary>
+    private void GrowL1Table(long entries)
+    {
+        WriteBackMetadata();
+        var newL1 = new ulong[entries];
+        Array.Copy(_l1, newL1, _l1.Length);
+        long clusters = (entries * 8 + _clusterSize - 1) >> _clusterBits;
+        long newOffset = AllocateClusters(clusters);
+        WriteBackMetadata();
+        CheckHostWrite(newOffset, newL1.Length * 8L);
+        WriteL1Table(newOffset, newL1);
+        _file.Flush();
+        long oldOffset = (long)_header.L1TableOffset;
+        long oldClusters = (_l1.Length * 8L + _clusterSize - 1) >> _clusterBits;
+        _header = _header with { L1TableOffset = (ulong)newOffset, L1Size = (uint)entries };
+        WriteHeaderFields();
+        _file.Flush();
+        _l1 = newL1;
+        _overlap.SetActiveL1(newOffset, newL1.Length * 8L);
+        if (oldOffset != 0)
+            for (long c = 0; c < oldClusters; c++) AdjustRefcount((oldOffset >> _clusterBits) + c, -1);
+        WriteBackMetadata();
+    }
+
     /// <summary>Rewrites the fixed header fields in place, keeping any bytes of a longer header we do not know.</summary>
     private void WriteHeaderFields()
     {
@@ -372,36 +397,10 @@ public sealed partial class Qcow2Image
             }
             long neededL1 = (((newSize + _clusterSize - 1) >> _clusterBits) + _l2Entries - 1) / _l2Entries;
             if (neededL1 > Qcow2Header.MaxL1Entries) throw new BlockException("Image size too large for this cluster size");
-            if (neededL1 > _l1.Length)
-            {
-                WriteBackMetadata();
-                var newL1 = new ulong[neededL1];
-                Array.Copy(_l1, newL1, _l1.Length);
-                long l1Clusters = (neededL1 * 8 + _clusterSize - 1) >> _clusterBits;
-                long newOffset = AllocateClusters(l1Clusters);
-                WriteBackMetadata(); // refcounts of the new table before anything points at it
-                var raw = new byte[l1Clusters << _clusterBits];
-                for (int i = 0; i < newL1.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), newL1[i]);
-                CheckHostWrite(newOffset, raw.Length);
-                _file.Write(newOffset, raw);
-                _file.Flush();
-                long oldOffset = (long)_header.L1TableOffset;
-                long oldClusters = (_l1.Length * 8L + _clusterSize - 1) >> _clusterBits;
-                _header = _header with { L1TableOffset = (ulong)newOffset, L1Size = (uint)neededL1, Size = (ulong)newSize };
-                WriteHeaderFields();
-                _file.Flush();
-                _l1 = newL1;
-                _overlap.SetActiveL1(newOffset, newL1.Length * 8L);
-                if (oldOffset != 0)
-                    for (long c = 0; c < oldClusters; c++) AdjustRefcount((oldOffset >> _clusterBits) + c, -1);
-                WriteBackMetadata();
-            }
-            else
-            {
-                _header = _header with { Size = (ulong)newSize };
-                WriteHeaderFields();
-                _file.Flush();
-            }
+            if (neededL1 > _l1.Length) GrowL1Table(neededL1);
+            _header = _header with { Size = (ulong)newSize };
+            WriteHeaderFields();
+            _file.Flush();
             Bitmaps.Resized(Size);
         }
     }

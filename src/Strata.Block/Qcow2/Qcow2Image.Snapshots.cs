@@ -348,29 +348,6 @@ public sealed partial class Qcow2Image
         return copy;
     }
 
-    /// <summary>Moves the active L1 table to a larger one (zero-padded), for a snapshot with a longer L1 table.</summary>
-    private void GrowL1Table(long entries)
-    {
-        WriteBackMetadata();
-        var newL1 = new ulong[entries];
-        Array.Copy(_l1, newL1, _l1.Length);
-        long clusters = (entries * 8 + _clusterSize - 1) >> _clusterBits;
-        long newOffset = AllocateClusters(clusters);
-        WriteBackMetadata();
-        WriteL1Table(newOffset, newL1);
-        _file.Flush();
-        long oldOffset = (long)_header.L1TableOffset;
-        long oldClusters = (_l1.Length * 8L + _clusterSize - 1) >> _clusterBits;
-        _header = _header with { L1TableOffset = (ulong)newOffset, L1Size = (uint)entries };
-        WriteHeaderFields();
-        _file.Flush();
-        _l1 = newL1;
-        _overlap.SetActiveL1(newOffset, newL1.Length * 8L);
-        if (oldOffset != 0)
-            for (long c = 0; c < oldClusters; c++) AdjustRefcount((oldOffset >> _clusterBits) + c, -1);
-        WriteBackMetadata();
-    }
-
     /// <summary>Counts the references of the snapshot table and of every snapshot's tree, for <c>check</c>.</summary>
     private void CountSnapshots(Action<long, long> count, CheckReport report, RepairMode repair)
     {

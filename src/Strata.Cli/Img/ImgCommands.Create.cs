@@ -1,8 +1,6 @@
 using System.CommandLine;
 using Strata.Block;
-using Strata.Block.Operations;
 using Strata.Block.Qcow2;
-using Strata.Formats.Json;
 using Strata.Formats.Qcow2;
 
 namespace Strata.Cli.Img;

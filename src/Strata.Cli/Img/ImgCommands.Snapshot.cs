@@ -2,7 +2,6 @@ using System.CommandLine;
 using System.Globalization;
 using Strata.Block;
 using Strata.Block.Qcow2;
-using Strata.Formats.Qcow2;
 
 namespace Strata.Cli.Img;
 
