@@ -51,8 +51,18 @@ public static class ImageOpener
     {
         if (locking == ImageLocking.ForceShare && !readOnly) throw new BlockException("force-share=on can only be used with read-only images");
         var seen = new HashSet<string>(StringComparer.Ordinal);
-        return OpenLayer(path, format, readOnly, openBacking, seen, 0, locking);
+        try
+        {
+            return OpenLayer(path, format, readOnly, openBacking, seen, 0, locking);
+        }
+        catch (BackingChainException e) when (e.Message.StartsWith(BackingFailed, StringComparison.Ordinal))
+        {
+            // As qemu-img's open: the top image's name, then the block layer's chain of reasons.
+            throw new BackingChainException($"Could not open '{path}': {e.Message}");
+        }
     }
+
+    private const string BackingFailed = "Could not open backing file: ";
 
     /// <summary>The claim an opener takes on a layer's file.</summary>
     public static LockClaim ClaimFor(string format, bool readOnly, ImageLocking locking, bool isBacking = false) => locking switch
@@ -75,7 +85,16 @@ public static class ImageOpener
             throw new BackingChainException($"Backing chain of '{path}' is deeper than {MaxChainDepth} images");
         if (!seen.Add(BlockSpec.IsSpecial(path) ? path : Path.GetFullPath(path)))
             throw new BackingChainException($"Backing file '{path}' creates an infinite loop.");
-        BlockImage image = OpenSingle(path, format, readOnly, locking, isBacking: depth > 0);
+        BlockImage image;
+        try
+        {
+            image = OpenSingle(path, format, readOnly, locking, isBacking: depth > 0);
+        }
+        catch (BlockException e) when (depth > 0 && e.Message.StartsWith($"Could not open '{path}': ", StringComparison.Ordinal))
+        {
+            // Below the top, the block layer's own reason (QEMU prefixes the image name once, at the top).
+            throw new BlockException(e.Message[$"Could not open '{path}': ".Length..]);
+        }
         if (!openBacking || image.BackingFileName is not { } backing || (BlockSpec.ProtocolOf(path) == "json" && NoBacking(BlockSpec.FromFilename(path)))) return image;
         try
         {
@@ -93,7 +112,7 @@ public static class ImageOpener
         catch (BlockException e)
         {
             image.Dispose();
-            throw new BackingChainException($"Could not open backing file: {e.Message}");
+            throw new BackingChainException(BackingFailed + e.Message);
         }
     }
 
@@ -154,8 +173,8 @@ public static class ImageOpener
     }
 
     /// <summary>Connects an NBD export (set by the host program, which has the NBD client): unix socket path or
-    /// host and port, export name, read-only.</summary>
-    public static Func<string?, string?, int, string, bool, BlockImage>? NbdConnector { get; set; }
+    /// host and port, export name, read-only, and the context block status comes from (null: base:allocation).</summary>
+    public static Func<string?, string?, int, string, bool, string?, BlockImage>? NbdConnector { get; set; }
 
     private static readonly string[] ProtocolDrivers = ["file", "host_device", "blkdebug", "nbd", "null-co", "null-aio", "ssh"];
 
@@ -223,7 +242,7 @@ public static class ImageOpener
         catch (BlockException e)
         {
             image.Dispose();
-            throw new BackingChainException($"Could not open backing file: {e.Message}");
+            throw new BackingChainException(BackingFailed + e.Message);
         }
     }
 
@@ -259,11 +278,20 @@ public static class ImageOpener
             string? inner = options["x-image"] ?? image["driver"] switch { "null-co" => "null-co://", "file" => image["filename"], _ => null };
             if (inner is not null) return $"blkdebug:{options["config"]}:{inner}";
         }
-        var plain = options.Values.Keys.Where(k => k is not ("driver" or "file.driver" or "file.filename" or "filename" or "backing")).ToList();
+        var plain = options.Values.Keys.Where(k => k is not ("driver" or "file.driver" or "file.filename" or "filename" or "backing" or "force-share")).ToList();
+        if (plain.Count == 0 && options["driver"] == "null-co") return "null-co://";
         bool fileBelow = options["file.driver"] is null or "file" && options["driver"] is null or "qcow2" or "raw";
-        if (plain.Count == 0 && fileBelow && (options["file.filename"] ?? options["filename"]) is { } file) return file;
-        if (plain.Count == 0 && options["driver"] == "file" && options["filename"] is { } direct) return direct;
+        if (plain.Count == 0 && fileBelow && (options["file.filename"] ?? options["filename"]) is { } file) return Unprefixable(file);
+        if (plain.Count == 0 && options["driver"] == "file" && options["filename"] is { } direct) return Unprefixable(direct);
         return name;
+    }
+
+    /// <summary>A host file whose name would read as a protocol prefix ("image:top.qcow2") is shown as QEMU shows
+    /// it, "./image:top.qcow2", so that the name can be given back as it is.</summary>
+    private static string Unprefixable(string file)
+    {
+        int colon = file.IndexOf(':'), slash = file.IndexOf('/');
+        return colon > 0 && (slash < 0 || colon < slash) ? "./" + file : file;
     }
 
     /// <summary>How QEMU names an NBD node: nbd://HOST:PORT[/EXPORT] or nbd+unix://[/EXPORT]?socket=PATH.</summary>
@@ -447,7 +475,7 @@ public static class ImageOpener
                 if (portText is not null && (!int.TryParse(portText, out port) || port is < 0 or > 65535))
                     throw new BlockException($"address resolution failed for {host}:{portText}: Servname not supported for ai_socktype");
                 var connect = NbdConnector ?? throw new BlockException("Unknown driver 'nbd'");
-                return connect(path, host, port, options["export"] ?? "", readOnly);
+                return connect(path, host, port, options["export"] ?? "", readOnly, options["x-dirty-bitmap"]);
             }
             case "ssh":
             {

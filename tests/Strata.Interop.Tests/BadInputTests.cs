@@ -136,7 +136,7 @@ public class BadInputTests
         { "Unknown (driver|file format) 'foo'", new[] { "img", "resize", "-f", "foo", "G", "+1M" } },
         { "Unknown (driver|file format) 'foo'", new[] { "img", "commit", "-f", "foo", "G" } },
         { "Unknown (driver|file format) 'foo'", new[] { "img", "rebase", "-f", "foo", "-b", "", "G" } },
-        { "Unknown (driver|file format) 'foo'", new[] { "img", "rebase", "-b", "G", "-F", "foo", "G" } },
+        { "Invalid format name: 'foo'", new[] { "img", "rebase", "-b", "G", "-F", "foo", "G" } },
         { "Unknown (driver|file format) 'foo'", new[] { "img", "create", "-f", "qcow2", "-b", "G", "-F", "foo", "N" } },
     };
 

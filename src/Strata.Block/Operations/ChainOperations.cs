@@ -1,4 +1,5 @@
 using System.Buffers;
+using Strata.Block.Qcow2;
 
 namespace Strata.Block.Operations;
 
@@ -13,15 +14,32 @@ public static class ChainOperations
     /// shrink left in the old last cluster). Whole clusters get zero clusters, the partial old last cluster explicit
     /// zeros. The image's backing chain must be open for that.
     /// </summary>
-    public static void Resize(BlockImage image, long newSize)
+    public static void Resize(BlockImage image, long newSize, Preallocation preallocation = Preallocation.Off)
     {
         long oldSize = image.Size;
         image.Resize(newSize);
-        if (newSize <= oldSize || image.Backing is not { } backing || backing.Size <= oldSize) return;
         long cluster = Math.Max(image.ClusterSize, 512);
         long zeroStart = (oldSize + cluster - 1) / cluster * cluster;
-        if (newSize > zeroStart) image.WriteZeroes(zeroStart, newSize - zeroStart, mayUnmap: false);
+        if (newSize > oldSize && preallocation != Preallocation.Off)
+        {
+            // The grown whole clusters get their space now; a partly old cluster is left to the zeroing below.
+            if (image is Qcow2Image qcow2) qcow2.Preallocate(preallocation, zeroStart, newSize);
+            else if (preallocation == Preallocation.Metadata) throw new BlockException("Unsupported preallocation mode: metadata");
+            else WriteZeroBytes(image, oldSize, newSize);
+        }
+        if (newSize <= oldSize || image.Backing is not { } backing || backing.Size <= oldSize) return;
+        // Falloc and full preallocation already wrote the clusters as zeros; metadata ones become zero clusters that
+        // keep their space, as QEMU leaves them.
+        bool writtenAsZeros = preallocation is Preallocation.Falloc or Preallocation.Full;
+        if (newSize > zeroStart && !writtenAsZeros) image.WriteZeroes(zeroStart, newSize - zeroStart, mayUnmap: false);
         if (zeroStart > oldSize) image.Write(oldSize, new byte[Math.Min(zeroStart, newSize) - oldSize]);
+    }
+
+    private static void WriteZeroBytes(BlockImage image, long start, long end)
+    {
+        var zeros = new byte[(int)Math.Min(end - start, 1L << 20)];
+        for (long at = start; at < end; at += zeros.Length)
+            image.Write(at, zeros.AsSpan(0, (int)Math.Min(zeros.Length, end - at)));
     }
 
     /// <summary>

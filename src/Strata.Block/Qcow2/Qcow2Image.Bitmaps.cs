@@ -217,10 +217,10 @@ public sealed partial class Qcow2Image
             }
             long tableClusters = (table.Length + _clusterSize - 1) / _clusterSize;
             long tableOffset = AllocateClusters(tableClusters);
-            var tableCluster = new byte[tableClusters * _clusterSize];
-            table.CopyTo(tableCluster, 0);
-            CheckHostWrite(tableOffset, tableCluster.Length);
-            _file.Write(tableOffset, tableCluster);
+            // Only the table's own bytes are written, as QEMU does: a table at the end of the file leaves the file
+            // ending there (qemu-img measure of the file as raw sees the same length).
+            CheckHostWrite(tableOffset, tableClusters * _clusterSize);
+            _file.Write(tableOffset, table);
             var entry = new BitmapDirectoryEntry((ulong)tableOffset, (uint)tableSize, b.Enabled ? BitmapFlags.Auto : BitmapFlags.None,
                 BitmapDirectoryEntry.DirtyTrackingType, (byte)System.Numerics.BitOperations.Log2((ulong)b.Granularity), b.Name!, []);
             entries.Add(entry);
@@ -234,10 +234,8 @@ public sealed partial class Qcow2Image
             dirSize = dir.Length;
             long dirClusters = (dirSize + _clusterSize - 1) / _clusterSize;
             dirOffset = AllocateClusters(dirClusters);
-            var padded = new byte[dirClusters * _clusterSize];
-            dir.CopyTo(padded, 0);
-            CheckHostWrite(dirOffset, padded.Length);
-            _file.Write(dirOffset, padded);
+            CheckHostWrite(dirOffset, dirClusters * _clusterSize);
+            _file.Write(dirOffset, dir);
         }
         // New data, tables and directory (and their refcounts) are durable before the header names them.
         WriteBackMetadata();

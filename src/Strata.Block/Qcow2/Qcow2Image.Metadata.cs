@@ -318,6 +318,25 @@ public sealed partial class Qcow2Image
         _file.Flush();
     }
 
+    /// <summary>After a shrink, as QEMU does: the freed data clusters no longer hold disk blocks (holes punched), and
+    /// the file ends after its last cluster in use. Caller holds the lock; the metadata is written back.</summary>
+    private void GiveBackFreedSpace(List<long> hostOffsets)
+    {
+        // One hole per contiguous run, as the file system keeps its extent tree smaller that way (and as QEMU does).
+        var free = hostOffsets.Where(h => GetRefcount(h >> _clusterBits) == 0).Order().ToList();
+        for (int i = 0; i < free.Count;)
+        {
+            int j = i + 1;
+            while (j < free.Count && free[j] == free[j - 1] + _clusterSize) j++;
+            _file.PunchHole(free[i], free[j - 1] + _clusterSize - free[i]);
+            i = j;
+        }
+        long fileClusters = (_file.Length + _clusterSize - 1) >> _clusterBits;
+        long last = fileClusters - 1;
+        while (last >= 0 && GetRefcount(last) == 0) last--;
+        if (last + 1 < fileClusters) _file.SetLength((last + 1) << _clusterBits);
+    }
+
     private void WriteL1Table(long offset, ulong[] table)
     {
         var raw = new byte[table.Length * 8];
@@ -377,18 +396,23 @@ public sealed partial class Qcow2Image
                 // Free every cluster that lies wholly past the new end.
                 long firstGone = (newSize + _clusterSize - 1) >> _clusterBits;
                 long end = (oldSize + _clusterSize - 1) >> _clusterBits;
+                var released = new List<long>();
                 for (long c = firstGone; c < end; c++)
                 {
                     long l1i = c / _l2Entries;
                     if (l1i >= _l1.Length || (_l1[l1i] & Qcow2Entry.OffsetMask) == 0) { c = (l1i + 1) * _l2Entries - 1; continue; }
                     var table = EnsureL2Table(l1i);
                     int idx = (int)(c % _l2Entries);
-                    if (table.Entries[idx] == 0) continue;
-                    ReleaseEntry(table.Entries[idx]);
+                    ulong entry = table.Entries[idx];
+                    if (entry == 0) continue;
+                    if (Qcow2Entry.Classify(entry) is L2EntryKind.Normal or L2EntryKind.ZeroAllocated)
+                        released.Add((long)(entry & Qcow2Entry.OffsetMask));
+                    ReleaseEntry(entry);
                     table.Entries[idx] = 0;
                     table.Dirty = true;
                 }
                 WriteBackMetadata();
+                GiveBackFreedSpace(released);
                 _header = _header with { Size = (ulong)newSize };
                 WriteHeaderFields();
                 _file.Flush();

@@ -12,20 +12,29 @@ public sealed partial class Qcow2Image
     /// clusters it maps. With metadata only the file is extended over them (they read as zeros from the holes);
     /// falloc and full also give them disk blocks, by writing zeros.
     /// </summary>
-    public void Preallocate(Preallocation mode)
+    public void Preallocate(Preallocation mode) => Preallocate(mode, 0, Size);
+
+    /// <summary>The same over the whole clusters of [<paramref name="start"/>, <paramref name="end"/>) that are not
+    /// allocated yet (resize --preallocation: the grown range). <paramref name="start"/> must be cluster-aligned, so
+    /// that no cluster holding older guest data is replaced by a zeroed one.</summary>
+    public void Preallocate(Preallocation mode, long start, long end)
     {
-        if (mode == Preallocation.Off) return;
+        if (mode == Preallocation.Off || end <= start) return;
+        if ((start & (_clusterSize - 1)) != 0) throw new ArgumentException("preallocation must start on a cluster boundary", nameof(start));
         CheckWritable();
         lock (_lock)
         {
-            long clusters = (Size + _clusterSize - 1) >> _clusterBits;
+            long last = (end + _clusterSize - 1) >> _clusterBits;
             long maxRun = Math.Max(1, _refcountsPerBlock - 1);
             var ranges = new List<(long Host, long Count)>();
-            for (long guest = 0; guest < clusters;)
+            for (long guest = start >> _clusterBits; guest < last;)
             {
                 long l1Index = guest / _l2Entries;
                 var table = EnsureL2Table(l1Index);
-                long run = Math.Min(Math.Min(clusters - guest, (l1Index + 1) * _l2Entries - guest), maxRun);
+                long tableEnd = Math.Min(last, (l1Index + 1) * _l2Entries);
+                if (table.Entries[guest % _l2Entries] != 0) { guest++; continue; }
+                long run = 1;
+                while (guest + run < tableEnd && run < maxRun && table.Entries[(guest + run) % _l2Entries] == 0) run++;
                 long host = AllocateClusters(run);
                 for (long i = 0; i < run; i++)
                     table.Entries[(guest + i) % _l2Entries] = (ulong)(host + (i << _clusterBits)) | Qcow2Entry.Copied;
@@ -33,7 +42,7 @@ public sealed partial class Qcow2Image
                 ranges.Add((host, run));
                 guest += run;
             }
-            long end = ranges.Count == 0 ? 0 : ranges.Max(r => r.Host + (r.Count << _clusterBits));
+            long fileEnd = ranges.Count == 0 ? 0 : ranges.Max(r => r.Host + (r.Count << _clusterBits));
             if (mode != Preallocation.Metadata)
             {
                 var zeros = new byte[Math.Min(1L << 20, _clusterSize * maxRun)];
@@ -41,11 +50,45 @@ public sealed partial class Qcow2Image
                     for (long at = host; at < host + (count << _clusterBits); at += zeros.Length)
                         _file.Write(at, zeros.AsSpan(0, (int)Math.Min(zeros.Length, host + (count << _clusterBits) - at)));
             }
-            else if (_file.Length < end)
+            else if (_file.Length < fileEnd)
             {
-                _file.SetLength(end);
+                _file.SetLength(fileEnd);
             }
             WriteBackMetadata();
         }
+    }
+
+    private bool? _metadataPreallocated;
+
+    /// <summary>
+    /// Whether the image looks metadata-preallocated, judged once as QEMU does: clearly more clusters hold a
+    /// refcount than the file has disk blocks for. Then block status looks through allocated clusters at the host
+    /// file, whose holes read as zeros. Caller holds the lock.
+    /// </summary>
+    private bool LooksMetadataPreallocated()
+    {
+        if (_metadataPreallocated is { } known) return known;
+        long realClusters = _file.AllocatedBytes / _clusterSize;
+        long threshold = Math.Max(realClusters * 10 / 9, realClusters + 2);
+        long fileClusters = (_file.Length + _clusterSize - 1) >> _clusterBits;
+        long counted = 0;
+        for (long c = 0; c < fileClusters && counted <= threshold; c++)
+            if (GetRefcount(c) > 0) counted++;
+        _metadataPreallocated = counted > threshold;
+        return _metadataPreallocated.Value;
+    }
+
+    /// <summary>An allocated data run of a metadata-preallocated image, cut at the first change between disk blocks
+    /// and a hole in the host file: a hole becomes a zero extent (keeping its host offset). Caller holds the lock.</summary>
+    private (LayerState State, long Length) SplitAtHostHole(long hostOffset, long length)
+    {
+        long data = _file.SeekData(hostOffset);
+        if (data == hostOffset)
+        {
+            long hole = _file.SeekHole(hostOffset);
+            return (LayerState.Data, hole > hostOffset ? Math.Min(length, hole - hostOffset) : length);
+        }
+        if (data < 0 && _file.Length <= hostOffset) return (LayerState.Data, length);
+        return (LayerState.Zero, data < 0 ? length : Math.Min(length, data - hostOffset));
     }
 }

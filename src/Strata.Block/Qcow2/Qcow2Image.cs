@@ -765,6 +765,7 @@ public sealed partial class Qcow2Image : BlockImage
             };
             long length = run.Length;
             if (state == LayerState.Zero) length = ZeroRunLength(offset, length, run.Kind, run.HostOffset);
+            if (run.Kind == L2EntryKind.Normal && LooksMetadataPreallocated()) (state, length) = SplitAtHostHole(run.HostOffset, length);
             if (run.Kind == L2EntryKind.Compressed)
             {
                 // Merge following compressed clusters: they have no contiguous host mapping to report.

@@ -23,15 +23,18 @@ internal static partial class ImgCommands
         cmd.SetAction(r => Run(stderr, () =>
         {
             var options = r.GetValue(opts) ?? [];
+            ImgOptionHelp.CheckLists(options);
             if (options.Length == 0) throw new UsageException("Must specify options (-o)");
             var files = r.GetValue(file) ?? [];
+            if (files.FirstOrDefault(f => f.StartsWith('-') && f != "-") is { } unknown) throw new UsageException($"unrecognized option '{unknown}'");
             if (ImgOptionHelp.Requested(options) && (r.GetValue(format) is not null || files.Length == 1))
             {
                 string amendFormat = r.GetValue(format) ?? ImageOpener.ProbeFormat(files[0]);
                 stdout.Write(ImgOptionHelp.ForAmend(amendFormat) ?? throw new BlockException($"Format driver '{amendFormat}' does not support option amendment"));
                 return 0;
             }
-            if (files.Length != 1) throw new UsageException("Expecting one image file name");
+            // qemu-img amend reports this one without the --help hint.
+            if (files.Length != 1) throw new BlockException("Expecting one image file name");
             var amend = new Qcow2AmendOptions();
             foreach (var (key, value) in ParseOptions(options, files[0]))
             {

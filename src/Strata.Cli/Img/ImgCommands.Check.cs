@@ -12,7 +12,7 @@ internal static partial class ImgCommands
     {
         var format = FormatOption();
         var output = OutputOption();
-        var repair = new Option<string?>("-r") { Description = "repair: leaks or all" };
+        var repair = LastWins("-r", "repair: leaks or all");
         var quiet = QuietOption();
         var file = new Argument<string>("filename");
         var forceShare = ForceShareOption();

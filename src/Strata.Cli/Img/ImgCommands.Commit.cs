@@ -14,9 +14,9 @@ internal static partial class ImgCommands
         var quiet = QuietOption();
         var keep = new Option<bool>("-d") { Description = "do not empty the top image" };
         var progress = new Option<bool>("-p") { Description = "show progress" };
-        var cache = new Option<string?>("-t") { Description = "cache mode (accepted)" };
+        var cache = LastWins("-t", "cache mode (accepted)");
         var file = new Argument<string>("filename");
-        var baseOption = new Option<string?>("-b") { Description = "the layer of the backing chain to commit into (implies -d)" };
+        var baseOption = LastWins("-b", "the layer of the backing chain to commit into (implies -d)");
         var cmd = new Command("commit", "Write an image's changes into its backing file") { format, quiet, keep, progress, cache, file, baseOption };
         cmd.SetAction(r => Run(stderr, () =>
         {

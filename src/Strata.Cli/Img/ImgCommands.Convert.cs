@@ -11,45 +11,51 @@ internal static partial class ImgCommands
     private static Command ConvertCommand(TextWriter stdout, TextWriter stderr)
     {
         var format = FormatOption();
-        // qemu-img takes the last of a repeated option: these are lists, and the last value counts.
-        var outFormat = new Option<string[]>("-O") { Description = "output format (default raw)" };
+        var outFormat = LastWins("-O", "output format (default raw)");
         var compress = new Option<bool>("-c") { Description = "compress the target (qcow2)" };
-        var backing = new Option<string[]>("-B") { Description = "backing file of the target" };
-        var backingFormat = new Option<string[]>("-F") { Description = "format of the target's backing file" };
+        var backing = LastWins("-B", "backing file of the target");
+        var backingFormat = LastWins("-F", "format of the target's backing file");
         var opts = new Option<string[]>("-o") { Description = "target format options" };
         var progress = new Option<bool>("-p") { Description = "show progress" };
         var quiet = QuietOption();
         var noCreate = new Option<bool>("-n") { Description = "do not create the target (it must exist)" };
-        var cache = new Option<string[]>("-t") { Description = "target cache mode: unsafe (default), writeback, writethrough, none, directsync" };
-        var srcCache = new Option<string[]>("-T") { Description = "source cache mode (accepted)" };
+        var cache = LastWins("-t", "target cache mode: unsafe (default), writeback, writethrough, none, directsync");
+        var srcCache = LastWins("-T", "source cache mode (accepted)");
         var outOfOrder = new Option<bool>("-W") { Description = "out-of-order writes" };
-        var coroutines = new Option<string[]>("-m") { Description = "parallel workers (1..16)" };
-        var sparse = new Option<string[]>("-S") { Description = "shortest run of zeros left as a hole (0: allocate everything)" };
+        var coroutines = LastWins("-m", "parallel workers (1..16)");
+        var sparse = LastWins("-S", "shortest run of zeros left as a hole (0: allocate everything)");
         var salvage = new Option<bool>("--salvage") { Description = "copy unreadable sectors as zeros instead of failing" };
+        var copyOffload = new Option<bool>("-C") { Description = "copy offloading (copy_file_range); Strata copies itself" };
         var bitmaps = new Option<bool>("--bitmaps") { Description = "also copy the source's persistent bitmaps" };
         var skipBroken = new Option<bool>("--skip-broken-bitmaps") { Description = "with --bitmaps, leave out inconsistent bitmaps" };
         var files = new Argument<string[]>("filenames") { Arity = ArgumentArity.ZeroOrMore };
         var forceShare = ForceShareOption();
-        var snapshotParam = new Option<string?>("-l") { Description = "convert an internal snapshot: snapshot.id=…,snapshot.name=… or an ID or name" };
-        var snapshotName = new Option<string?>("-s") { Description = "convert the internal snapshot with this ID or name" };
+        var snapshotParam = LastWins("-l", "convert an internal snapshot: snapshot.id=…,snapshot.name=… or an ID or name");
+        var snapshotName = LastWins("-s", "convert the internal snapshot with this ID or name");
         var cmd = new Command("convert", "Convert or copy an image")
         {
             format, outFormat, compress, backing, backingFormat, opts, progress, quiet, noCreate, cache, srcCache, outOfOrder, coroutines,
-            sparse, salvage, bitmaps, skipBroken, forceShare, snapshotParam, snapshotName, files,
+            sparse, salvage, copyOffload, bitmaps, skipBroken, forceShare, snapshotParam, snapshotName, files,
         };
         cmd.SetAction(r => Run(stderr, () =>
         {
             var names = r.GetValue(files) ?? [];
-            string? outFmtGiven = Last(r, outFormat);
+            string? outFmtGiven = r.GetValue(outFormat);
             string outFmt = outFmtGiven ?? "raw";
             bool compressed = r.GetValue(compress);
+            if (r.GetValue(copyOffload))
+            {
+                if (compressed) throw new BlockException("Cannot enable copy offloading when -c is used");
+                if (r.GetValue(sparse) is not null) throw new BlockException("Cannot enable copy offloading when -S is used");
+                if (r.GetValue(salvage)) throw new BlockException("Cannot use copy offloading in salvaging mode");
+            }
             bool fresh = !r.GetValue(noCreate);
             bool quietMode = r.GetValue(quiet);
             int workers = 8;
-            if (Last(r, coroutines) is { } m && (!int.TryParse(m, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out workers) || workers is < 1 or > 16))
+            if (r.GetValue(coroutines) is { } m && (!int.TryParse(m, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out workers) || workers is < 1 or > 16))
                 throw new BlockException("Invalid number of coroutines. Allowed number of coroutines is between 1 and 16");
             int minSparse = 4096;
-            if (Last(r, sparse) is { } sparseText)
+            if (r.GetValue(sparse) is { } sparseText)
             {
                 if (!SizeText.TryParse(sparseText, out long sparseBytes))
                     throw new BlockException("Invalid buffer size for sparse output specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
@@ -59,17 +65,18 @@ internal static partial class ImgCommands
             }
             if (r.GetValue(skipBroken) && !r.GetValue(bitmaps)) throw new BlockException("Use of --skip-broken-bitmaps requires --bitmaps");
             var optionGroups = r.GetValue(opts) ?? [];
+            ImgOptionHelp.CheckLists(optionGroups);
             if (ImgOptionHelp.Requested(optionGroups))
             {
                 // Only a target beside a source counts as a named file here, as in qemu-img.
-                stdout.Write(ImgOptionHelp.ForCreate(Last(r, outFormat) ?? "raw", fileNamed: names.Length >= 2));
+                stdout.Write(ImgOptionHelp.ForCreate(r.GetValue(outFormat) ?? "raw", fileNamed: names.Length >= 2));
                 return 0;
             }
             if (!fresh && optionGroups.Length > 0) throw new BlockException("-o has no effect when skipping image creation");
             if (names.Length < 2) throw new BlockException("Must specify image file name");
-            string cacheMode = Last(r, cache) ?? "unsafe";
+            string cacheMode = r.GetValue(cache) ?? "unsafe";
             if (!IsCacheMode(cacheMode)) throw new BlockException($"Invalid cache option: {cacheMode}");
-            if (Last(r, srcCache) is { } sc && !IsCacheMode(sc)) throw new BlockException($"Invalid source cache option: {sc}");
+            if (r.GetValue(srcCache) is { } sc && !IsCacheMode(sc)) throw new BlockException($"Invalid source cache option: {sc}");
             string target = names[^1];
             var printer = r.GetValue(progress) && !quietMode ? new ProgressPrinter(stdout, minSkip: 1) : null;
             printer?.Report(0);
@@ -86,8 +93,8 @@ internal static partial class ImgCommands
                 if ((r.GetValue(snapshotParam) ?? r.GetValue(snapshotName)) is { } snapshot)
                     LoadSourceSnapshot(sources, snapshot);
                 long total = sources.Sum(s => s.Size);
-                string? targetBacking = Last(r, backing);
-                string? targetBackingFormat = Last(r, backingFormat);
+                string? targetBacking = r.GetValue(backing);
+                string? targetBackingFormat = r.GetValue(backingFormat);
                 var kv = ParseOptions(optionGroups, target);
                 foreach (var (k, v) in kv)
                 {
@@ -179,8 +186,6 @@ internal static partial class ImgCommands
         }
     }
 
-    private static string? Last(ParseResult r, Option<string[]> option) => r.GetValue(option) is { Length: > 0 } values ? values[^1] : null;
-
     private static bool IsCacheMode(string mode) => mode is "none" or "writeback" or "writethrough" or "directsync" or "unsafe";
 
     /// <summary>--bitmaps copies from one source only, and an inconsistent bitmap only when told to leave it out.</summary>
@@ -197,15 +202,14 @@ internal static partial class ImgCommands
     /// <summary>Each persistent bitmap of the source, with its granularity, state and bits, into the target.</summary>
     private static void CopyBitmaps(BlockImage source, BlockImage target, bool skipBroken, TextWriter? warnings)
     {
-        // Newest first, as qemu-img walks a node's bitmaps: the target then stores them in the source's order.
+        // qemu-img walks a node's bitmaps from the last in the image's directory to the first, warning as it goes;
+        // the target must end up with the source's directory order, so the copies are made first to last.
+        if (skipBroken)
+            foreach (var b in source.Bitmaps.All.Where(b => b.Persistent && b.Name is not null && b.Inconsistent))
+                warnings?.WriteLine($"{Prog}: warning: Skipping inconsistent bitmap '{b.Name}'");
         foreach (var b in source.Bitmaps.All.Reverse())
         {
-            if (!b.Persistent || b.Name is null) continue;
-            if (skipBroken && b.Inconsistent)
-            {
-                warnings?.WriteLine($"{Prog}: warning: Skipping inconsistent bitmap '{b.Name}'");
-                continue;
-            }
+            if (!b.Persistent || b.Name is null || (skipBroken && b.Inconsistent)) continue;
             target.Bitmaps.Add(b.Name, b.Granularity, persistent: true, disabled: false);
             target.Bitmaps.Merge(b.Name, [b]);
             if (!b.Enabled) target.Bitmaps.Disable(b.Name);

@@ -11,8 +11,8 @@ internal static partial class ImgCommands
     private static Command CreateCommand(TextWriter stdout, TextWriter stderr)
     {
         var format = FormatOption();
-        var backing = new Option<string?>("-b") { Description = "backing file" };
-        var backingFormat = new Option<string?>("-F") { Description = "backing file format" };
+        var backing = LastWins("-b", "backing file");
+        var backingFormat = LastWins("-F", "backing file format");
         var opts = new Option<string[]>("-o") { Description = "format options (cluster_size=…,compression_type=…,refcount_bits=…)", AllowMultipleArgumentsPerToken = false };
         var quiet = QuietOption();
         var unsafeBacking = new Option<bool>("-u") { Description = "do not open the backing file" };
@@ -22,6 +22,7 @@ internal static partial class ImgCommands
         cmd.SetAction(r => Run(stderr, () =>
         {
             // -o help lists the options, with the file protocol's once a file is named; no file is created.
+            ImgOptionHelp.CheckLists(r.GetValue(opts) ?? []);
             if (ImgOptionHelp.Requested(r.GetValue(opts) ?? []))
             {
                 stdout.Write(ImgOptionHelp.ForCreate(r.GetValue(format) ?? "raw", fileNamed: r.GetValue(file) is not null));
@@ -36,8 +37,14 @@ internal static partial class ImgCommands
 
     internal static int Create(TextWriter stdout, string file, string format, string? backing, string? backingFormat, string[] options, string? sizeText, bool quiet, bool unsafeBacking)
     {
-        if (format is not ("qcow2" or "raw")) throw new BlockException($"{file}: Unknown file format '{format}'");
+        if (format is not ("qcow2" or "raw" or "file")) throw new BlockException($"{file}: Unknown file format '{format}'");
+        // -f file is the protocol driver itself: a plain file, as raw, under its own name in the Formatting line.
+        string shownFormat = format;
+        if (format == "file") format = "raw";
         var kv = ParseOptions(options, file);
+        // "file:NAME" names the host file NAME outright (a colon later in NAME is then just a character); messages
+        // keep the name as given.
+        string path = file.StartsWith("file:", StringComparison.Ordinal) ? file["file:".Length..] : file;
         long clusterSize = 65536;
         var compression = Qcow2CompressionType.Deflate;
         int refcountBits = 16;
@@ -105,37 +112,45 @@ internal static partial class ImgCommands
             throw new BlockException($"{file}: Backing file not supported for file format '{format}'");
         if (backing is not null)
         {
-            if (backingFormat is null)
-            {
-                string detected = "raw";
-                try { detected = ImageOpener.ProbeFormat(ImageOpener.ResolveBackingPath(file, backing)); } catch (BlockException) { }
-                throw new BlockException($"{file}: Backing file specified without backing format\nDetected format of {detected}.");
-            }
-            CheckFormatName(backingFormat);
+            // As qemu-img 7.2's bdrv_img_create: unless -u with a size, the backing chain is opened first (probing
+            // when no format is given), and only then is a missing backing format an error.
             if (!unsafeBacking || size is null)
             {
+                if (backingFormat is not null && !QemuFormatNames.Contains(backingFormat))
+                    throw new BlockException($"{file}: Unknown driver '{backingFormat}'\nCould not open backing image.");
+                string backingPath = ImageOpener.ResolveBackingPath(path, backing);
                 try
                 {
-                    using var b = ImageOpener.Open(ImageOpener.ResolveBackingPath(file, backing), backingFormat);
+                    using var b = ImageOpener.Open(backingPath, backingFormat);
+                    if (backingFormat is null)
+                        throw new BlockException($"{file}: Backing file specified without backing format\nDetected format of {b.FormatName}.");
                     size ??= b.Size;
                 }
-                catch (BlockException e)
+                catch (BlockException e) when (!e.Message.StartsWith(file + ": ", StringComparison.Ordinal))
                 {
-                    throw new BlockException($"{file}: {e.Message.Replace("Could not open backing file: ", "")}\nCould not open backing image.");
+                    // The opener words its errors as qemu-img's own open does ("Could not open 'B': …"); here QEMU
+                    // reports the block layer's error bare.
+                    string prefix = $"Could not open '{backingPath}': ";
+                    string reason = e.Message.StartsWith(prefix, StringComparison.Ordinal) ? e.Message[prefix.Length..] : e.Message;
+                    throw new BlockException($"{file}: {reason}\nCould not open backing image.");
                 }
             }
+            else if (backingFormat is null)
+                throw new BlockException($"{file}: Backing file specified without backing format");
         }
         if (size is null) throw new BlockException($"{file}: Image creation needs a size parameter");
         if (!quiet)
         {
             string prealloc = preallocation is null ? "" : $" preallocation={preallocation}";
             string line = format == "raw"
-                ? $"Formatting '{file}', fmt=raw size={size}{prealloc}"
+                ? $"Formatting '{file}', fmt={shownFormat} size={size}{prealloc}"
                 : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
                   (compat is null ? "" : $" compat={compat}") +
                   (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBits}";
             stdout.WriteLine(line);
         }
+        if (backingFormat is not null && !QemuFormatNames.Contains(backingFormat))
+            throw new BlockException($"{file}: Parameter 'backing-fmt' does not accept value '{backingFormat}'");
         if (format == "qcow2" && (clusterSize < 512 || clusterSize > 2 << 20 || (clusterSize & (clusterSize - 1)) != 0))
             throw new BlockException($"{file}: Cluster size must be a power of two between 512 and 2048k");
         // The line above shows the size as given; the image gets it rounded up to whole sectors, as qemu-img does.
@@ -159,7 +174,7 @@ internal static partial class ImgCommands
         {
             try
             {
-                using var r = RawImage.Create(file, sectorSize);
+                using var r = RawImage.Create(path, sectorSize);
                 if (preallocMode != Preallocation.Off) WriteZeros(r, sectorSize);
                 r.Flush();
             }
@@ -172,7 +187,7 @@ internal static partial class ImgCommands
         {
             try
             {
-                using var q = Qcow2Image.Create(file, new Qcow2CreateOptions
+                using var q = Qcow2Image.Create(path, new Qcow2CreateOptions
                 {
                     Size = sectorSize,
                     ClusterSize = (int)clusterSize,

@@ -9,7 +9,7 @@ internal static partial class ImgCommands
     private static Command DdCommand(TextWriter stdout, TextWriter stderr)
     {
         var format = FormatOption();
-        var outFormat = new Option<string?>("-O") { Description = "output format (default raw)" };
+        var outFormat = LastWins("-O", "output format (default raw)");
         var forceShare = ForceShareOption();
         var operands = new Argument<string[]>("operands") { Arity = ArgumentArity.ZeroOrMore, Description = "if=FILE of=FILE [bs=N] [count=N] [skip=N]" };
         var cmd = new Command("dd", "Copy from an image into a new image, dd style") { format, outFormat, forceShare, operands };

@@ -20,7 +20,9 @@ internal static partial class ImgCommands
         cmd.SetAction(r => Run(stderr, () =>
         {
             string mode = OutputMode(r.GetValue(output)!);
-            CheckFormatName(r.GetValue(format));
+            string? requested = r.GetValue(format);
+            if (requested is not null and not ("qcow2" or "raw"))
+                throw new BlockException($"Could not open '{r.GetValue(file)}': Unknown driver '{requested}'");
             // Like qemu-img, open each layer alone: info needs no backing file, and --backing-chain walks the names.
             var layers = new List<BlockImage>();
             var names = new List<string>();

@@ -11,8 +11,8 @@ internal static partial class ImgCommands
     {
         var format = FormatOption();
         var output = OutputOption();
-        var start = new Option<string?>("--start-offset") { Description = "first byte to map" };
-        var max = new Option<string?>("--max-length") { Description = "bytes to map" };
+        var start = LastWins("--start-offset", "first byte to map");
+        var max = LastWins("--max-length", "bytes to map");
         var files = new Argument<string[]>("filename") { Arity = ArgumentArity.ZeroOrMore };
         var forceShare = ForceShareOption();
         var cmd = new Command("map", "Show where the image's data lives") { format, output, start, max, forceShare, files };

@@ -13,7 +13,7 @@ internal static partial class ImgCommands
         var output = OutputOption();
         var outFormat = new Option<string[]>("-O") { Description = "format of the image to measure for (default raw)" };
         var opts = new Option<string[]>("-o") { Description = "target format options (cluster_size, refcount_bits, compat, extended_l2, preallocation, backing_file)" };
-        var size = new Option<string?>("--size") { Description = "measure a new empty image of this size" };
+        var size = LastWins("--size", "measure a new empty image of this size");
         var forceShare = ForceShareOption();
         var files = new Argument<string[]>("filename") { Arity = ArgumentArity.ZeroOrMore };
         var cmd = new Command("measure", "Measure the file size a new image needs") { format, output, outFormat, opts, size, forceShare, files };

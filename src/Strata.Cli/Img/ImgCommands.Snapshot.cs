@@ -12,9 +12,9 @@ internal static partial class ImgCommands
     {
         var format = FormatOption();
         var list = new Option<bool>("-l") { Description = "list the snapshots" };
-        var apply = new Option<string?>("-a") { Description = "apply (revert the disk to) a snapshot" };
-        var create = new Option<string?>("-c") { Description = "create a snapshot" };
-        var delete = new Option<string?>("-d") { Description = "delete a snapshot" };
+        var apply = LastWins("-a", "apply (revert the disk to) a snapshot");
+        var create = LastWins("-c", "create a snapshot");
+        var delete = LastWins("-d", "delete a snapshot");
         var quiet = QuietOption();
         var forceShare = ForceShareOption();
         var file = new Argument<string>("filename");

@@ -31,6 +31,7 @@ internal static partial class ImgCommands
         img.Subcommands.Add(BitmapCommand(stdout, stderr));
         img.Subcommands.Add(MeasureCommand(stdout, stderr));
         img.Subcommands.Add(DdCommand(stdout, stderr));
+        img.Subcommands.Add(BenchCommand(stdout, stderr));
         img.Subcommands.Add(SnapshotCommand(stdout, stderr));
         img.Subcommands.Add(AmendCommand(stdout, stderr));
         foreach (var sub in img.Subcommands) AddImageOptsAndObjects(sub, stderr);
@@ -106,7 +107,17 @@ internal static partial class ImgCommands
     private static bool IsImageOpts(string name) => s_imageOptsNames.Value?.Contains(name) == true;
 
     private static Option<string?> FormatOption(string name = "-f", string description = "image format (qcow2 or raw); probed when omitted") =>
-        new(name) { Description = description };
+        LastWins(name, description);
+
+    /// <summary>A one-value option that may be given again, the last one counting (qemu-img's getopt loop simply
+    /// overwrites). Each occurrence still takes exactly one token.</summary>
+    private static Option<string?> LastWins(string name, string description) => new(name)
+    {
+        Description = description,
+        Arity = ArgumentArity.OneOrMore,
+        AllowMultipleArgumentsPerToken = false,
+        CustomParser = result => result.Tokens.Count == 0 ? null : result.Tokens[^1].Value,
+    };
 
     private static Option<bool> QuietOption() => new("-q", "--quiet") { Description = "quiet mode" };
 
@@ -147,11 +158,15 @@ internal static partial class ImgCommands
         }
     }
 
-    private static void CheckFormatName(string? format)
-    {
-        if (format is not null and not ("qcow2" or "raw"))
-            throw new BlockException($"Unknown driver '{format}'");
-    }
+    /// <summary>The format names qemu-img 7.2 knows (its "Supported formats" line): a header may name any of them as
+    /// a backing format even where Strata cannot open it.</summary>
+    internal static readonly HashSet<string> QemuFormatNames =
+    [
+        "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write", "copy-on-read", "dmg",
+        "file", "ftp", "ftps", "gluster", "host_cdrom", "host_device", "http", "https", "iscsi", "iser", "luks", "nbd", "nfs",
+        "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed", "quorum", "raw", "rbd",
+        "replication", "snapshot-access", "ssh", "throttle", "vdi", "vhdx", "vmdk", "vpc", "vvfat",
+    ];
 
     private static string OutputMode(string value) => value switch
     {
@@ -164,15 +179,25 @@ internal static partial class ImgCommands
     private static BlockImage OpenImage(string path, string? format, bool readOnly = true, bool openBacking = true,
         ImageLocking locking = ImageLocking.Normal)
     {
-        CheckFormatName(format);
-        if (IsImageOpts(path)) return ImageOpener.OpenSpecChain(path, BlockSpec.FromKeyValues(path), format, readOnly, openBacking, locking);
+        if (format is not null and not ("qcow2" or "raw"))
+            throw new BlockException($"Could not open '{path}': Unknown driver '{format}'");
+        if (IsImageOpts(path)) return ImageOpener.OpenSpecChain(path, ImageOptsSpec(path, locking), format, readOnly, openBacking, locking);
         return ImageOpener.Open(path, format, readOnly, openBacking, locking);
+    }
+
+    /// <summary>An --image-opts string as options; -U and an explicit force-share=off contradict each other.</summary>
+    private static BlockOptions ImageOptsSpec(string path, ImageLocking locking)
+    {
+        var spec = BlockSpec.FromKeyValues(path);
+        if (locking == ImageLocking.ForceShare && spec["force-share"] is "off" or "false")
+            throw new BlockException("--force-share/-U conflicts with image options");
+        return spec;
     }
 
     /// <summary>Opens one layer named on the command line (or found as a backing name) without its backing chain.</summary>
     private static BlockImage OpenImageLayer(string path, string? format, bool readOnly, ImageLocking locking, bool isBacking)
     {
-        if (IsImageOpts(path)) return ImageOpener.OpenSpec(path, BlockSpec.FromKeyValues(path), format, readOnly, locking, isBacking);
+        if (IsImageOpts(path)) return ImageOpener.OpenSpec(path, ImageOptsSpec(path, locking), format, readOnly, locking, isBacking);
         return ImageOpener.OpenSingle(path, format, readOnly, locking, isBacking);
     }
 

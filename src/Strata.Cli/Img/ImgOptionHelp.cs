@@ -1,4 +1,5 @@
 using System.Text;
+using Strata.Block;
 
 namespace Strata.Cli.Img;
 
@@ -73,6 +74,18 @@ internal static class ImgOptionHelp
         return false;
     }
 
+    /// <summary>qemu-img refuses an -o value that is empty, starts with a comma or ends in an odd run of commas (a
+    /// dangling separator), before it looks at anything else.</summary>
+    public static void CheckLists(IEnumerable<string> optionValues)
+    {
+        foreach (var value in optionValues)
+        {
+            int trailing = value.Length - value.TrimEnd(',').Length;
+            if (value.Length == 0 || value[0] == ',' || trailing % 2 == 1)
+                throw new BlockException($"Invalid option list: {value}");
+        }
+    }
+
     /// <summary>The elements of a QEMU option string: split at single commas, ",," kept as one comma.</summary>
     public static IEnumerable<string> SplitUnescaped(string value)
     {
@@ -86,9 +99,18 @@ internal static class ImgOptionHelp
         yield return current.ToString();
     }
 
+    /// <summary>Formats qemu-img knows but cannot create (read-only formats, filters, network clients).</summary>
+    private static readonly HashSet<string> NotCreatable =
+    [
+        "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress", "copy-before-write", "copy-on-read", "dmg", "ftp",
+        "ftps", "http", "https", "nbd", "null-aio", "null-co", "nvme", "preallocate", "quorum", "replication", "snapshot-access",
+        "throttle", "vvfat",
+    ];
+
     /// <summary>create/convert: the format's options, with the file protocol's merged in when a file is named.</summary>
     public static string ForCreate(string format, bool fileNamed)
     {
+        if (NotCreatable.Contains(format)) throw new BlockException($"Format driver '{format}' does not support image creation");
         var own = format == "qcow2" ? Qcow2Create : [Size];
         var sb = new StringBuilder();
         if (!fileNamed)

@@ -7,13 +7,13 @@ namespace Strata.Cli.Img;
 /// not there ("Failed to connect to 'WHERE': reason").</summary>
 internal static class NbdConnect
 {
-    public static BlockImage Connect(string? unixPath, string? host, int port, string export, bool readOnly)
+    public static BlockImage Connect(string? unixPath, string? host, int port, string export, bool readOnly, string? statusContext)
     {
         string where = unixPath ?? $"{host}:{port}";
         if (unixPath is not null && !File.Exists(unixPath)) throw new BlockException($"Failed to connect to '{where}': No such file or directory");
         try
         {
-            return NbdImage.Connect(unixPath, host, port, export, readOnly);
+            return NbdImage.Connect(unixPath, host, port, export, readOnly, statusContext);
         }
         catch (BlockException e) when (e.Message.Contains("refused", StringComparison.OrdinalIgnoreCase))
         {

@@ -6,7 +6,8 @@ namespace Strata.Protocol.Nbd;
 /// <summary>
 /// The nbd protocol driver: a block image whose bytes live in a remote NBD export (QEMU's driver=nbd), so a node
 /// can sit on another daemon's disk — backup targets and migration need it. Block status comes from the remote
-/// base:allocation context when the server offers it.
+/// base:allocation context when the server offers it — or, as QEMU's x-dirty-bitmap debugging hook, from another
+/// context (qemu:dirty-bitmap:NAME) read as if it were base:allocation: a set bit is a "hole".
 /// </summary>
 public sealed class NbdImage : BlockImage
 {
@@ -14,10 +15,12 @@ public sealed class NbdImage : BlockImage
     private readonly NbdClient _client;
     private readonly string _description;
     private readonly bool _readOnly;
+    private readonly string _statusContext;
 
-    private NbdImage(NbdClient client, string description, bool readOnly)
+    private NbdImage(NbdClient client, string description, bool readOnly, string statusContext)
     {
         _client = client;
+        _statusContext = statusContext;
         _description = description;
         _readOnly = readOnly || client.ReadOnly;
         Bitmaps = new BitmapSet(client.Size, BitmapSet.DefaultGranularityFor(0))
@@ -26,15 +29,16 @@ public sealed class NbdImage : BlockImage
         };
     }
 
-    public static NbdImage Connect(string? unixPath, string? host, int port, string export, bool readOnly)
+    public static NbdImage Connect(string? unixPath, string? host, int port, string export, bool readOnly, string? statusContext = null)
     {
+        string context = statusContext ?? Allocation;
         try
         {
             var client = unixPath is not null
-                ? NbdClient.ConnectUnixAsync(unixPath, export, [Allocation]).GetAwaiter().GetResult()
-                : NbdClient.ConnectTcpAsync(host!, port, export, [Allocation]).GetAwaiter().GetResult();
+                ? NbdClient.ConnectUnixAsync(unixPath, export, [context]).GetAwaiter().GetResult()
+                : NbdClient.ConnectTcpAsync(host!, port, export, [context]).GetAwaiter().GetResult();
             string where = unixPath is not null ? $"nbd+unix:///{export}?socket={unixPath}" : $"nbd://{host}:{port}/{export}";
-            return new NbdImage(client, where, readOnly);
+            return new NbdImage(client, where, readOnly, context);
         }
         catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException)
         {
@@ -98,15 +102,22 @@ public sealed class NbdImage : BlockImage
     {
         maxLength = Math.Min(maxLength, Size - offset);
         if (maxLength <= 0) return new LayerExtent(offset, 0, LayerState.Data, -1);
-        if (!_client.Contexts.ContainsKey(Allocation)) return new LayerExtent(offset, maxLength, LayerState.Data, -1);
+        if (!_client.Contexts.ContainsKey(_statusContext)) return new LayerExtent(offset, maxLength, LayerState.Data, offset);
         IReadOnlyList<(uint Length, uint Flags)> extents = [];
-        Run(() => extents = _client.BlockStatus(Allocation, offset, (uint)Math.Min(maxLength, 1L << 30), reqOne: true));
-        if (extents.Count == 0) return new LayerExtent(offset, maxLength, LayerState.Data, -1);
+        Run(() => extents = _client.BlockStatus(_statusContext, offset, (uint)Math.Min(maxLength, 1L << 30), reqOne: true));
+        if (extents.Count == 0) return new LayerExtent(offset, maxLength, LayerState.Data, offset);
         var (len, flags) = extents[0];
         long length = Math.Clamp(len, 1, maxLength);
-        // NBD_STATE_ZERO reads as zeros; everything else is data as far as the chain is concerned.
-        return new LayerExtent(offset, length, (flags & 2) != 0 ? LayerState.Zero : LayerState.Data, -1);
+        // As QEMU's nbd driver: bytes map to the same offset of the export. NBD_STATE_ZERO reads as zeros; a hole
+        // that does not read as zeros is only possible through a non-allocation context (x-dirty-bitmap), and
+        // shows as not present there.
+        if ((flags & 2) != 0) return new LayerExtent(offset, length, LayerState.Zero, offset);
+        if ((flags & 1) != 0 && _statusContext != Allocation) return new LayerExtent(offset, length, LayerState.Unallocated, -1);
+        return new LayerExtent(offset, length, LayerState.Data, offset);
     }
+
+    /// <summary>Through x-dirty-bitmap, "not present" means a set bit, not zeros.</summary>
+    public override bool ReadsZeroesWhereUnallocated => _statusContext == Allocation;
 
     public override void Resize(long newSize) => throw new BlockException("Cannot resize an NBD export from the client side");
 
