@@ -73,7 +73,18 @@ public sealed partial class Qcow2Image
                     return;
                 }
                 for (long c = offset >> _clusterBits; c <= (offset + size - 1) >> _clusterBits; c++)
-                    counted[c] = counted.GetValueOrDefault(c) + 1;
+                {
+                    ulong references = counted.GetValueOrDefault(c);
+                    if (references == RefcountCodec.MaxValue(_refcountOrder))
+                    {
+                        // More references than the width can count: no refcount could be right (QEMU's message).
+                        report.Messages.Add($"ERROR: overflow cluster offset=0x{c << _clusterBits:x}");
+                        report.Messages.Add("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
+                        report.Corruptions++;
+                        continue;
+                    }
+                    counted[c] = references + 1;
+                }
             }
 
             Count(0, _clusterSize);

@@ -53,7 +53,7 @@ public sealed partial class Qcow2Image
     private void SetRefcount(long hostCluster, ulong value, long reservedStart = -1, long reservedCount = 0)
     {
         if (value > RefcountCodec.MaxValue(_refcountOrder))
-            throw new BlockException("qcow2: refcount overflow");
+            throw new RefcountOverflowException(hostCluster << _clusterBits);
         long tableIndex = hostCluster / _refcountsPerBlock;
         if (tableIndex >= _refTable.Length) GrowRefcountTable(tableIndex, reservedStart, reservedCount);
         var block = GetRefcountBlock(tableIndex);
@@ -176,13 +176,26 @@ public sealed partial class Qcow2Image
         if (firstCluster + count > _endCluster) _endCluster = firstCluster + count;
     }
 
+    /// <summary>Adds <paramref name="delta"/> to a refcount. A refcount already at the largest value its width holds
+    /// cannot rise (QEMU fails such an update with EINVAL and leaves the refcount as it was); the arithmetic is
+    /// unsigned so that 64-bit refcounts at or above 2^63 neither wrap nor pass for negative.</summary>
     private void AdjustRefcount(long hostCluster, long delta)
     {
         ulong cur = GetRefcount(hostCluster);
-        long next = (long)cur + delta;
-        if (next < 0)
-            throw new BlockException($"qcow2: refcount of cluster {hostCluster} would drop below zero; image is corrupt");
-        SetRefcount(hostCluster, (ulong)next);
+        ulong next;
+        if (delta >= 0)
+        {
+            if (cur > RefcountCodec.MaxValue(_refcountOrder) - (ulong)delta) throw new RefcountOverflowException(hostCluster << _clusterBits);
+            next = cur + (ulong)delta;
+        }
+        else
+        {
+            ulong decrease = (ulong)-delta;
+            if (cur < decrease)
+                throw new BlockException($"qcow2: refcount of cluster {hostCluster} would drop below zero; image is corrupt");
+            next = cur - decrease;
+        }
+        SetRefcount(hostCluster, next);
         if (next == 0 && hostCluster < _freeClusterHint) _freeClusterHint = hostCluster;
     }
 
@@ -524,4 +537,12 @@ public sealed record Qcow2CreateOptions
     /// <summary>2 (compat=0.10) or 3 (compat=1.1).</summary>
     public int Version { get; init; } = 3;
     public bool LazyRefcounts { get; init; }
+}
+
+/// <summary>A refcount would exceed what the image's refcount width holds (QEMU: EINVAL from update_refcount).</summary>
+public sealed class RefcountOverflowException(long hostOffset)
+    : BlockException($"qcow2: refcount of the cluster at offset 0x{hostOffset:x} would overflow")
+{
+    public const int Errno = 22;
+    public long HostOffset { get; } = hostOffset;
 }

@@ -135,10 +135,10 @@ public sealed partial class Qcow2Image
             {
                 UpdateTreeRefcounts(_l1, +1, SnapshotL1Home.Active);
             }
-            catch (BlockException) when (_refcountOrder < 6)
+            catch (RefcountOverflowException)
             {
                 // A refcount at its width's limit (refcount_bits=1 allows no sharing at all). What was raised stays
-                // raised: leaks, never a cluster counted too low.
+                // raised and the new L1 copy stays allocated: leaks, never a cluster counted too low.
                 throw new SnapshotException("Invalid argument", EINVAL);
             }
             WriteBackMetadata();
@@ -208,7 +208,15 @@ public sealed partial class Qcow2Image
             if (snL1.Length > _l1.Length) GrowL1Table(snL1.Length);
 
             // References of the snapshot's tree rise before the active L1 table points at it; the old tree's fall after.
-            UpdateTreeRefcounts(snL1, +1, SnapshotL1Home.OnDisk, (long)sn.L1TableOffset);
+            try
+            {
+                UpdateTreeRefcounts(snL1, +1, SnapshotL1Home.OnDisk, (long)sn.L1TableOffset);
+            }
+            catch (RefcountOverflowException)
+            {
+                // As in CreateSnapshot: the active tree is untouched, what was raised stays raised (leaks).
+                throw new SnapshotException("", EINVAL);
+            }
             WriteBackMetadata();
             var newActive = new ulong[_l1.Length];
             Array.Copy(snL1, newActive, snL1.Length);
