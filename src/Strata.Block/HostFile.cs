@@ -185,10 +185,13 @@ public sealed class HostFile : IDisposable
         return done;
     }
 
-    /// <summary>Fault injection for tests (a daemon's blkdebug node). Format drivers raise read_aio / write_aio
-    /// for guest data only, as QEMU's qcow2 does (metadata I/O has events of its own); flushes raise
-    /// flush_to_disk here.</summary>
+    /// <summary>Fault injection for tests (a blkdebug node). Format drivers raise read_aio / write_aio for guest data
+    /// only, as QEMU's qcow2 does, and their metadata events through <see cref="DebugEvent"/>; flushes raise
+    /// flush_to_disk here. Every read, write and flush then meets the rules those events armed.</summary>
     public Blkdebug? Faults { get; set; }
+
+    /// <summary>A format driver's blkdebug event (QEMU's BLKDBG_EVENT on bs->file); nothing without blkdebug.</summary>
+    public void DebugEvent(string name) => Faults?.Event(name);
 
     /// <summary>Runs before each guest-data read or write of this file (after its mapping was decided), as blkdebug's
     /// suspend points do in QEMU: tests hold a request there to widen a race window on purpose.</summary>
@@ -206,6 +209,7 @@ public sealed class HostFile : IDisposable
     {
         if (offset < 0 || offset > long.MaxValue - buffer.Length)
             throw new BlockException($"'{Path}': read at invalid offset {offset} (corrupt metadata?)");
+        Faults?.CheckIo(offset, buffer.Length);
         try
         {
             ReadCore(offset, buffer);
@@ -241,6 +245,7 @@ public sealed class HostFile : IDisposable
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
         if (offset < 0 || offset > (1L << 56))
             throw new BlockException($"'{Path}': write at invalid offset {offset} (corrupt metadata?)");
+        Faults?.CheckIo(offset, data.Length);
         try
         {
             if (Direct && !Aligned(offset, data.Length, data)) WriteBounced(offset, data);

@@ -24,28 +24,6 @@ public sealed record CheckReport
 
 public sealed partial class Qcow2Image
 {
-    /// <summary>Discards every cluster of the image (after a commit), leaving it empty.</summary>
-    public void MakeEmpty()
-    {
-        CheckWritable();
-        lock (_lock)
-        {
-            for (long l1i = 0; l1i < _l1.Length; l1i++)
-            {
-                if ((_l1[l1i] & Qcow2Entry.OffsetMask) == 0) continue;
-                var table = EnsureL2Table(l1i);
-                for (int i = 0; i < table.Entries.Length; i++)
-                {
-                    if (table.Entries[i] == 0) continue;
-                    ReleaseEntry(table.Entries[i]);
-                    table.Entries[i] = 0;
-                    table.Dirty = true;
-                }
-            }
-            WriteBackMetadata();
-        }
-    }
-
     /// <summary>
     /// Recounts every reference in the image (header, L1, L2, data, refcount structures, bitmaps) and compares
     /// the result with the stored refcounts, as <c>qemu-img check</c> does. With a repair mode the stored
