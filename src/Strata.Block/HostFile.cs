@@ -190,6 +190,8 @@ public sealed class HostFile : IDisposable
     /// flush_to_disk here. Every read, write and flush then meets the rules those events armed.</summary>
     public Blkdebug? Faults { get; set; }
 
+    private volatile bool _writtenSinceFlush;
+
     /// <summary>A format driver's blkdebug event (QEMU's BLKDBG_EVENT on bs->file); nothing without blkdebug.</summary>
     public void DebugEvent(string name) => Faults?.Event(name);
 
@@ -246,6 +248,7 @@ public sealed class HostFile : IDisposable
         if (offset < 0 || offset > (1L << 56))
             throw new BlockException($"'{Path}': write at invalid offset {offset} (corrupt metadata?)");
         Faults?.CheckIo(offset, data.Length);
+        _writtenSinceFlush = true;
         try
         {
             if (Direct && !Aligned(offset, data.Length, data)) WriteBounced(offset, data);
@@ -278,7 +281,9 @@ public sealed class HostFile : IDisposable
     /// <summary>fsync: everything written before is durable before anything written after.</summary>
     public void Flush()
     {
-        Faults?.Event("flush_to_disk", 0, 0);
+        // As in QEMU, a flush with nothing written since the last one raises no flush_to_disk (and meets no rule).
+        if (_writtenSinceFlush) Faults?.Event("flush_to_disk", 0, 0);
+        _writtenSinceFlush = false;
         if (!FlushEnabled || ReadOnly) return;
         if (fsync((int)_handle.DangerousGetHandle()) != 0)
         {
