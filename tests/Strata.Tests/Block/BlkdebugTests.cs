@@ -108,4 +108,50 @@ public class BlkdebugTests
         reopened.Read(4096, back.AsSpan(0, 1));
         Assert.Equal(7, back[0]);
     }
+
+    [Theory]
+    [InlineData("cluster_alloc")]
+    [InlineData("refblock_update_part")]
+    [InlineData("l2_update")]
+    [InlineData("l1_update")]
+    [InlineData("cluster_free")]
+    [InlineData("l1_grow_write_table")]
+    public void AMetadataWriteFailingOnceLeavesAConsistentImageAndTheRetryKeepsTheData(string step)
+    {
+        using var dir = new TempDir();
+        string path = dir["a.qcow2"];
+        var first = Enumerable.Repeat((byte)0x11, 65536).ToArray();
+        var second = Enumerable.Repeat((byte)0x22, 65536).ToArray();
+        using (var img = Qcow2Image.Create(path, new Qcow2CreateOptions { Size = 64 << 20 }))
+        {
+            img.Write(0, first);
+            img.Flush();
+            img.File.Faults = Rules(new BlkdebugErrorRule(step, 5, null, null, Once: true));
+            bool failed = false;
+            void Step(Action a)
+            {
+                try { a(); }
+                catch (BlockIOException) { failed = true; }
+            }
+            // A longer L1 table, new clusters (and an L2 table, so a new L1 entry), a freed cluster: every event
+            // gets its turn.
+            Step(() => img.Resize(8L << 30));
+            if (img.Size < 8L << 30) img.Resize(8L << 30); // the rule fired there: the retry succeeds
+            Step(img.Flush);
+            Step(() => img.Write(1L << 30, second));
+            Step(img.Flush);
+            Step(() => img.Discard(0, 65536));
+            Step(img.Flush);
+            Assert.True(failed, $"no I/O failed after {step}");
+            img.Flush();
+        }
+        using (var img = (Qcow2Image)ImageOpener.Open(path, "qcow2", readOnly: true))
+        {
+            var report = img.Check(RepairMode.None);
+            Assert.Equal((0, 0), (report.Corruptions, report.CheckErrors));
+            var back = new byte[65536];
+            img.Read(1L << 30, back);
+            Assert.True(back.AsSpan().SequenceEqual(second) || back.All(b => b == 0), "the second write reads back as neither its data nor zeros");
+        }
+    }
 }
