@@ -33,8 +33,9 @@ public sealed record BlkdebugStateRule(string Event, int State, int NewState);
 public sealed record BlkdebugErrorRule(string Event, int Errno, int? State, long? Sector, bool Once);
 
 /// <summary>
-/// QEMU's blkdebug, as a fault injector on a host file: events (read_aio, write_aio, flush_to_disk) move a small
-/// state machine and trip error rules, so failure paths are tested the way QEMU's iotests test them.
+/// QEMU's blkdebug, as a fault injector on a host file: events (read_aio, write_aio, flush_to_disk from the host
+/// file, and the qcow2 driver's own — l1_update, refblock_alloc, cluster_free, …) move a small state machine and arm
+/// error rules that fail the host I/O after them, so failure paths are tested the way QEMU's iotests test them.
 /// </summary>
 public sealed class Blkdebug(IEnumerable<BlkdebugStateRule> stateRules, IEnumerable<BlkdebugErrorRule> errorRules)
 {
@@ -42,6 +43,7 @@ public sealed class Blkdebug(IEnumerable<BlkdebugStateRule> stateRules, IEnumera
     private readonly List<BlkdebugStateRule> _stateRules = stateRules.ToList();
     private readonly List<BlkdebugErrorRule> _errorRules = errorRules.ToList();
     private int _state = 1;
+    private volatile List<BlkdebugErrorRule> _active = [];
 
     /// <summary>No rules at all: the driver passes every request on unchanged.</summary>
     public bool IsEmpty => _stateRules.Count == 0 && _errorRules.Count == 0;
@@ -135,27 +137,48 @@ public sealed class Blkdebug(IEnumerable<BlkdebugStateRule> stateRules, IEnumera
         return sections;
     }
 
-    /// <summary>Called before an I/O: throws the injected error if a rule matches, then applies state changes.</summary>
-    public void Event(string name, long offset, long length)
+    /// <summary>An event happened (raised by a format driver or before a host I/O). As QEMU's blkdebug: the error rules
+    /// of this event that hold in the current state become the active ones (replacing those armed before), and the
+    /// state rules move the state. Nothing fails here: an armed rule fails the next host I/O it matches
+    /// (<see cref="CheckIo"/>), and keeps failing them unless it is a "once" rule.</summary>
+    public void Event(string name)
     {
         lock (_lock)
         {
             int state = _state;
-
-            BlkdebugErrorRule? hit = null;
+            List<BlkdebugErrorRule>? armed = null;
             foreach (var r in _errorRules)
-            {
-                if (r.Event != name || (r.State is { } s && s != state)) continue;
-                if (r.Sector is { } sector && (sector * 512 < offset || sector * 512 >= offset + Math.Max(length, 1))) continue;
-                hit = r;
-                break;
-            }
-            // State rules fire on the event too (QEMU applies them before the error check, with the old state).
+                if (r.Event == name && (r.State is not { } s || s == state)) (armed ??= []).Insert(0, r);
+            if (armed is not null) _active = armed;
             foreach (var r in _stateRules)
-                if (r.Event == name && r.State == state) { _state = r.NewState; break; }
-            if (hit is null) return;
-            if (hit.Once) _errorRules.Remove(hit);
-            throw new BlockIOException(BlockIOException.Describe(hit.Errno), hit.Errno);
+                if (r.Event == name && r.State == state) _state = r.NewState;
         }
+    }
+
+    /// <summary>Before a host read, write or flush (<paramref name="length"/> 0): throws the error of the first armed
+    /// rule that covers the range (a rule with a sector covers only I/O that includes it; flushes have none).</summary>
+    public void CheckIo(long offset, long length)
+    {
+        if (_active.Count == 0) return;
+        lock (_lock)
+        {
+            foreach (var r in _active)
+            {
+                if (r.Sector is { } sector && (length == 0 || sector * 512 < offset || sector * 512 >= offset + length)) continue;
+                if (r.Once)
+                {
+                    _active.Remove(r);
+                    _errorRules.Remove(r);
+                }
+                throw new BlockIOException(BlockIOException.Describe(r.Errno), r.Errno);
+            }
+        }
+    }
+
+    /// <summary>An event directly followed by the host I/O it announces (read_aio, write_aio, flush_to_disk).</summary>
+    public void Event(string name, long offset, long length)
+    {
+        Event(name);
+        CheckIo(offset, length);
     }
 }

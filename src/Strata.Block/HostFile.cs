@@ -185,10 +185,15 @@ public sealed class HostFile : IDisposable
         return done;
     }
 
-    /// <summary>Fault injection for tests (a daemon's blkdebug node). Format drivers raise read_aio / write_aio
-    /// for guest data only, as QEMU's qcow2 does (metadata I/O has events of its own); flushes raise
-    /// flush_to_disk here.</summary>
+    /// <summary>Fault injection for tests (a blkdebug node). Format drivers raise read_aio / write_aio for guest data
+    /// only, as QEMU's qcow2 does, and their metadata events through <see cref="DebugEvent"/>; flushes raise
+    /// flush_to_disk here. Every read, write and flush then meets the rules those events armed.</summary>
     public Blkdebug? Faults { get; set; }
+
+    private volatile bool _writtenSinceFlush;
+
+    /// <summary>A format driver's blkdebug event (QEMU's BLKDBG_EVENT on bs->file); nothing without blkdebug.</summary>
+    public void DebugEvent(string name) => Faults?.Event(name);
 
     /// <summary>Runs before each guest-data read or write of this file (after its mapping was decided), as blkdebug's
     /// suspend points do in QEMU: tests hold a request there to widen a race window on purpose.</summary>
@@ -206,6 +211,7 @@ public sealed class HostFile : IDisposable
     {
         if (offset < 0 || offset > long.MaxValue - buffer.Length)
             throw new BlockException($"'{Path}': read at invalid offset {offset} (corrupt metadata?)");
+        Faults?.CheckIo(offset, buffer.Length);
         try
         {
             ReadCore(offset, buffer);
@@ -241,6 +247,8 @@ public sealed class HostFile : IDisposable
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
         if (offset < 0 || offset > (1L << 56))
             throw new BlockException($"'{Path}': write at invalid offset {offset} (corrupt metadata?)");
+        Faults?.CheckIo(offset, data.Length);
+        _writtenSinceFlush = true;
         try
         {
             if (Direct && !Aligned(offset, data.Length, data)) WriteBounced(offset, data);
@@ -273,7 +281,9 @@ public sealed class HostFile : IDisposable
     /// <summary>fsync: everything written before is durable before anything written after.</summary>
     public void Flush()
     {
-        Faults?.Event("flush_to_disk", 0, 0);
+        // As in QEMU, a flush with nothing written since the last one raises no flush_to_disk (and meets no rule).
+        if (_writtenSinceFlush) Faults?.Event("flush_to_disk", 0, 0);
+        _writtenSinceFlush = false;
         if (!FlushEnabled || ReadOnly) return;
         if (fsync((int)_handle.DangerousGetHandle()) != 0)
         {

@@ -24,28 +24,6 @@ public sealed record CheckReport
 
 public sealed partial class Qcow2Image
 {
-    /// <summary>Discards every cluster of the image (after a commit), leaving it empty.</summary>
-    public void MakeEmpty()
-    {
-        CheckWritable();
-        lock (_lock)
-        {
-            for (long l1i = 0; l1i < _l1.Length; l1i++)
-            {
-                if ((_l1[l1i] & Qcow2Entry.OffsetMask) == 0) continue;
-                var table = EnsureL2Table(l1i);
-                for (int i = 0; i < table.Entries.Length; i++)
-                {
-                    if (table.Entries[i] == 0) continue;
-                    ReleaseEntry(table.Entries[i]);
-                    table.Entries[i] = 0;
-                    table.Dirty = true;
-                }
-            }
-            WriteBackMetadata();
-        }
-    }
-
     /// <summary>
     /// Recounts every reference in the image (header, L1, L2, data, refcount structures, bitmaps) and compares
     /// the result with the stored refcounts, as <c>qemu-img check</c> does. With a repair mode the stored
@@ -73,7 +51,18 @@ public sealed partial class Qcow2Image
                     return;
                 }
                 for (long c = offset >> _clusterBits; c <= (offset + size - 1) >> _clusterBits; c++)
-                    counted[c] = counted.GetValueOrDefault(c) + 1;
+                {
+                    ulong references = counted.GetValueOrDefault(c);
+                    if (references == RefcountCodec.MaxValue(_refcountOrder))
+                    {
+                        // More references than the width can count: no refcount could be right (QEMU's message).
+                        report.Messages.Add($"ERROR: overflow cluster offset=0x{c << _clusterBits:x}");
+                        report.Messages.Add("Use qemu-img amend to increase the refcount entry width or qemu-img convert to create a clean copy if the image cannot be opened for writing");
+                        report.Corruptions++;
+                        continue;
+                    }
+                    counted[c] = references + 1;
+                }
             }
 
             Count(0, _clusterSize);

@@ -77,13 +77,15 @@ public sealed record Qcow2AmendOptions
     public int? Version { get; init; }
     public bool? LazyRefcounts { get; init; }
     public long? Size { get; init; }
+    public int? RefcountBits { get; init; }
 }
 
 public sealed partial class Qcow2Image
 {
-    /// <summary>Applies amend options in QEMU's order: upgrade first, then lazy refcounts and size, downgrade last
-    /// (so that what version 2 cannot hold is gone before).</summary>
-    public void Amend(Qcow2AmendOptions options)
+    /// <summary>Applies amend options in QEMU's order: upgrade first, then lazy refcounts, refcount width and size,
+    /// downgrade last (so that what version 2 cannot hold is gone before). <paramref name="progress"/> hears of the
+    /// refcount width change, the one step long enough to report on.</summary>
+    public void Amend(Qcow2AmendOptions options, Action<long, long>? progress = null)
     {
         CheckWritable();
         int oldVersion = (int)_header.Version;
@@ -106,6 +108,12 @@ public sealed partial class Qcow2Image
                 WriteHeaderFields();
                 _file.Flush();
             }
+        }
+        if (options.RefcountBits is { } bits && bits != _header.RefcountBits)
+        {
+            if (newVersion < 3 && bits != 16)
+                throw new BlockException("Refcount widths other than 16 bits require compatibility level 1.1 or above (use compat=1.1 or greater)");
+            ChangeRefcountWidth(bits, progress);
         }
         if (options.Size is { } size && size != Size) Resize(size);
         if (newVersion < oldVersion) Downgrade();

@@ -23,6 +23,7 @@ public sealed partial class Qcow2Image
         if (blockOffset < 0 || blockOffset >= _file.Length)
             throw new BlockException($"qcow2: refcount block offset 0x{blockOffset:x} is invalid (table index {tableIndex}); image is corrupt");
         var data = new byte[_clusterSize];
+        _file.DebugEvent("refblock_load");
         _file.Read(blockOffset, data);
         block = new RefcountBlock(data) { LastUse = ++_refClock };
         EvictCleanRefcountBlocks();
@@ -53,7 +54,7 @@ public sealed partial class Qcow2Image
     private void SetRefcount(long hostCluster, ulong value, long reservedStart = -1, long reservedCount = 0)
     {
         if (value > RefcountCodec.MaxValue(_refcountOrder))
-            throw new BlockException("qcow2: refcount overflow");
+            throw new RefcountOverflowException(hostCluster << _clusterBits);
         long tableIndex = hostCluster / _refcountsPerBlock;
         if (tableIndex >= _refTable.Length) GrowRefcountTable(tableIndex, reservedStart, reservedCount);
         var block = GetRefcountBlock(tableIndex);
@@ -75,6 +76,7 @@ public sealed partial class Qcow2Image
                 candidate = Math.Max(NextUnusedClusterEstimate(), reservedEnd);
                 if (candidate == hostCluster) candidate++;
             }
+            _file.DebugEvent("refblock_alloc");
             CheckNotHeader(candidate << _clusterBits, "refcount block");
             CheckHostWrite(candidate << _clusterBits, _clusterSize);
             block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true, LastUse = ++_refClock };
@@ -150,12 +152,16 @@ public sealed partial class Qcow2Image
             }
 
             // Write blocks and the new table, then switch the header to it.
+            _file.DebugEvent("reftable_grow");
             long tableOffset = endCluster << _clusterBits;
+            _file.DebugEvent("refblock_alloc_write_blocks");
             WriteDirtyRefcountBlocks();
             var raw = new byte[tableEntries * 8];
             for (int i = 0; i < tableEntries; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), _refTable[i]);
+            _file.DebugEvent("refblock_alloc_write_table");
             _file.Write(tableOffset, raw);
             _file.Flush();
+            _file.DebugEvent("refblock_alloc_switch_table");
             _header = _header with { RefcountTableOffset = (ulong)tableOffset, RefcountTableClusters = (uint)tableClusters };
             WriteHeaderFields();
             _file.Flush();
@@ -176,13 +182,26 @@ public sealed partial class Qcow2Image
         if (firstCluster + count > _endCluster) _endCluster = firstCluster + count;
     }
 
+    /// <summary>Adds <paramref name="delta"/> to a refcount. A refcount already at the largest value its width holds
+    /// cannot rise (QEMU fails such an update with EINVAL and leaves the refcount as it was); the arithmetic is
+    /// unsigned so that 64-bit refcounts at or above 2^63 neither wrap nor pass for negative.</summary>
     private void AdjustRefcount(long hostCluster, long delta)
     {
         ulong cur = GetRefcount(hostCluster);
-        long next = (long)cur + delta;
-        if (next < 0)
-            throw new BlockException($"qcow2: refcount of cluster {hostCluster} would drop below zero; image is corrupt");
-        SetRefcount(hostCluster, (ulong)next);
+        ulong next;
+        if (delta >= 0)
+        {
+            if (cur > RefcountCodec.MaxValue(_refcountOrder) - (ulong)delta) throw new RefcountOverflowException(hostCluster << _clusterBits);
+            next = cur + (ulong)delta;
+        }
+        else
+        {
+            ulong decrease = (ulong)-delta;
+            if (cur < decrease)
+                throw new BlockException($"qcow2: refcount of cluster {hostCluster} would drop below zero; image is corrupt");
+            next = cur - decrease;
+        }
+        SetRefcount(hostCluster, next);
         if (next == 0 && hostCluster < _freeClusterHint) _freeClusterHint = hostCluster;
     }
 
@@ -190,6 +209,7 @@ public sealed partial class Qcow2Image
     /// returns the host offset of the first. Caller holds the lock.</summary>
     private long AllocateClusters(long count)
     {
+        _file.DebugEvent("cluster_alloc");
         long start = _freeClusterHint;
         long run = 0;
         long c = start;
@@ -217,6 +237,7 @@ public sealed partial class Qcow2Image
     /// clusters into shared host clusters as QEMU does. Every host cluster the bytes touch gains one reference.</summary>
     private long AllocateBytes(int length)
     {
+        _file.DebugEvent("cluster_alloc_bytes");
         long cursor = _compressedCursor;
         // As QEMU, a cluster whose refcount is already at the largest the width holds (1 with refcount_bits=1)
         // takes no more compressed data: the next one starts a fresh cluster.
@@ -250,6 +271,7 @@ public sealed partial class Qcow2Image
             if (!block.Dirty) continue;
             long offset = (long)(_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask);
             CheckHostWrite(offset, _clusterSize, Qcow2MetadataKind.RefcountBlock);
+            _file.DebugEvent("refblock_update_part");
             _file.Write(offset, block.Data);
             block.Dirty = false;
         }
@@ -260,6 +282,7 @@ public sealed partial class Qcow2Image
         var raw = new byte[_refTable.Length * 8];
         for (int i = 0; i < _refTable.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), _refTable[i]);
         CheckHostWrite((long)_header.RefcountTableOffset, raw.Length, Qcow2MetadataKind.RefcountTable);
+        _file.DebugEvent("reftable_update");
         _file.Write((long)_header.RefcountTableOffset, raw);
         _refTableDirty = false;
     }
@@ -290,6 +313,7 @@ public sealed partial class Qcow2Image
                 if (!table.Dirty) continue;
                 for (int i = 0; i < table.Entries.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table.Entries[i]);
                 CheckHostWrite(offset, _clusterSize, Qcow2MetadataKind.ActiveL2);
+                _file.DebugEvent("l2_update");
                 _file.Write(offset, raw);
                 table.Dirty = false;
             }
@@ -298,6 +322,7 @@ public sealed partial class Qcow2Image
         {
             _file.Flush();
             CheckHostWrite((long)_header.L1TableOffset, _l1.Length * 8L, Qcow2MetadataKind.ActiveL1);
+            _file.DebugEvent("l1_update");
             WriteL1Table((long)_header.L1TableOffset, _l1);
             _l1Dirty = false;
         }
@@ -306,12 +331,18 @@ public sealed partial class Qcow2Image
         {
             // Only now that no entry on disk points at them may the old clusters lose their references — and only
             // those no request still in flight may be reading or writing (the rest wait for a later write-back).
+            // Each free leaves the list before its refcounts drop: an I/O error half way (loading a refcount block)
+            // then leaks the rest instead of dropping the same refcounts twice on the next write-back.
             _file.Flush();
-            foreach (var (offset, length, _) in _pendingFrees.Where(f => f.Generation <= oldestAccess))
-                for (long c = ClusterOf(offset); c <= ClusterOf(offset + length - 1); c++)
-                    AdjustRefcount(c, -1);
+            var due = _pendingFrees.Where(f => f.Generation <= oldestAccess).ToList();
             _pendingFrees.RemoveAll(f => f.Generation <= oldestAccess);
             _compressedCursor = 0;
+            foreach (var (offset, length, _) in due)
+            {
+                _file.DebugEvent("cluster_free");
+                for (long c = ClusterOf(offset); c <= ClusterOf(offset + length - 1); c++)
+                    AdjustRefcount(c, -1);
+            }
             WriteDirtyRefcountBlocks();
             if (_refTableDirty) WriteRefcountTable();
         }
@@ -352,11 +383,14 @@ public sealed partial class Qcow2Image
         var newL1 = new ulong[entries];
         Array.Copy(_l1, newL1, _l1.Length);
         long clusters = (entries * 8 + _clusterSize - 1) >> _clusterBits;
+        _file.DebugEvent("l1_grow_alloc_table");
         long newOffset = AllocateClusters(clusters);
         WriteBackMetadata();
         CheckHostWrite(newOffset, newL1.Length * 8L);
+        _file.DebugEvent("l1_grow_write_table");
         WriteL1Table(newOffset, newL1);
         _file.Flush();
+        _file.DebugEvent("l1_grow_activate_table");
         long oldOffset = (long)_header.L1TableOffset;
         long oldClusters = (_l1.Length * 8L + _clusterSize - 1) >> _clusterBits;
         _header = _header with { L1TableOffset = (ulong)newOffset, L1Size = (uint)entries };
@@ -548,4 +582,12 @@ public sealed record Qcow2CreateOptions
     /// <summary>2 (compat=0.10) or 3 (compat=1.1).</summary>
     public int Version { get; init; } = 3;
     public bool LazyRefcounts { get; init; }
+}
+
+/// <summary>A refcount would exceed what the image's refcount width holds (QEMU: EINVAL from update_refcount).</summary>
+public sealed class RefcountOverflowException(long hostOffset)
+    : BlockException($"qcow2: refcount of the cluster at offset 0x{hostOffset:x} would overflow")
+{
+    public const int Errno = 22;
+    public long HostOffset { get; } = hostOffset;
 }

@@ -135,10 +135,10 @@ public sealed partial class Qcow2Image
             {
                 UpdateTreeRefcounts(_l1, +1, SnapshotL1Home.Active);
             }
-            catch (BlockException) when (_refcountOrder < 6)
+            catch (RefcountOverflowException)
             {
                 // A refcount at its width's limit (refcount_bits=1 allows no sharing at all). What was raised stays
-                // raised: leaks, never a cluster counted too low.
+                // raised and the new L1 copy stays allocated: leaks, never a cluster counted too low.
                 throw new SnapshotException("Invalid argument", EINVAL);
             }
             WriteBackMetadata();
@@ -208,7 +208,15 @@ public sealed partial class Qcow2Image
             if (snL1.Length > _l1.Length) GrowL1Table(snL1.Length);
 
             // References of the snapshot's tree rise before the active L1 table points at it; the old tree's fall after.
-            UpdateTreeRefcounts(snL1, +1, SnapshotL1Home.OnDisk, (long)sn.L1TableOffset);
+            try
+            {
+                UpdateTreeRefcounts(snL1, +1, SnapshotL1Home.OnDisk, (long)sn.L1TableOffset);
+            }
+            catch (RefcountOverflowException)
+            {
+                // As in CreateSnapshot: the active tree is untouched, what was raised stays raised (leaks).
+                throw new SnapshotException("", EINVAL);
+            }
             WriteBackMetadata();
             var newActive = new ulong[_l1.Length];
             Array.Copy(snL1, newActive, snL1.Length);
@@ -236,13 +244,24 @@ public sealed partial class Qcow2Image
             // Out of the table first: from then on nothing on disk reaches the snapshot's clusters.
             var remaining = new List<Qcow2Snapshot>(_snapshots);
             remaining.RemoveAt(index);
-            WriteSnapshotTable(remaining);
-            UpdateTreeRefcounts(snL1, -1, SnapshotL1Home.Discarded);
-            long l1Clusters = (snL1.Length * 8L + _clusterSize - 1) >> _clusterBits;
-            for (long c = 0; c < l1Clusters; c++) AdjustRefcount(((long)sn.L1TableOffset >> _clusterBits) + c, -1);
-            // Clusters only the active tree references now are its own again.
-            UpdateTreeRefcounts(_l1, 0, SnapshotL1Home.Active);
-            WriteBackMetadata();
+            try
+            {
+                WriteSnapshotTable(remaining);
+                // Read again now that the entry is gone, as QEMU does: an I/O error from here on leaves leaks only.
+                snL1 = ReadSnapshotL1(sn);
+                UpdateTreeRefcounts(snL1, -1, SnapshotL1Home.Discarded);
+                FreeClusters((long)sn.L1TableOffset, snL1.Length * 8L);
+                // Clusters only the active tree references now are its own again.
+                UpdateTreeRefcounts(_l1, 0, SnapshotL1Home.Active);
+                WriteBackMetadata();
+            }
+            catch (BlockIOException e)
+            {
+                // What is in memory may now differ from the disk: this handle writes nothing more (leaks stay leaks).
+                _writable = false;
+                string stage = ReferenceEquals(_snapshots, remaining) ? "Failed to free the cluster and L1 table" : "Failed to remove snapshot from snapshot list";
+                throw new SnapshotException($"{stage}: {BlockIOException.Describe(e.Errno)}", e.Errno);
+            }
         }
     }
 
@@ -324,9 +343,24 @@ public sealed partial class Qcow2Image
         _snapshots = snapshots;
         _snapshotsSize = bytes.Length;
         RebuildOverlapIndex();
-        if (oldSize > 0)
-            for (long c = ClusterOf(oldOffset); c <= ClusterOf(oldOffset + oldSize - 1); c++) AdjustRefcount(c, -1);
+        FreeClusters(oldOffset, oldSize);
         WriteBackMetadata();
+    }
+
+    /// <summary>QEMU's qcow2_free_clusters: raises cluster_free, and a refcount update that fails (an I/O error
+    /// loading a refcount block) is reported and otherwise ignored — the clusters leak. Caller holds the lock.</summary>
+    private void FreeClusters(long offset, long length)
+    {
+        if (length <= 0) return;
+        _file.DebugEvent("cluster_free");
+        try
+        {
+            for (long c = ClusterOf(offset); c <= ClusterOf(offset + length - 1); c++) AdjustRefcount(c, -1);
+        }
+        catch (BlockIOException e)
+        {
+            Console.Error.WriteLine($"qcow2_free_clusters failed: {BlockIOException.Describe(e.Errno)}");
+        }
     }
 
     /// <summary>The write path found an L2 table shared with a snapshot: the active L1 gets its own copy, and the

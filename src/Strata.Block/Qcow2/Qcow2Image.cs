@@ -28,8 +28,8 @@ public sealed partial class Qcow2Image : BlockImage
     private readonly int _clusterBits;
     private readonly long _clusterSize;
     private readonly int _l2Entries;
-    private readonly int _refcountOrder;
-    private readonly long _refcountsPerBlock;
+    private int _refcountOrder;
+    private long _refcountsPerBlock;
     private volatile bool _writable;
     private readonly bool _ownsFile;
 

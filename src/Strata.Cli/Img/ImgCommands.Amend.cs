@@ -14,9 +14,9 @@ internal static partial class ImgCommands
     private static Command AmendCommand(TextWriter stdout, TextWriter stderr)
     {
         var format = FormatOption();
-        var opts = new Option<string[]>("-o") { Description = "options to change (compat, lazy_refcounts, size)" };
+        var opts = new Option<string[]>("-o") { Description = "options to change (compat, lazy_refcounts, refcount_bits, size)" };
         var quiet = QuietOption();
-        var progress = new Option<bool>("-p") { Description = "show progress (accepted, nothing to show)" };
+        var progress = new Option<bool>("-p") { Description = "show progress" };
         var force = new Option<bool>("--force") { Description = "accepted for compatibility" };
         var file = new Argument<string[]>("filename") { Arity = ArgumentArity.ZeroOrMore };
         var cmd = new Command("amend", "Change format-specific options of an image") { format, opts, quiet, progress, force, file };
@@ -67,7 +67,11 @@ internal static partial class ImgCommands
                         amend = amend with { Size = size };
                         break;
                     case "refcount_bits":
-                        throw new BlockException("Changing the refcount width is not supported by strata; convert the image instead");
+                        if (!int.TryParse(value, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out int bits)
+                            || bits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
+                            throw new BlockException("Refcount width must be a power of two and may not exceed 64 bits");
+                        amend = amend with { RefcountBits = bits };
+                        break;
                     case "backing_file" or "backing_fmt":
                         throw new BlockException("Cannot amend the backing file\nYou can use 'qemu-img rebase' instead.");
                     case var k when CreationOnlyOptions.Contains(k):
@@ -78,9 +82,11 @@ internal static partial class ImgCommands
             }
             using var image = OpenImage(files[0], r.GetValue(format), readOnly: false, openBacking: true);
             if (image is not Qcow2Image q) throw new BlockException($"Format driver '{image.FormatName}' does not support option amendment");
+            var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout, minSkip: 1) : null;
+            printer?.Report(0);
             try
             {
-                q.Amend(amend);
+                q.Amend(amend, printer is null ? null : printer.Report);
             }
             catch (SnapshotException e)
             {
@@ -88,6 +94,7 @@ internal static partial class ImgCommands
                 stderr.WriteLine($"{Prog}: {e.Message}");
                 throw new BlockException($"Failed to turn zero into data clusters: {Strerror(e.Errno)}");
             }
+            printer?.Finish();
             return 0;
         }));
         return cmd;

@@ -33,14 +33,31 @@ internal static partial class ImgCommands
             var baseLayer = layers[baseDepth];
             bool emptyTop = !r.GetValue(keep) && baseName is null;
             using var top = emptyTop ? OpenImage(path, r.GetValue(format), readOnly: false, openBacking: false) : null;
-            using var target = ImageOpener.Open(baseLayer.FileName, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal);
+            // A base named by options (json:, blkdebug:) opens as named, so that filters such as blkdebug stay on it.
+            string? storedName = layers[baseDepth - 1].BackingFileName;
+            string targetName = storedName is not null && BlockSpec.ProtocolOf(storedName) is "json" or "blkdebug" ? storedName : baseLayer.FileName;
+            using var target = ImageOpener.Open(targetName, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal);
             var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout, minSkip: 1) : null;
             printer?.Report(0, 1);
-            ChainOperations.Commit(chain, baseDepth, target, printer is null ? null : printer.Report);
+            try
+            {
+                ChainOperations.Commit(chain, baseDepth, target, printer is null ? null : printer.Report);
+            }
+            catch (BlockIOException e)
+            {
+                throw new BlockException($"Block job failed: {BlockIOException.Describe(e.Errno)}");
+            }
             if (top is Qcow2Image q)
             {
-                q.MakeEmpty();
-                q.Flush();
+                try
+                {
+                    q.MakeEmpty();
+                    q.Flush();
+                }
+                catch (BlockIOException e)
+                {
+                    throw new BlockException($"Failed to empty {path}: {BlockIOException.Describe(e.Errno)}");
+                }
             }
             printer?.Finish();
             if (!r.GetValue(quiet)) stdout.WriteLine("Image committed.");

@@ -47,7 +47,7 @@ internal static partial class ImgCommands
         string path = file.StartsWith("file:", StringComparison.Ordinal) ? file["file:".Length..] : file;
         long clusterSize = 65536;
         var compression = Qcow2CompressionType.Deflate;
-        int refcountBits = 16;
+        string refcountBitsText = "16";
         string? compat = null, lazyRefcounts = null, preallocation = null;
         long? size = null;
         if (sizeText is not null)
@@ -76,8 +76,8 @@ internal static partial class ImgCommands
                     };
                     break;
                 case "refcount_bits" when format == "qcow2":
-                    if (!int.TryParse(value, out refcountBits) || refcountBits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
-                        throw new BlockException($"{file}: Refcount width must be a power of two and may not exceed 64 bits");
+                    // Whether the width is usable the driver judges, after the Formatting line (as in qemu-img).
+                    refcountBitsText = value;
                     break;
                 case "compat" when format == "qcow2":
                     compat = value;
@@ -146,11 +146,14 @@ internal static partial class ImgCommands
                 ? $"Formatting '{file}', fmt={shownFormat} size={size}{prealloc}"
                 : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
                   (compat is null ? "" : $" compat={compat}") +
-                  (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBits}";
+                  (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBitsText}";
             stdout.WriteLine(line);
         }
         if (backingFormat is not null && !QemuFormatNames.Contains(backingFormat))
             throw new BlockException($"{file}: Parameter 'backing-fmt' does not accept value '{backingFormat}'");
+        if (!int.TryParse(refcountBitsText, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out int refcountBits)
+            || refcountBits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
+            throw new BlockException($"{file}: Refcount width must be a power of two and may not exceed 64 bits");
         if (format == "qcow2" && (clusterSize < 512 || clusterSize > 2 << 20 || (clusterSize & (clusterSize - 1)) != 0))
             throw new BlockException($"{file}: Cluster size must be a power of two between 512 and 2048k");
         // The line above shows the size as given; the image gets it rounded up to whole sectors, as qemu-img does.

@@ -58,7 +58,7 @@ internal sealed class LayerList(List<BlockImage> layers) : IDisposable
 }
 
 /// <summary>qemu-img's -p output: "    (NN.NN/100%)\r" updates, then a newline. Like qemu-img, it prints 0% and 100%
-/// every time they are reported, and otherwise only once progress has moved more than
+/// every time they are reported, and otherwise only once progress has moved (either way) more than
 /// <paramref name="minSkip"/> points since the last line printed (1 for convert and commit, 2 for rebase).</summary>
 internal sealed class ProgressPrinter(TextWriter output, double minSkip = 1)
 {
@@ -73,7 +73,8 @@ internal sealed class ProgressPrinter(TextWriter output, double minSkip = 1)
         float current = (float)percent;
         lock (_lock)
         {
-            if (current > _lastPrinted + minSkip || current == 100 || current == 0)
+            // Progress may also go back (amend's total grows when it needs another walk): that is printed too.
+            if (current > _lastPrinted + minSkip || current < _lastPrinted - minSkip || current == 100 || current == 0)
             {
                 _lastPrinted = current;
                 output.Write(System.FormattableString.Invariant($"    ({current:F2}/100%)\r"));
