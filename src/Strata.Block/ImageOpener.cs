@@ -97,8 +97,10 @@ public static class ImageOpener
         }
     }
 
-    /// <summary>Opens one image without its backing chain; errors read "Could not open 'PATH': reason" as in QEMU.</summary>
-    public static BlockImage OpenSingle(string path, string? format, bool readOnly, ImageLocking locking = ImageLocking.Off, bool isBacking = false)
+    /// <summary>Opens one image without its backing chain; errors read "Could not open 'PATH': reason" as in QEMU.
+    /// <paramref name="metadataOnly"/>: for reading metadata alone (a qcow2 external data file stays closed).</summary>
+    public static BlockImage OpenSingle(string path, string? format, bool readOnly, ImageLocking locking = ImageLocking.Off, bool isBacking = false,
+        bool metadataOnly = false)
     {
         if (BlockSpec.IsSpecial(path)) return OpenSpec(path, null, format, readOnly, locking, isBacking);
         try
@@ -112,7 +114,7 @@ public static class ImageOpener
                 return format switch
                 {
                     "raw" => new RawImage(file),
-                    "qcow2" => Qcow2Image.Open(file),
+                    "qcow2" => Qcow2Image.Open(file, new Qcow2OpenOptions { WithoutDataFile = metadataOnly }),
                     _ => throw new BlockException($"Unknown driver '{format}'"),
                 };
             }

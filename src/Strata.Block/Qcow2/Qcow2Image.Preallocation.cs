@@ -26,7 +26,7 @@ public sealed partial class Qcow2Image
                 long l1Index = guest / _l2Entries;
                 var table = EnsureL2Table(l1Index);
                 long run = Math.Min(Math.Min(clusters - guest, (l1Index + 1) * _l2Entries - guest), maxRun);
-                long host = AllocateClusters(run);
+                long host = AllocateDataClusters(guest, run);
                 for (long i = 0; i < run; i++)
                     table.Entries[(guest + i) % _l2Entries] = (ulong)(host + (i << _clusterBits)) | Qcow2Entry.Copied;
                 table.Dirty = true;
@@ -39,11 +39,11 @@ public sealed partial class Qcow2Image
                 var zeros = new byte[Math.Min(1L << 20, _clusterSize * maxRun)];
                 foreach (var (host, count) in ranges)
                     for (long at = host; at < host + (count << _clusterBits); at += zeros.Length)
-                        _file.Write(at, zeros.AsSpan(0, (int)Math.Min(zeros.Length, host + (count << _clusterBits) - at)));
+                        DataStore.Write(at, zeros.AsSpan(0, (int)Math.Min(zeros.Length, host + (count << _clusterBits) - at)));
             }
-            else if (_file.Length < end)
+            else if (DataStore.Length < end)
             {
-                _file.SetLength(end);
+                DataStore.SetLength(end);
             }
             WriteBackMetadata();
         }
