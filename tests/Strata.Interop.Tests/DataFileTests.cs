@@ -180,4 +180,39 @@ public class DataFileTests : ScratchDirTest
         Assert.Equal(1, c.Exit);
         Assert.False(Tools.LooksLikeCrash(c.Stderr), c.ToString());
     }
+
+    [Fact]
+    public void AmendChangesTheDataFileNameAndClearsTheRawBitAsQemuImgDoes()
+    {
+        var answers = new List<string>();
+        foreach (var tool in new[] { "q", "s" })
+        {
+            ToolResult Img(params string[] args) => tool == "q" ? Tools.QemuImg(args) : Tools.StrataCmd(["img", .. args]);
+            string plain = P(tool + "-plain.qcow2");
+            Img("create", "-q", "-f", "qcow2", plain, "1M").Ok();
+            string img = CreateWithQemu(tool, raw: true, size: "1M");
+            string opts = $"data-file.filename={P(tool + ".raw")},file.filename={img}";
+            foreach (var args in new[]
+                     {
+                         new[] { "amend", "-o", "data_file=foo", plain },
+                         ["amend", "-o", "compat=0.10", img],
+                         ["amend", "-o", "data_file_raw=on", img],
+                         ["amend", "-o", "data_file_raw=off", img],
+                         ["amend", "-o", "data_file_raw=on", img],
+                         ["amend", "-o", "data_file=renamed", img],
+                         ["info", img],
+                         ["check", "--image-opts", opts],
+                         ["map", "--output=json", "--image-opts", opts],
+                         ["amend", "-o", "data_file=", "--image-opts", opts],
+                         ["info", img],
+                         ["check", img],
+                     })
+            {
+                var r = Img(args);
+                answers.Add($"{string.Join(' ', args).Replace(P(tool), "X")}: {r.Exit} {Strip(r.Stderr, img).Replace(plain, "PLAIN")} {Normalize(r.Stdout, tool)}");
+            }
+        }
+        Assert.Equal(answers[..(answers.Count / 2)], answers[(answers.Count / 2)..]);
+        Assert.Contains("data file raw: false", answers[^2]);
+    }
 }

@@ -50,25 +50,12 @@ public sealed partial class Qcow2Image
         }
         if (_header.Version < 3)
             throw new ImageFormatException("External data files are only supported with compatibility level 1.1 and above");
-        if (options.DataFile is { } given)
-        {
-            _dataFile = given;
-            return;
-        }
-        if (options.WithoutDataFile) return;
-        string name = DataFileName ?? throw new BlockException("'data-file' is required for this image");
-        var file = HostFile.Open(name, _file.ReadOnly);
-        try
-        {
-            file.SetLockClaim(_file.LockClaim);
-        }
-        catch
-        {
-            file.Dispose();
-            throw;
-        }
-        _dataFile = file;
+        if (options.DataFile is null && options.WithoutDataFile) return;
+        string? name = options.DataFile is null ? DataFileName ?? throw new BlockException("'data-file' is required for this image") : null;
+        _dataFile = options.DataFile ?? HostFile.Open(name!, _file.ReadOnly);
         _ownsDataFile = true;
+        // Both files are locked alike: the data file holds the guest data the image's claim is about.
+        _dataFile.SetLockClaim(_file.LockClaim);
     }
 
     /// <summary>Host clusters for a run of guest clusters: in a data file the guest's own offset (no refcounts);
@@ -150,6 +137,42 @@ public sealed partial class Qcow2Image
             IncompatibleFeatures = header.IncompatibleFeatures | Qcow2IncompatibleFeatures.ExternalDataFile,
             AutoclearFeatures = options.DataFileRaw ? Qcow2AutoclearFeatures.RawExternalData : Qcow2AutoclearFeatures.None,
         };
+    }
+
+    /// <summary>What amend may change about the data file, refused before anything changes as qemu-img does.</summary>
+    private void CheckDataFileAmend(Qcow2AmendOptions options)
+    {
+        if (options.DataFile is not null && !_externalData)
+            throw new BlockException("data-file can only be set for images that use an external data file");
+        if (options.DataFileRaw == true && !DataFileRaw)
+            throw new BlockException("data-file-raw cannot be set on existing images");
+    }
+
+    /// <summary>amend -o data_file=NAME renames the data file in the header (without opening it); data_file_raw=off
+    /// clears the raw bit.</summary>
+    private void AmendDataFile(Qcow2AmendOptions options)
+    {
+        lock (_lock)
+        {
+            if (options.DataFile is { } name)
+            {
+                WriteBackMetadata();
+                var exts = _extras.Extensions.Where(e => e.Type != Qcow2ExtensionType.ExternalDataFile).ToList();
+                if (name.Length > 0)
+                {
+                    int at = exts.FindIndex(e => e.Type == Qcow2ExtensionType.BackingFormat) + 1;
+                    exts.Insert(at, new Qcow2HeaderExtension(Qcow2ExtensionType.ExternalDataFile, System.Text.Encoding.UTF8.GetBytes(name)));
+                }
+                RewriteHeaderExtensions(exts);
+            }
+            if (options.DataFileRaw == false && DataFileRaw)
+            {
+                WriteBackMetadata();
+                _header = _header with { AutoclearFeatures = _header.AutoclearFeatures & ~Qcow2AutoclearFeatures.RawExternalData };
+                WriteHeaderFields();
+                _file.Flush();
+            }
+        }
     }
 
     private void DisposeDataFile()

@@ -15,7 +15,8 @@ public sealed record Qcow2OpenOptions
     /// <summary>Open read-only even though the host file is writable.</summary>
     public bool ReadOnly { get; init; }
 
-    /// <summary>The external data file to use instead of the one the header names (a daemon's data-file node).</summary>
+    /// <summary>The external data file to use instead of the one the header names (a data-file child); the image
+    /// then owns it.</summary>
     public HostFile? DataFile { get; init; }
 
     /// <summary>Do not open the header's data file (qemu-img info: metadata only, no guest I/O).</summary>
