@@ -169,7 +169,6 @@ public sealed partial class Qcow2Image : BlockImage
             throw new ImageFormatException("Refcount table lies past the end of the file");
 
         var img = new Qcow2Image(file, header, headerRaw, extras, options);
-        img.AttachDataFile(options);
         img._endCluster = (fileLength + header.ClusterSize - 1) / header.ClusterSize;
         var l1Raw = new byte[l1Bytes];
         file.Read((long)header.L1TableOffset, l1Raw);
@@ -188,6 +187,8 @@ public sealed partial class Qcow2Image : BlockImage
         img.InitBitmaps();
         img.LoadSnapshots();
         img.RebuildOverlapIndex();
+        // After everything that can refuse the image, so that a refusal leaves no data file open.
+        img.AttachDataFile(options);
         img.RepairIfDirty();
         if (!file.ReadOnly) img.ClearUnknownAutoclearBits();
 
