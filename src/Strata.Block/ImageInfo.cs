@@ -42,6 +42,8 @@ public static class ImageInfo
                 data.Add("corrupt", (h.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0);
                 data.Add("refcount-bits", h.RefcountBits);
                 data.Add("compression-type", h.CompressionType == Qcow2CompressionType.Zstd ? "zstd" : "zlib");
+                if (q.DataFileName is { } dataFile) data.Add("data-file", dataFile);
+                if (q.HasExternalDataFile) data.Add("data-file-raw", q.DataFileRaw);
                 data.Add("extended-l2", (h.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0);
                 var persistent = q.Bitmaps.All.Where(b => b.Persistent && q.IsStoredBitmap(b.Name!)).Reverse().ToList();
                 if (persistent.Count > 0)

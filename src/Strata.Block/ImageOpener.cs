@@ -116,8 +116,10 @@ public static class ImageOpener
         }
     }
 
-    /// <summary>Opens one image without its backing chain; errors read "Could not open 'PATH': reason" as in QEMU.</summary>
-    public static BlockImage OpenSingle(string path, string? format, bool readOnly, ImageLocking locking = ImageLocking.Off, bool isBacking = false)
+    /// <summary>Opens one image without its backing chain; errors read "Could not open 'PATH': reason" as in QEMU.
+    /// <paramref name="metadataOnly"/>: for reading metadata alone (a qcow2 external data file stays closed).</summary>
+    public static BlockImage OpenSingle(string path, string? format, bool readOnly, ImageLocking locking = ImageLocking.Off, bool isBacking = false,
+        bool metadataOnly = false)
     {
         if (BlockSpec.IsSpecial(path)) return OpenSpec(path, null, format, readOnly, locking, isBacking);
         try
@@ -131,7 +133,7 @@ public static class ImageOpener
                 return format switch
                 {
                     "raw" => new RawImage(file),
-                    "qcow2" => Qcow2Image.Open(file),
+                    "qcow2" => Qcow2Image.Open(file, new Qcow2OpenOptions { WithoutDataFile = metadataOnly }),
                     _ => throw new BlockException($"Unknown driver '{format}'"),
                 };
             }
@@ -278,7 +280,9 @@ public static class ImageOpener
             string? inner = options["x-image"] ?? image["driver"] switch { "null-co" => "null-co://", "file" => image["filename"], _ => null };
             if (inner is not null) return $"blkdebug:{options["config"]}:{inner}";
         }
-        var plain = options.Values.Keys.Where(k => k is not ("driver" or "file.driver" or "file.filename" or "filename" or "backing" or "force-share")).ToList();
+        // A qcow2 data-file child does not change the name (QEMU names the node after its metadata file).
+        var plain = options.Values.Keys.Where(k => k is not ("driver" or "file.driver" or "file.filename" or "filename" or "backing"
+            or "force-share" or "data-file.driver" or "data-file.filename")).ToList();
         if (plain.Count == 0 && options["driver"] == "null-co") return "null-co://";
         bool fileBelow = options["file.driver"] is null or "file" && options["driver"] is null or "qcow2" or "raw";
         if (plain.Count == 0 && fileBelow && (options["file.filename"] ?? options["filename"]) is { } file) return Unprefixable(file);
@@ -412,13 +416,37 @@ public static class ImageOpener
                 driver = Qcow2Header.HasMagic(head) ? "qcow2" : "raw";
             }
             if (fileOptions.Flag("locking", true)) file.SetLockClaim(ClaimFor(driver, readOnly, locking, isBacking));
-            return driver == "qcow2" ? Qcow2Image.Open(file) : new RawImage(file);
+            if (driver != "qcow2") return new RawImage(file);
+            var dataFile = DataFileChild(options, readOnly, locking, isBacking);
+            try
+            {
+                return Qcow2Image.Open(file, new Qcow2OpenOptions { DataFile = dataFile });
+            }
+            catch
+            {
+                dataFile?.Dispose();
+                throw;
+            }
         }
         catch
         {
             file.Dispose();
             throw;
         }
+    }
+
+    /// <summary>A qcow2 node's data-file child (data-file.filename=…), opened as a host file; null when not given.</summary>
+    private static HostFile? DataFileChild(BlockOptions options, bool readOnly, ImageLocking locking, bool isBacking)
+    {
+        if (options["data-file"] is { } reference) throw new BlockException($"Cannot find device='{reference}' nor node-name='{reference}'");
+        if (!options.HasChild("data-file")) return null;
+        var child = FileChild(options.Child("data-file"));
+        if (child["driver"] is not { } driver) throw new BlockException("A block device must be specified for \"data-file\"");
+        CheckOptions(driver, child);
+        var node = OpenProtocol(child, readOnly, locking, isBacking, asTop: false);
+        if (node is RawImage { File: var file }) return file;
+        node.Dispose();
+        throw new BlockException($"Strata opens qcow2 data files only over host files, not over '{driver}'");
     }
 
     /// <summary>Opens a protocol node. Host files come back as a RawImage over the file (blkdebug's rules set on

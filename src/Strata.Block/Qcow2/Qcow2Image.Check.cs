@@ -90,7 +90,7 @@ public sealed partial class Qcow2Image
                 for (int i = 0; i < _l2Entries; i++)
                 {
                     ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 8));
-                    switch (Qcow2Entry.Classify(e))
+                    switch (ClassifyEntry(e))
                     {
                         case L2EntryKind.Compressed:
                             if ((e & Qcow2Entry.Copied) != 0)
@@ -116,7 +116,7 @@ public sealed partial class Qcow2Image
                             report.AllocatedClusters++;
                             if (nextContiguous != 0 && off != nextContiguous) report.FragmentedClusters++;
                             nextContiguous = off + _clusterSize;
-                            Count(off, _clusterSize);
+                            if (!_externalData) Count(off, _clusterSize); // data-file clusters have no refcounts
                             break;
                     }
                 }
@@ -222,8 +222,8 @@ public sealed partial class Qcow2Image
                 for (int i = 0; i < _l2Entries; i++)
                 {
                     ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 8));
-                    var kind = Qcow2Entry.Classify(e);
-                    if (kind is not (L2EntryKind.Normal or L2EntryKind.ZeroAllocated)) continue;
+                    var kind = ClassifyEntry(e);
+                    if (_externalData || kind is not (L2EntryKind.Normal or L2EntryKind.ZeroAllocated)) continue;
                     ulong drc = RefAfterRepair((long)(e & Qcow2Entry.OffsetMask) >> _clusterBits);
                     if ((drc == 1) != ((e & Qcow2Entry.Copied) != 0))
                     {

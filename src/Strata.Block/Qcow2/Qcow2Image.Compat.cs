@@ -78,6 +78,10 @@ public sealed record Qcow2AmendOptions
     public bool? LazyRefcounts { get; init; }
     public long? Size { get; init; }
     public int? RefcountBits { get; init; }
+    /// <summary>A new name for the external data file ("" removes the name).</summary>
+    public string? DataFile { get; init; }
+    /// <summary>data_file_raw: may only be cleared (or kept) on an existing image.</summary>
+    public bool? DataFileRaw { get; init; }
 }
 
 public sealed partial class Qcow2Image
@@ -88,9 +92,11 @@ public sealed partial class Qcow2Image
     public void Amend(Qcow2AmendOptions options, Action<long, long>? progress = null)
     {
         CheckWritable();
+        CheckDataFileAmend(options);
         int oldVersion = (int)_header.Version;
         int newVersion = options.Version ?? oldVersion;
         if (newVersion > oldVersion) ChangeVersion(newVersion);
+        AmendDataFile(options);
         if (options.LazyRefcounts is { } lazy && lazy != ((_header.CompatibleFeatures & Qcow2CompatibleFeatures.LazyRefcounts) != 0))
         {
             if (lazy && newVersion < 3)
@@ -124,6 +130,7 @@ public sealed partial class Qcow2Image
     private void Downgrade()
     {
         if (_refcountOrder != 4) throw new BlockException("compat=0.10 requires refcount_bits=16");
+        if (_externalData) throw new BlockException("Cannot downgrade an image with a data file");
         lock (_lock)
         {
             foreach (var sn in _snapshots)

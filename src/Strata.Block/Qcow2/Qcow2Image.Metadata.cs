@@ -306,6 +306,7 @@ public sealed partial class Qcow2Image
         }
         if (l2Dirty)
         {
+            _dataFile?.Flush(); // data in the data file before the L2 entries that point at it
             _file.Flush();
             var raw = new byte[_clusterSize];
             foreach (var (offset, table) in _l2Cache)
@@ -450,6 +451,7 @@ public sealed partial class Qcow2Image
                 _header = _header with { Size = (ulong)newSize };
                 WriteHeaderFields();
                 _file.Flush();
+                ResizeDataFile(oldSize, newSize);
                 Bitmaps.Resized(Size);
                 return;
             }
@@ -459,6 +461,7 @@ public sealed partial class Qcow2Image
             _header = _header with { Size = (ulong)newSize };
             WriteHeaderFields();
             _file.Flush();
+            ResizeDataFile(oldSize, newSize);
             Bitmaps.Resized(Size);
         }
     }
@@ -498,16 +501,19 @@ public sealed partial class Qcow2Image
         {
             file.Dispose();
         }
-        var img = Open(HostFile.Open(path, readOnly: false));
+        Qcow2Image? img = null;
         try
         {
+            if (options.DataFile is { } dataFile) HostFile.Create(dataFile).Dispose();
+            img = Open(HostFile.Open(path, readOnly: false));
             img.Resize(options.Size);
             return img;
         }
         catch
         {
-            img.Dispose();
+            img?.Dispose();
             System.IO.File.Delete(path);
+            if (options.DataFile is { } dataFile) System.IO.File.Delete(dataFile);
             throw;
         }
     }
@@ -525,6 +531,7 @@ public sealed partial class Qcow2Image
         if (l1Needed > Qcow2Header.MaxL1Entries || options.Size > long.MaxValue / 4)
             throw new BlockException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         CheckVersionOptions(options);
+        CheckDataFileOptions(options);
         var header = new Qcow2Header
         {
             Version = (uint)options.Version,
@@ -543,6 +550,7 @@ public sealed partial class Qcow2Image
         var exts = new List<Qcow2HeaderExtension>();
         if (options.BackingFile is not null && options.BackingFormat is not null)
             exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.BackingFormat, System.Text.Encoding.UTF8.GetBytes(options.BackingFormat)));
+        header = WithDataFile(header, exts, options);
         if (options.Version >= 3)
             exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.FeatureNameTable, Qcow2FeatureName.EncodeTable(Qcow2FeatureName.Standard)));
         var (bytes, finalHeader) = Qcow2HeaderExtensionCodec.Build(header, exts, options.BackingFile);
@@ -582,6 +590,10 @@ public sealed record Qcow2CreateOptions
     /// <summary>2 (compat=0.10) or 3 (compat=1.1).</summary>
     public int Version { get; init; } = 3;
     public bool LazyRefcounts { get; init; }
+    /// <summary>An external data file, created anew under this name (which the header records as given).</summary>
+    public string? DataFile { get; init; }
+    /// <summary>data_file_raw=on: the data file is kept a raw image of the disk.</summary>
+    public bool DataFileRaw { get; init; }
 }
 
 /// <summary>A refcount would exceed what the image's refcount width holds (QEMU: EINVAL from update_refcount).</summary>

@@ -35,7 +35,7 @@ public sealed partial class Qcow2Image
                 if (table.Entries[guest % _l2Entries] != 0) { guest++; continue; }
                 long run = 1;
                 while (guest + run < tableEnd && run < maxRun && table.Entries[(guest + run) % _l2Entries] == 0) run++;
-                long host = AllocateClusters(run);
+                long host = AllocateDataClusters(guest, run);
                 for (long i = 0; i < run; i++)
                     table.Entries[(guest + i) % _l2Entries] = (ulong)(host + (i << _clusterBits)) | Qcow2Entry.Copied;
                 table.Dirty = true;
@@ -48,11 +48,11 @@ public sealed partial class Qcow2Image
                 var zeros = new byte[Math.Min(1L << 20, _clusterSize * maxRun)];
                 foreach (var (host, count) in ranges)
                     for (long at = host; at < host + (count << _clusterBits); at += zeros.Length)
-                        _file.Write(at, zeros.AsSpan(0, (int)Math.Min(zeros.Length, host + (count << _clusterBits) - at)));
+                        DataStore.Write(at, zeros.AsSpan(0, (int)Math.Min(zeros.Length, host + (count << _clusterBits) - at)));
             }
-            else if (_file.Length < fileEnd)
+            else if (DataStore.Length < fileEnd)
             {
-                _file.SetLength(fileEnd);
+                DataStore.SetLength(fileEnd);
             }
             WriteBackMetadata();
         }

@@ -98,6 +98,7 @@ public sealed partial class Qcow2Image
     public Qcow2Snapshot CreateSnapshot(string name, DateTimeOffset now)
     {
         CheckWritable();
+        ThrowIfSnapshotsUnsupported();
         lock (_lock)
         {
             WriteBackMetadata();

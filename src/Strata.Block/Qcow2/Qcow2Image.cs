@@ -14,6 +14,13 @@ public sealed record Qcow2OpenOptions
 
     /// <summary>Open read-only even though the host file is writable.</summary>
     public bool ReadOnly { get; init; }
+
+    /// <summary>The external data file to use instead of the one the header names (a data-file child); the image
+    /// then owns it.</summary>
+    public HostFile? DataFile { get; init; }
+
+    /// <summary>Do not open the header's data file (qemu-img info: metadata only, no guest I/O).</summary>
+    public bool WithoutDataFile { get; init; }
 }
 
 /// <summary>
@@ -82,7 +89,7 @@ public sealed partial class Qcow2Image : BlockImage
     public override string? BackingFileName => _backingFile;
     public override string? BackingFormat => _backingFormat;
     public override int ClusterSize => (int)_clusterSize;
-    public override bool SupportsCompression => true;
+    public override bool SupportsCompression => !_externalData;
 
     /// <summary>Metadata blocks held in memory now (bounded by the cache sizes; for tests).</summary>
     internal int CachedRefcountBlocks
@@ -108,6 +115,7 @@ public sealed partial class Qcow2Image : BlockImage
         _refcountsPerBlock = _clusterSize * 8 / header.RefcountBits;
         _writable = !file.ReadOnly && !options.ReadOnly;
         _ownsFile = options.OwnsFile;
+        _externalData = (header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExternalDataFile) != 0;
         _l2CacheCapacity = (int)Math.Max(16, options.L2CacheBytes / _clusterSize);
         // QEMU keeps a quarter as much refcount cache as L2 cache.
         _refCacheCapacity = (int)Math.Max(8, options.L2CacheBytes / 4 / _clusterSize);
@@ -143,8 +151,6 @@ public sealed partial class Qcow2Image : BlockImage
 
         if (header.CryptMethod != 0)
             throw new BlockException("Encrypted qcow2 images are not supported");
-        if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExternalDataFile) != 0 || extras.ExternalDataFile is not null)
-            throw new BlockException("qcow2 images with an external data file are not supported");
         if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0)
             throw new BlockException("qcow2 images with extended L2 entries (subclusters) are not supported");
         if (!file.ReadOnly)
@@ -181,6 +187,8 @@ public sealed partial class Qcow2Image : BlockImage
         img.InitBitmaps();
         img.LoadSnapshots();
         img.RebuildOverlapIndex();
+        // After everything that can refuse the image, so that a refusal leaves no data file open.
+        img.AttachDataFile(options);
         img.RepairIfDirty();
         if (!file.ReadOnly) img.ClearUnknownAutoclearBits();
 
@@ -243,7 +251,7 @@ public sealed partial class Qcow2Image : BlockImage
         long cluster = ClusterOf(offset);
         long inCluster = offset & (_clusterSize - 1);
         ulong entry = GetL2Entry(cluster);
-        var kind = Qcow2Entry.Classify(entry);
+        var kind = ClassifyEntry(entry);
         long host = kind is L2EntryKind.Normal or L2EntryKind.ZeroAllocated ? (long)(entry & Qcow2Entry.OffsetMask) : -1;
         if (host > 0 && (host & (_clusterSize - 1)) != 0)
             throw UnalignedClusterCorruption(cluster, entry, host, forWrite);
@@ -254,7 +262,7 @@ public sealed partial class Qcow2Image : BlockImage
         {
             long next = cluster + (offset + length - (cluster << _clusterBits)) / _clusterSize;
             ulong e = GetL2Entry(next);
-            var k = Qcow2Entry.Classify(e);
+            var k = ClassifyEntry(e);
             if (NormalizeForRun(k) != NormalizeForRun(kind)) break;
             if (kind == L2EntryKind.Normal && (long)(e & Qcow2Entry.OffsetMask) != host + inCluster + length) break;
             length = Math.Min(length + _clusterSize, maxLength);
@@ -268,7 +276,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         if (forWrite && (entry & Qcow2Entry.Copied) != 0)
         {
-            string what = Qcow2Entry.Classify(entry) == L2EntryKind.ZeroAllocated ? "Preallocated zero" : "Data";
+            string what = ClassifyEntry(entry) == L2EntryKind.ZeroAllocated ? "Preallocated zero" : "Data";
             return SignalCorruption(fatal: true, $"{what} cluster offset {CHex(host)} unaligned (guest offset: {CHex(cluster << _clusterBits)})");
         }
         long l2Offset = (long)(_l1[cluster / _l2Entries] & Qcow2Entry.OffsetMask);
@@ -297,9 +305,10 @@ public sealed partial class Qcow2Image : BlockImage
     /// know them — at a read-write open, as QEMU does, so `check -r` and friends leave them cleared too.</summary>
     private void ClearUnknownAutoclearBits()
     {
-        var unknown = _header.AutoclearFeatures & ~Qcow2AutoclearFeatures.Bitmaps;
+        const Qcow2AutoclearFeatures known = Qcow2AutoclearFeatures.Bitmaps | Qcow2AutoclearFeatures.RawExternalData;
+        var unknown = _header.AutoclearFeatures & ~known;
         if (unknown == Qcow2AutoclearFeatures.None) return;
-        _header = _header with { AutoclearFeatures = _header.AutoclearFeatures & Qcow2AutoclearFeatures.Bitmaps };
+        _header = _header with { AutoclearFeatures = _header.AutoclearFeatures & known };
         WriteHeaderFields();
         _file.Flush();
     }
@@ -326,8 +335,8 @@ public sealed partial class Qcow2Image : BlockImage
                 switch (run.Kind)
                 {
                     case L2EntryKind.Normal:
-                        _file.DataEvent(false, run.HostOffset, slice.Length);
-                        _file.Read(run.HostOffset, slice);
+                        DataStore.DataEvent(false, run.HostOffset, slice.Length);
+                        DataStore.Read(run.HostOffset, slice);
                         break;
                     case L2EntryKind.ZeroAllocated:
                     case L2EntryKind.ZeroUnallocated:
@@ -361,7 +370,7 @@ public sealed partial class Qcow2Image : BlockImage
         if (length <= 0 || length > 2 * _clusterSize + 1024)
             throw new BlockException($"qcow2: invalid compressed cluster descriptor 0x{entry:x16}");
         var input = t_compressedBuffer is { } b && b.Length >= length ? b : (t_compressedBuffer = new byte[Math.Max(length, 2 * Qcow2MaxCluster + 1024)]);
-        _file.Read(host, input.AsSpan(0, length));
+        DataStore.Read(host, input.AsSpan(0, length));
         ClusterCompression.Decompress(_header.CompressionType, input.AsSpan(0, length), output);
     }
 
@@ -384,7 +393,7 @@ public sealed partial class Qcow2Image : BlockImage
                     {
                         host = run.HostOffset;
                         length = run.Length;
-                        CheckHostWrite(host, length);
+                        CheckDataWrite(host, length);
                         access = BeginHostAccess(run.Kind);
                         break;
                     }
@@ -401,8 +410,8 @@ public sealed partial class Qcow2Image : BlockImage
             {
                 try
                 {
-                    _file.DataEvent(true, host, length);
-                    _file.Write(host, data[..(int)length]);
+                    DataStore.DataEvent(true, host, length);
+                    DataStore.Write(host, data[..(int)length]);
                 }
                 finally
                 {
@@ -415,9 +424,9 @@ public sealed partial class Qcow2Image : BlockImage
                 // proceed in parallel; the L2 entries point at it only once it is written.
                 try
                 {
-                    _file.DataEvent(true, allocation.HostStart, length);
-                    if (allocation.Buffer is null) _file.Write(allocation.HostStart, data[..(int)length]);
-                    else _file.Write(allocation.HostStart, allocation.Buffer);
+                    DataStore.DataEvent(true, allocation.HostStart, length);
+                    if (allocation.Buffer is null) DataStore.Write(allocation.HostStart, data[..(int)length]);
+                    else DataStore.Write(allocation.HostStart, allocation.Buffer);
                 }
                 catch
                 {
@@ -455,7 +464,7 @@ public sealed partial class Qcow2Image : BlockImage
         while (firstCluster + count <= lastCluster && count < maxRun && !_clustersInFlight.Contains(firstCluster + count))
         {
             ulong e = GetL2Entry(firstCluster + count);
-            if (Qcow2Entry.Classify(e) == L2EntryKind.Normal && (e & Qcow2Entry.Copied) != 0) break;
+            if (ClassifyEntry(e) == L2EntryKind.Normal && (e & Qcow2Entry.Copied) != 0) break;
             count++;
         }
         // L2 tables first, so that a fresh image is laid out as QEMU lays it out (table, then its data).
@@ -465,8 +474,8 @@ public sealed partial class Qcow2Image : BlockImage
         long end = Math.Min((firstCluster + count) << _clusterBits, offset + data.Length);
         long consumed = end - offset;
 
-        long hostStart = AllocateClusters(count);
-        CheckHostWrite(hostStart, count << _clusterBits);
+        long hostStart = AllocateDataClusters(firstCluster, count);
+        CheckDataWrite(hostStart, count << _clusterBits);
         long headPad = offset - start;
         long tailEnd = Math.Min((firstCluster + count) << _clusterBits, Size);
         long tailPad = Math.Max(0, tailEnd - end);
@@ -493,7 +502,7 @@ public sealed partial class Qcow2Image : BlockImage
         for (long i = 0; i < a.Count; i++)
         {
             _clustersInFlight.Remove(a.FirstCluster + i);
-            AdjustRefcount(ClusterOf(a.HostStart) + i, -1);
+            if (!_externalData) AdjustRefcount(ClusterOf(a.HostStart) + i, -1);
         }
         Monitor.PulseAll(_lock);
     }
@@ -556,10 +565,10 @@ public sealed partial class Qcow2Image : BlockImage
     {
         ulong entry = GetL2Entry(guestCluster);
         long guestOffset = guestCluster << _clusterBits;
-        switch (Qcow2Entry.Classify(entry))
+        switch (ClassifyEntry(entry))
         {
             case L2EntryKind.Normal:
-                _file.Read((long)(entry & Qcow2Entry.OffsetMask), output);
+                DataStore.Read((long)(entry & Qcow2Entry.OffsetMask), output);
                 break;
             case L2EntryKind.Compressed:
                 ReadCompressedCluster(entry, output);
@@ -579,10 +588,11 @@ public sealed partial class Qcow2Image : BlockImage
     /// no request that mapped the old entry is still using it.</summary>
     private void ReleaseEntry(ulong entry)
     {
-        switch (Qcow2Entry.Classify(entry))
+        switch (ClassifyEntry(entry))
         {
             case L2EntryKind.Normal:
             case L2EntryKind.ZeroAllocated:
+                if (_externalData) break; // data-file clusters have no refcounts to drop
                 _pendingFrees.Add(((long)(entry & Qcow2Entry.OffsetMask), _clusterSize, ++_mapGeneration));
                 break;
             case L2EntryKind.Compressed:
@@ -655,7 +665,7 @@ public sealed partial class Qcow2Image : BlockImage
                     bool alreadyZero;
                     lock (_lock)
                     {
-                        var k = Qcow2Entry.Classify(GetL2Entry(ClusterOf(offset)));
+                        var k = ClassifyEntry(GetL2Entry(ClusterOf(offset)));
                         alreadyZero = k is L2EntryKind.ZeroAllocated or L2EntryKind.ZeroUnallocated ||
                                       (k == L2EntryKind.Unallocated && Backing is null);
                     }
@@ -664,15 +674,16 @@ public sealed partial class Qcow2Image : BlockImage
                 offset = pieceEnd;
                 continue;
             }
+            // A run of whole clusters (the image's last, short cluster counts as whole) under one lock.
+            long wholeEnd = end >= Size ? Size : end & ~(_clusterSize - 1);
             lock (_lock)
             {
-                // A run of whole clusters (the image's last, short cluster counts as whole) under one lock.
-                long wholeEnd = end >= Size ? Size : end & ~(_clusterSize - 1);
                 long lastExclusive = (wholeEnd + _clusterSize - 1) >> _clusterBits;
                 for (long c = ClusterOf(offset); c < lastExclusive; c++)
                     ZeroCluster(c, discard, mayUnmap);
-                offset = wholeEnd;
             }
+            ZeroRawDataFile(offset, wholeEnd);
+            offset = wholeEnd;
         }
     }
 
@@ -681,7 +692,7 @@ public sealed partial class Qcow2Image : BlockImage
     private void ZeroCluster(long cluster, bool discard, bool mayUnmap)
     {
         ulong old = GetL2Entry(cluster);
-        var kind = Qcow2Entry.Classify(old);
+        var kind = ClassifyEntry(old);
         bool allocated = kind is L2EntryKind.Normal or L2EntryKind.Compressed or L2EntryKind.ZeroAllocated;
         bool keepsHost = false;
         ulong replacement;
@@ -722,6 +733,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         if ((offset & (_clusterSize - 1)) != 0 || cluster.Length > _clusterSize)
             throw new BlockException("Compressed writes must cover one aligned cluster");
+        if (_externalData) throw new BlockException("Operation not supported");
         ThrowIfCorrupt();
         var padded = new byte[_clusterSize];
         cluster.CopyTo(padded);
@@ -765,11 +777,11 @@ public sealed partial class Qcow2Image : BlockImage
             };
             long length = run.Length;
             if (state == LayerState.Zero) length = ZeroRunLength(offset, length, run.Kind, run.HostOffset);
-            if (run.Kind == L2EntryKind.Normal && LooksMetadataPreallocated()) (state, length) = SplitAtHostHole(run.HostOffset, length);
+            if (run.Kind == L2EntryKind.Normal && !_externalData && LooksMetadataPreallocated()) (state, length) = SplitAtHostHole(run.HostOffset, length);
             if (run.Kind == L2EntryKind.Compressed)
             {
                 // Merge following compressed clusters: they have no contiguous host mapping to report.
-                while (length < maxLength && Qcow2Entry.Classify(GetL2Entry(ClusterOf(offset + length))) == L2EntryKind.Compressed)
+                while (length < maxLength && ClassifyEntry(GetL2Entry(ClusterOf(offset + length))) == L2EntryKind.Compressed)
                     length = Math.Min(length + _clusterSize, maxLength);
                 return new LayerExtent(offset, length, state, -1, Compressed: true);
             }
@@ -786,7 +798,7 @@ public sealed partial class Qcow2Image : BlockImage
         while (length < maxLength)
         {
             ulong entry = GetL2Entry(ClusterOf(offset + length));
-            if (Qcow2Entry.Classify(entry) != kind) break;
+            if (ClassifyEntry(entry) != kind) break;
             if (kind == L2EntryKind.ZeroAllocated && (long)(entry & Qcow2Entry.OffsetMask) != hostOffset + length) break;
             length = Math.Min(length + _clusterSize, maxLength);
         }
@@ -819,6 +831,7 @@ public sealed partial class Qcow2Image : BlockImage
         {
             base.Dispose();
             if (_ownsFile) _file.Dispose();
+            DisposeDataFile();
         }
     }
 }

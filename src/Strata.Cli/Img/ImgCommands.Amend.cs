@@ -9,7 +9,7 @@ internal static partial class ImgCommands
 {
     /// <summary>qcow2 creation options that QEMU cannot change on an existing image.</summary>
     private static readonly HashSet<string> CreationOnlyOptions =
-        ["cluster_size", "preallocation", "compression_type", "extended_l2", "encryption", "encrypt.format", "data_file", "data_file_raw"];
+        ["cluster_size", "preallocation", "compression_type", "extended_l2", "encryption", "encrypt.format"];
 
     private static Command AmendCommand(TextWriter stdout, TextWriter stderr)
     {
@@ -65,6 +65,20 @@ internal static partial class ImgCommands
                     case "size":
                         if (!SizeText.TryParse(value, out long size)) throw new BlockException("Parameter 'size' expects a size");
                         amend = amend with { Size = size };
+                        break;
+                    case "data_file":
+                        amend = amend with { DataFile = value };
+                        break;
+                    case "data_file_raw":
+                        amend = amend with
+                        {
+                            DataFileRaw = value switch
+                            {
+                                "on" or "true" => true,
+                                "off" or "false" => false,
+                                _ => throw new BlockException("Parameter 'data_file_raw' expects 'on' or 'off'"),
+                            },
+                        };
                         break;
                     case "refcount_bits":
                         if (!int.TryParse(value, System.Globalization.NumberStyles.Integer, System.Globalization.CultureInfo.InvariantCulture, out int bits)

@@ -48,8 +48,8 @@ internal static partial class ImgCommands
         long clusterSize = 65536;
         var compression = Qcow2CompressionType.Deflate;
         string refcountBitsText = "16";
-        string? compat = null, lazyRefcounts = null, preallocation = null;
-        long? size = null;
+        string? compat = null, lazyRefcounts = null, preallocation = null, dataFile = null, dataFileRaw = null;
+        long? size = null, extentSizeHint = null;
         if (sizeText is not null)
         {
             if (!SizeText.TryParse(sizeText, out long s))
@@ -100,6 +100,20 @@ internal static partial class ImgCommands
                 case "backing_fmt" when format == "qcow2":
                     backingFormat = value;
                     break;
+                case "data_file" when format == "qcow2":
+                    dataFile = value;
+                    break;
+                case "data_file_raw" when format == "qcow2":
+                    if (value is not ("on" or "off" or "true" or "false"))
+                        throw new BlockException($"{file}: Parameter 'data_file_raw' expects 'on' or 'off'");
+                    dataFileRaw = value;
+                    break;
+                case "extent_size_hint":
+                    // The file driver's hint for btrfs-like extent sizes; on other file systems it does nothing.
+                    if (!SizeText.TryParse(value, out long hint))
+                        throw new BlockException($"{file}: Parameter 'extent_size_hint' expects a non-negative number below 2^64\nOptional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\nand exabytes, respectively.");
+                    extentSizeHint = hint;
+                    break;
                 case "size":
                     if (!SizeText.TryParse(value, out long os)) throw new BlockException($"{file}: Parameter 'size' expects a size");
                     size = os;
@@ -142,11 +156,15 @@ internal static partial class ImgCommands
         if (!quiet)
         {
             string prealloc = preallocation is null ? "" : $" preallocation={preallocation}";
+            string hint = extentSizeHint is null ? "" : $" extent_size_hint={extentSizeHint}";
             string line = format == "raw"
-                ? $"Formatting '{file}', fmt={shownFormat} size={size}{prealloc}"
+                ? $"Formatting '{file}', fmt={shownFormat} size={size}{prealloc}{hint}"
                 : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
                   (compat is null ? "" : $" compat={compat}") +
-                  (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBitsText}";
+                  (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") +
+                  (dataFile is null ? "" : $" data_file={dataFile.Replace(",", ",,")}") +
+                  (dataFileRaw is null ? "" : $" data_file_raw={dataFileRaw}") +
+                  $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBitsText}{hint}";
             stdout.WriteLine(line);
         }
         if (backingFormat is not null && !QemuFormatNames.Contains(backingFormat))
@@ -156,6 +174,7 @@ internal static partial class ImgCommands
             throw new BlockException($"{file}: Refcount width must be a power of two and may not exceed 64 bits");
         if (format == "qcow2" && (clusterSize < 512 || clusterSize > 2 << 20 || (clusterSize & (clusterSize - 1)) != 0))
             throw new BlockException($"{file}: Cluster size must be a power of two between 512 and 2048k");
+        if (extentSizeHint > uint.MaxValue) throw new BlockException($"{file}: Extent size hint is too large");
         // The line above shows the size as given; the image gets it rounded up to whole sectors, as qemu-img does.
         long sectorSize = (size.Value + 511) & ~511L;
         var preallocMode = preallocation switch
@@ -200,6 +219,8 @@ internal static partial class ImgCommands
                     BackingFormat = backingFormat,
                     Version = version,
                     LazyRefcounts = lazyRefcounts is "on" or "true",
+                    DataFile = dataFile,
+                    DataFileRaw = dataFileRaw is "on" or "true",
                 });
                 q.Preallocate(preallocMode);
             }

@@ -33,7 +33,9 @@ internal static partial class ImgCommands
             while (true)
             {
                 seen.Add(Path.GetFullPath(path));
-                var layer = OpenImageLayer(path, layerFormat, readOnly: true, ReadLocking(r.GetValue(forceShare)), isBacking: layers.Count > 0);
+                // Metadata only: Debian's qemu-img 7.2 does not open an external data file for info (CVE-2024-4467).
+                var layer = OpenImageLayer(path, layerFormat, readOnly: true, ReadLocking(r.GetValue(forceShare)), isBacking: layers.Count > 0,
+                    metadataOnly: true);
                 layers.Add(layer);
                 names.Add(DisplayName(path));
                 if (!r.GetValue(chain) || layer.BackingFileName is not { } backing) break;

@@ -55,12 +55,15 @@ internal static partial class ImgCommands
                     stderr.WriteLine($"{Prog}: File contains external, encrypted or compressed clusters.");
                     return 1;
                 }
-                stdout.WriteLine($"{SizeText.Hex(e.Offset),-16}{SizeText.Hex(e.Length),-16}{SizeText.Hex(e.HostOffset),-16}{layers[e.Depth].FileName}");
+                stdout.WriteLine($"{SizeText.Hex(e.Offset),-16}{SizeText.Hex(e.Length),-16}{SizeText.Hex(e.HostOffset),-16}{HostFileName(layers[e.Depth])}");
             }
             return 0;
         }));
         return cmd;
     }
+
+    /// <summary>The file a layer's host offsets point into: a qcow2 image's external data file, or its own file.</summary>
+    private static string HostFileName(BlockImage layer) => layer is Qcow2Image { DataFile: { } data } ? data.Path : layer.FileName;
 
     private static string Bool(bool b) => b ? "true" : "false";
 }

@@ -195,10 +195,11 @@ internal static partial class ImgCommands
     }
 
     /// <summary>Opens one layer named on the command line (or found as a backing name) without its backing chain.</summary>
-    private static BlockImage OpenImageLayer(string path, string? format, bool readOnly, ImageLocking locking, bool isBacking)
+    private static BlockImage OpenImageLayer(string path, string? format, bool readOnly, ImageLocking locking, bool isBacking,
+        bool metadataOnly = false)
     {
         if (IsImageOpts(path)) return ImageOpener.OpenSpec(path, ImageOptsSpec(path, locking), format, readOnly, locking, isBacking);
-        return ImageOpener.OpenSingle(path, format, readOnly, locking, isBacking);
+        return ImageOpener.OpenSingle(path, format, readOnly, locking, isBacking, metadataOnly);
     }
 
     /// <summary>The name qemu-img shows for an image given on the command line (see <see cref="ImageOpener.DisplayName"/>).</summary>

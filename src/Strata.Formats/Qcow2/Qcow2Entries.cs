@@ -37,6 +37,15 @@ public static class Qcow2Entry
         return off == 0 ? L2EntryKind.Unallocated : L2EntryKind.Normal;
     }
 
+    /// <summary>As <see cref="Classify(ulong)"/>, for an image whose data clusters live in an external data file:
+    /// there host offset 0 is a real cluster, told apart from "unallocated" by the COPIED flag (every data-file
+    /// cluster has refcount 1, so an allocated entry always carries it).</summary>
+    public static L2EntryKind Classify(ulong entry, bool externalData)
+    {
+        var kind = Classify(entry);
+        return externalData && kind == L2EntryKind.Unallocated && (entry & Copied) != 0 ? L2EntryKind.Normal : kind;
+    }
+
     /// <summary>Host byte offset and sector count of a compressed cluster descriptor.</summary>
     public static (long HostOffset, int Sectors) DecodeCompressed(ulong entry, int clusterBits)
     {

@@ -226,6 +226,17 @@ public class Qcow2EntryTests
     [InlineData(0x4000000000050000UL, L2EntryKind.Compressed)]
     public void ClassifiesL2Entries(ulong entry, L2EntryKind kind) => Assert.Equal(kind, Qcow2Entry.Classify(entry));
 
+    /// <summary>In an external data file host offset 0 is guest cluster 0's real place; COPIED tells it from an
+    /// unallocated entry (as QEMU's qcow2_get_cluster_type does). Without a data file the same entry is unallocated.</summary>
+    [Theory]
+    [InlineData(0x8000000000000000UL, true, L2EntryKind.Normal)]
+    [InlineData(0x8000000000000000UL, false, L2EntryKind.Unallocated)]
+    [InlineData(0UL, true, L2EntryKind.Unallocated)]
+    [InlineData(0x8000000000000001UL, true, L2EntryKind.ZeroUnallocated)]
+    [InlineData(0x8000000000050000UL, true, L2EntryKind.Normal)]
+    public void ClassifiesL2EntriesOfExternalDataFiles(ulong entry, bool externalData, L2EntryKind kind) =>
+        Assert.Equal(kind, Qcow2Entry.Classify(entry, externalData));
+
     [Theory]
     [InlineData(9, 0x12345L, 300)]
     [InlineData(16, 0x50123L, 40000)]
