@@ -46,12 +46,13 @@ public static class ImageOpener
     }
 
     /// <summary>Opens <paramref name="path"/> and its backing chain (backing files always read-only).</summary>
+    /// <remarks><paramref name="forCheck"/>: the top image is opened for <c>check</c> (see <see cref="Qcow2OpenOptions.ForCheck"/>).</remarks>
     public static BlockImage Open(string path, string? format = null, bool readOnly = true, bool openBacking = true,
-        ImageLocking locking = ImageLocking.Off)
+        ImageLocking locking = ImageLocking.Off, bool forCheck = false)
     {
         if (locking == ImageLocking.ForceShare && !readOnly) throw new BlockException("force-share=on can only be used with read-only images");
         var seen = new HashSet<string>(StringComparer.Ordinal);
-        return OpenLayer(path, format, readOnly, openBacking, seen, 0, locking);
+        return OpenLayer(path, format, readOnly, openBacking, seen, 0, locking, forCheck);
     }
 
     /// <summary>The claim an opener takes on a layer's file.</summary>
@@ -69,13 +70,13 @@ public static class ImageOpener
     };
 
     private static BlockImage OpenLayer(string path, string? format, bool readOnly, bool openBacking, HashSet<string> seen, int depth,
-        ImageLocking locking)
+        ImageLocking locking, bool forCheck = false)
     {
         if (depth > MaxChainDepth)
             throw new BackingChainException($"Backing chain of '{path}' is deeper than {MaxChainDepth} images");
         if (!seen.Add(BlockSpec.IsSpecial(path) ? path : Path.GetFullPath(path)))
             throw new BackingChainException($"Backing file '{path}' creates an infinite loop.");
-        BlockImage image = OpenSingle(path, format, readOnly, locking, isBacking: depth > 0);
+        BlockImage image = OpenSingle(path, format, readOnly, locking, isBacking: depth > 0, forCheck);
         if (!openBacking || image.BackingFileName is not { } backing || (BlockSpec.ProtocolOf(path) == "json" && NoBacking(BlockSpec.FromFilename(path)))) return image;
         try
         {
@@ -98,7 +99,8 @@ public static class ImageOpener
     }
 
     /// <summary>Opens one image without its backing chain; errors read "Could not open 'PATH': reason" as in QEMU.</summary>
-    public static BlockImage OpenSingle(string path, string? format, bool readOnly, ImageLocking locking = ImageLocking.Off, bool isBacking = false)
+    public static BlockImage OpenSingle(string path, string? format, bool readOnly, ImageLocking locking = ImageLocking.Off, bool isBacking = false,
+        bool forCheck = false)
     {
         if (BlockSpec.IsSpecial(path)) return OpenSpec(path, null, format, readOnly, locking, isBacking);
         try
@@ -112,7 +114,7 @@ public static class ImageOpener
                 return format switch
                 {
                     "raw" => new RawImage(file),
-                    "qcow2" => Qcow2Image.Open(file),
+                    "qcow2" => Qcow2Image.Open(file, new Qcow2OpenOptions { ForCheck = forCheck }),
                     _ => throw new BlockException($"Unknown driver '{format}'"),
                 };
             }

@@ -359,8 +359,8 @@ public sealed partial class Qcow2Image
         foreach (int i in incomplete)
         {
             report.Messages.Add($"{(repair == RepairMode.All ? "Repairing" : "ERROR")} snapshot table entry {i} is incomplete");
-            report.Corruptions++;
             if (repair == RepairMode.All) report.CorruptionsFixed++;
+            else report.Corruptions++;
         }
         if (incomplete.Count > 0 && repair == RepairMode.All)
             WriteSnapshotTable(_snapshots.Select(sn => sn.ExtraDataSize < Qcow2SnapshotTable.MinV3ExtraDataSize

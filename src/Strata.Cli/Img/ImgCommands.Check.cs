@@ -28,8 +28,9 @@ internal static partial class ImgCommands
                 var other => throw new UsageException($"Unknown option value for -r (expecting 'leaks' or 'all'): {other}"),
             };
             string path = r.GetValue(file)!;
-            using var image = OpenImage(path, r.GetValue(format), readOnly: repairMode == RepairMode.None, openBacking: true,
-                repairMode == RepairMode.None ? ReadLocking(r.GetValue(forceShare)) : ImageLocking.Normal);
+            var locking = repairMode == RepairMode.None ? ReadLocking(r.GetValue(forceShare)) : ImageLocking.Normal;
+            using var image = OpenImage(path, r.GetValue(format), readOnly: repairMode == RepairMode.None, openBacking: true, locking,
+                forCheck: true);
             if (image is not Qcow2Image q)
             {
                 stderr.WriteLine($"{Prog}: This image format does not support checks");

@@ -162,11 +162,11 @@ internal static partial class ImgCommands
     /// <summary>Opens an image named on the command line with its backing chain: a file name, json:/protocol name,
     /// or an --image-opts option string.</summary>
     private static BlockImage OpenImage(string path, string? format, bool readOnly = true, bool openBacking = true,
-        ImageLocking locking = ImageLocking.Normal)
+        ImageLocking locking = ImageLocking.Normal, bool forCheck = false)
     {
         CheckFormatName(format);
         if (IsImageOpts(path)) return ImageOpener.OpenSpecChain(path, BlockSpec.FromKeyValues(path), format, readOnly, openBacking, locking);
-        return ImageOpener.Open(path, format, readOnly, openBacking, locking);
+        return ImageOpener.Open(path, format, readOnly, openBacking, locking, forCheck);
     }
 
     /// <summary>Opens one layer named on the command line (or found as a backing name) without its backing chain.</summary>

@@ -7,11 +7,14 @@ internal static class SizeText
 {
     private static readonly string[] Units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
 
-    /// <summary>Parses "64M", "1.5G", "1000" (bytes), with k/K, M, G, T, P, E binary suffixes and an optional B.</summary>
+    /// <summary>Parses "64M", "1.5G", "1000" (bytes), "0x10000", with k/K, M, G, T, P, E binary suffixes and an optional B.</summary>
     public static bool TryParse(string text, out long bytes)
     {
         bytes = 0;
         if (string.IsNullOrEmpty(text)) return false;
+        // qemu_strtosz also takes a plain hexadecimal byte count ("cluster_size=0x10000").
+        if (text.Length > 2 && text[0] == '0' && (text[1] is 'x' or 'X'))
+            return long.TryParse(text.AsSpan(2), NumberStyles.AllowHexSpecifier, CultureInfo.InvariantCulture, out bytes) && bytes >= 0;
         int end = 0;
         while (end < text.Length && (char.IsAsciiDigit(text[end]) || text[end] == '.')) end++;
         if (end == 0) return false;
