@@ -90,6 +90,7 @@ public sealed partial class Qcow2Image
                 if (stillBroken) report.Messages.Add("ERROR rebuilt refcount structure is still broken");
                 foreach (var (c, v) in leakFixes) SetRefcount(c, v);
                 WriteBackMetadata();
+                DiscardFreedClusters(leakFixes);
                 _freeClusterHint = 0;
                 if (report.Corruptions < oldCorruptions) report.CorruptionsFixed += oldCorruptions - report.Corruptions;
                 if (report.Leaks < oldLeaks) report.LeaksFixed += oldLeaks - report.Leaks;
@@ -330,9 +331,18 @@ public sealed partial class Qcow2Image
             _l1Dirty = true;
         }
         WriteBackMetadata();
-        foreach (var (c, v) in fixes.Where(f => f.Value < SafeRefcount(f.Cluster))) SetRefcount(c, v);
+        var lowered = fixes.Where(f => f.Value < SafeRefcount(f.Cluster)).ToList();
+        foreach (var (c, v) in lowered) SetRefcount(c, v);
         WriteBackMetadata();
+        DiscardFreedClusters(lowered);
         _freeClusterHint = 0;
+    }
+
+    /// <summary>Clusters a repair freed are discarded in the host file, as QEMU does (their refcount 0 is on disk).</summary>
+    private void DiscardFreedClusters(List<(long Cluster, ulong Value)> lowered)
+    {
+        foreach (var (c, v) in lowered)
+            if (v == 0) _file.PunchHole(c << _clusterBits, _clusterSize);
     }
 
     /// <summary>
