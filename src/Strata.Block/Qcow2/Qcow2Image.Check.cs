@@ -20,6 +20,9 @@ public sealed record CheckReport
     public long CompressedClusters { get; set; }
     /// <summary>Diagnostics, one per line, in the order found (qemu-img prints them on stderr).</summary>
     public List<string> Messages { get; } = new();
+
+    /// <summary>Starts a message that qemu-img prints as an error report, behind its own name.</summary>
+    public const string ToolPrefix = "\u0001tool: ";
 }
 
 public sealed partial class Qcow2Image
@@ -64,7 +67,10 @@ public sealed partial class Qcow2Image
             report.TotalClusters = (Size + _clusterSize - 1) >> _clusterBits;
             long nbClusters = (_file.Length + _clusterSize - 1) >> _clusterBits;
             var l2Tables = new List<(long L1Index, long Offset)>();
-            var counted = CountReferences(report, repair, l2Tables, out bool rebuild);
+            int snapshotCorruptions = CheckReadSnapshotTable(report, repair);
+            var counted = CountReferences(report, l2Tables, out bool rebuild);
+            // A reference may reach just past the end of the file (less than a cluster): it is compared too.
+            if (counted.Count > 0) nbClusters = Math.Max(nbClusters, counted.Keys.Max() + 1);
 
             var (corruptionsBefore, leaksBefore) = (report.Corruptions, report.Leaks);
             var fixes = new List<(long Cluster, ulong Value)>();
@@ -78,14 +84,14 @@ public sealed partial class Qcow2Image
                 report.Corruptions = 0;
                 report.Leaks = 0;
                 l2Tables.Clear();
-                counted = CountReferences(report, RepairMode.None, l2Tables, out _);
+                counted = CountReferences(report, l2Tables, out _);
                 // The clusters of the old structures are leaked now; they are freed at once (their count is not
                 // reported: they are part of the rebuild, not of what the image had wrong).
                 var leakPass = new CheckReport();
                 bool stillBroken = false;
                 var leakFixes = new List<(long Cluster, ulong Value)>();
-                highest = CompareRefcounts(leakPass, counted, (_file.Length + _clusterSize - 1) >> _clusterBits,
-                    RepairMode.Leaks, leakFixes, ref stillBroken);
+                nbClusters = Math.Max((_file.Length + _clusterSize - 1) >> _clusterBits, counted.Keys.Max() + 1);
+                highest = CompareRefcounts(leakPass, counted, nbClusters, RepairMode.Leaks, leakFixes, ref stillBroken);
                 report.Messages.AddRange(leakPass.Messages);
                 if (stillBroken) report.Messages.Add("ERROR rebuilt refcount structure is still broken");
                 foreach (var (c, v) in leakFixes) SetRefcount(c, v);
@@ -114,15 +120,100 @@ public sealed partial class Qcow2Image
 
             RepairOflagCopied(report, repair, l2Tables, fixes);
             report.ImageEndOffset = (highest + 1) * _clusterSize;
+            // Entries cut or incomplete are fixed by writing the table anew, which allocates: only now that the
+            // refcounts are sound.
+            if (snapshotCorruptions > 0 && repair == RepairMode.All)
+            {
+                WriteSnapshotTable(_snapshots.Select(sn => sn.ExtraDataSize < Qcow2SnapshotTable.KnownExtraDataSize
+                    ? sn with { ExtraDataSize = Qcow2SnapshotTable.KnownExtraDataSize } : sn).ToList());
+                report.CorruptionsFixed += snapshotCorruptions;
+            }
+            else report.Corruptions += snapshotCorruptions;
             if (repair != RepairMode.None && report.CheckErrors == 0 && report.Corruptions == 0) MarkCleanAndConsistent();
             return report;
         }
     }
 
+    /// <summary>
+    /// Reads the snapshot table afresh from the header, as QEMU's check does: with <see cref="RepairMode.All"/>
+    /// snapshots beyond the count or size limits are dropped (the header's count is updated at once; their
+    /// clusters become leaks the refcount check frees) and extra data over the limit is cut. Returns the
+    /// corruptions left for rewriting the table (cut extra data, incomplete version-3 entries).
+    /// </summary>
+    private int CheckReadSnapshotTable(CheckReport report, RepairMode repair)
+    {
+        uint count = _header.NbSnapshots;
+        ulong offset = _header.SnapshotsOffset;
+        int overhanging = 0;
+        bool fix = repair == RepairMode.All;
+        if (count > Qcow2SnapshotTable.MaxSnapshots && fix)
+        {
+            report.Messages.Add($"Discarding {count - Qcow2SnapshotTable.MaxSnapshots} overhanging snapshots");
+            overhanging += (int)(count - Qcow2SnapshotTable.MaxSnapshots);
+            count = Qcow2SnapshotTable.MaxSnapshots;
+        }
+        void Fail(string error, string? hint, string reason)
+        {
+            report.Messages.Add(CheckReport.ToolPrefix + error);
+            if (hint is not null) report.Messages.Add(hint);
+            report.CheckErrors++;
+            _snapshots = [];
+            _snapshotsSize = 0;
+            throw new CheckFailedException($"Check failed: {reason}", report);
+        }
+        if (count > Qcow2SnapshotTable.MaxSnapshots)
+            Fail("ERROR snapshot table too large",
+                $"You can force-remove all {count - Qcow2SnapshotTable.MaxSnapshots} overhanging snapshots with qemu-img check -r all", "File too large");
+        if (offset > (ulong)long.MaxValue - count * (ulong)Qcow2SnapshotTable.HeaderSize || (offset & (ulong)(_clusterSize - 1)) != 0)
+            Fail("ERROR snapshot table offset invalid", null, "Invalid argument");
+
+        var repairs = new Qcow2SnapshotTable.Repairs();
+        List<Qcow2Snapshot> snapshots = [];
+        long size = 0;
+        if (count > 0)
+        {
+            try
+            {
+                (snapshots, size) = ReadSnapshotTable(count, (long)offset, bytes => fix
+                    ? Qcow2SnapshotTable.ParseRepairing(bytes, count, (ulong)Size, repairs = new())
+                    : Qcow2SnapshotTable.Parse(bytes, count, (ulong)Size));
+            }
+            catch (ImageFormatException e)
+            {
+                var lines = e.Message.Split('\n', 2);
+                Fail("ERROR failed to read the snapshot table: " + lines[0], lines.Length > 1 ? lines[1] : null, "File too large");
+            }
+        }
+        report.Messages.AddRange(repairs.Messages);
+        overhanging += repairs.Overhanging;
+        _snapshots = snapshots;
+        _snapshotsSize = size;
+        RebuildOverlapIndex();
+        if (overhanging > 0)
+        {
+            // The count goes first, before the refcount check relies on it; what the dropped entries held leaks.
+            _header = _header with { NbSnapshots = (uint)snapshots.Count };
+            WriteHeaderFields();
+            _file.Flush();
+            report.CorruptionsFixed += overhanging;
+        }
+        int corruptions = repairs.ExtraDataDropped;
+        if (_header.Version >= 3)
+        {
+            // Version 3 requires the disk size in every entry; a table written for version 2 may lack it.
+            for (int i = 0; i < snapshots.Count; i++)
+            {
+                if (snapshots[i].ExtraDataSize >= Qcow2SnapshotTable.MinV3ExtraDataSize) continue;
+                corruptions++;
+                report.Messages.Add($"{(fix ? "Repairing" : "ERROR")} snapshot table entry {i} is incomplete");
+            }
+        }
+        return corruptions;
+    }
+
     /// <summary>Counts the references to every host cluster (the first half of a check). Errors found on the way go
     /// to the report; <paramref name="rebuild"/> says the refcount table itself cannot be trusted.</summary>
-    private Dictionary<long, ulong> CountReferences(CheckReport report, RepairMode repair, List<(long L1Index, long Offset)> l2Tables,
-        out bool rebuild)
+    private Dictionary<long, ulong> CountReferences(CheckReport report, List<(long L1Index, long Offset)> l2Tables, out bool rebuild)
     {
         rebuild = false;
         long fileLength = _file.Length;
@@ -196,7 +287,7 @@ public sealed partial class Qcow2Image
                 }
             }
         }
-        CountSnapshots(Count, report, repair);
+        CountSnapshots(Count, report);
         CountBitmaps(Count, report);
         foreach (var error in _bitmapLoadErrors)
         {

@@ -49,11 +49,11 @@ internal static partial class ImgCommands
             }
             catch (CheckFailedException e)
             {
-                foreach (var m in e.Report.Messages) stderr.WriteLine(m);
+                foreach (var m in e.Report.Messages) stderr.WriteLine(ToolMessage(m));
                 stderr.WriteLine($"{Prog}: {e.Message}");
                 return 1;
             }
-            foreach (var m in (repaired?.Messages ?? []).Concat(report.Messages)) stderr.WriteLine(m);
+            foreach (var m in (repaired?.Messages ?? []).Concat(report.Messages)) stderr.WriteLine(ToolMessage(m));
             bool quietMode = r.GetValue(quiet);
             if (mode == "json")
             {
@@ -70,6 +70,9 @@ internal static partial class ImgCommands
         }));
         return cmd;
     }
+
+    private static string ToolMessage(string message) =>
+        message.StartsWith(CheckReport.ToolPrefix, StringComparison.Ordinal) ? $"{Prog}: {message[CheckReport.ToolPrefix.Length..]}" : message;
 
     internal static QDict CheckJson(string file, CheckReport report, CheckReport? repaired)
     {
