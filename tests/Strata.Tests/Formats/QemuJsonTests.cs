@@ -64,6 +64,7 @@ public class SizeTextTests
     [InlineData("1000", 1000L)]
     [InlineData("1.5k", 1536L)]
     [InlineData("2E", 2L << 60)]
+    [InlineData("0x10000", 65536L)]
     public void ParsesSizes(string text, long expected)
     {
         Assert.True(Strata.Cli.Img.SizeText.TryParse(text, out long v));
@@ -75,5 +76,7 @@ public class SizeTextTests
     [InlineData("abc")]
     [InlineData("100E")]
     [InlineData("")]
+    [InlineData("0x")]
+    [InlineData("0xg")]
     public void RejectsBadSizes(string text) => Assert.False(Strata.Cli.Img.SizeText.TryParse(text, out _));
 }
