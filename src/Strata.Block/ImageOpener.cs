@@ -46,14 +46,15 @@ public static class ImageOpener
     }
 
     /// <summary>Opens <paramref name="path"/> and its backing chain (backing files always read-only).</summary>
+    /// <remarks><paramref name="forCheck"/>: the top image is opened for <c>check</c> (see <see cref="Qcow2OpenOptions.ForCheck"/>).</remarks>
     public static BlockImage Open(string path, string? format = null, bool readOnly = true, bool openBacking = true,
-        ImageLocking locking = ImageLocking.Off)
+        ImageLocking locking = ImageLocking.Off, bool forCheck = false)
     {
         if (locking == ImageLocking.ForceShare && !readOnly) throw new BlockException("force-share=on can only be used with read-only images");
         var seen = new HashSet<string>(StringComparer.Ordinal);
         try
         {
-            return OpenLayer(path, format, readOnly, openBacking, seen, 0, locking);
+            return OpenLayer(path, format, readOnly, openBacking, seen, 0, locking, forCheck);
         }
         catch (BackingChainException e) when (e.Message.StartsWith(BackingFailed, StringComparison.Ordinal))
         {
@@ -79,7 +80,7 @@ public static class ImageOpener
     };
 
     private static BlockImage OpenLayer(string path, string? format, bool readOnly, bool openBacking, HashSet<string> seen, int depth,
-        ImageLocking locking)
+        ImageLocking locking, bool forCheck = false)
     {
         if (depth > MaxChainDepth)
             throw new BackingChainException($"Backing chain of '{path}' is deeper than {MaxChainDepth} images");
@@ -88,7 +89,7 @@ public static class ImageOpener
         BlockImage image;
         try
         {
-            image = OpenSingle(path, format, readOnly, locking, isBacking: depth > 0);
+            image = OpenSingle(path, format, readOnly, locking, isBacking: depth > 0, forCheck: forCheck);
         }
         catch (BlockException e) when (depth > 0 && e.Message.StartsWith($"Could not open '{path}': ", StringComparison.Ordinal))
         {
@@ -117,9 +118,10 @@ public static class ImageOpener
     }
 
     /// <summary>Opens one image without its backing chain; errors read "Could not open 'PATH': reason" as in QEMU.
-    /// <paramref name="metadataOnly"/>: for reading metadata alone (a qcow2 external data file stays closed).</summary>
+    /// <paramref name="metadataOnly"/>: for reading metadata alone (a qcow2 external data file stays closed);
+    /// <paramref name="forCheck"/>: opened by check, a dirty or corrupt image as it is.</summary>
     public static BlockImage OpenSingle(string path, string? format, bool readOnly, ImageLocking locking = ImageLocking.Off, bool isBacking = false,
-        bool metadataOnly = false)
+        bool metadataOnly = false, bool forCheck = false)
     {
         if (BlockSpec.IsSpecial(path)) return OpenSpec(path, null, format, readOnly, locking, isBacking);
         try
@@ -133,7 +135,7 @@ public static class ImageOpener
                 return format switch
                 {
                     "raw" => new RawImage(file),
-                    "qcow2" => Qcow2Image.Open(file, new Qcow2OpenOptions { WithoutDataFile = metadataOnly }),
+                    "qcow2" => Qcow2Image.Open(file, new Qcow2OpenOptions { WithoutDataFile = metadataOnly, ForCheck = forCheck }),
                     _ => throw new BlockException($"Unknown driver '{format}'"),
                 };
             }

@@ -50,11 +50,10 @@ public sealed partial class Qcow2Image
     /// they are recounted and repaired before anything is allocated, as QEMU does on open.</summary>
     private void RepairIfDirty()
     {
-        if (!_writable || (_header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) == 0) return;
+        if (!_writable || _openedForCheck || (_header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Dirty) == 0) return;
         var report = Check(RepairMode.All);
-        if (report.Corruptions > report.CorruptionsFixed || report.CheckErrors > 0)
+        if (report.Corruptions > 0 || report.CheckErrors > 0)
             throw new BlockException("qcow2: Could not repair dirty image: the image has errors check -r all cannot fix");
-        lock (_lock) MarkClean();
     }
 
     /// <summary>Zeroing where version 2 has no zero flag and a backing file shows through: real zeros are written.</summary>

@@ -440,7 +440,7 @@ public sealed partial class Qcow2Image
                     int idx = (int)(c % _l2Entries);
                     ulong entry = table.Entries[idx];
                     if (entry == 0) continue;
-                    if (Qcow2Entry.Classify(entry) is L2EntryKind.Normal or L2EntryKind.ZeroAllocated)
+                    if (ClassifyEntry(entry) is L2EntryKind.Normal or L2EntryKind.ZeroAllocated)
                         released.Add((long)(entry & Qcow2Entry.OffsetMask));
                     ReleaseEntry(entry);
                     table.Entries[idx] = 0;

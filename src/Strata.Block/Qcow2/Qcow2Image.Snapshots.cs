@@ -31,9 +31,18 @@ public sealed partial class Qcow2Image
     /// <summary>Reads the snapshot table at open, with QEMU's checks and limits.</summary>
     private void LoadSnapshots()
     {
+        // check reads the table itself, and may repair what would make reading it fail here (QEMU's BDRV_O_CHECK).
+        if (_openedForCheck) return;
         Qcow2SnapshotTable.ValidateLocation(_header.NbSnapshots, _header.SnapshotsOffset, _clusterSize);
         if (_header.NbSnapshots == 0) return;
-        long offset = (long)_header.SnapshotsOffset;
+        (_snapshots, _snapshotsSize) = ReadSnapshotTable(_header.NbSnapshots, (long)_header.SnapshotsOffset,
+            bytes => Qcow2SnapshotTable.Parse(bytes, _header.NbSnapshots, (ulong)Size));
+    }
+
+    /// <summary>Reads and parses the snapshot table at <paramref name="offset"/>.</summary>
+    private (List<Qcow2Snapshot>, long) ReadSnapshotTable(uint count, long offset,
+        Func<byte[], (List<Qcow2Snapshot>, long)> parse)
+    {
         long available = Math.Max(0, _file.Length - offset);
         // The table's length is only known once parsed: read a little, and more if the entries go on. Past the end
         // of the file it reads as zeros, as QEMU reads it. The last entry may start just below the size limit.
@@ -45,10 +54,9 @@ public sealed partial class Qcow2Image
             _file.Read(offset, bytes.AsSpan(0, (int)Math.Min(chunk, available)));
             try
             {
-                (_snapshots, _snapshotsSize) = Qcow2SnapshotTable.Parse(bytes, _header.NbSnapshots, (ulong)Size);
-                return;
+                return parse(bytes);
             }
-            catch (ImageFormatException) when (chunk < Limit)
+            catch (ImageFormatException e) when (chunk < Limit && e.Message.StartsWith("Snapshot table lies past", StringComparison.Ordinal))
             {
                 chunk = Math.Min(Limit, chunk * 4);
             }
@@ -384,22 +392,9 @@ public sealed partial class Qcow2Image
     }
 
     /// <summary>Counts the references of the snapshot table and of every snapshot's tree, for <c>check</c>.</summary>
-    private void CountSnapshots(Action<long, long> count, CheckReport report, RepairMode repair)
+    private void CountSnapshots(Action<long, long> count, CheckReport report)
     {
         if (_snapshots.Count == 0) return;
-        // Version 3 requires the disk size in every entry; a table written for version 2 may lack it.
-        var incomplete = _header.Version >= 3
-            ? Enumerable.Range(0, _snapshots.Count).Where(i => _snapshots[i].ExtraDataSize < Qcow2SnapshotTable.MinV3ExtraDataSize).ToList()
-            : [];
-        foreach (int i in incomplete)
-        {
-            report.Messages.Add($"{(repair == RepairMode.All ? "Repairing" : "ERROR")} snapshot table entry {i} is incomplete");
-            report.Corruptions++;
-            if (repair == RepairMode.All) report.CorruptionsFixed++;
-        }
-        if (incomplete.Count > 0 && repair == RepairMode.All)
-            WriteSnapshotTable(_snapshots.Select(sn => sn.ExtraDataSize < Qcow2SnapshotTable.MinV3ExtraDataSize
-                ? sn with { ExtraDataSize = Qcow2SnapshotTable.KnownExtraDataSize } : sn).ToList());
         var l2Raw = new byte[_clusterSize];
         for (int n = 0; n < _snapshots.Count; n++)
         {

@@ -21,6 +21,10 @@ public sealed record Qcow2OpenOptions
 
     /// <summary>Do not open the header's data file (qemu-img info: metadata only, no guest I/O).</summary>
     public bool WithoutDataFile { get; init; }
+
+    /// <summary>Opened by <c>check</c> (QEMU's BDRV_O_CHECK): a dirty or corrupt image is opened as it is, for the
+    /// check to report and repair, instead of being repaired on open or refused.</summary>
+    public bool ForCheck { get; init; }
 }
 
 /// <summary>
@@ -31,6 +35,7 @@ public sealed record Qcow2OpenOptions
 public sealed partial class Qcow2Image : BlockImage
 {
     private readonly HostFile _file;
+    private readonly bool _openedForCheck;
     private readonly object _lock = new();
     private readonly int _clusterBits;
     private readonly long _clusterSize;
@@ -116,6 +121,7 @@ public sealed partial class Qcow2Image : BlockImage
         _writable = !file.ReadOnly && !options.ReadOnly;
         _ownsFile = options.OwnsFile;
         _externalData = (header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExternalDataFile) != 0;
+        _openedForCheck = options.ForCheck;
         _l2CacheCapacity = (int)Math.Max(16, options.L2CacheBytes / _clusterSize);
         // QEMU keeps a quarter as much refcount cache as L2 cache.
         _refCacheCapacity = (int)Math.Max(8, options.L2CacheBytes / 4 / _clusterSize);
@@ -153,7 +159,7 @@ public sealed partial class Qcow2Image : BlockImage
             throw new BlockException("Encrypted qcow2 images are not supported");
         if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0)
             throw new BlockException("qcow2 images with extended L2 entries (subclusters) are not supported");
-        if (!file.ReadOnly)
+        if (!file.ReadOnly && !options.ForCheck)
         {
             if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0)
                 throw new BlockException("qcow2: Image is corrupt; cannot be opened read/write");

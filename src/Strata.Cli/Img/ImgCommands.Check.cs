@@ -28,8 +28,9 @@ internal static partial class ImgCommands
                 var other => throw new UsageException($"Unknown option value for -r (expecting 'leaks' or 'all'): {other}"),
             };
             string path = r.GetValue(file)!;
-            using var image = OpenImage(path, r.GetValue(format), readOnly: repairMode == RepairMode.None, openBacking: true,
-                repairMode == RepairMode.None ? ReadLocking(r.GetValue(forceShare)) : ImageLocking.Normal);
+            var locking = repairMode == RepairMode.None ? ReadLocking(r.GetValue(forceShare)) : ImageLocking.Normal;
+            using var image = OpenImage(path, r.GetValue(format), readOnly: repairMode == RepairMode.None, openBacking: true, locking,
+                forCheck: true);
             if (image is not Qcow2Image q)
             {
                 stderr.WriteLine($"{Prog}: This image format does not support checks");
@@ -48,11 +49,11 @@ internal static partial class ImgCommands
             }
             catch (CheckFailedException e)
             {
-                foreach (var m in e.Report.Messages) stderr.WriteLine(m);
+                foreach (var m in e.Report.Messages) stderr.WriteLine(ToolMessage(m));
                 stderr.WriteLine($"{Prog}: {e.Message}");
                 return 1;
             }
-            foreach (var m in (repaired?.Messages ?? []).Concat(report.Messages)) stderr.WriteLine(m);
+            foreach (var m in (repaired?.Messages ?? []).Concat(report.Messages)) stderr.WriteLine(ToolMessage(m));
             bool quietMode = r.GetValue(quiet);
             if (mode == "json")
             {
@@ -69,6 +70,9 @@ internal static partial class ImgCommands
         }));
         return cmd;
     }
+
+    private static string ToolMessage(string message) =>
+        message.StartsWith(CheckReport.ToolPrefix, StringComparison.Ordinal) ? $"{Prog}: {message[CheckReport.ToolPrefix.Length..]}" : message;
 
     internal static QDict CheckJson(string file, CheckReport report, CheckReport? repaired)
     {

@@ -177,12 +177,12 @@ internal static partial class ImgCommands
     /// <summary>Opens an image named on the command line with its backing chain: a file name, json:/protocol name,
     /// or an --image-opts option string.</summary>
     private static BlockImage OpenImage(string path, string? format, bool readOnly = true, bool openBacking = true,
-        ImageLocking locking = ImageLocking.Normal)
+        ImageLocking locking = ImageLocking.Normal, bool forCheck = false)
     {
         if (format is not null and not ("qcow2" or "raw"))
             throw new BlockException($"Could not open '{path}': Unknown driver '{format}'");
         if (IsImageOpts(path)) return ImageOpener.OpenSpecChain(path, ImageOptsSpec(path, locking), format, readOnly, openBacking, locking);
-        return ImageOpener.Open(path, format, readOnly, openBacking, locking);
+        return ImageOpener.Open(path, format, readOnly, openBacking, locking, forCheck);
     }
 
     /// <summary>An --image-opts string as options; -U and an explicit force-share=off contradict each other.</summary>

@@ -55,21 +55,52 @@ public static class Qcow2SnapshotTable
     /// longer than the table). Returns the entries and the table's length in bytes. Entries with no disk size get
     /// <paramref name="defaultDiskSize"/>.
     /// </summary>
-    public static (List<Qcow2Snapshot> Snapshots, long Size) Parse(ReadOnlySpan<byte> table, uint count, ulong defaultDiskSize)
+    public static (List<Qcow2Snapshot> Snapshots, long Size) Parse(ReadOnlySpan<byte> table, uint count, ulong defaultDiskSize) =>
+        Parse(table, count, defaultDiskSize, repair: null);
+
+    /// <summary>What <see cref="ParseRepairing"/> dropped to make a table readable, with QEMU's messages.</summary>
+    public sealed class Repairs
+    {
+        public List<string> Messages { get; } = new();
+        /// <summary>Entries whose extra data was cut to <see cref="MaxExtraData"/> bytes.</summary>
+        public int ExtraDataDropped { get; set; }
+        /// <summary>Entries dropped off the end because the table would be larger than <see cref="MaxTableSize"/>.</summary>
+        public int Overhanging { get; set; }
+    }
+
+    /// <summary>
+    /// Parses as <c>check -r all</c> reads a broken table: extra data over the limit is cut to the limit, and the
+    /// entries from the first one that ends past the table size limit on are dropped (as QEMU's repair does).
+    /// </summary>
+    public static (List<Qcow2Snapshot> Snapshots, long Size) ParseRepairing(ReadOnlySpan<byte> table, uint count, ulong defaultDiskSize,
+        Repairs repairs) => Parse(table, count, defaultDiskSize, repairs);
+
+    private static (List<Qcow2Snapshot> Snapshots, long Size) Parse(ReadOnlySpan<byte> table, uint count, ulong defaultDiskSize,
+        Repairs? repair)
     {
         var list = new List<Qcow2Snapshot>((int)Math.Min(count, 1024));
         long pos = 0;
+        long tableLength = 0; // the table's length as it will be written: cut extra data counts with its new size
         for (int i = 0; i < count; i++)
         {
+            long entryStart = pos;
             pos = (pos + 7) & ~7L;
+            tableLength = (tableLength + 7) & ~7L;
             var h = Slice(table, pos, HeaderSize);
             uint extraSize = BinaryPrimitives.ReadUInt32BigEndian(h[36..]);
+            uint keptExtraSize = extraSize;
             if (extraSize > MaxExtraData)
-                throw new ImageFormatException($"Too much extra metadata in snapshot table entry {i}\n" +
-                                               "You can force-remove this extra metadata with qemu-img check -r all");
+            {
+                if (repair is null)
+                    throw new ImageFormatException($"Too much extra metadata in snapshot table entry {i}\n" +
+                                                   "You can force-remove this extra metadata with qemu-img check -r all");
+                repair.Messages.Add($"Discarding too much extra metadata in snapshot table entry {i} ({extraSize} > {MaxExtraData})");
+                repair.ExtraDataDropped++;
+                keptExtraSize = MaxExtraData;
+            }
             int idSize = BinaryPrimitives.ReadUInt16BigEndian(h[12..]);
             int nameSize = BinaryPrimitives.ReadUInt16BigEndian(h[14..]);
-            var extra = Slice(table, pos + HeaderSize, (int)extraSize);
+            var extra = Slice(table, pos + HeaderSize, (int)keptExtraSize);
             ulong vmState = BinaryPrimitives.ReadUInt32BigEndian(h[32..]);
             if (extraSize >= 8) vmState = BinaryPrimitives.ReadUInt64BigEndian(extra);
             ulong diskSize = extraSize >= 16 ? BinaryPrimitives.ReadUInt64BigEndian(extra[8..]) : defaultDiskSize;
@@ -78,9 +109,17 @@ public static class Qcow2SnapshotTable
             var id = Slice(table, strings, idSize);
             var name = Slice(table, strings + idSize, nameSize);
             pos = strings + idSize + nameSize;
-            if (pos > MaxTableSize)
-                throw new ImageFormatException("Snapshot table is too big\n" +
-                                               $"You can force-remove all {count - i} overhanging snapshots with qemu-img check -r all");
+            tableLength += HeaderSize + keptExtraSize + idSize + nameSize;
+            if (tableLength > MaxTableSize || pos > int.MaxValue)
+            {
+                if (repair is null)
+                    throw new ImageFormatException("Snapshot table is too big\n" +
+                                                   $"You can force-remove all {count - i} overhanging snapshots with qemu-img check -r all");
+                repair.Messages.Add($"Discarding {count - i} overhanging snapshots (snapshot table is too big)");
+                repair.Overhanging += (int)(count - i);
+                pos = entryStart;
+                break;
+            }
             list.Add(new Qcow2Snapshot
             {
                 L1TableOffset = BinaryPrimitives.ReadUInt64BigEndian(h),
@@ -91,13 +130,20 @@ public static class Qcow2SnapshotTable
                 VmStateSize = vmState,
                 DiskSize = diskSize,
                 Icount = icount,
-                ExtraDataSize = extraSize,
-                UnknownExtraData = extraSize > KnownExtraDataSize ? extra[KnownExtraDataSize..].ToArray() : [],
-                Id = Encoding.UTF8.GetString(id),
-                Name = Encoding.UTF8.GetString(name),
+                ExtraDataSize = keptExtraSize,
+                UnknownExtraData = keptExtraSize > KnownExtraDataSize ? extra[KnownExtraDataSize..].ToArray() : [],
+                Id = CString(id),
+                Name = CString(name),
             });
         }
         return (list, pos);
+    }
+
+    /// <summary>QEMU keeps IDs and names as C strings: they end at the first NUL.</summary>
+    private static string CString(ReadOnlySpan<byte> bytes)
+    {
+        int nul = bytes.IndexOf((byte)0);
+        return Encoding.UTF8.GetString(nul < 0 ? bytes : bytes[..nul]);
     }
 
     private static ReadOnlySpan<byte> Slice(ReadOnlySpan<byte> table, long offset, int length)

@@ -78,5 +78,6 @@ public class SizeTextTests
     [InlineData("0x1k")]
     [InlineData("0x")]
     [InlineData("")]
+    [InlineData("0xg")]
     public void RejectsBadSizes(string text) => Assert.False(Strata.Cli.Img.SizeText.TryParse(text, out _));
 }
