@@ -34,13 +34,7 @@ public sealed partial class Qcow2Image
             {
                 if ((_l1[l1i] & Qcow2Entry.OffsetMask) == 0) continue;
                 var table = EnsureL2Table(l1i);
-                for (int i = 0; i < table.Entries.Length; i++)
-                {
-                    if (table.Entries[i] == 0) continue;
-                    ReleaseEntry(table.Entries[i]);
-                    table.Entries[i] = 0;
-                    table.Dirty = true;
-                }
+                for (int i = 0; i < table.Entries.Length; i++) ClearL2Slot(table, i);
             }
             WriteBackMetadata();
         }
@@ -100,8 +94,10 @@ public sealed partial class Qcow2Image
                 nextContiguous = 0; // QEMU counts fragmentation within each L2 table
                 for (int i = 0; i < _l2Entries; i++)
                 {
-                    ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 8));
-                    switch (Qcow2Entry.Classify(e))
+                    ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * _l2EntryBytes));
+                    if (_extendedL2 && !CheckSubclusterBitmap(e, BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 16 + 8)), i, report))
+                        continue;
+                    switch (KindOf(e))
                     {
                         case L2EntryKind.Compressed:
                             if ((e & Qcow2Entry.Copied) != 0)
@@ -121,8 +117,33 @@ public sealed partial class Qcow2Image
                             long off = (long)(e & Qcow2Entry.OffsetMask);
                             if ((off & (_clusterSize - 1)) != 0)
                             {
-                                report.Messages.Add($"ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted.");
-                                report.Corruptions++;
+                                bool holdsData = _extendedL2
+                                    ? (BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 16 + 8)) & Qcow2Subclusters.AllAllocated) != 0
+                                    : KindOf(e) == L2EntryKind.Normal;
+                                if (holdsData)
+                                {
+                                    report.Messages.Add($"ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted.");
+                                    report.Corruptions++;
+                                }
+                                else if (repair == RepairMode.All)
+                                {
+                                    // Nothing reads from the cluster: the entry loses it (it then reads as zeros, or,
+                                    // extended, as its subcluster bitmap says) and the cluster is left as a leak.
+                                    report.Messages.Add($"Repairing offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
+                                    var fixedEntry = new byte[8];
+                                    BinaryPrimitives.WriteUInt64BigEndian(fixedEntry, _extendedL2 ? 0 : Qcow2Entry.ZeroFlag);
+                                    CheckHostWrite(l2Offset + (long)i * _l2EntryBytes, 8, Qcow2MetadataKind.ActiveL2);
+                                    _file.Write(l2Offset + (long)i * _l2EntryBytes, fixedEntry);
+                                    _file.Flush();
+                                    _l2Cache.Remove(l2Offset);
+                                    report.CorruptionsFixed++;
+                                    break;
+                                }
+                                else
+                                {
+                                    report.Messages.Add($"ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
+                                    report.Corruptions++;
+                                }
                             }
                             report.AllocatedClusters++;
                             if (nextContiguous != 0 && off != nextContiguous) report.FragmentedClusters++;
@@ -232,8 +253,8 @@ public sealed partial class Qcow2Image
                 _file.Read(l2Offset, l2Raw);
                 for (int i = 0; i < _l2Entries; i++)
                 {
-                    ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 8));
-                    var kind = Qcow2Entry.Classify(e);
+                    ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * _l2EntryBytes));
+                    var kind = KindOf(e);
                     if (kind is not (L2EntryKind.Normal or L2EntryKind.ZeroAllocated)) continue;
                     ulong drc = RefAfterRepair((long)(e & Qcow2Entry.OffsetMask) >> _clusterBits);
                     if ((drc == 1) != ((e & Qcow2Entry.Copied) != 0))
@@ -255,7 +276,7 @@ public sealed partial class Qcow2Image
                     _l2Cache.Remove(tableOffset);
                     var b = new byte[8];
                     BinaryPrimitives.WriteUInt64BigEndian(b, value);
-                    _file.Write(tableOffset + index * 8L, b);
+                    _file.Write(tableOffset + index * (long)_l2EntryBytes, b);
                 }
                 foreach (var (index, value) in l1Fixes)
                 {

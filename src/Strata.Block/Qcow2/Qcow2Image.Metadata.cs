@@ -288,7 +288,11 @@ public sealed partial class Qcow2Image
             foreach (var (offset, table) in _l2Cache)
             {
                 if (!table.Dirty) continue;
-                for (int i = 0; i < table.Entries.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table.Entries[i]);
+                for (int i = 0; i < table.Entries.Length; i++)
+                {
+                    if (table.Bitmaps is null) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table.Entries[i]);
+                    else Qcow2Subclusters.WriteExtended(raw, i, table.Entries[i], table.Bitmaps[i]);
+                }
                 CheckHostWrite(offset, _clusterSize, Qcow2MetadataKind.ActiveL2);
                 _file.Write(offset, raw);
                 table.Dirty = false;
@@ -383,10 +387,7 @@ public sealed partial class Qcow2Image
                     if (l1i >= _l1.Length || (_l1[l1i] & Qcow2Entry.OffsetMask) == 0) { c = (l1i + 1) * _l2Entries - 1; continue; }
                     var table = EnsureL2Table(l1i);
                     int idx = (int)(c % _l2Entries);
-                    if (table.Entries[idx] == 0) continue;
-                    ReleaseEntry(table.Entries[idx]);
-                    table.Entries[idx] = 0;
-                    table.Dirty = true;
+                    ClearL2Slot(table, idx);
                 }
                 WriteBackMetadata();
                 _header = _header with { Size = (ulong)newSize };
@@ -463,7 +464,8 @@ public sealed partial class Qcow2Image
         if (options.RefcountBits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
             throw new BlockException("Refcount width must be a power of two and may not exceed 64 bits");
         long cs = options.ClusterSize;
-        long l1Needed = ((options.Size + cs - 1) / cs + cs / 8 - 1) / (cs / 8);
+        long l2Entries = cs / Qcow2Subclusters.EntryBytes(options.ExtendedL2);
+        long l1Needed = ((options.Size + cs - 1) / cs + l2Entries - 1) / l2Entries;
         if (l1Needed > Qcow2Header.MaxL1Entries || options.Size > long.MaxValue / 4)
             throw new BlockException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         CheckVersionOptions(options);
@@ -480,7 +482,8 @@ public sealed partial class Qcow2Image
             HeaderLength = (uint)(options.Version >= 3 ? Qcow2Header.V3HeaderLength : Qcow2Header.V2HeaderLength),
             CompatibleFeatures = options.LazyRefcounts ? Qcow2CompatibleFeatures.LazyRefcounts : 0,
             CompressionType = options.CompressionType,
-            IncompatibleFeatures = options.CompressionType == Qcow2CompressionType.Zstd ? Qcow2IncompatibleFeatures.CompressionType : 0,
+            IncompatibleFeatures = (options.CompressionType == Qcow2CompressionType.Zstd ? Qcow2IncompatibleFeatures.CompressionType : 0) |
+                                   (options.ExtendedL2 ? Qcow2IncompatibleFeatures.ExtendedL2 : 0),
         };
         var exts = new List<Qcow2HeaderExtension>();
         if (options.BackingFile is not null && options.BackingFormat is not null)
@@ -524,4 +527,6 @@ public sealed record Qcow2CreateOptions
     /// <summary>2 (compat=0.10) or 3 (compat=1.1).</summary>
     public int Version { get; init; } = 3;
     public bool LazyRefcounts { get; init; }
+    /// <summary>128-bit L2 entries with 32 subclusters per cluster (needs version 3 and clusters of 16 KiB or more).</summary>
+    public bool ExtendedL2 { get; init; }
 }
