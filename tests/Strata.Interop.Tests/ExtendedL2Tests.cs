@@ -153,6 +153,22 @@ public class ExtendedL2Tests
         Assert.EndsWith(LastLine(q.Stderr)["qemu-img: ".Length..], LastLine(s.Stderr));
     }
 
+    [Theory]
+    [InlineData("512M", "extended_l2=on")]
+    [InlineData("64G", "cluster_size=16k,extended_l2=on")]
+    [InlineData("1M", "cluster_size=8k,extended_l2=on")]
+    [InlineData("1024T", "extended_l2=on")]
+    [InlineData("1025T", "extended_l2=on")]
+    [InlineData("2049T", "extended_l2=off")]
+    public void Measure_ExtendedL2_AsQemuImg(string size, string options)
+    {
+        var q = QemuImg("measure", "--size", size, "-O", "qcow2", "-o", options);
+        var s = StrataCmd("img", "measure", "--size", size, "-O", "qcow2", "-o", options);
+        Assert.Equal(q.Exit, s.Exit);
+        Assert.Equal(q.Stdout, s.Stdout);
+        if (q.Exit != 0) Assert.EndsWith(LastLine(q.Stderr)["qemu-img: ".Length..], LastLine(s.Stderr));
+    }
+
     private static string LastLine(string text) => text.TrimEnd('\n').Split('\n')[^1];
 
     /// <summary>Bitmaps QEMU's check flags: a compressed cluster with a bitmap (not counted, so also a leak), a
