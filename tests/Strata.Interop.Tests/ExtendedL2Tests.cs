@@ -35,18 +35,18 @@ public class ExtendedL2Tests
         "write -z 700k 100k",             // unaligned zero run over several clusters
     ];
 
-    private static void MakeBase(TempDir t)
+    private static void MakeBase(TempDir t, string size = "1M")
     {
-        QemuImg("create", "-q", "-f", "raw", t["base.raw"], "1M").Ok();
-        QemuIo(t["base.raw"], ["write -P 0xee 0 1M"], "raw");
+        QemuImg("create", "-q", "-f", "raw", t["base.raw"], size).Ok();
+        QemuIo(t["base.raw"], [$"write -P 0xee 0 {size}"], "raw");
     }
 
     /// <summary>The raw image the workload must read as: the backing content (or zeros), then the same writes.</summary>
-    private static string Reference(TempDir t, bool backing, IEnumerable<string> workload)
+    private static string Reference(TempDir t, bool backing, IEnumerable<string> workload, string size = "1M")
     {
         string raw = t["reference.raw"];
         if (backing) File.Copy(t["base.raw"], raw, overwrite: true);
-        else QemuImg("create", "-q", "-f", "raw", raw, "1M").Ok();
+        else QemuImg("create", "-q", "-f", "raw", raw, size).Ok();
         // raw has no compressed writes; discard on a raw file reads back as zeros, which is what qcow2 must show
         // without a backing file; with one the discarded cluster reads as zeros too (QEMU sets its zero bits).
         QemuIo(raw, workload.Select(c => c.Replace("write -c ", "write ").Replace("discard ", "write -z ")), "raw");
@@ -83,22 +83,26 @@ public class ExtendedL2Tests
     }
 
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void StrataSubclusterWrites_QemuChecksCleanAndReadsTheData(bool backing)
+    [InlineData(false, "1M")]
+    [InlineData(true, "1M")]
+    [InlineData(true, "1059k")] // the last cluster is short, and ends inside a subcluster
+    [InlineData(false, "1059k")]
+    public void StrataSubclusterWrites_QemuChecksCleanAndReadsTheData(bool backing, string size)
     {
         using var t = new TempDir();
-        MakeBase(t);
+        MakeBase(t, size);
         string img = t["ext.qcow2"];
-        if (backing) StrataCmd("img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", t["base.raw"], "-F", "raw", img, "1M").Ok();
-        else StrataCmd("img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", img, "1M").Ok();
-        StrataIo(img, SubclusterWorkload, "qcow2");
-        string raw = Reference(t, backing, SubclusterWorkload);
+        if (backing) StrataCmd("img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", "-b", t["base.raw"], "-F", "raw", img, size).Ok();
+        else StrataCmd("img", "create", "-q", "-f", "qcow2", "-o", "extended_l2=on", img, size).Ok();
+        string[] workload = size == "1M" ? SubclusterWorkload
+            : [.. SubclusterWorkload, "write -P 0x1c 1025k 3k", "write -z 1050k 9k", "write -P 0x1d 1057k 2k"];
+        StrataIo(img, workload, "qcow2");
+        string raw = Reference(t, backing, workload, size);
 
         AssertQemuCheckClean(img);
         AssertQemuIdentical(img, raw);
         // And one more round of partial writes on top of what strata allocated, through both tools' eyes.
-        string[] more = ["write -P 0x21 1k 3k", "write -P 0x22 199k 4k", "write -z 330k 2k", "write -P 0x23 1023k 1k"];
+        string[] more = ["write -P 0x21 1k 3k", "write -P 0x22 199k 4k", "write -z 330k 2k", "write -P 0x23 1023k 1k", "write -z 1k 1022k"];
         StrataIo(img, more, "qcow2");
         QemuIo(raw, more, "raw");
         AssertQemuCheckClean(img);
