@@ -157,6 +157,45 @@ public class ExtendedL2Tests
         Assert.EndsWith(LastLine(q.Stderr)["qemu-img: ".Length..], LastLine(s.Stderr));
     }
 
+    /// <summary>Growing with preallocation over a longer backing file: the new range must read as zeros, the old one
+    /// keep reading from the backing file; qemu-img's own resize of the same image is the reference.</summary>
+    [Theory]
+    [InlineData("on", "metadata")]
+    [InlineData("on", "falloc")]
+    [InlineData("on", "full")]
+    [InlineData("off", "metadata")]
+    [InlineData("off", "full")]
+    public void Resize_GrowWithPreallocationOverLongerBacking_ReadsAsQemuResize(string extendedL2, string mode)
+    {
+        using var t = new TempDir();
+        MakeBase(t);
+        foreach (var name in new[] { "q.qcow2", "s.qcow2" })
+        {
+            QemuImg("create", "-q", "-f", "qcow2", "-o", $"extended_l2={extendedL2}", "-b", t["base.raw"], "-F", "raw", t[name], "503k").Ok();
+            QemuIo(t[name], ["write -P 0x41 100k 3k"], "qcow2");
+        }
+        QemuImg("resize", $"--preallocation={mode}", t["q.qcow2"], "1013k").Ok();
+        var r = StrataCmd("img", "resize", $"--preallocation={mode}", t["s.qcow2"], "1013k").Ok();
+        Assert.Equal("Image resized.\n", r.Stdout);
+        AssertQemuCheckClean(t["s.qcow2"]);
+        QemuIo(t["s.qcow2"], ["read -q -P 0xee 0 100k", "read -q -P 0x41 100k 3k", "read -q -P 0xee 103k 400k", "read -q -P 0 503k 510k"], "qcow2");
+        AssertQemuIdentical(t["q.qcow2"], t["s.qcow2"]);
+    }
+
+    [Theory]
+    [InlineData("--preallocation=bogus", "2M")]
+    [InlineData("--preallocation=full", "100k")]
+    public void Resize_BadPreallocation_FailsAsQemuImg(string option, string size)
+    {
+        using var t = new TempDir();
+        QemuImg("create", "-q", "-f", "qcow2", t["q.qcow2"], "1M").Ok();
+        var q = QemuImg("resize", "--shrink", option, t["q.qcow2"], size);
+        var s = StrataCmd("img", "resize", "--shrink", option, t["q.qcow2"], size);
+        Assert.Equal(q.Exit, s.Exit);
+        Assert.NotEqual(0, s.Exit);
+        Assert.EndsWith(LastLine(q.Stderr)["qemu-img: ".Length..], LastLine(s.Stderr));
+    }
+
     [Theory]
     [InlineData("512M", "extended_l2=on")]
     [InlineData("64G", "cluster_size=16k,extended_l2=on")]

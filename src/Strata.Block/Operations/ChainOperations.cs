@@ -13,10 +13,12 @@ public static class ChainOperations
     /// shrink left in the old last cluster). Whole clusters get zero clusters, the partial old last cluster explicit
     /// zeros. The image's backing chain must be open for that.
     /// </summary>
-    public static void Resize(BlockImage image, long newSize)
+    public static void Resize(BlockImage image, long newSize, Action<long>? preallocateFrom = null)
     {
         long oldSize = image.Size;
         image.Resize(newSize);
+        // Preallocation first, so that zeroing over a longer backing file keeps the clusters it allocated.
+        if (newSize > oldSize) preallocateFrom?.Invoke(oldSize);
         if (newSize <= oldSize || image.Backing is not { } backing || backing.Size <= oldSize) return;
         long cluster = Math.Max(image.ClusterSize, 512);
         long zeroStart = (oldSize + cluster - 1) / cluster * cluster;

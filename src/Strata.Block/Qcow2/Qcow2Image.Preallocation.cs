@@ -10,9 +10,12 @@ public sealed partial class Qcow2Image
     /// <summary>
     /// Allocates every guest cluster of a new image as QEMU's preallocation does: each L2 table followed by the data
     /// clusters it maps. With metadata only the file is extended over them (they read as zeros from the holes);
-    /// falloc and full also give them disk blocks, by writing zeros.
+    /// falloc and full also give them disk blocks, by writing zeros. After a resize, <paramref name="from"/> is the
+    /// old size: only the clusters wholly past it are new, so only those are allocated (a cluster holding old guest
+    /// bytes keeps its mapping; allocating it could hide what it reads from the backing file). With extended L2
+    /// entries the subclusters stay unallocated (they read from the backing file or as zeros, as in QEMU).
     /// </summary>
-    public void Preallocate(Preallocation mode)
+    public void Preallocate(Preallocation mode, long from = 0)
     {
         if (mode == Preallocation.Off) return;
         CheckWritable();
@@ -21,7 +24,7 @@ public sealed partial class Qcow2Image
             long clusters = (Size + _clusterSize - 1) >> _clusterBits;
             long maxRun = Math.Max(1, _refcountsPerBlock - 1);
             var ranges = new List<(long Host, long Count)>();
-            for (long guest = 0; guest < clusters;)
+            for (long guest = (from + _clusterSize - 1) >> _clusterBits; guest < clusters;)
             {
                 long l1Index = guest / _l2Entries;
                 var table = EnsureL2Table(l1Index);

@@ -13,7 +13,7 @@ internal static partial class ImgCommands
         var format = FormatOption();
         var shrink = new Option<bool>("--shrink") { Description = "allow shrinking the image" };
         var quiet = QuietOption();
-        var prealloc = new Option<string?>("--preallocation") { Description = "off only" };
+        var prealloc = new Option<string?>("--preallocation") { Description = "off, metadata (qcow2), falloc or full" };
         var file = new Argument<string>("filename");
         var size = new Argument<string>("size");
         var cmd = new Command("resize", "Change the virtual size of an image") { format, shrink, quiet, prealloc, file, size };
@@ -23,14 +23,35 @@ internal static partial class ImgCommands
             int sign = text.StartsWith('+') ? 1 : text.StartsWith('-') ? -1 : 0;
             if (!SizeText.TryParse(sign == 0 ? text : text[1..], out long amount))
                 throw new BlockException("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
-            if (r.GetValue(prealloc) is { } p && p != "off") throw new BlockException($"Preallocation mode '{p}' is not supported");
+            var mode = r.GetValue(prealloc) switch
+            {
+                null or "off" => Preallocation.Off,
+                "metadata" => Preallocation.Metadata,
+                "falloc" => Preallocation.Falloc,
+                "full" => Preallocation.Full,
+                var p => throw new BlockException($"Invalid preallocation mode '{p}'"),
+            };
             // With its backing chain, as qemu-img opens it: growing over a longer backing file must zero the new range.
             using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), readOnly: false, openBacking: true, ImageLocking.Resize);
             long newSize = sign == 0 ? amount : image.Size + sign * amount;
             if (newSize < 0) throw new BlockException("New image size must be positive");
+            if (newSize < image.Size && mode != Preallocation.Off)
+                throw new BlockException("Preallocation can only be used for growing images");
             if (newSize < image.Size && !r.GetValue(shrink))
                 throw new BlockException("Use the --shrink option to perform a shrink operation.");
-            ChainOperations.Resize(image, newSize);
+            Action<long>? preallocate = mode == Preallocation.Off ? null : image switch
+            {
+                Qcow2Image q => from => q.Preallocate(mode, from),
+                _ when mode == Preallocation.Metadata => throw new BlockException("Unsupported preallocation mode: metadata"),
+                // Other formats read zeros in the new range anyway; falloc and full give it disk blocks.
+                _ => from =>
+                {
+                    var zeros = new byte[Math.Min(newSize - from, 1L << 20)];
+                    for (long at = from; at < newSize; at += zeros.Length)
+                        image.Write(at, zeros.AsSpan(0, (int)Math.Min(zeros.Length, newSize - at)));
+                },
+            };
+            ChainOperations.Resize(image, newSize, preallocate);
             image.Flush();
             if (!r.GetValue(quiet)) stdout.WriteLine("Image resized.");
             return 0;
