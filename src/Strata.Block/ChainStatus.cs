@@ -33,7 +33,8 @@ public static class ChainStatus
                     return new ChainExtent(offset, ext.Length, depth, true, true, false, ext.HostOffset, false);
             }
             if (image.Backing is null)
-                return new ChainExtent(offset, ext.Length, depth, false, image.ReadsZeroesWhereUnallocated, false, -1, false);
+                // (An unallocated range can still have a host offset: qcow2 subclusters preallocated but unwritten.)
+                return new ChainExtent(offset, ext.Length, depth, false, image.ReadsZeroesWhereUnallocated, false, ext.HostOffset, false);
             image = image.Backing;
             depth++;
         }

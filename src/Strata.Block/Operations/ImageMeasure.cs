@@ -24,6 +24,8 @@ public sealed record MeasureTarget
 public static class ImageMeasure
 {
     private const int L1EntrySize = 8;
+    private const long MaxL1Bytes = 32L << 20;
+    private static long L2EntrySize(bool extendedL2) => extendedL2 ? 16 : 8;
     private const int RefTableEntrySize = 8;
     private const int BitmapTableEntrySize = 8;
     private const int BitmapDirEntryHeader = 24;
@@ -39,6 +41,10 @@ public static class ImageMeasure
         }
         long cluster = target.ClusterSize;
         long virtualSize = RoundUp(source?.Size ?? size, cluster);
+        // QEMU's limit: an L1 table of at most 32 MiB.
+        long l2Tables = (virtualSize / cluster + cluster / L2EntrySize(target.ExtendedL2) - 1) / (cluster / L2EntrySize(target.ExtendedL2));
+        if (l2Tables * L1EntrySize > MaxL1Bytes)
+            throw new BlockException("The image size is too large (try using a larger cluster size)");
         long required = 0;
         if (source is not null)
             required = target.HasBackingFile ? virtualSize : AllocatedClusterBytes(source, cluster);
@@ -70,7 +76,7 @@ public static class ImageMeasure
     public static long FullyAllocatedQcow2(long virtualSize, long cluster, int refcountOrder, bool extendedL2)
     {
         long alignedSize = RoundUp(virtualSize, cluster);
-        long l2EntrySize = extendedL2 ? 16 : 8;
+        long l2EntrySize = L2EntrySize(extendedL2);
         long meta = cluster; // header
         long l2Entries = RoundUp(alignedSize / cluster, cluster / l2EntrySize);
         meta += l2Entries * l2EntrySize;

@@ -46,7 +46,7 @@ public sealed partial class Qcow2Image
             long nbClusters = (_file.Length + _clusterSize - 1) >> _clusterBits;
             var l2Tables = new List<(long L1Index, long Offset)>();
             int snapshotCorruptions = CheckReadSnapshotTable(report, repair);
-            var counted = CountReferences(report, l2Tables, out bool rebuild);
+            var counted = CountReferences(report, l2Tables, out bool rebuild, repair);
             // A reference may reach just past the end of the file (less than a cluster): it is compared too.
             if (counted.Count > 0) nbClusters = Math.Max(nbClusters, counted.Keys.Max() + 1);
 
@@ -191,7 +191,8 @@ public sealed partial class Qcow2Image
 
     /// <summary>Counts the references to every host cluster (the first half of a check). Errors found on the way go
     /// to the report; <paramref name="rebuild"/> says the refcount table itself cannot be trusted.</summary>
-    private Dictionary<long, ulong> CountReferences(CheckReport report, List<(long L1Index, long Offset)> l2Tables, out bool rebuild)
+    private Dictionary<long, ulong> CountReferences(CheckReport report, List<(long L1Index, long Offset)> l2Tables, out bool rebuild,
+        RepairMode repair = RepairMode.None)
     {
         rebuild = false;
         long fileLength = _file.Length;
@@ -244,8 +245,10 @@ public sealed partial class Qcow2Image
             nextContiguous = 0; // QEMU counts fragmentation within each L2 table
             for (int i = 0; i < _l2Entries; i++)
             {
-                ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 8));
-                switch (ClassifyEntry(e))
+                ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * _l2EntryBytes));
+                if (_extendedL2 && !CheckSubclusterBitmap(e, BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 16 + 8)), i, report))
+                    continue;
+                switch (KindOf(e))
                 {
                     case L2EntryKind.Compressed:
                         if ((e & Qcow2Entry.Copied) != 0)
@@ -265,8 +268,33 @@ public sealed partial class Qcow2Image
                         long off = (long)(e & Qcow2Entry.OffsetMask);
                         if ((off & (_clusterSize - 1)) != 0)
                         {
-                            report.Messages.Add($"ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted.");
-                            report.Corruptions++;
+                            bool holdsData = _extendedL2
+                                ? (BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 16 + 8)) & Qcow2Subclusters.AllAllocated) != 0
+                                : KindOf(e) == L2EntryKind.Normal;
+                            if (holdsData)
+                            {
+                                report.Messages.Add($"ERROR offset={off:x}: Data cluster is not properly aligned; L2 entry corrupted.");
+                                report.Corruptions++;
+                            }
+                            else if (repair == RepairMode.All)
+                            {
+                                // Nothing reads from the cluster: the entry loses it (it then reads as zeros, or,
+                                // extended, as its subcluster bitmap says) and the cluster is left as a leak.
+                                report.Messages.Add($"Repairing offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
+                                var fixedEntry = new byte[8];
+                                BinaryPrimitives.WriteUInt64BigEndian(fixedEntry, _extendedL2 ? 0 : Qcow2Entry.ZeroFlag);
+                                CheckHostWrite(l2Offset + (long)i * _l2EntryBytes, 8, Qcow2MetadataKind.ActiveL2);
+                                _file.Write(l2Offset + (long)i * _l2EntryBytes, fixedEntry);
+                                _file.Flush();
+                                _l2Cache.Remove(l2Offset);
+                                report.CorruptionsFixed++;
+                                break;
+                            }
+                            else
+                            {
+                                report.Messages.Add($"ERROR offset={off:x}: Preallocated cluster is not properly aligned; L2 entry corrupted.");
+                                report.Corruptions++;
+                            }
                         }
                         report.AllocatedClusters++;
                         if (nextContiguous != 0 && off != nextContiguous) report.FragmentedClusters++;
@@ -382,8 +410,8 @@ public sealed partial class Qcow2Image
             _file.Read(l2Offset, l2Raw);
             for (int i = 0; i < _l2Entries; i++)
             {
-                ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 8));
-                var kind = ClassifyEntry(e);
+                ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * _l2EntryBytes));
+                var kind = KindOf(e);
                 if (_externalData || kind is not (L2EntryKind.Normal or L2EntryKind.ZeroAllocated)) continue;
                 ulong drc = RefAfterRepair((long)(e & Qcow2Entry.OffsetMask) >> _clusterBits);
                 if ((drc == 1) != ((e & Qcow2Entry.Copied) != 0))
@@ -403,7 +431,7 @@ public sealed partial class Qcow2Image
             _l2Cache.Remove(tableOffset);
             var b = new byte[8];
             BinaryPrimitives.WriteUInt64BigEndian(b, value);
-            _file.Write(tableOffset + index * 8L, b);
+            _file.Write(tableOffset + index * (long)_l2EntryBytes, b);
         }
         foreach (var (index, value) in l1Fixes)
         {

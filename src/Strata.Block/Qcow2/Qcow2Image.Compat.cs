@@ -11,12 +11,22 @@ public sealed partial class Qcow2Image
 {
     private bool _dirtyBitSet;
 
+    /// <summary>A subcluster (1/32 cluster) must be at least 512 bytes.</summary>
+    public const int MinExtendedL2ClusterSize = 16384;
+
     /// <summary>What compat=0.10 cannot have, with qemu-img's messages.</summary>
     private static void CheckVersionOptions(Qcow2CreateOptions options)
     {
         if (options.Version is not (2 or 3)) throw new BlockException($"Unsupported qcow2 version {options.Version}");
-        if (options.Version >= 3) return;
         const string Use = "(use version=v3 or greater)";
+        if (options.ExtendedL2)
+        {
+            if (options.Version < 3)
+                throw new BlockException($"Extended L2 entries are only supported with compatibility level 1.1 and above {Use}");
+            if (options.ClusterSize < MinExtendedL2ClusterSize)
+                throw new BlockException($"Extended L2 entries are only supported with cluster sizes of at least {MinExtendedL2ClusterSize} bytes");
+        }
+        if (options.Version >= 3) return;
         if (options.LazyRefcounts)
             throw new BlockException($"Lazy refcounts only supported with compatibility level 1.1 and above {Use}");
         if (options.RefcountBits != 16)
@@ -155,7 +165,7 @@ public sealed partial class Qcow2Image
         {
             long l2Offset = (long)(l1e & Qcow2Entry.OffsetMask);
             if (l2Offset == 0) continue;
-            if (LoadL2(l2Offset, 0).Entries.Any(e => Qcow2Entry.Classify(e) is L2EntryKind.ZeroAllocated or L2EntryKind.ZeroUnallocated))
+            if (LoadL2(l2Offset, 0).Entries.Any(e => KindOf(e) is L2EntryKind.ZeroAllocated or L2EntryKind.ZeroUnallocated))
                 return true;
         }
         return false;
@@ -173,7 +183,7 @@ public sealed partial class Qcow2Image
             {
                 long l1Index = c / _l2Entries;
                 if ((_l1[l1Index] & Qcow2Entry.OffsetMask) == 0) { c = (l1Index + 1) * _l2Entries - 1; continue; }
-                var kind = Qcow2Entry.Classify(GetL2Entry(c));
+                var kind = KindOf(GetL2Entry(c));
                 if (kind == L2EntryKind.ZeroUnallocated && Backing is null && BackingFileName is null)
                 {
                     var table = EnsureL2Table(l1Index);

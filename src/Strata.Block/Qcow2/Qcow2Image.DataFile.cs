@@ -34,8 +34,6 @@ public sealed partial class Qcow2Image
     /// left the data file closed has none, and refuses rather than read the metadata file as data.</summary>
     private HostFile DataStore => _dataFile ?? (_externalData ? throw new BlockException("qcow2: the external data file is not open") : _file);
 
-    private L2EntryKind ClassifyEntry(ulong entry) => Qcow2Entry.Classify(entry, _externalData);
-
     /// <summary>Checks the header's data-file fields against each other and opens the data file, with QEMU's
     /// messages. The header's name is used as given: Debian's QEMU 7.2 (CVE-2024-4467 hardening) opens a relative
     /// name from the current directory, not from the image's folder. Called while opening.</summary>

@@ -48,13 +48,7 @@ public sealed partial class Qcow2Image
         {
             if ((_l1[l1i] & Qcow2Entry.OffsetMask) == 0) continue;
             var table = EnsureL2Table(l1i);
-            for (int i = 0; i < table.Entries.Length; i++)
-            {
-                if (table.Entries[i] == 0) continue;
-                ReleaseEntry(table.Entries[i]);
-                table.Entries[i] = 0;
-                table.Dirty = true;
-            }
+            for (int i = 0; i < table.Entries.Length; i++) ClearL2Slot(table, i);
         }
         WriteBackMetadata();
     }

@@ -312,7 +312,11 @@ public sealed partial class Qcow2Image
             foreach (var (offset, table) in _l2Cache)
             {
                 if (!table.Dirty) continue;
-                for (int i = 0; i < table.Entries.Length; i++) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table.Entries[i]);
+                for (int i = 0; i < table.Entries.Length; i++)
+                {
+                    if (table.Bitmaps is null) BinaryPrimitives.WriteUInt64BigEndian(raw.AsSpan(i * 8), table.Entries[i]);
+                    else Qcow2Subclusters.WriteExtended(raw, i, table.Entries[i], table.Bitmaps[i]);
+                }
                 CheckHostWrite(offset, _clusterSize, Qcow2MetadataKind.ActiveL2);
                 _file.DebugEvent("l2_update");
                 _file.Write(offset, raw);
@@ -439,12 +443,9 @@ public sealed partial class Qcow2Image
                     var table = EnsureL2Table(l1i);
                     int idx = (int)(c % _l2Entries);
                     ulong entry = table.Entries[idx];
-                    if (entry == 0) continue;
-                    if (ClassifyEntry(entry) is L2EntryKind.Normal or L2EntryKind.ZeroAllocated)
+                    if (KindOf(entry) is L2EntryKind.Normal or L2EntryKind.ZeroAllocated)
                         released.Add((long)(entry & Qcow2Entry.OffsetMask));
-                    ReleaseEntry(entry);
-                    table.Entries[idx] = 0;
-                    table.Dirty = true;
+                    ClearL2Slot(table, idx);
                 }
                 WriteBackMetadata();
                 GiveBackFreedSpace(released);
@@ -527,7 +528,8 @@ public sealed partial class Qcow2Image
         if (options.RefcountBits is not (1 or 2 or 4 or 8 or 16 or 32 or 64))
             throw new BlockException("Refcount width must be a power of two and may not exceed 64 bits");
         long cs = options.ClusterSize;
-        long l1Needed = ((options.Size + cs - 1) / cs + cs / 8 - 1) / (cs / 8);
+        long l2Entries = cs / Qcow2Subclusters.EntryBytes(options.ExtendedL2);
+        long l1Needed = ((options.Size + cs - 1) / cs + l2Entries - 1) / l2Entries;
         if (l1Needed > Qcow2Header.MaxL1Entries || options.Size > long.MaxValue / 4)
             throw new BlockException("The image size is too large for file format 'qcow2' (try using a larger cluster size)");
         CheckVersionOptions(options);
@@ -545,7 +547,8 @@ public sealed partial class Qcow2Image
             HeaderLength = (uint)(options.Version >= 3 ? Qcow2Header.V3HeaderLength : Qcow2Header.V2HeaderLength),
             CompatibleFeatures = options.LazyRefcounts ? Qcow2CompatibleFeatures.LazyRefcounts : 0,
             CompressionType = options.CompressionType,
-            IncompatibleFeatures = options.CompressionType == Qcow2CompressionType.Zstd ? Qcow2IncompatibleFeatures.CompressionType : 0,
+            IncompatibleFeatures = (options.CompressionType == Qcow2CompressionType.Zstd ? Qcow2IncompatibleFeatures.CompressionType : 0) |
+                                   (options.ExtendedL2 ? Qcow2IncompatibleFeatures.ExtendedL2 : 0),
         };
         var exts = new List<Qcow2HeaderExtension>();
         if (options.BackingFile is not null && options.BackingFormat is not null)
@@ -594,6 +597,8 @@ public sealed record Qcow2CreateOptions
     public string? DataFile { get; init; }
     /// <summary>data_file_raw=on: the data file is kept a raw image of the disk.</summary>
     public bool DataFileRaw { get; init; }
+    /// <summary>128-bit L2 entries with 32 subclusters per cluster (needs version 3 and clusters of 16 KiB or more).</summary>
+    public bool ExtendedL2 { get; init; }
 }
 
 /// <summary>A refcount would exceed what the image's refcount width holds (QEMU: EINVAL from update_refcount).</summary>

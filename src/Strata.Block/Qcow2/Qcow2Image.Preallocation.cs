@@ -10,7 +10,10 @@ public sealed partial class Qcow2Image
     /// <summary>
     /// Allocates every guest cluster of a new image as QEMU's preallocation does: each L2 table followed by the data
     /// clusters it maps. With metadata only the file is extended over them (they read as zeros from the holes);
-    /// falloc and full also give them disk blocks, by writing zeros.
+    /// falloc and full also give them disk blocks, by writing zeros. After a resize, <paramref name="from"/> is the
+    /// old size: only the clusters wholly past it are new, so only those are allocated (a cluster holding old guest
+    /// bytes keeps its mapping; allocating it could hide what it reads from the backing file). With extended L2
+    /// entries the subclusters stay unallocated (they read from the backing file or as zeros, as in QEMU).
     /// </summary>
     public void Preallocate(Preallocation mode) => Preallocate(mode, 0, Size);
 

@@ -176,7 +176,7 @@ public sealed partial class Qcow2Image
             CheckCluster(l2Offset);
             foreach (ulong e in LoadL2(l2Offset, i).Entries)
             {
-                switch (Qcow2Entry.Classify(e))
+                switch (KindOf(e))
                 {
                     case L2EntryKind.Normal or L2EntryKind.ZeroAllocated:
                         CheckCluster((long)(e & Qcow2Entry.OffsetMask));
@@ -294,7 +294,7 @@ public sealed partial class Qcow2Image
             {
                 ulong e = table.Entries[j];
                 ulong refcount;
-                switch (Qcow2Entry.Classify(e))
+                switch (KindOf(e))
                 {
                     case L2EntryKind.Compressed:
                         if (addend != 0)
@@ -382,7 +382,7 @@ public sealed partial class Qcow2Image
         CheckNotHeader(newOffset, "L2 table");
         CheckHostWrite(newOffset, _clusterSize);
         _overlap.AddL2Table(newOffset);
-        var copy = new L2Table((ulong[])shared.Entries.Clone()) { Dirty = true, LastUse = ++_l2Clock };
+        var copy = new L2Table((ulong[])shared.Entries.Clone(), (ulong[]?)shared.Bitmaps?.Clone()) { Dirty = true, LastUse = ++_l2Clock };
         MakeRoomInL2Cache();
         _l2Cache[newOffset] = copy;
         _l1[l1Index] = (ulong)newOffset | Qcow2Entry.Copied;
@@ -430,8 +430,8 @@ public sealed partial class Qcow2Image
                 _file.Read(l2Offset, l2Raw);
                 for (int i = 0; i < _l2Entries; i++)
                 {
-                    ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * 8));
-                    switch (Qcow2Entry.Classify(e))
+                    ulong e = BinaryPrimitives.ReadUInt64BigEndian(l2Raw.AsSpan(i * _l2EntryBytes));
+                    switch (KindOf(e))
                     {
                         case L2EntryKind.Compressed:
                             var (host, sectors) = Qcow2Entry.DecodeCompressed(e, _clusterBits);

@@ -40,6 +40,8 @@ public sealed partial class Qcow2Image : BlockImage
     private readonly int _clusterBits;
     private readonly long _clusterSize;
     private readonly int _l2Entries;
+    /// <summary>Incompatible feature bit 4: 128-bit L2 entries with a subcluster bitmap (Qcow2Image.Subclusters.cs).</summary>
+    private readonly bool _extendedL2;
     private int _refcountOrder;
     private long _refcountsPerBlock;
     private volatile bool _writable;
@@ -69,9 +71,11 @@ public sealed partial class Qcow2Image : BlockImage
     private long _endCluster;
     private bool _disposed;
 
-    private sealed class L2Table(ulong[] entries)
+    private sealed class L2Table(ulong[] entries, ulong[]? bitmaps)
     {
         public readonly ulong[] Entries = entries;
+        /// <summary>The subcluster bitmaps of an extended L2 table (null for standard entries).</summary>
+        public readonly ulong[]? Bitmaps = bitmaps;
         public bool Dirty;
         public long LastUse;
     }
@@ -115,7 +119,8 @@ public sealed partial class Qcow2Image : BlockImage
         _backingFormat = extras.BackingFormat;
         _clusterBits = header.ClusterBits;
         _clusterSize = header.ClusterSize;
-        _l2Entries = (int)(_clusterSize / 8);
+        _extendedL2 = (header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0;
+        _l2Entries = (int)(_clusterSize / Qcow2Subclusters.EntryBytes(_extendedL2));
         _refcountOrder = header.RefcountOrder;
         _refcountsPerBlock = _clusterSize * 8 / header.RefcountBits;
         _writable = !file.ReadOnly && !options.ReadOnly;
@@ -157,8 +162,6 @@ public sealed partial class Qcow2Image : BlockImage
 
         if (header.CryptMethod != 0)
             throw new BlockException("Encrypted qcow2 images are not supported");
-        if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0)
-            throw new BlockException("qcow2 images with extended L2 entries (subclusters) are not supported");
         if (!file.ReadOnly && !options.ForCheck)
         {
             if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.Corrupt) != 0)
@@ -230,9 +233,13 @@ public sealed partial class Qcow2Image : BlockImage
         var raw = new byte[_clusterSize];
         _file.Read(l2Offset, raw);
         var entries = new ulong[_l2Entries];
+        var bitmaps = _extendedL2 ? new ulong[_l2Entries] : null;
         for (int i = 0; i < entries.Length; i++)
-            entries[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
-        t = new L2Table(entries) { LastUse = ++_l2Clock };
+        {
+            if (bitmaps is null) entries[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
+            else (entries[i], bitmaps[i]) = Qcow2Subclusters.ReadExtended(raw, i);
+        }
+        t = new L2Table(entries, bitmaps) { LastUse = ++_l2Clock };
         MakeRoomInL2Cache();
         _l2Cache[l2Offset] = t;
         return t;
@@ -254,10 +261,11 @@ public sealed partial class Qcow2Image : BlockImage
     /// be written (only changes the message of a corruption). Caller holds the lock.</summary>
     private Run MapRun(long offset, long maxLength, bool forWrite = false)
     {
+        if (_extendedL2) return MapSubclusterRun(offset, maxLength, forWrite);
         long cluster = ClusterOf(offset);
         long inCluster = offset & (_clusterSize - 1);
         ulong entry = GetL2Entry(cluster);
-        var kind = ClassifyEntry(entry);
+        var kind = KindOf(entry);
         long host = kind is L2EntryKind.Normal or L2EntryKind.ZeroAllocated ? (long)(entry & Qcow2Entry.OffsetMask) : -1;
         if (host > 0 && (host & (_clusterSize - 1)) != 0)
             throw UnalignedClusterCorruption(cluster, entry, host, forWrite);
@@ -268,7 +276,7 @@ public sealed partial class Qcow2Image : BlockImage
         {
             long next = cluster + (offset + length - (cluster << _clusterBits)) / _clusterSize;
             ulong e = GetL2Entry(next);
-            var k = ClassifyEntry(e);
+            var k = KindOf(e);
             if (NormalizeForRun(k) != NormalizeForRun(kind)) break;
             if (kind == L2EntryKind.Normal && (long)(e & Qcow2Entry.OffsetMask) != host + inCluster + length) break;
             length = Math.Min(length + _clusterSize, maxLength);
@@ -282,7 +290,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         if (forWrite && (entry & Qcow2Entry.Copied) != 0)
         {
-            string what = ClassifyEntry(entry) == L2EntryKind.ZeroAllocated ? "Preallocated zero" : "Data";
+            string what = KindOf(entry) == L2EntryKind.ZeroAllocated ? "Preallocated zero" : "Data";
             return SignalCorruption(fatal: true, $"{what} cluster offset {CHex(host)} unaligned (guest offset: {CHex(cluster << _clusterBits)})");
         }
         long l2Offset = (long)(_l1[cluster / _l2Entries] & Qcow2Entry.OffsetMask);
@@ -385,6 +393,11 @@ public sealed partial class Qcow2Image : BlockImage
     protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
         ThrowIfCorrupt();
+        if (_extendedL2)
+        {
+            WriteSubclusters(offset, data);
+            return;
+        }
         while (!data.IsEmpty)
         {
             long host = -1, length, access = NoHostAccess;
@@ -470,7 +483,7 @@ public sealed partial class Qcow2Image : BlockImage
         while (firstCluster + count <= lastCluster && count < maxRun && !_clustersInFlight.Contains(firstCluster + count))
         {
             ulong e = GetL2Entry(firstCluster + count);
-            if (ClassifyEntry(e) == L2EntryKind.Normal && (e & Qcow2Entry.Copied) != 0) break;
+            if (KindOf(e) == L2EntryKind.Normal && (e & Qcow2Entry.Copied) != 0) break;
             count++;
         }
         // L2 tables first, so that a fresh image is laid out as QEMU lays it out (table, then its data).
@@ -571,7 +584,7 @@ public sealed partial class Qcow2Image : BlockImage
     {
         ulong entry = GetL2Entry(guestCluster);
         long guestOffset = guestCluster << _clusterBits;
-        switch (ClassifyEntry(entry))
+        switch (KindOf(entry))
         {
             case L2EntryKind.Normal:
                 DataStore.Read((long)(entry & Qcow2Entry.OffsetMask), output);
@@ -594,7 +607,7 @@ public sealed partial class Qcow2Image : BlockImage
     /// no request that mapped the old entry is still using it.</summary>
     private void ReleaseEntry(ulong entry)
     {
-        switch (ClassifyEntry(entry))
+        switch (KindOf(entry))
         {
             case L2EntryKind.Normal:
             case L2EntryKind.ZeroAllocated:
@@ -629,7 +642,7 @@ public sealed partial class Qcow2Image : BlockImage
         long newOffset = AllocateClusters(1);
         CheckNotHeader(newOffset, "L2 table");
         CheckHostWrite(newOffset, _clusterSize);
-        var table = new L2Table(new ulong[_l2Entries]) { Dirty = true, LastUse = ++_l2Clock };
+        var table = new L2Table(new ulong[_l2Entries], _extendedL2 ? new ulong[_l2Entries] : null) { Dirty = true, LastUse = ++_l2Clock };
         MakeRoomInL2Cache();
         _l2Cache[newOffset] = table;
         _l1[l1Index] = (ulong)newOffset | Qcow2Entry.Copied;
@@ -656,6 +669,11 @@ public sealed partial class Qcow2Image : BlockImage
             WriteZeroBuffers(offset, length);
             return;
         }
+        if (_extendedL2)
+        {
+            ZeroOrDiscardSubclusters(offset, length, discard, mayUnmap);
+            return;
+        }
         long end = offset + length;
         while (offset < end)
         {
@@ -671,7 +689,7 @@ public sealed partial class Qcow2Image : BlockImage
                     bool alreadyZero;
                     lock (_lock)
                     {
-                        var k = ClassifyEntry(GetL2Entry(ClusterOf(offset)));
+                        var k = KindOf(GetL2Entry(ClusterOf(offset)));
                         alreadyZero = k is L2EntryKind.ZeroAllocated or L2EntryKind.ZeroUnallocated ||
                                       (k == L2EntryKind.Unallocated && Backing is null);
                     }
@@ -698,7 +716,7 @@ public sealed partial class Qcow2Image : BlockImage
     private void ZeroCluster(long cluster, bool discard, bool mayUnmap)
     {
         ulong old = GetL2Entry(cluster);
-        var kind = ClassifyEntry(old);
+        var kind = KindOf(old);
         bool allocated = kind is L2EntryKind.Normal or L2EntryKind.Compressed or L2EntryKind.ZeroAllocated;
         bool keepsHost = false;
         ulong replacement;
@@ -761,6 +779,7 @@ public sealed partial class Qcow2Image : BlockImage
             int idx = (int)(guest % _l2Entries);
             ReleaseEntry(table.Entries[idx]);
             table.Entries[idx] = Qcow2Entry.EncodeCompressed(host, compressed.Length, _clusterBits);
+            if (table.Bitmaps is not null) table.Bitmaps[idx] = 0; // a compressed cluster has no subclusters
             table.Dirty = true;
         }
     }
@@ -782,16 +801,19 @@ public sealed partial class Qcow2Image : BlockImage
                 _ => LayerState.Unallocated,
             };
             long length = run.Length;
-            if (state == LayerState.Zero) length = ZeroRunLength(offset, length, run.Kind, run.HostOffset);
+            // (Subcluster runs already keep zero kinds and host ranges apart.)
+            if (state == LayerState.Zero && !_extendedL2) length = ZeroRunLength(offset, length, run.Kind, run.HostOffset);
             if (run.Kind == L2EntryKind.Normal && !_externalData && LooksMetadataPreallocated()) (state, length) = SplitAtHostHole(run.HostOffset, length);
             if (run.Kind == L2EntryKind.Compressed)
             {
                 // Merge following compressed clusters: they have no contiguous host mapping to report.
-                while (length < maxLength && ClassifyEntry(GetL2Entry(ClusterOf(offset + length))) == L2EntryKind.Compressed)
+                while (length < maxLength && KindOf(GetL2Entry(ClusterOf(offset + length))) == L2EntryKind.Compressed)
                     length = Math.Min(length + _clusterSize, maxLength);
                 return new LayerExtent(offset, length, state, -1, Compressed: true);
             }
-            return new LayerExtent(offset, length, state, run.Kind == L2EntryKind.Normal || run.Kind == L2EntryKind.ZeroAllocated ? run.HostOffset : -1);
+            // Unallocated subclusters of an extended entry with a host cluster report it, as QEMU does.
+            bool hostMapped = run.Kind is L2EntryKind.Normal or L2EntryKind.ZeroAllocated || (_extendedL2 && run.Kind == L2EntryKind.Unallocated);
+            return new LayerExtent(offset, length, state, hostMapped ? run.HostOffset : -1);
         }
     }
 
@@ -804,7 +826,7 @@ public sealed partial class Qcow2Image : BlockImage
         while (length < maxLength)
         {
             ulong entry = GetL2Entry(ClusterOf(offset + length));
-            if (ClassifyEntry(entry) != kind) break;
+            if (KindOf(entry) != kind) break;
             if (kind == L2EntryKind.ZeroAllocated && (long)(entry & Qcow2Entry.OffsetMask) != hostOffset + length) break;
             length = Math.Min(length + _clusterSize, maxLength);
         }

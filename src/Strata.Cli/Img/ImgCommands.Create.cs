@@ -48,7 +48,7 @@ internal static partial class ImgCommands
         long clusterSize = 65536;
         var compression = Qcow2CompressionType.Deflate;
         string refcountBitsText = "16";
-        string? compat = null, lazyRefcounts = null, preallocation = null, dataFile = null, dataFileRaw = null;
+        string? compat = null, lazyRefcounts = null, preallocation = null, dataFile = null, dataFileRaw = null, extendedL2 = null;
         long? size = null, extentSizeHint = null;
         if (sizeText is not null)
         {
@@ -91,8 +91,9 @@ internal static partial class ImgCommands
                     preallocation = value;
                     break;
                 case "extended_l2" when format == "qcow2":
-                    if (value is not ("off" or "false"))
-                        throw new BlockException($"{file}: {key}={value} is not supported");
+                    if (!BoolOptionValue(value).HasValue)
+                        throw new BlockException($"{file}: Parameter 'extended_l2' expects 'on' or 'off'");
+                    extendedL2 = value;
                     break;
                 case "backing_file" when format == "qcow2":
                     backing = value;
@@ -159,7 +160,7 @@ internal static partial class ImgCommands
             string hint = extentSizeHint is null ? "" : $" extent_size_hint={extentSizeHint}";
             string line = format == "raw"
                 ? $"Formatting '{file}', fmt={shownFormat} size={size}{prealloc}{hint}"
-                : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
+                : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2={extendedL2 ?? "off"}{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
                   (compat is null ? "" : $" compat={compat}") +
                   (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") +
                   (dataFile is null ? "" : $" data_file={dataFile.Replace(",", ",,")}") +
@@ -221,6 +222,7 @@ internal static partial class ImgCommands
                     LazyRefcounts = lazyRefcounts is "on" or "true",
                     DataFile = dataFile,
                     DataFileRaw = dataFileRaw is "on" or "true",
+                    ExtendedL2 = extendedL2 is not null && BoolOptionValue(extendedL2)!.Value,
                 });
                 q.Preallocate(preallocMode);
             }
@@ -231,6 +233,14 @@ internal static partial class ImgCommands
         }
         return 0;
     }
+
+    /// <summary>A boolean option's value as QEMU's option parser reads it (null when it is no boolean).</summary>
+    private static bool? BoolOptionValue(string value) => value switch
+    {
+        "on" or "yes" or "true" or "y" => true,
+        "off" or "no" or "false" or "n" => false,
+        _ => null,
+    };
 
     /// <summary>Raw falloc/full preallocation: every byte gets a disk block.</summary>
     private static void WriteZeros(BlockImage image, long size)

@@ -92,6 +92,8 @@ internal static partial class ImgCommands
                     break;
             }
         }
+        if (target.ExtendedL2 && target.ClusterSize < Strata.Block.Qcow2.Qcow2Image.MinExtendedL2ClusterSize)
+            throw new BlockException($"Extended L2 entries are only supported with cluster sizes of at least {Strata.Block.Qcow2.Qcow2Image.MinExtendedL2ClusterSize} bytes");
         return target;
     }
 }

@@ -77,6 +77,59 @@ public static class Qcow2Entry
         BinaryPrimitives.WriteUInt64BigEndian(table[(index * 8)..], value);
 }
 
+/// <summary>
+/// The second word of an extended (128-bit) L2 entry: the cluster split into 32 subclusters, bit i "subcluster i
+/// is allocated" (reads from the host cluster) and bit 32+i "subcluster i reads as zeros"; neither bit set means
+/// the subcluster reads from the backing file. A compressed cluster has no subclusters (its bitmap is ignored).
+/// </summary>
+public static class Qcow2Subclusters
+{
+    public const int PerCluster = 32;
+    public const ulong AllAllocated = 0x0000_0000_ffff_ffffUL;
+    public const ulong AllZero = 0xffff_ffff_0000_0000UL;
+
+    /// <summary>Bytes of one L2 entry: 16 with extended entries, else 8.</summary>
+    public static int EntryBytes(bool extended) => extended ? 16 : 8;
+
+    /// <summary>Bits [first, first+count) of a 32-bit half, as a mask in the low half.</summary>
+    public static ulong Range(int first, int count) =>
+        count <= 0 ? 0 : ((count >= PerCluster ? 0xffff_ffffUL : (1UL << count) - 1) << first) & 0xffff_ffffUL;
+
+    public static bool IsAllocated(ulong bitmap, int index) => (bitmap >> index & 1) != 0;
+    public static bool IsZero(ulong bitmap, int index) => (bitmap >> (PerCluster + index) & 1) != 0;
+
+    /// <summary>Subclusters marked both allocated and zero: an invalid entry (QEMU marks the image corrupt).</summary>
+    public static bool HasConflict(ulong bitmap) => ((bitmap >> PerCluster) & bitmap & 0xffff_ffffUL) != 0;
+
+    /// <summary>The bitmap with subclusters [first, first+count) made allocated (their zero bits cleared).</summary>
+    public static ulong Allocate(ulong bitmap, int first, int count)
+    {
+        ulong mask = Range(first, count);
+        return (bitmap | mask) & ~(mask << PerCluster);
+    }
+
+    /// <summary>The bitmap with subclusters [first, first+count) made to read as zeros (no longer allocated).</summary>
+    public static ulong Zero(ulong bitmap, int first, int count)
+    {
+        ulong mask = Range(first, count);
+        return (bitmap & ~mask) | (mask << PerCluster);
+    }
+
+    /// <summary>Reads entry <paramref name="index"/> of an extended L2 table: (standard word, subcluster bitmap).</summary>
+    public static (ulong Entry, ulong Bitmap) ReadExtended(ReadOnlySpan<byte> table, int index) =>
+        (BinaryPrimitives.ReadUInt64BigEndian(table[(index * 16)..]), BinaryPrimitives.ReadUInt64BigEndian(table[(index * 16 + 8)..]));
+
+    public static void WriteExtended(Span<byte> table, int index, ulong entry, ulong bitmap)
+    {
+        BinaryPrimitives.WriteUInt64BigEndian(table[(index * 16)..], entry);
+        BinaryPrimitives.WriteUInt64BigEndian(table[(index * 16 + 8)..], bitmap);
+    }
+
+    /// <summary>The standard word of an extended entry as a standard entry would read: the zero flag (bit 0) has no
+    /// meaning in extended entries (the bitmap says what reads as zeros) and is ignored, as QEMU does.</summary>
+    public static L2EntryKind ClassifyExtended(ulong entry) => Qcow2Entry.Classify(entry & ~Qcow2Entry.ZeroFlag);
+}
+
 /// <summary>Reads and writes refcount entries of any width (refcount_order 0..6) inside a refcount block.</summary>
 public static class RefcountCodec
 {

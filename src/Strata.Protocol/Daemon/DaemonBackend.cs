@@ -299,10 +299,10 @@ public sealed partial class DaemonBackend : IQmpBackend
                 CompressionType = ArgSchema.OptStr(o, "compression-type") == "zstd" ? Formats.Qcow2.Qcow2CompressionType.Zstd : Formats.Qcow2.Qcow2CompressionType.Deflate,
                 BackingFile = ArgSchema.OptStr(o, "backing-file"),
                 BackingFormat = ArgSchema.OptStr(o, "backing-fmt"),
+                ExtendedL2 = ArgSchema.Bool(o, "extended-l2"),
             };
             string? unsupported = ArgSchema.OptStr(o, "version") == "v2" ? "qcow2 version 2 cannot be created"
                 : ArgSchema.Bool(o, "lazy-refcounts") ? "lazy refcounts are not supported"
-                : ArgSchema.Bool(o, "extended-l2") ? "extended L2 entries are not supported"
                 : o.ContainsKey("encrypt") ? "encryption is not supported"
                 : o.ContainsKey("data-file") ? "external data files are not supported"
                 : ArgSchema.OptStr(o, "preallocation") is { } p and not "off" ? $"Unsupported preallocation mode '{p}'" : null;
