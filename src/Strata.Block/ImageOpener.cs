@@ -208,6 +208,14 @@ public static class ImageOpener
         if (!openBacking || NoBacking(options) || image.BackingFileName is not { } backing) return image;
         try
         {
+            // backing.* options describe the backing node themselves (its file, its key secret).
+            var backingOptions = options.Child("backing");
+            if (backingOptions.HasChild("file") || backingOptions["driver"] is not null)
+            {
+                image.ReplaceBacking(OpenSpecChain(backing, backingOptions, image.BackingFormat, readOnly: true, openBacking: true,
+                    locking == ImageLocking.Stable ? ImageLocking.Normal : locking));
+                return image;
+            }
             string backingPath = ResolveBackingPath(HostPathOf(options) ?? "", backing);
             var seen = new HashSet<string>(StringComparer.Ordinal);
             if (HostPathOf(options) is { } top) seen.Add(Path.GetFullPath(top));
@@ -384,7 +392,7 @@ public static class ImageOpener
                 driver = Qcow2Header.HasMagic(head) ? "qcow2" : "raw";
             }
             if (fileOptions.Flag("locking", true)) file.SetLockClaim(ClaimFor(driver, readOnly, locking, isBacking));
-            return driver == "qcow2" ? Qcow2Image.Open(file) : new RawImage(file);
+            return driver == "qcow2" ? Qcow2Image.Open(file, new Qcow2OpenOptions { KeySecret = KeySecret(options) }) : new RawImage(file);
         }
         catch
         {
@@ -392,6 +400,9 @@ public static class ImageOpener
             throw;
         }
     }
+
+    /// <summary>The secret an encrypted image's encrypt.key-secret names (null when none is named).</summary>
+    private static byte[]? KeySecret(BlockOptions options) => options["encrypt.key-secret"] is { } id ? Secrets.Get(id) : null;
 
     /// <summary>Opens a protocol node. Host files come back as a RawImage over the file (blkdebug's rules set on
     /// it), so that a format can be put on top of that file.</summary>

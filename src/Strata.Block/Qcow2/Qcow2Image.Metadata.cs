@@ -444,6 +444,7 @@ public sealed partial class Qcow2Image
         try
         {
             img.Resize(options.Size);
+            if (options.Encryption is { } encryption) img.SetUpEncryption(encryption);
             return img;
         }
         catch
@@ -524,4 +525,6 @@ public sealed record Qcow2CreateOptions
     /// <summary>2 (compat=0.10) or 3 (compat=1.1).</summary>
     public int Version { get; init; } = 3;
     public bool LazyRefcounts { get; init; }
+    /// <summary>Encrypt guest data (legacy AES or LUKS), null for plain.</summary>
+    public Qcow2Encryption? Encryption { get; init; }
 }

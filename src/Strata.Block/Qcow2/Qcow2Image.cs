@@ -14,6 +14,9 @@ public sealed record Qcow2OpenOptions
 
     /// <summary>Open read-only even though the host file is writable.</summary>
     public bool ReadOnly { get; init; }
+
+    /// <summary>The key secret of an encrypted image (encrypt.key-secret), null when none was given.</summary>
+    public byte[]? KeySecret { get; init; }
 }
 
 /// <summary>
@@ -141,8 +144,6 @@ public sealed partial class Qcow2Image : BlockImage
         header.ThrowIfUnsupportedFeatures(extras.Find(Qcow2ExtensionType.FeatureNameTable) is { } table ? Qcow2FeatureName.DecodeTable(table.Data) : []);
         var headerRaw = cluster0.AsSpan(0, header.WrittenLength).ToArray();
 
-        if (header.CryptMethod != 0)
-            throw new BlockException("Encrypted qcow2 images are not supported");
         if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExternalDataFile) != 0 || extras.ExternalDataFile is not null)
             throw new BlockException("qcow2 images with an external data file are not supported");
         if ((header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExtendedL2) != 0)
@@ -163,6 +164,7 @@ public sealed partial class Qcow2Image : BlockImage
             throw new ImageFormatException("Refcount table lies past the end of the file");
 
         var img = new Qcow2Image(file, header, headerRaw, extras, options);
+        img.OpenEncryption(options.KeySecret);
         img._endCluster = (fileLength + header.ClusterSize - 1) / header.ClusterSize;
         var l1Raw = new byte[l1Bytes];
         file.Read((long)header.L1TableOffset, l1Raw);
@@ -327,7 +329,8 @@ public sealed partial class Qcow2Image : BlockImage
                 {
                     case L2EntryKind.Normal:
                         _file.DataEvent(false, run.HostOffset, slice.Length);
-                        _file.Read(run.HostOffset, slice);
+                        if (_header.CryptMethod == 0) _file.Read(run.HostOffset, slice);
+                        else ReadDecrypted(offset, run.HostOffset, slice);
                         break;
                     case L2EntryKind.ZeroAllocated:
                     case L2EntryKind.ZeroUnallocated:
@@ -402,7 +405,8 @@ public sealed partial class Qcow2Image : BlockImage
                 try
                 {
                     _file.DataEvent(true, host, length);
-                    _file.Write(host, data[..(int)length]);
+                    if (_header.CryptMethod == 0) _file.Write(host, data[..(int)length]);
+                    else WriteEncrypted(offset, host, data[..(int)length]);
                 }
                 finally
                 {
@@ -416,8 +420,8 @@ public sealed partial class Qcow2Image : BlockImage
                 try
                 {
                     _file.DataEvent(true, allocation.HostStart, length);
-                    if (allocation.Buffer is null) _file.Write(allocation.HostStart, data[..(int)length]);
-                    else _file.Write(allocation.HostStart, allocation.Buffer);
+                    if (allocation.Buffer is null) _file.Write(allocation.HostStart, EncryptForAllocation(offset, allocation.HostStart, data[..(int)length]));
+                    else _file.Write(allocation.HostStart, EncryptForAllocation(allocation.FirstCluster << _clusterBits, allocation.HostStart, allocation.Buffer));
                 }
                 catch
                 {
@@ -559,7 +563,8 @@ public sealed partial class Qcow2Image : BlockImage
         switch (Qcow2Entry.Classify(entry))
         {
             case L2EntryKind.Normal:
-                _file.Read((long)(entry & Qcow2Entry.OffsetMask), output);
+                if (_header.CryptMethod == 0) _file.Read((long)(entry & Qcow2Entry.OffsetMask), output);
+                else ReadDecrypted(guestOffset, (long)(entry & Qcow2Entry.OffsetMask), output);
                 break;
             case L2EntryKind.Compressed:
                 ReadCompressedCluster(entry, output);
@@ -723,6 +728,7 @@ public sealed partial class Qcow2Image : BlockImage
         if ((offset & (_clusterSize - 1)) != 0 || cluster.Length > _clusterSize)
             throw new BlockException("Compressed writes must cover one aligned cluster");
         ThrowIfCorrupt();
+        if (_header.CryptMethod != 0) throw new BlockException("Compression is not supported with encryption");
         var padded = new byte[_clusterSize];
         cluster.CopyTo(padded);
         var compressed = ClusterCompression.Compress(_header.CompressionType, padded, (int)_clusterSize - 512);
@@ -817,6 +823,7 @@ public sealed partial class Qcow2Image : BlockImage
         finally
         {
             base.Dispose();
+            _cipher?.Dispose();
             if (_ownsFile) _file.Dispose();
         }
     }

@@ -33,7 +33,9 @@ internal static partial class ImgCommands
             var baseLayer = layers[baseDepth];
             bool emptyTop = !r.GetValue(keep) && baseName is null;
             using var top = emptyTop ? OpenImage(path, r.GetValue(format), readOnly: false, openBacking: false) : null;
-            using var target = ImageOpener.Open(baseLayer.FileName, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal);
+            using var target = BaseSpec(path, baseDepth) is { } baseSpec
+                ? ImageOpener.OpenSpecChain(baseLayer.FileName, baseSpec, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal)
+                : ImageOpener.Open(baseLayer.FileName, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal);
             var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout, minSkip: 1) : null;
             printer?.Report(0, 1);
             ChainOperations.Commit(chain, baseDepth, target, printer is null ? null : printer.Report);
@@ -47,6 +49,20 @@ internal static partial class ImgCommands
             return 0;
         }));
         return cmd;
+    }
+
+    /// <summary>The options --image-opts gives the base layer (backing.…, as deep as the base lies), when they
+    /// describe it themselves — its key secret among them; null when the base is opened by its file name.</summary>
+    private static BlockOptions? BaseSpec(string path, int baseDepth)
+    {
+        if (!IsImageOpts(path)) return null;
+        var options = BlockSpec.FromKeyValues(path);
+        for (int depth = 0; depth < baseDepth; depth++)
+        {
+            options = options.Child("backing");
+            if (!options.HasChild("file") && options["driver"] is null) return null;
+        }
+        return options;
     }
 
     /// <summary>The depth of the layer <paramref name="name"/> names, as qemu-img finds a base: the backing file name

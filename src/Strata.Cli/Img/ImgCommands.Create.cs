@@ -42,6 +42,7 @@ internal static partial class ImgCommands
         var compression = Qcow2CompressionType.Deflate;
         int refcountBits = 16;
         string? compat = null, lazyRefcounts = null, preallocation = null;
+        var encrypt = new Dictionary<string, string>(StringComparer.Ordinal);
         long? size = null;
         if (sizeText is not null)
         {
@@ -87,6 +88,10 @@ internal static partial class ImgCommands
                     if (value is not ("off" or "false"))
                         throw new BlockException($"{file}: {key}={value} is not supported");
                     break;
+                case "encryption" or "encrypt.format" or "encrypt.key-secret" or "encrypt.cipher-alg" or "encrypt.cipher-mode"
+                    or "encrypt.ivgen-alg" or "encrypt.ivgen-hash-alg" or "encrypt.hash-alg" or "encrypt.iter-time" when format == "qcow2":
+                    encrypt[key] = value;
+                    break;
                 case "backing_file" when format == "qcow2":
                     backing = value;
                     break;
@@ -131,7 +136,7 @@ internal static partial class ImgCommands
             string prealloc = preallocation is null ? "" : $" preallocation={preallocation}";
             string line = format == "raw"
                 ? $"Formatting '{file}', fmt=raw size={size}{prealloc}"
-                : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2=off{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
+                : $"Formatting '{file}', fmt=qcow2{EncryptionOptionsText(encrypt)} cluster_size={clusterSize} extended_l2=off{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
                   (compat is null ? "" : $" compat={compat}") +
                   (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") + $" lazy_refcounts={lazyRefcounts ?? "off"} refcount_bits={refcountBits}";
             stdout.WriteLine(line);
@@ -155,6 +160,15 @@ internal static partial class ImgCommands
             "0.10" or "v2" => 2,
             _ => throw new BlockException($"{file}: Parameter 'version' does not accept value '{compat}'"),
         };
+        Qcow2Encryption? encryption;
+        try
+        {
+            encryption = format == "qcow2" ? EncryptionOf(encrypt) : null;
+        }
+        catch (BlockException e)
+        {
+            throw new BlockException($"{file}: {e.Message}");
+        }
         if (format == "raw")
         {
             try
@@ -182,6 +196,7 @@ internal static partial class ImgCommands
                     BackingFormat = backingFormat,
                     Version = version,
                     LazyRefcounts = lazyRefcounts is "on" or "true",
+                    Encryption = encryption,
                 });
                 q.Preallocate(preallocMode);
             }
@@ -191,6 +206,50 @@ internal static partial class ImgCommands
             }
         }
         return 0;
+    }
+
+    /// <summary>The encryption options qcow2's creation takes, in the order qemu-img prints them.</summary>
+    private static readonly string[] EncryptionOptionOrder =
+        ["encryption", "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
+         "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time"];
+
+    private static string EncryptionOptionsText(Dictionary<string, string> given) =>
+        string.Concat(EncryptionOptionOrder.Where(given.ContainsKey).Select(k => $" {k}={given[k]}"));
+
+    /// <summary>How the encrypt.* options (and the legacy encryption=on) ask a new qcow2 image to be encrypted;
+    /// null for no encryption. Errors are qemu-img's.</summary>
+    private static Qcow2Encryption? EncryptionOf(Dictionary<string, string> given)
+    {
+        string? legacy = given.GetValueOrDefault("encryption");
+        if (legacy is not (null or "on" or "off" or "true" or "false"))
+            throw new BlockException($"Parameter 'encryption' expects 'on' or 'off'");
+        bool legacyOn = legacy is "on" or "true";
+        string? format = given.GetValueOrDefault("encrypt.format");
+        if (legacyOn && format is not null && format != "aes")
+            throw new BlockException("Encryption option 'encryption' conflicts with encrypt.format=" + format);
+        format ??= legacyOn ? "aes" : null;
+        if (format is null)
+        {
+            if (given.Keys.Any(k => k.StartsWith("encrypt.", StringComparison.Ordinal)))
+                throw new BlockException("Parameter 'encrypt.format' is required");
+            return null;
+        }
+        if (format is not ("aes" or "luks")) throw new BlockException($"Parameter 'encrypt.format' does not accept value '{format}'");
+        if (format == "aes" && given.Keys.FirstOrDefault(k => k.StartsWith("encrypt.", StringComparison.Ordinal) && k is not ("encrypt.format" or "encrypt.key-secret")) is { } extra)
+            throw new BlockException($"Parameter '{extra}' is unexpected");
+        string secretId = given.GetValueOrDefault("encrypt.key-secret") ?? throw new BlockException("Parameter 'encrypt.key-secret' is required for cipher");
+        var luks = new Strata.Formats.Crypto.LuksFormatOptions();
+        if (given.GetValueOrDefault("encrypt.cipher-alg") is { } alg)
+            luks = luks with { CipherAlg = alg is "aes-128" or "aes-192" or "aes-256" ? alg : throw new BlockException($"Parameter 'encrypt.cipher-alg' does not accept value '{alg}'") };
+        if (given.GetValueOrDefault("encrypt.cipher-mode") is { } mode)
+            luks = luks with { CipherMode = mode is "xts" or "cbc" ? mode : throw new BlockException($"Parameter 'encrypt.cipher-mode' does not accept value '{mode}'") };
+        if (given.GetValueOrDefault("encrypt.ivgen-alg") is { } ivgen)
+            luks = luks with { IvGenAlg = ivgen == "plain64" ? ivgen : throw new BlockException($"Parameter 'encrypt.ivgen-alg' does not accept value '{ivgen}'") };
+        if (given.GetValueOrDefault("encrypt.hash-alg") is { } hash)
+            luks = luks with { HashAlg = Strata.Formats.Crypto.Luks.Hash(hash) is not null ? hash : throw new BlockException($"Parameter 'encrypt.hash-alg' does not accept value '{hash}'") };
+        if (given.GetValueOrDefault("encrypt.iter-time") is { } iterTime)
+            luks = luks with { IterTimeMs = long.TryParse(iterTime, out long ms) && ms >= 0 ? ms : throw new BlockException("Parameter 'encrypt.iter-time' expects a number") };
+        return new Qcow2Encryption(format, Secrets.Get(secretId), luks);
     }
 
     /// <summary>Raw falloc/full preallocation: every byte gets a disk block.</summary>

@@ -91,7 +91,7 @@ internal static partial class ImgCommands
         sub.SetAction(r => Run(stderr, () =>
         {
             var ids = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var definition in r.GetValue(objects) ?? []) QemuObjects.Check(definition, ids);
+            foreach (var definition in r.GetValue(objects) ?? []) QemuObjects.Define(definition, ids);
             s_imageOptsNames.Value = null;
             if (r.GetValue(imageOpts) && sub.Arguments.Count > 0)
             {
@@ -165,8 +165,16 @@ internal static partial class ImgCommands
         ImageLocking locking = ImageLocking.Normal)
     {
         CheckFormatName(format);
-        if (IsImageOpts(path)) return ImageOpener.OpenSpecChain(path, BlockSpec.FromKeyValues(path), format, readOnly, openBacking, locking);
-        return ImageOpener.Open(path, format, readOnly, openBacking, locking);
+        var image = IsImageOpts(path)
+            ? ImageOpener.OpenSpecChain(path, BlockSpec.FromKeyValues(path), format, readOnly, openBacking, locking)
+            : ImageOpener.Open(path, format, readOnly, openBacking, locking);
+        // Only info looks at an encrypted image without its key; every other command needs its data.
+        if (image is Qcow2Image { NeedsKey: true })
+        {
+            image.Dispose();
+            throw new BlockException($"Could not open '{path}': Parameter 'encrypt.key-secret' is required for cipher");
+        }
+        return image;
     }
 
     /// <summary>Opens one layer named on the command line (or found as a backing name) without its backing chain.</summary>

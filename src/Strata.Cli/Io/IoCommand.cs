@@ -170,7 +170,7 @@ internal static class IoCommand
         try
         {
             var ids = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var o in objects) QemuObjects.Check(o, ids);
+            foreach (var o in objects) QemuObjects.Define(o, ids);
         }
         catch (BlockException e)
         {
