@@ -401,8 +401,8 @@ public static class ImageOpener
         }
     }
 
-    /// <summary>The secret an encrypted image's encrypt.key-secret names (null when none is named).</summary>
-    private static byte[]? KeySecret(BlockOptions options) => options["encrypt.key-secret"] is { } id ? Secrets.Get(id) : null;
+    /// <summary>The lookup of the secret an encrypted image's encrypt.key-secret names (null when none is named).</summary>
+    private static Func<byte[]>? KeySecret(BlockOptions options) => options["encrypt.key-secret"] is { } id ? () => Secrets.Get(id) : null;
 
     /// <summary>Opens a protocol node. Host files come back as a RawImage over the file (blkdebug's rules set on
     /// it), so that a format can be put on top of that file.</summary>

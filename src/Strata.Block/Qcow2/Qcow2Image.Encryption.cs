@@ -11,14 +11,17 @@ public sealed record Qcow2Encryption(string Format, byte[] Secret, LuksFormatOpt
 /// <summary>
 /// Encrypted qcow2 (crypt_method 1, legacy AES-CBC; 2, LUKS with its header in clusters named by the full disk
 /// encryption header extension). Guest data in allocated clusters is encrypted in 512-byte sectors; the sector
-/// number is the guest offset's for AES and the host offset's for LUKS, as QEMU does. Without the key the image
-/// still opens (its metadata can be shown or checked) but guest data cannot be read or written.
+/// number is the guest offset's for AES and the host offset's for LUKS, as QEMU does. The key is looked up and
+/// the LUKS slots tried only at <see cref="Unlock"/> (or the first access to guest data), so that an image opens
+/// for its metadata alone (qemu-img info) without its secret, as QEMU's no-I/O opens do.
 /// </summary>
 public sealed partial class Qcow2Image
 {
     private const uint CryptAes = 1, CryptLuks = 2;
 
     private SectorCipher? _cipher;
+    private Func<byte[]>? _keySecret;
+    private readonly object _unlockLock = new();
     private (long Offset, long Length)? _luksArea;
 
     /// <summary>The LUKS header of a LUKS-encrypted image (null otherwise).</summary>
@@ -33,15 +36,15 @@ public sealed partial class Qcow2Image
     /// <summary>Where the LUKS header clusters lie (for the refcount check), or null.</summary>
     private (long Offset, long Length)? LuksArea => _luksArea;
 
-    /// <summary>Reads the encryption header at open and unlocks it with the key secret when one is given.</summary>
-    private void OpenEncryption(byte[]? secret)
+    /// <summary>Reads the encryption header at open; the key secret is kept for <see cref="Unlock"/>.</summary>
+    private void OpenEncryption(Func<byte[]>? keySecret)
     {
+        _keySecret = keySecret;
         switch (_header.CryptMethod)
         {
             case 0:
                 return;
             case CryptAes:
-                if (secret is not null) _cipher = SectorCipher.LegacyQcowAes(secret);
                 return;
             case CryptLuks:
                 var ext = _extras.Find(Qcow2ExtensionType.FullDiskEncryption)
@@ -53,22 +56,16 @@ public sealed partial class Qcow2Image
                 if (length > int.MaxValue || offset + length > _file.Length || length < LuksHeader.Length)
                     throw new ImageFormatException("Encryption header exceeds the end of the file");
                 _luksArea = (offset, length);
-                var area = new byte[length];
-                _file.Read(offset, area);
+                var head = new byte[LuksHeader.Length];
+                _file.Read(offset, head);
                 try
                 {
-                    Luks = LuksHeader.Parse(area);
+                    Luks = LuksHeader.Parse(head);
                 }
                 catch (FormatException e)
                 {
                     throw new BlockException(e.Message);
                 }
-                if (secret is null) return;
-                var masterKey = Formats.Crypto.Luks.Unlock(Luks, area, secret)
-                                ?? throw new BlockException("Invalid password, cannot unlock any keyslot");
-                _cipher = SectorCipher.ForMode(Luks.CipherMode, masterKey)
-                          ?? throw new BlockException($"Unsupported cipher mode '{Luks.CipherMode}'");
-                CryptographicOperations.ZeroMemory(masterKey);
                 return;
             default:
                 throw new BlockException($"Unsupported encryption method: {_header.CryptMethod}");
@@ -104,6 +101,10 @@ public sealed partial class Qcow2Image
             var exts = _extras.Extensions.Where(e => e.Type is Qcow2ExtensionType.BackingFormat or Qcow2ExtensionType.ExternalDataFile).ToList();
             exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.FullDiskEncryption, extension));
             exts.AddRange(_extras.Extensions.Where(e => e.Type is not (Qcow2ExtensionType.BackingFormat or Qcow2ExtensionType.ExternalDataFile or Qcow2ExtensionType.FullDiskEncryption)));
+            // With small clusters the feature name table no longer fits beside the crypto header: QEMU leaves it out.
+            int backingLength = _backingFile is null ? 0 : System.Text.Encoding.UTF8.GetByteCount(_backingFile);
+            if (_header.WrittenLength + exts.Sum(e => e.EncodedLength) + 8 + backingLength > _clusterSize)
+                exts.RemoveAll(e => e.Type == Qcow2ExtensionType.FeatureNameTable);
             _header = _header with { CryptMethod = CryptLuks };
             RewriteHeaderExtensions(exts);
             _luksArea = (offset, area.Length);
@@ -113,9 +114,44 @@ public sealed partial class Qcow2Image
         }
     }
 
+    /// <summary>Makes guest data readable: looks the key secret up and opens a LUKS key slot with it. Throws QEMU's
+    /// message when there is no secret, no such secret, or the password opens no slot. Nothing to do for a plain
+    /// image or one already unlocked.</summary>
+    public void Unlock()
+    {
+        if (!NeedsKey) return;
+        lock (_unlockLock)
+        {
+            if (_cipher is not null) return;
+            if (_keySecret is null) throw new BlockException("Parameter 'encrypt.key-secret' is required for cipher");
+            var secret = _keySecret();
+            if (_header.CryptMethod == CryptAes)
+            {
+                _cipher = SectorCipher.LegacyQcowAes(secret);
+                return;
+            }
+            var (offset, length) = _luksArea!.Value;
+            var area = new byte[length];
+            _file.Read(offset, area);
+            byte[]? masterKey;
+            try
+            {
+                masterKey = Formats.Crypto.Luks.Unlock(Luks!, area, secret);
+            }
+            catch (Exception e) when (e is FormatException or NotSupportedException)
+            {
+                throw new BlockException(e.Message);
+            }
+            if (masterKey is null) throw new BlockException("Invalid password, cannot unlock any keyslot");
+            _cipher = SectorCipher.ForMode(Luks!.CipherMode, masterKey)
+                      ?? throw new BlockException($"Unsupported cipher mode '{Luks.CipherMode}'");
+            CryptographicOperations.ZeroMemory(masterKey);
+        }
+    }
+
     private void ThrowIfNoKey()
     {
-        if (NeedsKey) throw new BlockException("Parameter 'encrypt.key-secret' is required for cipher");
+        if (_cipher is null) Unlock();
     }
 
     /// <summary>The first sector number of data at a guest offset stored at a host offset.</summary>

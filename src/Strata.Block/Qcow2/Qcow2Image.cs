@@ -15,8 +15,9 @@ public sealed record Qcow2OpenOptions
     /// <summary>Open read-only even though the host file is writable.</summary>
     public bool ReadOnly { get; init; }
 
-    /// <summary>The key secret of an encrypted image (encrypt.key-secret), null when none was given.</summary>
-    public byte[]? KeySecret { get; init; }
+    /// <summary>Looks up the key secret of an encrypted image (encrypt.key-secret), null when none was named; called
+    /// only when guest data is first needed.</summary>
+    public Func<byte[]>? KeySecret { get; init; }
 }
 
 /// <summary>

@@ -36,6 +36,7 @@ internal static partial class ImgCommands
 
     internal static int Create(TextWriter stdout, string file, string format, string? backing, string? backingFormat, string[] options, string? sizeText, bool quiet, bool unsafeBacking)
     {
+        if (format == "luks") return CreateLuks(stdout, file, options, sizeText, quiet);
         if (format is not ("qcow2" or "raw")) throw new BlockException($"{file}: Unknown file format '{format}'");
         var kv = ParseOptions(options, file);
         long clusterSize = 65536;
@@ -250,6 +251,40 @@ internal static partial class ImgCommands
         if (given.GetValueOrDefault("encrypt.iter-time") is { } iterTime)
             luks = luks with { IterTimeMs = long.TryParse(iterTime, out long ms) && ms >= 0 ? ms : throw new BlockException("Parameter 'encrypt.iter-time' expects a number") };
         return new Qcow2Encryption(format, Secrets.Get(secretId), luks);
+    }
+
+    /// <summary>create -f luks: a bare LUKS volume (the header and key material, then the payload), as qemu-img's luks
+    /// driver makes one. The payload is left sparse: nothing has been written to the volume yet.</summary>
+    private static int CreateLuks(TextWriter stdout, string file, string[] options, string? sizeText, bool quiet)
+    {
+        var given = new Dictionary<string, string>(StringComparer.Ordinal) { ["encrypt.format"] = "luks" };
+        long? size = null;
+        if (sizeText is not null)
+            size = SizeText.TryParse(sizeText, out long s) ? s : throw new BlockException("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+        foreach (var (key, value) in ParseOptions(options, file))
+        {
+            if (key == "size") size = SizeText.TryParse(value, out long os) ? os : throw new BlockException($"{file}: Parameter 'size' expects a size");
+            else if (Array.IndexOf(EncryptionOptionOrder, "encrypt." + key) > 0) given["encrypt." + key] = value;
+            else throw new BlockException($"{file}: Invalid parameter '{key}'");
+        }
+        if (size is null) throw new BlockException($"{file}: Image creation needs a size parameter");
+        if (!quiet)
+            stdout.WriteLine($"Formatting '{file}', fmt=luks size={size}" + string.Concat(EncryptionOptionOrder.Skip(2).Where(given.ContainsKey).Select(k => $" {k["encrypt.".Length..]}={given[k]}")));
+        try
+        {
+            var encryption = EncryptionOf(given)!;
+            var (_, area, masterKey) = Strata.Formats.Crypto.Luks.Format(encryption.Secret, encryption.Luks);
+            System.Security.Cryptography.CryptographicOperations.ZeroMemory(masterKey);
+            using var volume = HostFile.Create(file);
+            volume.Write(0, area);
+            volume.SetLength(area.Length + ((size.Value + 511) & ~511L));
+            volume.Flush();
+        }
+        catch (BlockException e)
+        {
+            throw new BlockException($"{file}: {e.Message.Replace("'encrypt.", "'")}");
+        }
+        return 0;
     }
 
     /// <summary>Raw falloc/full preallocation: every byte gets a disk block.</summary>

@@ -168,13 +168,37 @@ internal static partial class ImgCommands
         var image = IsImageOpts(path)
             ? ImageOpener.OpenSpecChain(path, BlockSpec.FromKeyValues(path), format, readOnly, openBacking, locking)
             : ImageOpener.Open(path, format, readOnly, openBacking, locking);
-        // Only info looks at an encrypted image without its key; every other command needs its data.
-        if (image is Qcow2Image { NeedsKey: true })
+        // Only info looks at an encrypted image without its key; every other command needs its data, so the key is
+        // checked now, as qemu-img checks it when it opens an image.
+        try
+        {
+            UnlockChain(path, image);
+        }
+        catch
         {
             image.Dispose();
-            throw new BlockException($"Could not open '{path}': Parameter 'encrypt.key-secret' is required for cipher");
+            throw;
         }
         return image;
+    }
+
+    /// <summary>Unlocks every encrypted layer of a chain; errors name the layer as qemu-img's open does.</summary>
+    private static void UnlockChain(string path, BlockImage top)
+    {
+        int depth = 0;
+        for (BlockImage? layer = top; layer is not null; layer = layer.Backing, depth++)
+        {
+            if (layer is not Qcow2Image q) continue;
+            try
+            {
+                q.Unlock();
+            }
+            catch (BlockException e)
+            {
+                throw new BlockException(depth == 0 ? $"Could not open '{path}': {e.Message}"
+                    : $"Could not open backing file: Could not open '{q.FileName}': {e.Message}");
+            }
+        }
     }
 
     /// <summary>Opens one layer named on the command line (or found as a backing name) without its backing chain.</summary>
