@@ -271,7 +271,24 @@ public static class ImageOpener
         bool fileBelow = options["file.driver"] is null or "file" && options["driver"] is null or "qcow2" or "raw";
         if (plain.Count == 0 && fileBelow && (options["file.filename"] ?? options["filename"]) is { } file) return file;
         if (plain.Count == 0 && options["driver"] == "file" && options["filename"] is { } direct) return direct;
+        // A format node with options of its own (an encrypted image's key secret) over a host file: QEMU names it by
+        // all its options, as a json: filename.
+        if (!BlockSpec.IsSpecial(name) && options["driver"] is "qcow2" && options["file.filename"] is not null &&
+            plain.All(k => k.StartsWith("encrypt.", StringComparison.Ordinal)))
+            return "json:" + Formats.Json.QemuJson.Compact(JsonOptions(options));
         return name;
+    }
+
+    /// <summary>Options as the nested dictionary of a json: filename: the file child a dictionary of its own.</summary>
+    private static Formats.Json.QDict JsonOptions(BlockOptions options)
+    {
+        var dict = new Formats.Json.QDict();
+        foreach (var (key, value) in options.Values)
+            if (!key.StartsWith("file.", StringComparison.Ordinal)) dict.Add(key, value);
+        var file = new Formats.Json.QDict();
+        foreach (var (key, value) in options.Child("file").Values) file.Add(key, value);
+        if (file["driver"] is null) file.Add("driver", "file");
+        return dict.Add("file", file);
     }
 
     /// <summary>How QEMU names an NBD node: nbd://HOST:PORT[/EXPORT] or nbd+unix://[/EXPORT]?socket=PATH.</summary>
