@@ -132,6 +132,26 @@ public static class ImageOpener
         }
     }
 
+    /// <summary>Unlocks every encrypted layer of a chain (for a command that reads or writes guest data); errors name
+    /// the layer as qemu-img's open does.</summary>
+    public static void UnlockChain(string path, BlockImage top)
+    {
+        int depth = 0;
+        for (BlockImage? layer = top; layer is not null; layer = layer.Backing, depth++)
+        {
+            if (layer is not Qcow2Image q) continue;
+            try
+            {
+                q.Unlock();
+            }
+            catch (BlockException e)
+            {
+                throw new BlockException(depth == 0 ? $"Could not open '{path}': {e.Message}"
+                    : $"Could not open backing file: Could not open '{q.FileName}': {e.Message}");
+            }
+        }
+    }
+
     /// <summary>A relative backing name is relative to the folder of the image that names it.</summary>
     public static string ResolveBackingPath(string imagePath, string backing)
     {

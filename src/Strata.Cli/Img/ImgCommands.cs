@@ -172,7 +172,7 @@ internal static partial class ImgCommands
         // checked now, as qemu-img checks it when it opens an image.
         try
         {
-            UnlockChain(path, image);
+            ImageOpener.UnlockChain(path, image);
         }
         catch
         {
@@ -180,25 +180,6 @@ internal static partial class ImgCommands
             throw;
         }
         return image;
-    }
-
-    /// <summary>Unlocks every encrypted layer of a chain; errors name the layer as qemu-img's open does.</summary>
-    private static void UnlockChain(string path, BlockImage top)
-    {
-        int depth = 0;
-        for (BlockImage? layer = top; layer is not null; layer = layer.Backing, depth++)
-        {
-            if (layer is not Qcow2Image q) continue;
-            try
-            {
-                q.Unlock();
-            }
-            catch (BlockException e)
-            {
-                throw new BlockException(depth == 0 ? $"Could not open '{path}': {e.Message}"
-                    : $"Could not open backing file: Could not open '{q.FileName}': {e.Message}");
-            }
-        }
     }
 
     /// <summary>Opens one layer named on the command line (or found as a backing name) without its backing chain.</summary>
