@@ -90,6 +90,17 @@ public class EncryptedQcow2Tests
         Assert.Contains("No errors were found on the image.", check.Stdout);
     }
 
+    [Theory]
+    [InlineData("encrypt.format=luks,encrypt.iter-time=10")]
+    [InlineData("encrypt.format=aes")]
+    public void ConvertWritesANewEncryptedTargetQemuReads(string options)
+    {
+        using var t = new TempDir();
+        string id = NewSecretId(), img = t["enc.qcow2"], raw = Reference(t);
+        StrataCmd("img", "convert", "--object", Secret(id, "astrochicken"), "-O", "qcow2", "-o", $"{options},encrypt.key-secret={id}", raw, img).Ok();
+        AssertQemuSaysIdentical(img, id, "astrochicken", raw);
+    }
+
     [Fact]
     public void WrongPasswordIsRefusedAsQemuRefusesIt()
     {

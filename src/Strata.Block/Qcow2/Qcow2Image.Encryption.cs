@@ -22,6 +22,9 @@ public sealed partial class Qcow2Image
     private SectorCipher? _cipher;
     private Func<byte[]>? _keySecret;
     private readonly object _unlockLock = new();
+    /// <summary>Encrypted in-place writes hold their whole sectors: a write of part of a sector rewrites the rest of it
+    /// from what it read, which must not undo another write to that sector meanwhile.</summary>
+    private readonly RangeLock _sectorWrites = new();
     private (long Offset, long Length)? _luksArea;
 
     /// <summary>The LUKS header of a LUKS-encrypted image (null otherwise).</summary>
@@ -186,6 +189,7 @@ public sealed partial class Qcow2Image
         long head = hostOffset & (sector - 1);
         long start = hostOffset - head;
         var sectors = new byte[(head + data.Length + sector - 1) & ~(sector - 1L)];
+        using var hold = _sectorWrites.Exclusive(start, sectors.Length);
         if (head != 0) ReadDecrypted(guestOffset - head, start, sectors.AsSpan(0, sector));
         if (((head + data.Length) & (sector - 1)) != 0 && (sectors.Length > sector || head == 0))
             ReadDecrypted(guestOffset - head + sectors.Length - sector, start + sectors.Length - sector, sectors.AsSpan(sectors.Length - sector));
