@@ -25,6 +25,7 @@ public sealed partial class Qcow2Image
     /// <summary>Encrypted in-place writes hold their whole sectors: a write of part of a sector rewrites the rest of it
     /// from what it read, which must not undo another write to that sector meanwhile.</summary>
     private readonly RangeLock _sectorWrites = new();
+    /// <summary>Where the LUKS header clusters lie (the refcount check counts them), or null.</summary>
     private (long Offset, long Length)? _luksArea;
 
     /// <summary>The LUKS header of a LUKS-encrypted image (null otherwise).</summary>
@@ -35,9 +36,6 @@ public sealed partial class Qcow2Image
 
     /// <summary>Encrypted, and opened without its key: guest data cannot be read or written.</summary>
     public bool NeedsKey => _header.CryptMethod != 0 && _cipher is null;
-
-    /// <summary>Where the LUKS header clusters lie (for the refcount check), or null.</summary>
-    private (long Offset, long Length)? LuksArea => _luksArea;
 
     /// <summary>Reads the encryption header at open; the key secret is kept for <see cref="Unlock"/>.</summary>
     private void OpenEncryption(Func<byte[]>? keySecret)
