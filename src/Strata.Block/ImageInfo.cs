@@ -58,9 +58,34 @@ public static class ImageInfo
                 data.Add("refcount-bits", h.RefcountBits);
                 data.Add("compression-type", "zlib");
             }
+            if (q.EncryptionFormat is not null) data.Add("encrypt", EncryptionInfo(q));
             d.Add("format-specific", new QDict().Add("type", "qcow2").Add("data", data));
+            if (q.EncryptionFormat is not null) d.Add("encrypted", true);
         }
         return d;
+    }
+
+    /// <summary>QCryptoBlockInfo: the format, and for LUKS its cipher, hash, uuid and key slots.</summary>
+    private static QDict EncryptionInfo(Qcow2Image image)
+    {
+        var info = new QDict().Add("format", image.EncryptionFormat);
+        if (image.Luks is not { } luks) return info;
+        string mode = luks.CipherMode;
+        int dash = mode.IndexOf('-');
+        info.Add("cipher-alg", Strata.Formats.Crypto.Luks.CipherAlg(luks))
+            .Add("cipher-mode", dash < 0 ? mode : mode[..dash])
+            .Add("ivgen-alg", dash < 0 ? "plain64" : mode[(dash + 1)..])
+            .Add("hash-alg", luks.HashSpec)
+            .Add("payload-offset", (long)luks.PayloadOffsetSectors * 512)
+            .Add("master-key-iters", (long)luks.MasterKeyDigestIterations)
+            .Add("uuid", luks.Uuid)
+            .Add("slots", luks.KeySlots.Select(slot =>
+            {
+                var d = new QDict().Add("active", slot.Active);
+                if (slot.Active) d.Add("iters", (long)slot.Iterations).Add("stripes", (long)slot.Stripes);
+                return (object?)d.Add("key-offset", (long)slot.KeyMaterialOffsetSectors * 512);
+            }).ToList());
+        return info;
     }
 
     /// <summary>The flags the image file holds for a bitmap: in-use (set on disk while open read-write, or left by

@@ -155,6 +155,26 @@ public static class ImageOpener
         }
     }
 
+    /// <summary>Unlocks every encrypted layer of a chain (for a command that reads or writes guest data); errors name
+    /// the layer as qemu-img's open does.</summary>
+    public static void UnlockChain(string path, BlockImage top)
+    {
+        int depth = 0;
+        for (BlockImage? layer = top; layer is not null; layer = layer.Backing, depth++)
+        {
+            if (layer is not Qcow2Image q) continue;
+            try
+            {
+                q.Unlock();
+            }
+            catch (BlockException e)
+            {
+                throw new BlockException(depth == 0 ? $"Could not open '{path}': {e.Message}"
+                    : $"Could not open backing file: Could not open '{q.FileName}': {e.Message}");
+            }
+        }
+    }
+
     /// <summary>A relative backing name is relative to the folder of the image that names it.</summary>
     public static string ResolveBackingPath(string imagePath, string backing)
     {
@@ -231,6 +251,14 @@ public static class ImageOpener
         if (!openBacking || NoBacking(options) || image.BackingFileName is not { } backing) return image;
         try
         {
+            // backing.* options describe the backing node themselves (its file, its key secret).
+            var backingOptions = options.Child("backing");
+            if (backingOptions.HasChild("file") || backingOptions["driver"] is not null)
+            {
+                image.ReplaceBacking(OpenSpecChain(backing, backingOptions, image.BackingFormat, readOnly: true, openBacking: true,
+                    locking == ImageLocking.Stable ? ImageLocking.Normal : locking));
+                return image;
+            }
             string backingPath = ResolveBackingPath(HostPathOf(options) ?? "", backing);
             var seen = new HashSet<string>(StringComparer.Ordinal);
             if (HostPathOf(options) is { } top) seen.Add(Path.GetFullPath(top));
@@ -289,6 +317,11 @@ public static class ImageOpener
         bool fileBelow = options["file.driver"] is null or "file" && options["driver"] is null or "qcow2" or "raw";
         if (plain.Count == 0 && fileBelow && (options["file.filename"] ?? options["filename"]) is { } file) return Unprefixable(file);
         if (plain.Count == 0 && options["driver"] == "file" && options["filename"] is { } direct) return Unprefixable(direct);
+        // A format node with options of its own (an encrypted image's key secret) over a host file: QEMU names it by
+        // all its options, as a json: filename.
+        if (!BlockSpec.IsSpecial(name) && options["driver"] is "qcow2" && options["file.filename"] is not null &&
+            plain.All(k => k.StartsWith("encrypt.", StringComparison.Ordinal)))
+            return "json:" + Formats.Json.QemuJson.Compact(JsonOptions(options));
         return name;
     }
 
@@ -298,6 +331,18 @@ public static class ImageOpener
     {
         int colon = file.IndexOf(':'), slash = file.IndexOf('/');
         return colon > 0 && (slash < 0 || colon < slash) ? "./" + file : file;
+    }
+
+    /// <summary>Options as the nested dictionary of a json: filename: the file child a dictionary of its own.</summary>
+    private static Formats.Json.QDict JsonOptions(BlockOptions options)
+    {
+        var dict = new Formats.Json.QDict();
+        foreach (var (key, value) in options.Values)
+            if (!key.StartsWith("file.", StringComparison.Ordinal)) dict.Add(key, value);
+        var file = new Formats.Json.QDict();
+        foreach (var (key, value) in options.Child("file").Values) file.Add(key, value);
+        if (file["driver"] is null) file.Add("driver", "file");
+        return dict.Add("file", file);
     }
 
     /// <summary>How QEMU names an NBD node: nbd://HOST:PORT[/EXPORT] or nbd+unix://[/EXPORT]?socket=PATH.</summary>
@@ -422,7 +467,7 @@ public static class ImageOpener
             var dataFile = DataFileChild(options, readOnly, locking, isBacking);
             try
             {
-                return Qcow2Image.Open(file, new Qcow2OpenOptions { DataFile = dataFile });
+                return Qcow2Image.Open(file, new Qcow2OpenOptions { DataFile = dataFile, KeySecret = KeySecret(options) });
             }
             catch
             {
@@ -450,6 +495,9 @@ public static class ImageOpener
         node.Dispose();
         throw new BlockException($"Strata opens qcow2 data files only over host files, not over '{driver}'");
     }
+
+    /// <summary>The lookup of the secret an encrypted image's encrypt.key-secret names (null when none is named).</summary>
+    private static Func<byte[]>? KeySecret(BlockOptions options) => options["encrypt.key-secret"] is { } id ? () => Secrets.Get(id) : null;
 
     /// <summary>Opens a protocol node. Host files come back as a RawImage over the file (blkdebug's rules set on
     /// it), so that a format can be put on top of that file.</summary>

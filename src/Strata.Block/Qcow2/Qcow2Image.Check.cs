@@ -223,6 +223,7 @@ public sealed partial class Qcow2Image
         }
 
         Count(0, _clusterSize);
+        if (_luksArea is { } luks) Count(luks.Offset, luks.Length);
         Count((long)_header.L1TableOffset, _l1.Length * 8L);
         long nextContiguous = 0;
         var l2Raw = new byte[_clusterSize];

@@ -508,6 +508,7 @@ public sealed partial class Qcow2Image
             if (options.DataFile is { } dataFile) HostFile.Create(dataFile).Dispose();
             img = Open(HostFile.Open(path, readOnly: false));
             img.Resize(options.Size);
+            if (options.Encryption is { } encryption) img.SetUpEncryption(encryption);
             return img;
         }
         catch
@@ -599,6 +600,8 @@ public sealed record Qcow2CreateOptions
     public bool DataFileRaw { get; init; }
     /// <summary>128-bit L2 entries with 32 subclusters per cluster (needs version 3 and clusters of 16 KiB or more).</summary>
     public bool ExtendedL2 { get; init; }
+    /// <summary>Encrypt guest data (legacy AES or LUKS), null for plain.</summary>
+    public Qcow2Encryption? Encryption { get; init; }
 }
 
 /// <summary>A refcount would exceed what the image's refcount width holds (QEMU: EINVAL from update_refcount).</summary>

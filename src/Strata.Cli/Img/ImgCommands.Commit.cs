@@ -36,7 +36,9 @@ internal static partial class ImgCommands
             // A base named by options (json:, blkdebug:) opens as named, so that filters such as blkdebug stay on it.
             string? storedName = layers[baseDepth - 1].BackingFileName;
             string targetName = storedName is not null && BlockSpec.ProtocolOf(storedName) is "json" or "blkdebug" ? storedName : baseLayer.FileName;
-            using var target = ImageOpener.Open(targetName, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal);
+            using var target = BaseSpec(path, baseDepth) is { } baseSpec
+                ? ImageOpener.OpenSpecChain(baseLayer.FileName, baseSpec, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal)
+                : ImageOpener.Open(targetName, baseLayer.FormatName, readOnly: false, locking: ImageLocking.Normal);
             var printer = r.GetValue(progress) && !r.GetValue(quiet) ? new ProgressPrinter(stdout, minSkip: 1) : null;
             printer?.Report(0, 1);
             try
@@ -64,6 +66,20 @@ internal static partial class ImgCommands
             return 0;
         }));
         return cmd;
+    }
+
+    /// <summary>The options --image-opts gives the base layer (backing.…, as deep as the base lies), when they
+    /// describe it themselves — its key secret among them; null when the base is opened by its file name.</summary>
+    private static BlockOptions? BaseSpec(string path, int baseDepth)
+    {
+        if (!IsImageOpts(path)) return null;
+        var options = BlockSpec.FromKeyValues(path);
+        for (int depth = 0; depth < baseDepth; depth++)
+        {
+            options = options.Child("backing");
+            if (!options.HasChild("file") && options["driver"] is null) return null;
+        }
+        return options;
     }
 
     /// <summary>The depth of the layer <paramref name="name"/> names, as qemu-img finds a base: the backing file name

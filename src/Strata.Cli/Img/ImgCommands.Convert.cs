@@ -122,7 +122,11 @@ internal static partial class ImgCommands
                     }
                 }
                 // Without -n, -B only names the new target's backing file; an existing target keeps its own.
-                using var dst = OpenImage(target, fresh ? outFmt : outFmtGiven, readOnly: false, openBacking: fresh ? targetBacking is not null : true);
+                // A new encrypted target is written through the key it was created with.
+                string? targetKey = fresh && outFmt == "qcow2" ? kv.LastOrDefault(p => p.Key == "encrypt.key-secret").Value : null;
+                using var dst = targetKey is not null
+                    ? OpenEncryptedTarget(target, targetKey, openBacking: targetBacking is not null)
+                    : OpenImage(target, fresh ? outFmt : outFmtGiven, readOnly: false, openBacking: fresh ? targetBacking is not null : true);
                 if (!fresh && dst.Size < total) throw new BlockException("output file is smaller than input file");
                 if (r.GetValue(bitmaps) && dst is not Qcow2Image) throw new BlockException($"Format driver '{dst.FormatName}' does not support bitmaps");
                 if (compressed && !dst.SupportsCompression) throw new BlockException("Compression not supported for this file format");
@@ -215,5 +219,24 @@ internal static partial class ImgCommands
             if (!b.Enabled) target.Bitmaps.Disable(b.Name);
         }
         target.Flush();
+    }
+
+    /// <summary>Opens a qcow2 target just created encrypted, with the key secret it was created with.</summary>
+    private static BlockImage OpenEncryptedTarget(string target, string keySecretId, bool openBacking)
+    {
+        var options = new BlockOptions([
+            KeyValuePair.Create("driver", (string?)"qcow2"), KeyValuePair.Create("file.driver", (string?)"file"),
+            KeyValuePair.Create("file.filename", (string?)target), KeyValuePair.Create("encrypt.key-secret", (string?)keySecretId)]);
+        var image = ImageOpener.OpenSpecChain(target, options, "qcow2", readOnly: false, openBacking, ImageLocking.Normal);
+        try
+        {
+            ImageOpener.UnlockChain(target, image);
+        }
+        catch
+        {
+            image.Dispose();
+            throw;
+        }
+        return image;
     }
 }

@@ -37,6 +37,7 @@ internal static partial class ImgCommands
 
     internal static int Create(TextWriter stdout, string file, string format, string? backing, string? backingFormat, string[] options, string? sizeText, bool quiet, bool unsafeBacking)
     {
+        if (format == "luks") return CreateLuks(stdout, file, options, sizeText, quiet);
         if (format is not ("qcow2" or "raw" or "file")) throw new BlockException($"{file}: Unknown file format '{format}'");
         // -f file is the protocol driver itself: a plain file, as raw, under its own name in the Formatting line.
         string shownFormat = format;
@@ -49,6 +50,7 @@ internal static partial class ImgCommands
         var compression = Qcow2CompressionType.Deflate;
         string refcountBitsText = "16";
         string? compat = null, lazyRefcounts = null, preallocation = null, dataFile = null, dataFileRaw = null, extendedL2 = null;
+        var encrypt = new Dictionary<string, string>(StringComparer.Ordinal);
         long? size = null, extentSizeHint = null;
         if (sizeText is not null)
         {
@@ -94,6 +96,10 @@ internal static partial class ImgCommands
                     if (!BoolOptionValue(value).HasValue)
                         throw new BlockException($"{file}: Parameter 'extended_l2' expects 'on' or 'off'");
                     extendedL2 = value;
+                    break;
+                case "encryption" or "encrypt.format" or "encrypt.key-secret" or "encrypt.cipher-alg" or "encrypt.cipher-mode"
+                    or "encrypt.ivgen-alg" or "encrypt.ivgen-hash-alg" or "encrypt.hash-alg" or "encrypt.iter-time" when format == "qcow2":
+                    encrypt[key] = value;
                     break;
                 case "backing_file" when format == "qcow2":
                     backing = value;
@@ -160,7 +166,7 @@ internal static partial class ImgCommands
             string hint = extentSizeHint is null ? "" : $" extent_size_hint={extentSizeHint}";
             string line = format == "raw"
                 ? $"Formatting '{file}', fmt={shownFormat} size={size}{prealloc}{hint}"
-                : $"Formatting '{file}', fmt=qcow2 cluster_size={clusterSize} extended_l2={extendedL2 ?? "off"}{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
+                : $"Formatting '{file}', fmt=qcow2{EncryptionOptionsText(encrypt)} cluster_size={clusterSize} extended_l2={extendedL2 ?? "off"}{prealloc} compression_type={(compression == Qcow2CompressionType.Zstd ? "zstd" : "zlib")} size={size}" +
                   (compat is null ? "" : $" compat={compat}") +
                   (backing is null ? "" : $" backing_file={backing.Replace(",", ",,")} backing_fmt={backingFormat}") +
                   (dataFile is null ? "" : $" data_file={dataFile.Replace(",", ",,")}") +
@@ -193,6 +199,15 @@ internal static partial class ImgCommands
             "0.10" or "v2" => 2,
             _ => throw new BlockException($"{file}: Parameter 'version' does not accept value '{compat}'"),
         };
+        Qcow2Encryption? encryption;
+        try
+        {
+            encryption = format == "qcow2" ? EncryptionOf(encrypt) : null;
+        }
+        catch (BlockException e)
+        {
+            throw new BlockException($"{file}: {e.Message}");
+        }
         if (format == "raw")
         {
             try
@@ -223,6 +238,7 @@ internal static partial class ImgCommands
                     DataFile = dataFile,
                     DataFileRaw = dataFileRaw is "on" or "true",
                     ExtendedL2 = extendedL2 is not null && BoolOptionValue(extendedL2)!.Value,
+                    Encryption = encryption,
                 });
                 q.Preallocate(preallocMode);
             }
@@ -241,6 +257,84 @@ internal static partial class ImgCommands
         "off" or "no" or "false" or "n" => false,
         _ => null,
     };
+
+    /// <summary>The encryption options qcow2's creation takes, in the order qemu-img prints them.</summary>
+    private static readonly string[] EncryptionOptionOrder =
+        ["encryption", "encrypt.format", "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode", "encrypt.ivgen-alg",
+         "encrypt.ivgen-hash-alg", "encrypt.hash-alg", "encrypt.iter-time"];
+
+    private static string EncryptionOptionsText(Dictionary<string, string> given) =>
+        string.Concat(EncryptionOptionOrder.Where(given.ContainsKey).Select(k => $" {k}={given[k]}"));
+
+    /// <summary>How the encrypt.* options (and the legacy encryption=on) ask a new qcow2 image to be encrypted;
+    /// null for no encryption. Errors are qemu-img's.</summary>
+    private static Qcow2Encryption? EncryptionOf(Dictionary<string, string> given)
+    {
+        string? legacy = given.GetValueOrDefault("encryption");
+        if (legacy is not (null or "on" or "off" or "true" or "false"))
+            throw new BlockException($"Parameter 'encryption' expects 'on' or 'off'");
+        bool legacyOn = legacy is "on" or "true";
+        string? format = given.GetValueOrDefault("encrypt.format");
+        if (legacyOn && format is not null && format != "aes")
+            throw new BlockException("Encryption option 'encryption' conflicts with encrypt.format=" + format);
+        format ??= legacyOn ? "aes" : null;
+        if (format is null)
+        {
+            if (given.Keys.Any(k => k.StartsWith("encrypt.", StringComparison.Ordinal)))
+                throw new BlockException("Parameter 'encrypt.format' is required");
+            return null;
+        }
+        if (format is not ("aes" or "luks")) throw new BlockException($"Parameter 'encrypt.format' does not accept value '{format}'");
+        if (format == "aes" && given.Keys.FirstOrDefault(k => k.StartsWith("encrypt.", StringComparison.Ordinal) && k is not ("encrypt.format" or "encrypt.key-secret")) is { } extra)
+            throw new BlockException($"Parameter '{extra}' is unexpected");
+        string secretId = given.GetValueOrDefault("encrypt.key-secret") ?? throw new BlockException("Parameter 'encrypt.key-secret' is required for cipher");
+        var luks = new Strata.Formats.Crypto.LuksFormatOptions();
+        if (given.GetValueOrDefault("encrypt.cipher-alg") is { } alg)
+            luks = luks with { CipherAlg = alg is "aes-128" or "aes-192" or "aes-256" ? alg : throw new BlockException($"Parameter 'encrypt.cipher-alg' does not accept value '{alg}'") };
+        if (given.GetValueOrDefault("encrypt.cipher-mode") is { } mode)
+            luks = luks with { CipherMode = mode is "xts" or "cbc" ? mode : throw new BlockException($"Parameter 'encrypt.cipher-mode' does not accept value '{mode}'") };
+        if (given.GetValueOrDefault("encrypt.ivgen-alg") is { } ivgen)
+            luks = luks with { IvGenAlg = ivgen == "plain64" ? ivgen : throw new BlockException($"Parameter 'encrypt.ivgen-alg' does not accept value '{ivgen}'") };
+        if (given.GetValueOrDefault("encrypt.hash-alg") is { } hash)
+            luks = luks with { HashAlg = Strata.Formats.Crypto.Luks.Hash(hash) is not null ? hash : throw new BlockException($"Parameter 'encrypt.hash-alg' does not accept value '{hash}'") };
+        if (given.GetValueOrDefault("encrypt.iter-time") is { } iterTime)
+            luks = luks with { IterTimeMs = long.TryParse(iterTime, out long ms) && ms >= 0 ? ms : throw new BlockException("Parameter 'encrypt.iter-time' expects a number") };
+        return new Qcow2Encryption(format, Secrets.Get(secretId), luks);
+    }
+
+    /// <summary>create -f luks: a bare LUKS volume (the header and key material, then the payload), as qemu-img's luks
+    /// driver makes one. The payload is left sparse: nothing has been written to the volume yet.</summary>
+    private static int CreateLuks(TextWriter stdout, string file, string[] options, string? sizeText, bool quiet)
+    {
+        var given = new Dictionary<string, string>(StringComparer.Ordinal) { ["encrypt.format"] = "luks" };
+        long? size = null;
+        if (sizeText is not null)
+            size = SizeText.TryParse(sizeText, out long s) ? s : throw new BlockException("Invalid image size specified. You may use k, M, G, T, P or E suffixes for\n" + Prog + ": kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.");
+        foreach (var (key, value) in ParseOptions(options, file))
+        {
+            if (key == "size") size = SizeText.TryParse(value, out long os) ? os : throw new BlockException($"{file}: Parameter 'size' expects a size");
+            else if (Array.IndexOf(EncryptionOptionOrder, "encrypt." + key) > 0) given["encrypt." + key] = value;
+            else throw new BlockException($"{file}: Invalid parameter '{key}'");
+        }
+        if (size is null) throw new BlockException($"{file}: Image creation needs a size parameter");
+        if (!quiet)
+            stdout.WriteLine($"Formatting '{file}', fmt=luks size={size}" + string.Concat(EncryptionOptionOrder.Skip(2).Where(given.ContainsKey).Select(k => $" {k["encrypt.".Length..]}={given[k]}")));
+        try
+        {
+            var encryption = EncryptionOf(given)!;
+            var (_, area, masterKey) = Strata.Formats.Crypto.Luks.Format(encryption.Secret, encryption.Luks);
+            System.Security.Cryptography.CryptographicOperations.ZeroMemory(masterKey);
+            using var volume = HostFile.Create(file);
+            volume.Write(0, area);
+            volume.SetLength(area.Length + ((size.Value + 511) & ~511L));
+            volume.Flush();
+        }
+        catch (BlockException e)
+        {
+            throw new BlockException($"{file}: {e.Message.Replace("'encrypt.", "'")}");
+        }
+        return 0;
+    }
 
     /// <summary>Raw falloc/full preallocation: every byte gets a disk block.</summary>
     private static void WriteZeros(BlockImage image, long size)

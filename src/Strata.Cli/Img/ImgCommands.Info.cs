@@ -76,6 +76,7 @@ internal static partial class ImgCommands
         sb.Append($"file format: {image.FormatName}\n");
         sb.Append($"virtual size: {SizeText.Human(image.Size)} ({image.Size} bytes)\n");
         sb.Append($"disk size: {SizeText.Human(ActualSize(image))}\n");
+        if (image is Qcow2Image { EncryptionFormat: not null }) sb.Append("encrypted: yes\n");
         if (image.ClusterSize > 0) sb.Append($"cluster_size: {image.ClusterSize}\n");
         if (image.BackingFileName is { } bf)
         {

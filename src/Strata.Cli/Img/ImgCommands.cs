@@ -92,7 +92,7 @@ internal static partial class ImgCommands
         sub.SetAction(r => Run(stderr, () =>
         {
             var ids = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var definition in r.GetValue(objects) ?? []) QemuObjects.Check(definition, ids);
+            foreach (var definition in r.GetValue(objects) ?? []) QemuObjects.Define(definition, ids);
             s_imageOptsNames.Value = null;
             if (r.GetValue(imageOpts) && sub.Arguments.Count > 0)
             {
@@ -181,8 +181,21 @@ internal static partial class ImgCommands
     {
         if (format is not null and not ("qcow2" or "raw"))
             throw new BlockException($"Could not open '{path}': Unknown driver '{format}'");
-        if (IsImageOpts(path)) return ImageOpener.OpenSpecChain(path, ImageOptsSpec(path, locking), format, readOnly, openBacking, locking);
-        return ImageOpener.Open(path, format, readOnly, openBacking, locking, forCheck);
+        var image = IsImageOpts(path)
+            ? ImageOpener.OpenSpecChain(path, ImageOptsSpec(path, locking), format, readOnly, openBacking, locking)
+            : ImageOpener.Open(path, format, readOnly, openBacking, locking, forCheck);
+        // Only info looks at an encrypted image without its key; every other command needs its data, so the key is
+        // checked now, as qemu-img checks it when it opens an image.
+        try
+        {
+            ImageOpener.UnlockChain(path, image);
+        }
+        catch
+        {
+            image.Dispose();
+            throw;
+        }
+        return image;
     }
 
     /// <summary>An --image-opts string as options; -U and an explicit force-share=off contradict each other.</summary>

@@ -3,9 +3,9 @@ using Strata.Block;
 namespace Strata.Cli.Img;
 
 /// <summary>
-/// qemu-img's and qemu-io's <c>--object</c>: user-creatable objects given as key=value strings. Strata has no
-/// encrypted images, so a secret is only checked the way QEMU checks it (the same messages for a bad definition);
-/// nothing reads its value afterwards.
+/// qemu-img's and qemu-io's <c>--object</c>: user-creatable objects given as key=value strings. Only secrets mean
+/// something to Strata (the keys of encrypted images); a definition is checked the way QEMU checks it (the same
+/// messages for a bad one) and a secret is then defined for <c>encrypt.key-secret</c> to name.
 /// </summary>
 internal static class QemuObjects
 {
@@ -14,9 +14,9 @@ internal static class QemuObjects
         ["secret", "secret_keyring", "iothread", "throttle-group", "tls-creds-anon", "tls-creds-psk", "tls-creds-x509", "tls-cipher-suites",
          "authz-simple", "authz-list", "authz-listfile", "authz-pam", "memory-backend-file", "memory-backend-ram", "memory-backend-memfd"];
 
-    /// <summary>Checks one definition; throws a <see cref="BlockException"/> with QEMU's message when it is wrong.
-    /// <paramref name="seenIds"/> collects the ids of one command line (a duplicate is refused).</summary>
-    public static void Check(string definition, ISet<string> seenIds)
+    /// <summary>Checks one definition and defines its secret; throws a <see cref="BlockException"/> with QEMU's
+    /// message when it is wrong. <paramref name="seenIds"/> collects the ids of one command line (a duplicate is refused).</summary>
+    public static void Define(string definition, ISet<string> seenIds)
     {
         var options = BlockSpec.FromKeyValues(definition, impliedKey: "qom-type");
         string type = options["qom-type"] ?? throw new BlockException("Parameter 'qom-type' is missing");
@@ -36,5 +36,18 @@ internal static class QemuObjects
         if (file is not null && !File.Exists(file))
             throw new BlockException($"Unable to read {file}: Failed to open file \u201c{file}\u201d: No such file or directory");
         if (!seenIds.Add(id)) throw new BlockException($"attempt to add duplicate property '{id}' to object (type 'container')");
+        byte[] value = file is not null ? File.ReadAllBytes(file) : System.Text.Encoding.UTF8.GetBytes(data!);
+        if (options["format"] == "base64")
+        {
+            try
+            {
+                value = Convert.FromBase64String(System.Text.Encoding.ASCII.GetString(value));
+            }
+            catch (FormatException)
+            {
+                throw new BlockException("Invalid base64 data");
+            }
+        }
+        Secrets.Define(id, value);
     }
 }

@@ -170,7 +170,7 @@ internal static class IoCommand
         try
         {
             var ids = new HashSet<string>(StringComparer.Ordinal);
-            foreach (var o in objects) QemuObjects.Check(o, ids);
+            foreach (var o in objects) QemuObjects.Define(o, ids);
         }
         catch (BlockException e)
         {
@@ -238,9 +238,19 @@ internal static class IoCommand
     private static BlockImage OpenForSession(Session s, string name, BlockOptions? options, string? format, bool readOnly)
     {
         var locking = s.ForceShare ? ImageLocking.ForceShare : ImageLocking.Normal;
-        return options is null
+        var image = options is null
             ? ImageOpener.Open(name, format, readOnly, locking: locking)
             : ImageOpener.OpenSpecChain(name, options, format, readOnly, locking: locking);
+        try
+        {
+            ImageOpener.UnlockChain(name, image);
+        }
+        catch
+        {
+            image.Dispose();
+            throw;
+        }
+        return image;
     }
 
     private static int UsageError(TextWriter stdout, TextWriter stderr, string message)
