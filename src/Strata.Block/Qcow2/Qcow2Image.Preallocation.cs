@@ -40,7 +40,13 @@ public sealed partial class Qcow2Image
                 while (guest + run < tableEnd && run < maxRun && table.Entries[(guest + run) % _l2Entries] == 0) run++;
                 long host = AllocateDataClusters(guest, run);
                 for (long i = 0; i < run; i++)
+                {
                     table.Entries[(guest + i) % _l2Entries] = (ulong)(host + (i << _clusterBits)) | Qcow2Entry.Copied;
+                    // Falloc and full write the clusters as zeros, so with subclusters they are allocated (as QEMU
+                    // marks them); metadata ones stay unallocated and read through to the backing file or zeros.
+                    if (table.Bitmaps is { } bitmaps && mode != Preallocation.Metadata)
+                        bitmaps[(guest + i) % _l2Entries] = Qcow2Subclusters.AllAllocated;
+                }
                 table.Dirty = true;
                 ranges.Add((host, run));
                 guest += run;

@@ -142,20 +142,12 @@ public abstract class SectorCipher : IDisposable
     {
         private readonly AesPerThread _aes = new(key.ToArray());
 
-        public override void Encrypt(long firstSector, Span<byte> sectors)
-        {
-            CheckWholeSectors(sectors);
-            var aes = _aes.Value;
-            Span<byte> iv = stackalloc byte[BlockSize];
-            for (int at = 0; at < sectors.Length; at += SectorSize)
-            {
-                Plain64(firstSector + at / SectorSize, iv);
-                var sector = sectors.Slice(at, SectorSize);
-                aes.EncryptCbc(sector, iv, sector, PaddingMode.None);
-            }
-        }
+        public override void Encrypt(long firstSector, Span<byte> sectors) => Transform(firstSector, sectors, encrypt: true);
 
-        public override void Decrypt(long firstSector, Span<byte> sectors)
+        public override void Decrypt(long firstSector, Span<byte> sectors) => Transform(firstSector, sectors, encrypt: false);
+
+        /// <summary>Each sector on its own, chained from an IV that is its sector number.</summary>
+        private void Transform(long firstSector, Span<byte> sectors, bool encrypt)
         {
             CheckWholeSectors(sectors);
             var aes = _aes.Value;
@@ -164,7 +156,8 @@ public abstract class SectorCipher : IDisposable
             {
                 Plain64(firstSector + at / SectorSize, iv);
                 var sector = sectors.Slice(at, SectorSize);
-                aes.DecryptCbc(sector, iv, sector, PaddingMode.None);
+                if (encrypt) aes.EncryptCbc(sector, iv, sector, PaddingMode.None);
+                else aes.DecryptCbc(sector, iv, sector, PaddingMode.None);
             }
         }
 
