@@ -255,6 +255,13 @@ public sealed class BlockGraph : IDisposable
                     BlockImage image = spec.Driver == "raw"
                         ? new RawImage(fileImage.File, "raw", ownsFile: false)
                         : Qcow2Image.Open(fileImage.File, new Qcow2OpenOptions { OwnsFile = false, ReadOnly = spec.ReadOnly });
+                    // The daemon takes no secrets yet: an encrypted image is refused as QEMU refuses one given no key
+                    // (never served as ciphertext).
+                    if (image is Qcow2Image { EncryptionFormat: not null })
+                    {
+                        image.Dispose();
+                        throw new BlockException("Parameter 'encrypt.key-secret' is required for cipher");
+                    }
                     BlockNode? backingNode = null;
                     if (spec.BackingNodeName is { } bn)
                     {
