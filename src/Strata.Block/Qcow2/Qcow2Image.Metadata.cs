@@ -358,6 +358,8 @@ public sealed partial class Qcow2Image
     /// the file ends after its last cluster in use. Caller holds the lock; the metadata is written back.</summary>
     private void GiveBackFreedSpace(List<long> hostOffsets)
     {
+        // Freeing a block can empty the block that counted it: repeat until nothing more goes.
+        while (DropEmptyRefcountBlocks()) { }
         // One hole per contiguous run, as the file system keeps its extent tree smaller that way (and as QEMU does).
         var free = hostOffsets.Where(h => GetRefcount(h >> _clusterBits) == 0).Order().ToList();
         for (int i = 0; i < free.Count;)
@@ -371,6 +373,41 @@ public sealed partial class Qcow2Image
         long last = fileClusters - 1;
         while (last >= 0 && GetRefcount(last) == 0) last--;
         if (last + 1 < fileClusters) _file.SetLength((last + 1) << _clusterBits);
+    }
+
+    /// <summary>QEMU's shrink_reftable: a refcount block that now counts nothing but, perhaps, itself leaves the
+    /// refcount table, and its cluster is freed. The table stops naming the blocks before they are freed, so a crash
+    /// in between leaks them at worst. Caller holds the lock; the metadata is written back.</summary>
+    private bool DropEmptyRefcountBlocks()
+    {
+        var dropped = new List<long>();
+        for (long ti = 0; ti < _refTable.Length; ti++)
+        {
+            long blockOffset = (long)(_refTable[ti] & ~Qcow2Entry.RefcountTableReservedMask);
+            if (blockOffset == 0 || GetRefcountBlock(ti) is not { } block) continue;
+            long blockCluster = blockOffset >> _clusterBits, first = ti * _refcountsPerBlock;
+            bool empty = true;
+            for (long i = 0; i < _refcountsPerBlock && empty; i++)
+            {
+                ulong value = RefcountCodec.Get(block.Data, i, _refcountOrder);
+                empty = value == 0 || (first + i == blockCluster && value == 1);
+            }
+            if (!empty) continue;
+            _refTable[ti] = 0;
+            _refBlocks.Remove(ti);
+            _overlap.RemoveRefcountBlock(blockOffset);
+            dropped.Add(blockCluster);
+        }
+        if (dropped.Count == 0) return false;
+        _file.Flush();
+        WriteRefcountTable();
+        _file.Flush();
+        // A block that counted itself took its refcount with it; one counted elsewhere is released there.
+        foreach (long cluster in dropped)
+            if (GetRefcount(cluster) > 0) AdjustRefcount(cluster, -1);
+        WriteDirtyRefcountBlocks();
+        _file.Flush();
+        return true;
     }
 
     private void WriteL1Table(long offset, ulong[] table)
