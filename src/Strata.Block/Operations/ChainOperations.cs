@@ -23,7 +23,7 @@ public static class ChainOperations
         if (newSize > oldSize && preallocation != Preallocation.Off)
         {
             // The grown whole clusters get their space now; a partly old cluster is left to the zeroing below.
-            if (image is Qcow2Image qcow2) qcow2.Preallocate(preallocation, zeroStart, newSize);
+            if (image is Qcow2Image qcow2) qcow2.Preallocate(preallocation, zeroStart, newSize, grown: true);
             else if (preallocation == Preallocation.Metadata) throw new BlockException("Unsupported preallocation mode: metadata");
             else WriteZeroBytes(image, oldSize, newSize);
         }

@@ -15,12 +15,13 @@ public sealed partial class Qcow2Image
     /// bytes keeps its mapping; allocating it could hide what it reads from the backing file). With extended L2
     /// entries the subclusters stay unallocated (they read from the backing file or as zeros, as in QEMU).
     /// </summary>
-    public void Preallocate(Preallocation mode) => Preallocate(mode, 0, Size);
+    public void Preallocate(Preallocation mode) => Preallocate(mode, 0, Size, grown: false);
 
     /// <summary>The same over the whole clusters of [<paramref name="start"/>, <paramref name="end"/>) that are not
-    /// allocated yet (resize --preallocation: the grown range). <paramref name="start"/> must be cluster-aligned, so
-    /// that no cluster holding older guest data is replaced by a zeroed one.</summary>
-    public void Preallocate(Preallocation mode, long start, long end)
+    /// allocated yet. <paramref name="start"/> must be cluster-aligned, so that no cluster holding older guest data is
+    /// replaced by a zeroed one. <paramref name="grown"/>: the range is what a resize added, which must read as zeros
+    /// (at creation, extended-L2 subclusters stay unallocated and read through to the backing file, as in QEMU).</summary>
+    public void Preallocate(Preallocation mode, long start, long end, bool grown)
     {
         if (mode == Preallocation.Off || end <= start) return;
         if ((start & (_clusterSize - 1)) != 0) throw new ArgumentException("preallocation must start on a cluster boundary", nameof(start));
@@ -42,9 +43,9 @@ public sealed partial class Qcow2Image
                 for (long i = 0; i < run; i++)
                 {
                     table.Entries[(guest + i) % _l2Entries] = (ulong)(host + (i << _clusterBits)) | Qcow2Entry.Copied;
-                    // Falloc and full write the clusters as zeros, so with subclusters they are allocated (as QEMU
-                    // marks them); metadata ones stay unallocated and read through to the backing file or zeros.
-                    if (table.Bitmaps is { } bitmaps && mode != Preallocation.Metadata)
+                    // A grown range written as zeros (falloc, full) must read them: with subclusters they are marked
+                    // allocated, as QEMU marks them; otherwise they stay unallocated and read through.
+                    if (grown && table.Bitmaps is { } bitmaps && mode != Preallocation.Metadata)
                         bitmaps[(guest + i) % _l2Entries] = Qcow2Subclusters.AllAllocated;
                 }
                 table.Dirty = true;
