@@ -41,20 +41,7 @@ public class ExtendedL2DaemonTests : ScratchDirTest
     [Fact]
     public async Task BlockdevCreate_ExtendedL2_AsQemuStorageDaemon()
     {
-        List<string> qemu, strata;
-        string dummy = P("dummy.qcow2");
-        Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", dummy, "1M").Exit);
-        using (var qsd = new QsdProcess(dummy, "x", connect: false))
-        {
-            await using var c = await QmpClient.ConnectUnixAsync(qsd.QmpPath);
-            qemu = await Scenario(c, "q");
-        }
-        using (var d = new StrataDaemonProcess(Dir, "s", ["--blockdev", "driver=null-co,node-name=x"]))
-        {
-            await using var c = await QmpClient.ConnectUnixAsync(d.QmpPath);
-            strata = await Scenario(c, "s");
-            Assert.Equal(0, d.WaitForExit());
-        }
+        var (qemu, strata) = await Differential.OnBothDaemons(Dir, Scenario);
         Assert.Equal(qemu, strata);
         Tools.AssertQemuCheckClean(P("s-ok.qcow2"));
         Assert.Contains("\"extended-l2\": true", Tools.QemuImg("info", "--output=json", P("s-ok.qcow2")).Ok().Stdout);

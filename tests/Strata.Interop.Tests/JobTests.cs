@@ -77,20 +77,7 @@ public class JobTests : ScratchDirTest
     [Fact]
     public async Task BlockdevCreateJobsBehaveAsInQemuStorageDaemon()
     {
-        List<string> qemu, strata;
-        string dummy = P("dummy.qcow2");
-        Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", dummy, "1M").Exit);
-        using (var qsd = new QsdProcess(dummy, "x", connect: false))
-        {
-            await using var c = await QmpClient.ConnectUnixAsync(qsd.QmpPath);
-            qemu = await Scenario(c, "q");
-        }
-        using (var d = new StrataDaemonProcess(Dir, "s", ["--blockdev", "driver=null-co,node-name=x"]))
-        {
-            await using var c = await QmpClient.ConnectUnixAsync(d.QmpPath);
-            strata = await Scenario(c, "s");
-            Assert.Equal(0, d.WaitForExit());
-        }
+        var (qemu, strata) = await Differential.OnBothDaemons(Dir, Scenario);
         Console.Error.WriteLine(string.Join("\n", strata));
         Assert.Equal(qemu.Count, strata.Count);
         for (int i = 0; i < qemu.Count; i++) Assert.True(qemu[i] == strata[i], $"step {i}\nqemu:   {qemu[i]}\nstrata: {strata[i]}");

@@ -39,6 +39,29 @@ public static class Differential
         Assert.True(qemu.SequenceEqual(strata), $"qemu-storage-daemon:\n{string.Join("\n", qemu)}\n\nstrata daemon:\n{string.Join("\n", strata)}");
     }
 
+    /// <summary>Runs a QMP scenario against qemu-storage-daemon and then strata daemon, each started with one
+    /// placeholder node and reached on a fresh connection; the scenario gets the client and a per-daemon prefix
+    /// ("q", "s") for the names it creates, and its transcripts come back for the test to compare.</summary>
+    public static async Task<(List<string> Qemu, List<string> Strata)> OnBothDaemons(string dir,
+        Func<QmpClient, string, Task<List<string>>> scenario)
+    {
+        string dummy = Path.Combine(dir, "dummy.qcow2");
+        Assert.Equal(0, Infra.Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", dummy, "1M").Exit);
+        List<string> qemu, strata;
+        using (var qsd = new QsdProcess(dummy, "x", connect: false))
+        {
+            await using var c = await QmpClient.ConnectUnixAsync(qsd.QmpPath);
+            qemu = await scenario(c, "q");
+        }
+        using (var d = new StrataDaemonProcess(dir, "s", ["--blockdev", "driver=null-co,node-name=x"]))
+        {
+            await using var c = await QmpClient.ConnectUnixAsync(d.QmpPath);
+            strata = await scenario(c, "s");
+            Assert.Equal(0, d.WaitForExit());
+        }
+        return (qemu, strata);
+    }
+
     /// <summary>The whole export, read in 1 MiB requests.</summary>
     public static async Task<byte[]> ReadAllAsync(this NbdClient nbd)
     {

@@ -128,6 +128,24 @@ public static class Tools
         || System.Text.RegularExpressions.Regex.IsMatch(stderr, @"^\s+at \S+.*\(.*\)", System.Text.RegularExpressions.RegexOptions.Multiline);
 
     /// <summary>qemu-img check, asserting it is clean (exit 0, "No errors").</summary>
+    /// <summary>Runs `check ARGS` with qemu-img on one copy of <paramref name="built"/> and with strata on another, and
+    /// asserts the same exit code, output and error text (each copy's path read as IMG); returns both copies' paths
+    /// for the caller's comparisons of what was repaired.</summary>
+    public static (string QemuCopy, string StrataCopy, ToolResult Strata) AssertSameCheckOnCopies(TempDir t, string built, params string[] args)
+    {
+        string q = t["q.qcow2"], s = t["s.qcow2"];
+        File.Copy(built, q, overwrite: true);
+        File.Copy(built, s, overwrite: true);
+        var qr = QemuImg(["check", .. args, q]);
+        var sr = StrataCmd(["img", "check", .. args, s]);
+        Assert.False(LooksLikeCrash(sr.Stderr), sr.ToString());
+        Assert.True(qr.Exit == sr.Exit, $"exit code qemu-img {qr.Exit}, strata {sr.Exit}\n{qr}\n{sr}");
+        Assert.Equal(qr.Stdout.Replace(q, "IMG"), sr.Stdout.Replace(s, "IMG"));
+        Assert.Equal(InfoInteropTests.NormalizeErrorPrefix(qr.Stderr.Replace(q, "IMG")),
+                     InfoInteropTests.NormalizeErrorPrefix(sr.Stderr.Replace(s, "IMG")));
+        return (q, s, sr);
+    }
+
     public static void AssertQemuCheckClean(string path)
     {
         var r = QemuImg("check", path);

@@ -146,11 +146,10 @@ public class BitmapPersistenceTests
         { "table size zero", 8, new byte[] { 0, 0, 0, 0 } },
     };
 
-    [Theory]
-    [MemberData(nameof(ConstraintViolations))]
-    public void EntriesBreakingQemusConstraintsMakeTheOpenFailInEveryMode(string what, int fieldOffset, byte[] bytes)
+    /// <summary>An image with bitmaps whose directory has <paramref name="bytes"/> written at
+    /// <paramref name="fieldOffset"/> of its first entry.</summary>
+    private static string MakeImageWithDirectoryPatched(TempDir dir, int fieldOffset, byte[] bytes)
     {
-        using var dir = new TempDir();
         string path = MakeImage(dir);
         long dirOffset;
         using (var img = (Qcow2Image)ImageOpener.Open(path))
@@ -160,6 +159,15 @@ public class BitmapPersistenceTests
             f.Position = dirOffset + fieldOffset;
             f.Write(bytes);
         }
+        return path;
+    }
+
+    [Theory]
+    [MemberData(nameof(ConstraintViolations))]
+    public void EntriesBreakingQemusConstraintsMakeTheOpenFailInEveryMode(string what, int fieldOffset, byte[] bytes)
+    {
+        using var dir = new TempDir();
+        string path = MakeImageWithDirectoryPatched(dir, fieldOffset, bytes);
         foreach (bool readOnly in new[] { true, false })
         {
             var e = Assert.Throws<BlockException>(() => ImageOpener.Open(path, readOnly: readOnly));
@@ -172,15 +180,7 @@ public class BitmapPersistenceTests
     public void CorruptDirectoriesAreReportedAndTheDataStaysReadable(string what, int fieldOffset, byte[] bytes)
     {
         using var dir = new TempDir();
-        string path = MakeImage(dir);
-        long dirOffset;
-        using (var img = (Qcow2Image)ImageOpener.Open(path))
-            dirOffset = (long)BitmapsExtension.Parse(img.Extras.Find(Qcow2ExtensionType.Bitmaps)!.Data).DirectoryOffset;
-        using (var f = File.OpenWrite(path))
-        {
-            f.Position = dirOffset + fieldOffset;
-            f.Write(bytes);
-        }
+        string path = MakeImageWithDirectoryPatched(dir, fieldOffset, bytes);
         using (var ro = (Qcow2Image)ImageOpener.Open(path))
         {
             Assert.NotEmpty(ro.BitmapLoadErrors);
