@@ -34,8 +34,19 @@ public class EncryptedQcow2Tests
     private static void CreateWithStrata(string path, string id, string password, string encryptOptions, string size = "2M") =>
         StrataCmd("img", "create", "-q", "-f", "qcow2", "--object", Secret(id, password), "-o", $"{encryptOptions},encrypt.key-secret={id}", path, size).Ok();
 
-    private static void CreateWithQemu(string path, string id, string password, string encryptOptions, string size = "2M") =>
-        QemuImg("create", "-q", "-f", "qcow2", "--object", Secret(id, password), "-o", $"{encryptOptions},encrypt.key-secret={id}", path, size).Ok();
+    private static void CreateWithQemu(string path, string id, string password, string encryptOptions, string size = "2M")
+    {
+        // qemu-img times PBKDF2 to pick its iteration count and, when the CPU-time clock has not moved during its probe
+        // (a short iter-time on a busy machine), gives up with "Unable to get accurate CPU usage": that is QEMU's own
+        // flake, so the creation is retried.
+        ToolResult r = null!;
+        for (int attempt = 0; attempt < 5; attempt++)
+        {
+            r = QemuImg("create", "-q", "-f", "qcow2", "--object", Secret(id, password), "-o", $"{encryptOptions},encrypt.key-secret={id}", path, size);
+            if (!r.Stderr.Contains("Unable to get accurate CPU usage", StringComparison.Ordinal)) break;
+        }
+        r.Ok();
+    }
 
     /// <summary>A raw file with the same writes, as the plain reference.</summary>
     private static string Reference(TempDir t)
