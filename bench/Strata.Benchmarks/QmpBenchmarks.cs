@@ -3,7 +3,7 @@ using System.IO.Pipelines;
 using System.Text;
 using BenchmarkDotNet.Attributes;
 using Strata.Block.Graph;
-using Strata.Protocol.Daemon;
+using Strata.Daemon;
 using Strata.Protocol.Qmp;
 
 namespace Strata.Benchmarks;

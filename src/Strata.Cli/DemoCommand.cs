@@ -110,13 +110,13 @@ internal static class DemoCommand
         stdout.WriteLine("== the incremental backup story (strata daemon over QMP and NBD, strata backup)");
         StrataCli.Run(["img", "create", "-q", "-f", "qcow2", P("vm.qcow2"), "128M"], stdout, stderr);
         StrataCli.Run(["io", "-c", "write -q -P 0x5a 0 48M", P("vm.qcow2")], stdout, stderr);
-        var options = Strata.Protocol.Daemon.DaemonCommandLine.Parse([
+        var options = Strata.Daemon.DaemonCommandLine.Parse([
             "--blockdev", $"driver=file,node-name=vm-file,filename={P("vm.qcow2")}",
             "--blockdev", "driver=qcow2,node-name=vm,file=vm-file",
             "--chardev", $"socket,id=qmp0,path={P("qmp.sock")},server=on,wait=off", "--monitor", "chardev=qmp0",
             "--nbd-server", $"addr.type=unix,addr.path={P("nbd.sock")}",
             "--export", "type=nbd,id=vm-export,node-name=vm,writable=on"]);
-        await using var host = new Strata.Protocol.Daemon.DaemonHost(options);
+        await using var host = new Strata.Daemon.DaemonHost(options);
         host.Start();
         async Task Guest(int round)
         {

@@ -320,7 +320,7 @@ public class NbdTests : ScratchDirTest
         string img = BaseImage("remote.qcow2");
         using var a = StartStrata(img, "a", "writable=on");
         var graph = new Strata.Block.Graph.BlockGraph();
-        var b = new Strata.Protocol.Daemon.DaemonBackend(graph);
+        var b = new Strata.Daemon.DaemonBackend(graph);
         await b.ExecuteAsync("blockdev-add", (JsonObject)JsonNode.Parse(
             $$"""{"driver":"nbd","node-name":"remote","server":{"type":"unix","path":"{{P("a.nbd")}}"},"export":"exp0"}""")!, default);
         await b.ExecuteAsync("block-dirty-bitmap-add", (JsonObject)JsonNode.Parse("""{"node":"remote","name":"local"}""")!, default);

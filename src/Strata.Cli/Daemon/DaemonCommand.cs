@@ -1,6 +1,6 @@
 using System.Diagnostics;
 using Strata.Block;
-using Strata.Protocol.Daemon;
+using Strata.Daemon;
 
 namespace Strata.Cli.Daemon;
 

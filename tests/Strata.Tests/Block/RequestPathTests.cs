@@ -3,7 +3,7 @@ using Strata.Block;
 using Strata.Block.Graph;
 using Strata.Block.Jobs;
 using Strata.Block.Qcow2;
-using Strata.Protocol.Daemon;
+using Strata.Daemon;
 
 namespace Strata.Tests.Block;
 

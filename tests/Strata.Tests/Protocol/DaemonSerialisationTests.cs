@@ -3,7 +3,7 @@ using Strata.Block.Filters;
 using Strata.Block.Graph;
 using Strata.Block.Qcow2;
 using Strata.Formats.Json;
-using Strata.Protocol.Daemon;
+using Strata.Daemon;
 using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
 using Strata.Tests.Block;

@@ -3,7 +3,7 @@ using System.Net.Sockets;
 using System.Text;
 using System.Text.Json.Nodes;
 using Strata.Formats.Json;
-using Strata.Protocol.Daemon;
+using Strata.Daemon;
 using Strata.Protocol.Qmp;
 using Strata.Tests.Block;
 

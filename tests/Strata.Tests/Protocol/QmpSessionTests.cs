@@ -4,7 +4,7 @@ using System.Text;
 using System.Text.Json.Nodes;
 using Strata.Block.Graph;
 using Strata.Block.Qcow2;
-using Strata.Protocol.Daemon;
+using Strata.Daemon;
 using Strata.Protocol.Qmp;
 using Strata.Tests.Block;
 

@@ -4,7 +4,7 @@ using Strata.Block;
 using Strata.Block.Graph;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>
 /// A running strata daemon: the node graph from --blockdev, a QMP server per --monitor, the pidfile. It runs

@@ -1,7 +1,7 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>A QMP monitor socket (--chardev socket,… plus --monitor chardev=…); <paramref name="Text"/> is the
 /// --chardev option's value, for errors.</summary>
@@ -97,7 +97,7 @@ public static class DaemonCommandLine
                         {
                             portNumber = SocketAddressArg.ParsePort(host!, port!);
                         }
-                        catch (Qmp.QmpException e)
+                        catch (Strata.Protocol.Qmp.QmpException e)
                         {
                             throw new DaemonUsageException($"--chardev {value}: {e.Message}");
                         }

@@ -3,7 +3,7 @@ using System.Text.Json.Nodes;
 using Strata.Formats.Json;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>QAPI-like argument types, checked the way QEMU's input visitor checks them.</summary>
 public enum ArgType { Str, Bool, Int, UInt16, UInt32, UInt64, Enum, Any, Object, StrOrNull }

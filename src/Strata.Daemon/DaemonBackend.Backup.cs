@@ -8,7 +8,7 @@ using Strata.Block.Qcow2;
 using Strata.Formats.Json;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>blockdev-backup, drive-backup and transaction.</summary>
 public sealed partial class DaemonBackend

@@ -5,7 +5,7 @@ using Strata.Block.Qcow2;
 using Strata.Formats.Json;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>blockdev-snapshot-sync: a new qcow2 overlay becomes the active layer above a node.</summary>
 public sealed partial class DaemonBackend

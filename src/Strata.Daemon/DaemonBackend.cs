@@ -9,7 +9,7 @@ using Strata.Formats.Json;
 using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>
 /// The QMP commands of strata daemon, with qemu-storage-daemon 7.2's argument checking, reply shapes and error

@@ -6,7 +6,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>
 /// A socket address given as QAPI's SocketAddress (flat: <c>{type, path}</c> or <c>{type, host, port}</c>) or

@@ -5,7 +5,7 @@ using Strata.Formats.Json;
 using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>
 /// Bitmap migration, post-copy style, on the destination (QEMU has no QMP for this: these are Strata's own

@@ -7,7 +7,7 @@ using Strata.Formats.Json;
 using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Protocol.Daemon;
+namespace Strata.Daemon;
 
 /// <summary>blockdev-mirror and drive-mirror: copy a live node elsewhere, stay in step, switch the writers over.</summary>
 public sealed partial class DaemonBackend
