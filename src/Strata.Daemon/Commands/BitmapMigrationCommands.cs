@@ -1,11 +1,12 @@
 using System.Text.Json.Nodes;
 using Strata.Block;
 using Strata.Block.Bitmaps;
+using Strata.Block.Graph;
 using Strata.Formats.Json;
 using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Daemon;
+namespace Strata.Daemon.Commands;
 
 /// <summary>
 /// Bitmap migration, post-copy style, on the destination (QEMU has no QMP for this: these are Strata's own
@@ -14,15 +15,15 @@ namespace Strata.Daemon;
 /// frozen bits through an NBD export's qemu:dirty-bitmap contexts and merges them in — or, if the source is gone,
 /// marks the bitmaps inconsistent and says so. <c>x-strata-bitmap-import-cancel</c> drops bitmaps still waiting.
 /// </summary>
-public sealed partial class DaemonBackend
+internal sealed class BitmapMigrationCommands(BlockGraph graph, Action<string, Exception> log)
 {
     private readonly Dictionary<string, List<DirtyBitmap>> _incomingBitmaps = new(StringComparer.Ordinal);
 
-    private void RegisterMigration()
+    public void Register(QmpDispatcher q)
     {
-        Add("x-strata-bitmap-import-begin", [new("node", ArgType.Str), new("bitmaps", ArgType.Any)], "any", a =>
+        q.Add("x-strata-bitmap-import-begin", [new("node", ArgType.Str), new("bitmaps", ArgType.Any)], "any", a =>
         {
-            var node = Graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
+            var node = graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
             if (a["bitmaps"] is not JsonArray list) throw QmpException.Generic("Invalid parameter type for 'bitmaps', expected: array");
             lock (_incomingBitmaps)
                 if (_incomingBitmaps.ContainsKey(node.Name)) throw QmpException.Generic($"Node '{node.Name}' is already receiving bitmaps");
@@ -52,9 +53,9 @@ public sealed partial class DaemonBackend
             return new QDict();
         });
 
-        Add("x-strata-bitmap-import", [new("node", ArgType.Str), new("server", ArgType.Object), new("export", ArgType.Str)], "any", a =>
+        q.Add("x-strata-bitmap-import", [new("node", ArgType.Str), new("server", ArgType.Object), new("export", ArgType.Str)], "any", a =>
         {
-            var node = Graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
+            var node = graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
             // Bad arguments are refused before anything is touched: the bitmaps stay waiting for a good import
             // (or a cancel). Only a failed transfer marks them.
             var server = SocketAddressArg.Parse(a["server"]!.AsObject(), "server.").ForConnect();
@@ -73,7 +74,7 @@ public sealed partial class DaemonBackend
                 // (never silently incomplete), and can be removed.
                 foreach (var b in pending) node.Image.Bitmaps.FailImport(b);
                 if (e is not (IOException or NbdException or System.Net.Sockets.SocketException or InvalidOperationException or QmpException or BlockException))
-                    CommandFailed("x-strata-bitmap-import", e);
+                    log("x-strata-bitmap-import", e);
                 throw QmpException.Generic($"Bitmap migration from export '{export}' failed: {e.Message}; "
                     + $"bitmap(s) {string.Join(", ", pending.Select(b => "'" + b.Name + "'"))} marked inconsistent");
             }
@@ -99,9 +100,9 @@ public sealed partial class DaemonBackend
             }
         });
 
-        Add("x-strata-bitmap-import-cancel", [new("node", ArgType.Str)], "any", a =>
+        q.Add("x-strata-bitmap-import-cancel", [new("node", ArgType.Str)], "any", a =>
         {
-            var node = Graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
+            var node = graph.Find(ArgSchema.Str(a, "node")) ?? throw QmpException.Generic($"Cannot find device='{a["node"]}' nor node-name='{a["node"]}'");
             List<DirtyBitmap>? incoming;
             lock (_incomingBitmaps)
                 if (!_incomingBitmaps.Remove(node.Name, out incoming)) throw QmpException.Generic($"Node '{node.Name}' is not receiving bitmaps");

@@ -2,15 +2,14 @@ using System.Text.Json.Nodes;
 using Strata.Block;
 using Strata.Block.Graph;
 using Strata.Block.Jobs;
-using Strata.Block.Qcow2;
 using Strata.Formats.Json;
-using Strata.Protocol.Nbd;
 using Strata.Protocol.Qmp;
 
-namespace Strata.Daemon;
+namespace Strata.Daemon.Commands;
 
-/// <summary>blockdev-mirror and drive-mirror: copy a live node elsewhere, stay in step, switch the writers over.</summary>
-public sealed partial class DaemonBackend
+/// <summary>blockdev-mirror and drive-mirror (QAPI block-core): copy a live node elsewhere, stay in step, switch the
+/// writers over (the exports' side of the switch is <see cref="ExportManager.SwitchOverAsync"/>).</summary>
+internal sealed class MirrorCommands(BlockGraph graph, JobManager jobs, ExportManager exports)
 {
     private static readonly ArgSpec[] MirrorCommon =
     [
@@ -28,14 +27,14 @@ public sealed partial class DaemonBackend
         new("mode", ArgType.Enum, true, ["existing", "absolute-paths"]), new("unmap", ArgType.Bool, true),
     ];
 
-    private void RegisterMirror()
+    public void Register(QmpDispatcher q)
     {
-        Add("blockdev-mirror", MirrorCommon, "any", a =>
+        q.Add("blockdev-mirror", MirrorCommon, "any", a =>
         {
             StartMirror(a, drive: false);
             return new QDict();
         });
-        Add("drive-mirror", DriveMirrorArgs, "any", a =>
+        q.Add("drive-mirror", DriveMirrorArgs, "any", a =>
         {
             StartMirror(a, drive: true);
             return new QDict();
@@ -45,10 +44,10 @@ public sealed partial class DaemonBackend
     private void StartMirror(JsonObject a, bool drive)
     {
         string deviceName = ArgSchema.Str(a, "device");
-        var source = Graph.Find(deviceName) ?? throw QmpException.Generic($"Cannot find device='{deviceName}' nor node-name='{deviceName}'");
+        var source = graph.Find(deviceName) ?? throw QmpException.Generic($"Cannot find device='{deviceName}' nor node-name='{deviceName}'");
         string jobId = ArgSchema.OptStr(a, "job-id") ?? deviceName;
-        if (!IsValidJobId(jobId)) throw QmpException.Generic($"Invalid job ID '{jobId}'");
-        if (Jobs.All.Any(j => j.Id == jobId)) throw QmpException.Generic($"Job ID '{jobId}' already in use");
+        if (!JobCommands.IsValidJobId(jobId)) throw QmpException.Generic($"Invalid job ID '{jobId}'");
+        if (jobs.All.Any(j => j.Id == jobId)) throw QmpException.Generic($"Job ID '{jobId}' already in use");
         if (a["speed"] is JsonValue sp && sp.GetValue<long>() < 0) throw QmpException.Generic("Parameter 'speed' expects a non-negative value");
         if (ArgSchema.OptStr(a, "replaces") is not null) throw QmpException.Generic("Parameter 'replaces' is not supported");
         long? granularity = ArgSchema.OptLong(a, "granularity");
@@ -61,26 +60,26 @@ public sealed partial class DaemonBackend
         Action release;
         if (!drive)
         {
-            targetNode = Graph.Find(targetName) ?? throw QmpException.Generic($"Cannot find device='{targetName}' nor node-name='{targetName}'");
+            targetNode = graph.Find(targetName) ?? throw QmpException.Generic($"Cannot find device='{targetName}' nor node-name='{targetName}'");
             if (targetNode == source) throw QmpException.Generic("Can't mirror node into itself");
-            if (Jobs.All.OfType<MirrorJob>().Any(j => j.TargetImage == targetNode.Image && j.Status is not (JobStatus.Concluded or JobStatus.Null)))
+            if (jobs.All.OfType<MirrorJob>().Any(j => j.TargetImage == targetNode.Image && j.Status is not (JobStatus.Concluded or JobStatus.Null)))
                 throw QmpException.Generic($"Node '{targetName}' is busy: block device is in use by block job: mirror");
             target = targetNode.Image;
             var held = targetNode;
-            Graph.AddUser(held, NodeUser.JobTarget, LockClaim.MirrorTarget);
-            release = () => Graph.RemoveUser(held, NodeUser.JobTarget, LockClaim.MirrorTarget);
+            graph.AddUser(held, NodeUser.JobTarget, LockClaim.MirrorTarget);
+            release = () => graph.RemoveUser(held, NodeUser.JobTarget, LockClaim.MirrorTarget);
         }
         else
         {
             // drive-mirror: the new image becomes a node (node-name, or automatic) so that job-complete can switch
             // to it; it goes away again unless the switch happened.
             string? nodeName = ArgSchema.OptStr(a, "node-name");
-            if (nodeName is not null && Graph.Find(nodeName) is not null) throw QmpException.Generic($"Duplicate nodes with node-name='{nodeName}'");
-            OpenDriveTarget(source, targetName, sync, ArgSchema.OptStr(a, "format"), ArgSchema.OptStr(a, "mode") ?? "absolute-paths").Dispose();
+            if (nodeName is not null && graph.Find(nodeName) is not null) throw QmpException.Generic($"Duplicate nodes with node-name='{nodeName}'");
+            JobNodes.OpenDriveTarget(source, targetName, sync, ArgSchema.OptStr(a, "format"), ArgSchema.OptStr(a, "mode") ?? "absolute-paths").Dispose();
             string format = ArgSchema.OptStr(a, "format") ?? (source.Driver is "qcow2" ? "qcow2" : "raw");
             try
             {
-                targetNode = Graph.AddOverlay(nodeName, targetName, sync == "none" ? source : null, format);
+                targetNode = graph.AddOverlay(nodeName, targetName, sync == "none" ? source : null, format);
             }
             catch (BlockException e)
             {
@@ -88,15 +87,15 @@ public sealed partial class DaemonBackend
             }
             target = targetNode.Image;
             var created = targetNode;
-            Graph.AddUser(created, NodeUser.JobTarget, LockClaim.MirrorTarget);
+            graph.AddUser(created, NodeUser.JobTarget, LockClaim.MirrorTarget);
             release = () =>
             {
-                Graph.RemoveUser(created, NodeUser.JobTarget, LockClaim.MirrorTarget);
-                if (!Jobs.All.OfType<MirrorJob>().Any(j => j.TargetImage == created.Image && j.Pivoted))
-                    try { Graph.DeleteForce(created); } catch (BlockException) { }
+                graph.RemoveUser(created, NodeUser.JobTarget, LockClaim.MirrorTarget);
+                if (!jobs.All.OfType<MirrorJob>().Any(j => j.TargetImage == created.Image && j.Pivoted))
+                    try { graph.DeleteForce(created); } catch (BlockException) { }
             };
         }
-        release = ClaimSource(source, LockClaim.MirrorSource, release);
+        release = JobNodes.ClaimSource(graph, source, LockClaim.MirrorSource, release);
         try
         {
             var job = new MirrorJob(jobId, new MirrorOptions
@@ -109,69 +108,16 @@ public sealed partial class DaemonBackend
                 WriteBlocking = ArgSchema.OptStr(a, "copy-mode") == "write-blocking",
                 OnSourceError = ArgSchema.OptStr(a, "on-source-error") ?? "report",
                 OnTargetError = ArgSchema.OptStr(a, "on-target-error") ?? "report",
-                Pivot = targetNode is null ? null : finalSync => PivotAsync(source, targetNode, finalSync),
+                Pivot = targetNode is null ? null : finalSync => exports.SwitchOverAsync(source, targetNode, finalSync),
                 Release = release,
             }, ArgSchema.Bool(a, "auto-finalize", true), ArgSchema.Bool(a, "auto-dismiss", true));
             job.Prepare();
-            Jobs.Start([job]);
+            jobs.Start([job]);
         }
         catch
         {
             release();
             throw;
-        }
-    }
-
-    /// <summary>Exports held while their node switches over to a mirror's target, by node (read and changed under
-    /// the dispatcher's lock): an export added to the node meanwhile is held from the start and moves too.</summary>
-    private readonly Dictionary<BlockNode, List<NbdExport>> _switchingOver = new();
-
-    /// <summary>
-    /// The switch-over, as QEMU's drain and replace-node: every export on the source holds new requests and lets
-    /// those in flight finish; the mirror copies what is left; the exports then point at the target node and go on.
-    /// A client never sees an error or a lost write. It runs in the job, but like QEMU's main loop it changes
-    /// the export table only between two QMP commands: each step that touches it takes the dispatcher's lock.
-    /// </summary>
-    private async Task PivotAsync(BlockNode source, BlockNode target, Func<Task> finalSync)
-    {
-        List<NbdExport> held;
-        List<Task> drained;
-        await _serial.WaitAsync();
-        try
-        {
-            held = _exports.Values.Where(e => e.Node == source).Select(e => e.Export).ToList();
-            drained = held.Select(e => e.DrainAsync()).ToList();
-            _switchingOver[source] = held;
-        }
-        finally
-        {
-            _serial.Release();
-        }
-        bool copied = false;
-        try
-        {
-            // Outside the lock: requests in flight and the last copy may take a while, and a job paused meanwhile
-            // (job-pause, on-target-error=stop) must still hear job-resume and job-cancel.
-            await Task.WhenAll(drained);
-            // And the nodes themselves, as QEMU drains source and target for the switch: whatever else writes to
-            // them (a job, a filter above) holds too. The mirror's own last copy runs inside the graph and passes.
-            using (DrainedSection.Begin([source.Image, target.Image], drainerPasses: false))
-                await finalSync();
-            copied = true;
-        }
-        finally
-        {
-            await _serial.WaitAsync();
-            try
-            {
-                _switchingOver.Remove(source);
-                if (copied) RetargetExports(source, target);
-            }
-            finally
-            {
-                _serial.Release();
-                foreach (var e in held) e.Resume();
-            }
         }
     }
 }
