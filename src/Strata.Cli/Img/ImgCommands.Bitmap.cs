@@ -1,5 +1,6 @@
 using System.CommandLine;
 using Strata.Block;
+using Strata.Block.Operations;
 using Strata.Block.Qcow2;
 
 namespace Strata.Cli.Img;
@@ -19,10 +20,16 @@ internal static partial class ImgCommands
         var granularity = new Option<string?>("-g", "--granularity") { Description = "granularity for --add" };
         var sourceFile = new Option<string?>("-b", "--source-file") { Description = "image holding the --merge source" };
         var sourceFormat = new Option<string?>("-F", "--source-format") { Description = "format of the -b image" };
+        var rebuild = new Option<string?>("--rebuild")
+        {
+            Description = "(Strata) recreate bitmap NAME from what differs between the image and the --from point",
+        };
+        var from = new Option<string?>("--from") { Description = "(Strata) the backup point --rebuild compares with (read with its backing chain)" };
         var file = new Argument<string>("filename");
-        var name = new Argument<string>("bitmap");
-        var cmd = new Command("bitmap", "Add, remove, clear, enable, disable or merge persistent dirty bitmaps")
-            { format, add, remove, clear, enable, disable, merge, granularity, sourceFile, sourceFormat, file, name };
+        // Optional only for --rebuild, which names the bitmap itself.
+        var name = new Argument<string?>("bitmap") { Arity = ArgumentArity.ZeroOrOne };
+        var cmd = new Command("bitmap", "Add, remove, clear, enable, disable, merge or rebuild persistent dirty bitmaps")
+            { format, add, remove, clear, enable, disable, merge, granularity, sourceFile, sourceFormat, rebuild, from, file, name };
         cmd.SetAction(r => Run(stderr, () =>
         {
             // Operations run in command-line order, as qemu-img runs them.
@@ -40,6 +47,14 @@ internal static partial class ImgCommands
                     case "--merge" when i + 1 < tokens.Count: ops.Add(("merge", tokens[++i])); break;
                 }
             }
+            if (r.GetValue(rebuild) is { } rebuildName)
+            {
+                if (ops.Count > 0) throw new UsageException("--rebuild cannot be combined with other bitmap operations");
+                if (r.GetValue(name) is { } other && other != rebuildName) throw new UsageException("--rebuild names the bitmap: give no other bitmap name");
+                return Rebuild(r.GetValue(file)!, r.GetValue(format), rebuildName,
+                    r.GetValue(from) ?? throw new UsageException("--rebuild needs --from POINT, the backup point to compare with"), r.GetValue(granularity));
+            }
+            if (r.GetValue(from) is not null) throw new UsageException("--from only supported with --rebuild");
             bool addDisabled = ops.Any(o => o.Op == "add") && ops.Any(o => o.Op == "disable");
             if (addDisabled) ops.RemoveAll(o => o.Op == "disable");
             if (ops.Count == 0) throw new UsageException("Need at least one of --add, --remove, --clear, --enable, --disable, or --merge");
@@ -51,7 +66,7 @@ internal static partial class ImgCommands
                 g = gv;
             }
             if (r.GetValue(sourceFile) is not null && !ops.Any(o => o.Op == "merge")) throw new UsageException("-b only supported with --merge");
-            string bitmapName = r.GetValue(name)!;
+            string bitmapName = r.GetValue(name) ?? throw new UsageException("Expecting filename and bitmap name");
             using var image = OpenImage(r.GetValue(file)!, r.GetValue(format), readOnly: false, openBacking: false);
             if (image is not Qcow2Image) throw new BlockException($"Format '{image.FormatName}' does not support persistent bitmaps");
             foreach (var (op, arg) in ops)
@@ -86,5 +101,36 @@ internal static partial class ImgCommands
             return 0;
         }));
         return cmd;
+    }
+
+    /// <summary>--rebuild: the bitmap is created anew (an inconsistent or stale one is replaced, keeping its
+    /// granularity unless -g says otherwise) and marks every granule where the image reads differently from the
+    /// point: what an incremental from that point has to copy.</summary>
+    private static int Rebuild(string path, string? format, string bitmapName, string pointPath, string? granularityText)
+    {
+        long? g = null;
+        if (granularityText is not null)
+        {
+            if (!SizeText.TryParse(granularityText, out long gv)) throw new BlockException("Invalid granularity specified");
+            g = gv;
+        }
+        using var image = OpenImage(path, format, readOnly: false, openBacking: true);
+        if (image is not Qcow2Image) throw new BlockException($"Format '{image.FormatName}' does not support persistent bitmaps");
+        using var point = OpenImage(pointPath, null, readOnly: true, openBacking: true);
+        try
+        {
+            if (image.Bitmaps.Find(bitmapName) is { } old)
+            {
+                g ??= old.Granularity;
+                image.Bitmaps.Remove(bitmapName);
+            }
+            var bitmap = image.Bitmaps.Add(bitmapName, g, persistent: true, disabled: false);
+            BitmapRebuilder.MarkDifferences(image, point, bitmap);
+        }
+        catch (BlockException e)
+        {
+            throw new BlockException($"Operation rebuild on bitmap {bitmapName} failed: {e.Message}");
+        }
+        return 0;
     }
 }
