@@ -95,36 +95,3 @@ public readonly record struct NbdRequest(NbdCommandFlags Flags, NbdCommand Comma
         BinaryPrimitives.WriteUInt32BigEndian(h[24..], Length);
     }
 }
-
-/// <summary>Builders for server messages (pure byte layouts).</summary>
-public static class NbdMessages
-{
-    public static byte[] OptionReply(uint option, NbdReply type, ReadOnlySpan<byte> data)
-    {
-        var b = new byte[20 + data.Length];
-        BinaryPrimitives.WriteUInt64BigEndian(b, NbdConst.OptReplyMagic);
-        BinaryPrimitives.WriteUInt32BigEndian(b.AsSpan(8), option);
-        BinaryPrimitives.WriteUInt32BigEndian(b.AsSpan(12), (uint)type);
-        BinaryPrimitives.WriteUInt32BigEndian(b.AsSpan(16), (uint)data.Length);
-        data.CopyTo(b.AsSpan(20));
-        return b;
-    }
-
-    public static void SimpleReplyHeader(Span<byte> b, uint error, ulong cookie)
-    {
-        BinaryPrimitives.WriteUInt32BigEndian(b, NbdConst.SimpleReplyMagic);
-        BinaryPrimitives.WriteUInt32BigEndian(b[4..], error);
-        BinaryPrimitives.WriteUInt64BigEndian(b[8..], cookie);
-    }
-
-    public const int StructuredHeaderLength = 20;
-
-    public static void StructuredHeader(Span<byte> b, bool done, NbdReplyType type, ulong cookie, uint length)
-    {
-        BinaryPrimitives.WriteUInt32BigEndian(b, NbdConst.StructuredReplyMagic);
-        BinaryPrimitives.WriteUInt16BigEndian(b[4..], done ? (ushort)1 : (ushort)0);
-        BinaryPrimitives.WriteUInt16BigEndian(b[6..], (ushort)type);
-        BinaryPrimitives.WriteUInt64BigEndian(b[8..], cookie);
-        BinaryPrimitives.WriteUInt32BigEndian(b[16..], length);
-    }
-}

@@ -3,6 +3,9 @@ using Strata.Block.Bitmaps;
 
 namespace Strata.Protocol.Nbd;
 
+/// <summary>A meta context an export offers, by the id the server gives it and its name.</summary>
+public readonly record struct NbdMetaContext(uint Id, string Name);
+
 /// <summary>One NBD export: a block image, how it may be used, and the bitmaps it offers as meta contexts.</summary>
 public sealed class NbdExport
 {
@@ -150,16 +153,16 @@ public sealed class NbdExport
     public const string DirtyBitmapPrefix = "qemu:dirty-bitmap:";
 
     /// <summary>Every meta context with QEMU's fixed ids: base:allocation 0, allocation-depth 1, bitmaps from 2.</summary>
-    public IEnumerable<(uint Id, string Name)> Contexts()
+    public IEnumerable<NbdMetaContext> Contexts()
     {
-        yield return (0, BaseAllocation);
-        if (AllocationDepth) yield return (1, AllocationDepthContext);
-        for (int i = 0; i < Bitmaps.Count; i++) yield return ((uint)(2 + i), DirtyBitmapPrefix + Bitmaps[i].Name);
+        yield return new(0, BaseAllocation);
+        if (AllocationDepth) yield return new(1, AllocationDepthContext);
+        for (int i = 0; i < Bitmaps.Count; i++) yield return new((uint)(2 + i), DirtyBitmapPrefix + Bitmaps[i].Name);
     }
 
     /// <summary>Contexts a query names: exact names, or (when listing) the namespace wildcards "base:", "qemu:",
     /// "qemu:dirty-bitmap:".</summary>
-    public IEnumerable<(uint Id, string Name)> Match(string query, bool listing)
+    public IEnumerable<NbdMetaContext> Match(string query, bool listing)
     {
         foreach (var c in Contexts())
         {

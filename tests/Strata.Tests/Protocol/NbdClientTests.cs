@@ -76,11 +76,11 @@ public class NbdClientTests
                     BinaryPrimitives.WriteUInt16BigEndian(info, (ushort)NbdInfo.Export);
                     BinaryPrimitives.WriteUInt64BigEndian(info.AsSpan(2), 1 << 20);
                     BinaryPrimitives.WriteUInt16BigEndian(info.AsSpan(10), (ushort)NbdTransmissionFlags.HasFlags);
-                    await s.SendAsync(NbdMessages.OptionReply(option, NbdReply.Info, info));
-                    await s.SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []));
+                    await s.SendAsync(NbdOptionCodec.Reply(option, NbdReply.Info, info));
+                    await s.SendAsync(NbdOptionCodec.Reply(option, NbdReply.Ack, []));
                     break;
                 }
-                await s.SendAsync(NbdMessages.OptionReply(option, NbdReply.Ack, []));
+                await s.SendAsync(NbdOptionCodec.Reply(option, NbdReply.Ack, []));
             }
             await misbehave(s, await ReceiveExactly(s, NbdConst.RequestHeaderLength));
         });
@@ -102,8 +102,8 @@ public class NbdClientTests
 
     private static byte[] Chunk(NbdReplyType type, ulong cookie, uint length)
     {
-        var h = new byte[NbdMessages.StructuredHeaderLength];
-        NbdMessages.StructuredHeader(h, true, type, cookie, length);
+        var h = new byte[NbdReplyCodec.StructuredHeaderLength];
+        NbdReplyCodec.WriteStructuredHeader(h, true, type, cookie, length);
         return h;
     }
 
