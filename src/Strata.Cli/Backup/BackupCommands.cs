@@ -74,7 +74,11 @@ internal static class BackupCommands
     private static Command Run(TextWriter stdout, TextWriter stderr)
     {
         var repo = RepoArgument();
-        var socket = new Option<string>("--socket") { Description = "QMP socket of the source: a unix socket path or HOST:PORT", Required = true };
+        var socket = new Option<string?>("--socket") { Description = "QMP socket of the source: a unix socket path or HOST:PORT" };
+        var images = new Option<string[]>("--image")
+        {
+            Description = "offline: an image no daemon serves, backed up from its persistent bitmaps (one per --disk, in order; refused while a VM holds it)",
+        };
         var disks = new Option<string[]>("--disk") { Description = "node name of a disk to back up (repeat for several: one point in time)", Required = true };
         var level = new Option<string>("--level") { Description = "full, inc, or auto (full when there is no usable chain or bitmap)", DefaultValueFactory = _ => "auto" };
         level.AcceptOnlyFromAmong("full", "inc", "auto");
@@ -83,13 +87,19 @@ internal static class BackupCommands
         var nbd = new Option<string?>("--nbd") { Description = "pull mode: address (socket path or HOST:PORT) of an NBD server the source already runs; default: start one for the run" };
         var json = new Option<bool>("--json") { Description = "print the new points as JSON" };
         var inject = new Option<int?>("--x-inject-target-errno") { Description = "testing: fail every write to the push targets with this errno (blkdebug)", Hidden = true };
-        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, disks, level, mode, nbd, json, inject };
+        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, disks, level, mode, nbd, json, inject };
         cmd.SetAction(r => Guard(stderr, () =>
         {
             var repository = Repository.Open(r.GetValue(repo)!);
+            string[] offline = r.GetValue(images) ?? [];
+            if ((r.GetValue(socket) is null) == (offline.Length == 0))
+                throw new BackupException("give either --socket (a running source) or --image (a disk no daemon serves)", exitCode: BackupExitCodes.Usage);
+            if (offline.Length > 0 && r.GetValue(nbd) is not null)
+                throw new BackupException("--nbd names a running source's NBD server: not for --image", exitCode: BackupExitCodes.Usage);
+            using var offlineSource = offline.Length == 0 ? null : new SyncDisposer(OfflineSource.Open(offline, r.GetValue(disks)!));
             var options = new BackupRunOptions
             {
-                Socket = r.GetValue(socket)!,
+                Socket = offlineSource?.Source.QmpSocket ?? r.GetValue(socket)!,
                 Disks = r.GetValue(disks)!,
                 Level = r.GetValue(level)!,
                 Mode = r.GetValue(mode)!,
@@ -340,4 +350,12 @@ internal static class BackupCommands
         >= 1L << 10 => (n / 1024.0).ToString("F0", CultureInfo.InvariantCulture) + " KiB",
         _ => n + " B",
     };
+
+    /// <summary>Closes an offline source when the command body ends, however it ends.</summary>
+    private sealed class SyncDisposer(OfflineSource source) : IDisposable
+    {
+        public OfflineSource Source { get; } = source;
+
+        public void Dispose() => Source.DisposeAsync().AsTask().GetAwaiter().GetResult();
+    }
 }
