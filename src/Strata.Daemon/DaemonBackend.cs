@@ -29,7 +29,7 @@ public sealed partial class DaemonBackend : IQmpBackend
     {
         Graph = graph;
         Jobs = new JobManager(Emit);
-        Graph.ExternalDrivers["nbd"] = spec => NbdImage.Connect(spec.NbdSocketPath, spec.NbdHost, spec.NbdPort, spec.NbdExport, spec.ReadOnly);
+        Graph.Drivers.Register(new NbdBlockDriver());
         Register();
     }
 
