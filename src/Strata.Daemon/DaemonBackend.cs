@@ -30,7 +30,7 @@ public sealed class DaemonBackend : IQmpBackend
         Graph = graph;
         Jobs = new JobManager(Emit);
         Exports = new ExportManager(graph, _dispatcher, _events);
-        Graph.ExternalDrivers["nbd"] = spec => NbdImage.Connect(spec.NbdSocketPath, spec.NbdHost, spec.NbdPort, spec.NbdExport, spec.ReadOnly);
+        Graph.Drivers.Register(new NbdBlockDriver());
 
         RegisterControl(_dispatcher);
         new JobCommands(Jobs).Register(_dispatcher);

@@ -94,10 +94,10 @@ public sealed partial class Qcow2Image
         _refTable[0] = (ulong)(2 * _clusterSize);
 
         // The new refcount block (zeros on disk) describes the first clusters, itself included.
-        var block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true, LastUse = ++_refClock };
+        var block = new RefcountBlock(new byte[_clusterSize]) { Dirty = true };
         long used = MakeEmptyFirstClusters + l1Clusters;
         for (long c = 0; c < used; c++) RefcountCodec.Set(block.Data, c, _refcountOrder, 1);
-        _refBlocks[0] = block;
+        _refBlocks.Add(0, block);
         _pendingFrees.Clear();
         _compressedCursor = 0;
         _freeClusterHint = used;

@@ -382,9 +382,9 @@ public sealed partial class Qcow2Image
         CheckNotHeader(newOffset, "L2 table");
         CheckHostWrite(newOffset, _clusterSize);
         _overlap.AddL2Table(newOffset);
-        var copy = new L2Table((ulong[])shared.Entries.Clone(), (ulong[]?)shared.Bitmaps?.Clone()) { Dirty = true, LastUse = ++_l2Clock };
+        var copy = new L2Table((ulong[])shared.Entries.Clone(), (ulong[]?)shared.Bitmaps?.Clone()) { Dirty = true };
         MakeRoomInL2Cache();
-        _l2Cache[newOffset] = copy;
+        _l2Cache.Add(newOffset, copy);
         _l1[l1Index] = (ulong)newOffset | Qcow2Entry.Copied;
         _l1Dirty = true;
         _pendingFrees.Add((l2Offset, _clusterSize, ++_mapGeneration));

@@ -3,34 +3,6 @@ using Strata.Formats.Qcow2;
 
 namespace Strata.Block.Qcow2;
 
-/// <summary>Options for opening a qcow2 image.</summary>
-public sealed record Qcow2OpenOptions
-{
-    /// <summary>Bytes of L2 tables kept in memory.</summary>
-    public long L2CacheBytes { get; init; } = 32L << 20;
-
-    /// <summary>False when the host file belongs to another node (a daemon's "file" node).</summary>
-    public bool OwnsFile { get; init; } = true;
-
-    /// <summary>Open read-only even though the host file is writable.</summary>
-    public bool ReadOnly { get; init; }
-
-    /// <summary>The external data file to use instead of the one the header names (a data-file child); the image
-    /// then owns it.</summary>
-    public HostFile? DataFile { get; init; }
-
-    /// <summary>Do not open the header's data file (qemu-img info: metadata only, no guest I/O).</summary>
-    public bool WithoutDataFile { get; init; }
-
-    /// <summary>Opened by <c>check</c> (QEMU's BDRV_O_CHECK): a dirty or corrupt image is opened as it is, for the
-    /// check to report and repair, instead of being repaired on open or refused.</summary>
-    public bool ForCheck { get; init; }
-
-    /// <summary>Looks up the key secret of an encrypted image (encrypt.key-secret), null when none was named; called
-    /// only when guest data is first needed.</summary>
-    public Func<byte[]>? KeySecret { get; init; }
-}
-
 /// <summary>
 /// The qcow2 format driver: version 2 and 3 read, version 3 written. Metadata is cached and written back
 /// in the order data → refcounts → L2 → L1/header, with an fsync between the steps, so that whatever
@@ -60,36 +32,9 @@ public sealed partial class Qcow2Image : BlockImage
     private ulong[] _l1;
     private bool _l1Dirty;
 
-    private readonly Dictionary<long, L2Table> _l2Cache = new();
-    private readonly int _l2CacheCapacity;
-    private long _l2Clock;
-
     private ulong[] _refTable;
     private bool _refTableDirty;
-    private readonly Dictionary<long, RefcountBlock> _refBlocks = new();
-    private readonly int _refCacheCapacity;
-    private long _refClock;
-    private readonly List<(long Offset, long Length, long Generation)> _pendingFrees = new();
-    private long _freeClusterHint;
-    private long _compressedCursor;
-    private long _endCluster;
     private bool _disposed;
-
-    private sealed class L2Table(ulong[] entries, ulong[]? bitmaps)
-    {
-        public readonly ulong[] Entries = entries;
-        /// <summary>The subcluster bitmaps of an extended L2 table (null for standard entries).</summary>
-        public readonly ulong[]? Bitmaps = bitmaps;
-        public bool Dirty;
-        public long LastUse;
-    }
-
-    private sealed class RefcountBlock(byte[] data)
-    {
-        public readonly byte[] Data = data;
-        public bool Dirty;
-        public long LastUse;
-    }
 
     public HostFile File => _file;
     public Qcow2Header Header => _header;
@@ -103,12 +48,6 @@ public sealed partial class Qcow2Image : BlockImage
     public override string? BackingFormat => _backingFormat;
     public override int ClusterSize => (int)_clusterSize;
     public override bool SupportsCompression => !_externalData;
-
-    /// <summary>Metadata blocks held in memory now (bounded by the cache sizes; for tests).</summary>
-    internal int CachedRefcountBlocks
-    {
-        get { lock (_lock) return _refBlocks.Count; }
-    }
 
     /// <summary>Whether a bitmap of this name is in the image's bitmap directory right now.</summary>
     public bool IsStoredBitmap(string name) => _storedBitmaps.ContainsKey(name);
@@ -131,9 +70,9 @@ public sealed partial class Qcow2Image : BlockImage
         _ownsFile = options.OwnsFile;
         _externalData = (header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExternalDataFile) != 0;
         _openedForCheck = options.ForCheck;
-        _l2CacheCapacity = (int)Math.Max(16, options.L2CacheBytes / _clusterSize);
+        _l2Cache = new((int)Math.Max(16, options.L2CacheBytes / _clusterSize));
         // QEMU keeps a quarter as much refcount cache as L2 cache.
-        _refCacheCapacity = (int)Math.Max(8, options.L2CacheBytes / 4 / _clusterSize);
+        _refBlocks = new((int)Math.Max(8, options.L2CacheBytes / 4 / _clusterSize));
         _l1 = [];
         _refTable = [];
     }
@@ -227,41 +166,6 @@ public sealed partial class Qcow2Image : BlockImage
         if (l2Offset == 0) return 0;
         var table = LoadL2((long)l2Offset, l1Index);
         return table.Entries[guestCluster % _l2Entries];
-    }
-
-    private L2Table LoadL2(long l2Offset, long l1Index)
-    {
-        if (_l2Cache.TryGetValue(l2Offset, out var t))
-        {
-            t.LastUse = ++_l2Clock;
-            return t;
-        }
-        if ((l2Offset & (_clusterSize - 1)) != 0)
-            throw SignalCorruption(fatal: true, $"L2 table offset {CHex(l2Offset)} unaligned (L1 index: {CHex(l1Index)})");
-        if (l2Offset + _clusterSize > _file.Length)
-            throw new BlockException($"qcow2: L2 table offset 0x{l2Offset:x} lies past the end of the file (L1 index: {l1Index}); image is corrupt");
-        var raw = new byte[_clusterSize];
-        _file.Read(l2Offset, raw);
-        var entries = new ulong[_l2Entries];
-        var bitmaps = _extendedL2 ? new ulong[_l2Entries] : null;
-        for (int i = 0; i < entries.Length; i++)
-        {
-            if (bitmaps is null) entries[i] = BinaryPrimitives.ReadUInt64BigEndian(raw.AsSpan(i * 8));
-            else (entries[i], bitmaps[i]) = Qcow2Subclusters.ReadExtended(raw, i);
-        }
-        t = new L2Table(entries, bitmaps) { LastUse = ++_l2Clock };
-        MakeRoomInL2Cache();
-        _l2Cache[l2Offset] = t;
-        return t;
-    }
-
-    private void MakeRoomInL2Cache()
-    {
-        if (_l2Cache.Count < _l2CacheCapacity) return;
-        if (_l2Cache.Values.Any(t => t.Dirty)) WriteBackMetadata();
-        // Drop the least recently used half of the clean tables.
-        var victims = _l2Cache.OrderBy(kv => kv.Value.LastUse).Take(_l2Cache.Count / 2).Select(kv => kv.Key).ToList();
-        foreach (var v in victims) _l2Cache.Remove(v);
     }
 
     /// <summary>The mapping of a run of guest bytes with one state and (for data) contiguous host offsets.</summary>
@@ -475,122 +379,6 @@ public sealed partial class Qcow2Image : BlockImage
         }
     }
 
-    /// <summary>Clusters allocated for one write, not yet visible in the L2 tables.</summary>
-    private sealed record Allocation(long FirstCluster, long Count, long HostStart, long Consumed, byte[]? Buffer);
-
-    private readonly HashSet<long> _clustersInFlight = new();
-
-    /// <summary>
-    /// Allocates new host clusters for a write into clusters that need them (unallocated, zero, compressed or
-    /// shared), and builds the copy-on-write buffer when the write covers clusters partially. Returns null when
-    /// another writer is allocating the first cluster. Caller holds the lock.
-    /// </summary>
-    private Allocation? PrepareAllocation(long offset, ReadOnlySpan<byte> data)
-    {
-        long firstCluster = ClusterOf(offset);
-        if (_clustersInFlight.Contains(firstCluster)) return null;
-        long lastCluster = ClusterOf(offset + data.Length - 1);
-        long maxRun = Math.Min(_refcountsPerBlock - 1, Math.Max(1, (8L << 20) / _clusterSize));
-        long count = 1;
-        while (firstCluster + count <= lastCluster && count < maxRun && !_clustersInFlight.Contains(firstCluster + count))
-        {
-            ulong e = GetL2Entry(firstCluster + count);
-            if (KindOf(e) == L2EntryKind.Normal && (e & Qcow2Entry.Copied) != 0) break;
-            count++;
-        }
-        // L2 tables first, so that a fresh image is laid out as QEMU lays it out (table, then its data).
-        EnsureL2Table(firstCluster / _l2Entries);
-        EnsureL2Table((firstCluster + count - 1) / _l2Entries);
-        long start = firstCluster << _clusterBits;
-        long end = Math.Min((firstCluster + count) << _clusterBits, offset + data.Length);
-        long consumed = end - offset;
-
-        long hostStart = AllocateDataClusters(firstCluster, count);
-        CheckDataWrite(hostStart, count << _clusterBits);
-        long headPad = offset - start;
-        long tailEnd = Math.Min((firstCluster + count) << _clusterBits, Size);
-        long tailPad = Math.Max(0, tailEnd - end);
-        byte[]? buffer = null;
-        if (headPad != 0 || tailPad != 0)
-        {
-            // Build the clusters with their old content around the new bytes (copy-on-write). The last cluster of
-            // an image whose size is not cluster aligned is still written whole.
-            buffer = new byte[count << _clusterBits];
-            if (headPad > 0) ReadOldCluster(firstCluster, buffer.AsSpan(0, (int)_clusterSize));
-            if (tailPad > 0 && (count > 1 || headPad == 0))
-                ReadOldCluster(firstCluster + count - 1, buffer.AsSpan((int)((count - 1) << _clusterBits), (int)_clusterSize));
-            data[..(int)consumed].CopyTo(buffer.AsSpan((int)headPad));
-        }
-        for (long i = 0; i < count; i++) _clustersInFlight.Add(firstCluster + i);
-        return new Allocation(firstCluster, count, hostStart, consumed, buffer);
-    }
-
-    /// <summary>The data write of an allocation failed: nothing points at its clusters, so they are free again at
-    /// once, and writers waiting for the guest clusters go on (the guest clusters keep what they had). Caller holds
-    /// the lock.</summary>
-    private void RollBackAllocation(Allocation a)
-    {
-        for (long i = 0; i < a.Count; i++)
-        {
-            _clustersInFlight.Remove(a.FirstCluster + i);
-            if (!_externalData) AdjustRefcount(ClusterOf(a.HostStart) + i, -1);
-        }
-        Monitor.PulseAll(_lock);
-    }
-
-    // ------------------------------------------------------------------ host cluster lifetime
-    //
-    // Reads and in-place writes map a run under the lock and move the data outside it. A discard (or a rewrite of a
-    // compressed or shared cluster) can meanwhile drop the mapping and, at the next write-back, free the host cluster
-    // for a new allocation: the old request would then read, or write into, another guest cluster's data. So every
-    // release is stamped with a generation, every access outside the lock registers the generation it mapped in, and
-    // a cluster is freed only once no access that mapped before its release is still going.
-
-    private const long NoHostAccess = -1;
-    private long _mapGeneration;
-    private readonly Dictionary<long, int> _hostAccesses = new();
-
-    /// <summary>Registers an access to the host clusters just mapped. Caller holds the lock.</summary>
-    private long BeginHostAccess(L2EntryKind kind)
-    {
-        if (kind is not (L2EntryKind.Normal or L2EntryKind.Compressed)) return NoHostAccess;
-        long generation = _mapGeneration;
-        _hostAccesses[generation] = _hostAccesses.GetValueOrDefault(generation) + 1;
-        return generation;
-    }
-
-    private void EndHostAccess(long generation)
-    {
-        if (generation == NoHostAccess) return;
-        lock (_lock)
-        {
-            if (--_hostAccesses[generation] == 0) _hostAccesses.Remove(generation);
-        }
-    }
-
-    /// <summary>The oldest generation an access still in flight mapped in (long.MaxValue when none). Caller holds the lock.</summary>
-    private long OldestHostAccess()
-    {
-        long oldest = long.MaxValue;
-        foreach (var g in _hostAccesses.Keys) if (g < oldest) oldest = g;
-        return oldest;
-    }
-
-    /// <summary>Points the L2 entries at freshly written clusters. Caller holds the lock.</summary>
-    private void CommitAllocation(Allocation a)
-    {
-        for (long i = 0; i < a.Count; i++)
-        {
-            long guest = a.FirstCluster + i;
-            var table = EnsureL2Table(guest / _l2Entries);
-            int idx = (int)(guest % _l2Entries);
-            ReleaseEntry(table.Entries[idx]);
-            table.Entries[idx] = (ulong)(a.HostStart + (i << _clusterBits)) | Qcow2Entry.Copied;
-            table.Dirty = true;
-            _clustersInFlight.Remove(guest);
-        }
-    }
-
     /// <summary>Reads what a guest cluster holds now (before it is replaced). Caller holds the lock.</summary>
     private void ReadOldCluster(long guestCluster, Span<byte> output)
     {
@@ -614,54 +402,6 @@ public sealed partial class Qcow2Image : BlockImage
                 output.Clear();
                 break;
         }
-    }
-
-    /// <summary>Schedules the host storage an old L2 entry referenced to be freed once the new entry is on disk and
-    /// no request that mapped the old entry is still using it.</summary>
-    private void ReleaseEntry(ulong entry)
-    {
-        switch (KindOf(entry))
-        {
-            case L2EntryKind.Normal:
-            case L2EntryKind.ZeroAllocated:
-                if (_externalData) break; // data-file clusters have no refcounts to drop
-                _pendingFrees.Add(((long)(entry & Qcow2Entry.OffsetMask), _clusterSize, ++_mapGeneration));
-                break;
-            case L2EntryKind.Compressed:
-                var (host, sectors) = Qcow2Entry.DecodeCompressed(entry, _clusterBits);
-                _pendingFrees.Add((host, Qcow2Entry.CompressedReadLength(host, sectors), ++_mapGeneration));
-                break;
-        }
-    }
-
-    /// <summary>Returns the L2 table for an L1 index, allocating an empty one if needed. Caller holds the lock.</summary>
-    private L2Table EnsureL2Table(long l1Index)
-    {
-        if (l1Index >= _l1.Length)
-            throw new BlockException($"qcow2: guest offset beyond the L1 table (index {l1Index})");
-        ulong l1e = _l1[l1Index];
-        long l2Offset = (long)(l1e & Qcow2Entry.OffsetMask);
-        if (l2Offset != 0)
-        {
-            if ((l1e & Qcow2Entry.Copied) == 0)
-            {
-                // Without OFLAG_COPIED the table is shared with a snapshot: the active tree gets its own copy.
-                return CopyOnWriteL2Table(l1Index, l2Offset);
-            }
-            // The table is about to change: refuse now, not at the next write-back, if it lies on other metadata.
-            CheckHostWrite(l2Offset, _clusterSize, Qcow2MetadataKind.ActiveL2);
-            return LoadL2(l2Offset, l1Index);
-        }
-        long newOffset = AllocateClusters(1);
-        CheckNotHeader(newOffset, "L2 table");
-        CheckHostWrite(newOffset, _clusterSize);
-        var table = new L2Table(new ulong[_l2Entries], _extendedL2 ? new ulong[_l2Entries] : null) { Dirty = true, LastUse = ++_l2Clock };
-        MakeRoomInL2Cache();
-        _l2Cache[newOffset] = table;
-        _l1[l1Index] = (ulong)newOffset | Qcow2Entry.Copied;
-        _l1Dirty = true;
-        _overlap.AddL2Table(newOffset);
-        return table;
     }
 
     protected override void DriverWriteZeroes(long offset, long length, bool mayUnmap)

@@ -1,0 +1,29 @@
+namespace Strata.Block.Qcow2;
+
+/// <summary>Options for opening a qcow2 image.</summary>
+public sealed record Qcow2OpenOptions
+{
+    /// <summary>Bytes of L2 tables kept in memory.</summary>
+    public long L2CacheBytes { get; init; } = 32L << 20;
+
+    /// <summary>False when the host file belongs to another node (a daemon's "file" node).</summary>
+    public bool OwnsFile { get; init; } = true;
+
+    /// <summary>Open read-only even though the host file is writable.</summary>
+    public bool ReadOnly { get; init; }
+
+    /// <summary>The external data file to use instead of the one the header names (a data-file child); the image
+    /// then owns it.</summary>
+    public HostFile? DataFile { get; init; }
+
+    /// <summary>Do not open the header's data file (qemu-img info: metadata only, no guest I/O).</summary>
+    public bool WithoutDataFile { get; init; }
+
+    /// <summary>Opened by <c>check</c> (QEMU's BDRV_O_CHECK): a dirty or corrupt image is opened as it is, for the
+    /// check to report and repair, instead of being repaired on open or refused.</summary>
+    public bool ForCheck { get; init; }
+
+    /// <summary>Looks up the key secret of an encrypted image (encrypt.key-secret), null when none was named; called
+    /// only when guest data is first needed.</summary>
+    public Func<byte[]>? KeySecret { get; init; }
+}
