@@ -47,6 +47,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         public required SourceNode Node;
         public BackupManifest? Head;
         public bool Incremental;
+        /// <summary>An incremental whose changes are found by comparing the disk with the last point (its bitmap
+        /// is gone), not read from a bitmap.</summary>
+        public bool Differential;
         public string? Note;
         public required string NewBitmap;
         public required string PartialPath;
@@ -58,6 +61,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         public string? FleecePath;
         public long Copied;
     }
+
+    /// <summary>The mode the run uses: the one asked for, or pull when a disk needs a differential.</summary>
+    private string _mode = options.Mode;
 
     public async Task<IReadOnlyList<BackupManifest>> RunAsync()
     {
@@ -74,13 +80,15 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         string id = repo.NewId(now);
         var plans = new List<DiskPlan>();
         foreach (string disk in options.Disks) plans.Add(await PlanAsync(source, disk, id));
+        // A differential reads the frozen disk itself: the run pulls.
+        _mode = plans.Any(p => p.Differential) ? "pull" : options.Mode;
         foreach (var p in plans)
-            progress.Message($"{p.Disk}: {(p.Incremental ? $"incremental on {p.Head!.Id}" : "full")} ({options.Mode}){(p.Note is null ? "" : " — " + p.Note)}");
+            progress.Message($"{p.Disk}: {(p.Incremental ? $"incremental on {p.Head!.Id}" : "full")} ({_mode}){(p.Note is null ? "" : " — " + p.Note)}");
 
         bool ok = false;
         try
         {
-            if (options.Mode == "push") await PushAsync(source, plans);
+            if (_mode == "push") await PushAsync(source, plans);
             else await PullAsync(source, plans);
             ok = true;
         }
@@ -112,14 +120,14 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         var node = await source.NodeAsync(disk);
         if (node.VirtualSize <= 0) throw new BackupException($"node '{disk}' has no size", "name a format node (qcow2, raw), not a protocol node", BackupExitCodes.Usage);
         var head = repo.Points(disk).LastOrDefault();
-        string? why = null;
+        string? why = null, bitmapLost = null;
         if (head is null) why = "no earlier backup of this disk";
         else if (options.Level == "full") why = null;
-        else if (node.Bitmaps.FirstOrDefault(b => b.Name == head.Bitmap) is not { } bitmap) why = $"bitmap '{head.Bitmap}' is missing on the source (daemon restarted without it, or removed)";
-        else if (bitmap.Inconsistent) why = $"bitmap '{head.Bitmap}' is inconsistent (the source was not shut down cleanly)";
-        else if (!bitmap.Recording) why = $"bitmap '{head.Bitmap}' is disabled, so it missed writes";
         else if (node.VirtualSize != head.VirtualSize) why = $"the disk changed size ({head.VirtualSize} -> {node.VirtualSize} bytes)";
         else if (!File.Exists(repo.FilePath(head))) why = $"the previous backup file {head.File} is missing";
+        else if (node.Bitmaps.FirstOrDefault(b => b.Name == head.Bitmap) is not { } bitmap) bitmapLost = $"bitmap '{head.Bitmap}' is missing on the source (daemon restarted without it, or removed)";
+        else if (bitmap.Inconsistent) bitmapLost = $"bitmap '{head.Bitmap}' is inconsistent (the source was not shut down cleanly)";
+        else if (!bitmap.Recording) bitmapLost = $"bitmap '{head.Bitmap}' is disabled, so it missed writes";
         bool inc = options.Level != "full" && why is null;
         if (options.Level == "inc" && !inc)
             throw new BackupException($"{disk}: cannot take an incremental: {why}", "run with --level full (or auto) to start a new chain", BackupExitCodes.Failed);
@@ -131,7 +139,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Node = node,
             Head = inc ? head : null,
             Incremental = inc,
-            Note = options.Level == "auto" && !inc && head is not null ? "full because " + why : null,
+            // Without its bitmap the last point is still there to compare with: only what differs is copied.
+            Differential = inc && bitmapLost is not null,
+            Note = bitmapLost is not null && inc ? "differential by comparison because " + bitmapLost
+                : options.Level == "auto" && !inc && head is not null ? "full because " + why : null,
             NewBitmap = repo.BitmapPrefix + id,
             FinalName = id + ".qcow2",
             PartialPath = Path.Combine(dir, id + ".qcow2" + Repository.PartialSuffix),
@@ -257,7 +268,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             }
             catch (QmpException e)
             {
-                throw new BackupException($"cannot start an NBD server on the source: {e.Message}", "if it already runs one, pass its address with --nbd", BackupExitCodes.Source);
+                throw new BackupException($"cannot start an NBD server on the source: {e.Message}",
+                    _mode != options.Mode
+                        ? "a differential by comparison reads the disk over NBD: pass the source's NBD server with --nbd (or --level full)"
+                        : "if it already runs one, pass its address with --nbd", BackupExitCodes.Source);
             }
         }
         var started = new List<DiskPlan>();
@@ -277,7 +291,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                 actions.Add(BitmapAdd(p));
                 // The old bitmap stops at the freeze point, so that it can be exported read-only; on failure the
                 // new one is merged back into it.
-                if (p.Incremental) actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-disable", ["data"] = new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap } });
+                if (p.Incremental && !p.Differential) actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-disable", ["data"] = new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap } });
                 actions.Add(new JsonObject { ["type"] = "blockdev-backup", ["data"] = new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode, ["sync"] = "none" } });
             }
             await TransactionAsync(source, actions);
@@ -285,7 +299,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             foreach (var p in plans)
             {
                 var export = new JsonObject { ["type"] = "nbd", ["id"] = p.ExportId, ["node-name"] = p.TargetNode, ["name"] = p.ExportName, ["writable"] = false };
-                if (p.Incremental) export["bitmaps"] = new JsonArray(new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap });
+                if (p.Incremental && !p.Differential) export["bitmaps"] = new JsonArray(new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap });
                 await source.ExecuteAsync("block-export-add", export);
             }
             await Task.WhenAll(plans.Select(p => PullDiskAsync(p, nbd)));
@@ -311,17 +325,46 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     private async Task PullDiskAsync(DiskPlan p, string nbd)
     {
-        string? context = p.Incremental ? "qemu:dirty-bitmap:" + p.Head!.Bitmap : null;
+        string? context = p.Incremental && !p.Differential ? "qemu:dirty-bitmap:" + p.Head!.Bitmap : null;
         CreateTarget(p, p.PartialPath, withBacking: true);
         using var target = ImageOpener.Open(p.PartialPath, "qcow2", readOnly: false);
         // The partial file is thrown away if anything fails, so only the final flush needs to reach the disk.
         if (target is Qcow2Image q) q.File.FlushEnabled = false;
-        var copier = new PullCopier(nbd, p.ExportName, context);
         progress.Start(p.Disk, 0);
-        p.Copied = await copier.CopyAsync(target, (done, total) => { progress.Start(p.Disk, total); progress.Advance(p.Disk, done); });
+        void Progress(long done, long total)
+        {
+            progress.Start(p.Disk, total);
+            progress.Advance(p.Disk, done);
+        }
+        if (p.Differential)
+        {
+            using var frozen = OpenExport(nbd, p.ExportName);
+            using var lastPoint = ImageOpener.Open(repo.FilePath(p.Head!), "qcow2", readOnly: true);
+            p.Copied = await Task.Run(() => new DifferentialCopier(frozen, lastPoint).CopyDifferences(target, Progress));
+        }
+        else
+        {
+            p.Copied = await new PullCopier(nbd, p.ExportName, context).CopyAsync(target, Progress);
+        }
         if (target is Qcow2Image q2) q2.File.FlushEnabled = true;
         target.Flush();
         progress.Finish(p.Disk);
+    }
+
+    /// <summary>The frozen disk as an image read over NBD (unix path or HOST:PORT).</summary>
+    private static BlockImage OpenExport(string nbd, string export)
+    {
+        int colon = nbd.LastIndexOf(':');
+        bool tcp = !nbd.Contains('/') && colon > 0 && int.TryParse(nbd[(colon + 1)..], out _);
+        try
+        {
+            return tcp ? Protocol.Nbd.NbdImage.Connect(null, nbd[..colon], int.Parse(nbd[(colon + 1)..]), export, readOnly: true)
+                : Protocol.Nbd.NbdImage.Connect(nbd, null, 0, export, readOnly: true);
+        }
+        catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException or BlockException)
+        {
+            throw new BackupException($"cannot read export '{export}' at '{nbd}': {e.Message}", "is the NBD server address right (--nbd)?", BackupExitCodes.Source);
+        }
     }
 
     // ------------------------------------------------------------------ commit and recovery
@@ -338,7 +381,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Level = p.Incremental ? "inc" : "full",
             Parent = p.Head?.Id,
             File = p.FinalName,
-            Mode = options.Mode,
+            Mode = _mode,
             Source = options.Socket.Contains('/') || File.Exists(options.Socket) ? Path.GetFullPath(options.Socket) : options.Socket,
             Node = p.Disk,
             Bitmap = p.NewBitmap,
@@ -363,7 +406,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                 var node = await source.NodeAsync(p.Disk);
                 if (node.Bitmaps.All(b => b.Name != p.NewBitmap)) continue;
                 var actions = new JsonArray();
-                if (p.Incremental && node.Bitmaps.Any(b => b.Name == p.Head!.Bitmap))
+                if (p.Incremental && !p.Differential && node.Bitmaps.Any(b => b.Name == p.Head!.Bitmap))
                 {
                     actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-merge", ["data"] = new JsonObject { ["node"] = p.Disk, ["target"] = p.Head!.Bitmap, ["bitmaps"] = new JsonArray(p.NewBitmap) } });
                     actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-enable", ["data"] = new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap } });

@@ -247,7 +247,7 @@ public class BackupManagerTests : ScratchDirTest
     [Theory]
     [InlineData("strata")]
     [InlineData("qsd")]
-    public async Task KillingTheSourceMidBackupFallsBackToAFullThatIsCorrect(string kind)
+    public async Task KillingTheSourceMidBackupFallsBackToADifferentialThatIsCorrect(string kind)
     {
         using var src = new BackupSourceProcess(kind, Dir, ["vda"], size: "512M");
         Tools.StrataCmd("backup", "init", Repo).Ok();
@@ -263,13 +263,15 @@ public class BackupManagerTests : ScratchDirTest
         }
         src.Start();
         await src.CopyAsync("vda", P("now.raw"));
-        var made = Run(src, Repo, "push", "--disk", "vda")[0];
+        // Pull, through the source's own NBD server: the run has to read the disk.
+        var made = Run(src, Repo, "pull", "--disk", "vda")[0];
         Assert.Equal(4, exit);
         {
             // A killed source never stored the run's new persistent bitmap (QEMU stores them on close), and the old
-            // one is gone or marked in use: either way a full follows, and says why.
-            Assert.Equal("full", made.GetProperty("level").GetString());
-            Assert.Matches("full because bitmap .* is (missing|inconsistent)", made.GetProperty("note").GetString());
+            // one is gone or marked in use: either way the disk is compared with the last point, and the run says so.
+            Assert.Equal("inc", made.GetProperty("level").GetString());
+            Assert.Matches("differential by comparison because bitmap .* is (missing|inconsistent)", made.GetProperty("note").GetString());
+            Assert.Equal(384L << 20, made.GetProperty("copied-bytes").GetInt64());
         }
         AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
         AssertEveryFileCheckedClean();
