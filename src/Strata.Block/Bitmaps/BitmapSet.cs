@@ -4,9 +4,10 @@ namespace Strata.Block.Bitmaps;
 
 /// <summary>
 /// The dirty bitmaps of one node, with QEMU's rules for what each state allows (qemu-spec §2.4) and the
-/// successor mechanism jobs use. Writes to the node call <see cref="MarkDirty"/> before they are acknowledged.
+/// successor mechanism jobs use (BitmapSet.Successors.cs). Writes to the node call <see cref="MarkDirty"/> before
+/// they are acknowledged.
 /// </summary>
-public sealed class BitmapSet
+public sealed partial class BitmapSet
 {
     private readonly object _lock = new();
     private readonly List<DirtyBitmap> _bitmaps = new();
@@ -250,55 +251,6 @@ public sealed class BitmapSet
                     throw new BitmapException($"Bitmap '{bitmap.Name}' is inconsistent and cannot be used\nTry block-dirty-bitmap-remove to delete this bitmap from disk");
             }
             bitmap.Busy = busy;
-        }
-    }
-
-    /// <summary>Freezes a bitmap for a job: an empty successor takes over recording (QEMU's create_successor).</summary>
-    public DirtyBitmap CreateSuccessor(DirtyBitmap parent)
-    {
-        lock (_lock)
-        {
-            if (parent.Successor is not null || parent.Busy)
-                throw new BitmapException($"Bitmap '{parent.Name}' is currently in use by another operation and cannot be used");
-            var successor = new DirtyBitmap(null, parent.Granularity, parent.DiskSize, parent.Enabled);
-            parent.Successor = successor;
-            parent.SuccessorListing = new InternalBitmap(successor.Granularity, () => successor.CountBytes, () => successor.Enabled) { Sequence = ++_sequence };
-            _internal.Add(parent.SuccessorListing);
-            parent.Enabled = false;
-            parent.Busy = true;
-            return successor;
-        }
-    }
-
-    /// <summary>Job succeeded and the bitmap is synchronised: the successor replaces it (old bits dropped).</summary>
-    public void Abdicate(DirtyBitmap parent)
-    {
-        lock (_lock)
-        {
-            var s = parent.Successor ?? throw new BitmapException("Cannot abdicate: bitmap has no successor");
-            parent.Bits = s.Bits;
-            parent.Enabled = s.Enabled;
-            parent.Successor = null;
-            _internal.Remove(parent.SuccessorListing!);
-            parent.SuccessorListing = null;
-            parent.Busy = false;
-            Changed?.Invoke();
-        }
-    }
-
-    /// <summary>Job failed or is not to synchronise: the successor's bits are merged back (nothing is lost).</summary>
-    public void Reclaim(DirtyBitmap parent)
-    {
-        lock (_lock)
-        {
-            var s = parent.Successor ?? throw new BitmapException("Cannot reclaim: bitmap has no successor");
-            parent.Bits.Merge(s.Bits);
-            parent.Enabled = s.Enabled;
-            parent.Successor = null;
-            _internal.Remove(parent.SuccessorListing!);
-            parent.SuccessorListing = null;
-            parent.Busy = false;
-            Changed?.Invoke();
         }
     }
 
