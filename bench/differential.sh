@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# A differential by comparison against a blind full, after the source lost its bitmap (kill -9 of the daemon):
+# a fully written qcow2 served by qemu-storage-daemon, a full backup, 1 % of the 64 KiB clusters rewritten through
+# the daemon's NBD export, kill -9, restart, then alternately
+#  - `strata backup run --nbd` (auto: compares the frozen disk with the last point, writes what differs)
+#  - `strata backup run --nbd --level full` (what every tool does today: a blind full)
+# each on a copy of the repository as it was after the full, wall clock of the whole process.
+# Usage: bench/differential.sh [SIZE_MIB] [RUNS]    (needs qemu-img, qemu-io, qemu-storage-daemon)
+set -euo pipefail
+SIZE_MIB=${1:-4096}
+RUNS=${2:-3}
+source "$(dirname "$0")/common.sh" diff
+STRATA="dotnet $STRATA_DLL"
+bytes=$((SIZE_MIB * 1048576))
+clusters=$((bytes / 65536))
+qemu-img create -q -f qcow2 "$dir/vda.qcow2" "$bytes"
+args=(); for ((off = 0; off < bytes; off += 268435456)); do
+    n=$((bytes - off < 268435456 ? bytes - off : 268435456)); args+=(-c "write -q -P 0x5a $off $n"); done
+qemu-io -f qcow2 "${args[@]}" "$dir/vda.qcow2"
+
+start_qsd() {
+    rm -f "$dir/q.sock" "$dir/n.sock"
+    qemu-storage-daemon --blockdev "driver=file,node-name=f,filename=$dir/vda.qcow2" --blockdev driver=qcow2,node-name=vda,file=f \
+        --chardev "socket,id=q,path=$dir/q.sock,server=on,wait=off" --monitor chardev=q \
+        --nbd-server "addr.type=unix,addr.path=$dir/n.sock" --export type=nbd,id=e,node-name=vda,name=vda,writable=on &
+    qsd=$!; pids+=("$qsd")
+    for _ in $(seq 100); do [[ -S $dir/q.sock && -S $dir/n.sock ]] && break; sleep 0.05; done
+}
+start_qsd
+$STRATA backup init "$dir/repo" >/dev/null
+$STRATA backup run --socket "$dir/q.sock" --disk vda "$dir/repo" >/dev/null
+ndirty=$(((clusters + 99) / 100))
+wargs=(); for ((i = 0; i < ndirty; i++)); do wargs+=(-c "write -q -P 0x77 $(( (i * 7919 % clusters) * 65536 )) 65536"); done
+qemu-io -f raw "${wargs[@]}" "nbd+unix:///vda?socket=$dir/n.sock"
+kill -9 "$qsd"; wait "$qsd" 2>/dev/null || true
+start_qsd
+cp -a "$dir/repo" "$dir/repo.after-full"
+
+run() { # LABEL ARGS…: one timed run on a fresh copy of the repository
+    local label=$1; shift
+    rm -rf "$dir/repo"; cp -a "$dir/repo.after-full" "$dir/repo"
+    local t0 t1; t0=$(date +%s.%N)
+    $STRATA backup run --socket "$dir/q.sock" --disk vda --nbd "$dir/n.sock" --json "$@" "$dir/repo" > "$dir/out.json"
+    t1=$(date +%s.%N)
+    python3 -c "import json,sys; m=json.load(open('$dir/out.json'))[0]; print(f'$label {float($t1)-float($t0):.2f} s, level {m[\"level\"]}, copied {m[\"copied-bytes\"]/1048576:.1f} MiB')"
+    # The run started a new bitmap: the next run must lose it again, as after the crash.
+    python3 - "$dir/q.sock" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile('rw'); f.readline()
+def q(c, a=None):
+    f.write(json.dumps({'execute': c, **({'arguments': a} if a else {})}) + '\n'); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if 'event' not in r: return r
+q('qmp_capabilities')
+for n in q('query-named-block-nodes')['return']:
+    if n['node-name'] == 'vda':
+        for b in n.get('dirty-bitmaps', []): q('block-dirty-bitmap-remove', {'node': 'vda', 'name': b['name']})
+PY
+}
+echo "disk ${SIZE_MIB} MiB fully written, 1 % of its clusters rewritten, bitmap lost (kill -9 of qemu-storage-daemon)"
+for ((r = 1; r <= RUNS; r++)); do
+    run "differential" 
+    run "blind full  " --level full
+done
