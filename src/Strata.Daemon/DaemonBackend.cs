@@ -28,7 +28,7 @@ public sealed partial class DaemonBackend : IQmpBackend
     public DaemonBackend(BlockGraph graph)
     {
         Graph = graph;
-        Jobs = new JobManager(Emit);
+        Jobs = new JobManager(JobEventsToQmp.To(Emit));
         Graph.ExternalDrivers["nbd"] = spec => NbdImage.Connect(spec.NbdSocketPath, spec.NbdHost, spec.NbdPort, spec.NbdExport, spec.ReadOnly);
         Register();
     }
