@@ -10,7 +10,7 @@ namespace Strata.Block.Filters;
 /// </summary>
 public sealed class BackupFilterImage : FilterImage
 {
-    public BackupFilterImage(CopyBeforeWrite copyBeforeWrite) : base(copyBeforeWrite.Source)
+    internal BackupFilterImage(CopyBeforeWrite copyBeforeWrite) : base(copyBeforeWrite.Source)
     {
         long cluster = copyBeforeWrite.ClusterSize, size = copyBeforeWrite.Source.Size;
         Bitmaps = new BitmapSet(size, cluster) { PersistenceCheck = (_, _) => "Operation not supported" };

@@ -3,7 +3,7 @@ using Strata.Block.Bitmaps;
 namespace Strata.Block.Filters;
 
 /// <summary>What a copy-before-write does besides copying.</summary>
-public sealed record CopyBeforeWriteOptions
+internal sealed record CopyBeforeWriteOptions
 {
     /// <summary>on-cbw-error=break-snapshot: a failed copy breaks the snapshot and lets the guest write through;
     /// otherwise (break-guest-write, QEMU's default) the guest write fails and the snapshot stays.</summary>
@@ -24,7 +24,7 @@ public sealed record CopyBeforeWriteOptions
 /// target, together with what is still to copy on the source, is the disk as it was when it was attached
 /// (<see cref="ReadSnapshot"/> reads that view). Like QEMU's block-copy state under its copy-before-write filter.
 /// </summary>
-public sealed class CopyBeforeWrite
+internal sealed class CopyBeforeWrite
 {
     private readonly CopyBeforeWriteOptions _options;
     private readonly HierarchicalBitmap _toCopy;

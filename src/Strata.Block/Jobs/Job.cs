@@ -9,9 +9,7 @@ public enum JobVerb { Cancel, Pause, Resume, SetSpeed, Complete, Finalize, Dismi
 /// <summary>QEMU's job transition and verb tables (job.c JobSTT / JobVerbTable), as data.</summary>
 public static class JobTables
 {
-    private const string States = "UCRPYSWDXEN";
-
-    // Rows: from-state; columns: to-state, in the order of JobStatus.
+    // Rows: from-state; columns: to-state, in the order of JobStatus (U C R P Y S W D X E N, as QEMU's job.c names them).
     private static readonly string[] Transitions =
     [
         ".1.........", // undefined
@@ -50,8 +48,6 @@ public static class JobTables
         JobVerb.SetSpeed => "set-speed",
         _ => v.ToString().ToLowerInvariant(),
     };
-
-    internal static char Letter(JobStatus s) => States[(int)s];
 }
 
 /// <summary>
