@@ -39,8 +39,9 @@ public sealed class BackupJob : Job
     private readonly CopyBeforeWrite _cbw;
     /// <summary>Largest run the background loop copies at once (in job clusters; 2 MiB at 64 KiB).</summary>
     private readonly long RunClusters;
-    private Exception? _hookError;
-    private bool _hooked;
+    /// <summary>A copy a guest write waited for failed: the guest's write failed, and the job fails with it.</summary>
+    private Exception? _guestCopyError;
+    private bool _attached;
     private InternalBitmap? _copyListing;
 
     /// <summary>The filter node's view while the job runs (the daemon lists it); set by <see cref="Prepare"/>.</summary>
@@ -61,7 +62,7 @@ public sealed class BackupJob : Job
         _cbw = new CopyBeforeWrite(options.Source, options.Target, new CopyBeforeWriteOptions { Compress = options.Compress });
         // Guest writes' copies and the loop's count alike; a guest write's failed copy fails the job.
         _cbw.Copied += AddProgress;
-        _cbw.CopyFailed += e => _hookError ??= e;
+        _cbw.CopyFailed += e => _guestCopyError ??= e;
         RunClusters = Math.Max(1, (2L << 20) / _cbw.ClusterSize);
         // A speed limit wants small steps; compression works cluster by cluster anyway.
         if (options.Compress) RunClusters = 1;
@@ -93,7 +94,7 @@ public sealed class BackupJob : Job
         // sync=none is fleecing: the target is read (through to the source) while this job fills it.
         if (_o.Sync == BackupSync.None) _o.Target.ReadSerialiser ??= new RangeLock();
         _cbw.Attach();
-        _hooked = true;
+        _attached = true;
     }
 
     /// <summary>The error policy that applies to an I/O error, by the side it happened on.</summary>
@@ -145,7 +146,7 @@ public sealed class BackupJob : Job
                 // drained); once a copy is taken it runs to the end inside the graph, since a guest write that a
                 // drain waits for may be waiting for that very copy.
                 await _o.Source.Requests.WhileDrainedAsync();
-                if (_hookError is not null) throw _hookError;
+                if (_guestCopyError is not null) throw _guestCopyError;
                 // Under a speed limit, runs are QEMU's 1 MiB chunks, each waiting for its turn before it is taken
                 // (a guest write never waits behind a throttled copy).
                 long runLimit = RunClusters;
@@ -200,7 +201,7 @@ public sealed class BackupJob : Job
         }
         // Clusters a guest write was copying when the loop ended are done once they leave the in-flight set.
         _cbw.WaitForCopies();
-        if (_hookError is not null) throw _hookError;
+        if (_guestCopyError is not null) throw _guestCopyError;
         _o.Target.Flush();
     }
 
@@ -245,12 +246,12 @@ public sealed class BackupJob : Job
         }
     }
 
-    private void Unhook()
+    private void DetachCopyBeforeWrite()
     {
         _o.Source.Bitmaps.RemoveInternal(_copyListing);
         _copyListing = null;
-        if (!_hooked) return;
-        _hooked = false;
+        if (!_attached) return;
+        _attached = false;
         // Detached drained, as QEMU removes its filter: a guest write that entered before the removal is still
         // copying into the target, and the target may be closed as soon as this job lets it go.
         using (DrainedSection.Begin([_o.Source], drainerPasses: false))
@@ -259,7 +260,7 @@ public sealed class BackupJob : Job
 
     protected internal override void Commit()
     {
-        Unhook();
+        DetachCopyBeforeWrite();
         if (_o.Bitmap is not { Successor: not null } b) return;
         var set = _o.Source.Bitmaps;
         if (_o.Mode == BitmapMode.Never) set.Reclaim(b);
@@ -268,7 +269,7 @@ public sealed class BackupJob : Job
 
     protected internal override void Abort()
     {
-        Unhook();
+        DetachCopyBeforeWrite();
         if (_o.Bitmap is not { Successor: not null } b) return;
         var set = _o.Source.Bitmaps;
         switch (_o.Mode)
@@ -286,7 +287,7 @@ public sealed class BackupJob : Job
 
     protected internal override void Clean()
     {
-        Unhook();
+        DetachCopyBeforeWrite();
         _o.Release?.Invoke();
     }
 }
