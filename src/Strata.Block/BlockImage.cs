@@ -41,22 +41,22 @@ public abstract class BlockImage : IDisposable
     {
     }
 
-    private Action<long, long>[] _beforeWrite = [];
+    private Filters.CopyBeforeWrite[] _copyBeforeWrite = [];
 
     /// <summary>Set while this image is a fleecing target: its reads hold their range shared, and copy-before-write
     /// holds it exclusively while it fills it (see <see cref="RangeLock"/>).</summary>
     public RangeLock? ReadSerialiser { get; set; }
 
-    /// <summary>Runs before any change to guest data reaches the format driver: backup jobs copy the old
-    /// contents of the range first (copy-before-write), which makes a backup point-in-time.</summary>
-    public void AddBeforeWriteHook(Action<long, long> hook)
+    /// <summary>Runs before any change to guest data reaches the format driver: the old contents of the range are
+    /// copied first (copy-before-write), which makes a backup or a fleecing snapshot point-in-time.</summary>
+    internal void AttachCopyBeforeWrite(Filters.CopyBeforeWrite copyBeforeWrite)
     {
-        lock (this) _beforeWrite = [.. _beforeWrite, hook];
+        lock (this) _copyBeforeWrite = [.. _copyBeforeWrite, copyBeforeWrite];
     }
 
-    public void RemoveBeforeWriteHook(Action<long, long> hook)
+    internal void DetachCopyBeforeWrite(Filters.CopyBeforeWrite copyBeforeWrite)
     {
-        lock (this) _beforeWrite = _beforeWrite.Where(h => h != hook).ToArray();
+        lock (this) _copyBeforeWrite = _copyBeforeWrite.Where(c => c != copyBeforeWrite).ToArray();
     }
 
     private Action<long, long>[] _afterWrite = [];
@@ -76,7 +76,7 @@ public abstract class BlockImage : IDisposable
     // ------------------------------------------------------------------ the request path
     //
     // Every read, write, zero write, discard and flush of a node enters here, as in QEMU's block/io.c: range and
-    // permission checks, the request counted in flight (what Drain waits for), the before-write hooks and the dirty
+    // permission checks, the request counted in flight (what Drain waits for), copy-before-write and the dirty
     // marking, then the driver, which only moves data. Host errors leave as BlockIOException with their errno.
 
     /// <summary>Reads exactly buffer.Length bytes at <paramref name="offset"/> (must lie inside the image).</summary>
@@ -117,7 +117,7 @@ public abstract class BlockImage : IDisposable
     /// <summary>A driver call with what it needs (a span included: the state may be a ref struct).</summary>
     private delegate void DriverCall<TState>(BlockImage image, long offset, TState state) where TState : allows ref struct;
 
-    /// <summary>Every change to guest data: checked, counted in flight, the before-write hooks run and the recording
+    /// <summary>Every change to guest data: checked, counted in flight, copy-before-write run and the recording
     /// bitmaps marked before the driver is called, the after-write hooks when it returns or fails.</summary>
     private void WriteRequest<TState>(long offset, long length, TState state, DriverCall<TState> call) where TState : allows ref struct
     {
@@ -125,7 +125,7 @@ public abstract class BlockImage : IDisposable
         CheckRange(offset, length);
         if (length == 0) return;
         using var request = Requests.Enter();
-        foreach (var hook in _beforeWrite) hook(offset, length);
+        foreach (var copyBeforeWrite in _copyBeforeWrite) copyBeforeWrite.BeforeGuestWrite(offset, length);
         Bitmaps.MarkDirty(offset, length);
         try
         {
@@ -158,7 +158,7 @@ public abstract class BlockImage : IDisposable
     /// <summary>The driver's read: exactly buffer.Length bytes, inside the image, already checked and counted.</summary>
     protected abstract void DriverRead(long offset, Span<byte> buffer);
 
-    /// <summary>The driver's write: hooks have run and bitmaps are marked; it only moves data.</summary>
+    /// <summary>The driver's write: copy-before-write has run and bitmaps are marked; it only moves data.</summary>
     protected abstract void DriverWrite(long offset, ReadOnlySpan<byte> data);
 
     protected abstract void DriverWriteZeroes(long offset, long length, bool mayUnmap);

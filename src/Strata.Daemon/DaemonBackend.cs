@@ -28,7 +28,7 @@ public sealed class DaemonBackend : IQmpBackend
     public DaemonBackend(BlockGraph graph)
     {
         Graph = graph;
-        Jobs = new JobManager(Emit);
+        Jobs = new JobManager(JobEventsToQmp.To(Emit));
         Exports = new ExportManager(graph, _dispatcher, _events);
         Graph.Drivers.Register(new NbdBlockDriver());
 

@@ -248,13 +248,8 @@ public class BackupErrorPolicyTests : ScratchDirTest
         await qmp.ExecuteAsync("drive-backup", JsonNode.Parse($$$"""
             {"job-id":"j","device":"s","target":"{{{P("t.qcow2")}}}","sync":"full","format":"qcow2","on-source-error":"stop"}
             """));
-        JsonNode? job = null;
-        for (int i = 0; i < 200; i++)
-        {
-            job = (await qmp.ExecuteAsync("query-block-jobs"))!.AsArray().FirstOrDefault();
-            if (job?["status"]?.GetValue<string>() == "paused") break;
-            await Task.Delay(25);
-        }
+        await JobWaits.UntilStatus(events, "j", "paused");
+        var job = (await qmp.ExecuteAsync("query-block-jobs"))!.AsArray().FirstOrDefault();
         Assert.Equal("paused", job!["status"]!.GetValue<string>());
         Assert.True(job["paused"]!.GetValue<bool>());
         Assert.Equal("failed", job["io-status"]!.GetValue<string>());

@@ -53,6 +53,7 @@ public class BitmapModeDifferentialTests : ScratchDirTest
         using (daemon)
         {
             await using var qmp = await QmpClient.ConnectUnixAsync(qmpPath);
+            var events = new EventLog(qmp);
             await qmp.ExecuteAsync("block-dirty-bitmap-add", new Dictionary<string, object> { ["node"] = "drive0", ["name"] = "b0", ["granularity"] = 65536 });
             Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x21 1M 64k", "-c", "write -P 0x22 20M 300k", $"nbd+unix:///drive0?socket={nbd}").Exit);
             string file = failTarget
@@ -61,7 +62,7 @@ public class BitmapModeDifferentialTests : ScratchDirTest
             await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse($$$"""{"driver":"qcow2","node-name":"target","file":{{{file}}}}"""));
             var args = new Dictionary<string, object> { ["job-id"] = "j", ["device"] = "drive0", ["target"] = "target", ["sync"] = sync, ["bitmap"] = "b0", ["bitmap-mode"] = mode };
             await qmp.ExecuteAsync("blockdev-backup", args);
-            for (int i = 0; i < 400 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(25);
+            await JobWaits.UntilNoJobs(events);
             Assert.Empty((await qmp.ExecuteAsync("query-jobs"))!.AsArray());
             string sha = (await qmp.ExecuteAsync("x-debug-block-dirty-bitmap-sha256", new { node = "drive0", name = "b0" }))!["sha256"]!.GetValue<string>();
             var b0 = (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray().First(n => n!["node-name"]!.GetValue<string>() == "drive0")!["dirty-bitmaps"]!.AsArray()

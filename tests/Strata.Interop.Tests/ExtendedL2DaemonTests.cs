@@ -11,16 +11,11 @@ public class ExtendedL2DaemonTests : ScratchDirTest
     private async Task<List<string>> Scenario(QmpClient c, string prefix)
     {
         var log = new List<string>();
+        var events = new EventLog(c);
         async Task<JsonNode?> Job(string id)
         {
-            for (int i = 0; i < 400; i++)
-            {
-                var jobs = (await c.ExecuteAsync("query-jobs"))!.AsArray();
-                var job = jobs.FirstOrDefault(j => j!["id"]!.GetValue<string>() == id);
-                if (job?["status"]?.GetValue<string>() == "concluded") return job;
-                await Task.Delay(25);
-            }
-            throw new TimeoutException($"{id} never concluded");
+            await JobWaits.UntilConcluded(events, id);
+            return await JobWaits.Info(events, id);
         }
         foreach (var (name, clusterSize) in new[] { ("ok", 65536), ("small", 8192) })
         {

@@ -147,6 +147,7 @@ public class ImageLockingTests : ScratchDirTest
             [("disk", P("disk.raw")), ("target", P("target.raw"))],
             async (qmp, note) =>
             {
+                var events = new EventLog(qmp);
                 note("start");
                 await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"e","node-name":"n","writable":true}"""));
                 note("writable export");
@@ -155,7 +156,7 @@ public class ImageLockingTests : ScratchDirTest
                     await qmp.ExecuteAsync(job, JsonNode.Parse("""{"job-id":"j","device":"n","target":"t","sync":"full","speed":1}"""));
                     note(job + " running");
                     await qmp.ExecuteAsync("job-cancel", new { id = "j" });
-                    for (int i = 0; i < 500 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(10);
+                    await JobWaits.UntilStatus(events, "j", "null");
                     note(job + " gone");
                 }
                 await qmp.ExecuteAsync("block-export-del", new { id = "e" });

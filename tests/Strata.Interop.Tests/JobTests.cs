@@ -11,15 +11,7 @@ public class JobTests : ScratchDirTest
     private async Task<List<string>> Scenario(QmpClient c, string prefix)
     {
         var log = new List<string>();
-        var events = new List<string>();
-        var reader = Task.Run(async () =>
-        {
-            await foreach (var e in c.Events())
-            {
-                string name = e["event"]!.GetValue<string>();
-                lock (events) events.Add(name == "JOB_STATUS_CHANGE" ? $"{e["data"]!["id"]}:{e["data"]!["status"]}" : name);
-            }
-        });
+        var events = new EventLog(c);
         async Task<string> Try(string cmd, string args)
         {
             try
@@ -32,30 +24,20 @@ public class JobTests : ScratchDirTest
                 return "error:" + e.ErrorClass;
             }
         }
-        async Task WaitStatus(string id, string status)
-        {
-            for (int i = 0; i < 200; i++)
-            {
-                var jobs = (await c.ExecuteAsync("query-jobs"))!.AsArray();
-                if (jobs.Any(j => j!["id"]!.GetValue<string>() == id && j["status"]!.GetValue<string>() == status)) return;
-                await Task.Delay(25);
-            }
-            throw new TimeoutException($"{id} never reached {status}");
-        }
         string img = P(prefix + ".qcow2");
         log.Add(await Try("blockdev-create", $$$"""{"job-id":"c1","options":{"driver":"file","filename":"{{{img}}}","size":0}}"""));
-        await WaitStatus("c1", "concluded");
+        await JobWaits.UntilStatus(events, "c1", "concluded");
         log.Add(await Try("job-dismiss", """{"id":"c1"}"""));
         log.Add(await Try("blockdev-add", $$"""{"driver":"file","node-name":"f0","filename":"{{img}}"}"""));
         log.Add(await Try("blockdev-create", """{"job-id":"c2","options":{"driver":"qcow2","file":"f0","size":67108864,"cluster-size":65536}}"""));
-        await WaitStatus("c2", "concluded");
+        await JobWaits.UntilStatus(events, "c2", "concluded");
         var jobs = (await c.ExecuteAsync("query-jobs"))!.AsArray();
         log.Add(string.Join(",", jobs.Select(j => $"{j!["id"]}:{j["type"]}:{j["status"]}:{j["current-progress"]}/{j["total-progress"]}:{j["error"]}")));
         log.Add(await Try("job-dismiss", """{"id":"c2"}"""));
         log.Add(await Try("blockdev-add", """{"driver":"qcow2","node-name":"d0","file":"f0"}"""));
         // A create that fails in the job, not in the command.
         log.Add(await Try("blockdev-create", """{"job-id":"c3","options":{"driver":"qcow2","file":"nosuch","size":1048576}}"""));
-        await WaitStatus("c3", "concluded");
+        await JobWaits.UntilStatus(events, "c3", "concluded");
         jobs = (await c.ExecuteAsync("query-jobs"))!.AsArray();
         log.Add(jobs.Any(j => j!["id"]!.GetValue<string>() == "c3" && j["error"] is not null) ? "c3 failed with an error" : "c3 did not fail");
         log.Add(await Try("job-dismiss", """{"id":"c3"}"""));
@@ -65,12 +47,13 @@ public class JobTests : ScratchDirTest
         log.Add(await Try("block-job-set-speed", """{"device":"nope","speed":1}"""));
         log.Add(await Try("job-dismiss", """{"id":"nope"}"""));
         log.Add(await Try("blockdev-create", """{"job-id":"c4","options":{"driver":"file","filename":"/nonexistent-dir/x","size":0}}"""));
-        await WaitStatus("c4", "concluded");
+        await JobWaits.UntilStatus(events, "c4", "concluded");
         log.Add(await Try("job-finalize", """{"id":"c4"}"""));
         log.Add(await Try("job-dismiss", """{"id":"c4"}"""));
         await c.ExecuteAsync("quit");
-        await reader.WaitAsync(TimeSpan.FromSeconds(10));
-        lock (events) log.Add(string.Join(" ", events));
+        await events.Completion.WaitAsync(TimeSpan.FromSeconds(10));
+        log.Add(string.Join(" ", events.Snapshot().Select(e =>
+            e["event"]!.GetValue<string>() is var name && name == "JOB_STATUS_CHANGE" ? $"{e["data"]!["id"]}:{e["data"]!["status"]}" : name)));
         return log;
     }
 

@@ -146,13 +146,8 @@ public class MirrorDifferentialTests : ScratchDirTest
         log.Add($"error: operation={error["data"]!["operation"]} action={error["data"]!["action"]}");
         if (policy == "stop")
         {
-            JsonNode? job = null;
-            for (int i = 0; i < 200; i++)
-            {
-                job = (await qmp.ExecuteAsync("query-block-jobs"))!.AsArray()[0];
-                if (job!["status"]!.GetValue<string>() == "paused") break;
-                await Task.Delay(20);
-            }
+            await JobWaits.UntilStatus(events, "m", "paused");
+            var job = (await qmp.ExecuteAsync("query-block-jobs"))!.AsArray()[0];
             log.Add($"stopped: status={job!["status"]} io-status={job["io-status"]} paused={job["paused"]}");
             await qmp.ExecuteAsync("job-resume", new { id = "m" });
         }

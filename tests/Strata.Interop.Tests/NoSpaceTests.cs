@@ -87,7 +87,7 @@ public class NoSpaceTests : ScratchDirTest
         {
             var error = await events.WaitAsync("BLOCK_JOB_ERROR");
             log.Add($"inc: error event: operation {error["data"]!["operation"]}, action {error["data"]!["action"]}");
-            await WaitStatus(qmp, "inc", "paused");
+            await JobWaits.UntilStatus(events, "inc", "paused");
             log.Add("inc: paused");
             // The guest goes on writing where the job has nothing left to copy.
             log.Add("guest writes while paused: " + Guest(src, "write -P 0x22 40M 1M"));
@@ -111,17 +111,6 @@ public class NoSpaceTests : ScratchDirTest
         log.Add($"full0 + inc1 == disk: {cmp.Exit == 0} {cmp.Stdout.Trim()}");
         Tools.AssertQemuCheckClean(Path.Combine(dir, "disk.qcow2"));
         return log;
-    }
-
-    private static async Task WaitStatus(QmpClient qmp, string id, string status)
-    {
-        for (int i = 0; i < 400; i++)
-        {
-            var jobs = (await qmp.ExecuteAsync("query-jobs"))!.AsArray();
-            if (jobs.Any(j => j!["id"]!.GetValue<string>() == id && j["status"]!.GetValue<string>() == status)) return;
-            await Task.Delay(25);
-        }
-        throw new TimeoutException($"{id} never reached {status}");
     }
 
     [Theory]

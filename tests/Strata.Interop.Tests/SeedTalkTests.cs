@@ -22,12 +22,13 @@ public class SeedTalkTests : ScratchDirTest
             "--nbd-server", $"addr.type=unix,addr.path={P("seed.nbd")}",
             "--export", "type=nbd,id=e0,node-name=drive0,writable=on", "--export", "type=nbd,id=e1,node-name=drive1,writable=on"]);
         await using var qmp = await QmpClient.ConnectUnixAsync(d.QmpPath);
+        var events = new EventLog(qmp);
         async Task Run(string json)
         {
             var msg = JsonNode.Parse(json)!;
             await qmp.ExecuteAsync(msg["execute"]!.GetValue<string>(), msg["arguments"]?.DeepClone());
             // Every job here runs to completion before the next step (auto-dismiss removes it).
-            for (int i = 0; i < 400 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(25);
+            await JobWaits.UntilNoJobs(events);
         }
         void Guest(string drive, params string[] writes)
         {
@@ -107,7 +108,7 @@ public class SeedTalkTests : ScratchDirTest
         await qmp.ExecuteAsync("block-dirty-bitmap-add", new { node = "drive1", name = "bitmap1" });
         await qmp.ExecuteAsync("drive-backup", new Dictionary<string, string>
             { ["job-id"] = "d1full", ["device"] = "drive1", ["target"] = P("d1full.qcow2"), ["sync"] = "full", ["format"] = "qcow2" });
-        for (int i = 0; i < 400 && (await qmp.ExecuteAsync("query-jobs"))!.AsArray().Count > 0; i++) await Task.Delay(25);
+        await JobWaits.UntilNoJobs(events);
         Guest("drive0", "write -P 0x41 5M 64k");
         Guest("drive1", "write -P 0x42 6M 64k");
         Point("drive0", "m0.raw");

@@ -1,5 +1,3 @@
-using Strata.Formats.Json;
-
 namespace Strata.Block.Jobs;
 
 /// <summary>QEMU's JobStatus (wire names in <see cref="JobTables.Name"/>).</summary>
@@ -11,9 +9,7 @@ public enum JobVerb { Cancel, Pause, Resume, SetSpeed, Complete, Finalize, Dismi
 /// <summary>QEMU's job transition and verb tables (job.c JobSTT / JobVerbTable), as data.</summary>
 public static class JobTables
 {
-    private const string States = "UCRPYSWDXEN";
-
-    // Rows: from-state; columns: to-state, in the order of JobStatus.
+    // Rows: from-state; columns: to-state, in the order of JobStatus (U C R P Y S W D X E N, as QEMU's job.c names them).
     private static readonly string[] Transitions =
     [
         ".1.........", // undefined
@@ -52,8 +48,6 @@ public static class JobTables
         JobVerb.SetSpeed => "set-speed",
         _ => v.ToString().ToLowerInvariant(),
     };
-
-    internal static char Letter(JobStatus s) => States[(int)s];
 }
 
 /// <summary>
@@ -79,7 +73,8 @@ public abstract class Job
     public string? Error { get; internal set; }
     public long Speed { get; internal set; }
     public bool IsCancelled => Cancellation.IsCancellationRequested;
-    /// <summary>A block job (backup, mirror…) also reports through query-block-jobs and BLOCK_JOB_* events.</summary>
+    /// <summary>A block job (backup, mirror…): the block-job-* commands and query-block-jobs see it, and its events
+    /// are reported as block job events too.</summary>
     public virtual bool IsBlockJob => false;
 
     private long _progress, _total;
@@ -91,7 +86,7 @@ public abstract class Job
     internal CancellationTokenSource Cancellation { get; } = new();
     /// <summary>Set while the job is stopped by an I/O error (on-*-error=stop): query-block-jobs io-status "failed".</summary>
     internal bool IoFailed { get; set; }
-    /// <summary>Installed by the manager: stop the job after an I/O error (BLOCK_JOB_ERROR, paused until resumed).</summary>
+    /// <summary>Installed by the manager: report an I/O error, and with "stop" pause the job until it is resumed.</summary>
     internal Action<string, string>? ReportIoError { get; set; }
     internal JobGroup? Group { get; set; }
     internal int UserPauses { get; set; }
@@ -99,7 +94,7 @@ public abstract class Job
     internal bool Started { get; set; }
     /// <summary>Waiting for its rate limit (QEMU's job sleeps then, and reports busy: false).</summary>
     internal volatile bool Sleeping;
-    /// <summary>Installed by the manager: the job reached the ready state (BLOCK_JOB_READY).</summary>
+    /// <summary>Installed by the manager: the job reached the ready state.</summary>
     internal Action? ReportReady { get; set; }
 
     /// <summary>Jobs with a ready state (mirror) take job-complete, and a soft cancel once ready.</summary>
@@ -151,9 +146,6 @@ public abstract class Job
 
     /// <summary>Always, after commit or abort: release nodes and filters.</summary>
     protected internal virtual void Clean() { }
-
-    /// <summary>The data of BLOCK_JOB_COMPLETED / CANCELLED (type, device, len, offset, speed).</summary>
-    internal QDict BlockJobEventData() => new QDict().Add("type", Type).Add("device", Id).Add("len", Total).Add("offset", Progress).Add("speed", Speed);
 }
 
 /// <summary>Jobs started together by a transaction with completion-mode=grouped (or one job alone).</summary>

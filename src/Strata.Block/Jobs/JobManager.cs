@@ -9,16 +9,17 @@ public sealed class JobException(string message, bool deviceNotActive = false) :
 }
 
 /// <summary>
-/// Runs jobs through QEMU's state machine, emitting JOB_STATUS_CHANGE on every change and the BLOCK_JOB_*
-/// events for block jobs, finalizing groups together (a failure in one aborts the others).
+/// Runs jobs through QEMU's state machine, reporting every change (<see cref="JobStatusChanged"/>) and what
+/// happens to a job along the way (<see cref="JobEvent"/>), finalizing groups together (a failure in one aborts the others).
 /// </summary>
 public sealed class JobManager
 {
     private readonly object _lock = new();
     private readonly Dictionary<string, Job> _jobs = new(StringComparer.Ordinal);
-    private readonly Action<string, QDict?> _emit;
+    private readonly Action<JobEvent> _report;
 
-    public JobManager(Action<string, QDict?> emit) => _emit = emit;
+    /// <param name="report">Called with every event, synchronously and under the manager's lock: it must not call back.</param>
+    public JobManager(Action<JobEvent> report) => _report = report;
 
     public IReadOnlyList<Job> All
     {
@@ -81,8 +82,7 @@ public sealed class JobManager
             else if (failure is not null and not OperationCanceledException) job.Error = failure.Message;
             else if (failure is OperationCanceledException) job.Error = "Operation canceled";
             var group = job.Group!;
-            if (job.IsBlockJob && failure is BlockIOException io)
-                _emit("BLOCK_JOB_ERROR", new QDict().Add("device", job.Id).Add("operation", io.Operation ?? "read").Add("action", "report"));
+            if (failure is BlockIOException io) _report(new JobIoError(job, io.Operation ?? "read", "report"));
             if (job.Error is not null)
             {
                 group.Failed = true;
@@ -107,7 +107,7 @@ public sealed class JobManager
         {
             if (group.Failed && j.Status == JobStatus.Waiting)
             {
-                // Finished its work, but the group failed: it is cancelled (BLOCK_JOB_CANCELLED, offset == len).
+                // Finished its work, but the group failed: it is cancelled (reported cancelled, offset == len).
                 j.Cancellation.Cancel();
                 j.Error ??= "Operation canceled";
                 Transition(j, JobStatus.Aborting);
@@ -115,7 +115,7 @@ public sealed class JobManager
             if (j.Status == JobStatus.Waiting)
             {
                 Transition(j, JobStatus.Pending);
-                if (!j.AutoFinalize && j.IsBlockJob) _emit("BLOCK_JOB_PENDING", new QDict().Add("type", j.Type).Add("id", j.Id));
+                if (!j.AutoFinalize) _report(new JobPending(j));
             }
         }
         if (group.Jobs.All(j => j.AutoFinalize) || group.Failed) Finalize(group);
@@ -141,15 +141,13 @@ public sealed class JobManager
                 try { j.Clean(); } catch (Exception) { }
             }
             if (failed && j.Status != JobStatus.Aborting) Transition(j, JobStatus.Aborting);
-            if (j.IsBlockJob && j.Started)
+            if (j.Started)
             {
-                var data = j.BlockJobEventData();
+                // A cancelled job that failed for another reason than the cancel itself completed with that error.
                 if (j.Error is { } error && !(j.IsCancelled && error == "Operation canceled"))
-                {
-                    data.Add("error", error);
-                    _emit("BLOCK_JOB_COMPLETED", data);
-                }
-                else _emit(j.IsCancelled ? "BLOCK_JOB_CANCELLED" : "BLOCK_JOB_COMPLETED", data);
+                    _report(new JobCompleted(j, j.Total, j.Progress, j.Speed, error));
+                else if (j.IsCancelled) _report(new JobCancelled(j, j.Total, j.Progress, j.Speed));
+                else _report(new JobCompleted(j, j.Total, j.Progress, j.Speed, null));
             }
             Transition(j, JobStatus.Concluded);
             if (j.AutoDismiss) Dismiss(j);
@@ -162,24 +160,24 @@ public sealed class JobManager
         _jobs.Remove(j.Id);
     }
 
-    /// <summary>Changes state if the table allows it; emits JOB_STATUS_CHANGE. Caller holds the lock.</summary>
+    /// <summary>Changes state if the table allows it, and reports it. Caller holds the lock.</summary>
     private void Transition(Job job, JobStatus to)
     {
         if (job.Status == to) return;
         if (!JobTables.CanTransition(job.Status, to))
             throw new InvalidOperationException($"job {job.Id}: illegal transition {job.Status} -> {to}");
         job.Status = to;
-        _emit("JOB_STATUS_CHANGE", new QDict().Add("id", job.Id).Add("status", JobTables.Name(to)));
+        _report(new JobStatusChanged(job, to));
     }
 
-    /// <summary>The job caught up: ready (JOB_STATUS_CHANGE, then BLOCK_JOB_READY).</summary>
+    /// <summary>The job caught up: ready (the status change, then <see cref="JobReady"/>).</summary>
     private void Ready(Job job)
     {
         lock (_lock)
         {
             if (job.Status != JobStatus.Running) return;
             Transition(job, JobStatus.Ready);
-            _emit("BLOCK_JOB_READY", job.BlockJobEventData());
+            _report(new JobReady(job, job.Total, job.Progress, job.Speed));
         }
     }
 
@@ -191,7 +189,7 @@ public sealed class JobManager
             // A cancelled job does not retry (QEMU's backup loop checks for cancel before it does): copies that were
             // still failing when the cancel came neither report nor pause it again.
             if (job.IsCancelled) return;
-            _emit("BLOCK_JOB_ERROR", new QDict().Add("device", job.Id).Add("operation", operation).Add("action", action));
+            _report(new JobIoError(job, operation, action));
             if (action != "stop" || job.Status is not (JobStatus.Running or JobStatus.Ready)) return;
             job.IoFailed = true;
             job.UserPauses = 1;

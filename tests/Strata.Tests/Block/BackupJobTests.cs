@@ -1,0 +1,121 @@
+using Strata.Block;
+using Strata.Block.Bitmaps;
+using Strata.Block.Jobs;
+
+namespace Strata.Tests.Block;
+
+/// <summary>
+/// A push backup in process, on disks in memory: the bitmap frozen with a successor while the job runs, and its
+/// fate by bitmap-mode when the job succeeds or fails (so the next incremental is right); and copy-before-write —
+/// a guest write during the backup first copies the old data to the target.
+/// </summary>
+public class BackupJobTests
+{
+    private const int Cluster = 65536;
+
+    private static byte[] Filled(byte value, int length = Cluster) => MemoryImage.Filled(value, length);
+
+    /// <summary>The dirty clusters of a bitmap, by index.</summary>
+    private static List<long> DirtyClusters(DirtyBitmap b) =>
+        b.DirtyExtents().SelectMany(e => Enumerable.Range(0, (int)(e.Length / Cluster)).Select(i => e.Offset / Cluster + i)).ToList();
+
+    /// <summary>A 16-cluster disk with b0 dirty at clusters 0 and 5, a target of the same size, and a job manager.</summary>
+    private static (MemoryImage Source, MemoryImage Target, DirtyBitmap B0, JobManager Jobs, JobEventRecorder Events) Setup()
+    {
+        var source = new MemoryImage(16 * Cluster, "source");
+        var target = new MemoryImage(16 * Cluster, "target");
+        var b0 = source.Bitmaps.Add("b0");
+        source.Write(0, Filled(1));
+        source.Write(5 * Cluster, Filled(5));
+        Assert.Equal([0, 5], DirtyClusters(b0));
+        var events = new JobEventRecorder();
+        return (source, target, b0, new JobManager(events.Report), events);
+    }
+
+    /// <summary>Fixes the point in time as the daemon does (drained), then starts the job.</summary>
+    private static BackupJob Start(JobManager jobs, BackupOptions options, bool autoFinalize = true, Action? beforeStart = null)
+    {
+        var job = new BackupJob("j", options, autoFinalize, autoDismiss: true);
+        using (options.Source.Drain()) job.Prepare(options.Source.Bitmaps);
+        beforeStart?.Invoke();
+        jobs.Start([job]);
+        return job;
+    }
+
+    [Theory]
+    [InlineData(BitmapMode.OnSuccess, new long[] { 9 })]
+    [InlineData(BitmapMode.Always, new long[] { 9 })]
+    [InlineData(BitmapMode.Never, new long[] { 0, 5, 9 })]
+    public void OnSuccessTheSuccessorReplacesTheBitmapUnlessTheModeIsNever(BitmapMode mode, long[] expected)
+    {
+        var (source, target, b0, jobs, events) = Setup();
+        Start(jobs, new BackupOptions { Source = source, Target = target, Sync = BackupSync.Bitmap, Bitmap = b0, Mode = mode }, autoFinalize: false);
+        events.WaitFor<JobPending>();
+        // Frozen while the job lasts: a successor records what the guest writes now.
+        Assert.NotNull(b0.Successor);
+        Assert.True(b0.Busy);
+        Assert.False(b0.Enabled);
+        source.Write(9 * Cluster, Filled(9));
+        Assert.Equal([0, 5], DirtyClusters(b0));
+        Assert.Equal([9], DirtyClusters(b0.Successor!));
+        jobs.FinalizeJob("j");
+        Assert.Null(b0.Successor);
+        Assert.False(b0.Busy);
+        Assert.True(b0.Enabled);
+        Assert.Equal(expected, DirtyClusters(b0));
+        // What the job copied is the bitmap's clusters as they were at the start.
+        Assert.Equal(Filled(1), target.Bytes(0, Cluster));
+        Assert.Equal(Filled(5), target.Bytes(5 * Cluster, Cluster));
+        Assert.Equal(Filled(0), target.Bytes(9 * Cluster, Cluster));
+    }
+
+    [Theory]
+    [InlineData(BitmapMode.OnSuccess, new long[] { 0, 5, 9 })]
+    [InlineData(BitmapMode.Never, new long[] { 0, 5, 9 })]
+    [InlineData(BitmapMode.Always, new long[] { 5, 9 })]
+    public void OnFailureTheSuccessorMergesBackSoTheNextIncrementalMissesNothing(BitmapMode mode, long[] expected)
+    {
+        var (source, target, b0, jobs, events) = Setup();
+        // Cluster 0 copies, cluster 5 fails: with always, only what was copied leaves the bitmap.
+        target.FailWritesAt = 5 * Cluster;
+        Start(jobs, new BackupOptions { Source = source, Target = target, Sync = BackupSync.Bitmap, Bitmap = b0, Mode = mode, Workers = 1 },
+            beforeStart: () => source.Write(9 * Cluster, Filled(9))); // not in the copy map: no copy, only the successor
+        events.WaitForStatus("j", JobStatus.Null);
+        Assert.Equal("Input/output error", events.WaitFor<JobCompleted>().Error);
+        Assert.Equal(["created", "running", "IO-ERROR(write,report)", "aborting", "COMPLETED(Input/output error)", "concluded", "null"], events.Story("j"));
+        Assert.Null(b0.Successor);
+        Assert.False(b0.Busy);
+        Assert.Equal(expected, DirtyClusters(b0));
+    }
+
+    [Fact]
+    public void AGuestWriteDuringABackupCopiesTheOldDataFirst()
+    {
+        var source = new MemoryImage(64 * Cluster, "source");
+        var target = new MemoryImage(64 * Cluster, "target");
+        for (int c = 0; c < 64; c++) source.Write(c * Cluster, Filled((byte)(c + 1)));
+        var events = new JobEventRecorder();
+        var jobs = new JobManager(events.Report);
+        // One byte a second: the first 1 MiB chunk goes, then the loop waits for its rate — the rest is copied only
+        // if a guest write makes it so.
+        var job = Start(jobs, new BackupOptions { Source = source, Target = target, Sync = BackupSync.Full, Speed = 1 });
+        source.Write(40 * Cluster + 100, Filled(0xee, 1000));
+        // The old cluster is on the target; the guest's bytes are on the source; the neighbours were left alone.
+        Assert.Equal(Filled(41), target.Bytes(40 * Cluster, Cluster));
+        Assert.Equal(Filled(0xee, 1000), source.Bytes(40 * Cluster + 100, 1000));
+        Assert.Equal(Filled(0), target.Bytes(39 * Cluster, Cluster));
+        Assert.Equal(Filled(0), target.Bytes(41 * Cluster, Cluster));
+        // The copy counts as progress, and the filter lists it as handled (beside its access map: everything).
+        Assert.Equal([Cluster, 64 * Cluster], job.Filter!.Bitmaps.Listed.Select(b => b.CountBytes).Order());
+        Assert.True(job.Progress >= Cluster, $"progress {job.Progress}");
+        // A second write to the same cluster copies nothing again.
+        int writes = target.DriverWrites;
+        source.Write(40 * Cluster, Filled(0xdd, 512));
+        Assert.Equal(Filled(41), target.Bytes(40 * Cluster, Cluster));
+        jobs.SetSpeed("j", 0);
+        events.WaitFor<JobCompleted>();
+        Assert.True(target.DriverWrites > writes);
+        // The target is the disk as it was when the job started.
+        for (int c = 0; c < 64; c++) Assert.Equal(Filled((byte)(c + 1)), target.Bytes(c * Cluster, Cluster));
+    }
+}
