@@ -6,7 +6,8 @@
 #    (+ block-dirty-bitmap-remove of the old bitmap for the incremental); timed inside the script, from before
 #    qemu-img create to the last reply
 #  - strata backup run --mode push, and --mode pull --nbd (the daemon's NBD server), wall clock of the whole
-#    process (.NET start-up, planning queries, the backup, the manifest's SHA-256 digests)
+#    process (.NET start-up, planning queries, the backup, the manifest's SHA-256 digests); push-native is the
+#    push run by the native AOT build (published first, see common.sh; NO_NATIVE=1 leaves it out)
 #  - full, then 1 % of the 64 KiB clusters rewritten through the daemon's NBD export, then the incremental
 #  - repository size after a full + 5 incrementals at 1 % each, against 6 full copies
 # Usage: bench/backup-manager.sh [SIZE_MIB] [RUNS]    (needs qemu-img, qemu-io, qemu-storage-daemon, python3)
@@ -16,6 +17,7 @@ set -euo pipefail
 SIZE_MIB=${1:-4096}
 RUNS=${2:-3}
 source "$(dirname "$0")/common.sh" bkmb
+need_native
 STRATA="dotnet $STRATA_DLL"
 bytes=$((SIZE_MIB * 1048576))
 clusters=$((bytes / 65536))
@@ -98,8 +100,9 @@ row() { echo -e "$1\t$2\t$3\t$4" | tee -a "$dir/rows.tsv"; }
 
 # one full + one 1 % incremental per implementation: IMPL(hand|push|pull|push-strata-src) RUN
 one() {
-    local impl=$1 r=$2 t src=qemu out="$dir/out-$1-$2"
+    local impl=$1 r=$2 t src=qemu out="$dir/out-$1-$2" STRATA=$STRATA
     [[ $impl == push-strata-src ]] && src=strata
+    [[ $impl == push-native ]] && STRATA=$STRATA_NATIVE
     start "$src" "$impl$r"; mkdir -p "$out"
     if [[ $impl == hand ]]; then
         settle; t=$(python3 "$dir/qmp.py" full "$qmp" "$out/full.qcow2" "$bytes")
@@ -116,13 +119,13 @@ one() {
         dirty $((r * 10 + 1))
         settle; t=$(timed $STRATA backup run --socket "$qmp" --disk d0 --level inc "${extra[@]}" --json "$out/repo")
         row inc1 "$impl" "$r" "$t"
-        # .NET start-up floor of one strata process, for reading the figures above
+        # start-up floor of one strata process, for reading the figures above
         row "startup (backup list)" "$impl" "$r" "$(timed $STRATA backup list --json "$out/repo")"
     fi
     stop; rm -rf "$out"
 }
 
-impls=(hand push pull); [[ ${NO_STRATA_SOURCE:-0} == 1 ]] || impls+=(push-strata-src)
+impls=(hand push pull); [[ -n $STRATA_NATIVE ]] && impls+=(push-native); [[ ${NO_STRATA_SOURCE:-0} == 1 ]] || impls+=(push-strata-src)
 echo -e "scenario\timpl\trun\tseconds"
 for ((r = 0; r < RUNS; r++)); do
     k=$((r % ${#impls[@]})); order=("${impls[@]:k}" "${impls[@]:0:k}")

@@ -149,12 +149,16 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         };
     }
 
-    private JsonObject BitmapAdd(DiskPlan p) => new()
-    {
-        ["type"] = "block-dirty-bitmap-add",
-        // Persistent where the image can store it, so that the chain survives a clean restart of the source.
-        ["data"] = new JsonObject { ["node"] = p.Disk, ["name"] = p.NewBitmap, ["persistent"] = p.Node.Driver == "qcow2" },
-    };
+    // Persistent where the image can store it, so that the chain survives a clean restart of the source.
+    private static JsonNode BitmapAdd(DiskPlan p) =>
+        Action("block-dirty-bitmap-add", new JsonObject { ["node"] = p.Disk, ["name"] = p.NewBitmap, ["persistent"] = p.Node.Driver == "qcow2" });
+
+    /// <summary>
+    /// One transaction action, typed as a <see cref="JsonNode"/> so that <c>JsonArray.Add</c> takes it as a node:
+    /// the generic overload a <see cref="JsonObject"/> would pick goes through reflection-based serialisation,
+    /// which native AOT cannot compile.
+    /// </summary>
+    private static JsonNode Action(string type, JsonObject data) => new JsonObject { ["type"] = type, ["data"] = data };
 
     private void CreateTarget(DiskPlan p, string path, bool withBacking)
     {
@@ -189,7 +193,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                 backup["bitmap-mode"] = "never";
             }
             else backup["sync"] = "full";
-            actions.Add(new JsonObject { ["type"] = "blockdev-backup", ["data"] = backup });
+            actions.Add(Action("blockdev-backup", backup));
         }
         try
         {
@@ -291,8 +295,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                 actions.Add(BitmapAdd(p));
                 // The old bitmap stops at the freeze point, so that it can be exported read-only; on failure the
                 // new one is merged back into it.
-                if (p.Incremental && !p.Differential) actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-disable", ["data"] = new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap } });
-                actions.Add(new JsonObject { ["type"] = "blockdev-backup", ["data"] = new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode, ["sync"] = "none" } });
+                if (p.Incremental && !p.Differential) actions.Add(Action("block-dirty-bitmap-disable", new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap }));
+                actions.Add(Action("blockdev-backup", new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode, ["sync"] = "none" }));
             }
             await TransactionAsync(source, actions);
             started.AddRange(plans);
@@ -408,10 +412,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                 var actions = new JsonArray();
                 if (p.Incremental && !p.Differential && node.Bitmaps.Any(b => b.Name == p.Head!.Bitmap))
                 {
-                    actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-merge", ["data"] = new JsonObject { ["node"] = p.Disk, ["target"] = p.Head!.Bitmap, ["bitmaps"] = new JsonArray(p.NewBitmap) } });
-                    actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-enable", ["data"] = new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap } });
+                    actions.Add(Action("block-dirty-bitmap-merge", new JsonObject { ["node"] = p.Disk, ["target"] = p.Head!.Bitmap, ["bitmaps"] = new JsonArray(p.NewBitmap) }));
+                    actions.Add(Action("block-dirty-bitmap-enable", new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap }));
                 }
-                actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-remove", ["data"] = new JsonObject { ["node"] = p.Disk, ["name"] = p.NewBitmap } });
+                actions.Add(Action("block-dirty-bitmap-remove", new JsonObject { ["node"] = p.Disk, ["name"] = p.NewBitmap }));
                 await source.ExecuteAsync("transaction", new JsonObject { ["actions"] = actions });
             }
             catch (Exception e) when (e is QmpException or BackupException)
@@ -453,13 +457,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             foreach (var stray in node.Bitmaps.Where(b => b.Name.StartsWith(repo.BitmapPrefix, StringComparison.Ordinal) && b.Name != headBitmap))
             {
                 if (headPresent && !stray.Inconsistent)
-                    actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-merge", ["data"] = new JsonObject { ["node"] = disk, ["target"] = headBitmap, ["bitmaps"] = new JsonArray(stray.Name) } });
-                actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-remove", ["data"] = new JsonObject { ["node"] = disk, ["name"] = stray.Name } });
+                    actions.Add(Action("block-dirty-bitmap-merge", new JsonObject { ["node"] = disk, ["target"] = headBitmap, ["bitmaps"] = new JsonArray(stray.Name) }));
+                actions.Add(Action("block-dirty-bitmap-remove", new JsonObject { ["node"] = disk, ["name"] = stray.Name }));
             }
             // A head bitmap stopped by our own pull (a stray was merged into it) records again; one disabled by
             // someone else stays so, and the plan takes a full.
             if (actions.Count > 0 && headPresent && node.Bitmaps.First(b => b.Name == headBitmap) is { Recording: false })
-                actions.Add(new JsonObject { ["type"] = "block-dirty-bitmap-enable", ["data"] = new JsonObject { ["node"] = disk, ["name"] = headBitmap } });
+                actions.Add(Action("block-dirty-bitmap-enable", new JsonObject { ["node"] = disk, ["name"] = headBitmap }));
             if (actions.Count == 0) continue;
             progress.Message($"{disk}: folding bitmaps left by an interrupted run into {headBitmap ?? "nothing (a full follows)"}");
             await source.ExecuteAsync("transaction", new JsonObject { ["actions"] = actions });

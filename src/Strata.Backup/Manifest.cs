@@ -43,15 +43,30 @@ public sealed record BackupManifest
     public string? Note { get; init; }
     public required IReadOnlyList<ExtentDigest> Extents { get; init; }
 
-    public static readonly JsonSerializerOptions Json = new()
-    {
-        PropertyNamingPolicy = JsonNamingPolicy.KebabCaseLower,
-        WriteIndented = true,
-        DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
-    };
-
-    public byte[] Serialize() => JsonSerializer.SerializeToUtf8Bytes(this, Json);
+    public byte[] Serialize() => JsonSerializer.SerializeToUtf8Bytes(this, BackupJson.Default.BackupManifest);
 
     public static BackupManifest Parse(ReadOnlySpan<byte> json) =>
-        JsonSerializer.Deserialize<BackupManifest>(json, Json) ?? throw new JsonException("empty manifest");
+        JsonSerializer.Deserialize(json, BackupJson.Default.BackupManifest) ?? throw new JsonException("empty manifest");
 }
+
+/// <summary>The repository's marker file, <c>strata-repository.json</c>: its format and its tag (the one member a
+/// repository cannot be opened without).</summary>
+public sealed record RepositoryConfig
+{
+    public int Format { get; init; } = 1;
+    public required string Tag { get; init; }
+    public DateTimeOffset Created { get; init; }
+}
+
+/// <summary>
+/// The repository's JSON files (manifests, the marker, the prune journal), serialised by generated code: no
+/// reflection, so the same bytes come out of the JIT and the native AOT build.
+/// </summary>
+[JsonSourceGenerationOptions(
+    PropertyNamingPolicy = JsonKnownNamingPolicy.KebabCaseLower,
+    WriteIndented = true,
+    DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
+[JsonSerializable(typeof(BackupManifest))]
+[JsonSerializable(typeof(BackupManifest[]))]
+[JsonSerializable(typeof(RepositoryConfig))]
+public sealed partial class BackupJson : JsonSerializerContext;

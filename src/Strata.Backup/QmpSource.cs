@@ -61,7 +61,7 @@ public sealed class QmpSource : IAsyncDisposable
         }
     }
 
-    public async Task<JsonNode?> ExecuteAsync(string command, object? arguments = null)
+    public async Task<JsonNode?> ExecuteAsync(string command, JsonObject? arguments = null)
     {
         try
         {

@@ -40,8 +40,8 @@ public sealed class Repository
             throw new BackupException($"'{root}' exists and is not empty", "choose a new or empty folder", BackupExitCodes.Usage);
         Directory.CreateDirectory(root);
         string tag = Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(4));
-        WriteAtomically(Path.Combine(root, MarkerFile),
-            Encoding.UTF8.GetBytes($"{{\n  \"format\": 1,\n  \"tag\": \"{tag}\",\n  \"created\": \"{DateTimeOffset.UtcNow:O}\"\n}}\n"));
+        var config = new RepositoryConfig { Format = 1, Tag = tag, Created = DateTimeOffset.UtcNow };
+        WriteAtomically(Path.Combine(root, MarkerFile), [.. JsonSerializer.SerializeToUtf8Bytes(config, BackupJson.Default.RepositoryConfig), (byte)'\n']);
         return new Repository(root, tag);
     }
 
@@ -52,8 +52,9 @@ public sealed class Repository
             throw new BackupException($"'{root}' is not a Strata repository", $"create one with: strata backup init {path}", BackupExitCodes.Usage);
         try
         {
-            using var doc = JsonDocument.Parse(File.ReadAllBytes(Path.Combine(root, MarkerFile)));
-            return new Repository(root, doc.RootElement.GetProperty("tag").GetString()!);
+            var config = JsonSerializer.Deserialize(File.ReadAllBytes(Path.Combine(root, MarkerFile)), BackupJson.Default.RepositoryConfig)
+                ?? throw new JsonException("the file holds null");
+            return new Repository(root, config.Tag);
         }
         catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException)
         {
@@ -193,7 +194,7 @@ public sealed class Repository
 
     /// <summary>Records a merge of <paramref name="removed"/> into <paramref name="successor"/> before it starts.</summary>
     internal void BeginMerge(BackupManifest removed, BackupManifest successor) =>
-        WriteAtomically(Path.Combine(Root, PruneJournal), JsonSerializer.SerializeToUtf8Bytes(new[] { removed, successor }, BackupManifest.Json));
+        WriteAtomically(Path.Combine(Root, PruneJournal), JsonSerializer.SerializeToUtf8Bytes([removed, successor], BackupJson.Default.BackupManifestArray));
 
     internal void EndMerge() => File.Delete(Path.Combine(Root, PruneJournal));
 
@@ -205,7 +206,7 @@ public sealed class Repository
     {
         string path = Path.Combine(Root, PruneJournal);
         if (!File.Exists(path)) return;
-        var pair = JsonSerializer.Deserialize<BackupManifest[]>(File.ReadAllBytes(path), BackupManifest.Json);
+        var pair = JsonSerializer.Deserialize(File.ReadAllBytes(path), BackupJson.Default.BackupManifestArray);
         if (pair is not { Length: 2 }) { File.Delete(path); return; }
         Pruner.Merge(this, pair[0], pair[1]);
     }

@@ -59,7 +59,7 @@ public readonly record struct LockClaim(BlockPermissions Taken, BlockPermissions
 /// locks on single bytes, a shared lock on byte 100+i for each permission i taken and on byte 200+i for each one
 /// not shared. A new claim conflicts when another open file holds a byte it needs free.
 /// </summary>
-public static class FileLocks
+public static partial class FileLocks
 {
     public const long PermBase = 100;
     public const long UnsharedBase = 200;
@@ -119,8 +119,8 @@ public static class FileLocks
     private const int F_OFD_GETLK = 36, F_OFD_SETLK = 37;
     private const short F_RDLCK = 0, F_WRLCK = 1, F_UNLCK = 2;
 
-    [DllImport("libc", SetLastError = true, EntryPoint = "fcntl")]
-    private static extern int FcntlLock(int fd, int cmd, ref Flock lk);
+    [LibraryImport("libc", SetLastError = true, EntryPoint = "fcntl")]
+    private static partial int FcntlLock(int fd, int cmd, ref Flock lk);
 
     private static void SetShared(SafeFileHandle handle, long offset, bool locked)
     {

@@ -7,7 +7,7 @@ namespace Strata.Block;
 /// A host file accessed with positional I/O only (pread/pwrite), so any number of threads can use it
 /// at once. This is the protocol layer under every format driver.
 /// </summary>
-public sealed class HostFile : IDisposable
+public sealed partial class HostFile : IDisposable
 {
     private readonly SafeFileHandle _handle;
     private long _length;
@@ -364,37 +364,48 @@ public sealed class HostFile : IDisposable
 
     private const int SeekDataWhence = 3, SeekHoleWhence = 4;
 
-    [DllImport("libc", SetLastError = true)]
-    private static extern int fsync(int fd);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int fsync(int fd);
 
-    [DllImport("libc", SetLastError = true, CharSet = CharSet.Ansi)]
-    private static extern int open(string path, int flags, int mode);
+    [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int open(string path, int flags, int mode);
 
-    [DllImport("libc", SetLastError = true)]
-    private static extern long lseek(int fd, long offset, int whence);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial long lseek(int fd, long offset, int whence);
 
-    [DllImport("libc", SetLastError = true)]
-    private static extern int fallocate(int fd, int mode, long offset, long len);
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int fallocate(int fd, int mode, long offset, long len);
 }
 
-/// <summary>st_blocks through the stat command-free route: /proc is not needed, we use statx via libc.</summary>
-internal static class UnixFileInfo
+/// <summary>st_blocks of a file, through statx(2): its <c>struct statx</c> has one documented layout on every
+/// Linux architecture, unlike <c>struct stat</c>, and .NET has no managed API that gives the allocated size.</summary>
+internal static partial class UnixFileInfo
 {
     public static long AllocatedBytes(string path)
     {
-        // struct stat on x86_64/aarch64 glibc: st_blocks is at offset 64 (x86_64) / 64 (aarch64 generic).
-        Span<byte> buf = stackalloc byte[256];
-        unsafe
-        {
-            fixed (byte* p = buf)
-            {
-                if (stat(path, p) != 0) return 0;
-            }
-        }
-        long blocks = BitConverter.ToInt64(buf[64..72]);
-        return blocks * 512;
+        const int AT_FDCWD = -100;
+        const uint STATX_BLOCKS = 0x400;
+        if (statx(AT_FDCWD, path, 0, STATX_BLOCKS, out var st) != 0 || (st.Mask & STATX_BLOCKS) == 0) return 0;
+        return (long)st.Blocks * 512;
     }
 
-    [DllImport("libc", SetLastError = true, CharSet = CharSet.Ansi)]
-    private static extern unsafe int stat(string path, byte* buf);
+    /// <summary>The head of <c>struct statx</c> (linux/stat.h) up to stx_blocks; the kernel fills all 256 bytes.</summary>
+    [StructLayout(LayoutKind.Sequential, Size = 256)]
+    private struct Statx
+    {
+        public uint Mask;
+        public uint BlkSize;
+        public ulong Attributes;
+        public uint Nlink;
+        public uint Uid;
+        public uint Gid;
+        public ushort Mode;
+        private ushort _spare0;
+        public ulong Ino;
+        public ulong Size;
+        public ulong Blocks;
+    }
+
+    [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int statx(int dirfd, string path, int flags, uint mask, out Statx buf);
 }

@@ -191,9 +191,9 @@ public class BackupManagerTests : ScratchDirTest
     /// <summary>`strata backup` as its own process, for tests that kill it.</summary>
     private static Process StartTool(params string[] args)
     {
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "strata.dll"));
-        psi.ArgumentList.Add("backup");
+        var psi = Tools.StrataStartInfo("backup");
+        psi.RedirectStandardOutput = psi.RedirectStandardError = true;
+        psi.UseShellExecute = false;
         foreach (var a in args) psi.ArgumentList.Add(a);
         return Process.Start(psi)!;
     }

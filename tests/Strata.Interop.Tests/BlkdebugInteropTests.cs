@@ -13,7 +13,7 @@ public class BlkdebugInteropTests : ScratchDirTest
     {
         string dir = Directory.CreateDirectory(P("bin")).FullName;
         string link = Path.Combine(dir, "qemu-img");
-        if (!File.Exists(link)) File.CreateSymbolicLink(link, Path.Combine(AppContext.BaseDirectory, "strata"));
+        if (!File.Exists(link)) File.CreateSymbolicLink(link, Tools.StrataExecutable);
         return link;
     }
 

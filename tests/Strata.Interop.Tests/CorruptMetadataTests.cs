@@ -9,7 +9,7 @@ namespace Strata.Interop.Tests;
 public class CorruptMetadataTests : ScratchDirTest
 {
     private static ToolResult StrataImg(params string[] args) =>
-        Tools.Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "strata.dll"), "img", .. args]);
+        Tools.StrataProcess(["img", .. args]);
 
     private static string[] Lines(string text) => text.Split('\n', StringSplitOptions.RemoveEmptyEntries);
 

@@ -70,8 +70,9 @@ public class CrashSafetyTests
 
     private static (long Flushed, bool RanLong) RunAndKill(string path, int seed, int flushEvery, int killAfterMs)
     {
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "strata.dll"));
+        var psi = Tools.StrataStartInfo();
+        psi.RedirectStandardOutput = psi.RedirectStandardError = true;
+        psi.UseShellExecute = false;
         foreach (var a in new[] { "io", "-f", "qcow2", "-c", $"x-stress {seed} {flushEvery}", path }) psi.ArgumentList.Add(a);
         using var p = Process.Start(psi)!;
         long flushed = 0;

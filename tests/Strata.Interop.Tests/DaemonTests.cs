@@ -181,8 +181,10 @@ public class DaemonTests : ScratchDirTest
     public async Task DaemonizeReturnsOnceTheDaemonServes()
     {
         string qmp = P("dz.qmp"), pid = P("dz.pid");
-        var psi = new ProcessStartInfo("dotnet") { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon", "--daemonize", "--blockdev", "driver=null-co,node-name=n0",
+        var psi = Tools.StrataStartInfo("daemon");
+        psi.UseShellExecute = false;
+        psi.RedirectStandardOutput = psi.RedirectStandardError = true;
+        foreach (var a in new[] { "--daemonize", "--blockdev", "driver=null-co,node-name=n0",
                      "--chardev", $"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m", "--pidfile", pid })
             psi.ArgumentList.Add(a);
         using (var parent = Process.Start(psi)!)
@@ -209,8 +211,10 @@ public class DaemonTests : ScratchDirTest
     public async Task QmpAlsoServesTcpWithSeveralClientsAtOnce()
     {
         int port = 20000 + Random.Shared.Next(20000);
-        var psi = new ProcessStartInfo("dotnet") { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
-        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon", "--blockdev", "driver=null-co,node-name=n0",
+        var psi = Tools.StrataStartInfo("daemon");
+        psi.UseShellExecute = false;
+        psi.RedirectStandardOutput = psi.RedirectStandardError = true;
+        foreach (var a in new[] { "--blockdev", "driver=null-co,node-name=n0",
                      "--chardev", $"socket,id=t,host=127.0.0.1,port={port},server=on,wait=off", "--monitor", "chardev=t" })
             psi.ArgumentList.Add(a);
         using var daemon = Process.Start(psi)!;

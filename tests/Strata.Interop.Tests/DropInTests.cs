@@ -14,7 +14,7 @@ public class DropInTests : ScratchDirTest
     {
         string dir = Directory.CreateDirectory(P("bin")).FullName;
         string link = Path.Combine(dir, tool);
-        if (!File.Exists(link)) File.CreateSymbolicLink(link, Path.Combine(AppContext.BaseDirectory, "strata"));
+        if (!File.Exists(link)) File.CreateSymbolicLink(link, Tools.StrataExecutable);
         return link;
     }
 

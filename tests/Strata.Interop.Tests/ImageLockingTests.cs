@@ -24,7 +24,7 @@ public class ImageLockingTests : ScratchDirTest
         {
             QmpPath = Path.Combine(dir, $"{kind}-{Guid.NewGuid():N}.qmp");
             var psi = kind == "qsd" ? new ProcessStartInfo("qemu-storage-daemon")
-                : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon" } };
+                : Tools.StrataStartInfo("daemon");
             foreach (var a in args) psi.ArgumentList.Add(a);
             foreach (var a in new[] { "--chardev", $"socket,id=m,path={QmpPath},server=on,wait=off", "--monitor", "chardev=m" }) psi.ArgumentList.Add(a);
             psi.RedirectStandardError = psi.RedirectStandardOutput = true;

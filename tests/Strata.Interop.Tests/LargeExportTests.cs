@@ -45,7 +45,7 @@ public class LargeExportTests : ScratchDirTest
     {
         string sock = P($"{kind}-{readZeroes}.nbd"), qmp = P($"{kind}-{readZeroes}.qmp");
         var psi = kind == "qsd" ? new System.Diagnostics.ProcessStartInfo("qemu-storage-daemon")
-            : new System.Diagnostics.ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon" } };
+            : Tools.StrataStartInfo("daemon");
         foreach (var a in new[] { "--blockdev", $"driver=null-co,node-name=big,size=1099511627776,read-zeroes={(readZeroes ? "on" : "off")}",
                      "--chardev", $"socket,id=m,path={qmp},server=on,wait=off", "--monitor", "chardev=m",
                      "--nbd-server", $"addr.type=unix,addr.path={sock}", "--export", "type=nbd,id=e,node-name=big,name=big" })

@@ -27,9 +27,9 @@ public class MigrationTests : ScratchDirTest
         {
             Qmp = Path.Combine(dir, name + ".qmp");
             Nbd = Path.Combine(dir, name + ".nbd");
-            var psi = new ProcessStartInfo("dotnet") { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
-            psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "strata.dll"));
-            psi.ArgumentList.Add("daemon");
+            var psi = Tools.StrataStartInfo("daemon");
+            psi.RedirectStandardError = psi.RedirectStandardOutput = true;
+            psi.UseShellExecute = false;
             if (image is not null)
                 foreach (var a in new[] { "--blockdev", $"driver=file,node-name=vda-file,filename={image}", "--blockdev", "driver=qcow2,node-name=vda,file=vda-file",
                              "--export", "type=nbd,id=guest,node-name=vda,name=vda,writable=on" })

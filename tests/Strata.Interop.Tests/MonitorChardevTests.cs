@@ -12,7 +12,7 @@ public class MonitorChardevTests : ScratchDirTest
     private static Process Start(string kind, IEnumerable<string> args)
     {
         var psi = kind == "qsd" ? new ProcessStartInfo("qemu-storage-daemon")
-            : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon" } };
+            : Infra.Tools.StrataStartInfo("daemon");
         foreach (var a in args) psi.ArgumentList.Add(a);
         psi.RedirectStandardInput = psi.RedirectStandardOutput = psi.RedirectStandardError = true;
         return Process.Start(psi)!;

@@ -53,11 +53,11 @@ public class OverlapCheckTests : ScratchDirTest
     /// <summary>strata io as a process: the corruption message goes to the process's own stderr.</summary>
     private static ToolResult StrataIoProcess(string file, IEnumerable<string> commands, bool readOnly = false)
     {
-        var args = new List<string> { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "io" };
+        var args = new List<string> { "io" };
         if (readOnly) args.Add("-r");
         foreach (var c in commands) { args.Add("-c"); args.Add(c); }
         args.Add(file);
-        return Tools.Run("dotnet", [.. args]);
+        return Tools.StrataProcess([.. args]);
     }
 
     private static ToolResult QemuIoRaw(string file, IEnumerable<string> commands, bool readOnly = false)

@@ -11,9 +11,9 @@ internal sealed class StrataDaemonProcess : IDisposable
     public StrataDaemonProcess(string dir, string name, IEnumerable<string> blockdevArgs, string? pidFile = null, bool waitForMonitor = true)
     {
         QmpPath = Path.Combine(dir, name + ".qmp");
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
-        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "strata.dll"));
-        psi.ArgumentList.Add("daemon");
+        var psi = Infra.Tools.StrataStartInfo("daemon");
+        psi.RedirectStandardError = psi.RedirectStandardOutput = true;
+        psi.UseShellExecute = false;
         foreach (var a in blockdevArgs) psi.ArgumentList.Add(a);
         psi.ArgumentList.Add("--chardev");
         psi.ArgumentList.Add($"socket,id=qmp0,path={QmpPath},server=on,wait=off");

@@ -108,7 +108,7 @@ internal static class BackupCommands
             };
             bool asJson = r.GetValue(json);
             var manifests = WithProgress(stdout, asJson, p => new BackupRunner(repository, options, p).RunAsync().GetAwaiter().GetResult());
-            if (asJson) stdout.WriteLine(JsonSerializer.Serialize(manifests.Select(Summary), BackupManifest.Json));
+            if (asJson) stdout.WriteLine(JsonSerializer.Serialize(manifests.Select(PointSummary.Of).ToList(), BackupReportJson.Default.ListPointSummary));
             else
                 foreach (var m in manifests)
                     stdout.WriteLine($"{m.Disk}@{m.Id}: {m.Level}, {Bytes(m.CopiedBytes)} copied, file {Bytes(m.FileSize)}");
@@ -116,11 +116,6 @@ internal static class BackupCommands
         }));
         return cmd;
     }
-
-    private static object Summary(BackupManifest m) => new
-    {
-        m.Id, m.Disk, m.Time, m.Level, m.Parent, m.File, m.Mode, m.Node, m.Bitmap, m.VirtualSize, m.CopiedBytes, m.FileSize, m.Note,
-    };
 
     private static Command List(TextWriter stdout, TextWriter stderr)
     {
@@ -133,7 +128,7 @@ internal static class BackupCommands
             var points = repository.AllPoints();
             if (r.GetValue(json))
             {
-                stdout.WriteLine(JsonSerializer.Serialize(points.Select(Summary), BackupManifest.Json));
+                stdout.WriteLine(JsonSerializer.Serialize(points.Select(PointSummary.Of).ToList(), BackupReportJson.Default.ListPointSummary));
                 return 0;
             }
             if (points.Count == 0)
@@ -195,7 +190,7 @@ internal static class BackupCommands
                 checkedPoints++;
                 if (!asJson) stdout.WriteLine($"checking {point}");
             });
-            if (asJson) stdout.WriteLine(JsonSerializer.Serialize(new { points = checkedPoints, problems }, BackupManifest.Json));
+            if (asJson) stdout.WriteLine(JsonSerializer.Serialize(new VerifyReport(checkedPoints, problems), BackupReportJson.Default.VerifyReport));
             else
             {
                 foreach (var p in problems) stdout.WriteLine($"PROBLEM {p.Disk}{(p.Id is null ? "" : "@" + p.Id)}: {p.What}");

@@ -70,7 +70,7 @@ public sealed class QmpClient : IAsyncDisposable
     public IAsyncEnumerable<JsonObject> Events(CancellationToken ct = default) => _events.Reader.ReadAllAsync(ct);
 
     /// <summary>Runs a command and returns its "return" value; an error reply throws <see cref="QmpException"/>.</summary>
-    public async Task<JsonNode?> ExecuteAsync(string command, object? arguments = null, CancellationToken ct = default)
+    public async Task<JsonNode?> ExecuteAsync(string command, JsonObject? arguments = null, CancellationToken ct = default)
     {
         long id = Interlocked.Increment(ref _nextId);
         var tcs = new TaskCompletionSource<JsonObject>(TaskCreationOptions.RunContinuationsAsynchronously);
@@ -80,7 +80,7 @@ public sealed class QmpClient : IAsyncDisposable
             _pending[id] = tcs;
         }
         var message = new JsonObject { ["execute"] = command, ["id"] = id };
-        if (arguments is not null) message["arguments"] = arguments as JsonNode ?? JsonSerializer.SerializeToNode(arguments);
+        if (arguments is not null) message["arguments"] = arguments;
         var bytes = Encoding.UTF8.GetBytes(message.ToJsonString() + "\n");
         await _commandLock.WaitAsync(ct);
         try

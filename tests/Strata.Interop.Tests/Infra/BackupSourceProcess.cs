@@ -46,7 +46,7 @@ public sealed class BackupSourceProcess : IDisposable
         foreach (var d in _disks) args.AddRange(["--export", $"type=nbd,id=guest-{d},node-name={d},name={d},writable=on"]);
         var psi = Kind == "qsd"
             ? new ProcessStartInfo("qemu-storage-daemon")
-            : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon" } };
+            : Tools.StrataStartInfo("daemon");
         psi.RedirectStandardError = psi.RedirectStandardOutput = true;
         psi.UseShellExecute = false;
         foreach (var a in args) psi.ArgumentList.Add(a);

@@ -41,7 +41,7 @@ public sealed class BareDaemon : IDisposable
     {
         var psi = kind == "qsd"
             ? new ProcessStartInfo("qemu-storage-daemon")
-            : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll"), "daemon" } };
+            : Infra.Tools.StrataStartInfo("daemon");
         psi.RedirectStandardError = psi.RedirectStandardOutput = true;
         psi.UseShellExecute = false;
         psi.WorkingDirectory = dir;

@@ -35,9 +35,33 @@ public sealed record ToolResult(string Tool, string[] Args, int Exit, string Std
     }
 }
 
-/// <summary>Runs the real QEMU tools as processes and strata in-process.</summary>
+/// <summary>Runs the real QEMU tools as processes and strata in-process (or, with STRATA_NATIVE set, as that native
+/// executable).</summary>
 public static class Tools
 {
+    /// <summary>
+    /// STRATA_NATIVE=/path/to/strata (a native AOT build): every strata the tests run — <see cref="StrataCmd"/>, the
+    /// daemons, the links named after QEMU's tools — is that executable instead of this build, so that the suite
+    /// checks the binary that ships. Unset: strata runs in-process and as <c>dotnet strata.dll</c>.
+    /// </summary>
+    public static readonly string? NativeStrata =
+        Environment.GetEnvironmentVariable("STRATA_NATIVE") is { Length: > 0 } native ? Path.GetFullPath(native) : null;
+
+    /// <summary>The strata executable a link named after a QEMU tool points to.</summary>
+    public static string StrataExecutable => NativeStrata ?? Path.Combine(AppContext.BaseDirectory, "strata");
+
+    /// <summary>How to start <c>strata ARGS</c> as a process: the native executable, or <c>dotnet strata.dll</c>.</summary>
+    public static ProcessStartInfo StrataStartInfo(params string[] args)
+    {
+        var psi = NativeStrata is { } native ? new ProcessStartInfo(native) : new ProcessStartInfo("dotnet") { ArgumentList = { Path.Combine(AppContext.BaseDirectory, "strata.dll") } };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        return psi;
+    }
+
+    /// <summary>Runs <c>strata ARGS</c> as its own process (for what must not run in the test process).</summary>
+    public static ToolResult StrataProcess(params string[] args) =>
+        NativeStrata is { } native ? Run(native, args) : Run("dotnet", [Path.Combine(AppContext.BaseDirectory, "strata.dll"), .. args]);
+
     public const string QemuImgPath = "qemu-img";
     public const string QemuIoPath = "qemu-io";
 
@@ -91,9 +115,11 @@ public static class Tools
         return r;
     }
 
-    /// <summary>Runs strata in-process. Exceptions escaping Run are reported as a failed run with the exception on stderr.</summary>
+    /// <summary>Runs strata in-process (or the native executable, see <see cref="NativeStrata"/>). Exceptions escaping
+    /// Run are reported as a failed run with the exception on stderr.</summary>
     public static ToolResult StrataCmd(params string[] args)
     {
+        if (NativeStrata is { } native) return Run(native, args) with { Tool = "strata" };
         var o = new StringWriter();
         var e = new StringWriter();
         int rc;

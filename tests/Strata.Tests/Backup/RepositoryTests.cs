@@ -160,4 +160,25 @@ public class RepositoryTests : IDisposable
         }
         Assert.Equal(BackupExitCodes.Usage, Assert.Throws<BackupException>(() => Restorer.Restore(_repo, p1, _dir["r.raw"], "raw")).ExitCode);
     }
+
+    [Fact]
+    public void TheMarkerFileHoldsFormatTagAndCreationAndOpensAgain()
+    {
+        using var marker = System.Text.Json.JsonDocument.Parse(File.ReadAllBytes(Path.Combine(_repo.Root, Repository.MarkerFile)));
+        Assert.Equal(1, marker.RootElement.GetProperty("format").GetInt32());
+        Assert.Equal(_repo.Tag, marker.RootElement.GetProperty("tag").GetString());
+        Assert.True(DateTimeOffset.UtcNow - marker.RootElement.GetProperty("created").GetDateTimeOffset() < TimeSpan.FromHours(1));
+        Assert.Equal(_repo.Tag, Repository.Open(_repo.Root).Tag);
+    }
+
+    [Theory]
+    [InlineData("""{"format": 1}""")]
+    [InlineData("""{"format": 1, "tag": 5}""")]
+    [InlineData("not json")]
+    public void AMarkerWithoutATagIsReportedDamaged(string content)
+    {
+        File.WriteAllText(Path.Combine(_repo.Root, Repository.MarkerFile), content);
+        var e = Assert.Throws<BackupException>(() => Repository.Open(_repo.Root));
+        Assert.Contains("is damaged", e.Message);
+    }
 }
