@@ -22,13 +22,7 @@ public class BackupManagerTests : ScratchDirTest
         return Tools.StrataCmd([.. args]).Ok().Json().EnumerateArray().ToArray();
     }
 
-    private void AssertRestores(string disk, string id, string copy)
-    {
-        string to = P($"restored-{disk}-{id}.raw");
-        Tools.StrataCmd("backup", "restore", "--at", id, "--disk", disk, "--to", to, Repo).Ok();
-        Assert.True(File.ReadAllBytes(to).AsSpan().SequenceEqual(File.ReadAllBytes(copy)), $"{disk}@{id} does not restore to the disk as it was");
-        File.Delete(to);
-    }
+    private void AssertRestores(string disk, string id, string copy) => Infra.RepositoryAsserts.AssertRestores(Repo, disk, id, copy);
 
     private void AssertEveryFileCheckedClean()
     {

@@ -15,12 +15,8 @@ public class DifferentialBackupTests : ScratchDirTest
     private JsonElement Run(BackupSourceProcess src, params string[] more) =>
         Tools.StrataCmd(["backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--json", .. more, Repo]).Ok().Json()[0];
 
-    private void AssertRestores(JsonElement point, string copy)
-    {
-        string id = point.GetProperty("id").GetString()!, to = P($"restored-{id}.raw");
-        Tools.StrataCmd("backup", "restore", "--at", id, "--disk", "vda", "--to", to, Repo).Ok();
-        Assert.True(File.ReadAllBytes(to).AsSpan().SequenceEqual(File.ReadAllBytes(copy)), $"vda@{id} does not restore to the disk as it was");
-    }
+    private void AssertRestores(JsonElement point, string copy) =>
+        Infra.RepositoryAsserts.AssertRestores(Repo, "vda", point.GetProperty("id").GetString()!, copy);
 
     [Theory]
     [InlineData("strata")]

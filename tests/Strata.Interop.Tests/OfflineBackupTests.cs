@@ -24,12 +24,7 @@ public class OfflineBackupTests : ScratchDirTest
         Assert.True(src.WaitForExit(15000), "the daemon did not quit");
     }
 
-    private void AssertRestores(string id, string copy)
-    {
-        string to = P($"restored-{id}.raw");
-        Tools.StrataCmd("backup", "restore", "--at", id, "--disk", "vda", "--to", to, Repo).Ok();
-        Assert.True(File.ReadAllBytes(to).AsSpan().SequenceEqual(File.ReadAllBytes(copy)), $"vda@{id} does not restore to the disk as it was");
-    }
+    private void AssertRestores(string id, string copy) => Infra.RepositoryAsserts.AssertRestores(Repo, "vda", id, copy);
 
     [Theory]
     [InlineData("strata")]

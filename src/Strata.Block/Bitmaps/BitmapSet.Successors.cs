@@ -32,12 +32,7 @@ public sealed partial class BitmapSet
         {
             var s = parent.Successor ?? throw new BitmapException("Cannot abdicate: bitmap has no successor");
             parent.Bits = s.Bits;
-            parent.Enabled = s.Enabled;
-            parent.Successor = null;
-            _internal.Remove(parent.SuccessorListing!);
-            parent.SuccessorListing = null;
-            parent.Busy = false;
-            Changed?.Invoke();
+            EndSuccession(parent, s);
         }
     }
 
@@ -48,12 +43,18 @@ public sealed partial class BitmapSet
         {
             var s = parent.Successor ?? throw new BitmapException("Cannot reclaim: bitmap has no successor");
             parent.Bits.Merge(s.Bits);
-            parent.Enabled = s.Enabled;
-            parent.Successor = null;
-            _internal.Remove(parent.SuccessorListing!);
-            parent.SuccessorListing = null;
-            parent.Busy = false;
-            Changed?.Invoke();
+            EndSuccession(parent, s);
         }
+    }
+
+    /// <summary>The bitmap records again as its successor did, and is free for the next job. Caller holds the lock.</summary>
+    private void EndSuccession(DirtyBitmap parent, DirtyBitmap successor)
+    {
+        parent.Enabled = successor.Enabled;
+        parent.Successor = null;
+        _internal.Remove(parent.SuccessorListing!);
+        parent.SuccessorListing = null;
+        parent.Busy = false;
+        Changed?.Invoke();
     }
 }

@@ -270,13 +270,16 @@ public sealed partial class Qcow2Image
     // ------------------------------------------------------------------ creation
 
     /// <summary>Creates a new, empty qcow2 v3 image the way qemu-img lays it out: header in cluster 0, refcount
-    /// table in cluster 1, its first refcount block in cluster 2, then the L1 table.</summary>
+    /// table in cluster 1, its first refcount block in cluster 2, then the L1 table. A half-created image is no image
+    /// whatever order its writes reached the disk in, so the steps are not flushed one by one: the whole is made
+    /// durable once, at the end (a backup run creates its target on the clock).</summary>
     public static Qcow2Image Create(string path, Qcow2CreateOptions options)
     {
         var (bytes, finalHeader, cs) = InitialHeader(options);
         var file = HostFile.Create(path);
         try
         {
+            file.FlushEnabled = false;
             WriteInitialLayout(file, bytes, finalHeader, cs);
         }
         finally
@@ -287,9 +290,13 @@ public sealed partial class Qcow2Image
         try
         {
             if (options.DataFile is { } dataFile) HostFile.Create(dataFile).Dispose();
-            img = Open(HostFile.Open(path, readOnly: false));
+            var reopened = HostFile.Open(path, readOnly: false);
+            reopened.FlushEnabled = false;
+            img = Open(reopened);
             img.Resize(options.Size);
             if (options.Encryption is { } encryption) img.SetUpEncryption(encryption);
+            reopened.FlushEnabled = true;
+            img.Flush();
             return img;
         }
         catch
