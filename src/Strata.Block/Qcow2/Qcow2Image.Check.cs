@@ -227,21 +227,14 @@ public sealed partial class Qcow2Image
         Count((long)_header.L1TableOffset, _l1.Length * 8L);
         long nextContiguous = 0;
         var l2Raw = new byte[_clusterSize];
+        Action<long, long> count = Count;
         for (long l1i = 0; l1i < _l1.Length; l1i++)
         {
             ulong l1e = _l1[l1i];
-            long l2Offset = (long)(l1e & Qcow2Entry.OffsetMask);
+            long l2Offset = CountL2Table(l1e, count, report, out bool readable);
             if (l2Offset == 0) continue;
-            if ((l2Offset & (_clusterSize - 1)) != 0)
-            {
-                report.Messages.Add($"ERROR l2_offset={l2Offset:x}: Table is not cluster aligned; L1 entry corrupted");
-                report.Corruptions++;
-                continue;
-            }
-            int before = report.Corruptions;
-            Count(l2Offset, _clusterSize);
             l2Tables.Add((l1i, l2Offset));
-            if (report.Corruptions != before) continue;
+            if (!readable) continue;
             _file.Read(l2Offset, l2Raw);
             nextContiguous = 0; // QEMU counts fragmentation within each L2 table
             for (int i = 0; i < _l2Entries; i++)
@@ -563,6 +556,26 @@ public sealed partial class Qcow2Image
         catch (BlockException) { return 0; }
     }
 
+
+    /// <summary>The L2 table an L1 entry (active or a snapshot's) names, for check: 0 for none, and for one that is
+    /// not cluster aligned, reported as QEMU reports it. Its cluster is counted as referenced; <paramref name="readable"/>
+    /// says the count found nothing wrong, so its entries may be read.</summary>
+    private long CountL2Table(ulong l1e, Action<long, long> count, CheckReport report, out bool readable)
+    {
+        readable = false;
+        long l2Offset = (long)(l1e & Qcow2Entry.OffsetMask);
+        if (l2Offset == 0) return 0;
+        if ((l2Offset & (_clusterSize - 1)) != 0)
+        {
+            report.Messages.Add($"ERROR l2_offset={l2Offset:x}: Table is not cluster aligned; L1 entry corrupted");
+            report.Corruptions++;
+            return 0;
+        }
+        int before = report.Corruptions;
+        count(l2Offset, _clusterSize);
+        readable = report.Corruptions == before;
+        return l2Offset;
+    }
     /// <summary>Counts the clusters of the bitmaps extension: directory, bitmap tables and their data clusters.</summary>
     private void CountBitmaps(Action<long, long> count, CheckReport report)
     {

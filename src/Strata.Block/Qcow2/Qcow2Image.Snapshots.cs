@@ -416,17 +416,8 @@ public sealed partial class Qcow2Image
             if (report.Corruptions != before) continue;
             foreach (ulong l1e in ReadSnapshotL1(sn))
             {
-                long l2Offset = (long)(l1e & Qcow2Entry.OffsetMask);
-                if (l2Offset == 0) continue;
-                if ((l2Offset & (_clusterSize - 1)) != 0)
-                {
-                    report.Messages.Add($"ERROR l2_offset={l2Offset:x}: Table is not cluster aligned; L1 entry corrupted");
-                    report.Corruptions++;
-                    continue;
-                }
-                before = report.Corruptions;
-                count(l2Offset, _clusterSize);
-                if (report.Corruptions != before) continue;
+                long l2Offset = CountL2Table(l1e, count, report, out bool readable);
+                if (l2Offset == 0 || !readable) continue;
                 _file.Read(l2Offset, l2Raw);
                 for (int i = 0; i < _l2Entries; i++)
                 {
