@@ -64,8 +64,10 @@ public sealed partial class Qcow2Image
             var intents = ValidIntentRecord(bx.DirectoryOffset);
             foreach (var e in entries) LoadBitmap(e, trustInUse: intents is not null);
             if (intents is not null) ApplyIntents(intents);
-            // As QEMU does on a read-write open: every bitmap is in_use on disk until it is stored again.
-            if (_writable) MarkBitmapsInUse();
+            // As QEMU does on a read-write open: every bitmap is in_use on disk until it is stored again. Crash-safe
+            // tracking leaves that to its first checkpoint, which writes in_use entries and the record in one header
+            // switch: marking them in place first would open a window where a crash loses the bitmaps.
+            if (_writable && !_crashSafeRequested) MarkBitmapsInUse();
         }
         catch (BitmapConstraintException e)
         {
