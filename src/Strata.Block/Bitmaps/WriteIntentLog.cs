@@ -12,6 +12,11 @@ namespace Strata.Block.Bitmaps;
 /// on disk still belongs to the old checkpoint, so regions recorded meanwhile are written into it together with the
 /// old epoch's regions.
 ///
+/// Hot regions stay recorded, as md-raid clears its bits lazily: a new epoch starts with the regions written in both
+/// of the two epochs before already recorded, so a guest's hot data costs no fsync once it is known to be hot, while
+/// a region written once (a burst across the disk) is dropped at the next checkpoint and does not inflate what a
+/// crash makes the next backup copy.
+///
 /// Concurrent first writes share one fsync (group commit): a writer adds its regions to the pending set, then takes
 /// the persist lock; whoever holds it writes every pending region, so the writers queued behind it find theirs
 /// already durable.
@@ -25,6 +30,9 @@ public sealed class WriteIntentLog
     private ulong[] _pending;
     /// <summary>The regions of the epoch before, while the record on disk still belongs to it.</summary>
     private ulong[]? _carried;
+    /// <summary>Regions written to in this epoch (recorded or not yet): the next epoch starts with them recorded.</summary>
+    private ulong[] _touched;
+    private ulong[] _touchedBefore;
     private long _epoch;
     private volatile bool _active;
     private int _markedCount;
@@ -40,6 +48,8 @@ public sealed class WriteIntentLog
         _persist = persist;
         _durable = new ulong[(Regions + 63) / 64];
         _pending = new ulong[_durable.Length];
+        _touched = new ulong[_durable.Length];
+        _touchedBefore = new ulong[_durable.Length];
     }
 
     public int RegionBits { get; }
@@ -49,7 +59,7 @@ public sealed class WriteIntentLog
     /// <summary>The current epoch; a write whose regions were made durable in another epoch must ask again.</summary>
     public long Epoch => Volatile.Read(ref _epoch);
 
-    /// <summary>Regions recorded in this epoch (what a crash now would over-copy, at most).</summary>
+    /// <summary>Regions newly recorded in this epoch (beyond those carried in as still being written).</summary>
     public int MarkedCount => Volatile.Read(ref _markedCount);
 
     /// <summary>When the last write asked (Environment.TickCount64): a checkpoint waits for a quiet moment.</summary>
@@ -73,6 +83,12 @@ public sealed class WriteIntentLog
         Volatile.Write(ref _lastWriteTicks, Environment.TickCount64);
         if (!_active || length <= 0) return epoch;
         long first = offset >> RegionBits, last = Math.Min((offset + length - 1) >> RegionBits, Regions - 1);
+        var touched = Volatile.Read(ref _touched);
+        for (long r = first; r <= last; r++)
+        {
+            ulong bit = 1UL << (int)(r & 63);
+            if ((Volatile.Read(ref touched[r >> 6]) & bit) == 0) Interlocked.Or(ref touched[r >> 6], bit);
+        }
         if (AllSet(Volatile.Read(ref _durable), first, last)) return epoch;
         lock (_pendingLock) SetRange(_pending, first, last);
         bool recorded = false;
@@ -125,7 +141,14 @@ public sealed class WriteIntentLog
         lock (_persistLock)
         {
             _carried = _carried is null ? _durable : Or(_carried, _durable);
-            Volatile.Write(ref _durable, new ulong[_durable.Length]);
+            // Regions written in this epoch and the one before stay recorded (they are hot: likely to be written
+            // again). A write racing with this swap may be missed from `touched`, which only costs it a record write.
+            var touched = Volatile.Read(ref _touched);
+            Volatile.Write(ref _touched, new ulong[_durable.Length]);
+            var stillWritten = new ulong[_durable.Length];
+            for (int i = 0; i < stillWritten.Length; i++) stillWritten[i] = touched[i] & _touchedBefore[i] & _carried[i];
+            _touchedBefore = touched;
+            Volatile.Write(ref _durable, active ? stillWritten : new ulong[_durable.Length]);
             lock (_pendingLock) _pending = new ulong[_durable.Length];
             Volatile.Write(ref _markedCount, 0);
             _active = active;

@@ -11,9 +11,10 @@ namespace Strata.Block.Qcow2;
 /// (still in_use) and an empty record; the first write to a region since then records the region durably before the
 /// write is issued. Opening after a crash, the bitmaps are the checkpoint's bits ∪ the record's regions.
 ///
-/// Checkpoints run when a bitmap changes (add, remove, enable, merge, a job's end…), when the regions recorded pass a
-/// budget (the over-copy after a crash is at most that many regions), after a short idle time, and at the latest
-/// every <see cref="MaxCheckpointIntervalMs"/>. A clean close stores the bitmaps as QEMU does and drops the record.
+/// Checkpoints run when a bitmap changes (add, remove, enable, merge, a job's end…), when the regions newly recorded
+/// pass a budget (at most every <see cref="MinCheckpointGapMs"/>: the over-copy after a crash is about that many
+/// regions beyond those still being written), after a short idle time, and at the latest every
+/// <see cref="MaxCheckpointIntervalMs"/>. A clean close stores the bitmaps as QEMU does and drops the record.
 /// </summary>
 public sealed partial class Qcow2Image
 {
@@ -21,6 +22,9 @@ public sealed partial class Qcow2Image
     private const int MinRegionBits = 20;
     private const int MaxRecordRegionBytes = 2048;
     private const int IdleCheckpointMs = 1000;
+    /// <summary>Checkpoints for the budget come at most this often: each one costs a few fsyncs with the image's
+    /// metadata held, and a workload spread over the whole disk would otherwise checkpoint nonstop.</summary>
+    private const int MinCheckpointGapMs = 50;
     private const int MaxCheckpointIntervalMs = 30_000;
 
     private readonly bool _crashSafeRequested;
@@ -78,7 +82,7 @@ public sealed partial class Qcow2Image
         _intents = NewIntentLog(regionBits);
         Bitmaps.Intents = _intents;
         if (_storedBitmaps.Count > 0 || Bitmaps.HasPersistent) CheckpointBitmaps();
-        _checkpointTimer = new Timer(_ => OnCheckpointTimer(), null, IdleCheckpointMs, IdleCheckpointMs);
+        _checkpointTimer = new Timer(_ => OnCheckpointTimer(), null, MinCheckpointGapMs, MinCheckpointGapMs);
     }
 
     private WriteIntentLog NewIntentLog(int regionBits)
@@ -86,7 +90,8 @@ public sealed partial class Qcow2Image
         var log = new WriteIntentLog(Size, regionBits, PersistIntents);
         log.RegionRecorded = () =>
         {
-            if (log.MarkedCount >= CheckpointBudget(log)) ScheduleCheckpoint();
+            if (log.MarkedCount >= CheckpointBudget(log) && Environment.TickCount64 - _lastCheckpointTicks >= MinCheckpointGapMs)
+                ScheduleCheckpoint();
         };
         return log;
     }
@@ -191,7 +196,9 @@ public sealed partial class Qcow2Image
     {
         if (_intents is not { } intents || intents.MarkedCount == 0) return;
         long now = Environment.TickCount64;
-        if (now - intents.LastWriteTicks >= IdleCheckpointMs || now - _lastCheckpointTicks >= MaxCheckpointIntervalMs)
+        long sinceCheckpoint = now - _lastCheckpointTicks;
+        if (now - intents.LastWriteTicks >= IdleCheckpointMs || sinceCheckpoint >= MaxCheckpointIntervalMs ||
+            (intents.MarkedCount >= CheckpointBudget(intents) && sinceCheckpoint >= MinCheckpointGapMs))
             ScheduleCheckpoint();
     }
 
