@@ -41,6 +41,19 @@ public abstract class BlockImage : IDisposable
     {
     }
 
+    /// <summary>The persistent bitmaps survive a crash as a superset of the truth (a write-intent record is kept).</summary>
+    public virtual bool BitmapsCrashSafe => false;
+
+    /// <summary>Crash-safe tracking: stores the persistent bitmaps now (still in_use) and starts a new intent epoch.</summary>
+    public virtual void CheckpointBitmaps()
+    {
+    }
+
+    /// <summary>Crash-safe tracking: a bitmap changed by a command is durable before the command returns.</summary>
+    public virtual void PersistBitmapChanges()
+    {
+    }
+
     private Filters.CopyBeforeWrite[] _copyBeforeWrite = [];
 
     /// <summary>Set while this image is a fleecing target: its reads hold their range shared, and copy-before-write

@@ -242,9 +242,14 @@ public sealed partial class HostFile : IDisposable
         }
     }
 
+    /// <summary>A test hook at the host-file layer: sees every change to the file's bytes and every fsync, in the
+    /// order they were issued, so crash states can be rebuilt from them (what a power loss may leave).</summary>
+    public IHostFileRecorder? Recorder { get; set; }
+
     public void Write(long offset, ReadOnlySpan<byte> data)
     {
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
+        Recorder?.Write(offset, data);
         if (offset < 0 || offset > (1L << 56))
             throw new BlockException($"'{Path}': write at invalid offset {offset} (corrupt metadata?)");
         Faults?.CheckIo(offset, data.Length);
@@ -269,6 +274,7 @@ public sealed partial class HostFile : IDisposable
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
         try
         {
+            Recorder?.SetLength(length);
             RandomAccess.SetLength(_handle, length);
         }
         catch (Exception e) when (HostError.IsHostError(e))
@@ -285,6 +291,7 @@ public sealed partial class HostFile : IDisposable
         if (_writtenSinceFlush) Faults?.Event("flush_to_disk", 0, 0);
         _writtenSinceFlush = false;
         if (!FlushEnabled || ReadOnly) return;
+        Recorder?.Flushed();
         if (fsync((int)_handle.DangerousGetHandle()) != 0)
         {
             int errno = Marshal.GetLastPInvokeError();
@@ -325,6 +332,7 @@ public sealed partial class HostFile : IDisposable
     {
         if (ReadOnly) return false;
         const int FALLOC_FL_KEEP_SIZE = 1, FALLOC_FL_PUNCH_HOLE = 2;
+        Recorder?.PunchHole(offset, length);
         return fallocate((int)_handle.DangerousGetHandle(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length) == 0;
     }
 
@@ -408,4 +416,14 @@ internal static partial class UnixFileInfo
 
     [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
     private static partial int statx(int dirfd, string path, int flags, uint mask, out Statx buf);
+}
+
+/// <summary>Sees what a <see cref="HostFile"/> changes, in issue order (a test hook: crash-state harnesses).</summary>
+public interface IHostFileRecorder
+{
+    void Write(long offset, ReadOnlySpan<byte> data);
+    void SetLength(long length);
+    void PunchHole(long offset, long length);
+    /// <summary>An fsync is issued: everything recorded before it is durable once it returns.</summary>
+    void Flushed();
 }

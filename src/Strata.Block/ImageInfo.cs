@@ -123,7 +123,7 @@ public static class ImageInfo
     };
 
     /// <summary>The BlockDirtyInfo list of query-named-block-nodes.</summary>
-    public static List<object?> DirtyBitmaps(BitmapSet set)
+    public static List<object?> DirtyBitmaps(BitmapSet set, bool crashSafe = false)
     {
         var list = new List<object?>();
         foreach (var b in set.Listed)
@@ -136,6 +136,9 @@ public static class ImageInfo
             d.Add("granularity", b.Granularity);
             d.Add("count", b.CountBytes);
             if (b.Inconsistent) d.Add("inconsistent", true);
+            // Strata's own member, only where it holds: the persistent bitmap survives a crash as a superset of the
+            // truth (QEMU's would load inconsistent).
+            if (crashSafe && b.Persistent) d.Add("crash-safe", true);
             list.Add(d);
         }
         return list;

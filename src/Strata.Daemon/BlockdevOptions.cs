@@ -30,7 +30,11 @@ public static class BlockdevOptions
             new("pass-discard-other", ArgType.Bool, true), new("overlap-check", ArgType.Any, true),
             new("cache-size", ArgType.Int, true), new("l2-cache-size", ArgType.Int, true), new("l2-cache-entry-size", ArgType.Int, true),
             new("refcount-cache-size", ArgType.Int, true), new("cache-clean-interval", ArgType.Int, true),
-        ], FormatWithFile),
+            new("crash-safe-bitmaps", ArgType.Bool, true),
+        ], (a, prefix, spec) => FormatWithFile(a, prefix, spec) with
+        {
+            CrashSafeBitmaps = a.ContainsKey("crash-safe-bitmaps") ? ArgSchema.Bool(a, "crash-safe-bitmaps") : null,
+        }),
         ["raw"] = new([new("file", ArgType.Any), new("offset", ArgType.Int, true), new("size", ArgType.Int, true)], (a, prefix, spec) =>
         {
             spec = FormatWithFile(a, prefix, spec);

@@ -31,6 +31,7 @@ public sealed class DaemonBackend : IQmpBackend
         Jobs = new JobManager(JobEventsToQmp.To(Emit));
         Exports = new ExportManager(graph, _dispatcher, _events);
         Graph.Drivers.Register(new NbdBlockDriver());
+        _dispatcher.AfterCommand = PersistBitmapChanges;
 
         RegisterControl(_dispatcher);
         new JobCommands(Jobs).Register(_dispatcher);
@@ -60,6 +61,20 @@ public sealed class DaemonBackend : IQmpBackend
 
     /// <summary>Where the stack of an unexpected command failure goes (the daemon's stderr).</summary>
     public TextWriter Log { get; init; } = TextWriter.Null;
+
+    /// <summary>A bitmap added, removed or changed by the command is on disk before the reply (crash-safe nodes). A
+    /// failure here does not undo the command: the bitmaps stay tracked, the next checkpoint retries.</summary>
+    private void PersistBitmapChanges()
+    {
+        try
+        {
+            Graph.PersistBitmapChanges();
+        }
+        catch (BlockException e)
+        {
+            lock (Log) Log.WriteLine($"strata daemon: could not store bitmap changes: {e.Message}");
+        }
+    }
 
     public void CommandFailed(string command, Exception error)
     {

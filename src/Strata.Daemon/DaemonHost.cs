@@ -25,6 +25,7 @@ public sealed class DaemonHost : IAsyncDisposable
     public DaemonHost(DaemonOptions options, TextWriter? log = null)
     {
         _options = options;
+        Graph.CrashSafeBitmapsByDefault = options.CrashSafeBitmaps;
         Backend = new DaemonBackend(Graph) { Log = log ?? TextWriter.Null };
     }
 

@@ -23,6 +23,8 @@ public sealed class DaemonOptions
     public List<string> NbdServers { get; } = new();
     public List<string> Exports { get; } = new();
     public string? PidFile { get; set; }
+    /// <summary>--crash-safe-bitmaps on|off: the default for qcow2 nodes (Strata's own option).</summary>
+    public bool CrashSafeBitmaps { get; set; } = true;
     public bool Daemonize { get; set; }
     public bool Help { get; set; }
     public bool Version { get; set; }
@@ -37,7 +39,7 @@ public sealed class DaemonUsageException(string message) : Exception(message);
 /// </summary>
 public static class DaemonCommandLine
 {
-    private static readonly string[] WithValue = ["--blockdev", "--chardev", "--monitor", "--nbd-server", "--export", "--object", "--pidfile", "--trace", "-T"];
+    private static readonly string[] WithValue = ["--blockdev", "--chardev", "--monitor", "--nbd-server", "--export", "--object", "--pidfile", "--trace", "-T", "--crash-safe-bitmaps"];
 
     public static DaemonOptions Parse(IReadOnlyList<string> args)
     {
@@ -64,6 +66,14 @@ public static class DaemonCommandLine
                 case "-V" or "--version": o.Version = true; break;
                 case "--daemonize": o.Daemonize = true; break;
                 case "--pidfile": o.PidFile = value; break;
+                case "--crash-safe-bitmaps":
+                    o.CrashSafeBitmaps = value switch
+                    {
+                        "on" or "true" or "yes" => true,
+                        "off" or "false" or "no" => false,
+                        _ => throw new DaemonUsageException($"--crash-safe-bitmaps: Parameter expects 'on' or 'off', not '{value}'"),
+                    };
+                    break;
                 case "-T" or "--trace": break; // tracing is QEMU's own; accepted and ignored
                 case "--object": o.Objects.Add(value!); break;
                 case "--nbd-server": o.NbdServers.Add(value!); break;

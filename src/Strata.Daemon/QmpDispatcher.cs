@@ -28,6 +28,10 @@ public sealed class QmpDispatcher
     /// <summary>A registered command (transactions run the bitmap commands' own handlers).</summary>
     public QmpCommand this[string name] => _commands[name];
 
+    /// <summary>Runs after each command that succeeded, before its reply (the daemon makes bitmap changes durable
+    /// there, so a command that returned survives a crash).</summary>
+    public Action? AfterCommand { get; set; }
+
     public IEnumerable<string> Names => _commands.Keys.Order(StringComparer.Ordinal);
 
     public async ValueTask<object?> ExecuteAsync(string command, JsonObject arguments, CancellationToken cancellationToken)
@@ -38,7 +42,9 @@ public sealed class QmpDispatcher
         try
         {
             if (!entry.ChecksOwnArgs) ArgSchema.Validate(arguments, entry.Args);
-            return entry.Run(arguments);
+            var result = entry.Run(arguments);
+            AfterCommand?.Invoke();
+            return result;
         }
         catch (JobException e) when (e.DeviceNotActive)
         {

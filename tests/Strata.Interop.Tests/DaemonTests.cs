@@ -72,16 +72,26 @@ public class DaemonTests : ScratchDirTest
             await using var client = await QmpClient.ConnectUnixAsync(qsd.QmpPath);
             foreach (var (cmd, args) in Transcript) qemu.Add(await Outcome(client, cmd, args));
         }
-        var strata = new List<string>();
-        using (var daemon = new StrataDaemonProcess(Dir, "s", Blockdevs(s)))
+        // Exactly QEMU's shapes with crash-safe tracking off; with it on (the default) Strata adds only its own
+        // "crash-safe" member and the image's stored-bitmaps list (a persistent bitmap is on disk from its
+        // checkpoint on, where QEMU writes it only at close).
+        foreach (bool crashSafe in new[] { false, true })
         {
-            await using var client = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
-            foreach (var (cmd, args) in Transcript) strata.Add(await Outcome(client, cmd, args));
-            await client.ExecuteAsync("quit");
-            Assert.Equal(0, daemon.WaitForExit());
+            Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", s, "64M").Exit);
+            var strata = new List<string>();
+            using (var daemon = new StrataDaemonProcess(Dir, crashSafe ? "c" : "s", [.. Blockdevs(s), $"--crash-safe-bitmaps={(crashSafe ? "on" : "off")}"]))
+            {
+                await using var client = await QmpClient.ConnectUnixAsync(daemon.QmpPath);
+                foreach (var (cmd, args) in Transcript) strata.Add(await Outcome(client, cmd, args));
+                await client.ExecuteAsync("quit");
+                Assert.Equal(0, daemon.WaitForExit());
+            }
+            for (int i = 0; i < Transcript.Length; i++)
+            {
+                string shape = crashSafe ? strata[i].Replace("crash-safe:bool,", "").Replace("bitmaps:[{flags:[str],granularity:num,name:str}],", "") : strata[i];
+                Assert.True(qemu[i] == shape, $"crash-safe={crashSafe}: {Transcript[i].Command} {Transcript[i].Args}\n qemu:   {qemu[i]}\n strata: {strata[i]}");
+            }
         }
-        for (int i = 0; i < Transcript.Length; i++)
-            Assert.True(qemu[i] == strata[i], $"{Transcript[i].Command} {Transcript[i].Args}\n qemu:   {qemu[i]}\n strata: {strata[i]}");
     }
 
     /// <summary>"ok:" + the reply's shape, or "error:" + the error class.</summary>

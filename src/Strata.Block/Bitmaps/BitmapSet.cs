@@ -222,16 +222,52 @@ public sealed partial class BitmapSet
         Changed?.Invoke();
     }
 
-    /// <summary>Every write to the node: set the bits of each recording bitmap (successors included).</summary>
+    /// <summary>Crash-safe tracking of the persistent bitmaps (null when off): regions are recorded durably before
+    /// their first write since the last checkpoint.</summary>
+    public WriteIntentLog? Intents { get; set; }
+
+    /// <summary>Every write to the node: set the bits of each recording bitmap (successors included). With
+    /// crash-safe tracking the write's regions are durably recorded first, in the epoch the bits are set in: a
+    /// checkpoint that began meanwhile has snapshotted without this write, so it is recorded again.</summary>
     public void MarkDirty(long offset, long length)
+    {
+        var intents = Intents;
+        while (true)
+        {
+            long epoch = intents?.MakeDurable(offset, length) ?? 0;
+            lock (_lock)
+            {
+                if (intents is not null && intents.Epoch != epoch) continue;
+                foreach (var b in _bitmaps)
+                {
+                    if (b.Enabled && !b.Inconsistent) b.MarkDirty(offset, length);
+                    if (b.Successor is { Enabled: true } s) s.MarkDirty(offset, length);
+                }
+                return;
+            }
+        }
+    }
+
+    /// <summary>The persistent bitmaps as a checkpoint stores them (oldest first), taken in one step with
+    /// <paramref name="atSnapshot"/> (which starts the intent log's next epoch): a frozen bitmap is stored with its
+    /// successor's bits too, a superset of what it will hold whichever way its job ends.</summary>
+    public IReadOnlyList<PersistentBitmapSnapshot> SnapshotPersistent(Action<bool> atSnapshot)
     {
         lock (_lock)
         {
-            foreach (var b in _bitmaps)
+            var list = new List<PersistentBitmapSnapshot>();
+            foreach (var b in _bitmaps.Where(b => b.Persistent).OrderBy(b => b.Sequence))
             {
-                if (b.Enabled && !b.Inconsistent) b.MarkDirty(offset, length);
-                if (b.Successor is { Enabled: true } s) s.MarkDirty(offset, length);
+                HierarchicalBitmap? bits = null;
+                if (!b.Inconsistent)
+                {
+                    bits = b.Bits.Clone();
+                    if (b.Successor is { } s) bits.Merge(s.Bits);
+                }
+                list.Add(new PersistentBitmapSnapshot(b.Name!, b.Granularity, b.Enabled || b.Successor is { Enabled: true }, b.Inconsistent, bits));
             }
+            atSnapshot(list.Any(s => s.Recording && !s.Inconsistent));
+            return list;
         }
     }
 
@@ -278,6 +314,10 @@ public sealed partial class BitmapSet
         }
     }
 }
+
+/// <summary>A persistent bitmap as a checkpoint writes it: its bits (null when inconsistent: they were never
+/// loaded) and whether it records writes.</summary>
+public sealed record PersistentBitmapSnapshot(string Name, long Granularity, bool Recording, bool Inconsistent, HierarchicalBitmap? Bits);
 
 /// <summary>One entry of a node's dirty-bitmaps list (BlockDirtyInfo); Name is null for anonymous ones.</summary>
 public sealed record ListedBitmap(string? Name, bool Recording, bool Persistent, bool Busy, long Granularity, long CountBytes, bool Inconsistent);

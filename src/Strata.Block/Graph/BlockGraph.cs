@@ -11,6 +11,15 @@ public sealed class BlockGraph : IDisposable
     private readonly List<string> _order = new();
     private int _autoNames;
 
+    /// <summary>qcow2 nodes track their persistent bitmaps crash-safely unless their spec says otherwise.</summary>
+    public bool CrashSafeBitmapsByDefault { get; set; }
+
+    /// <summary>Every bitmap change made so far is durable (crash-safe nodes checkpoint; others need nothing).</summary>
+    public void PersistBitmapChanges()
+    {
+        foreach (var node in Nodes) node.Image?.PersistBitmapChanges();
+    }
+
     /// <summary>Throttle groups defined with --object throttle-group.</summary>
     public Dictionary<string, Filters.ThrottleGroup> ThrottleGroups { get; } = new(StringComparer.Ordinal);
 

@@ -17,6 +17,8 @@ public sealed record BlockNodeSpec
     /// <summary>qcow2/raw: the child, either an existing node's name or an inline definition.</summary>
     public string? FileNodeName { get; init; }
     public BlockNodeSpec? FileInline { get; init; }
+    /// <summary>qcow2 crash-safe-bitmaps=on|off; null: the graph's default.</summary>
+    public bool? CrashSafeBitmaps { get; init; }
     /// <summary>qcow2: false for "backing": null (do not open the backing chain).</summary>
     public bool OpenBacking { get; init; } = true;
     /// <summary>throttle: the group whose rate applies.</summary>

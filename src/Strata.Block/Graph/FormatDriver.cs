@@ -33,7 +33,7 @@ internal sealed class FormatDriver : IBlockDriver
             if (spec.Driver == "qcow2") graph.ClaimForNewParent(child, nodeName, LockClaim.Qcow2(spec.ReadOnly));
             BlockImage image = spec.Driver == "raw"
                 ? new RawImage(fileImage.File, "raw", ownsFile: false)
-                : Qcow2Image.Open(fileImage.File, new Qcow2OpenOptions { OwnsFile = false, ReadOnly = spec.ReadOnly });
+                : Qcow2Image.Open(fileImage.File, new Qcow2OpenOptions { OwnsFile = false, ReadOnly = spec.ReadOnly, CrashSafeBitmaps = spec.CrashSafeBitmaps ?? graph.CrashSafeBitmapsByDefault });
             try
             {
                 // The daemon takes no secrets yet: an encrypted image is refused as QEMU refuses one given no key

@@ -30,7 +30,11 @@ public sealed partial class Qcow2Image
         Bitmaps = new BitmapSet(Size, BitmapSet.DefaultGranularityFor((int)_clusterSize))
         {
             PersistenceCheck = CanStoreBitmap,
-            Changed = () => _bitmapsChanged = true,
+            Changed = () =>
+            {
+                _bitmapsChanged = true;
+                ScheduleCheckpoint();
+            },
         };
         var ext = _extras.Find(Qcow2ExtensionType.Bitmaps);
         if (ext is null)
@@ -57,9 +61,13 @@ public sealed partial class Qcow2Image
             var entries = BitmapDirectoryEntry.ParseDirectory(dir, bx.NbBitmaps, _clusterSize, (long)_header.Size);
             _bitmapDirectory = ((long)bx.DirectoryOffset, (long)bx.DirectorySize);
             _overlap.SetBitmapDirectory(_bitmapDirectory.Offset, _bitmapDirectory.Size);
-            foreach (var e in entries) LoadBitmap(e);
-            // As QEMU does on a read-write open: every bitmap is in_use on disk until it is stored again.
-            if (_writable) MarkBitmapsInUse();
+            var intents = ValidIntentRecord(bx.DirectoryOffset);
+            foreach (var e in entries) LoadBitmap(e, trustInUse: intents is not null);
+            if (intents is not null) ApplyIntents(intents);
+            // As QEMU does on a read-write open: every bitmap is in_use on disk until it is stored again. Crash-safe
+            // tracking leaves that to its first checkpoint, which writes in_use entries and the record in one header
+            // switch: marking them in place first would open a window where a crash loses the bitmaps.
+            if (_writable && !_crashSafeRequested) MarkBitmapsInUse();
         }
         catch (BitmapConstraintException e)
         {
@@ -75,13 +83,15 @@ public sealed partial class Qcow2Image
         }
     }
 
-    private void LoadBitmap(BitmapDirectoryEntry e)
+    /// <param name="trustInUse">A valid write-intent record covers this image: an in_use entry's bits are those of
+    /// the last checkpoint, to be completed with the record's regions, not garbage.</param>
+    private void LoadBitmap(BitmapDirectoryEntry e, bool trustInUse)
     {
         var bitmap = new DirtyBitmap(e.Name, e.Granularity, Size, enabled: (e.Flags & BitmapFlags.Auto) != 0)
         {
             Persistent = true,
             ReadOnly = !_writable,
-            Inconsistent = (e.Flags & BitmapFlags.InUse) != 0,
+            Inconsistent = (e.Flags & BitmapFlags.InUse) != 0 && !trustInUse,
         };
         var dataClusters = new List<long>();
         if (!bitmap.Inconsistent)
@@ -179,24 +189,50 @@ public sealed partial class Qcow2Image
     }
 
     /// <summary>Writes every persistent bitmap (data, tables, directory), switches the header to them with in_use
-    /// clear, then frees the previous copies. Caller holds the lock.</summary>
+    /// clear (and without the write-intent record: the image is QEMU's own again), then frees the previous copies.
+    /// Caller holds the lock.</summary>
     private void StoreBitmapsLocked()
     {
-        var persistent = Bitmaps.All.Where(b => b.Persistent).Reverse().ToList(); // oldest first: directory order
-        if (!_bitmapsChanged && !_bitmapsMarkedInUse) return;
-        if (persistent.Count == 0 && _storedBitmaps.Count == 0 && _extras.Find(Qcow2ExtensionType.Bitmaps) is null) return;
+        if (!_bitmapsChanged && !_bitmapsMarkedInUse && !IntentRecordOnDisk) return;
+        var persistent = Bitmaps.SnapshotPersistent(_ => { });
+        if (persistent.Count == 0 && _storedBitmaps.Count == 0 && _extras.Find(Qcow2ExtensionType.Bitmaps) is null && !IntentRecordOnDisk) return;
+        WriteBitmapsLocked(persistent, inUse: false, (exts, dirOffset) => WhileNoIntentWrite(() =>
+        {
+            _header = _header with
+            {
+                AutoclearFeatures = (dirOffset != 0
+                    ? _header.AutoclearFeatures | Qcow2AutoclearFeatures.Bitmaps
+                    : _header.AutoclearFeatures & ~Qcow2AutoclearFeatures.Bitmaps) & ~WriteIntentRecord.ValidBit,
+            };
+            RewriteHeaderExtensions(exts);
+        }));
+        _bitmapsMarkedInUse = false;
+    }
+
+    /// <summary>
+    /// Writes the bitmaps of <paramref name="bitmaps"/> (data, tables, directory) to new clusters, makes them
+    /// durable, lets <paramref name="switchHeader"/> write the header that names them (given the header extensions
+    /// without the old bitmaps extension and with the new one, and the new directory's offset, 0 when there is no bitmap), then frees the
+    /// previous copies. <paramref name="inUse"/> stores every entry in_use, as a checkpoint of crash-safe tracking
+    /// does: QEMU must still see them as inconsistent after a crash. Caller holds the lock.
+    /// </summary>
+    private void WriteBitmapsLocked(IReadOnlyList<PersistentBitmapSnapshot> bitmaps, bool inUse, Action<List<Qcow2HeaderExtension>, long> switchHeader)
+    {
         WriteBackMetadata();
 
         var newStored = new Dictionary<string, StoredBitmap>(StringComparer.Ordinal);
         var entries = new List<BitmapDirectoryEntry>();
         var buffer = new byte[_clusterSize];
-        foreach (var b in persistent)
+        foreach (var b in bitmaps)
         {
-            if (b.Inconsistent && _storedBitmaps.TryGetValue(b.Name!, out var kept))
+            if (b.Bits is null)
             {
                 // Its bits were never loaded: keep the old entry (still in_use) and its clusters.
-                entries.Add(kept.Entry);
-                newStored[b.Name!] = kept;
+                if (_storedBitmaps.TryGetValue(b.Name, out var kept))
+                {
+                    entries.Add(kept.Entry);
+                    newStored[b.Name] = kept;
+                }
                 continue;
             }
             long dataBytes = (b.Bits.Length + 7) / 8;
@@ -221,10 +257,11 @@ public sealed partial class Qcow2Image
             // ending there (qemu-img measure of the file as raw sees the same length).
             CheckHostWrite(tableOffset, tableClusters * _clusterSize);
             _file.Write(tableOffset, table);
-            var entry = new BitmapDirectoryEntry((ulong)tableOffset, (uint)tableSize, b.Enabled ? BitmapFlags.Auto : BitmapFlags.None,
-                BitmapDirectoryEntry.DirtyTrackingType, (byte)System.Numerics.BitOperations.Log2((ulong)b.Granularity), b.Name!, []);
+            var flags = (b.Recording ? BitmapFlags.Auto : BitmapFlags.None) | (inUse ? BitmapFlags.InUse : BitmapFlags.None);
+            var entry = new BitmapDirectoryEntry((ulong)tableOffset, (uint)tableSize, flags,
+                BitmapDirectoryEntry.DirtyTrackingType, (byte)System.Numerics.BitOperations.Log2((ulong)b.Granularity), b.Name, []);
             entries.Add(entry);
-            newStored[b.Name!] = new StoredBitmap(entry, clusters);
+            newStored[b.Name] = new StoredBitmap(entry, clusters);
         }
 
         long dirOffset = 0, dirSize = 0;
@@ -240,16 +277,10 @@ public sealed partial class Qcow2Image
         // New data, tables and directory (and their refcounts) are durable before the header names them.
         WriteBackMetadata();
 
-        var exts = _extras.Extensions.Where(e => e.Type != Qcow2ExtensionType.Bitmaps).ToList();
+        var exts = _extras.Extensions.Where(e => e.Type != Qcow2ExtensionType.Bitmaps && e.Type != WriteIntentRecord.ExtensionType).ToList();
         if (entries.Count > 0)
             exts.Add(new Qcow2HeaderExtension(Qcow2ExtensionType.Bitmaps, new BitmapsExtension((uint)entries.Count, (ulong)dirSize, (ulong)dirOffset).Encode()));
-        _header = _header with
-        {
-            AutoclearFeatures = entries.Count > 0
-                ? _header.AutoclearFeatures | Qcow2AutoclearFeatures.Bitmaps
-                : _header.AutoclearFeatures & ~Qcow2AutoclearFeatures.Bitmaps,
-        };
-        RewriteHeaderExtensions(exts);
+        switchHeader(exts, dirOffset);
 
         // Nothing on disk points at the previous copies any more.
         var (oldDirOffset, oldDirSize) = _bitmapDirectory;
@@ -264,7 +295,6 @@ public sealed partial class Qcow2Image
         foreach (var (k, v) in newStored) _storedBitmaps[k] = v;
         _bitmapDirectory = (dirOffset, dirSize);
         _overlap.SetBitmapDirectory(dirOffset, dirSize);
-        _bitmapsMarkedInUse = false;
         _bitmapsChanged = false;
         WriteBackMetadata();
     }
@@ -283,10 +313,22 @@ public sealed partial class Qcow2Image
         RewriteHeaderExtensions(exts);
     }
 
-    /// <summary>Rewrites cluster 0: header, the given extensions, end marker and backing file name. Caller holds
-    /// the lock (or is opening the image).</summary>
+    /// <summary>Rewrites cluster 0: header, the given extensions, end marker and backing file name. While a
+    /// write-intent record is valid on disk it is kept, current and last (its bytes are rewritten in place by first
+    /// writes); otherwise it is dropped. Caller holds the lock (or is opening the image).</summary>
     private void RewriteHeaderExtensions(List<Qcow2HeaderExtension> exts)
     {
+        exts = exts.Where(e => e.Type != WriteIntentRecord.ExtensionType).ToList();
+        if (_intents is { } intents && IntentRecordOnDisk)
+            intents.WhileQuiet(regions => WriteCluster0(exts, CurrentIntentRecord(regions)));
+        else
+            WriteCluster0(exts, null);
+    }
+
+    /// <summary>Writes cluster 0 with <paramref name="exts"/> and, when given, the write-intent record after them.</summary>
+    private void WriteCluster0(List<Qcow2HeaderExtension> exts, WriteIntentRecord? record)
+    {
+        if (record is not null) exts = [.. exts, new Qcow2HeaderExtension(WriteIntentRecord.ExtensionType, record.Encode())];
         var (bytes, header) = Qcow2HeaderExtensionCodec.Build(_header, exts, _backingFile);
         var cluster0 = new byte[_clusterSize];
         bytes.CopyTo(cluster0, 0);
@@ -295,5 +337,7 @@ public sealed partial class Qcow2Image
         _header = header;
         _headerRaw = bytes.AsSpan(0, header.WrittenLength).ToArray();
         _extras = new Qcow2HeaderExtras(exts, _backingFile);
+        if (record is not null)
+            _intentRecordOffset = header.WrittenLength + exts.Take(exts.Count - 1).Sum(e => e.EncodedLength) + 8;
     }
 }

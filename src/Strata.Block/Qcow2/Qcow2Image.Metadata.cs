@@ -204,12 +204,19 @@ public sealed partial class Qcow2Image
 
     public override void Resize(long newSize)
     {
+        ResizeCore(newSize);
+        ResumeIntentsAfterResize();
+    }
+
+    private void ResizeCore(long newSize)
+    {
         CheckWritable();
         ThrowIfCorrupt();
         if (newSize < 0) throw new BlockException("Image size must not be negative");
         Bitmaps.CheckResizeAllowed();
         lock (_lock)
         {
+            SuspendIntentsForResize();
             long oldSize = Size;
             if (newSize < oldSize)
             {

@@ -70,6 +70,7 @@ public sealed partial class Qcow2Image : BlockImage
         _ownsFile = options.OwnsFile;
         _externalData = (header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExternalDataFile) != 0;
         _openedForCheck = options.ForCheck;
+        _crashSafeRequested = options.CrashSafeBitmaps;
         _l2Cache = new((int)Math.Max(16, options.L2CacheBytes / _clusterSize));
         // QEMU keeps a quarter as much refcount cache as L2 cache.
         _refBlocks = new((int)Math.Max(8, options.L2CacheBytes / 4 / _clusterSize));
@@ -148,6 +149,7 @@ public sealed partial class Qcow2Image : BlockImage
         // After everything that can refuse the image, so that a refusal leaves no data file open.
         img.AttachDataFile(options);
         img.RepairIfDirty();
+        img.StartCrashSafeTracking();
         if (!file.ReadOnly) img.ClearUnknownAutoclearBits();
 
         return img;
@@ -233,7 +235,8 @@ public sealed partial class Qcow2Image : BlockImage
     /// know them — at a read-write open, as QEMU does, so `check -r` and friends leave them cleared too.</summary>
     private void ClearUnknownAutoclearBits()
     {
-        const Qcow2AutoclearFeatures known = Qcow2AutoclearFeatures.Bitmaps | Qcow2AutoclearFeatures.RawExternalData;
+        var known = Qcow2AutoclearFeatures.Bitmaps | Qcow2AutoclearFeatures.RawExternalData;
+        if (_intents is not null) known |= WriteIntentRecord.ValidBit;
         var unknown = _header.AutoclearFeatures & ~known;
         if (unknown == Qcow2AutoclearFeatures.None) return;
         _header = _header with { AutoclearFeatures = _header.AutoclearFeatures & known };
@@ -598,6 +601,7 @@ public sealed partial class Qcow2Image : BlockImage
     public override void Dispose()
     {
         if (_disposed) return;
+        StopCrashSafeTracking();
         _disposed = true;
         try
         {
@@ -608,6 +612,7 @@ public sealed partial class Qcow2Image : BlockImage
                     WriteBackMetadata();
                     MarkClean();
                 }
+            Bitmaps.Intents = null;
         }
         finally
         {

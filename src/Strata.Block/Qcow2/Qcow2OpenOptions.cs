@@ -23,6 +23,10 @@ public sealed record Qcow2OpenOptions
     /// check to report and repair, instead of being repaired on open or refused.</summary>
     public bool ForCheck { get; init; }
 
+    /// <summary>Track the persistent bitmaps crash-safely with a write-intent record (a read-write open only): after
+    /// a crash the next open loads them as a superset of the truth instead of inconsistent.</summary>
+    public bool CrashSafeBitmaps { get; init; }
+
     /// <summary>Looks up the key secret of an encrypted image (encrypt.key-secret), null when none was named; called
     /// only when guest data is first needed.</summary>
     public Func<byte[]>? KeySecret { get; init; }

@@ -115,6 +115,9 @@ internal static class DaemonCommand
           --daemonize            run in the background once started
           --object <properties>  accepted for compatibility (iothread, …) and ignored
           --pidfile <path>       write the process ID to a file while running
+          --crash-safe-bitmaps on|off
+                                 keep persistent bitmaps of qcow2 nodes usable after a crash
+                                 (a write-intent record; default on; per node: crash-safe-bitmaps=)
 
         """;
 }

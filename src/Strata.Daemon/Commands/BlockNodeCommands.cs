@@ -192,7 +192,7 @@ internal sealed class BlockNodeCommands(BlockGraph graph, JobManager jobs, Expor
             for (var b = image.Backing ?? image.FilteredChild; b is not null; b = b.Backing ?? b.FilteredChild) depth++;
             d.Add("backing_file_depth", depth);
             if (image.BackingFileName is { } bf) d.Add("backing_file", ImageOpener.ResolveBackingPath(node.FileName, bf));
-            var bitmaps = ImageInfo.DirtyBitmaps(image.Bitmaps);
+            var bitmaps = ImageInfo.DirtyBitmaps(image.Bitmaps, image.BitmapsCrashSafe);
             if (bitmaps.Count > 0) d.Add("dirty-bitmaps", bitmaps);
             list.Add(d);
         }

@@ -20,9 +20,13 @@ public sealed class BackupSourceProcess : IDisposable
     public string NbdPath => Path.Combine(_dir, Kind + ".nbd");
     public string Image(string disk) => Path.Combine(_dir, disk + ".qcow2");
 
-    public BackupSourceProcess(string kind, string dir, string[] disks, string size = "32M", bool createImages = true)
+    private readonly string[] _daemonOptions;
+
+    /// <param name="daemonOptions">More options for the daemon's command line (strata only: e.g. crash-safe tracking off).</param>
+    public BackupSourceProcess(string kind, string dir, string[] disks, string size = "32M", bool createImages = true, string[]? daemonOptions = null)
     {
         Kind = kind;
+        _daemonOptions = daemonOptions ?? [];
         _dir = dir;
         _disks = disks;
         if (createImages)
@@ -44,6 +48,7 @@ public sealed class BackupSourceProcess : IDisposable
             args.AddRange(["--blockdev", $"driver=file,node-name={d}-file,filename={Image(d)}", "--blockdev", $"driver=qcow2,node-name={d},file={d}-file"]);
         args.AddRange(["--chardev", $"socket,id=qmp0,path={QmpPath},server=on,wait=off", "--monitor", "chardev=qmp0", "--nbd-server", $"addr.type=unix,addr.path={NbdPath}"]);
         foreach (var d in _disks) args.AddRange(["--export", $"type=nbd,id=guest-{d},node-name={d},name={d},writable=on"]);
+        args.AddRange(_daemonOptions);
         var psi = Kind == "qsd"
             ? new ProcessStartInfo("qemu-storage-daemon")
             : Tools.StrataStartInfo("daemon");
