@@ -17,6 +17,10 @@ public sealed record BlockNodeSpec
     /// <summary>qcow2/raw: the child, either an existing node's name or an inline definition.</summary>
     public string? FileNodeName { get; init; }
     public BlockNodeSpec? FileInline { get; init; }
+    /// <summary>qcow2: the external data file, an existing node's name or an inline definition (neither: the file
+    /// the image's header names, opened as a new file node).</summary>
+    public string? DataFileNodeName { get; init; }
+    public BlockNodeSpec? DataFileInline { get; init; }
     /// <summary>qcow2: false for "backing": null (do not open the backing chain).</summary>
     public bool OpenBacking { get; init; } = true;
     /// <summary>throttle: the group whose rate applies.</summary>
