@@ -10,7 +10,7 @@ namespace Strata.Interop.Tests;
 public class DataFileTests : ScratchDirTest
 {
     /// <summary>Writes, zero writes (unmapping or not, whole and partial clusters) and discards, in qemu-io syntax.</summary>
-    private static readonly string[] Changes =
+    internal static readonly string[] Changes =
     [
         "write -P 0x11 0 1M",
         "write -P 0x22 1100k 3k",

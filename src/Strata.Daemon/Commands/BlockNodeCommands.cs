@@ -101,7 +101,9 @@ internal sealed class BlockNodeCommands(BlockGraph graph, JobManager jobs, Expor
                 ExtendedL2 = ArgSchema.Bool(o, "extended-l2"),
                 DataFileRaw = ArgSchema.Bool(o, "data-file-raw"),
             };
-            string? unsupported = ArgSchema.OptStr(o, "version") == "v2" ? "qcow2 version 2 cannot be created"
+            string? unsupported = ArgSchema.OptStr(o, "version") == "v2"
+                    ? o.ContainsKey("data-file") ? "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+                    : "qcow2 version 2 cannot be created"
                 : ArgSchema.Bool(o, "lazy-refcounts") ? "lazy refcounts are not supported"
                 : o.ContainsKey("encrypt") ? "encryption is not supported"
                 : ArgSchema.OptStr(o, "preallocation") is { } p and not "off" ? $"Unsupported preallocation mode '{p}'" : null;
