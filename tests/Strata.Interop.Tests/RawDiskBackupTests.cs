@@ -1,3 +1,4 @@
+using System.Text.Json.Nodes;
 using Strata.Protocol.Qmp;
 using Tools = Strata.Interop.Tests.Infra.Tools;
 
@@ -75,5 +76,29 @@ public class RawDiskBackupTests : ScratchDirTest
         Assert.True(loaded["persistent"]!.GetValue<bool>());
         var qsha = qsd.Execute("x-debug-block-dirty-bitmap-sha256", new Dictionary<string, string> { ["node"] = "vda", ["name"] = name })!["sha256"]!.GetValue<string>();
         Assert.Equal(sha, qsha);
+    }
+
+    /// <summary>A mirror of a raw disk node (writes while ready mirrored too) ends with the target equal to the raw file,
+    /// and the raw file still the disk.</summary>
+    [Fact]
+    public async Task AMirrorOfARawDiskCopiesTheRawFile()
+    {
+        using var src = new BackupSourceProcess("strata", Dir, ["vda"], rawDisks: true);
+        Tools.QemuImg("create", "-q", "-f", "qcow2", P("t.qcow2"), "32M").Ok();
+        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
+        var events = new EventLog(qmp);
+        await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse($$$"""{"driver":"qcow2","node-name":"tgt","file":{"driver":"file","filename":"{{{P("t.qcow2")}}}"}}""")!.AsObject());
+        await qmp.ExecuteAsync("blockdev-mirror", JsonNode.Parse("""{"job-id":"m","device":"vda","target":"tgt","sync":"full"}""")!.AsObject());
+        await events.WaitAsync("BLOCK_JOB_READY");
+        await src.GuestWritesAsync("vda", seed: 4);
+        await qmp.ExecuteAsync("block-job-cancel", JsonNode.Parse("""{"device":"m"}""")!.AsObject());
+        var end = await events.WaitAsync("BLOCK_JOB_COMPLETED");
+        Assert.Null(end["data"]!["error"]);
+        await src.CopyAsync("vda", P("disk.raw"));
+        await qmp.ExecuteAsync("quit");
+        Assert.True(src.WaitForExit(15000), src.Log);
+        Assert.Equal(Tools.Sha256(P("disk.raw")), Tools.Sha256(src.DataFile("vda")));
+        Tools.AssertQemuIdentical(src.DataFile("vda"), P("t.qcow2"), "-f", "raw", "-F", "qcow2");
+        Tools.AssertQemuCheckClean(src.Image("vda"));
     }
 }

@@ -293,9 +293,12 @@ public sealed class BlockGraph : IDisposable
         using var drained = NodeRequests.InsideRequest ? null : DrainAll(TimeSpan.FromSeconds(30));
         lock (_lock)
         {
-            foreach (var name in _order.AsEnumerable().Reverse().ToList())
+            // Newest first is parents first, but for data files, which are newer than the qcow2 nodes that write
+            // their tables (and flush the data file first) as they close: those go last.
+            var dataFiles = _nodes.Values.Select(n => n.DataFileChild).OfType<BlockNode>().ToHashSet();
+            var order = _order.AsEnumerable().Reverse().Where(_nodes.ContainsKey).Select(n => _nodes[n]).ToList();
+            foreach (var node in order.Where(n => !dataFiles.Contains(n)).Concat(order.Where(dataFiles.Contains)))
             {
-                if (!_nodes.TryGetValue(name, out var node)) continue;
                 try { node.Image.Dispose(); } catch (Exception) { }
             }
             _nodes.Clear();

@@ -134,4 +134,24 @@ public class GraphPermissionsTests
         Assert.Equal("'data-file' can only be set for images with an external data file", e.Message);
         Assert.Equal(["f"], graph.Nodes.Select(n => n.Name));
     }
+
+    /// <summary>Regression: the graph closed a data file node (newer than its qcow2 node) before the qcow2 node, whose
+    /// close flushes the data file before writing its tables; the tables of unflushed writes were lost.</summary>
+    [Fact]
+    public void ClosingTheGraphWritesTheTablesOfADataFileImage()
+    {
+        using var dir = new TempDir();
+        Qcow2Image.Create(dir["disk.qcow2"], new Qcow2CreateOptions { Size = 1 << 20, DataFile = dir["disk.raw"] }).Dispose();
+        var pattern = new byte[65536];
+        Array.Fill(pattern, (byte)0x5a);
+        using (var graph = new BlockGraph())
+        {
+            graph.Add(new BlockNodeSpec { Driver = "file", NodeName = "f", Filename = dir["disk.qcow2"] });
+            graph.Add(new BlockNodeSpec { Driver = "qcow2", NodeName = "disk", FileNodeName = "f" }).Image.Write(65536, pattern);
+        }
+        using var img = Qcow2Image.Open(HostFile.Open(dir["disk.qcow2"], readOnly: true));
+        var read = new byte[65536];
+        img.Read(65536, read);
+        Assert.Equal(pattern, read);
+    }
 }
