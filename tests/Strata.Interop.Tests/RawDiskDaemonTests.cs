@@ -1,4 +1,3 @@
-using System.Text.Json;
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
 using Strata.Interop.Tests.Infra;
@@ -90,6 +89,9 @@ public partial class RawDiskDaemonTests : ScratchDirTest
         Assert.Contains($"\"filename\":\"{P("d.raw")}\"", seen[1][0]);
     }
 
+    /// <summary>A tool's command line, exit code and error, with the scratch folder's path made DIR.</summary>
+    private string Probe(ToolResult r) => $"{r.Tool} {string.Join(' ', r.Args)}: {r.Exit} {r.Stderr.Trim()}".Replace(Dir, "DIR");
+
     /// <summary>What other processes may do to the two files while a daemon serves the disk writable: the data file
     /// takes writers (QEMU shares writing it) but no resize, the metadata file neither.</summary>
     [Fact]
@@ -101,7 +103,6 @@ public partial class RawDiskDaemonTests : ScratchDirTest
         {
             string nbd = P(kind + ".nbd");
             var seen = new List<string>();
-            string Probe(ToolResult r) => $"{r.Tool} {string.Join(' ', r.Args)}: {r.Exit} {r.Stderr.Replace(Dir, "DIR").Trim()}".Replace(Dir, "DIR");
             using (new BareDaemon(kind, Dir, [.. DiskNode(img, P("d.raw"), "implicit", readOnly: false)]))
             {
                 seen.Add(Probe(Tools.QemuImg("resize", "-f", "raw", P("d.raw"), "8M")));
