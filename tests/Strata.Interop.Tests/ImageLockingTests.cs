@@ -200,6 +200,41 @@ public class ImageLockingTests : ScratchDirTest
         Assert.Contains("writable export: meta 100-101 103-103 201-201 203-203; data 100-101 103-103 203-203", qemu);
     }
 
+    /// <summary>An image tool holding a qcow2 with a raw data file open locks both files as qemu-io does (the data file
+    /// as the tool's own claim on a raw disk, passed through).</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void StrataIoLocksADataFileAsQemuIoDoes(bool readOnly)
+    {
+        Images();
+        string Locks(ProcessStartInfo psi)
+        {
+            psi.RedirectStandardInput = psi.RedirectStandardOutput = psi.RedirectStandardError = true;
+            psi.UseShellExecute = false;
+            using var tool = Process.Start(psi)!;
+            try
+            {
+                // Commands come from stdin, which stays open: the tool holds the image until it closes.
+                var deadline = DateTime.UtcNow.AddSeconds(15);
+                while ((LockBytes(P("meta.qcow2")).Length == 0 || LockBytes(P("data.raw")).Length == 0) && DateTime.UtcNow < deadline && !tool.HasExited)
+                    Thread.Sleep(50);
+                // Both files are open; the claims settle as the open finishes.
+                Thread.Sleep(300);
+                return $"meta {LockBytes(P("meta.qcow2"))}; data {LockBytes(P("data.raw"))}";
+            }
+            finally
+            {
+                tool.StandardInput.Close();
+                if (!tool.WaitForExit(15000)) tool.Kill();
+            }
+        }
+        string[] args = readOnly ? ["-r", P("meta.qcow2")] : [P("meta.qcow2")];
+        string qemu = Locks(new ProcessStartInfo("qemu-io", args));
+        Assert.Equal(qemu, Locks(Tools.StrataStartInfo(["io", .. args])));
+        Assert.Contains(readOnly ? "data 100-100 203-203" : "data 100-101 103-103 203-203", qemu);
+    }
+
     [Fact]
     public async Task ADriveBackupTargetIsLockedAsInQemuStorageDaemon()
     {
