@@ -15,8 +15,10 @@ public enum LayerState : byte
 }
 
 /// <summary>A run of bytes in one layer with the same state. <see cref="HostOffset"/> is -1 when there is no
-/// host mapping (or it is not contiguous, as for compressed data).</summary>
-public readonly record struct LayerExtent(long Offset, long Length, LayerState State, long HostOffset, bool Compressed = false);
+/// host mapping (or it is not contiguous, as for compressed data). <see cref="ZeroOverData"/>: a zero run that is
+/// allocated data all the same (a hole in the host file under allocated qcow2 clusters), which QEMU reports as
+/// both data and zero.</summary>
+public readonly record struct LayerExtent(long Offset, long Length, LayerState State, long HostOffset, bool Compressed = false, bool ZeroOverData = false);
 
 /// <summary>
 /// One image layer: a format driver (raw, qcow2) over a host file. Reads fall through to the backing

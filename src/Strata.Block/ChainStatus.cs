@@ -30,7 +30,7 @@ public static class ChainStatus
                 case LayerState.Data:
                     return new ChainExtent(offset, ext.Length, depth, true, false, true, ext.HostOffset, ext.Compressed);
                 case LayerState.Zero:
-                    return new ChainExtent(offset, ext.Length, depth, true, true, false, ext.HostOffset, false);
+                    return new ChainExtent(offset, ext.Length, depth, true, true, ext.ZeroOverData, ext.HostOffset, false);
             }
             if (image.Backing is null)
                 // (An unallocated range can still have a host offset: qcow2 subclusters preallocated but unwritten.)

@@ -27,6 +27,14 @@ public readonly record struct LockClaim(BlockPermissions Taken, BlockPermissions
         ? new(BlockPermissions.ConsistentRead, BlockPermissions.Write | BlockPermissions.Resize)
         : new(BlockPermissions.ConsistentRead | BlockPermissions.Write | BlockPermissions.Resize, BlockPermissions.Write | BlockPermissions.Resize);
 
+    /// <summary>A qcow2 node's claim on its external data file: what the node's users take and refuse, passed
+    /// through (the guest data is theirs), and, as QEMU measures it, a writer may grow the file while nobody else
+    /// may resize it. <paramref name="users"/>: the union of the users' claims; nobody using it claims nothing
+    /// but the size.</summary>
+    public static LockClaim Qcow2DataFile(LockClaim users) => new(
+        users.Taken | (users.Taken.HasFlag(BlockPermissions.Write) ? BlockPermissions.Resize : 0),
+        users.Unshared | BlockPermissions.Resize);
+
     /// <summary>An NBD export: reads (and writes, if writable); the size must not change under its clients.</summary>
     public static LockClaim Export(bool writable) =>
         new(BlockPermissions.ConsistentRead | (writable ? BlockPermissions.Write : 0), BlockPermissions.Resize);

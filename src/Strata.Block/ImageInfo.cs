@@ -116,7 +116,8 @@ public static class ImageInfo
 
     public static long ActualSize(BlockImage image) => image switch
     {
-        Qcow2Image q => q.File.AllocatedBytes,
+        // An open external data file counts too, as QEMU sums a node's storage children (qemu-img info leaves it closed).
+        Qcow2Image q => q.File.AllocatedBytes + (q.DataFile?.AllocatedBytes ?? 0),
         RawImage r => r.File.AllocatedBytes,
         _ when image.FilteredChild is { } child => ActualSize(child),
         _ => 0,

@@ -79,6 +79,15 @@ public static class ImageOpener
         _ => new(BlockPermissions.ConsistentRead | (readOnly ? 0 : BlockPermissions.Write), BlockPermissions.None),
     };
 
+    /// <summary>The claim an opener takes on a qcow2 layer's external data file: the guest data is the opener's, so
+    /// its claim as on a raw image passes through (<see cref="LockClaim.Qcow2DataFile"/>); -U shares everything.</summary>
+    public static LockClaim DataFileClaimFor(bool readOnly, ImageLocking locking, bool isBacking = false) => locking switch
+    {
+        ImageLocking.Off => LockClaim.None,
+        ImageLocking.ForceShare => LockClaim.SharedRead,
+        _ => LockClaim.Qcow2DataFile(ClaimFor("raw", readOnly, locking, isBacking)),
+    };
+
     private static BlockImage OpenLayer(string path, string? format, bool readOnly, bool openBacking, HashSet<string> seen, int depth,
         ImageLocking locking, bool forCheck = false)
     {
@@ -135,7 +144,10 @@ public static class ImageOpener
                 return format switch
                 {
                     "raw" => new RawImage(file),
-                    "qcow2" => Qcow2Image.Open(file, new Qcow2OpenOptions { WithoutDataFile = metadataOnly, ForCheck = forCheck }),
+                    "qcow2" => Qcow2Image.Open(file, new Qcow2OpenOptions
+                    {
+                        WithoutDataFile = metadataOnly, ForCheck = forCheck, DataFileLockClaim = DataFileClaimFor(readOnly, locking, isBacking),
+                    }),
                     _ => throw new BlockException($"Unknown driver '{format}'"),
                 };
             }
@@ -467,7 +479,13 @@ public static class ImageOpener
             var dataFile = DataFileChild(options, readOnly, locking, isBacking);
             try
             {
-                return Qcow2Image.Open(file, new Qcow2OpenOptions { DataFile = dataFile, KeySecret = KeySecret(options) });
+                return Qcow2Image.Open(file, new Qcow2OpenOptions
+                {
+                    DataFile = dataFile, KeySecret = KeySecret(options),
+                    // An implicit data file locks as its image's file does; a data-file child by its own locking option.
+                    DataFileLockClaim = (options.HasChild("data-file") ? FileChild(options.Child("data-file")) : fileOptions).Flag("locking", true)
+                        ? DataFileClaimFor(readOnly, locking, isBacking) : LockClaim.None,
+                });
             }
             catch
             {

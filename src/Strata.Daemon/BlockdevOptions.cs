@@ -30,11 +30,8 @@ public static class BlockdevOptions
             new("pass-discard-other", ArgType.Bool, true), new("overlap-check", ArgType.Any, true),
             new("cache-size", ArgType.Int, true), new("l2-cache-size", ArgType.Int, true), new("l2-cache-entry-size", ArgType.Int, true),
             new("refcount-cache-size", ArgType.Int, true), new("cache-clean-interval", ArgType.Int, true),
-            new("crash-safe-bitmaps", ArgType.Bool, true),
-        ], (a, prefix, spec) => FormatWithFile(a, prefix, spec) with
-        {
-            CrashSafeBitmaps = a.ContainsKey("crash-safe-bitmaps") ? ArgSchema.Bool(a, "crash-safe-bitmaps") : null,
-        }),
+            new("data-file", ArgType.Any, true), new("crash-safe-bitmaps", ArgType.Bool, true),
+        ], Qcow2),
         ["raw"] = new([new("file", ArgType.Any), new("offset", ArgType.Int, true), new("size", ArgType.Int, true)], (a, prefix, spec) =>
         {
             spec = FormatWithFile(a, prefix, spec);
@@ -118,6 +115,16 @@ public static class BlockdevOptions
             spec = spec with { OpenBacking = false, BackingNodeName = backingName };
         }
         return spec;
+    }
+
+    /// <summary>qcow2: a format with a file, and an external data file named or defined inline.</summary>
+    private static BlockNodeSpec Qcow2(JsonObject a, string prefix, BlockNodeSpec spec)
+    {
+        spec = FormatWithFile(a, prefix, spec);
+        if (a.ContainsKey("crash-safe-bitmaps")) spec = spec with { CrashSafeBitmaps = ArgSchema.Bool(a, "crash-safe-bitmaps") };
+        if (!a.TryGetPropertyValue("data-file", out var dataFile)) return spec;
+        var (name, inline) = BlockdevRef(dataFile, prefix, "data-file");
+        return inline is null ? spec with { DataFileNodeName = name } : spec with { DataFileInline = inline with { ReadOnly = inline.ReadOnly || spec.ReadOnly } };
     }
 
     private static BlockNodeSpec Nbd(JsonObject a, string prefix, BlockNodeSpec spec)

@@ -61,7 +61,8 @@ public class ImageLockingTests : ScratchDirTest
         Tools.QemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", P("top.qcow2")).Ok();
         Tools.QemuImg("create", "-q", "-f", "raw", P("disk.raw"), "16M").Ok();
         Tools.QemuImg("create", "-q", "-f", "qcow2", "-b", "disk.raw", "-F", "raw", P("raw-top.qcow2")).Ok();
-        return [P("base.qcow2"), P("top.qcow2"), P("disk.raw"), P("raw-top.qcow2")];
+        Tools.QemuImg("create", "-q", "-f", "qcow2", "-o", $"data_file={P("data.raw")},data_file_raw=on", P("meta.qcow2"), "16M").Ok();
+        return [P("base.qcow2"), P("top.qcow2"), P("disk.raw"), P("raw-top.qcow2"), P("meta.qcow2"), P("data.raw")];
     }
 
     public static TheoryData<string, string[]> Configurations => new()
@@ -84,6 +85,12 @@ public class ImageLockingTests : ScratchDirTest
             "--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f,backing=r"] },
         { "raw backing node under an exported overlay", ["--blockdev", "driver=file,node-name=rf,filename=DIR/disk.raw", "--blockdev", "driver=raw,node-name=r,file=rf",
             "--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f,backing=r",
+            "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=n,writable=on"] },
+        { "qcow2 with a raw data file", ["--blockdev", "driver=file,node-name=f,filename=DIR/meta.qcow2", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
+        { "qcow2 with a raw data file, read-only and exported", ["--blockdev", "driver=file,node-name=f,filename=DIR/meta.qcow2,read-only=on",
+            "--blockdev", "driver=qcow2,node-name=n,file=f,read-only=on", "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=n"] },
+        { "qcow2 with a data file node, exported writable", ["--blockdev", "driver=file,node-name=f,filename=DIR/meta.qcow2",
+            "--blockdev", "driver=file,node-name=d,filename=DIR/data.raw", "--blockdev", "driver=qcow2,node-name=n,file=f,data-file=d",
             "--nbd-server", "addr.type=unix,addr.path=DIR/e.nbd", "--export", "type=nbd,id=e,node-name=n,writable=on"] },
         { "locking=off", ["--blockdev", "driver=file,node-name=f,filename=DIR/base.qcow2,locking=off", "--blockdev", "driver=qcow2,node-name=n,file=f"] },
     };
@@ -164,6 +171,68 @@ public class ImageLockingTests : ScratchDirTest
                 note("export gone");
             });
         Assert.Contains("writable export: disk 100-101 203-203", qemu);
+    }
+
+    /// <summary>A raw disk's data file carries what its qcow2 node's users claim, through an export and a backup.</summary>
+    [Fact]
+    public async Task ADataFileFollowsItsDisksUsersAsInQemuStorageDaemon()
+    {
+        Images();
+        Tools.QemuImg("create", "-q", "-f", "raw", P("target.raw"), "16M").Ok();
+        string qemu = await SameLockStory(
+            [.. FormatOnFile("qcow2", "n", P("meta.qcow2")), .. FormatOnFile("raw", "t", P("target.raw"))],
+            [("meta", P("meta.qcow2")), ("data", P("data.raw"))],
+            async (qmp, note) =>
+            {
+                var events = new EventLog(qmp);
+                note("start");
+                await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"e","node-name":"n","writable":true}"""));
+                note("writable export");
+                await qmp.ExecuteAsync("blockdev-backup", JsonNode.Parse("""{"job-id":"j","device":"n","target":"t","sync":"full","speed":1}"""));
+                note("backup running");
+                await qmp.ExecuteAsync("job-cancel", new { id = "j" });
+                await JobWaits.UntilStatus(events, "j", "null");
+                note("backup gone");
+                await qmp.ExecuteAsync("block-export-del", new { id = "e" });
+                await Settled(qmp);
+                note("export gone");
+            });
+        Assert.Contains("writable export: meta 100-101 103-103 201-201 203-203; data 100-101 103-103 203-203", qemu);
+    }
+
+    /// <summary>An image tool holding a qcow2 with a raw data file open locks both files as qemu-io does (the data file
+    /// as the tool's own claim on a raw disk, passed through).</summary>
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void StrataIoLocksADataFileAsQemuIoDoes(bool readOnly)
+    {
+        Images();
+        string Locks(ProcessStartInfo psi)
+        {
+            psi.RedirectStandardInput = psi.RedirectStandardOutput = psi.RedirectStandardError = true;
+            psi.UseShellExecute = false;
+            using var tool = Process.Start(psi)!;
+            try
+            {
+                // Commands come from stdin, which stays open: the tool holds the image until it closes.
+                var deadline = DateTime.UtcNow.AddSeconds(15);
+                while ((LockBytes(P("meta.qcow2")).Length == 0 || LockBytes(P("data.raw")).Length == 0) && DateTime.UtcNow < deadline && !tool.HasExited)
+                    Thread.Sleep(50);
+                // Both files are open; the claims settle as the open finishes.
+                Thread.Sleep(300);
+                return $"meta {LockBytes(P("meta.qcow2"))}; data {LockBytes(P("data.raw"))}";
+            }
+            finally
+            {
+                tool.StandardInput.Close();
+                if (!tool.WaitForExit(15000)) tool.Kill();
+            }
+        }
+        string[] args = readOnly ? ["-r", P("meta.qcow2")] : [P("meta.qcow2")];
+        string qemu = Locks(new ProcessStartInfo("qemu-io", args));
+        Assert.Equal(qemu, Locks(Tools.StrataStartInfo(["io", .. args])));
+        Assert.Contains(readOnly ? "data 100-100 203-203" : "data 100-101 103-103 203-203", qemu);
     }
 
     [Fact]

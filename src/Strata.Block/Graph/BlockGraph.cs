@@ -63,15 +63,23 @@ public sealed class BlockGraph : IDisposable
         {
             DiscardUnmap = spec.DiscardUnmap, CacheDirect = spec.CacheDirect, CacheNoFlush = spec.CacheNoFlush,
             BackingChild = opened.BackingChild, OtherChildren = opened.OtherChildren.ToList(), Locking = spec.Locking,
+            DataFileChild = opened.DataFileChild,
         };
         if (node.FileChild is { } fileChild) fileChild.Users++;
+        if (node.DataFileChild is { } dataFileChild) dataFileChild.Users++;
         if (node.BackingChild is { } backingChild) backingChild.Users++;
         foreach (var other in node.OtherChildren) other.Users++;
         _nodes[name] = node;
         _order.Add(name);
-        if (node.OtherChildren.Count > 0 || node.BackingChild is not null)
+        if (opened.DataFileChildCreated)
         {
-            // A filter or a named backing node changes what is demanded of the nodes below it.
+            // QEMU names a qcow2 node before its driver opens the data file: the data file node is the newer.
+            _order.Remove(opened.DataFileChild!.Name);
+            _order.Add(opened.DataFileChild.Name);
+        }
+        if (node.OtherChildren.Count > 0 || node.BackingChild is not null || node.DataFileChild is not null)
+        {
+            // A filter, a named backing node or a data file changes what is demanded of the nodes below it.
             try
             {
                 RefreshLocks();
@@ -273,6 +281,11 @@ public sealed class BlockGraph : IDisposable
             child.Users--;
             if (child.AutoNamed) RemoveLocked(child);
         }
+        if (node.DataFileChild is { } dataFileChild)
+        {
+            dataFileChild.Users--;
+            if (dataFileChild.AutoNamed) RemoveLocked(dataFileChild);
+        }
         RefreshLocksQuietly();
     }
 
@@ -289,9 +302,12 @@ public sealed class BlockGraph : IDisposable
         using var drained = NodeRequests.InsideRequest ? null : DrainAll(TimeSpan.FromSeconds(30));
         lock (_lock)
         {
-            foreach (var name in _order.AsEnumerable().Reverse().ToList())
+            // Newest first is parents first, but for data files, which are newer than the qcow2 nodes that write
+            // their tables (and flush the data file first) as they close: those go last.
+            var dataFiles = _nodes.Values.Select(n => n.DataFileChild).OfType<BlockNode>().ToHashSet();
+            var order = _order.AsEnumerable().Reverse().Where(_nodes.ContainsKey).Select(n => _nodes[n]).ToList();
+            foreach (var node in order.Where(n => !dataFiles.Contains(n)).Concat(order.Where(dataFiles.Contains)))
             {
-                if (!_nodes.TryGetValue(name, out var node)) continue;
                 try { node.Image.Dispose(); } catch (Exception) { }
             }
             _nodes.Clear();

@@ -18,6 +18,8 @@ public sealed class BlockNode
     public BlockImage Image { get; }
     /// <summary>The protocol node under a format node (qcow2/raw on file).</summary>
     public BlockNode? FileChild { get; }
+    /// <summary>A qcow2 node's external data file (a file node), whose guest data the node's users read and write.</summary>
+    public BlockNode? DataFileChild { get; internal set; }
     /// <summary>The file name as the user gave it (what QEMU reports in "file" and "image.filename").</summary>
     public string FileName { get; }
     /// <summary>Created implicitly (an inline child definition); deleted with its parent.</summary>

@@ -19,6 +19,10 @@ public sealed record BlockNodeSpec
     public BlockNodeSpec? FileInline { get; init; }
     /// <summary>qcow2 crash-safe-bitmaps=on|off; null: the graph's default.</summary>
     public bool? CrashSafeBitmaps { get; init; }
+    /// <summary>qcow2: the external data file, an existing node's name or an inline definition (neither: the file
+    /// the image's header names, opened as a new file node).</summary>
+    public string? DataFileNodeName { get; init; }
+    public BlockNodeSpec? DataFileInline { get; init; }
     /// <summary>qcow2: false for "backing": null (do not open the backing chain).</summary>
     public bool OpenBacking { get; init; } = true;
     /// <summary>throttle: the group whose rate applies.</summary>

@@ -20,7 +20,8 @@ internal static class GraphPermissions
     }
 
     /// <summary>What the users of <paramref name="node"/> demand of it, as QEMU's permission graph has it: its own
-    /// exports and jobs; a qcow2 parent's fixed claim; a raw or throttle parent passes its users' demands through; a
+    /// exports and jobs; a qcow2 parent's fixed claim on its file, and its users' demands passed through to its data
+    /// file; a raw or throttle parent passes its users' demands through; a
     /// copy-before-write filter in use passes them through and keeps other writers and resizers off its source
     /// (their writes would escape the copy); the backing node of a node in use is read (and may still be written by
     /// others: QEMU shares that, so that a commit can write into it).</summary>
@@ -31,6 +32,7 @@ internal static class GraphPermissions
         {
             if (parent.FileChild == node)
                 demand = demand.Union(parent.Driver == "qcow2" ? LockClaim.Qcow2(parent.Image.ReadOnly) : Demand(nodes, parent));
+            if (parent.DataFileChild == node) demand = demand.Union(LockClaim.Qcow2DataFile(Demand(nodes, parent)));
             if (parent.BackingChild == node && InUse(nodes, parent))
                 demand = demand.Union(new(BlockPermissions.ConsistentRead, BlockPermissions.None));
             if (parent.OtherChildren.Count > 0 && parent.OtherChildren[0] == node)
@@ -67,5 +69,5 @@ internal static class GraphPermissions
 
     /// <summary>Whether anything uses the node: a claim of its own, or a parent in the graph.</summary>
     private static bool InUse(IReadOnlyCollection<BlockNode> nodes, BlockNode node) =>
-        node.Claims.Count > 0 || nodes.Any(p => p.FileChild == node || p.BackingChild == node || p.OtherChildren.Contains(node));
+        node.Claims.Count > 0 || nodes.Any(p => p.FileChild == node || p.DataFileChild == node || p.BackingChild == node || p.OtherChildren.Contains(node));
 }

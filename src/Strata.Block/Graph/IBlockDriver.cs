@@ -21,6 +21,10 @@ public sealed record OpenedNode(BlockImage Image, string FileName)
 {
     /// <summary>The protocol node under a format node.</summary>
     public BlockNode? FileChild { get; init; }
+    /// <summary>A qcow2 node's external data file node.</summary>
+    public BlockNode? DataFileChild { get; init; }
+    /// <summary>The data file node was created with its parent (inline, or from the header's name) and goes with it.</summary>
+    public bool DataFileChildCreated { get; init; }
     /// <summary>An existing node serving as the backing image.</summary>
     public BlockNode? BackingChild { get; init; }
     /// <summary>The nodes a filter uses (its source first).</summary>

@@ -49,11 +49,18 @@ public sealed partial class Qcow2Image
         if (_header.Version < 3)
             throw new ImageFormatException("External data files are only supported with compatibility level 1.1 and above");
         if (options.DataFile is null && options.WithoutDataFile) return;
-        string? name = options.DataFile is null ? DataFileName ?? throw new BlockException("'data-file' is required for this image") : null;
-        _dataFile = options.DataFile ?? HostFile.Open(name!, _file.ReadOnly);
-        _ownsDataFile = true;
-        // Both files are locked alike: the data file holds the guest data the image's claim is about.
-        _dataFile.SetLockClaim(_file.LockClaim);
+        if (options.DataFile is { } given)
+        {
+            _dataFile = given;
+            _ownsDataFile = options.OwnsDataFile;
+        }
+        else
+        {
+            string name = DataFileName ?? throw new BlockException("'data-file' is required for this image");
+            _dataFile = options.OpenDataFileByName?.Invoke(name) ?? HostFile.Open(name, _file.ReadOnly);
+            _ownsDataFile = options.OpenDataFileByName is null;
+        }
+        if (_ownsDataFile) _dataFile.SetLockClaim(options.DataFileLockClaim);
     }
 
     /// <summary>Host clusters for a run of guest clusters: in a data file the guest's own offset (no refcounts);
@@ -95,12 +102,12 @@ public sealed partial class Qcow2Image
         }
     }
 
-    /// <summary>The data file follows a resize of the disk (QEMU resizes it too); a raw one gets the new clusters
-    /// mapped to themselves. Caller holds the lock.</summary>
-    private void ResizeDataFile(long oldSize, long newSize)
+    /// <summary>The data file follows a resize of the disk (QEMU resizes it too; <paramref name="growOnly"/>: it is only
+    /// extended); a raw one gets the new clusters mapped to themselves. Caller holds the lock.</summary>
+    private void ResizeDataFile(long oldSize, long newSize, bool growOnly)
     {
         if (_dataFile is null) return;
-        _dataFile.SetLength(newSize);
+        if (!growOnly || _dataFile.Length < newSize) _dataFile.SetLength(newSize);
         if (DataFileRaw && newSize > oldSize)
         {
             MapIdentity((oldSize + _clusterSize - 1) >> _clusterBits, (newSize + _clusterSize - 1) >> _clusterBits);

@@ -202,13 +202,17 @@ public sealed partial class Qcow2Image
 
     // ------------------------------------------------------------------ resize
 
-    public override void Resize(long newSize)
+    public override void Resize(long newSize) => ResizeTo(newSize, dataFileGrowsOnly: false);
+
+    /// <summary>Resizes the disk. <paramref name="dataFileGrowsOnly"/>: an external data file is only extended, never
+    /// cut (an adopted raw disk at creation, as QEMU's preallocation of a new image only extends it).</summary>
+    private void ResizeTo(long newSize, bool dataFileGrowsOnly)
     {
-        ResizeCore(newSize);
+        ResizeCore(newSize, dataFileGrowsOnly);
         ResumeIntentsAfterResize();
     }
 
-    private void ResizeCore(long newSize)
+    private void ResizeCore(long newSize, bool dataFileGrowsOnly)
     {
         CheckWritable();
         ThrowIfCorrupt();
@@ -240,7 +244,7 @@ public sealed partial class Qcow2Image
                 _header = _header with { Size = (ulong)newSize };
                 WriteHeaderFields();
                 _file.Flush();
-                ResizeDataFile(oldSize, newSize);
+                ResizeDataFile(oldSize, newSize, dataFileGrowsOnly);
                 Bitmaps.Resized(Size);
                 return;
             }
@@ -250,7 +254,7 @@ public sealed partial class Qcow2Image
             _header = _header with { Size = (ulong)newSize };
             WriteHeaderFields();
             _file.Flush();
-            ResizeDataFile(oldSize, newSize);
+            ResizeDataFile(oldSize, newSize, dataFileGrowsOnly);
             Bitmaps.Resized(Size);
         }
     }
@@ -296,11 +300,11 @@ public sealed partial class Qcow2Image
         Qcow2Image? img = null;
         try
         {
-            if (options.DataFile is { } dataFile) HostFile.Create(dataFile).Dispose();
+            if (options.DataFile is { } dataFile && !options.AdoptDataFile) HostFile.Create(dataFile).Dispose();
             var reopened = HostFile.Open(path, readOnly: false);
             reopened.FlushEnabled = false;
-            img = Open(reopened);
-            img.Resize(options.Size);
+            img = Open(reopened, new Qcow2OpenOptions { DataFileLockClaim = options.DataFileLockClaim });
+            img.ResizeTo(options.Size, dataFileGrowsOnly: options.AdoptDataFile);
             if (options.Encryption is { } encryption) img.SetUpEncryption(encryption);
             reopened.FlushEnabled = true;
             img.Flush();
@@ -310,7 +314,7 @@ public sealed partial class Qcow2Image
         {
             img?.Dispose();
             System.IO.File.Delete(path);
-            if (options.DataFile is { } dataFile) System.IO.File.Delete(dataFile);
+            if (options.DataFile is { } dataFile && !options.AdoptDataFile) System.IO.File.Delete(dataFile);
             throw;
         }
     }
@@ -356,14 +360,16 @@ public sealed partial class Qcow2Image
         return (bytes, finalHeader, cs);
     }
 
-    /// <summary>Formats an already open host file (blockdev-create on a file node) as a new qcow2 image.</summary>
-    public static void Format(HostFile file, Qcow2CreateOptions options)
+    /// <summary>Formats an already open host file (blockdev-create on a file node) as a new qcow2 image;
+    /// <paramref name="dataFile"/>: the open external data file it adopts (<see cref="Qcow2CreateOptions.DataFile"/>
+    /// names it), whose bytes stay as they are.</summary>
+    public static void Format(HostFile file, Qcow2CreateOptions options, HostFile? dataFile = null)
     {
         var (bytes, header, cs) = InitialHeader(options);
         file.SetLength(0);
         WriteInitialLayout(file, bytes, header, cs);
-        using var img = Open(file, new Qcow2OpenOptions { OwnsFile = false });
-        img.Resize(options.Size);
+        using var img = Open(file, new Qcow2OpenOptions { OwnsFile = false, DataFile = dataFile, OwnsDataFile = false });
+        img.ResizeTo(options.Size, dataFileGrowsOnly: true);
     }
 
     private static void WriteInitialLayout(HostFile file, byte[] headerBytes, Qcow2Header header, long cs)
@@ -391,6 +397,12 @@ public sealed record Qcow2CreateOptions
     public bool LazyRefcounts { get; init; }
     /// <summary>An external data file, created anew under this name (which the header records as given).</summary>
     public string? DataFile { get; init; }
+    /// <summary>The data file exists and is adopted: never created anew, cut or zeroed, only extended when the disk
+    /// is larger (with <see cref="DataFileRaw"/> every cluster then maps to itself, so the disk reads what the file
+    /// holds).</summary>
+    public bool AdoptDataFile { get; init; }
+    /// <summary>The image locks the new image's data file takes while it is open.</summary>
+    public LockClaim DataFileLockClaim { get; init; } = LockClaim.None;
     /// <summary>data_file_raw=on: the data file is kept a raw image of the disk.</summary>
     public bool DataFileRaw { get; init; }
     /// <summary>128-bit L2 entries with 32 subclusters per cluster (needs version 3 and clusters of 16 KiB or more).</summary>

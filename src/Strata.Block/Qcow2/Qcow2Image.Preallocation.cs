@@ -82,23 +82,27 @@ public sealed partial class Qcow2Image
         long threshold = Math.Max(realClusters * 10 / 9, realClusters + 2);
         long fileClusters = (_file.Length + _clusterSize - 1) >> _clusterBits;
         long counted = 0;
-        for (long c = 0; c < fileClusters && counted <= threshold; c++)
+        for (long c = 0; c < fileClusters && counted < threshold; c++)
             if (GetRefcount(c) > 0) counted++;
-        _metadataPreallocated = counted > threshold;
+        // Reaching the threshold is enough for QEMU.
+        _metadataPreallocated = counted >= threshold;
         return _metadataPreallocated.Value;
     }
 
     /// <summary>An allocated data run of a metadata-preallocated image, cut at the first change between disk blocks
-    /// and a hole in the host file: a hole becomes a zero extent (keeping its host offset). Caller holds the lock.</summary>
+    /// and a hole in the file the data lives in (the image file, or the external data file: QEMU judges the
+    /// preallocation by the image file either way): a hole becomes a zero extent (keeping its host offset). Caller
+    /// holds the lock.</summary>
     private (LayerState State, long Length) SplitAtHostHole(long hostOffset, long length)
     {
-        long data = _file.SeekData(hostOffset);
+        var store = DataStore;
+        long data = store.SeekData(hostOffset);
         if (data == hostOffset)
         {
-            long hole = _file.SeekHole(hostOffset);
+            long hole = store.SeekHole(hostOffset);
             return (LayerState.Data, hole > hostOffset ? Math.Min(length, hole - hostOffset) : length);
         }
-        if (data < 0 && _file.Length <= hostOffset) return (LayerState.Data, length);
+        if (data < 0 && store.Length <= hostOffset) return (LayerState.Data, length);
         return (LayerState.Zero, data < 0 ? length : Math.Min(length, data - hostOffset));
     }
 }

@@ -560,7 +560,12 @@ public sealed partial class Qcow2Image : BlockImage
             long length = run.Length;
             // (Subcluster runs already keep zero kinds and host ranges apart.)
             if (state == LayerState.Zero && !_extendedL2) length = ZeroRunLength(offset, length, run.Kind, run.HostOffset);
-            if (run.Kind == L2EntryKind.Normal && !_externalData && LooksMetadataPreallocated()) (state, length) = SplitAtHostHole(run.HostOffset, length);
+            bool holeInHost = false;
+            if (run.Kind == L2EntryKind.Normal && LooksMetadataPreallocated())
+            {
+                (state, length) = SplitAtHostHole(run.HostOffset, length);
+                holeInHost = state == LayerState.Zero;
+            }
             if (run.Kind == L2EntryKind.Compressed)
             {
                 // Merge following compressed clusters: they have no contiguous host mapping to report.
@@ -570,7 +575,7 @@ public sealed partial class Qcow2Image : BlockImage
             }
             // Unallocated subclusters of an extended entry with a host cluster report it, as QEMU does.
             bool hostMapped = run.Kind is L2EntryKind.Normal or L2EntryKind.ZeroAllocated || (_extendedL2 && run.Kind == L2EntryKind.Unallocated);
-            return new LayerExtent(offset, length, state, hostMapped ? run.HostOffset : -1);
+            return new LayerExtent(offset, length, state, hostMapped ? run.HostOffset : -1, ZeroOverData: holeInHost);
         }
     }
 

@@ -12,9 +12,20 @@ public sealed record Qcow2OpenOptions
     /// <summary>Open read-only even though the host file is writable.</summary>
     public bool ReadOnly { get; init; }
 
-    /// <summary>The external data file to use instead of the one the header names (a data-file child); the image
-    /// then owns it.</summary>
+    /// <summary>The external data file to use instead of the one the header names (a data-file child).</summary>
     public HostFile? DataFile { get; init; }
+
+    /// <summary>False when the data file belongs to another node (a daemon's data-file child); the image then
+    /// neither closes it nor locks it.</summary>
+    public bool OwnsDataFile { get; init; } = true;
+
+    /// <summary>Opens the data file the header names when no <see cref="DataFile"/> is given (a daemon makes it a
+    /// node of its graph, as QEMU does); the image does not own what it returns. Null: the image opens it itself.</summary>
+    public Func<string, HostFile>? OpenDataFileByName { get; init; }
+
+    /// <summary>The image locks an owned data file takes: what the image's users take, passed through
+    /// (<see cref="LockClaim.Qcow2DataFile"/>).</summary>
+    public LockClaim DataFileLockClaim { get; init; } = LockClaim.None;
 
     /// <summary>Do not open the header's data file (qemu-img info: metadata only, no guest I/O).</summary>
     public bool WithoutDataFile { get; init; }

@@ -16,9 +16,16 @@ internal static partial class ImgCommands
         var opts = new Option<string[]>("-o") { Description = "format options (cluster_size=…,compression_type=…,refcount_bits=…)", AllowMultipleArgumentsPerToken = false };
         var quiet = QuietOption();
         var unsafeBacking = new Option<bool>("-u") { Description = "do not open the backing file" };
+        // qemu-img 7.2 always creates data_file anew, which empties an existing raw disk; QEMU adopts one only through
+        // blockdev-create. This is the offline way to do that.
+        var adopt = new Option<bool>("--adopt-data-file")
+        {
+            Description = "(Strata) keep an existing data_file's bytes: with -o data_file=DISK,data_file_raw=on the new qcow2 holds only " +
+                          "metadata over DISK, which is never truncated or zeroed; SIZE defaults to DISK's size (qemu-img would overwrite DISK)",
+        };
         var file = new Argument<string?>("filename") { Arity = ArgumentArity.ZeroOrOne };
         var size = new Argument<string?>("size") { Arity = ArgumentArity.ZeroOrOne };
-        var cmd = new Command("create", "Create a new image") { format, backing, backingFormat, opts, quiet, unsafeBacking, file, size };
+        var cmd = new Command("create", "Create a new image") { format, backing, backingFormat, opts, quiet, unsafeBacking, adopt, file, size };
         cmd.SetAction(r => Run(stderr, () =>
         {
             // -o help lists the options, with the file protocol's once a file is named; no file is created.
@@ -30,12 +37,13 @@ internal static partial class ImgCommands
             }
             string target = r.GetValue(file) ?? throw new UsageException("Expecting image file name");
             return Create(stdout, target, r.GetValue(format) ?? "raw", r.GetValue(backing), r.GetValue(backingFormat),
-                r.GetValue(opts) ?? [], r.GetValue(size), r.GetValue(quiet), r.GetValue(unsafeBacking));
+                r.GetValue(opts) ?? [], r.GetValue(size), r.GetValue(quiet), r.GetValue(unsafeBacking), r.GetValue(adopt));
         }));
         return cmd;
     }
 
-    internal static int Create(TextWriter stdout, string file, string format, string? backing, string? backingFormat, string[] options, string? sizeText, bool quiet, bool unsafeBacking)
+    internal static int Create(TextWriter stdout, string file, string format, string? backing, string? backingFormat, string[] options, string? sizeText, bool quiet, bool unsafeBacking,
+        bool adoptDataFile = false)
     {
         if (format == "luks") return CreateLuks(stdout, file, options, sizeText, quiet);
         if (format is not ("qcow2" or "raw" or "file")) throw new BlockException($"{file}: Unknown file format '{format}'");
@@ -159,6 +167,7 @@ internal static partial class ImgCommands
             else if (backingFormat is null)
                 throw new BlockException($"{file}: Backing file specified without backing format");
         }
+        if (adoptDataFile) size = AdoptedDiskSize(file, format, dataFile, dataFileRaw, preallocation, size);
         if (size is null) throw new BlockException($"{file}: Image creation needs a size parameter");
         if (!quiet)
         {
@@ -239,6 +248,8 @@ internal static partial class ImgCommands
                     DataFileRaw = dataFileRaw is "on" or "true",
                     ExtendedL2 = extendedL2 is not null && BoolOptionValue(extendedL2)!.Value,
                     Encryption = encryption,
+                    AdoptDataFile = adoptDataFile,
+                    DataFileLockClaim = ImageOpener.DataFileClaimFor(readOnly: false, ImageLocking.Normal),
                 });
                 q.Preallocate(preallocMode);
             }
@@ -248,6 +259,32 @@ internal static partial class ImgCommands
             }
         }
         return 0;
+    }
+
+    /// <summary>--adopt-data-file: the disk size a new qcow2 over an existing raw disk gets (its size unless one is given),
+    /// refused before anything is written when adopting could lose or hide data.</summary>
+    private static long AdoptedDiskSize(string file, string format, string? dataFile, string? dataFileRaw, string? preallocation, long? size)
+    {
+        if (format != "qcow2" || dataFile is null || dataFileRaw is not ("on" or "true"))
+            throw new BlockException($"{file}: --adopt-data-file needs -f qcow2 -o data_file=DISK,data_file_raw=on");
+        // falloc and full would write zeros over the disk's data.
+        if (preallocation is not (null or "off" or "metadata"))
+            throw new BlockException($"{file}: --adopt-data-file keeps the data file's bytes; preallocation={preallocation} would overwrite them");
+        long diskSize;
+        try
+        {
+            using var disk = HostFile.Open(dataFile, readOnly: true);
+            diskSize = disk.Length;
+        }
+        catch (BlockException e)
+        {
+            throw new BlockException($"{file}: {e.Message}");
+        }
+        if (diskSize % 512 != 0)
+            throw new BlockException($"{file}: The data file '{dataFile}' is {diskSize} bytes, not a multiple of 512: a qcow2 disk cannot map all of it");
+        if (size < diskSize)
+            throw new BlockException($"{file}: The size {size} is smaller than the data file '{dataFile}' ({diskSize} bytes): the disk would not show all of it");
+        return size ?? diskSize;
     }
 
     /// <summary>A boolean option's value as QEMU's option parser reads it (null when it is no boolean).</summary>

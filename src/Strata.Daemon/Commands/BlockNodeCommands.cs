@@ -86,6 +86,10 @@ internal sealed class BlockNodeCommands(BlockGraph graph, JobManager jobs, Expor
         {
             string fileNode = BlockdevOptions.BlockdevRef(o["file"], "options.", "file").Name
                 ?? throw QmpException.Generic("Parameter 'options.file': only a node name is supported here");
+            string? dataFileNode = o.ContainsKey("data-file")
+                ? BlockdevOptions.BlockdevRef(o["data-file"], "options.", "data-file").Name
+                  ?? throw QmpException.Generic("Parameter 'options.data-file': only a node name is supported here")
+                : null;
             var options = new Qcow2CreateOptions
             {
                 Size = size,
@@ -95,11 +99,13 @@ internal sealed class BlockNodeCommands(BlockGraph graph, JobManager jobs, Expor
                 BackingFile = ArgSchema.OptStr(o, "backing-file"),
                 BackingFormat = ArgSchema.OptStr(o, "backing-fmt"),
                 ExtendedL2 = ArgSchema.Bool(o, "extended-l2"),
+                DataFileRaw = ArgSchema.Bool(o, "data-file-raw"),
             };
-            string? unsupported = ArgSchema.OptStr(o, "version") == "v2" ? "qcow2 version 2 cannot be created"
+            string? unsupported = ArgSchema.OptStr(o, "version") == "v2"
+                    ? o.ContainsKey("data-file") ? "External data files are only supported with compatibility level 1.1 and above (use version=v3 or greater)"
+                    : "qcow2 version 2 cannot be created"
                 : ArgSchema.Bool(o, "lazy-refcounts") ? "lazy refcounts are not supported"
                 : o.ContainsKey("encrypt") ? "encryption is not supported"
-                : o.ContainsKey("data-file") ? "external data files are not supported"
                 : ArgSchema.OptStr(o, "preallocation") is { } p and not "off" ? $"Unsupported preallocation mode '{p}'" : null;
             work = _ =>
             {
@@ -107,9 +113,19 @@ internal sealed class BlockNodeCommands(BlockGraph graph, JobManager jobs, Expor
                 if (size % 512 != 0) throw new BlockException("Image size must be a multiple of 512 bytes");
                 if (unsupported is not null) throw new BlockException(unsupported);
                 var node = graph.Find(fileNode) ?? throw new BlockException($"Cannot find device='{fileNode}' nor node-name='{fileNode}'");
+                // As QEMU: an existing node becomes the data file, its bytes kept (with data-file-raw the new disk
+                // reads exactly what it holds); the header records the node's file name.
+                HostFile? dataFile = null;
+                if (dataFileNode is not null)
+                {
+                    var dataNode = graph.Find(dataFileNode) ?? throw new BlockException($"Cannot find device='{dataFileNode}' nor node-name='{dataFileNode}'");
+                    dataFile = dataNode.Image is RawImage { FormatName: "file" } data ? data.File
+                        : throw new BlockException($"Node '{dataFileNode}' is not a file node; only file nodes can serve as a qcow2 data file");
+                    options = options with { DataFile = dataNode.FileName, AdoptDataFile = true };
+                }
                 if (node.Image is not RawImage { FormatName: "file" } file) throw new BlockException($"Node '{fileNode}' is not a file node");
                 if (node.Users > 0) throw new BlockException($"Node '{fileNode}' is in use");
-                Qcow2Image.Format(file.File, options);
+                Qcow2Image.Format(file.File, options, dataFile);
                 return Task.CompletedTask;
             };
         }
@@ -145,6 +161,8 @@ internal sealed class BlockNodeCommands(BlockGraph graph, JobManager jobs, Expor
         if (exports.Serves(node)) throw QmpException.Generic(Conflict($"an unnamed block device (uses node '{node.Name}' as 'root' child)"));
         if (graph.Nodes.FirstOrDefault(p => p.FileChild == node && p.Image is Qcow2Image) is { } parent)
             throw QmpException.Generic(Conflict($"node '{parent.Name}' (uses node '{node.Name}' as 'file' child)"));
+        if (graph.Nodes.FirstOrDefault(p => p.DataFileChild == node) is { } user)
+            throw QmpException.Generic(Conflict($"node '{user.Name}' (uses node '{node.Name}' as 'data-file' child)"));
         if (node.Image.ReadOnly) throw QmpException.Generic("Image is read-only");
         if (node.Image is Qcow2Image && size % 512 != 0) throw QmpException.Generic("The new size must be a multiple of 512");
         using (DrainedSection.Begin([node.Image]))

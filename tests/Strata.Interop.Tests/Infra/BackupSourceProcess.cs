@@ -19,11 +19,16 @@ public sealed class BackupSourceProcess : IDisposable
     public string QmpPath => Path.Combine(_dir, Kind + ".qmp");
     public string NbdPath => Path.Combine(_dir, Kind + ".nbd");
     public string Image(string disk) => Path.Combine(_dir, disk + ".qcow2");
+    /// <summary>A raw disk's data file (with <c>rawDisks</c>): the disk itself, byte for byte.</summary>
+    public string DataFile(string disk) => Path.Combine(_dir, disk + ".raw");
 
     private readonly string[] _daemonOptions;
 
+    /// <param name="rawDisks">Each disk is a raw file with a qcow2 of metadata (data_file, data_file_raw=on), which the
+    /// daemons open from the name in its header.</param>
     /// <param name="daemonOptions">More options for the daemon's command line (strata only: e.g. crash-safe tracking off).</param>
-    public BackupSourceProcess(string kind, string dir, string[] disks, string size = "32M", bool createImages = true, string[]? daemonOptions = null)
+    public BackupSourceProcess(string kind, string dir, string[] disks, string size = "32M", bool createImages = true, bool rawDisks = false,
+        string[]? daemonOptions = null)
     {
         Kind = kind;
         _daemonOptions = daemonOptions ?? [];
@@ -32,7 +37,9 @@ public sealed class BackupSourceProcess : IDisposable
         if (createImages)
             foreach (var d in disks)
             {
-                Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", Image(d), size).Exit);
+                Assert.Equal(0, (rawDisks
+                    ? Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", "-o", $"data_file={DataFile(d)},data_file_raw=on", Image(d), size)
+                    : Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", Image(d), size)).Exit);
                 // Some data before the first backup, and a hole.
                 Assert.Equal(0, Tools.Run("qemu-io", "-c", "write -P 0x11 0 4M", "-c", "write -P 0x12 12M 3M", Image(d)).Exit);
             }

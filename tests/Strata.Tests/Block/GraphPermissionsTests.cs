@@ -83,4 +83,75 @@ public class GraphPermissionsTests
         graph.Add(new BlockNodeSpec { Driver = "qcow2", NodeName = "rw", FileNodeName = "f" });
         Assert.Equal(LockClaim.Qcow2(readOnly: false), graph.Find("f")!.HostFile!.LockClaim);
     }
+
+    /// <summary>A qcow2 node's data file is a node of its own: opened from the header's name when none is given
+    /// (newer than its parent, as in QEMU, and gone with it), or a named node that cannot go while it serves; its
+    /// locks are what the qcow2 node's users claim, passed through, and nobody else may resize it.</summary>
+    [Fact]
+    public void ADataFileNodeCarriesTheClaimsOfTheDisksUsers()
+    {
+        using var dir = new TempDir();
+        Qcow2Image.Create(dir["disk.qcow2"], new Qcow2CreateOptions { Size = 1 << 20, DataFile = dir["disk.raw"], DataFileRaw = true }).Dispose();
+        using var graph = new BlockGraph();
+        graph.Add(new BlockNodeSpec { Driver = "file", NodeName = "f", Filename = dir["disk.qcow2"] });
+        var disk = graph.Add(new BlockNodeSpec { Driver = "qcow2", NodeName = "disk", FileNodeName = "f" });
+        var data = disk.DataFileChild!;
+        Assert.True(data.AutoNamed);
+        Assert.Equal(dir["disk.raw"], data.FileName);
+        Assert.Equal([data.Name, "disk", "f"], graph.Nodes.Select(n => n.Name));
+        Assert.Equal(new LockClaim(BlockPermissions.None, BlockPermissions.Resize), data.HostFile!.LockClaim);
+
+        var export = LockClaim.Export(writable: true);
+        graph.AddUser(disk, NodeUser.Export, export);
+        Assert.Equal(new LockClaim(BlockPermissions.ConsistentRead | BlockPermissions.Write | BlockPermissions.Resize, BlockPermissions.Resize),
+            data.HostFile.LockClaim);
+        graph.RemoveUser(disk, NodeUser.Export, export);
+        Assert.Equal(new LockClaim(BlockPermissions.None, BlockPermissions.Resize), data.HostFile.LockClaim);
+
+        graph.Delete("disk");
+        Assert.Equal(["f"], graph.Nodes.Select(n => n.Name));
+
+        var named = graph.Add(new BlockNodeSpec { Driver = "file", NodeName = "d", Filename = dir["disk.raw"] });
+        graph.Add(new BlockNodeSpec { Driver = "qcow2", NodeName = "disk", FileNodeName = "f", DataFileNodeName = "d" });
+        Assert.Equal(1, named.Users);
+        Assert.Equal("Block device d is in use", Assert.Throws<BlockException>(() => graph.Delete("d")).Message);
+        graph.Delete("disk");
+        Assert.Equal(LockClaim.None, named.HostFile!.LockClaim);
+        graph.Delete("d");
+    }
+
+    [Fact]
+    public void ADataFileForAnImageWithoutOneIsRefusedAndLeavesNoNodeBehind()
+    {
+        using var dir = new TempDir();
+        using var graph = new BlockGraph();
+        graph.Add(new BlockNodeSpec { Driver = "file", NodeName = "f", Filename = NewImage(dir) });
+        System.IO.File.WriteAllBytes(dir["x.raw"], new byte[4096]);
+        var e = Assert.Throws<BlockException>(() => graph.Add(new BlockNodeSpec
+        {
+            Driver = "qcow2", NodeName = "disk", FileNodeName = "f", DataFileInline = new BlockNodeSpec { Driver = "file", Filename = dir["x.raw"] },
+        }));
+        Assert.Equal("'data-file' can only be set for images with an external data file", e.Message);
+        Assert.Equal(["f"], graph.Nodes.Select(n => n.Name));
+    }
+
+    /// <summary>Regression: the graph closed a data file node (newer than its qcow2 node) before the qcow2 node, whose
+    /// close flushes the data file before writing its tables; the tables of unflushed writes were lost.</summary>
+    [Fact]
+    public void ClosingTheGraphWritesTheTablesOfADataFileImage()
+    {
+        using var dir = new TempDir();
+        Qcow2Image.Create(dir["disk.qcow2"], new Qcow2CreateOptions { Size = 1 << 20, DataFile = dir["disk.raw"] }).Dispose();
+        var pattern = new byte[65536];
+        Array.Fill(pattern, (byte)0x5a);
+        using (var graph = new BlockGraph())
+        {
+            graph.Add(new BlockNodeSpec { Driver = "file", NodeName = "f", Filename = dir["disk.qcow2"] });
+            graph.Add(new BlockNodeSpec { Driver = "qcow2", NodeName = "disk", FileNodeName = "f" }).Image.Write(65536, pattern);
+        }
+        using var img = Qcow2Image.Open(HostFile.Open(dir["disk.qcow2"], readOnly: true));
+        var read = new byte[65536];
+        img.Read(65536, read);
+        Assert.Equal(pattern, read);
+    }
 }
