@@ -79,7 +79,9 @@ internal static class BackupCommands
         {
             Description = "offline: an image no daemon serves, backed up from its persistent bitmaps (one per --disk, in order; refused while a VM holds it)",
         };
-        var disks = new Option<string[]>("--disk") { Description = "node name of a disk to back up (repeat for several: one point in time)", Required = true };
+        var domain = new Option<string?>("--domain") { Description = "a libvirt domain: back up its disks through libvirt's backup API (running) or from its images (shut off)" };
+        var connect = new Option<string>("--connect") { Description = "with --domain: the libvirt URI", DefaultValueFactory = _ => "qemu:///system" };
+        var disks = new Option<string[]>("--disk") { Description = "node name of a disk to back up, or with --domain its target (vda…; default: every disk); repeat for several: one point in time" };
         var level = new Option<string>("--level") { Description = "full, inc, or auto (full when there is no usable chain or bitmap)", DefaultValueFactory = _ => "auto" };
         level.AcceptOnlyFromAmong("full", "inc", "auto");
         var mode = new Option<string>("--mode") { Description = "push (the source writes the backup) or pull (fleecing + NBD, reading only dirty extents)", DefaultValueFactory = _ => "push" };
@@ -87,10 +89,30 @@ internal static class BackupCommands
         var nbd = new Option<string?>("--nbd") { Description = "pull mode: address (socket path or HOST:PORT) of an NBD server the source already runs; default: start one for the run" };
         var json = new Option<bool>("--json") { Description = "print the new points as JSON" };
         var inject = new Option<int?>("--x-inject-target-errno") { Description = "testing: fail every write to the push targets with this errno (blkdebug)", Hidden = true };
-        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, disks, level, mode, nbd, json, inject };
+        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, domain, connect, disks, level, mode, nbd, json, inject };
+        cmd.Validators.Add(r =>
+        {
+            if (r.GetValue(domain) is null && (r.GetValue(disks) ?? []).Length == 0) r.AddError("Option '--disk' or '--domain' is required.");
+        });
         cmd.SetAction(r => Guard(stderr, () =>
         {
             var repository = Repository.Open(r.GetValue(repo)!);
+            bool asJson = r.GetValue(json);
+            if (r.GetValue(domain) is { } domainName)
+            {
+                if (r.GetValue(socket) is not null || (r.GetValue(images) ?? []).Length > 0 || r.GetValue(nbd) is not null)
+                    throw new BackupException("--domain reaches the disks through libvirt: not with --socket, --image or --nbd", exitCode: BackupExitCodes.Usage);
+                var libvirtOptions = new Strata.Backup.Libvirt.LibvirtRunOptions
+                {
+                    Domain = domainName,
+                    Connect = r.GetValue(connect)!,
+                    Disks = r.GetValue(disks) ?? [],
+                    Level = r.GetValue(level)!,
+                };
+                var points = WithProgress(stdout, asJson, p => new Strata.Backup.Libvirt.LibvirtBackupRunner(repository, libvirtOptions, p, OpenOffline).RunAsync().GetAwaiter().GetResult());
+                PrintPoints(stdout, asJson, points);
+                return 0;
+            }
             string[] offline = r.GetValue(images) ?? [];
             if ((r.GetValue(socket) is null) == (offline.Length == 0))
                 throw new BackupException("give either --socket (a running source) or --image (a disk no daemon serves)", exitCode: BackupExitCodes.Usage);
@@ -106,15 +128,26 @@ internal static class BackupCommands
                 Nbd = r.GetValue(nbd),
                 InjectTargetErrno = r.GetValue(inject),
             };
-            bool asJson = r.GetValue(json);
             var manifests = WithProgress(stdout, asJson, p => new BackupRunner(repository, options, p).RunAsync().GetAwaiter().GetResult());
-            if (asJson) stdout.WriteLine(JsonSerializer.Serialize(manifests.Select(PointSummary.Of).ToList(), BackupReportJson.Default.ListPointSummary));
-            else
-                foreach (var m in manifests)
-                    stdout.WriteLine($"{m.Disk}@{m.Id}: {m.Level}, {Bytes(m.CopiedBytes)} copied, file {Bytes(m.FileSize)}");
+            PrintPoints(stdout, asJson, manifests);
             return 0;
         }));
         return cmd;
+    }
+
+    private static void PrintPoints(TextWriter stdout, bool asJson, IReadOnlyList<BackupManifest> manifests)
+    {
+        if (asJson) stdout.WriteLine(JsonSerializer.Serialize(manifests.Select(PointSummary.Of).ToList(), BackupReportJson.Default.ListPointSummary));
+        else
+            foreach (var m in manifests)
+                stdout.WriteLine($"{m.Disk}@{m.Id}: {m.Level}, {Bytes(m.CopiedBytes)} copied, file {Bytes(m.FileSize)}");
+    }
+
+    /// <summary>A shut-off domain's images, opened as an offline source for its run.</summary>
+    private static Task<(string QmpSocket, IAsyncDisposable Source)> OpenOffline(IReadOnlyList<string> images, IReadOnlyList<string> nodes)
+    {
+        var source = OfflineSource.Open(images, nodes);
+        return Task.FromResult<(string, IAsyncDisposable)>((source.QmpSocket, source));
     }
 
     private static Command List(TextWriter stdout, TextWriter stderr)
