@@ -185,14 +185,43 @@ internal static class BackupCommands
     {
         var repo = RepoArgument();
         var at = AtOption(required: false);
-        var disk = new Option<string>("--disk") { Description = "the disk (node name) to restore", Required = true };
-        var to = new Option<string>("--to") { Description = "the new file to write", Required = true };
+        var disk = new Option<string?>("--disk") { Description = "the disk (node name) to restore" };
+        var domain = new Option<string?>("--domain") { Description = "restore every disk of this libvirt domain, and a domain XML pointing at them, into the folder --to" };
+        var define = new Option<bool>("--define") { Description = "with --domain: define the restored domain in libvirt" };
+        var name = new Option<string?>("--name") { Description = "with --domain: the restored domain's name (default: the original's)" };
+        var connect = new Option<string>("--connect") { Description = "with --define: the libvirt URI", DefaultValueFactory = _ => "qemu:///system" };
+        var to = new Option<string>("--to") { Description = "the new file to write (with --domain: the folder)", Required = true };
         var format = new Option<string>("-O") { Description = "output format: qcow2 or raw", DefaultValueFactory = _ => "raw" };
         format.AcceptOnlyFromAmong("qcow2", "raw");
-        var cmd = new Command("restore", "Write one point of a disk into a new file") { repo, at, disk, to, format };
+        var cmd = new Command("restore", "Write one point of a disk into a new file, or of every disk of a libvirt domain into a folder") { repo, at, disk, domain, define, name, connect, to, format };
+        cmd.Validators.Add(r =>
+        {
+            if ((r.GetValue(disk) is null) == (r.GetValue(domain) is null)) r.AddError("Give exactly one of the options '--disk' and '--domain'.");
+            else if (r.GetValue(domain) is null && (r.GetValue(define) || r.GetValue(name) is not null)) r.AddError("Options '--define' and '--name' need '--domain'.");
+        });
         cmd.SetAction(r => Guard(stderr, () =>
         {
             var repository = Repository.Open(r.GetValue(repo)!);
+            if (r.GetValue(domain) is { } domainName)
+            {
+                var (disks, xmlFile) = Strata.Backup.Libvirt.LibvirtRestorer.Restore(repository, domainName, r.GetValue(at)!, r.GetValue(to)!, r.GetValue(format)!, r.GetValue(name));
+                foreach (var d in disks) stdout.WriteLine($"restored {d.Point.Disk}@{d.Point.Id} ({d.Point.Time:O}) to {d.File}");
+                stdout.WriteLine($"domain XML: {xmlFile}");
+                if (r.GetValue(define))
+                {
+                    try
+                    {
+                        using var conn = Strata.Backup.Libvirt.LibvirtConnection.Open(r.GetValue(connect)!);
+                        using var defined = conn.Define(File.ReadAllText(xmlFile));
+                        stdout.WriteLine($"defined domain {defined.Name}");
+                    }
+                    catch (Strata.Backup.Libvirt.LibvirtException e)
+                    {
+                        throw new BackupException(e.Message, "the disks and the XML are restored; define it by hand with: virsh define " + xmlFile, BackupExitCodes.Source);
+                    }
+                }
+                return 0;
+            }
             var point = repository.Find(r.GetValue(disk)!, r.GetValue(at)!);
             var printer = Console.IsOutputRedirected || stdout != Console.Out ? null : new Img.ProgressPrinter(stdout);
             Restorer.Restore(repository, point, r.GetValue(to)!, r.GetValue(format)!, printer is null ? null : printer.Report);
