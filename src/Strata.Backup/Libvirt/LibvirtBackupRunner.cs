@@ -14,6 +14,9 @@ public sealed record LibvirtRunOptions
     public IReadOnlyList<string> Disks { get; init; } = [];
     /// <summary>"auto", "full" or "inc".</summary>
     public string Level { get; init; } = "auto";
+    /// <summary>Testing hook: once libvirt's job runs and before anything is read, wait this long (a signal ends the
+    /// wait), so that a test can kill the run while it holds a job and a new checkpoint.</summary>
+    public TimeSpan? HoldAfterBegin { get; init; }
 }
 
 /// <summary>Opens images no VM runs under the given node names as a QMP source for an offline run; disposing it
@@ -128,12 +131,25 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
 
         bool ok = false;
         // SIGTERM or Ctrl-C ends libvirt's job: the reads fail, and the cleanup below runs as for any failure.
-        using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; AbortQuietly(dom); });
-        using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; AbortQuietly(dom); });
+        using var interrupted = new CancellationTokenSource();
+        void Interrupt(PosixSignalContext c)
+        {
+            c.Cancel = true;
+            interrupted.Cancel();
+            AbortQuietly(dom);
+        }
+        using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Interrupt);
+        using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, Interrupt);
         try
         {
             var exports = LibvirtXml.Exports(dom.BackupXml() ?? throw new BackupException("libvirt's backup job ended before it could be read", exitCode: BackupExitCodes.Source));
             string savedCheckpoint = dom.CheckpointXml(checkpoint) ?? throw new BackupException($"libvirt did not create checkpoint '{checkpoint}'", exitCode: BackupExitCodes.Source);
+            if (options.HoldAfterBegin is { } hold)
+            {
+                progress.Message($"holding libvirt's backup job for {hold.TotalSeconds:F0} s");
+                try { await Task.Delay(hold, interrupted.Token); } catch (OperationCanceledException) { }
+            }
+            if (interrupted.IsCancellationRequested) throw new BackupException("interrupted: libvirt's backup job was ended and nothing was committed");
             await Task.WhenAll(plans.Select(p => CopyAsync(p, socket, exports.FirstOrDefault(e => e.Target == p.Disk.Target)
                 ?? throw new BackupException($"libvirt exports no disk '{p.Disk.Target}'", exitCode: BackupExitCodes.Source))));
             Directory.CreateDirectory(MetadataDir(repo, options.Domain));

@@ -89,7 +89,8 @@ internal static class BackupCommands
         var nbd = new Option<string?>("--nbd") { Description = "pull mode: address (socket path or HOST:PORT) of an NBD server the source already runs; default: start one for the run" };
         var json = new Option<bool>("--json") { Description = "print the new points as JSON" };
         var inject = new Option<int?>("--x-inject-target-errno") { Description = "testing: fail every write to the push targets with this errno (blkdebug)", Hidden = true };
-        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, domain, connect, disks, level, mode, nbd, json, inject };
+        var hold = new Option<int?>("--x-hold-after-begin") { Description = "testing: with --domain, hold libvirt's backup job this many seconds before reading", Hidden = true };
+        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, domain, connect, disks, level, mode, nbd, json, inject, hold };
         cmd.Validators.Add(r =>
         {
             if (r.GetValue(domain) is null && (r.GetValue(disks) ?? []).Length == 0) r.AddError("Option '--disk' or '--domain' is required.");
@@ -108,6 +109,7 @@ internal static class BackupCommands
                     Connect = r.GetValue(connect)!,
                     Disks = r.GetValue(disks) ?? [],
                     Level = r.GetValue(level)!,
+                    HoldAfterBegin = r.GetValue(hold) is { } seconds ? TimeSpan.FromSeconds(seconds) : null,
                 };
                 var points = WithProgress(stdout, asJson, p => new Strata.Backup.Libvirt.LibvirtBackupRunner(repository, libvirtOptions, p, OpenOffline).RunAsync().GetAwaiter().GetResult());
                 PrintPoints(stdout, asJson, points);
