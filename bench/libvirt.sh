@@ -24,7 +24,7 @@ cleanup_domains() { for d in "${domains[@]:-}"; do [[ -n $d ]] || continue; virs
 trap cleanup_domains EXIT
 
 now() { date +%s.%N; }
-secs() { echo "$2 - $1" | bc | sed 's/^\./0./'; }
+secs() { printf "%.2f" "$(echo "$2 - $1" | bc)"; }
 
 define() { # NAME DISK
     cat > "$dir/$1.xml" <<XML

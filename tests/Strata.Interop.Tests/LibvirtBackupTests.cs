@@ -246,6 +246,32 @@ public class LibvirtBackupTests : ScratchDirTest
         return p;
     }
 
+    /// <summary>A raw disk has no bitmap to keep: it is in every point, as a full, and out of the checkpoint, while
+    /// the qcow2 disk beside it goes on with incrementals.</summary>
+    [Fact]
+    public void RawDiskBesideQcow2_FullEachTime_TheQcow2ChainGoesOn()
+    {
+        using var dom = new LibvirtTestDomain(Dir, formats: ["qcow2", "raw"]);
+        var c0 = dom.Copy(Dir, "p0");
+        var first = Run(dom);
+        AssertLevel(first, "full", null);
+        var tracked = System.Xml.Linq.XElement.Parse(LibvirtTestDomain.Virsh("checkpoint-dumpxml", dom.Name, Checkpoint(Id(first)), "--no-domain").Stdout)
+            .Element("disks")!.Elements("disk").Where(d => (string?)d.Attribute("checkpoint") == "bitmap").Select(d => (string?)d.Attribute("name"));
+        Assert.Equal(["vda"], tracked);
+        dom.Write("vda", "write -P 0x71 7M 64k");
+        dom.Write("vdb", "write -P 0x72 9M 64k");
+        var c1 = dom.Copy(Dir, "p1");
+        var second = Run(dom);
+        var vda = second.Single(p => p.GetProperty("disk").GetString()!.EndsWith(".vda", StringComparison.Ordinal));
+        var vdb = second.Single(p => p.GetProperty("disk").GetString()!.EndsWith(".vdb", StringComparison.Ordinal));
+        Assert.Equal("inc", vda.GetProperty("level").GetString());
+        Assert.Equal(65536L, vda.GetProperty("copied-bytes").GetInt64());
+        Assert.Equal("full", vdb.GetProperty("level").GetString());
+        Assert.Contains("the disk is raw", vdb.GetProperty("note").GetString());
+        AssertDomainRestores(dom, Id(first), c0);
+        AssertDomainRestores(dom, Id(second), c1);
+    }
+
     [Fact]
     public void BadInput_ClearErrors()
     {

@@ -119,7 +119,9 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
 
         string socket = SocketPaths.ForRun(Path.Combine(repo.Root, $"{SocketPrefix}{Environment.ProcessId}.sock"), FallbackSocketTag);
         string backupXml = LibvirtXml.PullBackup(socket, plans.Select(p => new BackupDiskSpec(p.Disk.Target, p.Head?.Bitmap, p.ScratchPath)).ToList(), allDisks.Select(d => d.Target));
-        string checkpointXml = LibvirtXml.NewCheckpoint(checkpoint, plans.Select(p => p.Disk.Target), allDisks.Select(d => d.Target));
+        // Only qcow2 keeps a bitmap: a raw disk is in the backup but not in the checkpoint (its next backup is a full).
+        var tracked = plans.Where(p => p.Disk.Format == "qcow2").Select(p => p.Disk.Target).ToList();
+        string? checkpointXml = tracked.Count == 0 ? null : LibvirtXml.NewCheckpoint(checkpoint, tracked, allDisks.Select(d => d.Target));
         try
         {
             dom.BackupBegin(backupXml, checkpointXml);
@@ -143,7 +145,8 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
         try
         {
             var exports = LibvirtXml.Exports(dom.BackupXml() ?? throw new BackupException("libvirt's backup job ended before it could be read", exitCode: BackupExitCodes.Source));
-            string savedCheckpoint = dom.CheckpointXml(checkpoint) ?? throw new BackupException($"libvirt did not create checkpoint '{checkpoint}'", exitCode: BackupExitCodes.Source);
+            string? savedCheckpoint = checkpointXml is null ? null
+                : dom.CheckpointXml(checkpoint) ?? throw new BackupException($"libvirt did not create checkpoint '{checkpoint}'", exitCode: BackupExitCodes.Source);
             if (options.HoldAfterBegin is { } hold)
             {
                 progress.Message($"holding libvirt's backup job for {hold.TotalSeconds:F0} s");
@@ -153,7 +156,7 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
             await Task.WhenAll(plans.Select(p => CopyAsync(p, socket, exports.FirstOrDefault(e => e.Target == p.Disk.Target)
                 ?? throw new BackupException($"libvirt exports no disk '{p.Disk.Target}'", exitCode: BackupExitCodes.Source))));
             Directory.CreateDirectory(MetadataDir(repo, options.Domain));
-            Repository.WriteAtomically(CheckpointFile(repo, options.Domain, checkpoint), System.Text.Encoding.UTF8.GetBytes(savedCheckpoint));
+            if (savedCheckpoint is not null) Repository.WriteAtomically(CheckpointFile(repo, options.Domain, checkpoint), System.Text.Encoding.UTF8.GetBytes(savedCheckpoint));
             Repository.WriteAtomically(DomainFile(repo, options.Domain, id), System.Text.Encoding.UTF8.GetBytes(dom.XmlDesc(inactive: true)));
             ok = true;
         }

@@ -13,21 +13,27 @@ public sealed class LibvirtTestDomain : IDisposable
     public IReadOnlyList<string> Targets { get; }
     private readonly string _dir;
 
-    public string Image(string target) => Path.Combine(_dir, $"{Name}-{target}.qcow2");
+    private readonly Dictionary<string, string> _formats = [];
 
-    public LibvirtTestDomain(string dir, int disks = 2, string size = "64M")
+    public string Image(string target) => Path.Combine(_dir, $"{Name}-{target}.{_formats[target]}");
+
+    /// <summary>A domain with <paramref name="disks"/> disks (vda, vdb…), qcow2 unless <paramref name="formats"/> says
+    /// otherwise disk by disk.</summary>
+    public LibvirtTestDomain(string dir, int disks = 2, string size = "64M", string[]? formats = null)
     {
         EnsureLibvirtd();
         _dir = dir;
         Name = "sit" + Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(4));
         Targets = Enumerable.Range(0, disks).Select(i => "vd" + (char)('a' + i)).ToList();
         var diskXml = new System.Text.StringBuilder();
-        foreach (var t in Targets)
+        for (int i = 0; i < Targets.Count; i++)
         {
-            Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", "qcow2", Image(t), size).Exit);
+            string t = Targets[i], format = formats?[i] ?? "qcow2";
+            _formats[t] = format;
+            Assert.Equal(0, Tools.Run("qemu-img", "create", "-q", "-f", format, Image(t), size).Exit);
             // Data before the first backup, and a hole after it.
-            Tools.QemuIo(Image(t), ["write -P 0x11 0 2M", "write -P 0x12 8M 1M"]);
-            diskXml.Append($"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{Image(t)}'/><target dev='{t}' bus='virtio'/></disk>");
+            Tools.QemuIo(Image(t), ["write -P 0x11 0 2M", "write -P 0x12 8M 1M"], format);
+            diskXml.Append($"<disk type='file' device='disk'><driver name='qemu' type='{format}'/><source file='{Image(t)}'/><target dev='{t}' bus='virtio'/></disk>");
         }
         string xml = $"""
             <domain type='qemu'>
@@ -100,7 +106,7 @@ public sealed class LibvirtTestDomain : IDisposable
         {
             if (Running) Write(t, "flush");
             string to = Path.Combine(dir, $"{name}-{t}.raw");
-            Tools.QemuImg("convert", "-U", "-f", "qcow2", "-O", "raw", Image(t), to).Ok();
+            Tools.QemuImg("convert", "-U", "-f", _formats[t], "-O", "raw", Image(t), to).Ok();
             copies[t] = to;
         }
         return copies;
