@@ -363,11 +363,14 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
         string xml = LibvirtXml.ExistingCheckpoint(checkpoint, manifests[0].Time, withBitmap);
         // The bitmaps of older checkpoints of ours are gone from these images: libvirt must forget them first.
         DropStaleCheckpoints(dom, allDisks, metadataOnly: true);
-        if (withBitmap.Count == 0) return manifests;
-        dom.RedefineCheckpoint(xml, validate: false);
         Directory.CreateDirectory(MetadataDir(repo, options.Domain));
-        Repository.WriteAtomically(CheckpointFile(repo, options.Domain, checkpoint), System.Text.Encoding.UTF8.GetBytes(dom.CheckpointXml(checkpoint) ?? xml));
         Repository.WriteAtomically(DomainFile(repo, options.Domain, id), System.Text.Encoding.UTF8.GetBytes(domainXml));
+        if (withBitmap.Count == 0) return manifests;
+        // Saved before libvirt hears of it: should the redefine fail, the next online run redefines it from here.
+        string saved = CheckpointFile(repo, options.Domain, checkpoint);
+        Repository.WriteAtomically(saved, System.Text.Encoding.UTF8.GetBytes(xml));
+        dom.RedefineCheckpoint(xml, validate: false);
+        if (dom.CheckpointXml(checkpoint) is { } defined) Repository.WriteAtomically(saved, System.Text.Encoding.UTF8.GetBytes(defined));
         progress.Message($"checkpoint {checkpoint} defined in libvirt for the offline point: the next online run continues the chain");
         return manifests;
     }

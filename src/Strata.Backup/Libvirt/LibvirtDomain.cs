@@ -26,8 +26,6 @@ public sealed class LibvirtConnection : IDisposable
 
     private LibvirtConnection(nint conn) => _conn = conn;
 
-    public string Uri { get; private init; } = "";
-
     public static LibvirtConnection Open(string uri)
     {
         nint conn;
@@ -45,7 +43,7 @@ public sealed class LibvirtConnection : IDisposable
             var e = LibvirtException.Last($"cannot connect to libvirt at '{uri}'");
             throw new BackupException(e.Message, "is libvirtd running, and may this user use its socket? (--connect URI)", BackupExitCodes.Source);
         }
-        return new LibvirtConnection(conn) { Uri = uri };
+        return new LibvirtConnection(conn);
     }
 
     /// <summary>The named domain; a <see cref="BackupException"/> (usage) when there is none.</summary>
@@ -186,13 +184,6 @@ public sealed class LibvirtDomain : IDisposable
         if (xml is not null) return xml;
         if (virGetLastErrorCode() == ErrNoBackup) return null;
         throw LibvirtException.Last($"cannot read the backup job of '{Name}'");
-    }
-
-    /// <summary>Whether any job (a backup, a migration…) runs on the domain.</summary>
-    public bool HasJob()
-    {
-        if (virDomainGetJobInfo(Handle, out var info) < 0) throw LibvirtException.Last($"cannot read the jobs of '{Name}'");
-        return info.Type is 1 or 2; // bounded, unbounded
     }
 
     /// <summary>Ends the domain's job: for a pull backup, this is how it ends (the scratch files and socket go).</summary>

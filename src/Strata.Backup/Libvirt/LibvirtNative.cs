@@ -59,9 +59,6 @@ internal static unsafe partial class LibvirtNative
     internal static partial nint virDomainBackupGetXMLDesc(nint domain, uint flags);
 
     [LibraryImport(Lib)]
-    internal static partial int virDomainGetJobInfo(nint domain, out JobInfo info);
-
-    [LibraryImport(Lib)]
     internal static partial int virDomainAbortJob(nint domain);
 
     [LibraryImport(Lib)]
@@ -72,14 +69,6 @@ internal static unsafe partial class LibvirtNative
 
     [LibraryImport(Lib)]
     internal static partial void virSetErrorFunc(nint userData, delegate* unmanaged<nint, nint, void> handler);
-
-    /// <summary>virDomainJobInfo: the job's type, then ten unsigned long long counters.</summary>
-    [StructLayout(LayoutKind.Sequential)]
-    internal struct JobInfo
-    {
-        public int Type;
-        public ulong TimeElapsed, TimeRemaining, DataTotal, DataProcessed, DataRemaining, MemTotal, MemProcessed, MemRemaining, FileTotal, FileProcessed, FileRemaining;
-    }
 
     // virDomainState
     internal const int StateRunning = 1, StatePaused = 3, StateShutoff = 5;
