@@ -15,12 +15,12 @@ internal static class BackupCommands
     private const string ExitCodes = """
         Exit codes: 0 success; 1 the backup, restore or prune failed, or verify found a problem;
         2 bad arguments, or no such repository, disk or point; 3 the repository is locked by another run;
-        4 the source (QMP or NBD) could not be reached or refused a command.
+        4 the source (QMP, NBD or libvirt) could not be reached or refused a command.
         """;
 
     public static Command Build(TextWriter stdout, TextWriter stderr)
     {
-        var cmd = new Command("backup", "Keep chains of full and incremental backups of disks served over QMP, restore and verify them.\n" + ExitCodes);
+        var cmd = new Command("backup", "Keep chains of full and incremental backups of disks served over QMP or of libvirt domains, restore and verify them.\n" + ExitCodes);
         cmd.Subcommands.Add(Init(stdout, stderr));
         cmd.Subcommands.Add(Run(stdout, stderr));
         cmd.Subcommands.Add(List(stdout, stderr));
