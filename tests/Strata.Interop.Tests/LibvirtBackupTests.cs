@@ -60,7 +60,8 @@ public class LibvirtBackupTests : ScratchDirTest
     [Fact]
     public void TwoDisks_FullAndThreeIncrementals_EveryPointRestores_AndDefines()
     {
-        using var dom = new LibvirtTestDomain(Dir);
+        using var dom = new LibvirtTestDomain(Dir, paused: false);
+        Assert.Equal("running", LibvirtTestDomain.Virsh("domstate", dom.Name).Stdout.Trim());
         var copies = new List<(string Id, Dictionary<string, string> Disks)>();
         var before = dom.Copy(Dir, "p0");
         var full = Run(dom);

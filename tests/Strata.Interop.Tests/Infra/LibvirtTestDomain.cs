@@ -19,8 +19,9 @@ public sealed class LibvirtTestDomain : IDisposable
 
     /// <summary>A domain with <paramref name="disks"/> disks (vda, vdb…), qcow2 unless <paramref name="formats"/> says
     /// otherwise disk by disk.</summary>
-    public LibvirtTestDomain(string dir, int disks = 2, string size = "64M", string[]? formats = null)
+    public LibvirtTestDomain(string dir, int disks = 2, string size = "64M", string[]? formats = null, bool paused = true)
     {
+        _paused = paused;
         EnsureLibvirtd();
         _dir = dir;
         Name = "sit" + Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(4));
@@ -77,8 +78,15 @@ public sealed class LibvirtTestDomain : IDisposable
         return r;
     }
 
-    /// <summary>Started paused: the backup flow is the same, and a paused TCG domain costs no CPU.</summary>
-    public void Start() => Virsh("start", Name, "--paused");
+    private readonly bool _paused;
+
+    /// <summary>Started paused unless asked otherwise: the backup flow is the same, and a paused TCG domain costs no
+    /// CPU (a running one idles in SeaBIOS, which finds nothing to boot and only reads).</summary>
+    public void Start()
+    {
+        if (_paused) Virsh("start", Name, "--paused");
+        else Virsh("start", Name);
+    }
 
     public void Destroy() => Virsh("destroy", Name);
 
