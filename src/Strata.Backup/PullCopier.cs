@@ -45,16 +45,18 @@ public sealed class PullCopier(string nbdAddress, string exportName, string? dir
 
         async Task QueueAsync()
         {
-        foreach (var (start, length) in ranges)
-        {
-            for (long pos = start, end = start + length; pos < end;)
+            // The frozen export's zero ranges, read once: asking per dirty range would cost a round trip each, and an
+            // incremental of a large disk has thousands of them.
+            var zeros = await client.ExtentsWithFlagAsync(Allocation, AllocationZero);
+            int z = 0;
+            foreach (var (start, length) in ranges)
             {
-                var status = await client.BlockStatusAsync(Allocation, pos, (uint)Math.Min(1L << 30, end - pos));
-                if (status.Count == 0) throw new BackupException("the export answered block status with no extent");
-                foreach (var (len, flags) in status)
+                for (long pos = start, end = start + length; pos < end;)
                 {
-                    long extentEnd = Math.Min(pos + len, end);
-                    if ((flags & AllocationZero) != 0)
+                    while (z < zeros.Count && zeros[z].Offset + zeros[z].Length <= pos) z++;
+                    bool zero = z < zeros.Count && zeros[z].Offset <= pos;
+                    long extentEnd = Math.Min(end, zero ? zeros[z].Offset + zeros[z].Length : z < zeros.Count ? zeros[z].Offset : end);
+                    if (zero)
                     {
                         if (dirtyContext is not null) target.WriteZeroes(pos, extentEnd - pos, mayUnmap: false);
                         Interlocked.Add(ref done, extentEnd - pos);
@@ -87,10 +89,8 @@ public sealed class PullCopier(string nbdAddress, string exportName, string? dir
                         }
                     }
                     pos = extentEnd;
-                    if (pos >= end) break;
                 }
             }
-        }
         }
     }
 

@@ -158,7 +158,7 @@ public class BadInputTests
 
     /// <summary>Strata's own commands exit 2 on bad arguments, with one line per problem and where to look.</summary>
     [Theory]
-    [InlineData("backup run /nonexistent", "Option '--disk' is required.", "Try 'strata backup run --help'")]
+    [InlineData("backup run /nonexistent", "Option '--disk' or '--domain' is required.", "Try 'strata backup run --help'")]
     [InlineData("backup list", "Required argument missing for command: 'list'.", "Try 'strata backup list --help'")]
     [InlineData("backup frobnicate", "Unrecognized command or argument 'frobnicate'.", "Try 'strata backup --help'")]
     [InlineData("migrate --to", "Required argument missing for option: '--to'.", "Try 'strata migrate --help'")]

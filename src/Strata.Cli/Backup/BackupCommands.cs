@@ -15,12 +15,12 @@ internal static class BackupCommands
     private const string ExitCodes = """
         Exit codes: 0 success; 1 the backup, restore or prune failed, or verify found a problem;
         2 bad arguments, or no such repository, disk or point; 3 the repository is locked by another run;
-        4 the source (QMP or NBD) could not be reached or refused a command.
+        4 the source (QMP, NBD or libvirt) could not be reached or refused a command.
         """;
 
     public static Command Build(TextWriter stdout, TextWriter stderr)
     {
-        var cmd = new Command("backup", "Keep chains of full and incremental backups of disks served over QMP, restore and verify them.\n" + ExitCodes);
+        var cmd = new Command("backup", "Keep chains of full and incremental backups of disks served over QMP or of libvirt domains, restore and verify them.\n" + ExitCodes);
         cmd.Subcommands.Add(Init(stdout, stderr));
         cmd.Subcommands.Add(Run(stdout, stderr));
         cmd.Subcommands.Add(List(stdout, stderr));
@@ -79,7 +79,9 @@ internal static class BackupCommands
         {
             Description = "offline: an image no daemon serves, backed up from its persistent bitmaps (one per --disk, in order; refused while a VM holds it)",
         };
-        var disks = new Option<string[]>("--disk") { Description = "node name of a disk to back up (repeat for several: one point in time)", Required = true };
+        var domain = new Option<string?>("--domain") { Description = "a libvirt domain: back up its disks through libvirt's backup API (running) or from its images (shut off)" };
+        var connect = new Option<string>("--connect") { Description = "with --domain: the libvirt URI", DefaultValueFactory = _ => "qemu:///system" };
+        var disks = new Option<string[]>("--disk") { Description = "node name of a disk to back up, or with --domain its target (vda…; default: every disk); repeat for several: one point in time" };
         var level = new Option<string>("--level") { Description = "full, inc, or auto (full when there is no usable chain or bitmap)", DefaultValueFactory = _ => "auto" };
         level.AcceptOnlyFromAmong("full", "inc", "auto");
         var mode = new Option<string>("--mode") { Description = "push (the source writes the backup) or pull (fleecing + NBD, reading only dirty extents)", DefaultValueFactory = _ => "push" };
@@ -87,10 +89,32 @@ internal static class BackupCommands
         var nbd = new Option<string?>("--nbd") { Description = "pull mode: address (socket path or HOST:PORT) of an NBD server the source already runs; default: start one for the run" };
         var json = new Option<bool>("--json") { Description = "print the new points as JSON" };
         var inject = new Option<int?>("--x-inject-target-errno") { Description = "testing: fail every write to the push targets with this errno (blkdebug)", Hidden = true };
-        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, disks, level, mode, nbd, json, inject };
+        var hold = new Option<int?>("--x-hold-after-begin") { Description = "testing: with --domain, hold libvirt's backup job this many seconds before reading", Hidden = true };
+        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, domain, connect, disks, level, mode, nbd, json, inject, hold };
+        cmd.Validators.Add(r =>
+        {
+            if (r.GetValue(domain) is null && (r.GetValue(disks) ?? []).Length == 0) r.AddError("Option '--disk' or '--domain' is required.");
+        });
         cmd.SetAction(r => Guard(stderr, () =>
         {
             var repository = Repository.Open(r.GetValue(repo)!);
+            bool asJson = r.GetValue(json);
+            if (r.GetValue(domain) is { } domainName)
+            {
+                if (r.GetValue(socket) is not null || (r.GetValue(images) ?? []).Length > 0 || r.GetValue(nbd) is not null)
+                    throw new BackupException("--domain reaches the disks through libvirt: not with --socket, --image or --nbd", exitCode: BackupExitCodes.Usage);
+                var libvirtOptions = new Strata.Backup.Libvirt.LibvirtRunOptions
+                {
+                    Domain = domainName,
+                    Connect = r.GetValue(connect)!,
+                    Disks = r.GetValue(disks) ?? [],
+                    Level = r.GetValue(level)!,
+                    HoldAfterBegin = r.GetValue(hold) is { } seconds ? TimeSpan.FromSeconds(seconds) : null,
+                };
+                var points = WithProgress(stdout, asJson, p => new Strata.Backup.Libvirt.LibvirtBackupRunner(repository, libvirtOptions, p, OpenOffline).RunAsync().GetAwaiter().GetResult());
+                PrintPoints(stdout, asJson, points);
+                return 0;
+            }
             string[] offline = r.GetValue(images) ?? [];
             if ((r.GetValue(socket) is null) == (offline.Length == 0))
                 throw new BackupException("give either --socket (a running source) or --image (a disk no daemon serves)", exitCode: BackupExitCodes.Usage);
@@ -106,15 +130,26 @@ internal static class BackupCommands
                 Nbd = r.GetValue(nbd),
                 InjectTargetErrno = r.GetValue(inject),
             };
-            bool asJson = r.GetValue(json);
             var manifests = WithProgress(stdout, asJson, p => new BackupRunner(repository, options, p).RunAsync().GetAwaiter().GetResult());
-            if (asJson) stdout.WriteLine(JsonSerializer.Serialize(manifests.Select(PointSummary.Of).ToList(), BackupReportJson.Default.ListPointSummary));
-            else
-                foreach (var m in manifests)
-                    stdout.WriteLine($"{m.Disk}@{m.Id}: {m.Level}, {Bytes(m.CopiedBytes)} copied, file {Bytes(m.FileSize)}");
+            PrintPoints(stdout, asJson, manifests);
             return 0;
         }));
         return cmd;
+    }
+
+    private static void PrintPoints(TextWriter stdout, bool asJson, IReadOnlyList<BackupManifest> manifests)
+    {
+        if (asJson) stdout.WriteLine(JsonSerializer.Serialize(manifests.Select(PointSummary.Of).ToList(), BackupReportJson.Default.ListPointSummary));
+        else
+            foreach (var m in manifests)
+                stdout.WriteLine($"{m.Disk}@{m.Id}: {m.Level}, {Bytes(m.CopiedBytes)} copied, file {Bytes(m.FileSize)}");
+    }
+
+    /// <summary>A shut-off domain's images, opened as an offline source for its run.</summary>
+    private static Task<(string QmpSocket, IAsyncDisposable Source)> OpenOffline(IReadOnlyList<string> images, IReadOnlyList<string> nodes)
+    {
+        var source = OfflineSource.Open(images, nodes);
+        return Task.FromResult<(string, IAsyncDisposable)>((source.QmpSocket, source));
     }
 
     private static Command List(TextWriter stdout, TextWriter stderr)
@@ -152,14 +187,43 @@ internal static class BackupCommands
     {
         var repo = RepoArgument();
         var at = AtOption(required: false);
-        var disk = new Option<string>("--disk") { Description = "the disk (node name) to restore", Required = true };
-        var to = new Option<string>("--to") { Description = "the new file to write", Required = true };
+        var disk = new Option<string?>("--disk") { Description = "the disk (node name) to restore" };
+        var domain = new Option<string?>("--domain") { Description = "restore every disk of this libvirt domain, and a domain XML pointing at them, into the folder --to" };
+        var define = new Option<bool>("--define") { Description = "with --domain: define the restored domain in libvirt" };
+        var name = new Option<string?>("--name") { Description = "with --domain: the restored domain's name (default: the original's)" };
+        var connect = new Option<string>("--connect") { Description = "with --define: the libvirt URI", DefaultValueFactory = _ => "qemu:///system" };
+        var to = new Option<string>("--to") { Description = "the new file to write (with --domain: the folder)", Required = true };
         var format = new Option<string>("-O") { Description = "output format: qcow2 or raw", DefaultValueFactory = _ => "raw" };
         format.AcceptOnlyFromAmong("qcow2", "raw");
-        var cmd = new Command("restore", "Write one point of a disk into a new file") { repo, at, disk, to, format };
+        var cmd = new Command("restore", "Write one point of a disk into a new file, or of every disk of a libvirt domain into a folder") { repo, at, disk, domain, define, name, connect, to, format };
+        cmd.Validators.Add(r =>
+        {
+            if ((r.GetValue(disk) is null) == (r.GetValue(domain) is null)) r.AddError("Give exactly one of the options '--disk' and '--domain'.");
+            else if (r.GetValue(domain) is null && (r.GetValue(define) || r.GetValue(name) is not null)) r.AddError("Options '--define' and '--name' need '--domain'.");
+        });
         cmd.SetAction(r => Guard(stderr, () =>
         {
             var repository = Repository.Open(r.GetValue(repo)!);
+            if (r.GetValue(domain) is { } domainName)
+            {
+                var (disks, xmlFile) = Strata.Backup.Libvirt.LibvirtRestorer.Restore(repository, domainName, r.GetValue(at)!, r.GetValue(to)!, r.GetValue(format)!, r.GetValue(name));
+                foreach (var d in disks) stdout.WriteLine($"restored {d.Point.Disk}@{d.Point.Id} ({d.Point.Time:O}) to {d.File}");
+                stdout.WriteLine($"domain XML: {xmlFile}");
+                if (r.GetValue(define))
+                {
+                    try
+                    {
+                        using var conn = Strata.Backup.Libvirt.LibvirtConnection.Open(r.GetValue(connect)!);
+                        using var defined = conn.Define(File.ReadAllText(xmlFile));
+                        stdout.WriteLine($"defined domain {defined.Name}");
+                    }
+                    catch (Strata.Backup.Libvirt.LibvirtException e)
+                    {
+                        throw new BackupException(e.Message, "the disks and the XML are restored; define it by hand with: virsh define " + xmlFile, BackupExitCodes.Source);
+                    }
+                }
+                return 0;
+            }
             var point = repository.Find(r.GetValue(disk)!, r.GetValue(at)!);
             var printer = Console.IsOutputRedirected || stdout != Console.Out ? null : new Img.ProgressPrinter(stdout);
             Restorer.Restore(repository, point, r.GetValue(to)!, r.GetValue(format)!, printer is null ? null : printer.Report);
