@@ -153,7 +153,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         string dir = repo.DiskDir(disk);
         Directory.CreateDirectory(dir);
         var (headDigests, digestsProblem) = inc ? repo.ReadDigests(head!) : (null, null);
-        if (inc && headDigests is null) digestsProblem ??= "the last point has no digests (taken before they were recorded)";
+        // (Repository problems speak of the point as "its …", as verify prints them.)
+        if (inc && headDigests is null)
+            digestsProblem = digestsProblem is null ? "the last point has no digests (taken before they were recorded)" : "the last point's " + digestsProblem["its ".Length..];
         return new DiskPlan
         {
             Disk = disk,
