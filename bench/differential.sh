@@ -8,7 +8,7 @@
 #    which reads the last point's chain from the repository to compare
 #  - `strata backup run --nbd --level full` (what every tool does today: a blind full, which hashes what it copies)
 #  - with STRATA_BASE_DLL naming a strata.dll built before digests: the same blind full without them (their cost)
-# each on a copy of the repository as it was after the full, wall clock of the whole process.
+# each on a copy of the repository as it was after the full: wall clock and CPU time of the whole process.
 # Usage: bench/differential.sh [SIZE_MIB] [RUNS]    (needs qemu-img, qemu-io, qemu-storage-daemon)
 set -euo pipefail
 SIZE_MIB=${1:-4096}
@@ -57,10 +57,11 @@ run() { # LABEL [--read-back] [--base] ARGS…: one timed run on a fresh copy of
     rm -rf "$dir/repo"; cp -a "$dir/repo.after-full" "$dir/repo"
     if [[ ${1:-} == --read-back ]]; then forget_digests; shift; fi
     if [[ ${1:-} == --base ]]; then exe="dotnet $STRATA_BASE_DLL"; shift; fi
-    local t0 t1; t0=$(date +%s.%N)
-    $exe backup run --socket "$dir/q.sock" --disk vda --nbd "$dir/n.sock" --json "$@" "$dir/repo" > "$dir/out.json"
-    t1=$(date +%s.%N)
-    python3 -c "import json,sys; m=json.load(open('$dir/out.json'))[0]; n=m.get('note') or ''; print(f'$label {float($t1)-float($t0):.2f} s, level {m[\"level\"]}, copied {m[\"copied-bytes\"]/1048576:.1f} MiB' + (' (read back)' if 'read back' in n else ''))"
+    # Wall clock, and the CPU time (user + system) of the strata process: on a shared machine the CPU time is the
+    # steadier figure of what the run costs.
+    local TIMEFORMAT='%R %U %S'
+    { time $exe backup run --socket "$dir/q.sock" --disk vda --nbd "$dir/n.sock" --json "$@" "$dir/repo" > "$dir/out.json"; } 2> "$dir/time"
+    python3 -c "import json,sys; m=json.load(open('$dir/out.json'))[0]; n=m.get('note') or ''; r,u,s=map(float,open('$dir/time').read().split()[-3:]); print(f'$label {r:.2f} s wall, {u+s:.2f} s CPU, level {m[\"level\"]}, copied {m[\"copied-bytes\"]/1048576:.1f} MiB' + (' (read back)' if 'read back' in n else ''))"
     # The run started a new bitmap: the next run must lose it again, as after the crash.
     python3 - "$dir/q.sock" <<'PY'
 import json, socket, sys

@@ -61,13 +61,14 @@ public sealed class DifferentialCopier(BlockImage disk)
         var buffers = new[] { ArrayPool<byte>.Shared.Rent(chunk), ArrayPool<byte>.Shared.Rent(chunk) };
         var zeroFlags = new[] { new bool[chunk / g], new bool[chunk / g] };
         long copied = 0;
+        Task? reading = null;
         try
         {
             progress(0, disk.Size);
-            Span<byte> digest = stackalloc byte[GranuleDigests.DigestSize];
+            var chunkDigests = new byte[chunk / g * GranuleDigests.DigestSize];
             // The next chunk is read while this one is hashed: the read is I/O (NBD), the hash is CPU.
             int slot = 0;
-            var reading = disk.Size == 0 ? null : Task.Run(() => Read(0, buffers[0].AsSpan(0, (int)Math.Min(chunk, disk.Size)), g, zeroFlags[0]));
+            reading = disk.Size == 0 ? null : Task.Run(() => Read(0, buffers[0], (int)Math.Min(chunk, disk.Size), g, zeroFlags[0]));
             for (long start = 0; start < disk.Size; start += chunk, slot ^= 1)
             {
                 int length = (int)Math.Min(chunk, disk.Size - start);
@@ -75,15 +76,15 @@ public sealed class DifferentialCopier(BlockImage disk)
                 long next = start + chunk;
                 int nextSlot = slot ^ 1;
                 reading = next >= disk.Size ? null
-                    : Task.Run(() => Read(next, buffers[nextSlot].AsSpan(0, (int)Math.Min(chunk, disk.Size - next)), g, zeroFlags[nextSlot]));
+                    : Task.Run(() => Read(next, buffers[nextSlot], (int)Math.Min(chunk, disk.Size - next), g, zeroFlags[nextSlot]));
                 var now = buffers[slot].AsSpan(0, length);
+                HashChunk(buffers[slot], length, g, zeroFlags[slot], chunkDigests, ZeroDigest);
                 for (int at = 0, i = 0; at < length; at += g, i++)
                 {
                     int n = Math.Min(g, length - at);
                     var granule = now.Slice(at, n);
                     int index = (int)((start + at) / granularity);
-                    if (zeroFlags[slot][i]) ZeroDigest(n).CopyTo(digest);
-                    else GranuleDigests.Hash(granule, digest);
+                    var digest = chunkDigests.AsSpan(i * GranuleDigests.DigestSize, GranuleDigests.DigestSize);
                     digests.Set(index, digest);
                     if (!differs(index, start + at, granule, digest)) continue;
                     if (zeroFlags[slot][i] || granule.IndexOfAnyExcept((byte)0) < 0) target.WriteZeroes(start + at, n, mayUnmap: false);
@@ -98,29 +99,52 @@ public sealed class DifferentialCopier(BlockImage disk)
         }
         finally
         {
+            // A read still in flight (after a failed write) must be done with its buffer before the buffer goes back.
+            try { reading?.Wait(); } catch (AggregateException) { }
             ArrayPool<byte>.Shared.Return(buffers[0]);
             ArrayPool<byte>.Shared.Return(buffers[1]);
         }
         return (copied, digests);
     }
 
+    /// <summary>The digests of a chunk's granules, on every core (hashing is the differential's CPU cost).</summary>
+    private static void HashChunk(byte[] chunk, int length, int granularity, bool[] zeroGranules, byte[] into, Func<int, byte[]> zeroDigest)
+    {
+        int granules = (length + granularity - 1) / granularity;
+        // The zero digests first, on this thread: the cache behind zeroDigest is not shared.
+        for (int i = 0; i < granules; i++)
+            if (zeroGranules[i]) zeroDigest(Math.Min(granularity, length - i * granularity)).CopyTo(into, i * GranuleDigests.DigestSize);
+        Parallel.For(0, granules, i =>
+        {
+            if (zeroGranules[i]) return;
+            int at = i * granularity;
+            GranuleDigests.Hash(chunk.AsSpan(at, Math.Min(granularity, length - at)), into.AsSpan(i * GranuleDigests.DigestSize, GranuleDigests.DigestSize));
+        });
+    }
+
+    /// <summary>Reads of the disk in flight at once, each of at most this size: one request at a time leaves the link
+    /// idle for a round trip per request.</summary>
+    private const int ReadPiece = 1 << 20, ReadsInFlight = 4;
+
     /// <summary>The disk's bytes at <paramref name="start"/>; ranges its block status says are zeros are cleared, not
     /// read, and the granules wholly in them flagged in <paramref name="zeroGranules"/>.</summary>
-    private void Read(long start, Span<byte> into, int granularity, bool[] zeroGranules)
+    private void Read(long start, byte[] into, int length, int granularity, bool[] zeroGranules)
     {
         Array.Fill(zeroGranules, true);
-        long end = start + into.Length;
+        var pieces = new List<(long Offset, int Length)>();
+        long end = start + length;
         for (long pos = start; pos < end;)
         {
             var status = ChainStatus.Get(disk, pos, end - pos);
-            var span = into.Slice((int)(pos - start), (int)status.Length);
-            if (status.Zero) span.Clear();
+            if (status.Zero) into.AsSpan((int)(pos - start), (int)status.Length).Clear();
             else
             {
-                disk.Read(pos, span);
+                for (long p = pos; p < pos + status.Length; p += ReadPiece) pieces.Add((p, (int)Math.Min(ReadPiece, pos + status.Length - p)));
                 for (long i = (pos - start) / granularity, last = (pos + status.Length - 1 - start) / granularity; i <= last; i++) zeroGranules[i] = false;
             }
             pos += status.Length;
         }
+        Parallel.ForEach(pieces, new ParallelOptions { MaxDegreeOfParallelism = ReadsInFlight },
+            piece => disk.Read(piece.Offset, into.AsSpan((int)(piece.Offset - start), piece.Length)));
     }
 }

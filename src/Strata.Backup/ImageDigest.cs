@@ -31,8 +31,24 @@ public static class ImageDigest
                     case LayerState.Data:
                         var span = buffer.AsSpan(0, (int)len);
                         image.Read(pos, span);
-                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(SHA256.HashData(span))));
-                        granules?.Data(pos, span);
+                        byte[] pieceHash;
+                        if (granules is null) pieceHash = SHA256.HashData(span);
+                        else
+                        {
+                            // Two hashes of the same bytes, on two cores.
+                            int n = (int)len;
+                            var piece = Task.Run(() => SHA256.HashData(buffer.AsSpan(0, n)));
+                            try
+                            {
+                                granules.Data(pos, span);
+                            }
+                            finally
+                            {
+                                // Never return the buffer to the pool while the other hash still reads it.
+                                pieceHash = piece.GetAwaiter().GetResult();
+                            }
+                        }
+                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(pieceHash)));
                         break;
                     case LayerState.Unallocated:
                         granules?.Unallocated(pos, len);
