@@ -34,8 +34,6 @@ public sealed class GranuleDigestBuilder
         _parent = parent;
     }
 
-    public long Granularity => _result.Granularity;
-
     /// <summary>Granules to hash from the whole chain before <see cref="Finish"/>.</summary>
     public IReadOnlyList<int> NeedsChain => _needsChain;
 
