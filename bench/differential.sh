@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # A differential by comparison against a blind full, after the source lost its bitmap (kill -9 of the daemon):
 # a fully written qcow2 served by qemu-storage-daemon, a full backup, 1 % of the 64 KiB clusters rewritten through
-# the daemon's NBD export, kill -9, restart, then alternately
-#  - `strata backup run --nbd` (auto: compares the frozen disk with the last point, writes what differs)
-#  - `strata backup run --nbd --level full` (what every tool does today: a blind full)
-# each on a copy of the repository as it was after the full, wall clock of the whole process.
+# the daemon's NBD export, kill -9, restart, then in turn
+#  - `strata backup run --nbd` (auto: a differential by digests: hashes the frozen disk, compares with the digests the
+#    last point recorded, writes what differs; the repository is not read)
+#  - the same on a repository whose last point has no digests (as one from before them): a differential by read-back,
+#    which reads the last point's chain from the repository to compare
+#  - `strata backup run --nbd --level full` (what every tool does today: a blind full, which hashes what it copies)
+#  - with STRATA_BASE_DLL naming a strata.dll built before digests: the same blind full without them (their cost)
+# each on a copy of the repository as it was after the full: wall clock and CPU time of the whole process.
 # Usage: bench/differential.sh [SIZE_MIB] [RUNS]    (needs qemu-img, qemu-io, qemu-storage-daemon)
 set -euo pipefail
 SIZE_MIB=${1:-4096}
@@ -36,13 +40,28 @@ kill -9 "$qsd"; wait "$qsd" 2>/dev/null || true
 start_qsd
 cp -a "$dir/repo" "$dir/repo.after-full"
 
-run() { # LABEL ARGS…: one timed run on a fresh copy of the repository
+forget_digests() { # the repository as a version before digests left it: no digests file, none in the manifest
+    python3 - "$dir/repo/vda" <<'PY'
+import glob, json, os, sys
+for path in glob.glob(os.path.join(sys.argv[1], '*.json')):
+    m = json.load(open(path))
+    if 'digests' in m:
+        os.remove(os.path.join(sys.argv[1], m.pop('digests')['file']))
+        json.dump(m, open(path, 'w'), indent=2)
+PY
+}
+
+run() { # LABEL [--read-back] [--base] ARGS…: one timed run on a fresh copy of the repository
     local label=$1; shift
+    local exe=$STRATA
     rm -rf "$dir/repo"; cp -a "$dir/repo.after-full" "$dir/repo"
-    local t0 t1; t0=$(date +%s.%N)
-    $STRATA backup run --socket "$dir/q.sock" --disk vda --nbd "$dir/n.sock" --json "$@" "$dir/repo" > "$dir/out.json"
-    t1=$(date +%s.%N)
-    python3 -c "import json,sys; m=json.load(open('$dir/out.json'))[0]; print(f'$label {float($t1)-float($t0):.2f} s, level {m[\"level\"]}, copied {m[\"copied-bytes\"]/1048576:.1f} MiB')"
+    if [[ ${1:-} == --read-back ]]; then forget_digests; shift; fi
+    if [[ ${1:-} == --base ]]; then exe="dotnet $STRATA_BASE_DLL"; shift; fi
+    # Wall clock, and the CPU time (user + system) of the strata process: on a shared machine the CPU time is the
+    # steadier figure of what the run costs.
+    local TIMEFORMAT='%R %U %S'
+    { time $exe backup run --socket "$dir/q.sock" --disk vda --nbd "$dir/n.sock" --json "$@" "$dir/repo" > "$dir/out.json"; } 2> "$dir/time"
+    python3 -c "import json,sys; m=json.load(open('$dir/out.json'))[0]; n=m.get('note') or ''; r,u,s=map(float,open('$dir/time').read().split()[-3:]); print(f'$label {r:.2f} s wall, {u+s:.2f} s CPU, level {m[\"level\"]}, copied {m[\"copied-bytes\"]/1048576:.1f} MiB' + (' (read back)' if 'read back' in n else ''))"
     # The run started a new bitmap: the next run must lose it again, as after the crash.
     python3 - "$dir/q.sock" <<'PY'
 import json, socket, sys
@@ -59,7 +78,10 @@ for n in q('query-named-block-nodes')['return']:
 PY
 }
 echo "disk ${SIZE_MIB} MiB fully written, 1 % of its clusters rewritten, bitmap lost (kill -9 of qemu-storage-daemon)"
+echo "digests file of the full: $(stat -c %s "$dir"/repo.after-full/vda/*.digests) bytes"
 for ((r = 1; r <= RUNS; r++)); do
-    run "differential" 
-    run "blind full  " --level full
+    run "differential by digests  "
+    run "differential by read-back" --read-back
+    run "blind full               " --level full
+    if [[ -n ${STRATA_BASE_DLL:-} ]]; then run "blind full, no digests   " --base --level full; fi
 done

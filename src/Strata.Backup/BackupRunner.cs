@@ -1,6 +1,7 @@
 using System.Text.Json.Nodes;
 using Strata.Block;
 using Strata.Block.Qcow2;
+using Strata.Formats.Backup;
 using Strata.Protocol.Qmp;
 
 namespace Strata.Backup;
@@ -50,6 +51,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         /// <summary>An incremental whose changes are found by comparing the disk with the last point (its bitmap
         /// is gone), not read from a bitmap.</summary>
         public bool Differential;
+        /// <summary>The last point's granule digests (an incremental carries them over, a differential compares the disk
+        /// with them); null when it has none (a point from before they were recorded) or they are damaged.</summary>
+        public GranuleDigests? HeadDigests;
+        /// <summary>Why the last point's digests cannot be used, when it has none or they are damaged.</summary>
+        public string? HeadDigestsProblem;
+        /// <summary>The disk's digests as a differential read them (the new point's, with no need to build them).</summary>
+        public GranuleDigests? DiskDigests;
         public string? Note;
         public required string NewBitmap;
         public required string PartialPath;
@@ -61,6 +69,17 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         public string? FleecePath;
         public long Copied;
     }
+
+    /// <summary>
+    /// The granularity of the digests a new chain records: the backup files' cluster size, which is also the coarsest
+    /// granularity a new bitmap gets by default (QEMU's rule, and Strata's: the disk's cluster size clamped to
+    /// 4–64 KiB). Finer digests would not save a byte — a point is written in whole clusters — and whole clusters let a
+    /// differential write its point without reading the last one. Only a disk too large for one set (over 8 TiB)
+    /// gets coarser ones.
+    /// </summary>
+    public const int PointClusterSize = 65536;
+
+    internal static long DigestGranularityFor(long diskSize) => GranuleDigests.GranularityFor(diskSize, PointClusterSize);
 
     /// <summary>The mode the run uses: the one asked for, or pull when a disk needs a differential.</summary>
     private string _mode = options.Mode;
@@ -133,6 +152,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             throw new BackupException($"{disk}: cannot take an incremental: {why}", "run with --level full (or auto) to start a new chain", BackupExitCodes.Failed);
         string dir = repo.DiskDir(disk);
         Directory.CreateDirectory(dir);
+        var (headDigests, digestsProblem) = inc ? repo.ReadDigests(head!) : (null, null);
+        // (Repository problems speak of the point as "its …", as verify prints them.)
+        if (inc && headDigests is null)
+            digestsProblem = digestsProblem is null ? "the last point has no digests (taken before they were recorded)" : "the last point's " + digestsProblem["its ".Length..];
         return new DiskPlan
         {
             Disk = disk,
@@ -141,7 +164,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Incremental = inc,
             // Without its bitmap the last point is still there to compare with: only what differs is copied.
             Differential = inc && bitmapLost is not null,
-            Note = bitmapLost is not null && inc ? "differential by comparison because " + bitmapLost
+            HeadDigests = headDigests,
+            HeadDigestsProblem = digestsProblem,
+            Note = bitmapLost is not null && inc
+                ? "differential by comparison because " + bitmapLost + (headDigests is null ? $"; {digestsProblem}, so it was read back to compare" : "")
                 : options.Level == "auto" && !inc && head is not null ? "full because " + why : null,
             NewBitmap = repo.BitmapPrefix + id,
             FinalName = id + ".qcow2",
@@ -165,6 +191,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         var create = new Qcow2CreateOptions
         {
             Size = p.Node.VirtualSize,
+            ClusterSize = PointClusterSize,
             BackingFile = withBacking && p.Incremental ? p.Head!.File : null,
             BackingFormat = withBacking && p.Incremental ? "qcow2" : null,
         };
@@ -331,7 +358,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     {
         string? context = p.Incremental && !p.Differential ? "qemu:dirty-bitmap:" + p.Head!.Bitmap : null;
         CreateTarget(p, p.PartialPath, withBacking: true);
-        using var target = ImageOpener.Open(p.PartialPath, "qcow2", readOnly: false);
+        // A differential against digests writes whole clusters only: the last point (the backing file) stays closed.
+        bool byDigests = p.Differential && p.HeadDigests is not null;
+        using var target = ImageOpener.Open(p.PartialPath, "qcow2", readOnly: false, openBacking: !byDigests);
         // The partial file is thrown away if anything fails, so only the final flush needs to reach the disk.
         if (target is Qcow2Image q) q.File.FlushEnabled = false;
         progress.Start(p.Disk, 0);
@@ -340,11 +369,17 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             progress.Start(p.Disk, total);
             progress.Advance(p.Disk, done);
         }
-        if (p.Differential)
+        if (byDigests)
+        {
+            using var frozen = OpenExport(nbd, p.ExportName);
+            (p.Copied, p.DiskDigests) = await Task.Run(() => new DifferentialCopier(frozen).CopyDifferences(target, p.HeadDigests!, Progress));
+        }
+        else if (p.Differential)
         {
             using var frozen = OpenExport(nbd, p.ExportName);
             using var lastPoint = ImageOpener.Open(repo.FilePath(p.Head!), "qcow2", readOnly: true);
-            p.Copied = await Task.Run(() => new DifferentialCopier(frozen, lastPoint).CopyDifferences(target, Progress));
+            (p.Copied, p.DiskDigests) = await Task.Run(() =>
+                new DifferentialCopier(frozen).CopyDifferences(target, lastPoint, DigestGranularityFor(frozen.Size), Progress));
         }
         else
         {
@@ -377,6 +412,11 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     {
         string final = Path.Combine(repo.DiskDir(p.Disk), p.FinalName);
         File.Move(p.PartialPath, final, overwrite: false);
+        // The point's digests: read from the disk by a differential; otherwise built from the new file's own layer
+        // (read anyway for the manifest) over the last point's, carried over; none when the last point has none.
+        GranuleDigestBuilder? builder = p.DiskDigests is null && (!p.Incremental || p.HeadDigests is not null)
+            ? new GranuleDigestBuilder(p.Node.VirtualSize, p.HeadDigests?.Granularity ?? DigestGranularityFor(p.Node.VirtualSize), p.HeadDigests)
+            : null;
         var manifest = ImageDigest.Describe(new BackupManifest
         {
             Id = id,
@@ -395,7 +435,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             FileSize = 0,
             FileSha256 = "",
             Extents = [],
-        }, final);
+        }, final, builder);
+        var digests = p.DiskDigests ?? (builder is null ? null : ImageDigest.FinishGranules(builder, final));
+        if (digests is not null) manifest = manifest with { Digests = repo.WriteDigests(p.Disk, id, digests) };
+        else progress.Message($"{p.Disk}: this point records no digests: {p.HeadDigestsProblem}; the next full or differential by comparison records them again");
         repo.WriteManifest(manifest);
         return manifest;
     }

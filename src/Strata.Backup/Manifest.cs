@@ -9,6 +9,10 @@ public sealed record ExtentDigest(long Offset, long Length, string Kind, string?
     public const string Data = "data", Zero = "zero";
 }
 
+/// <summary>Where a point's granule digests are (<c>ID.digests</c> beside its file, see
+/// <see cref="Strata.Formats.Backup.GranuleDigestsFile"/>) and the SHA-256 of that file.</summary>
+public sealed record DigestsReference(string File, long Granularity, string Sha256);
+
 /// <summary>
 /// The record of one backup of one disk, written (atomically) only once the backup file is complete:
 /// a file without a manifest is never taken for a good backup.
@@ -42,6 +46,9 @@ public sealed record BackupManifest
     /// <summary>Why a full was taken when an incremental was asked for (auto), if it was.</summary>
     public string? Note { get; init; }
     public required IReadOnlyList<ExtentDigest> Extents { get; init; }
+    /// <summary>The digest of every granule of the disk as of this point, which a differential by comparison checks the
+    /// disk against without reading the backup back; null for points taken before digests were recorded.</summary>
+    public DigestsReference? Digests { get; init; }
 
     public byte[] Serialize() => JsonSerializer.SerializeToUtf8Bytes(this, BackupJson.Default.BackupManifest);
 

@@ -1,12 +1,14 @@
 using System.Globalization;
 using System.Text;
 using System.Text.Json;
+using Strata.Formats.Backup;
 
 namespace Strata.Backup;
 
 /// <summary>
 /// A backup repository on a local folder: <c>strata-repository.json</c>, a lock file, and one folder per disk
-/// holding <c>ID.qcow2</c> (backed by the previous point, by relative name) and <c>ID.json</c> (its manifest).
+/// holding <c>ID.qcow2</c> (backed by the previous point, by relative name), <c>ID.digests</c> (the disk's granule
+/// digests as of the point) and <c>ID.json</c> (its manifest, naming the other two).
 /// Files still being written end in <c>.partial</c>; a qcow2 without a manifest is not a backup.
 /// </summary>
 public sealed class Repository
@@ -14,6 +16,7 @@ public sealed class Repository
     public const string MarkerFile = "strata-repository.json";
     public const string PartialSuffix = ".partial";
     public const string FleecePrefix = ".fleece-";
+    public const string DigestsSuffix = ".digests";
     private const string PruneJournal = "prune.journal";
 
     public string Root { get; }
@@ -171,22 +174,71 @@ public sealed class Repository
         // The manifest goes first: a crash in between leaves an unreferenced file, never a manifest without data.
         File.Delete(Path.Combine(DiskDir(m.Disk), m.Id + ".json"));
         File.Delete(FilePath(m));
+        if (m.Digests is not null) File.Delete(Path.Combine(DiskDir(m.Disk), m.Digests.File));
     }
 
-    /// <summary>Removes what an interrupted run left: partial backup files and fleecing images.</summary>
+    /// <summary>Writes a point's digests file (atomically, before its manifest names it) and returns the reference
+    /// the manifest records.</summary>
+    public DigestsReference WriteDigests(string disk, string id, GranuleDigests digests)
+    {
+        Directory.CreateDirectory(DiskDir(disk));
+        byte[] content = GranuleDigestsFile.Serialize(digests);
+        string name = id + DigestsSuffix;
+        WriteAtomically(Path.Combine(DiskDir(disk), name), content);
+        return new DigestsReference(name, digests.Granularity, Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(content)));
+    }
+
+    /// <summary>A point's digests, checked against the manifest (SHA-256, disk size, granularity): null without a
+    /// problem when the point has none (taken before they were recorded), null with the problem when they are
+    /// missing or damaged.</summary>
+    public (GranuleDigests? Digests, string? Problem) ReadDigests(BackupManifest m)
+    {
+        if (m.Digests is not { } reference) return (null, null);
+        string path = Path.Combine(DiskDir(m.Disk), reference.File);
+        byte[] content;
+        try
+        {
+            content = File.ReadAllBytes(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return (null, $"its digests file {reference.File} cannot be read: {e.Message}");
+        }
+        if (Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(content)) != reference.Sha256)
+            return (null, $"its digests file {reference.File} does not match its SHA-256 (changed or damaged since it was written)");
+        GranuleDigests digests;
+        try
+        {
+            digests = GranuleDigestsFile.Parse(content);
+        }
+        catch (GranuleDigestsFormatException e)
+        {
+            return (null, $"its digests file {reference.File} is unreadable: {e.Message}");
+        }
+        if (digests.DiskSize != m.VirtualSize || digests.Granularity != reference.Granularity)
+            return (null, $"its digests file {reference.File} covers {digests.DiskSize} bytes at {digests.Granularity}, the manifest says {m.VirtualSize} at {reference.Granularity}");
+        return (digests, null);
+    }
+
+    /// <summary>Removes what an interrupted run left: partial backup files, fleecing images, half-written files and
+    /// digests files that no manifest names (the run died before its manifest was written).</summary>
     public IReadOnlyList<string> CleanLeftovers()
     {
         var removed = new List<string>();
         foreach (var disk in Disks())
+        {
+            var named = Points(disk).Select(p => p.Digests?.File).OfType<string>().ToHashSet();
             foreach (var f in Directory.EnumerateFiles(DiskDir(disk)))
             {
                 string name = Path.GetFileName(f);
-                if (name.EndsWith(PartialSuffix, StringComparison.Ordinal) || name.StartsWith(FleecePrefix, StringComparison.Ordinal) || name.EndsWith(".json.tmp", StringComparison.Ordinal))
+                if (name.EndsWith(PartialSuffix, StringComparison.Ordinal) || name.StartsWith(FleecePrefix, StringComparison.Ordinal) || name.EndsWith(".tmp", StringComparison.Ordinal)
+                    || name.EndsWith(DigestsSuffix, StringComparison.Ordinal) && !named.Contains(name))
                 {
                     File.Delete(f);
                     removed.Add(Path.Combine(disk, name));
                 }
             }
+        }
         return removed;
     }
 
