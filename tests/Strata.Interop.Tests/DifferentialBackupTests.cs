@@ -20,14 +20,17 @@ public class DifferentialBackupTests : ScratchDirTest
     private void AssertRestores(JsonElement point, string copy) =>
         Infra.RepositoryAsserts.AssertRestores(Repo, "vda", point.GetProperty("id").GetString()!, copy);
 
+    /// <summary>A 64 MiB source. strata daemon keeps its bitmaps across a kill (CrashSafeTrackingTests); without that
+    /// tracking it loses them as QEMU does, which is the case for a differential.</summary>
+    private BackupSourceProcess Source(string kind) =>
+        new(kind, Dir, ["vda"], size: "64M", daemonOptions: kind == "strata" ? ["--crash-safe-bitmaps=off"] : null);
+
     [Theory]
     [InlineData("strata")]
     [InlineData("qsd")]
     public async Task AfterAKilledSourceTheNextRunComparesInsteadOfCopyingEverything(string kind)
     {
-        // strata daemon keeps its bitmaps across a kill (CrashSafeTrackingTests); without that tracking it loses them
-        // as QEMU does, which is the case for a differential.
-        using var src = new BackupSourceProcess(kind, Dir, ["vda"], size: "64M", daemonOptions: kind == "strata" ? ["--crash-safe-bitmaps=off"] : null);
+        using var src = Source(kind);
         Tools.StrataCmd("backup", "init", Repo).Ok();
         var full = Run(src);
         Assert.Equal("full", full.GetProperty("level").GetString());
@@ -83,7 +86,7 @@ public class DifferentialBackupTests : ScratchDirTest
     [InlineData("qsd")]
     public async Task ADifferentialComparesWithTheLastPointsDigestsAndNeverOpensItsFiles(string kind)
     {
-        using var src = new BackupSourceProcess(kind, Dir, ["vda"], size: "64M");
+        using var src = Source(kind);
         Tools.StrataCmd("backup", "init", Repo).Ok();
         Run(src);
         await src.GuestWritesAsync("vda", seed: 11);
@@ -135,7 +138,7 @@ public class DifferentialBackupTests : ScratchDirTest
     [Fact]
     public async Task ALastPointWithoutDigestsIsReadBackToCompareAndTheRunSaysSo()
     {
-        using var src = new BackupSourceProcess("strata", Dir, ["vda"], size: "64M");
+        using var src = Source("strata");
         Tools.StrataCmd("backup", "init", Repo).Ok();
         var full = Run(src);
         ForgetDigests(full);
@@ -164,7 +167,7 @@ public class DifferentialBackupTests : ScratchDirTest
     [Fact]
     public async Task VerifyReportsADamagedDigestsFileAndADifferentialDoesNotTrustIt()
     {
-        using var src = new BackupSourceProcess("strata", Dir, ["vda"], size: "64M");
+        using var src = Source("strata");
         Tools.StrataCmd("backup", "init", Repo).Ok();
         var full = Run(src);
         string id = full.GetProperty("id").GetString()!;
