@@ -152,10 +152,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             throw new BackupException($"{disk}: cannot take an incremental: {why}", "run with --level full (or auto) to start a new chain", BackupExitCodes.Failed);
         string dir = repo.DiskDir(disk);
         Directory.CreateDirectory(dir);
-        var (headDigests, digestsProblem) = inc ? repo.ReadDigests(head!) : (null, null);
-        // (Repository problems speak of the point as "its …", as verify prints them.)
-        if (inc && headDigests is null)
-            digestsProblem = digestsProblem is null ? "the last point has no digests (taken before they were recorded)" : "the last point's " + digestsProblem["its ".Length..];
+        var (headDigests, digestsProblem) = PointCommit.HeadDigests(repo, inc ? head : null);
         return new DiskPlan
         {
             Disk = disk,
@@ -408,16 +405,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     // ------------------------------------------------------------------ commit and recovery
 
-    private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time)
-    {
-        string final = Path.Combine(repo.DiskDir(p.Disk), p.FinalName);
-        File.Move(p.PartialPath, final, overwrite: false);
-        // The point's digests: read from the disk by a differential; otherwise built from the new file's own layer
-        // (read anyway for the manifest) over the last point's, carried over; none when the last point has none.
-        GranuleDigestBuilder? builder = p.DiskDigests is null && (!p.Incremental || p.HeadDigests is not null)
-            ? new GranuleDigestBuilder(p.Node.VirtualSize, p.HeadDigests?.Granularity ?? DigestGranularityFor(p.Node.VirtualSize), p.HeadDigests)
-            : null;
-        var manifest = ImageDigest.Describe(new BackupManifest
+    private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time) =>
+        PointCommit.Commit(repo, progress, new BackupManifest
         {
             Id = id,
             Disk = p.Disk,
@@ -435,13 +424,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             FileSize = 0,
             FileSha256 = "",
             Extents = [],
-        }, final, builder);
-        var digests = p.DiskDigests ?? (builder is null ? null : ImageDigest.FinishGranules(builder, final));
-        if (digests is not null) manifest = manifest with { Digests = repo.WriteDigests(p.Disk, id, digests) };
-        else progress.Message($"{p.Disk}: this point records no digests: {p.HeadDigestsProblem}; the next full or differential by comparison records them again");
-        repo.WriteManifest(manifest);
-        return manifest;
-    }
+        }, p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests);
 
     /// <summary>On failure: the new bitmaps go, the old ones get back every write (merged) and record again.</summary>
     private async Task RestoreBitmapsAsync(QmpSource source, List<DiskPlan> plans)

@@ -39,8 +39,8 @@ public class LibvirtBackupTests : ScratchDirTest
     private static long Copied(List<JsonElement> points, string target) =>
         points.Single(p => p.GetProperty("disk").GetString()!.EndsWith("." + target, StringComparison.Ordinal)).GetProperty("copied-bytes").GetInt64();
 
-    /// <summary>`restore --domain` of the point writes each disk byte for byte as its copy, and a domain XML
-    /// pointing at the restored files.</summary>
+    /// <summary>`restore --domain` of the point writes each disk byte for byte as its copy, its digests are those of
+    /// the copy, and a domain XML points at the restored files.</summary>
     private void AssertDomainRestores(LibvirtTestDomain dom, string id, Dictionary<string, string> copies)
     {
         string to = P("restore-" + id);
@@ -49,6 +49,8 @@ public class LibvirtBackupTests : ScratchDirTest
         {
             string restored = Path.Combine(to, $"{dom.Name}-r-{target}.raw");
             Assert.True(File.ReadAllBytes(restored).AsSpan().SequenceEqual(File.ReadAllBytes(copy)), $"{target}@{id} does not restore to the disk as it was\n{r}");
+            // libvirt points record granule digests as every other point does (PointCommit).
+            Infra.RepositoryAsserts.AssertDigests(Repo, $"{dom.Name}.{target}", id, copy);
         }
         string xml = File.ReadAllText(Path.Combine(to, dom.Name + "-r.xml"));
         foreach (var target in copies.Keys) Assert.Contains($"{dom.Name}-r-{target}.raw", xml);

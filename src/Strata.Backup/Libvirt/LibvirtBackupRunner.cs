@@ -1,3 +1,4 @@
+using Strata.Formats.Backup;
 using System.Runtime.InteropServices;
 using Strata.Block;
 using Strata.Block.Qcow2;
@@ -50,6 +51,8 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
         public required DomainDisk Disk;
         public required string Key;
         public BackupManifest? Head;
+        public GranuleDigests? HeadDigests;
+        public string? HeadDigestsProblem;
         public string? Note;
         public required string PartialPath;
         public required string ScratchPath;
@@ -200,11 +203,14 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
             throw new BackupException($"{key}: cannot take an incremental: {why}", "run with --level full (or auto) to start a new chain", BackupExitCodes.Failed);
         string dir = repo.DiskDir(key);
         Directory.CreateDirectory(dir);
+        var (headDigests, digestsProblem) = PointCommit.HeadDigests(repo, why is null ? head : null);
         return new DiskPlan
         {
             Disk = disk,
             Key = key,
             Head = why is null ? head : null,
+            HeadDigests = headDigests,
+            HeadDigestsProblem = digestsProblem,
             Note = options.Level == "auto" && why is { Length: > 0 } && head is not null ? "full because " + why : null,
             PartialPath = Path.Combine(dir, id + ".qcow2" + Repository.PartialSuffix),
             ScratchPath = Path.Combine(dir, $"{Repository.FleecePrefix}{id}.scratch.qcow2"),
@@ -257,18 +263,15 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
         progress.Finish(p.Key);
     }
 
-    private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time, string checkpoint, string mode)
-    {
-        string final = Path.Combine(repo.DiskDir(p.Key), id + ".qcow2");
-        File.Move(p.PartialPath, final, overwrite: false);
-        var manifest = ImageDigest.Describe(new BackupManifest
+    private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time, string checkpoint, string mode) =>
+        PointCommit.Commit(repo, progress, new BackupManifest
         {
             Id = id,
             Disk = p.Key,
             Time = time,
             Level = p.Incremental ? "inc" : "full",
             Parent = p.Head?.Id,
-            File = Path.GetFileName(final),
+            File = id + ".qcow2",
             Mode = mode,
             Source = $"libvirt:{options.Connect}#{options.Domain}",
             Node = p.Disk.Target,
@@ -279,10 +282,7 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
             FileSize = 0,
             FileSha256 = "",
             Extents = [],
-        }, final);
-        repo.WriteManifest(manifest);
-        return manifest;
-    }
+        }, p.PartialPath, Path.Combine(repo.DiskDir(p.Key), id + ".qcow2"), p.HeadDigests, p.HeadDigestsProblem);
 
     private static void AbortQuietly(LibvirtDomain dom)
     {

@@ -1,0 +1,44 @@
+using Strata.Formats.Backup;
+
+namespace Strata.Backup;
+
+/// <summary>
+/// The last step of every point, whatever its source (QMP, libvirt, offline): the finished file takes its final
+/// name, its manifest is filled from the file (sizes, SHA-256s), its granule digests are written (read from the disk
+/// by a differential, or built from the file's own layer over the last point's), and only then is the manifest
+/// written — the point exists from that write on.
+/// </summary>
+public static class PointCommit
+{
+    /// <param name="point">The manifest as the runner knows it; the file-derived members are filled here.</param>
+    /// <param name="headDigests">The last point's digests (incrementals), null when it has none.</param>
+    /// <param name="headDigestsProblem">Why the last point has none, for the message.</param>
+    /// <param name="diskDigests">The digests a differential computed from the disk itself, if any.</param>
+    public static BackupManifest Commit(Repository repo, IBackupProgress progress, BackupManifest point, string partialPath, string finalPath,
+        GranuleDigests? headDigests, string? headDigestsProblem, GranuleDigests? diskDigests = null)
+    {
+        File.Move(partialPath, finalPath, overwrite: false);
+        bool incremental = point.Level == "inc";
+        // Carried over from the last point; none when the last point has none (its granules are unknown).
+        GranuleDigestBuilder? builder = diskDigests is null && (!incremental || headDigests is not null)
+            ? new GranuleDigestBuilder(point.VirtualSize, headDigests?.Granularity ?? BackupRunner.DigestGranularityFor(point.VirtualSize), headDigests)
+            : null;
+        var manifest = ImageDigest.Describe(point, finalPath, builder);
+        var digests = diskDigests ?? (builder is null ? null : ImageDigest.FinishGranules(builder, finalPath));
+        if (digests is not null) manifest = manifest with { Digests = repo.WriteDigests(point.Disk, point.Id, digests) };
+        else progress.Message($"{point.Disk}: this point records no digests: {headDigestsProblem}; the next full or differential by comparison records them again");
+        repo.WriteManifest(manifest);
+        return manifest;
+    }
+
+    /// <summary>Reads the last point's digests for an incremental on it, with the reason when there are none (as
+    /// verify words it: "the last point's …").</summary>
+    public static (GranuleDigests? Digests, string? Problem) HeadDigests(Repository repo, BackupManifest? head)
+    {
+        if (head is null) return (null, null);
+        var (digests, problem) = repo.ReadDigests(head);
+        if (digests is null)
+            problem = problem is null ? "the last point has no digests (taken before they were recorded)" : "the last point's " + problem["its ".Length..];
+        return (digests, problem);
+    }
+}
