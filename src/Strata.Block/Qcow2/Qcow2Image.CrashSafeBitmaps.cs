@@ -28,6 +28,7 @@ public sealed partial class Qcow2Image
     private const int MaxCheckpointIntervalMs = 30_000;
 
     private readonly bool _crashSafeRequested;
+    private readonly bool _scheduledCheckpoints;
     private WriteIntentLog? _intents;
     private int _intentRecordOffset;
     private ulong _recordGeneration;
@@ -82,7 +83,8 @@ public sealed partial class Qcow2Image
         _intents = NewIntentLog(regionBits);
         Bitmaps.Intents = _intents;
         if (_storedBitmaps.Count > 0 || Bitmaps.HasPersistent) CheckpointBitmaps();
-        _checkpointTimer = new Timer(_ => OnCheckpointTimer(), null, MinCheckpointGapMs, MinCheckpointGapMs);
+        if (_scheduledCheckpoints)
+            _checkpointTimer = new Timer(_ => OnCheckpointTimer(), null, MinCheckpointGapMs, MinCheckpointGapMs);
     }
 
     private WriteIntentLog NewIntentLog(int regionBits)
@@ -175,7 +177,7 @@ public sealed partial class Qcow2Image
 
     private void ScheduleCheckpoint()
     {
-        if (_intents is null || Interlocked.Exchange(ref _checkpointQueued, 1) != 0) return;
+        if (_intents is null || !_scheduledCheckpoints || Interlocked.Exchange(ref _checkpointQueued, 1) != 0) return;
         ThreadPool.UnsafeQueueUserWorkItem(_ =>
         {
             Volatile.Write(ref _checkpointQueued, 0);

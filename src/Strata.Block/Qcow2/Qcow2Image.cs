@@ -71,6 +71,7 @@ public sealed partial class Qcow2Image : BlockImage
         _externalData = (header.IncompatibleFeatures & Qcow2IncompatibleFeatures.ExternalDataFile) != 0;
         _openedForCheck = options.ForCheck;
         _crashSafeRequested = options.CrashSafeBitmaps;
+        _scheduledCheckpoints = options.ScheduledCheckpoints;
         _l2Cache = new((int)Math.Max(16, options.L2CacheBytes / _clusterSize));
         // QEMU keeps a quarter as much refcount cache as L2 cache.
         _refBlocks = new((int)Math.Max(8, options.L2CacheBytes / 4 / _clusterSize));

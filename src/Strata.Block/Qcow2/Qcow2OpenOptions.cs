@@ -38,6 +38,11 @@ public sealed record Qcow2OpenOptions
     /// a crash the next open loads them as a superset of the truth instead of inconsistent.</summary>
     public bool CrashSafeBitmaps { get; init; }
 
+    /// <summary>With crash-safe tracking, checkpoint on the image's own schedule (region budget, idle, every 30 s).
+    /// Off, checkpoints happen only when asked for (<c>CheckpointBitmaps</c>, a bitmap change, close): for tests that
+    /// must know exactly which checkpoint a write fell after, however slowly the machine runs.</summary>
+    public bool ScheduledCheckpoints { get; init; } = true;
+
     /// <summary>Looks up the key secret of an encrypted image (encrypt.key-secret), null when none was named; called
     /// only when guest data is first needed.</summary>
     public Func<byte[]>? KeySecret { get; init; }

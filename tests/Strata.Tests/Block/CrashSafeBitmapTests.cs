@@ -15,8 +15,11 @@ public class CrashSafeBitmapTests
     private const long Granule = 65536;
     private const long Region = 1 << 20;
 
+    /// <summary>Checkpoints only where a test takes them: an idle checkpoint on a slow CI machine would otherwise move
+    /// the epochs under the test's feet.</summary>
     private static Qcow2Image OpenCrashSafe(string path) =>
-        Qcow2Image.Open(HostFile.Open(path, readOnly: false), new Qcow2OpenOptions { CrashSafeBitmaps = true });
+        Qcow2Image.Open(HostFile.Open(path, readOnly: false),
+            new Qcow2OpenOptions { CrashSafeBitmaps = true, ScheduledCheckpoints = false });
 
     private static string NewImage(TempDir dir, long size = 64 << 20)
     {
