@@ -62,11 +62,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         public required string NewBitmap;
         public required string PartialPath;
         public required string FinalName;
-        public string JobId => "strata-job-" + Disk;
-        public string TargetNode => "strata-tgt-" + Disk;
-        public string ExportId => "strata-exp-" + Disk;
-        public string ExportName => "strata-" + Disk;
-        public string? FleecePath;
+        public string JobId => FrozenSource.JobId(Disk);
+        public string TargetNode => FrozenSource.TargetNode(Disk);
         public long Copied;
     }
 
@@ -92,7 +89,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         if (options.Mode is not ("push" or "pull")) throw new BackupException($"unknown mode '{options.Mode}'", "use push or pull", BackupExitCodes.Usage);
         using var held = repo.Lock();
         await using var source = await QmpSource.ConnectAsync(options.Socket);
-        await RecoverAsync(source);
+        await SourceBitmaps.RecoverAsync(source, options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault()?.Bitmap), repo.BitmapPrefix, progress);
         foreach (var leftover in repo.CleanLeftovers()) progress.Message($"removed {leftover}, left by an interrupted run");
 
         var now = DateTimeOffset.UtcNow;
@@ -116,21 +113,16 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             if (!ok)
             {
                 // Keep every bitmap able to produce a correct next incremental, drop the unfinished files.
-                await RestoreBitmapsAsync(source, plans);
                 foreach (var p in plans)
-                {
-                    File.Delete(p.PartialPath);
-                    if (p.FleecePath is not null) File.Delete(p.FleecePath);
-                }
+                    await SourceBitmaps.RollBackAsync(source, p.Disk, p.NewBitmap, p.Incremental && !p.Differential ? p.Head!.Bitmap : null, progress);
+                foreach (var p in plans) File.Delete(p.PartialPath);
             }
         }
 
         var manifests = new List<BackupManifest>();
         foreach (var p in plans) manifests.Add(Commit(p, id, now));
         // Only now that the new points are on disk may the bitmaps of the old ones go.
-        foreach (var p in plans)
-            foreach (var b in (await source.NodeAsync(p.Disk)).Bitmaps.Where(b => b.Name.StartsWith(repo.BitmapPrefix, StringComparison.Ordinal) && b.Name != p.NewBitmap))
-                await source.ExecuteAsync("block-dirty-bitmap-remove", new JsonObject { ["node"] = p.Disk, ["name"] = b.Name });
+        foreach (var p in plans) await SourceBitmaps.DropOldAsync(source, p.Disk, repo.BitmapPrefix, p.NewBitmap);
         return manifests;
     }
 
@@ -144,9 +136,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         else if (options.Level == "full") why = null;
         else if (node.VirtualSize != head.VirtualSize) why = $"the disk changed size ({head.VirtualSize} -> {node.VirtualSize} bytes)";
         else if (!File.Exists(repo.FilePath(head))) why = $"the previous backup file {head.File} is missing";
-        else if (node.Bitmaps.FirstOrDefault(b => b.Name == head.Bitmap) is not { } bitmap) bitmapLost = $"bitmap '{head.Bitmap}' is missing on the source (daemon restarted without it, or removed)";
-        else if (bitmap.Inconsistent) bitmapLost = $"bitmap '{head.Bitmap}' is inconsistent (the source was not shut down cleanly)";
-        else if (!bitmap.Recording) bitmapLost = $"bitmap '{head.Bitmap}' is disabled, so it missed writes";
+        else bitmapLost = SourceBitmaps.WhyUnusable(node, head.Bitmap);
         bool inc = options.Level != "full" && why is null;
         if (options.Level == "inc" && !inc)
             throw new BackupException($"{disk}: cannot take an incremental: {why}", "run with --level full (or auto) to start a new chain", BackupExitCodes.Failed);
@@ -172,17 +162,6 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         };
     }
 
-    // Persistent where the image can store it, so that the chain survives a clean restart of the source.
-    private static JsonNode BitmapAdd(DiskPlan p) =>
-        Action("block-dirty-bitmap-add", new JsonObject { ["node"] = p.Disk, ["name"] = p.NewBitmap, ["persistent"] = p.Node.Driver == "qcow2" });
-
-    /// <summary>
-    /// One transaction action, typed as a <see cref="JsonNode"/> so that <c>JsonArray.Add</c> takes it as a node:
-    /// the generic overload a <see cref="JsonObject"/> would pick goes through reflection-based serialisation,
-    /// which native AOT cannot compile.
-    /// </summary>
-    private static JsonNode Action(string type, JsonObject data) => new JsonObject { ["type"] = type, ["data"] = data };
-
     private void CreateTarget(DiskPlan p, string path, bool withBacking)
     {
         var create = new Qcow2CreateOptions
@@ -207,7 +186,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             if (options.InjectTargetErrno is { } errno)
                 file = new JsonObject { ["driver"] = "blkdebug", ["image"] = file, ["inject-error"] = new JsonArray(new JsonObject { ["event"] = "write_aio", ["errno"] = errno }) };
             await source.ExecuteAsync("blockdev-add", new JsonObject { ["driver"] = "qcow2", ["node-name"] = p.TargetNode, ["file"] = file });
-            actions.Add(BitmapAdd(p));
+            actions.Add(SourceBitmaps.AddAction(p.Disk, p.NewBitmap, p.Node));
             var backup = new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode };
             if (p.Incremental)
             {
@@ -217,11 +196,11 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                 backup["bitmap-mode"] = "never";
             }
             else backup["sync"] = "full";
-            actions.Add(Action("blockdev-backup", backup));
+            actions.Add(SourceBitmaps.Action("blockdev-backup", backup));
         }
         try
         {
-            await TransactionAsync(source, actions);
+            await SourceBitmaps.TransactionAsync(source, actions);
             foreach (var p in plans) progress.Start(p.Disk, p.Node.VirtualSize);
             var outcomes = await source.WaitJobsAsync(plans.Select(p => p.JobId), async () =>
             {
@@ -233,22 +212,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         }
         finally
         {
-            foreach (var p in plans) await DeleteNodeAsync(source, p.TargetNode);
-        }
-    }
-
-    private static async Task TransactionAsync(QmpSource source, JsonArray actions)
-    {
-        // Not completion-mode=grouped: QEMU refuses it next to bitmap actions. A run is all disks or nothing anyway,
-        // since any failed job discards every file of the run and leaves every old bitmap whole.
-        var args = new JsonObject { ["actions"] = actions };
-        try
-        {
-            await source.ExecuteAsync("transaction", args);
-        }
-        catch (QmpException e)
-        {
-            throw new BackupException($"the source refused the backup transaction: {e.Message} ({e.ErrorClass})", "nothing was started; check the disk names and bitmaps with query-named-block-nodes", BackupExitCodes.Source);
+            foreach (var p in plans) await SourceBitmaps.DeleteNodeAsync(source, p.TargetNode);
         }
     }
 
@@ -260,100 +224,22 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         throw new BackupException($"backup failed: {why}", "nothing was committed and the bitmaps still hold every change; run again once the cause is fixed");
     }
 
-    private static async Task DeleteNodeAsync(QmpSource source, string node)
-    {
-        for (int attempt = 0; ; attempt++)
-        {
-            try
-            {
-                await source.ExecuteAsync("blockdev-del", new JsonObject { ["node-name"] = node });
-                return;
-            }
-            catch (QmpException e) when (e.ErrorClass == "DeviceNotFound" || e.ErrorClass == "GenericError" &&
-                                         (e.Message.StartsWith("Failed to find node", StringComparison.Ordinal) || e.Message.Contains("not found", StringComparison.OrdinalIgnoreCase)))
-            {
-                return; // already gone (QEMU and strata daemon both say "Failed to find node with node-name=…")
-            }
-            catch (QmpException) when (attempt < 40)
-            {
-                // A job that just ended may hold the node for a moment longer.
-                await Task.Delay(50);
-            }
-        }
-    }
-
     // ------------------------------------------------------------------ pull
 
     private async Task PullAsync(QmpSource source, List<DiskPlan> plans)
     {
-        string? ownSocket = null;
-        string nbd = options.Nbd ?? (ownSocket = SocketPaths.ForRun(Path.Combine(repo.Root, $".nbd-{Environment.ProcessId}.sock"), "pull"));
-        if (ownSocket is not null)
-        {
-            try
-            {
-                await source.ExecuteAsync("nbd-server-start", new JsonObject { ["addr"] = new JsonObject { ["type"] = "unix", ["data"] = new JsonObject { ["path"] = ownSocket } } });
-            }
-            catch (QmpException e)
-            {
-                throw new BackupException($"cannot start an NBD server on the source: {e.Message}",
-                    _mode != options.Mode
-                        ? "a differential by comparison reads the disk over NBD: pass the source's NBD server with --nbd (or --level full)"
-                        : "if it already runs one, pass its address with --nbd", BackupExitCodes.Source);
-            }
-        }
-        var started = new List<DiskPlan>();
-        try
-        {
-            var actions = new JsonArray();
-            foreach (var p in plans)
-            {
-                p.FleecePath = Path.Combine(repo.DiskDir(p.Disk), Repository.FleecePrefix + p.FinalName);
-                CreateTarget(p, p.FleecePath, withBacking: false);
-                await source.ExecuteAsync("blockdev-add", new JsonObject
-                {
-                    ["driver"] = "qcow2", ["node-name"] = p.TargetNode,
-                    ["file"] = new JsonObject { ["driver"] = "file", ["filename"] = p.FleecePath },
-                    ["backing"] = p.Disk,
-                });
-                actions.Add(BitmapAdd(p));
-                // The old bitmap stops at the freeze point, so that it can be exported read-only; on failure the
-                // new one is merged back into it.
-                if (p.Incremental && !p.Differential) actions.Add(Action("block-dirty-bitmap-disable", new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap }));
-                actions.Add(Action("blockdev-backup", new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode, ["sync"] = "none" }));
-            }
-            await TransactionAsync(source, actions);
-            started.AddRange(plans);
-            foreach (var p in plans)
-            {
-                var export = new JsonObject { ["type"] = "nbd", ["id"] = p.ExportId, ["node-name"] = p.TargetNode, ["name"] = p.ExportName, ["writable"] = false };
-                if (p.Incremental && !p.Differential) export["bitmaps"] = new JsonArray(new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap });
-                await source.ExecuteAsync("block-export-add", export);
-            }
-            await Task.WhenAll(plans.Select(p => PullDiskAsync(p, nbd)));
-        }
-        finally
-        {
-            foreach (var p in started)
-            {
-                try { await source.ExecuteAsync("block-export-del", new JsonObject { ["id"] = p.ExportId, ["mode"] = "hard" }); } catch (QmpException) { }
-                await source.WaitEventAsync("BLOCK_EXPORT_DELETED", e => e["data"]?["id"]?.GetValue<string>() == p.ExportId, TimeSpan.FromSeconds(5));
-                try { await source.ExecuteAsync("block-job-cancel", new JsonObject { ["device"] = p.JobId, ["force"] = true }); } catch (QmpException) { }
-            }
-            if (started.Count > 0) await source.WaitJobsAsync(started.Select(p => p.JobId), timeout: TimeSpan.FromMinutes(1));
-            foreach (var p in plans) await DeleteNodeAsync(source, p.TargetNode);
-            foreach (var p in plans) if (p.FleecePath is not null) File.Delete(p.FleecePath);
-            if (ownSocket is not null)
-            {
-                try { await source.ExecuteAsync("nbd-server-stop"); } catch (QmpException) { }
-                File.Delete(ownSocket);
-            }
-        }
+        var disks = plans.Select(p => new FrozenSource.Disk(p.Disk, p.Node, p.NewBitmap, p.Incremental && !p.Differential ? p.Head!.Bitmap : null,
+            Path.Combine(repo.DiskDir(p.Disk), Repository.FleecePrefix + p.FinalName))).ToList();
+        string ownSocket = SocketPaths.ForRun(Path.Combine(repo.Root, $".nbd-{Environment.ProcessId}.sock"), "pull");
+        await using var frozen = await FrozenSource.FreezeAsync(source, disks, options.Nbd, ownSocket,
+            _mode != options.Mode
+                ? "a differential by comparison reads the disk over NBD: pass the source's NBD server with --nbd (or --level full)"
+                : "if it already runs one, pass its address with --nbd");
+        await Task.WhenAll(plans.Select(p => PullDiskAsync(p, frozen.NbdAddress, frozen.DirtyContext(p.Disk))));
     }
 
-    private async Task PullDiskAsync(DiskPlan p, string nbd)
+    private async Task PullDiskAsync(DiskPlan p, string nbd, string? context)
     {
-        string? context = p.Incremental && !p.Differential ? "qemu:dirty-bitmap:" + p.Head!.Bitmap : null;
         CreateTarget(p, p.PartialPath, withBacking: true);
         // A differential against digests writes whole clusters only: the last point (the backing file) stays closed.
         bool byDigests = p.Differential && p.HeadDigests is not null;
@@ -368,19 +254,19 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         }
         if (byDigests)
         {
-            using var frozen = OpenExport(nbd, p.ExportName);
+            using var frozen = OpenExport(nbd, FrozenSource.ExportName(p.Disk));
             (p.Copied, p.DiskDigests) = await Task.Run(() => new DifferentialCopier(frozen).CopyDifferences(target, p.HeadDigests!, Progress));
         }
         else if (p.Differential)
         {
-            using var frozen = OpenExport(nbd, p.ExportName);
+            using var frozen = OpenExport(nbd, FrozenSource.ExportName(p.Disk));
             using var lastPoint = ImageOpener.Open(repo.FilePath(p.Head!), "qcow2", readOnly: true);
             (p.Copied, p.DiskDigests) = await Task.Run(() =>
                 new DifferentialCopier(frozen).CopyDifferences(target, lastPoint, DigestGranularityFor(frozen.Size), Progress));
         }
         else
         {
-            p.Copied = await new PullCopier(nbd, p.ExportName, context).CopyAsync(target, Progress);
+            p.Copied = await new PullCopier(nbd, FrozenSource.ExportName(p.Disk), context).CopyAsync(target, Progress);
         }
         if (target is Qcow2Image q2) q2.File.FlushEnabled = true;
         target.Flush();
@@ -425,74 +311,4 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             FileSha256 = "",
             Extents = [],
         }, p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests);
-
-    /// <summary>On failure: the new bitmaps go, the old ones get back every write (merged) and record again.</summary>
-    private async Task RestoreBitmapsAsync(QmpSource source, List<DiskPlan> plans)
-    {
-        foreach (var p in plans)
-        {
-            try
-            {
-                var node = await source.NodeAsync(p.Disk);
-                if (node.Bitmaps.All(b => b.Name != p.NewBitmap)) continue;
-                var actions = new JsonArray();
-                if (p.Incremental && !p.Differential && node.Bitmaps.Any(b => b.Name == p.Head!.Bitmap))
-                {
-                    actions.Add(Action("block-dirty-bitmap-merge", new JsonObject { ["node"] = p.Disk, ["target"] = p.Head!.Bitmap, ["bitmaps"] = new JsonArray(p.NewBitmap) }));
-                    actions.Add(Action("block-dirty-bitmap-enable", new JsonObject { ["node"] = p.Disk, ["name"] = p.Head!.Bitmap }));
-                }
-                actions.Add(Action("block-dirty-bitmap-remove", new JsonObject { ["node"] = p.Disk, ["name"] = p.NewBitmap }));
-                await source.ExecuteAsync("transaction", new JsonObject { ["actions"] = actions });
-            }
-            catch (Exception e) when (e is QmpException or BackupException)
-            {
-                progress.Message($"{p.Disk}: could not tidy the bitmaps ({e.Message}); the next run will");
-            }
-        }
-    }
-
-    /// <summary>
-    /// Undoes what a killed run left on the source for these disks: our jobs are cancelled, our exports and nodes
-    /// removed, and every bitmap of ours other than the head's is merged into the head's (which records again).
-    /// Extra bits only make the next incremental larger, never wrong.
-    /// </summary>
-    private async Task RecoverAsync(QmpSource source)
-    {
-        var disks = options.Disks.ToHashSet();
-        var ours = (await source.JobsAsync()).Where(j => j.Id.StartsWith("strata-job-", StringComparison.Ordinal) && disks.Contains(j.Id["strata-job-".Length..])).Select(j => j.Id).ToList();
-        foreach (var job in ours)
-        {
-            progress.Message($"cancelling {job}, left running by an interrupted run");
-            try { await source.ExecuteAsync("block-job-cancel", new JsonObject { ["device"] = job, ["force"] = true }); } catch (QmpException) { }
-        }
-        if (ours.Count > 0) await source.WaitJobsAsync(ours, timeout: TimeSpan.FromMinutes(1));
-        foreach (var export in (await source.ExportsAsync()).Where(e => e.StartsWith("strata-exp-", StringComparison.Ordinal) && disks.Contains(e["strata-exp-".Length..])))
-        {
-            try { await source.ExecuteAsync("block-export-del", new JsonObject { ["id"] = export, ["mode"] = "hard" }); } catch (QmpException) { }
-            await source.WaitEventAsync("BLOCK_EXPORT_DELETED", e => e["data"]?["id"]?.GetValue<string>() == export, TimeSpan.FromSeconds(5));
-        }
-        var nodes = await source.NodesAsync();
-        foreach (var n in nodes.Where(n => n.Name.StartsWith("strata-tgt-", StringComparison.Ordinal) && disks.Contains(n.Name["strata-tgt-".Length..])))
-            await DeleteNodeAsync(source, n.Name);
-        foreach (string disk in disks)
-        {
-            if (nodes.FirstOrDefault(n => n.Name == disk) is not { } node) continue;
-            string? headBitmap = repo.Points(disk).LastOrDefault()?.Bitmap;
-            bool headPresent = node.Bitmaps.Any(b => b.Name == headBitmap && !b.Inconsistent);
-            var actions = new JsonArray();
-            foreach (var stray in node.Bitmaps.Where(b => b.Name.StartsWith(repo.BitmapPrefix, StringComparison.Ordinal) && b.Name != headBitmap))
-            {
-                if (headPresent && !stray.Inconsistent)
-                    actions.Add(Action("block-dirty-bitmap-merge", new JsonObject { ["node"] = disk, ["target"] = headBitmap, ["bitmaps"] = new JsonArray(stray.Name) }));
-                actions.Add(Action("block-dirty-bitmap-remove", new JsonObject { ["node"] = disk, ["name"] = stray.Name }));
-            }
-            // A head bitmap stopped by our own pull (a stray was merged into it) records again; one disabled by
-            // someone else stays so, and the plan takes a full.
-            if (actions.Count > 0 && headPresent && node.Bitmaps.First(b => b.Name == headBitmap) is { Recording: false })
-                actions.Add(Action("block-dirty-bitmap-enable", new JsonObject { ["node"] = disk, ["name"] = headBitmap }));
-            if (actions.Count == 0) continue;
-            progress.Message($"{disk}: folding bitmaps left by an interrupted run into {headBitmap ?? "nothing (a full follows)"}");
-            await source.ExecuteAsync("transaction", new JsonObject { ["actions"] = actions });
-        }
-    }
 }
