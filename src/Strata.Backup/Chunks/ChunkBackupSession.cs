@@ -1,0 +1,76 @@
+using System.Collections.Concurrent;
+
+namespace Strata.Backup.Chunks;
+
+/// <summary>
+/// One backup run's writes into a chunk repository, under a shared lease: chunks first (each stored once), then the
+/// point index, published last. Disposed without a commit it leaves only unreferenced chunks, which garbage
+/// collection removes after its grace period.
+/// </summary>
+public sealed class ChunkBackupSession : IAsyncDisposable
+{
+    private readonly ChunkRepository _repo;
+    private readonly RepositoryLease _lease;
+    /// <summary>Chunks known to be stored: those the points reference, and those this session stored or found.</summary>
+    private readonly ConcurrentDictionary<ChunkId, byte> _known;
+    private long _uploadedBytes, _uploadedChunks, _reusedChunks;
+
+    internal ChunkBackupSession(ChunkRepository repo, RepositoryLease lease, ConcurrentDictionary<ChunkId, byte> known)
+    {
+        _repo = repo;
+        _lease = lease;
+        _known = known;
+    }
+
+    public ChunkRepository Repository => _repo;
+    /// <summary>Encoded bytes sent to the store.</summary>
+    public long UploadedBytes => Interlocked.Read(ref _uploadedBytes);
+    public long UploadedChunks => Interlocked.Read(ref _uploadedChunks);
+    /// <summary>Non-zero chunks that were already stored (no upload).</summary>
+    public long ReusedChunks => Interlocked.Read(ref _reusedChunks);
+
+    /// <summary>Stores one chunk (<see cref="ChunkRepository.ChunkSize"/> bytes; a disk's last chunk may be shorter) and
+    /// returns its id: all-zero → <see cref="ChunkId.Zero"/>, nothing stored; already stored → nothing sent; else
+    /// encoded and put create-only (someone else having stored it meanwhile is success). Thread-safe.</summary>
+    public async Task<ChunkId> PutChunkAsync(ReadOnlyMemory<byte> plaintext, CancellationToken cancel = default)
+    {
+        if (plaintext.Length == 0 || plaintext.Length > _repo.ChunkSize)
+            throw new ArgumentException($"a chunk is 1 to {_repo.ChunkSize} bytes, not {plaintext.Length}", nameof(plaintext));
+        var id = _repo.IdOf(plaintext.Span);
+        if (id.IsZero) return id;
+        if (_known.ContainsKey(id))
+        {
+            Interlocked.Increment(ref _reusedChunks);
+            return id;
+        }
+        byte[] blob = _repo.EncodeChunk(id, plaintext.Span);
+        if (await _repo.Store.PutIfAbsentAsync(ChunkRepository.ChunkKey(id), blob, cancel).ConfigureAwait(false))
+        {
+            Interlocked.Add(ref _uploadedBytes, blob.Length);
+            Interlocked.Increment(ref _uploadedChunks);
+        }
+        else
+        {
+            Interlocked.Increment(ref _reusedChunks);
+        }
+        _known.TryAdd(id, 0);
+        return id;
+    }
+
+    /// <summary>Publishes the point: every chunk it names must be stored (known to this session), the lease must still be
+    /// held, and the point id must be free (the index is put create-only).</summary>
+    public async Task CommitAsync(ChunkPoint point, CancellationToken cancel = default)
+    {
+        foreach (var d in point.Disks)
+            foreach (var id in d.Chunks)
+                if (!id.IsZero && !_known.ContainsKey(id))
+                    throw new InvalidOperationException($"disk '{d.Disk}' of point {point.Id} names chunk {id}, which this session did not store");
+        byte[] index = _repo.EncodePoint(point);
+        await _lease.CheckAsync(cancel).ConfigureAwait(false);
+        if (!await _repo.Store.PutIfAbsentAsync(ChunkRepository.PointKey(point.Id), index, cancel).ConfigureAwait(false))
+            throw new BackupException($"point {point.Id} already exists in '{_repo.Store.Location}'", "another run published the same id; run again");
+        _repo.Remember(point);
+    }
+
+    public ValueTask DisposeAsync() => _lease.DisposeAsync();
+}
