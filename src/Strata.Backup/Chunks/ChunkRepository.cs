@@ -334,7 +334,11 @@ public sealed class ChunkRepository : IDisposable
                 foreach (var d in p.Disks)
                     foreach (var id in d.Chunks)
                         if (!id.IsZero) known.TryAdd(id, 0);
-            return new ChunkBackupSession(this, lease, known);
+            // A run killed before its point was published left its uploads in its journal: found, they are not sent again.
+            var live = (await RepositoryLeases.LiveSharedAsync(Store, cancel).ConfigureAwait(false)).Select(ChunkBackupSession.SessionName).ToHashSet();
+            var left = await UploadJournal.LeftByDeadSessionsAsync(Store, live, cancel).ConfigureAwait(false);
+            left.ExceptWith(known.Keys);
+            return new ChunkBackupSession(this, lease, known, left);
         }
         catch
         {

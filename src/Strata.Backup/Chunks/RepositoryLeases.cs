@@ -176,10 +176,16 @@ public static class RepositoryLeases
         var bytes = await store.GetAsync(key, cancel).ConfigureAwait(false);
         if (bytes is null) return null;
         var lease = ChunkLeaseRecord.TryParse(bytes);
-        if (lease is not null && lease.Expires + margin > DateTimeOffset.UtcNow) return lease;
+        if (lease is not null && lease.Expires + margin > DateTimeOffset.UtcNow && !HolderIsGone(lease)) return lease;
         await store.DeleteAsync(key, cancel).ConfigureAwait(false);
         return null;
     }
+
+    /// <summary>A lease taken on this machine by a process that no longer runs (killed, crashed): nobody holds it, and
+    /// waiting out its time to live would only stall garbage collection or the next backup. A reused pid only makes
+    /// the lease look held for longer.</summary>
+    private static bool HolderIsGone(ChunkLeaseRecord lease) =>
+        lease.Host == Environment.MachineName && OperatingSystem.IsLinux() && !Directory.Exists($"/proc/{lease.Pid}");
 
     private static string Describe(ChunkLeaseRecord lease) => $"{lease.Owner.Split(' ')[0]} on {lease.Host}, pid {lease.Pid}, until {lease.Expires:O}";
 }
