@@ -28,13 +28,15 @@ internal static class BackupCommands
         cmd.Subcommands.Add(Verify(stdout, stderr));
         cmd.Subcommands.Add(Prune(stdout, stderr));
         cmd.Subcommands.Add(Serve(stdout, stderr));
+        cmd.Subcommands.Add(ChunkCommands.Gc(stdout, stderr));
+        cmd.Subcommands.Add(ChunkCommands.Copy(stdout, stderr));
         return cmd;
     }
 
-    private static Argument<string> RepoArgument() => new("REPO") { Description = "the repository folder" };
+    private static Argument<string> RepoArgument() => new("REPO") { Description = "the repository: a chain folder, or a chunk repository (s3://BUCKET/PREFIX or a folder made by init --chunks)" };
 
     /// <summary>Runs a command body, turning failures into a message, a hint and the documented exit code.</summary>
-    private static int Guard(TextWriter stderr, Func<int> body)
+    internal static int Guard(TextWriter stderr, Func<int> body)
     {
         try
         {
@@ -51,7 +53,7 @@ internal static class BackupCommands
             stderr.WriteLine($"strata backup: the source refused a command: {e.Message} ({e.ErrorClass})");
             return BackupExitCodes.Source;
         }
-        catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is BlockException or IOException or UnauthorizedAccessException or Strata.Backup.Chunks.ObjectStoreException)
         {
             stderr.WriteLine($"strata backup: {e.Message}");
             return BackupExitCodes.Failed;
@@ -61,9 +63,19 @@ internal static class BackupCommands
     private static Command Init(TextWriter stdout, TextWriter stderr)
     {
         var repo = RepoArgument();
-        var cmd = new Command("init", "Create an empty repository") { repo };
+        var chunks = new Option<bool>("--chunks") { Description = "create a chunk repository (deduplicated, compressed, optionally encrypted chunks; implied by s3://)" };
+        var chunkSize = new Option<string>("--chunk-size") { Description = "with --chunks: the chunk size, a power of two from 4K to 64M", DefaultValueFactory = _ => "4M" };
+        var encrypt = new Option<bool>("--encrypt") { Description = "with --chunks: encrypt chunks and indexes (AES-256-GCM) under a key derived from the passphrase or key file" };
+        var chunkOptions = new ChunkRepoOptions();
+        var cmd = new Command("init", "Create an empty repository: a chain folder, or with --chunks a chunk repository") { repo, chunks, chunkSize, encrypt };
+        chunkOptions.AddTo(cmd);
         cmd.SetAction(r => Guard(stderr, () =>
         {
+            string path = r.GetValue(repo)!;
+            if (r.GetValue(chunks) || path.StartsWith("s3://", StringComparison.OrdinalIgnoreCase))
+                return ChunkCommands.Init(r, path, ChunkCommands.ParseChunkSize(r.GetValue(chunkSize)!), r.GetValue(encrypt), chunkOptions, stdout);
+            if (r.GetValue(encrypt) || r.GetResult(chunkSize) is { Implicit: false })
+                throw new BackupException("--chunk-size and --encrypt are for chunk repositories", "add --chunks", BackupExitCodes.Usage);
             var created = Repository.Init(r.GetValue(repo)!);
             stdout.WriteLine($"created repository {created.Root}");
             return 0;
@@ -156,9 +168,12 @@ internal static class BackupCommands
     {
         var repo = RepoArgument();
         var json = new Option<bool>("--json") { Description = "print JSON" };
+        var chunkOptions = new ChunkRepoOptions();
         var cmd = new Command("list", "List the backup points of every disk") { repo, json };
+        chunkOptions.AddTo(cmd);
         cmd.SetAction(r => Guard(stderr, () =>
         {
+            if (ChunkCommands.IsChunkRepository(r.GetValue(repo)!)) return ChunkCommands.List(r, r.GetValue(repo)!, chunkOptions, r.GetValue(json), stdout, stderr);
             var repository = Repository.Open(r.GetValue(repo)!);
             var points = repository.AllPoints();
             if (r.GetValue(json))
@@ -195,7 +210,9 @@ internal static class BackupCommands
         var to = new Option<string>("--to") { Description = "the new file to write (with --domain: the folder)", Required = true };
         var format = new Option<string>("-O") { Description = "output format: qcow2 or raw", DefaultValueFactory = _ => "raw" };
         format.AcceptOnlyFromAmong("qcow2", "raw");
+        var chunkOptions = new ChunkRepoOptions();
         var cmd = new Command("restore", "Write one point of a disk into a new file, or of every disk of a libvirt domain into a folder") { repo, at, disk, domain, define, name, connect, to, format };
+        chunkOptions.AddTo(cmd);
         cmd.Validators.Add(r =>
         {
             if ((r.GetValue(disk) is null) == (r.GetValue(domain) is null)) r.AddError("Give exactly one of the options '--disk' and '--domain'.");
@@ -203,6 +220,11 @@ internal static class BackupCommands
         });
         cmd.SetAction(r => Guard(stderr, () =>
         {
+            if (ChunkCommands.IsChunkRepository(r.GetValue(repo)!))
+            {
+                if (r.GetValue(domain) is not null) throw new BackupException("--domain restores are for chain folder repositories", "restore each disk with --disk", BackupExitCodes.Usage);
+                return ChunkCommands.Restore(r, r.GetValue(repo)!, chunkOptions, r.GetValue(disk)!, r.GetValue(at)!, r.GetValue(to)!, r.GetValue(format)!, stdout, stderr);
+            }
             var repository = Repository.Open(r.GetValue(repo)!);
             if (r.GetValue(domain) is { } domainName)
             {
@@ -240,9 +262,19 @@ internal static class BackupCommands
         var at = new Option<string?>("--at") { Description = "verify only the chain up to this point (id, time or latest)" };
         var disk = new Option<string?>("--disk") { Description = "verify only this disk" };
         var json = new Option<bool>("--json") { Description = "print the problems as JSON" };
-        var cmd = new Command("verify", "Re-read every backup against its manifest and check every chain link; exit 1 on any problem") { repo, at, disk, json };
+        var sample = new Option<double?>("--sample") { Description = "chunk repositories: read back only this fraction (0–1] of the distinct chunks, chosen at random (every index and the presence of every chunk are still checked)" };
+        var chunkOptions = new ChunkRepoOptions();
+        var cmd = new Command("verify", "Re-read every backup against its manifest and check every chain link; exit 1 on any problem") { repo, at, disk, json, sample };
+        chunkOptions.AddTo(cmd);
         cmd.SetAction(r => Guard(stderr, () =>
         {
+            if (ChunkCommands.IsChunkRepository(r.GetValue(repo)!))
+            {
+                if (r.GetValue(at) is not null || r.GetValue(disk) is not null)
+                    throw new BackupException("--at and --disk are for chain folder repositories; a chunk repository is verified whole", exitCode: BackupExitCodes.Usage);
+                return ChunkCommands.Verify(r, r.GetValue(repo)!, chunkOptions, r.GetValue(sample), r.GetValue(json), stdout, stderr);
+            }
+            if (r.GetValue(sample) is not null) throw new BackupException("--sample is for chunk repositories", exitCode: BackupExitCodes.Usage);
             var repository = Repository.Open(r.GetValue(repo)!);
             if (r.GetValue(at) is not null && r.GetValue(disk) is null && repository.Disks().Count != 1)
                 throw new BackupException("--at needs --disk when the repository holds several disks", exitCode: BackupExitCodes.Usage);
@@ -274,12 +306,15 @@ internal static class BackupCommands
         var weekly = Keep("--keep-weekly", "keep the newest point of each of the last N weeks with backups");
         var monthly = Keep("--keep-monthly", "keep the newest point of each of the last N months with backups");
         var dry = new Option<bool>("--dry-run") { Description = "only say what would be removed" };
-        var cmd = new Command("prune", "Remove old points, merging each into its successor so that no chain breaks; the newest point always stays") { repo, last, daily, weekly, monthly, dry };
+        var chunkOptions = new ChunkRepoOptions();
+        var cmd = new Command("prune", "Remove old points, merging each into its successor so that no chain breaks (in a chunk repository: their indexes; gc frees the chunks); the newest point always stays") { repo, last, daily, weekly, monthly, dry };
+        chunkOptions.AddTo(cmd);
         cmd.SetAction(r => Guard(stderr, () =>
         {
             var policy = new RetentionPolicy(r.GetValue(last), r.GetValue(daily), r.GetValue(weekly), r.GetValue(monthly));
             if (new[] { policy.KeepLast, policy.KeepDaily, policy.KeepWeekly, policy.KeepMonthly }.Any(n => n < 0))
                 throw new BackupException("--keep-* counts cannot be negative", exitCode: BackupExitCodes.Usage);
+            if (ChunkCommands.IsChunkRepository(r.GetValue(repo)!)) return ChunkCommands.Prune(r, r.GetValue(repo)!, chunkOptions, policy, r.GetValue(dry), stdout, stderr);
             var repository = Repository.Open(r.GetValue(repo)!);
             using var held = repository.Lock();
             var removed = Pruner.Prune(repository, policy, stdout.WriteLine, r.GetValue(dry));
@@ -298,11 +333,15 @@ internal static class BackupCommands
         var port = new Option<int?>("--port") { Description = "serve on this TCP port" };
         var host = new Option<string>("--host") { Description = "TCP address to bind", DefaultValueFactory = _ => "127.0.0.1" };
         var name = new Option<string?>("--name") { Description = "export name (default: DISK)" };
+        var chunkOptions = new ChunkRepoOptions();
         var cmd = new Command("serve", "Export one point read-only over NBD for instant access, until interrupted") { repo, at, disk, socket, port, host, name };
+        chunkOptions.AddTo(cmd);
         cmd.SetAction(r => Guard(stderr, () =>
         {
             if ((r.GetValue(socket) is null) == (r.GetValue(port) is null))
                 throw new BackupException("give exactly one of --socket PATH and --port N", exitCode: BackupExitCodes.Usage);
+            if (ChunkCommands.IsChunkRepository(r.GetValue(repo)!))
+                return ChunkCommands.Serve(r, r.GetValue(repo)!, chunkOptions, r.GetValue(disk)!, r.GetValue(at)!, r.GetValue(socket), r.GetValue(host)!, r.GetValue(port), r.GetValue(name), stdout, stderr);
             var repository = Repository.Open(r.GetValue(repo)!);
             var point = repository.Find(r.GetValue(disk)!, r.GetValue(at)!);
             repository.ChainOf(point);
