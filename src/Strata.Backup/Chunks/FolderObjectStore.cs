@@ -1,15 +1,18 @@
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 
 namespace Strata.Backup.Chunks;
 
 /// <summary>
 /// An object store on a local folder: a key is a path under the root. A create-only put writes a hidden temporary
-/// file, fsyncs it and links it into place without replacing (.NET's no-overwrite move is link + unlink on Linux),
-/// so two writers racing for one key get exactly one winner and a reader never sees half an object.
+/// file, fsyncs it and links it into place with link(2), which fails when the name exists, so two writers racing for
+/// one key get exactly one winner and a reader never sees half an object. (.NET's no-overwrite File.Move checks for
+/// the destination and then renames over it: racing writers all "won", the contract tests showed.)
 /// </summary>
-public sealed class FolderObjectStore : IObjectStore
+public sealed partial class FolderObjectStore : IObjectStore
 {
     private const string TempMarker = ".tmp-";
+    private const int EEXIST = 17;
 
     public FolderObjectStore(string root)
     {
@@ -45,13 +48,14 @@ public sealed class FolderObjectStore : IObjectStore
         string tmp = WriteTemp(path, data.Span);
         try
         {
-            File.Move(tmp, path, overwrite: false);
-            return Task.FromResult(true);
+            if (link(tmp, path) == 0) return Task.FromResult(true);
+            int errno = Marshal.GetLastPInvokeError();
+            if (errno == EEXIST) return Task.FromResult(false);
+            throw new IOException($"cannot create {path}: {Marshal.GetPInvokeErrorMessage(errno)}");
         }
-        catch (IOException) when (File.Exists(path))
+        finally
         {
             File.Delete(tmp);
-            return Task.FromResult(false);
         }
     }
 
@@ -104,9 +108,19 @@ public sealed class FolderObjectStore : IObjectStore
 
     public Task DeleteAsync(string key, CancellationToken cancel = default)
     {
-        File.Delete(PathOf(key));
+        try
+        {
+            File.Delete(PathOf(key));
+        }
+        catch (DirectoryNotFoundException)
+        {
+            // File.Delete tolerates a missing file but not a missing folder: neither leaves anything to delete.
+        }
         return Task.CompletedTask;
     }
 
     public void Dispose() { }
+
+    [LibraryImport("libc", SetLastError = true, StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int link(string existing, string newName);
 }

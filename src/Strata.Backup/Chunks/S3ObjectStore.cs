@@ -3,6 +3,7 @@ using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Security.Cryptography;
 using Amazon.Runtime;
+using Amazon.Runtime.CredentialManagement;
 using Amazon.Runtime.Credentials;
 using Amazon.S3;
 using Amazon.S3.Model;
@@ -11,15 +12,17 @@ namespace Strata.Backup.Chunks;
 
 /// <summary>
 /// Where an S3 store is and who talks to it. <see cref="Endpoint"/> null = AWS itself (the region's endpoint);
-/// keys null = the SDK's credential chain (AWS_PROFILE / ~/.aws/credentials, container and instance roles).
+/// keys null = the named profile (else "default") of ~/.aws/credentials, else the SDK's other sources (web identity,
+/// container and instance roles).
 /// </summary>
-public sealed record S3Connection(string? Endpoint, string Region, string? AccessKeyId = null, string? SecretAccessKey = null, string? SessionToken = null)
+public sealed record S3Connection(string? Endpoint, string Region, string? AccessKeyId = null, string? SecretAccessKey = null,
+    string? SessionToken = null, string? Profile = null)
 {
     public const string DefaultRegion = "us-east-1";
 
     /// <summary>The connection the usual AWS variables describe: the endpoint given, else AWS_ENDPOINT_URL; the region
     /// from AWS_REGION, else AWS_DEFAULT_REGION, else us-east-1; the keys from AWS_ACCESS_KEY_ID /
-    /// AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN) when both are set.</summary>
+    /// AWS_SECRET_ACCESS_KEY (+ AWS_SESSION_TOKEN) when both are set, else the profile AWS_PROFILE names.</summary>
     public static S3Connection FromEnvironment(string? endpoint = null)
     {
         static string? Env(string name) => Environment.GetEnvironmentVariable(name) is { Length: > 0 } v ? v : null;
@@ -28,7 +31,7 @@ public sealed record S3Connection(string? Endpoint, string Region, string? Acces
         return new S3Connection(
             endpoint is { Length: > 0 } ? endpoint : Env("AWS_ENDPOINT_URL"),
             Env("AWS_REGION") ?? Env("AWS_DEFAULT_REGION") ?? DefaultRegion,
-            keys ? accessKey : null, keys ? secretKey : null, keys ? Env("AWS_SESSION_TOKEN") : null);
+            keys ? accessKey : null, keys ? secretKey : null, keys ? Env("AWS_SESSION_TOKEN") : null, Env("AWS_PROFILE"));
     }
 }
 
@@ -90,10 +93,18 @@ public sealed class S3ObjectStore : IObjectStore
         return config;
     }
 
+    /// <summary>The keys given, else the profile (AWS_PROFILE, else "default") of the shared credentials and config
+    /// files, else the SDK's remaining sources (web identity, container and instance roles).</summary>
     private static AWSCredentials ResolveCredentials(S3Connection connection)
     {
         if (connection.AccessKeyId is { } id && connection.SecretAccessKey is { } secret)
             return connection.SessionToken is { } token ? new SessionAWSCredentials(id, secret, token) : new BasicAWSCredentials(id, secret);
+        // Read here rather than by the SDK's process-wide resolver, which keeps what it found first.
+        string? credentialsFile = Environment.GetEnvironmentVariable("AWS_SHARED_CREDENTIALS_FILE") is { Length: > 0 } f ? f : null;
+        var profiles = credentialsFile is null ? new CredentialProfileStoreChain() : new CredentialProfileStoreChain(credentialsFile);
+        if (profiles.TryGetAWSCredentials(connection.Profile ?? "default", out var fromProfile)) return fromProfile;
+        if (connection.Profile is { } named)
+            throw new ObjectStoreException($"AWS_PROFILE names the profile '{named}', which is in neither {credentialsFile ?? "~/.aws/credentials"} nor the AWS config file");
         try
         {
             return DefaultAWSCredentialsIdentityResolver.GetCredentials();
