@@ -27,9 +27,8 @@ public class ChunkBackupTests(Infra.CephCluster ceph) : ScratchDirTest
     private Target NewTarget(string where)
     {
         if (where == "folder") return new Target(P("repo"), [], new FolderObjectStore(P("repo")));
-        string bucket = ceph.NewBucket();
-        string address = $"s3://{bucket}/repo";
-        return new Target(address, ["--endpoint", ceph.Endpoint], ObjectStores.Open(address, ceph.Endpoint));
+        string bucket = ceph.NewBucket("chunks");
+        return new Target(Infra.CephCluster.RepoUrl(bucket, "repo"), ["--endpoint", ceph.Endpoint], ceph.OpenStore(bucket, "repo"));
     }
 
     private static Infra.ToolResult Strata(Target t, string command, params string[] args) =>

@@ -96,21 +96,31 @@ internal static class BackupCommands
         var disks = new Option<string[]>("--disk") { Description = "node name of a disk to back up, or with --domain its target (vda…; default: every disk); repeat for several: one point in time" };
         var level = new Option<string>("--level") { Description = "full, inc, or auto (full when there is no usable chain or bitmap)", DefaultValueFactory = _ => "auto" };
         level.AcceptOnlyFromAmong("full", "inc", "auto");
-        var mode = new Option<string>("--mode") { Description = "push (the source writes the backup) or pull (fleecing + NBD, reading only dirty extents)", DefaultValueFactory = _ => "push" };
+        var mode = new Option<string?>("--mode") { Description = "push (the source writes the backup) or pull (fleecing + NBD, reading only dirty extents); default push, and always pull into a chunk repository" };
         mode.AcceptOnlyFromAmong("push", "pull");
         var nbd = new Option<string?>("--nbd") { Description = "pull mode: address (socket path or HOST:PORT) of an NBD server the source already runs; default: start one for the run" };
         var json = new Option<bool>("--json") { Description = "print the new points as JSON" };
         var inject = new Option<int?>("--x-inject-target-errno") { Description = "testing: fail every write to the push targets with this errno (blkdebug)", Hidden = true };
         var hold = new Option<int?>("--x-hold-after-begin") { Description = "testing: with --domain, hold libvirt's backup job this many seconds before reading", Hidden = true };
-        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, domain, connect, disks, level, mode, nbd, json, inject, hold };
+        var holdCommit = new Option<int?>("--x-hold-before-commit") { Description = "testing: into a chunk repository, wait this many seconds with every chunk stored before publishing the point", Hidden = true };
+        var chunkOptions = new ChunkRepoOptions();
+        var cmd = new Command("run", "Back up disks: all at one point in time, full or incremental") { repo, socket, images, domain, connect, disks, level, mode, nbd, json, inject, hold, holdCommit };
+        chunkOptions.AddTo(cmd);
         cmd.Validators.Add(r =>
         {
             if (r.GetValue(domain) is null && (r.GetValue(disks) ?? []).Length == 0) r.AddError("Option '--disk' or '--domain' is required.");
         });
         cmd.SetAction(r => Guard(stderr, () =>
         {
-            var repository = Repository.Open(r.GetValue(repo)!);
             bool asJson = r.GetValue(json);
+            bool chunks = ChunkCommands.IsChunkRepository(r.GetValue(repo)!);
+            if (chunks && r.GetValue(domain) is not null)
+                throw new BackupException("libvirt domains are backed up into chain folders only, not yet into a chunk repository", exitCode: BackupExitCodes.Usage);
+            if (chunks && r.GetValue(mode) == "push")
+                throw new BackupException("a chunk repository is written by this tool: runs into it pull (fleecing + NBD)", "leave out --mode push", BackupExitCodes.Usage);
+            if (!chunks && r.GetValue(holdCommit) is not null)
+                throw new BackupException("--x-hold-before-commit is for chunk repositories", exitCode: BackupExitCodes.Usage);
+            var repository = chunks ? null : Repository.Open(r.GetValue(repo)!);
             if (r.GetValue(domain) is { } domainName)
             {
                 if (r.GetValue(socket) is not null || (r.GetValue(images) ?? []).Length > 0 || r.GetValue(nbd) is not null)
@@ -123,7 +133,7 @@ internal static class BackupCommands
                     Level = r.GetValue(level)!,
                     HoldAfterBegin = r.GetValue(hold) is { } seconds ? TimeSpan.FromSeconds(seconds) : null,
                 };
-                var points = WithProgress(stdout, asJson, p => new Strata.Backup.Libvirt.LibvirtBackupRunner(repository, libvirtOptions, p, OpenOffline).RunAsync().GetAwaiter().GetResult());
+                var points = WithProgress(stdout, asJson, p => new Strata.Backup.Libvirt.LibvirtBackupRunner(repository!, libvirtOptions, p, OpenOffline).RunAsync().GetAwaiter().GetResult());
                 PrintPoints(stdout, asJson, points);
                 return 0;
             }
@@ -138,11 +148,14 @@ internal static class BackupCommands
                 Socket = offlineSource?.Source.QmpSocket ?? r.GetValue(socket)!,
                 Disks = r.GetValue(disks)!,
                 Level = r.GetValue(level)!,
-                Mode = r.GetValue(mode)!,
+                Mode = r.GetValue(mode) ?? (chunks ? "pull" : "push"),
                 Nbd = r.GetValue(nbd),
                 InjectTargetErrno = r.GetValue(inject),
             };
-            var manifests = WithProgress(stdout, asJson, p => new BackupRunner(repository, options, p).RunAsync().GetAwaiter().GetResult());
+            if (chunks)
+                return ChunkCommands.Run(r, r.GetValue(repo)!, chunkOptions, options, r.GetValue(holdCommit) is { } seconds ? TimeSpan.FromSeconds(seconds) : null,
+                    asJson, body => WithProgress(stdout, asJson, body), stdout, stderr);
+            var manifests = WithProgress(stdout, asJson, p => new BackupRunner(repository!, options, p).RunAsync().GetAwaiter().GetResult());
             PrintPoints(stdout, asJson, manifests);
             return 0;
         }));

@@ -91,14 +91,9 @@ internal static class ChunkCommands
     /// <summary>The object store REPO names.</summary>
     public static IObjectStore OpenStore(string repo, string? endpoint)
     {
-        // S3 WIRING: once the S3 object store is merged, this body becomes `return ObjectStores.Open(repo, endpoint);`
-        // inside the try below (ObjectStores.Open also checks that --endpoint is not given for a folder).
         try
         {
-            if (repo.StartsWith("s3://", StringComparison.OrdinalIgnoreCase))
-                throw new ObjectStoreException($"'{repo}': this build has no S3 object store yet");
-            if (endpoint is { Length: > 0 }) throw new ObjectStoreException($"--endpoint is for s3:// repositories; '{repo}' is a folder");
-            return new FolderObjectStore(repo);
+            return ObjectStores.Open(repo, endpoint);
         }
         catch (ObjectStoreException e)
         {
@@ -135,12 +130,36 @@ internal static class ChunkCommands
         if (!repo.StartsWith("s3://", StringComparison.OrdinalIgnoreCase) && Directory.Exists(repo) && Directory.EnumerateFileSystemEntries(repo).Any()
             && !File.Exists(Path.Combine(repo, ChunkRepository.ConfigKey)))
             throw new BackupException($"'{repo}' exists and is not empty", "choose a new or empty folder", BackupExitCodes.Usage);
-        using var created = Sync(ChunkRepository.InitAsync(OpenStore(repo, r.GetValue(o.Endpoint)), new ChunkRepositoryInit { ChunkSize = chunkSize, Encrypt = encrypt, Key = encrypt ? o.Key(r) : null }));
+        var store = OpenStore(repo, r.GetValue(o.Endpoint));
+        if (store is S3ObjectStore s3)
+        {
+            // A new bucket is made; and a server that does not enforce create-only puts (Swift, mocks) would let two
+            // writers of one point or lease both win: refused.
+            Sync(s3.EnsureBucketAsync());
+            s3.ProbeCreateOnlyAsync().GetAwaiter().GetResult();
+        }
+        using var created = Sync(ChunkRepository.InitAsync(store, new ChunkRepositoryInit { ChunkSize = chunkSize, Encrypt = encrypt, Key = encrypt ? o.Key(r) : null }));
         stdout.WriteLine($"created chunk repository {created.Store.Location} (chunk size {BackupCommands.Bytes(created.ChunkSize)}, {(created.Encrypted ? "encrypted" : "not encrypted")})");
         return 0;
     }
 
     /// <summary>"4M", "65536", "64K": a chunk size for --chunk-size.</summary>
+    // ------------------------------------------------------------------ run
+
+    /// <summary>`backup run` into a chunk repository: always a pull (this tool writes the chunks).</summary>
+    public static int Run(ParseResult r, string repo, ChunkRepoOptions o, BackupRunOptions options, TimeSpan? holdBeforeCommit, bool asJson,
+        Func<Func<IBackupProgress, ChunkPoint>, ChunkPoint> withProgress, TextWriter stdout, TextWriter stderr)
+    {
+        using var repository = Open(r, repo, o, stderr);
+        var point = withProgress(p => new ChunkBackupRunner(repository, options, p) { HoldBeforeCommit = holdBeforeCommit }.RunAsync().GetAwaiter().GetResult());
+        var summaries = point.Disks.Select(d => ChunkPointSummary.Of(point, d)).ToList();
+        if (asJson) stdout.WriteLine(JsonSerializer.Serialize(summaries, ChunkReportJson.Default.ListChunkPointSummary));
+        else
+            foreach (var d in point.Disks)
+                stdout.WriteLine($"{d.Disk}@{point.Id}: {d.Level}, {BackupCommands.Bytes(d.CopiedBytes)} read, {BackupCommands.Bytes(d.UploadedBytes)} uploaded in {d.UploadedChunks} new chunk(s)");
+        return 0;
+    }
+
     public static int ParseChunkSize(string text)
     {
         if (!Img.SizeText.TryParse(text, out long bytes) || !ChunkRepositoryConfig.IsValidChunkSize(bytes))
