@@ -45,6 +45,15 @@ public class ChunkBackupTests(Infra.CephCluster ceph) : ScratchDirTest
         File.Delete(to);
     }
 
+    /// <summary>`strata backup COMMAND …` as a process of its own, its output read by the test.</summary>
+    private static Process StartStrata(Target t, string command, params string[] args)
+    {
+        var psi = Tools.StrataStartInfo(["backup", command, .. t.Options, .. args, t.Address]);
+        psi.RedirectStandardOutput = psi.RedirectStandardError = true;
+        psi.UseShellExecute = false;
+        return Process.Start(psi)!;
+    }
+
     private static IReadOnlyList<StoredObject> Objects(Target t, string prefix) =>
         t.Store.ListAsync(prefix).ToBlockingEnumerable().ToList();
 
@@ -82,8 +91,7 @@ public class ChunkBackupTests(Infra.CephCluster ceph) : ScratchDirTest
 
         // A point served read-only over NBD reads back identical through nbdcopy.
         string sock = P("serve.sock");
-        using var serve = Tools.StrataStartInfo(["backup", "serve", .. t.Options, "--at", points[1], "--disk", "vdb", "--socket", sock, t.Address]) is var psi
-            ? Process.Start(psi)! : null!;
+        using var serve = StartStrata(t, "serve", "--at", points[1], "--disk", "vdb", "--socket", sock);
         try
         {
             string line = serve.StandardOutput.ReadLine() ?? serve.StandardError.ReadToEnd();
@@ -109,7 +117,7 @@ public class ChunkBackupTests(Infra.CephCluster ceph) : ScratchDirTest
         foreach (var d in new[] { "vda", "vdb" })
         {
             await using var nbd = await src.ConnectAsync(d);
-            await nbd.WriteAsync(0, data);
+            for (int at = 0; at < data.Length; at += 4 << 20) await nbd.WriteAsync(at, data.AsMemory(at, 4 << 20));
             await nbd.FlushAsync();
         }
         Strata(t, "init", "--chunks", "--chunk-size", "1M").Ok();
@@ -226,8 +234,7 @@ public class ChunkBackupTests(Infra.CephCluster ceph) : ScratchDirTest
 
         // A run killed after its uploads, before its index: no point, and its chunks help the next run.
         await src.GuestWritesAsync("vda", seed: 2, blocks: 12);
-        using (var killed = Process.Start(Tools.StrataStartInfo(["backup", "run", .. t.Options, "--socket", src.QmpPath, "--nbd", src.NbdPath,
-                   "--disk", "vda", "--x-hold-before-commit", "60", t.Address]))!)
+        using (var killed = StartStrata(t, "run", "--socket", src.QmpPath, "--nbd", src.NbdPath, "--disk", "vda", "--x-hold-before-commit", "60"))
         {
             string? line;
             while ((line = killed.StandardOutput.ReadLine()) is not null && !line.Contains("holding before commit")) { }
@@ -239,10 +246,13 @@ public class ChunkBackupTests(Infra.CephCluster ceph) : ScratchDirTest
 
         // Another run holds before its commit while prune and GC run in other processes.
         await src.CopyAsync("vda", P("now.raw"));
-        using var running = Process.Start(Tools.StrataStartInfo(["backup", "run", .. t.Options, "--socket", src.QmpPath, "--nbd", src.NbdPath,
-            "--disk", "vda", "--json", "--x-hold-before-commit", "5", t.Address]))!;
+        // The killed run's lease is still there (nobody has looked at it since): the new run's is the one to wait for.
+        var leftLeases = Objects(t, "locks/shared/").Select(o => o.Key).ToHashSet();
+        using var running = StartStrata(t, "run", "--socket", src.QmpPath, "--nbd", src.NbdPath, "--disk", "vda", "--json", "--x-hold-before-commit", "5");
         var outputTask = running.StandardOutput.ReadToEndAsync();
-        await Task.Delay(1500);
+        // Prune and GC start once the run holds its lease (GC must wait for it, not race ahead of it).
+        for (int i = 0; i < 600 && Objects(t, "locks/shared/").All(o => leftLeases.Contains(o.Key)) && !running.HasExited; i++) await Task.Delay(100);
+        Assert.Contains(Objects(t, "locks/shared/"), o => !leftLeases.Contains(o.Key));
         Strata(t, "prune", "--keep-last", "1").Ok();
         var gc = Strata(t, "gc", "--grace", "0");
         Assert.True(running.WaitForExit(120_000));
@@ -251,6 +261,10 @@ public class ChunkBackupTests(Infra.CephCluster ceph) : ScratchDirTest
         string output = await outputTask;
         var made = JsonDocument.Parse(output[output.IndexOf('[')..]).RootElement.EnumerateArray().Single();
         Assert.Equal("inc", made.GetProperty("level").GetString());
+        // It read what the killed run read (the bitmaps of the killed run were folded back) and uploaded none of it
+        // again: the killed run's journal named those chunks.
+        Assert.True(made.GetProperty("copied-bytes").GetInt64() > 0);
+        Assert.Equal(0, made.GetProperty("uploaded-bytes").GetInt64());
         AssertRestores(t, "vda", made.GetProperty("id").GetString()!, P("now.raw"));
         Strata(t, "verify").Ok();
         // GC swept for real: after prune, only the newest point's chunks remain.

@@ -69,6 +69,7 @@ public sealed class ChunkBackupRunner(ChunkRepository repo, BackupRunOptions opt
             string ownSocket = SocketPaths.ForRun(Path.Combine(ScratchDir, $"strata-nbd-{Environment.ProcessId}.sock"), "chunks");
             await using (var frozen = await FrozenSource.FreezeAsync(source, frozenDisks, options.Nbd, ownSocket, "if it already runs one, pass its address with --nbd"))
                 await Task.WhenAll(plans.Select(p => CopyDiskAsync(p, session, frozen.NbdAddress, frozen.DirtyContext(p.Disk))));
+            await session.FlushJournalAsync();
             point = new ChunkPoint
             {
                 Id = id,

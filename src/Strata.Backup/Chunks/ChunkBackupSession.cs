@@ -82,6 +82,10 @@ public sealed class ChunkBackupSession : IAsyncDisposable
         return new ChunkPut(id, stored);
     }
 
+    /// <summary>Records the last uploads in the journal: a run killed from now on (while it waits to publish) costs
+    /// the next one no upload.</summary>
+    public Task FlushJournalAsync(CancellationToken cancel = default) => _journal.FlushAsync(cancel);
+
     /// <summary>Publishes the point: every chunk it names must be stored (known to this session), the lease must still be
     /// held, and the point id must be free (the index is put create-only).</summary>
     public async Task CommitAsync(ChunkPoint point, CancellationToken cancel = default)

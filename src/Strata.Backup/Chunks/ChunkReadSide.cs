@@ -189,6 +189,11 @@ public static class ChunkGarbageCollector
                 Interlocked.Add(ref freed, o.Size);
             }).ConfigureAwait(false);
         }
+        // No backup runs while the exclusive lease is held, so every upload journal is a finished or killed run's: its
+        // chunks are referenced now, or swept, or kept within the grace (a rerun then uploads them again, create-only).
+        foreach (var (_, keys) in await UploadJournal.ListAsync(repo.Store, cancel).ConfigureAwait(false))
+            foreach (string key in keys)
+                await repo.Store.DeleteAsync(key, cancel).ConfigureAwait(false);
         return new ChunkGcReport(points.Count, referenced.Count, deleted, freed, tooNew);
     }
 }

@@ -12,21 +12,39 @@ internal sealed class UploadJournal(IObjectStore store, string session)
 {
     public const string Prefix = "journal/";
     public const int FragmentChunks = 16;
+    public const int FragmentSeconds = 2;
 
     private readonly List<ChunkId> _pending = [];
     private readonly SemaphoreSlim _writing = new(1, 1);
     private int _sequence;
+    private long _lastWrite = Environment.TickCount64;
 
-    /// <summary>Records an uploaded chunk; every <see cref="FragmentChunks"/> of them go out as one fragment.</summary>
+    /// <summary>Records an uploaded chunk; every <see cref="FragmentChunks"/> of them, or what came in the last
+    /// <see cref="FragmentSeconds"/>, go out as one fragment.</summary>
     public async Task AddAsync(ChunkId id, CancellationToken cancel)
     {
         ChunkId[] fragment;
         lock (_pending)
         {
             _pending.Add(id);
-            if (_pending.Count < FragmentChunks) return;
+            if (_pending.Count < FragmentChunks && Environment.TickCount64 - _lastWrite < FragmentSeconds * 1000) return;
             fragment = [.. _pending];
             _pending.Clear();
+            _lastWrite = Environment.TickCount64;
+        }
+        await WriteAsync(fragment, cancel).ConfigureAwait(false);
+    }
+
+    /// <summary>Writes what is pending (every chunk is stored: a kill from now on loses no upload).</summary>
+    public async Task FlushAsync(CancellationToken cancel)
+    {
+        ChunkId[] fragment;
+        lock (_pending)
+        {
+            if (_pending.Count == 0) return;
+            fragment = [.. _pending];
+            _pending.Clear();
+            _lastWrite = Environment.TickCount64;
         }
         await WriteAsync(fragment, cancel).ConfigureAwait(false);
     }
