@@ -73,6 +73,9 @@ crash dir = $D/crash
 keyring = /dev/null
 [mon]
 mon data = $D/mon
+# a monitor batches map changes for 1 s by default; start-up is a dozen of them (OSD boot, radosgw's pools)
+paxos propose interval = 0.05
+paxos min wait = 0.01
 [osd]
 osd data = $D/osd0
 osd objectstore = bluestore
@@ -114,6 +117,7 @@ monmaptool --create --fsid "$fsid" --addv a "$mon_addrs" "$D/monmap" >/dev/null
 ceph-mon --mkfs -i a --monmap "$D/monmap" >>"$D/log/setup.log" 2>&1 || fail "ceph-mon --mkfs failed" setup
 ceph-mon -i a >>"$D/log/setup.log" 2>&1 || fail "ceph-mon did not start" mon.a
 wait_for "the monitor" mon.a ceph -s --connect-timeout 2
+t_mon=$(date +%s%N)
 
 osd_uuid=$(uuidgen)
 osd_id=$(ceph osd new "$osd_uuid") || fail "ceph osd new failed" mon.a
@@ -122,6 +126,7 @@ ceph-osd -i 0 --mkfs --osd-uuid "$osd_uuid" >>"$D/log/setup.log" 2>&1 || fail "c
 ceph-osd -i 0 >>"$D/log/setup.log" 2>&1 || fail "ceph-osd did not start" osd.0
 osd_up() { ceph osd stat 2>/dev/null | grep -q " 1 up"; }
 wait_for "the OSD" osd.0 osd_up
+t_osd=$(date +%s%N)
 
 # crc: cephx is off and a client daemon would otherwise insist on secure mode
 radosgw -n client.rgw.strata --ms-mon-client-mode=crc >>"$D/log/setup.log" 2>&1 || fail "radosgw did not start" client.rgw.strata
@@ -136,5 +141,6 @@ AWS_SECRET_ACCESS_KEY=$secret_key
 AWS_REGION=us-east-1
 AWS_EC2_METADATA_DISABLED=true
 ENV
-ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-echo "S3 ready on $endpoint after $((ms / 1000)).$(printf %03d $((ms % 1000))) s (CEPH_CONF=$D/ceph.conf, keys in $D/s3.env)"
+seconds() { local ms=$(( ($2 - $1) / 1000000 )); echo "$((ms / 1000)).$(printf %03d $((ms % 1000)))"; }
+t_end=$(date +%s%N)
+echo "S3 ready on $endpoint after $(seconds "$t0" "$t_end") s (monitor $(seconds "$t0" "$t_mon") s, OSD $(seconds "$t_mon" "$t_osd") s, radosgw $(seconds "$t_osd" "$t_end") s; CEPH_CONF=$D/ceph.conf, keys in $D/s3.env)"

@@ -69,9 +69,6 @@ public sealed class S3ObjectStore : IObjectStore
 
     public string Location => Prefix.Length == 0 ? $"s3://{Bucket}" : $"s3://{Bucket}/{Prefix.TrimEnd('/')}";
 
-    /// <summary>Keys per ListObjectsV2 page (S3's maximum and default is 1000; tests lower it to page sooner).</summary>
-    internal int ListPageSize { get; init; } = 1000;
-
     private static AmazonS3Config ClientConfig(S3Connection connection, bool retries)
     {
         var config = new AmazonS3Config
@@ -301,7 +298,6 @@ public sealed class S3ObjectStore : IObjectStore
                     BucketName = Bucket,
                     Prefix = Prefix + prefix,
                     ContinuationToken = token,
-                    MaxKeys = ListPageSize,
                 }, cancel);
             }
             catch (Exception e) when (IsStoreFailure(e))
