@@ -5,10 +5,11 @@
 #    s3://bench/enc, encrypted) against `aws s3 cp` of the disk's raw bytes; wall clock of each process
 #  - restore: `strata backup restore -O raw` of that point against `aws s3 cp` of the raw object back to a file
 #  - size: after the full + 5 incrementals of 1 % of the disk each (64 KiB blocks scattered over the disk, and
-#    then the same in one contiguous run), the bucket's bytes against a qcow2-chain folder repository of the same
-#    backups, and against the data the guest changed
+#    then the same in one contiguous run), the bucket's bytes per chunk size against a qcow2-chain folder repository
+#    of the same backups, and against the data the guest changed
 # The disk: SIZE_MIB of which half is random (incompressible), a quarter text-like (compressible), a quarter zeros.
 # Usage: bench/chunks-s3.sh [SIZE_MIB] [RUNS]    (needs ceph-mon ceph-osd radosgw, /usr/bin/aws, qemu-img, qemu-io)
+#        CHUNK_SIZES="4M 1M 256K 64K" (the size comparison's chunk sizes), SKIP_SPEED=1 (the size comparison only)
 set -euo pipefail
 SIZE_MIB=${1:-1024}
 RUNS=${2:-3}
@@ -20,7 +21,7 @@ quarter=$((bytes / 4))
 
 tests/scripts/ceph-start.sh "$dir/ceph" >/dev/null
 trap 'tests/scripts/ceph-stop.sh "$dir/ceph"; cleanup' EXIT
-source "$dir/ceph/env"   # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION
+set -a; source "$dir/ceph/s3.env"; set +a   # AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION
 AWS=(/usr/bin/aws --endpoint-url "$AWS_ENDPOINT_URL")
 "${AWS[@]}" s3 mb s3://bench >/dev/null
 "${AWS[@]}" s3 mb s3://raw >/dev/null
@@ -55,7 +56,8 @@ mibps() { python3 -c "print('%.0f' % ($bytes / 1048576 / $1))"; }
 export STRATA_PASSPHRASE="bench passphrase"
 
 printf "%-28s %10s %10s\n" step seconds MiB/s
-for ((run = 1; run <= RUNS; run++)); do
+speed_runs=$RUNS; [[ -n ${SKIP_SPEED:-} ]] && speed_runs=0   # SKIP_SPEED=1: the sizes only
+for ((run = 1; run <= speed_runs; run++)); do
     "${AWS[@]}" s3 rm --recursive s3://bench >/dev/null || true
     $STRATA backup init --chunks s3://bench/plain >/dev/null
     $STRATA backup init --chunks --encrypt s3://bench/enc >/dev/null
@@ -73,11 +75,23 @@ for ((run = 1; run <= RUNS; run++)); do
     echo
 done
 
-# Size: the same full + 5 incrementals into the chunk repository and into a qcow2-chain folder.
+# Size: the same full + 5 incrementals per layout into a chunk repository per chunk size (CHUNK_SIZES) and into a
+# qcow2-chain folder; the guest writes go to the one disk, and every repository takes every point.
 bucket_bytes() { "${AWS[@]}" s3 ls --recursive --summarize "s3://bench/$1/" | awk '/Total Size/ {print $3}'; }
+folder_bytes() { du -sb --apparent-size "$1" | cut -f1; }
+mib() { python3 -c "print('%.1f' % ($1 / 1048576))"; }
+sizes=(${CHUNK_SIZES:-4M 1M 256K 64K})
 $STRATA backup init "$dir/chain" >/dev/null
 $STRATA backup run --socket "$qmp" --disk vda --level full "$dir/chain" >/dev/null
+line="after the full: chain folder $(mib "$(folder_bytes "$dir/chain")") MiB"
+for cs in "${sizes[@]}"; do
+    $STRATA backup init --chunks --chunk-size "$cs" "s3://bench/sz-$cs" >/dev/null
+    $STRATA backup run --socket "$qmp" --nbd "$nbd" --disk vda --level full "s3://bench/sz-$cs" >/dev/null
+    line+=", chunks of $cs $(mib "$(bucket_bytes "sz-$cs")") MiB"
+done
+echo "disk $SIZE_MIB MiB; $line"
 for layout in scattered contiguous; do
+    declare -A c0; for cs in "${sizes[@]}"; do c0[$cs]=$(bucket_bytes "sz-$cs"); done; f0=$(folder_bytes "$dir/chain")
     for ((i = 1; i <= 5; i++)); do
         python3 - "$nbd" "$bytes" "$layout" "$i" <<'PY'
 import os, random, socket, struct, sys
@@ -89,17 +103,19 @@ def recv(n):
     return b
 recv(18); s.sendall(struct.pack(">I", 3))                                   # fixed newstyle, no zeroes
 name = b"vda"; s.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(name) + 6) + struct.pack(">I", len(name)) + name + b"\0\0")
-while True:                                                                 # NBD_OPT_GO replies
+while True:                                                                 # NBD_OPT_GO replies until the ACK
     magic, opt, typ, ln = struct.unpack(">QIII", recv(20)); recv(ln)
     if typ == 1: break
 r = random.Random(seed * 7 + (layout == "contiguous")); n = size // 65536 // 100
-offs = [r.randrange(size // 65536) * 65536 for _ in range(n)] if layout == "scattered" else [r.randrange(size // 65536 - n) * 65536 + k * 65536 for k in range(n)]
+offs = [r.randrange(size // 65536) * 65536 for _ in range(n)] if layout == "scattered" else [(base + k) * 65536 for base in [r.randrange(size // 65536 - n)] for k in range(n)]
 for h, off in enumerate(offs):
     s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, h, off, 65536) + os.urandom(65536)); recv(16)
 s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 2, 0, 0, 0))
 PY
-        $STRATA backup run --socket "$qmp" --nbd "$nbd" --disk vda s3://bench/plain >/dev/null
+        for cs in "${sizes[@]}"; do $STRATA backup run --socket "$qmp" --nbd "$nbd" --disk vda "s3://bench/sz-$cs" >/dev/null; done
         $STRATA backup run --socket "$qmp" --disk vda "$dir/chain" >/dev/null
     done
-    echo "after full + 5 x 1 % ($layout): chunks $(($(bucket_bytes plain) / 1048576)) MiB, chain folder $(($(du -sb "$dir/chain" | cut -f1) / 1048576)) MiB, changed $((5 * bytes / 100 / 1048576)) MiB per round of five"
+    line="chain folder +$(mib $(($(folder_bytes "$dir/chain") - f0))) MiB"
+    for cs in "${sizes[@]}"; do line+=", chunks of $cs +$(mib $(($(bucket_bytes "sz-$cs") - c0[$cs]))) MiB"; done
+    echo "5 incrementals of 1 % ($layout 64 KiB writes, $(mib $((5 * bytes / 100))) MiB written): $line"
 done

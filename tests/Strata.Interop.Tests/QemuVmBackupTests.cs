@@ -56,12 +56,15 @@ public class QemuVmBackupTests : ScratchDirTest
     [Theory]
     [InlineData("push")]
     [InlineData("pull")]
+    [InlineData("chunks")] // into a chunk repository (on a folder: the S3 runs are in ChunkBackupTests), always pulled
     public async Task AFullAndTwoIncrementalsOfARealVmRestoreEveryPoint(string mode)
     {
         string disk = P("vda.qcow2"), repo = P("repo");
         Tools.QemuImg("create", "-q", "-f", "qcow2", disk, "64M").Ok();
         Tools.QemuIo(disk, ["write -P 0x11 0 8M", "write -P 0x12 40M 1M"]);
-        Tools.StrataCmd("backup", "init", repo).Ok();
+        if (mode == "chunks") Tools.StrataCmd("backup", "init", "--chunks", "--chunk-size", "1M", repo).Ok();
+        else Tools.StrataCmd("backup", "init", repo).Ok();
+        string[] modeOption = mode == "chunks" ? [] : ["--mode", mode];
         var points = new List<(string Id, string Level, string Copy)>();
         for (int round = 0; round < 3; round++)
         {
@@ -70,7 +73,7 @@ public class QemuVmBackupTests : ScratchDirTest
             Tools.QemuImg("convert", "-O", "raw", disk, copy).Ok();
             using (var vm = new Vm(Dir, disk))
             {
-                var r = Tools.StrataCmd("backup", "run", "--socket", vm.QmpPath, "--disk", "vda", "--mode", mode, "--json", repo).Ok();
+                var r = Tools.StrataCmd(["backup", "run", "--socket", vm.QmpPath, "--disk", "vda", .. modeOption, "--json", repo]).Ok();
                 var point = r.Json()[0];
                 points.Add((point.GetProperty("id").GetString()!, point.GetProperty("level").GetString()!, copy));
                 await vm.QuitAsync();

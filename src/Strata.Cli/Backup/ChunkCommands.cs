@@ -109,7 +109,9 @@ internal static class ChunkCommands
         try
         {
             var opened = ChunkRepository.OpenAsync(store, key).GetAwaiter().GetResult();
-            if (!opened.Encrypted && own is not null) stderr.WriteLine($"strata backup: note: '{repo}' is not encrypted; the passphrase or key file is not used");
+            // Only for a key named on the command line: STRATA_PASSPHRASE set for other repositories is no news.
+            bool named = r.GetValue(o.PassphraseFile) is not null || r.GetValue(o.KeyFile) is not null;
+            if (!opened.Encrypted && named) stderr.WriteLine($"strata backup: note: '{repo}' is not encrypted; the passphrase or key file is not used");
             return opened;
         }
         catch
