@@ -207,6 +207,31 @@ public class ChunkRepositoryTests : ScratchDirTest
         Restore(secret, DiskName, id, P("out.raw"), "raw", "--passphrase-file", P("pass"));
         AssertSameBytes(P("disk.raw"), P("out.raw"));
         Tools.StrataCmd("backup", "verify", "--passphrase-file", P("pass"), secret).Ok();
+
+        // The passphrase from the environment, in a process of its own.
+        var psi = Tools.StrataStartInfo("backup", "list", "--json", secret);
+        psi.RedirectStandardOutput = psi.RedirectStandardError = true;
+        psi.Environment["STRATA_PASSPHRASE"] = "correct horse battery staple";
+        using (var listed = Process.Start(psi)!)
+        {
+            string stdout = listed.StandardOutput.ReadToEnd();
+            listed.WaitForExit();
+            Assert.True(listed.ExitCode == 0, listed.StandardError.ReadToEnd());
+            Assert.Contains(id, stdout);
+        }
+
+        // A key file's bytes are the secret: another file does not open it.
+        var keyBytes = new byte[64];
+        new Random(20).NextBytes(keyBytes);
+        File.WriteAllBytes(P("key"), keyBytes);
+        keyBytes[0] ^= 1;
+        File.WriteAllBytes(P("other-key"), keyBytes);
+        string keyed = P("keyed");
+        Tools.StrataCmd("backup", "init", "--chunks", "--encrypt", "--key-file", P("key"), keyed).Ok();
+        Tools.StrataCmd("backup", "list", "--key-file", P("key"), keyed).Ok();
+        var otherKey = Tools.StrataCmd("backup", "list", "--key-file", P("other-key"), keyed);
+        Assert.Equal(2, otherKey.Exit);
+        Assert.Contains("wrong passphrase or key file", otherKey.Stderr);
     }
 
     [Fact]
