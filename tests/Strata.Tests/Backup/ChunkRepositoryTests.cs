@@ -427,4 +427,29 @@ public sealed class ChunkRepositoryTests : IDisposable
         Assert.Equal(chunks - 2, ChunkFiles().Length);
         await ChunkVerifier.VerifyAsync(repo);
     }
+
+    [Fact]
+    public async Task ABackupAndAGarbageCollectionStartingTogetherNeverBothHoldTheRepository()
+    {
+        using var repo = await Init();
+        int both = 0, backups = 0, collections = 0;
+        for (int round = 0; round < 40; round++)
+        {
+            var start = new TaskCompletionSource();
+            var gc = Task.Run(async () => { await start.Task; return await RepositoryLeases.AcquireExclusiveAsync(repo.Store, "gc", TimeSpan.Zero); });
+            var backup = Task.Run(async () => { await start.Task; return await RepositoryLeases.AcquireSharedAsync(repo.Store, "backup"); });
+            start.SetResult();
+            RepositoryLease? gcLease = null, backupLease = null;
+            try { gcLease = await gc; } catch (BackupException e) { Assert.Equal(BackupExitCodes.Locked, e.ExitCode); }
+            try { backupLease = await backup; } catch (BackupException e) { Assert.Equal(BackupExitCodes.Locked, e.ExitCode); }
+            if (gcLease is not null && backupLease is not null) both++;
+            if (gcLease is not null) collections++;
+            if (backupLease is not null) backups++;
+            if (gcLease is not null) await gcLease.DisposeAsync();
+            if (backupLease is not null) await backupLease.DisposeAsync();
+            Assert.Empty(Directory.GetFiles(Path.Combine(_dir, "locks"), "*", SearchOption.AllDirectories));
+        }
+        Assert.Equal(0, both);
+        Assert.True(backups + collections > 0);
+    }
 }
