@@ -229,14 +229,9 @@ public static class ChunkCopier
             var disks = new List<ChunkDisk>();
             foreach (var disk in point.Disks)
             {
-                var ids = new ChunkId[disk.Chunks.Count];
-                await Parallel.ForEachAsync(Enumerable.Range(0, ids.Length), new ParallelOptions { MaxDegreeOfParallelism = InFlight, CancellationToken = cancel }, async (i, ct) =>
-                {
-                    var id = disk.Chunks[i];
-                    if (id.IsZero || mapped.TryGetValue(id, out ids[i])) return;
-                    int length = (int)Math.Min(source.ChunkSize, disk.VirtualSize - (long)i * source.ChunkSize);
-                    ids[i] = mapped[id] = await session.PutChunkAsync(await source.ReadChunkAsync(id, length, ct).ConfigureAwait(false), ct).ConfigureAwait(false);
-                }).ConfigureAwait(false);
+                var ids = source.ChunkSize == destination.ChunkSize
+                    ? await CopyChunksAsync(source, disk, session, mapped, cancel).ConfigureAwait(false)
+                    : await RechunkAsync(source, point, disk, session, cancel).ConfigureAwait(false);
                 disks.Add(disk with { Chunks = ids });
             }
             await session.CommitAsync(point with { Disks = disks }, cancel).ConfigureAwait(false);
@@ -244,6 +239,43 @@ public static class ChunkCopier
             log?.Invoke($"{point.Id}: copied ({string.Join(", ", point.Disks.Select(d => d.Disk))})");
         }
         return new ChunkCopyReport(copied, points.Count - copied, session.UploadedChunks, session.UploadedBytes);
+    }
+
+    /// <summary>Same chunk size: chunk for chunk, each read once (ids differ between repositories: their keys do).</summary>
+    private static async Task<ChunkId[]> CopyChunksAsync(ChunkRepository source, ChunkDisk disk, ChunkBackupSession session,
+        ConcurrentDictionary<ChunkId, ChunkId> mapped, CancellationToken cancel)
+    {
+        var ids = new ChunkId[disk.Chunks.Count];
+        await Parallel.ForEachAsync(Enumerable.Range(0, ids.Length), new ParallelOptions { MaxDegreeOfParallelism = InFlight, CancellationToken = cancel }, async (i, ct) =>
+        {
+            var id = disk.Chunks[i];
+            if (id.IsZero || mapped.TryGetValue(id, out ids[i])) return;
+            int length = (int)Math.Min(source.ChunkSize, disk.VirtualSize - (long)i * source.ChunkSize);
+            ids[i] = mapped[id] = await session.PutChunkAsync(await source.ReadChunkAsync(id, length, ct).ConfigureAwait(false), ct).ConfigureAwait(false);
+        }).ConfigureAwait(false);
+        return ids;
+    }
+
+    /// <summary>Another chunk size: the disk read as an image and cut into the destination's chunks.</summary>
+    private static async Task<ChunkId[]> RechunkAsync(ChunkRepository source, ChunkPoint point, ChunkDisk disk, ChunkBackupSession session, CancellationToken cancel)
+    {
+        using var image = source.OpenDisk(point, disk.Disk, cacheChunks: 2 * InFlight);
+        return await ChunkImageAsync(image, session, cancel).ConfigureAwait(false);
+    }
+
+    /// <summary>Every chunk of an image stored through the session, several in flight; the ids in disk order.</summary>
+    private static async Task<ChunkId[]> ChunkImageAsync(BlockImage image, ChunkBackupSession session, CancellationToken cancel)
+    {
+        int chunkSize = session.Repository.ChunkSize;
+        var ids = new ChunkId[(image.Size + chunkSize - 1) / chunkSize];
+        await Parallel.ForEachAsync(Enumerable.Range(0, ids.Length), new ParallelOptions { MaxDegreeOfParallelism = InFlight, CancellationToken = cancel }, async (i, ct) =>
+        {
+            long offset = (long)i * chunkSize;
+            var buffer = new byte[(int)Math.Min(chunkSize, image.Size - offset)];
+            image.Read(offset, buffer);
+            ids[i] = await session.PutChunkAsync(buffer, ct).ConfigureAwait(false);
+        }).ConfigureAwait(false);
+        return ids;
     }
 
     public static async Task<ChunkCopyReport> CopyFromChainAsync(Repository source, ChunkRepository destination, Action<string>? log = null, CancellationToken cancel = default)
@@ -265,15 +297,7 @@ public static class ChunkCopier
             {
                 source.ChainOf(m); // a broken chain fails here, with the chain repository's message
                 using var image = ImageOpener.Open(source.FilePath(m), "qcow2", readOnly: true);
-                int chunkSize = destination.ChunkSize;
-                var ids = new ChunkId[(image.Size + chunkSize - 1) / chunkSize];
-                await Parallel.ForEachAsync(Enumerable.Range(0, ids.Length), new ParallelOptions { MaxDegreeOfParallelism = InFlight, CancellationToken = cancel }, async (i, ct) =>
-                {
-                    long offset = (long)i * chunkSize;
-                    var buffer = new byte[(int)Math.Min(chunkSize, image.Size - offset)];
-                    image.Read(offset, buffer);
-                    ids[i] = await session.PutChunkAsync(buffer, ct).ConfigureAwait(false);
-                }).ConfigureAwait(false);
+                var ids = await ChunkImageAsync(image, session, cancel).ConfigureAwait(false);
                 disks.Add(new ChunkDisk
                 {
                     Disk = m.Disk, VirtualSize = image.Size, Level = m.Level, Parent = m.Parent, Mode = m.Mode, Source = m.Source, Node = m.Node,

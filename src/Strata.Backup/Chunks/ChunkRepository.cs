@@ -82,7 +82,6 @@ public sealed class ChunkRepository : IDisposable
     public string BitmapPrefix => $"strata-{Tag}-";
     public int ChunkSize => _config.ChunkSize;
     public bool Encrypted => _config.Encryption is not null;
-    public ChunkRepositoryConfig Config => _config;
 
     public static string ChunkKey(ChunkId id)
     {

@@ -80,7 +80,10 @@ public sealed class RepositoryLease : IAsyncDisposable
         _stop.Dispose();
         try
         {
-            await _store.DeleteAsync(Key).ConfigureAwait(false);
+            // Only our own: once expired, the key may have been retaken by another process.
+            var current = await _store.GetAsync(Key).ConfigureAwait(false);
+            if (current is not null && ChunkLeaseRecord.TryParse(current)?.Owner == Record.Owner)
+                await _store.DeleteAsync(Key).ConfigureAwait(false);
         }
         catch (ObjectStoreException)
         {

@@ -14,13 +14,14 @@ internal static class BackupCommands
 {
     private const string ExitCodes = """
         Exit codes: 0 success; 1 the backup, restore or prune failed, or verify found a problem;
-        2 bad arguments, or no such repository, disk or point; 3 the repository is locked by another run;
+        2 bad arguments, or no such repository, disk or point; 3 the repository is locked by another run (or garbage collection);
         4 the source (QMP, NBD or libvirt) could not be reached or refused a command.
         """;
 
     public static Command Build(TextWriter stdout, TextWriter stderr)
     {
-        var cmd = new Command("backup", "Keep chains of full and incremental backups of disks served over QMP or of libvirt domains, restore and verify them.\n" + ExitCodes);
+        var cmd = new Command("backup", "Keep chains of full and incremental backups of disks served over QMP or of libvirt domains, restore and verify them;\n" +
+            "or keep them in a chunk repository (init --chunks): deduplicated, compressed, optionally encrypted chunks in a folder or on S3.\n" + ExitCodes);
         cmd.Subcommands.Add(Init(stdout, stderr));
         cmd.Subcommands.Add(Run(stdout, stderr));
         cmd.Subcommands.Add(List(stdout, stderr));

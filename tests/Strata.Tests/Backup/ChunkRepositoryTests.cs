@@ -363,4 +363,93 @@ public sealed class ChunkRepositoryTests : IDisposable
         var stored = ChunkLeaseRecord.TryParse((await repo.Store.GetAsync(lease.Key))!)!;
         Assert.Equal(lease.Record.Owner, stored.Owner);
     }
+
+    [Fact]
+    public async Task VerifyReadsASampleOrEveryChunkAndNamesEachDiskOfEachPointUsingABadOne()
+    {
+        using var repo = await Init();
+        byte[] vda = Disk(8, 11);
+        string[] ids = ["20261206T120000Z", "20261206T130000Z"];
+        ChunkPoint first;
+        await using (var s = await repo.BeginBackupAsync())
+        {
+            first = Point(ids[0], await PutDisk(s, "vda", vda), await PutDisk(s, "vdb", vda));
+            await s.CommitAsync(first);
+            await s.CommitAsync(Point(ids[1], await PutDisk(s, "vda", Disk(8, 12))));
+        }
+        var all = await ChunkVerifier.VerifyAsync(repo);
+        Assert.Equal((2, 16L, 16L), (all.Points, all.DistinctChunks, all.ChunksRead));
+        Assert.Empty(all.Problems);
+        var half = await ChunkVerifier.VerifyAsync(repo, sample: 0.5);
+        Assert.Equal(8, half.ChunksRead);
+
+        var bad = first.Disks[0].Chunks[3];
+        string file = Path.Combine(_dir, ChunkRepository.ChunkKey(bad));
+        byte[] blob = File.ReadAllBytes(file);
+        blob[^1] ^= 0x80;
+        File.WriteAllBytes(file, blob);
+        var found = await ChunkVerifier.VerifyAsync(repo);
+        Assert.Equal([(ids[0], "vda", bad.ToString()), (ids[0], "vdb", bad.ToString())], found.Problems.Select(p => (p.Point!, p.Disk!, p.Chunk!)));
+        Assert.All(found.Problems, p => Assert.Contains("corrupt", p.What));
+        await Assert.ThrowsAsync<BackupException>(() => ChunkVerifier.VerifyAsync(repo, sample: 0));
+
+        // A damaged index is a problem of its own; the other points are still checked.
+        string index = Path.Combine(_dir, "points", ids[1]);
+        byte[] indexBlob = File.ReadAllBytes(index);
+        indexBlob[^1] ^= 0x01;
+        File.WriteAllBytes(index, indexBlob);
+        found = await ChunkVerifier.VerifyAsync(repo);
+        Assert.Contains(found.Problems, p => p.Point == ids[1] && p.Disk is null && p.What.Contains("corrupt"));
+        Assert.Equal(1, found.Points);
+    }
+
+    [Fact]
+    public async Task PruneKeepsAPointThatAnyOfItsDisksRulesKeepAndDeletesOnlyIndexes()
+    {
+        using var repo = await Init();
+        await using (var s = await repo.BeginBackupAsync())
+        {
+            await s.CommitAsync(Point("20261201T120000Z", await PutDisk(s, "vda", Disk(2, 13)), await PutDisk(s, "vdb", Disk(2, 14))));
+            await s.CommitAsync(Point("20261202T120000Z", await PutDisk(s, "vda", Disk(2, 15))));
+            await s.CommitAsync(Point("20261203T120000Z", await PutDisk(s, "vda", Disk(2, 16))));
+        }
+        int chunks = ChunkFiles().Length;
+        var dry = await ChunkPruner.PruneAsync(repo, new RetentionPolicy(1, 0, 0, 0), dryRun: true);
+        Assert.Equal(["20261202T120000Z"], dry.Select(p => p.Id));
+        Assert.Equal(3, (await repo.PointsAsync()).Count);
+        // The first point is vdb's newest: kept. Of vda's, only the newest is kept.
+        var removed = await ChunkPruner.PruneAsync(repo, new RetentionPolicy(1, 0, 0, 0));
+        Assert.Equal(["20261202T120000Z"], removed.Select(p => p.Id));
+        Assert.Equal(["20261201T120000Z", "20261203T120000Z"], (await repo.PointsAsync()).Select(p => p.Id));
+        Assert.Equal(chunks, ChunkFiles().Length);
+        var gc = await ChunkGarbageCollector.CollectAsync(repo, TimeSpan.Zero, TimeSpan.Zero);
+        Assert.Equal(2, gc.DeletedChunks);
+        Assert.Equal(chunks - 2, ChunkFiles().Length);
+        await ChunkVerifier.VerifyAsync(repo);
+    }
+
+    [Fact]
+    public async Task ABackupAndAGarbageCollectionStartingTogetherNeverBothHoldTheRepository()
+    {
+        using var repo = await Init();
+        int both = 0, backups = 0, collections = 0;
+        for (int round = 0; round < 40; round++)
+        {
+            var start = new TaskCompletionSource();
+            var gc = Task.Run(async () => { await start.Task; return await RepositoryLeases.AcquireExclusiveAsync(repo.Store, "gc", TimeSpan.Zero); });
+            var backup = Task.Run(async () => { await start.Task; return await RepositoryLeases.AcquireSharedAsync(repo.Store, "backup"); });
+            start.SetResult();
+            RepositoryLease? gcLease = null, backupLease = null;
+            try { gcLease = await gc; } catch (BackupException e) { Assert.Equal(BackupExitCodes.Locked, e.ExitCode); }
+            try { backupLease = await backup; } catch (BackupException e) { Assert.Equal(BackupExitCodes.Locked, e.ExitCode); }
+            if (gcLease is not null && backupLease is not null) both++;
+            if (gcLease is not null) collections++;
+            if (backupLease is not null) backups++;
+            if (gcLease is not null) await gcLease.DisposeAsync();
+            if (backupLease is not null) await backupLease.DisposeAsync();
+            Assert.Empty(Directory.GetFiles(Path.Combine(_dir, "locks"), "*", SearchOption.AllDirectories));
+        }
+        Assert.Equal(0, both);
+        Assert.True(backups + collections > 0);
+    }
 }
