@@ -271,4 +271,29 @@ public class ChunkBackupTests(Infra.CephCluster ceph) : ScratchDirTest
         Strata(t, "gc", "--grace", "0").Ok();
         Strata(t, "verify").Ok();
     }
+
+    [Fact]
+    public async Task APointCopiedFromAChainFolderStartsItsOwnBitmapAndLeavesTheFoldersAlone()
+    {
+        using var t = NewTarget("folder");
+        using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
+        string chain = P("chain");
+        Tools.StrataCmd("backup", "init", chain).Ok();
+        Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", chain).Ok();
+        Strata(t, "init", "--chunks", "--chunk-size", "1M").Ok();
+        Tools.StrataCmd(["backup", "copy", chain, t.Address]).Ok();
+        await src.GuestWritesAsync("vda", seed: 4, blocks: 6);
+        await src.CopyAsync("vda", P("now.raw"));
+
+        // The copied point names the chain folder's bitmap: the chunk repository takes a full and its own bitmap.
+        var made = RunBackup(t, src, "--disk", "vda").EnumerateArray().Single();
+        Assert.Equal("full", made.GetProperty("level").GetString());
+        Assert.Contains("copied from another repository", made.GetProperty("note").GetString());
+        AssertRestores(t, "vda", made.GetProperty("id").GetString()!, P("now.raw"));
+        // The folder's chain goes on: its bitmap still records, and its next run is an incremental.
+        var next = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--json", chain).Ok().Json().EnumerateArray().Single();
+        Assert.Equal("inc", next.GetProperty("level").GetString());
+        Infra.RepositoryAsserts.AssertRestores(chain, "vda", next.GetProperty("id").GetString()!, P("now.raw"));
+        Assert.Equal("inc", RunBackup(t, src, "--disk", "vda").EnumerateArray().Single().GetProperty("level").GetString());
+    }
 }

@@ -50,7 +50,9 @@ public sealed class ChunkBackupRunner(ChunkRepository repo, BackupRunOptions opt
         await using var source = await QmpSource.ConnectAsync(options.Socket);
         var heads = new Dictionary<string, (ChunkPoint Point, ChunkDisk Disk)?>();
         foreach (string disk in options.Disks) heads[disk] = await repo.LatestAsync(disk);
-        await SourceBitmaps.RecoverAsync(source, heads.ToDictionary(h => h.Key, h => h.Value?.Disk.Bitmap), repo.BitmapPrefix, progress);
+        await SourceBitmaps.RecoverAsync(source,
+            heads.ToDictionary(h => h.Key, h => h.Value?.Disk.Bitmap is { } b && b.StartsWith(repo.BitmapPrefix, StringComparison.Ordinal) ? b : null),
+            repo.BitmapPrefix, progress);
 
         var now = DateTimeOffset.UtcNow;
         string id = await repo.NewIdAsync(now);
@@ -119,6 +121,10 @@ public sealed class ChunkBackupRunner(ChunkRepository repo, BackupRunOptions opt
         if (head is null) why = "no earlier backup of this disk";
         else if (options.Level == "full") why = null;
         else if (node.VirtualSize != head.Value.Disk.VirtualSize) why = $"the disk changed size ({head.Value.Disk.VirtualSize} -> {node.VirtualSize} bytes)";
+        // A point copied in from another repository names that repository's bitmap: reading it would stop another
+        // chain's tracking. This repository's own bitmap starts with the next point.
+        else if (!head.Value.Disk.Bitmap.StartsWith(repo.BitmapPrefix, StringComparison.Ordinal))
+            why = $"the last point was copied from another repository, whose bitmap '{head.Value.Disk.Bitmap}' is not this repository's";
         else why = SourceBitmaps.WhyUnusable(node, head.Value.Disk.Bitmap);
         bool inc = options.Level != "full" && why is null;
         if (options.Level == "inc" && !inc)
