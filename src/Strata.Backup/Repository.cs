@@ -138,20 +138,7 @@ public sealed class Repository
     }
 
     /// <summary>A point by id, or the newest at or before a time (ISO 8601, or "latest").</summary>
-    public BackupManifest Find(string disk, string at)
-    {
-        var points = Points(disk);
-        if (points.Count == 0)
-            throw new BackupException($"no backups of disk '{disk}'", Disks().Count > 0 ? "disks in this repository: " + string.Join(", ", Disks()) : null, BackupExitCodes.Usage);
-        if (at == "latest") return points[^1];
-        if (points.FirstOrDefault(p => p.Id == at) is { } exact) return exact;
-        if (DateTimeOffset.TryParse(at, CultureInfo.InvariantCulture, DateTimeStyles.AssumeUniversal, out var time))
-        {
-            if (points.LastOrDefault(p => p.Time <= time) is { } before) return before;
-            throw new BackupException($"no backup of '{disk}' at or before {time:O}", $"the oldest is {points[0].Id} ({points[0].Time:O})", BackupExitCodes.Usage);
-        }
-        throw new BackupException($"no backup '{at}' of disk '{disk}'", "`strata backup list` shows the ids", BackupExitCodes.Usage);
-    }
+    public BackupManifest Find(string disk, string at) => PointSelection.Find(Points(disk), disk, at, p => p.Id, p => p.Time, Disks);
 
     /// <summary>A fresh run id from the time: sortable, unique within the repository.</summary>
     public string NewId(DateTimeOffset now)

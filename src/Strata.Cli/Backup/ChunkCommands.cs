@@ -201,20 +201,9 @@ internal static class ChunkCommands
     /// <summary>A point by id, or the newest holding the disk at or before a time (ISO 8601), or "latest".</summary>
     private static ChunkPoint Find(ChunkRepository repo, string disk, string at)
     {
-        var points = Sync(repo.PointsAsync()).Where(p => p.Disk(disk) is not null).ToList();
-        if (points.Count == 0)
-        {
-            var disks = Sync(repo.PointsAsync()).SelectMany(p => p.Disks.Select(d => d.Disk)).Distinct().Order(StringComparer.Ordinal).ToList();
-            throw new BackupException($"no backups of disk '{disk}'", disks.Count > 0 ? "disks in this repository: " + string.Join(", ", disks) : null, BackupExitCodes.Usage);
-        }
-        if (at == "latest") return points[^1];
-        if (points.FirstOrDefault(p => p.Id == at) is { } exact) return exact;
-        if (DateTimeOffset.TryParse(at, CultureInfo.InvariantCulture, DateTimeStyles.AssumeUniversal, out var time))
-        {
-            if (points.LastOrDefault(p => p.Time <= time) is { } before) return before;
-            throw new BackupException($"no backup of '{disk}' at or before {time:O}", $"the oldest is {points[0].Id} ({points[0].Time:O})", BackupExitCodes.Usage);
-        }
-        throw new BackupException($"no backup '{at}' of disk '{disk}'", "`strata backup list` shows the ids", BackupExitCodes.Usage);
+        var all = Sync(repo.PointsAsync());
+        return PointSelection.Find(all.Where(p => p.Disk(disk) is not null).ToList(), disk, at, p => p.Id, p => p.Time,
+            () => all.SelectMany(p => p.Disks.Select(d => d.Disk)).Distinct().Order(StringComparer.Ordinal).ToList());
     }
 
     // ------------------------------------------------------------------ restore
