@@ -391,9 +391,10 @@ internal sealed class NbdTransmission
         r.Reserved = 0;
         r.Errno = 0;
         r.Message = null;
-        // Keep small lists for the next request, not the rare huge ones.
-        if (r.Chunks.Capacity > 1024) r.Chunks.Capacity = 0;
+        // Keep small lists for the next request, not the rare huge ones (emptied first: a capacity below the count
+        // throws, and a throw here ended the reply writer, so every later request of the connection hung).
         r.Chunks.Clear();
+        if (r.Chunks.Capacity > 1024) r.Chunks.Capacity = 0;
         foreach (var s in r.Status)
         {
             s.Clear();
