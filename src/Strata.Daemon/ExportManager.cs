@@ -131,6 +131,12 @@ public sealed class ExportManager
     public void Delete(string id, bool hard)
     {
         (NbdExport Export, BlockNode Node) entry;
+        if (!hard)
+        {
+            NbdExport? closing;
+            lock (_gate) closing = _exports.TryGetValue(id, out entry) ? entry.Export : null;
+            closing?.WaitForLeavingConnections(TimeSpan.FromSeconds(2));
+        }
         lock (_gate)
         {
             if (!_exports.TryGetValue(id, out entry)) throw QmpException.Generic($"Export '{id}' is not found");

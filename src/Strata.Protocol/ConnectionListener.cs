@@ -14,14 +14,14 @@ internal sealed class ConnectionListener : IAsyncDisposable
     private readonly Socket _listener;
     private readonly string? _unixPath;
     private readonly int _maxConnections;
-    private readonly Func<PipeReader, PipeWriter, CancellationToken, Task> _session;
+    private readonly Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> _session;
     private readonly StreamPipeReaderOptions? _readerOptions;
     private readonly StreamPipeWriterOptions? _writerOptions;
     private readonly CancellationTokenSource _cts = new();
     private readonly List<(Task Task, Socket Socket)> _connections = new();
     private Task? _accept;
 
-    private ConnectionListener(Socket listener, string? unixPath, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session,
+    private ConnectionListener(Socket listener, string? unixPath, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
         StreamPipeReaderOptions? readerOptions, StreamPipeWriterOptions? writerOptions)
     {
         _listener = listener;
@@ -33,7 +33,11 @@ internal sealed class ConnectionListener : IAsyncDisposable
     }
 
     /// <param name="maxConnections">0: unlimited; otherwise connections over the limit are closed at once.</param>
-    public static ConnectionListener Unix(string path, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session,
+    public static ConnectionListener Unix(string path, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session) =>
+        Unix(path, backlog, maxConnections, (reader, writer, _, ct) => session(reader, writer, ct));
+
+    /// <param name="session">Also gets the connection's gathered writer (see <see cref="IGatheredWriter"/>).</param>
+    public static ConnectionListener Unix(string path, int backlog, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
         StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null)
     {
         if (File.Exists(path)) File.Delete(path);
@@ -43,7 +47,10 @@ internal sealed class ConnectionListener : IAsyncDisposable
         return new ConnectionListener(s, path, maxConnections, session, readerOptions, writerOptions);
     }
 
-    public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session,
+    public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session) =>
+        Tcp(host, port, backlog, maxConnections, (reader, writer, _, ct) => session(reader, writer, ct));
+
+    public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
         StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null)
     {
         var address = host is "" or "localhost" ? IPAddress.Loopback : IPAddress.Parse(host);
@@ -94,7 +101,7 @@ internal sealed class ConnectionListener : IAsyncDisposable
         {
             try
             {
-                await _session(PipeReader.Create(stream, _readerOptions), PipeWriter.Create(stream, _writerOptions), _cts.Token);
+                await _session(PipeReader.Create(stream, _readerOptions), PipeWriter.Create(stream, _writerOptions), new SocketGatheredWriter(client), _cts.Token);
             }
             catch (Exception)
             {
@@ -119,5 +126,46 @@ internal sealed class ConnectionListener : IAsyncDisposable
         lock (_connections) tasks = _connections.Select(c => c.Task).ToArray();
         try { await Task.WhenAll(tasks).WaitAsync(TimeSpan.FromSeconds(5)); } catch (Exception) { }
         if (_unixPath is not null) try { File.Delete(_unixPath); } catch (IOException) { }
+    }
+}
+
+/// <summary>
+/// A gathered write straight to a connection: several buffers in one system call (sendmsg with an iovec), without
+/// copying them into the output pipe first. For large payloads that already lie in buffers of their own (NBD read
+/// data). The caller keeps the buffers alive until the write returns, and uses it only while the connection's
+/// output pipe holds nothing unflushed, so that the bytes stay in order.
+/// </summary>
+public interface IGatheredWriter
+{
+    ValueTask WriteAsync(IList<ArraySegment<byte>> buffers);
+}
+
+internal sealed class SocketGatheredWriter(Socket socket) : IGatheredWriter
+{
+    public async ValueTask WriteAsync(IList<ArraySegment<byte>> buffers)
+    {
+        var pending = buffers;
+        while (true)
+        {
+            long total = 0;
+            foreach (var b in pending) total += b.Count;
+            int sent = await socket.SendAsync(pending, SocketFlags.None);
+            if (sent >= total) return;
+            if (sent <= 0) throw new IOException("the connection closed during a send");
+            // A short send (the runtime normally sends all of a stream socket's buffers): what is left goes next.
+            var rest = new List<ArraySegment<byte>>(pending.Count);
+            long skip = sent;
+            foreach (var b in pending)
+            {
+                if (skip >= b.Count)
+                {
+                    skip -= b.Count;
+                    continue;
+                }
+                rest.Add(b.Slice((int)skip));
+                skip = 0;
+            }
+            pending = rest;
+        }
     }
 }

@@ -25,12 +25,14 @@ public sealed partial class Qcow2Image
     {
         _file.DebugEvent("cluster_alloc");
         long start = _freeClusterHint;
+        long firstFree = -1;
         long run = 0;
         long c = start;
         while (run < count)
         {
             if (GetRefcount(c) == 0)
             {
+                if (firstFree < 0) firstFree = c;
                 if (run == 0) start = c;
                 run++;
             }
@@ -43,7 +45,10 @@ public sealed partial class Qcow2Image
         NoteAllocated(start, count);
         for (long i = 0; i < count; i++)
             SetRefcount(start + i, 1, start, count);
-        if (_freeClusterHint == start) _freeClusterHint = start + count;
+        // Everything the search passed before the first free cluster is in use, so the next search starts there:
+        // past this allocation when it took that cluster. Left at a used cluster, every later allocation would scan
+        // the whole image again from it (quadratic in the clusters a convert allocates).
+        _freeClusterHint = firstFree == start ? start + count : firstFree;
         return start << _clusterBits;
     }
 

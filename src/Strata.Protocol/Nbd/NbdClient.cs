@@ -413,24 +413,25 @@ public sealed class NbdClient : IAsyncDisposable
         {
             // Reused for every reply: fixed-size headers and the small chunk bodies.
             var head = new byte[20];
+            var input = new ReplyInput(_stream);
             var scratch = new byte[64 << 10];
             while (true)
             {
-                await _stream.ReadExactlyAsync(head.AsMemory(0, 4));
+                await input.ReadExactlyAsync(head.AsMemory(0, 4));
                 uint m = BinaryPrimitives.ReadUInt32BigEndian(head);
                 if (m == NbdConst.SimpleReplyMagic)
                 {
-                    await _stream.ReadExactlyAsync(head.AsMemory(4, 12));
+                    await input.ReadExactlyAsync(head.AsMemory(4, 12));
                     uint error = BinaryPrimitives.ReadUInt32BigEndian(head.AsSpan(4));
                     ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(head.AsSpan(8));
                     var p = Take(cookie);
-                    if (error == 0 && p.Command == NbdCommand.Read && p.Destination.Length > 0) await _stream.ReadExactlyAsync(p.Destination);
+                    if (error == 0 && p.Command == NbdCommand.Read && p.Destination.Length > 0) await input.ReadExactlyAsync(p.Destination);
                     if (error != 0) p.Error = new NbdException($"request failed with errno {error}", error);
                     p.Done.TrySetResult();
                 }
                 else if (m == NbdConst.StructuredReplyMagic)
                 {
-                    await _stream.ReadExactlyAsync(head.AsMemory(4, 16));
+                    await input.ReadExactlyAsync(head.AsMemory(4, 16));
                     bool done = (BinaryPrimitives.ReadUInt16BigEndian(head.AsSpan(4)) & 1) != 0;
                     var type = (NbdReplyType)BinaryPrimitives.ReadUInt16BigEndian(head.AsSpan(6));
                     ulong cookie = BinaryPrimitives.ReadUInt64BigEndian(head.AsSpan(8));
@@ -446,17 +447,17 @@ public sealed class NbdClient : IAsyncDisposable
                         case NbdReplyType.OffsetData:
                         {
                             if (length < 8) throw new NbdException("data chunk too short");
-                            await _stream.ReadExactlyAsync(scratch.AsMemory(0, 8));
+                            await input.ReadExactlyAsync(scratch.AsMemory(0, 8));
                             long at = (long)BinaryPrimitives.ReadUInt64BigEndian(scratch) - p.Offset;
                             long n = length - 8L;
                             if (at < 0 || at + n > p.Destination.Length) throw new NbdException("data chunk outside the request");
-                            await _stream.ReadExactlyAsync(p.Destination.Slice((int)at, (int)n));
+                            await input.ReadExactlyAsync(p.Destination.Slice((int)at, (int)n));
                             break;
                         }
                         case NbdReplyType.OffsetHole:
                         {
                             if (length != 12) throw new NbdException("hole chunk of the wrong size");
-                            await _stream.ReadExactlyAsync(scratch.AsMemory(0, 12));
+                            await input.ReadExactlyAsync(scratch.AsMemory(0, 12));
                             long at = (long)BinaryPrimitives.ReadUInt64BigEndian(scratch) - p.Offset;
                             long n = BinaryPrimitives.ReadUInt32BigEndian(scratch.AsSpan(8));
                             if (at < 0 || at + n > p.Destination.Length) throw new NbdException("hole chunk outside the request");
@@ -467,7 +468,7 @@ public sealed class NbdClient : IAsyncDisposable
                         {
                             if (length < 4 || length > MaxStatusChunk || (length - 4) % 8 != 0) throw new NbdException("malformed block status chunk");
                             var b = length <= scratch.Length ? scratch : new byte[length];
-                            await _stream.ReadExactlyAsync(b.AsMemory(0, (int)length));
+                            await input.ReadExactlyAsync(b.AsMemory(0, (int)length));
                             uint id = BinaryPrimitives.ReadUInt32BigEndian(b);
                             var list = new List<(uint, uint)>((int)(length - 4) / 8);
                             for (int i = 4; i + 8 <= length; i += 8)
@@ -482,12 +483,12 @@ public sealed class NbdClient : IAsyncDisposable
                                 // An unknown chunk that is not an error: skip it, in pieces.
                                 if (length > NbdConst.MaxPayload) throw new NbdException($"chunk of type {(ushort)type} too large");
                                 for (long left = length; left > 0; left -= Math.Min(left, scratch.Length))
-                                    await _stream.ReadExactlyAsync(scratch.AsMemory(0, (int)Math.Min(left, scratch.Length)));
+                                    await input.ReadExactlyAsync(scratch.AsMemory(0, (int)Math.Min(left, scratch.Length)));
                                 break;
                             }
                             // Error, error with offset, and error types this client does not know: errno, message, rest.
                             if (length < 6 || length > MaxErrorChunk) throw new NbdException("malformed error chunk");
-                            await _stream.ReadExactlyAsync(scratch.AsMemory(0, (int)length));
+                            await input.ReadExactlyAsync(scratch.AsMemory(0, (int)length));
                             uint errno = BinaryPrimitives.ReadUInt32BigEndian(scratch);
                             int ml = Math.Min(BinaryPrimitives.ReadUInt16BigEndian(scratch.AsSpan(4)), (int)length - 6);
                             p.Error = new NbdException(Encoding.UTF8.GetString(scratch, 6, ml), errno);
@@ -518,6 +519,40 @@ public sealed class NbdClient : IAsyncDisposable
                 }
                 _pending.Clear();
             }
+        }
+    }
+
+    /// <summary>
+    /// The reply stream with a small read-ahead: the headers and short chunk bodies of several replies come in one
+    /// receive instead of one system call each (a read reply is at least three: magic, header, offset). Read data
+    /// longer than the read-ahead goes from the socket straight into the caller's buffer.
+    /// </summary>
+    private sealed class ReplyInput(Stream stream)
+    {
+        private readonly byte[] _buffer = new byte[64 << 10];
+        private int _start, _end;
+
+        public async ValueTask ReadExactlyAsync(Memory<byte> destination)
+        {
+            int buffered = Math.Min(_end - _start, destination.Length);
+            _buffer.AsSpan(_start, buffered).CopyTo(destination.Span);
+            _start += buffered;
+            destination = destination[buffered..];
+            if (destination.IsEmpty) return;
+            _start = _end = 0;
+            if (destination.Length >= _buffer.Length / 2)
+            {
+                await stream.ReadExactlyAsync(destination);
+                return;
+            }
+            while (_end < destination.Length)
+            {
+                int n = await stream.ReadAsync(_buffer.AsMemory(_end));
+                if (n == 0) throw new EndOfStreamException();
+                _end += n;
+            }
+            _buffer.AsSpan(0, destination.Length).CopyTo(destination.Span);
+            _start = destination.Length;
         }
     }
 

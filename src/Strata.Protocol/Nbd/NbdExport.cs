@@ -35,6 +35,20 @@ public sealed class NbdExport
     /// <summary>Connections currently open on this export.</summary>
     public int Connections;
 
+    /// <summary>Of <see cref="Connections"/>, those whose client has left (NBD_CMD_DISC, end of input) and that only
+    /// finish what was in flight.</summary>
+    public int LeavingConnections;
+
+    /// <summary>While every open connection is one whose client has left, waits (at most <paramref name="limit"/>)
+    /// for them to close: a client that disconnects and at once deletes the export over QMP must not find it still
+    /// "in use" only because the server has not finished tearing the connection down.</summary>
+    public void WaitForLeavingConnections(TimeSpan limit)
+    {
+        long until = Environment.TickCount64 + (long)limit.TotalMilliseconds;
+        while (Volatile.Read(ref Connections) is > 0 and var open && open <= Volatile.Read(ref LeavingConnections) && Environment.TickCount64 < until)
+            Thread.Sleep(1);
+    }
+
     /// <summary>Set when the export is being removed: new connections are refused.</summary>
     public volatile bool ShuttingDown;
 

@@ -16,10 +16,10 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
     private static readonly StreamPipeReaderOptions ReaderOptions = new(bufferSize: 1 << 20, minimumReadSize: 64 << 10);
     private static readonly StreamPipeWriterOptions WriterOptions = new(minimumBufferSize: 1 << 20);
 
-    private NbdServer(int maxConnections, BlockIoThreads? ioThreads, Func<Func<PipeReader, PipeWriter, CancellationToken, Task>, ConnectionListener> listen)
+    private NbdServer(int maxConnections, BlockIoThreads? ioThreads, Func<Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task>, ConnectionListener> listen)
     {
         _maxConnections = maxConnections;
-        _listener = listen((reader, writer, ct) => new NbdServerSession(this, reader, writer, ioThreads).RunAsync(ct));
+        _listener = listen((reader, writer, gathered, ct) => new NbdServerSession(this, reader, writer, ioThreads, gathered).RunAsync(ct));
     }
 
     /// <param name="ioThreads">Where requests' image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>

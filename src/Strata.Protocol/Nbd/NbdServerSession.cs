@@ -14,10 +14,14 @@ public sealed class NbdServerSession
     private readonly PipeReader _input;
     private readonly PipeWriter _output;
     private readonly BlockIoThreads _ioThreads;
+    private readonly IGatheredWriter? _gathered;
 
     /// <param name="ioThreads">Where the image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>
-    public NbdServerSession(INbdExportRegistry registry, PipeReader input, PipeWriter output, BlockIoThreads? ioThreads = null)
+    /// <param name="gathered">The connection's gathered writer, when it is a socket: replies of the transmission
+    /// phase go out through it (read data without a copy into the output pipe).</param>
+    public NbdServerSession(INbdExportRegistry registry, PipeReader input, PipeWriter output, BlockIoThreads? ioThreads = null, IGatheredWriter? gathered = null)
     {
+        _gathered = gathered;
         _registry = registry;
         _input = input;
         _output = output;
@@ -35,13 +39,15 @@ public sealed class NbdServerSession
             // A hard deletion of this export ends this connection (and no other).
             using var connection = CancellationTokenSource.CreateLinkedTokenSource(ct);
             using var registered = export.RegisterConnection(() => { try { connection.Cancel(); } catch (ObjectDisposedException) { } });
+            var transmission = new NbdTransmission(agreement, _input, _output, _ioThreads, _gathered);
             try
             {
-                await new NbdTransmission(agreement, _input, _output, _ioThreads).RunAsync(connection.Token);
+                await transmission.RunAsync(connection.Token);
             }
             finally
             {
                 Interlocked.Decrement(ref export.Connections);
+                if (transmission.ClientLeft) Interlocked.Decrement(ref export.LeavingConnections);
             }
         }
         catch (Exception e) when (e is IOException or OperationCanceledException or InvalidOperationException or EndOfStreamException)

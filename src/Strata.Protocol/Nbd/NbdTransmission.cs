@@ -44,6 +44,9 @@ internal sealed class NbdTransmission
     private readonly PipeReader _input;
     private readonly PipeWriter _output;
     private readonly BlockIoThreads _ioThreads;
+    /// <summary>Non-null on a socket: replies go out as one gathered write per batch, read data straight from the
+    /// requests' buffers.</summary>
+    private readonly GatheredReplies? _gathered;
     private readonly SemaphoreSlim _inFlight = new(MaxInFlight, MaxInFlight);
     private readonly ByteBudget _dataBudget = new(MaxDataInFlight);
     private readonly Stack<Request> _idleRequests = new();
@@ -51,8 +54,9 @@ internal sealed class NbdTransmission
     private CancellationTokenSource? _stopReading;
     private volatile bool _clientGone;
 
-    public NbdTransmission(NbdAgreement agreement, PipeReader input, PipeWriter output, BlockIoThreads ioThreads)
+    public NbdTransmission(NbdAgreement agreement, PipeReader input, PipeWriter output, BlockIoThreads ioThreads, IGatheredWriter? gathered = null)
     {
+        if (gathered is not null) _gathered = new GatheredReplies(gathered);
         _agreement = agreement;
         _export = agreement.Export;
         _structured = agreement.StructuredReplies;
@@ -82,6 +86,10 @@ internal sealed class NbdTransmission
         public void Execute() => transmission.Perform(this);
     }
 
+    /// <summary>The client has left (counted in the export's <see cref="NbdExport.LeavingConnections"/> until the
+    /// session closes).</summary>
+    public bool ClientLeft { get; private set; }
+
     public async Task RunAsync(CancellationToken ct)
     {
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
@@ -93,6 +101,8 @@ internal sealed class NbdTransmission
         }
         finally
         {
+            ClientLeft = true;
+            Interlocked.Increment(ref _export.LeavingConnections);
             // DISC, end of input or a client gone: every admitted request still runs and gets its reply (written only
             // while the client is there), then the writer flushes the last batch.
             for (int i = 0; i < MaxInFlight; i++) await _inFlight.WaitAsync(CancellationToken.None);
@@ -305,49 +315,62 @@ internal sealed class NbdTransmission
 
     // ------------------------------------------------------------------ the reply writer
 
-    /// <summary>Writes every answered request's reply into the pipe, flushing once per batch (and every
-    /// <see cref="FlushThreshold"/> bytes within one), then frees the request.</summary>
+    /// <summary>Writes every answered request's reply, sending once per batch (and every <see cref="FlushThreshold"/>
+    /// bytes within one), then frees the batch's requests: on a socket the send reads their buffers.</summary>
     private async Task WriteRepliesAsync(CancellationToken ct)
     {
         var replies = _replies.Reader;
+        var batch = new List<Request>(MaxInFlight);
         while (await replies.WaitToReadAsync(CancellationToken.None))
         {
-            long unflushed = 0;
+            long unsent = 0;
             while (replies.TryRead(out var r))
             {
                 if (!_clientGone)
                 {
                     try
                     {
-                        unflushed += WriteReply(r);
+                        unsent += WriteReply(r);
                     }
                     catch (Exception)
                     {
                         ClientGone(); // the pipe is closed
                     }
                 }
-                Release(r);
-                if (unflushed >= FlushThreshold)
+                batch.Add(r);
+                if (unsent >= FlushThreshold || _gathered is { Full: true })
                 {
-                    await FlushRepliesAsync(ct);
-                    unflushed = 0;
+                    await SendAsync(batch, unsent, ct);
+                    unsent = 0;
                 }
             }
-            if (unflushed > 0) await FlushRepliesAsync(ct);
+            if (batch.Count > 0) await SendAsync(batch, unsent, ct);
         }
     }
 
-    private async ValueTask FlushRepliesAsync(CancellationToken ct)
+    private async ValueTask SendAsync(List<Request> batch, long unsent, CancellationToken ct)
     {
-        if (_clientGone) return;
         try
         {
-            var flush = await _output.FlushAsync(ct);
-            if (flush.IsCompleted || flush.IsCanceled) ClientGone();
+            if (unsent > 0 && !_clientGone)
+            {
+                if (_gathered is not null) await _gathered.SendAsync();
+                else
+                {
+                    var flush = await _output.FlushAsync(ct);
+                    if (flush.IsCompleted || flush.IsCanceled) ClientGone();
+                }
+            }
         }
         catch (Exception)
         {
             ClientGone();
+        }
+        finally
+        {
+            _gathered?.Clear();
+            foreach (var r in batch) Release(r);
+            batch.Clear();
         }
     }
 
@@ -368,9 +391,10 @@ internal sealed class NbdTransmission
         r.Reserved = 0;
         r.Errno = 0;
         r.Message = null;
-        // Keep small lists for the next request, not the rare huge ones.
-        if (r.Chunks.Capacity > 1024) r.Chunks.Capacity = 0;
+        // Keep small lists for the next request, not the rare huge ones (emptied first: a capacity below the count
+        // throws, and a throw here ended the reply writer, so every later request of the connection hung).
         r.Chunks.Clear();
+        if (r.Chunks.Capacity > 1024) r.Chunks.Capacity = 0;
         foreach (var s in r.Status)
         {
             s.Clear();
@@ -380,7 +404,7 @@ internal sealed class NbdTransmission
         _inFlight.Release();
     }
 
-    /// <summary>Writes one reply into the pipe (not flushed); returns how many bytes.</summary>
+    /// <summary>Writes one reply into the batch (not sent); returns how many bytes.</summary>
     private long WriteReply(Request r)
     {
         var req = r.Header;
@@ -390,14 +414,14 @@ internal sealed class NbdTransmission
         var data = r.Data.AsSpan(0, (int)req.Length);
         if (!_structured)
         {
-            NbdReplyCodec.WriteSimpleReply(_output.GetSpan(NbdReplyCodec.SimpleReplyLength), 0, req.Cookie);
-            _output.Advance(NbdReplyCodec.SimpleReplyLength);
-            _output.Write(data);
+            NbdReplyCodec.WriteSimpleReply(HeaderSpan(NbdReplyCodec.SimpleReplyLength), 0, req.Cookie);
+            HeaderAdvance(NbdReplyCodec.SimpleReplyLength);
+            WriteData(r.Data!, 0, data.Length);
             return NbdReplyCodec.SimpleReplyLength + data.Length;
         }
         if (r.Chunks.Count == 0)
         {
-            WriteDataChunk(req.Cookie, true, (long)req.Offset, data);
+            WriteDataChunk(req.Cookie, true, (long)req.Offset, r.Data!, 0, data.Length);
             return NbdReplyCodec.OffsetDataHeaderLength + data.Length;
         }
         long written = 0;
@@ -407,36 +431,52 @@ internal sealed class NbdTransmission
             bool done = i == r.Chunks.Count - 1;
             if (zero)
             {
-                NbdReplyCodec.WriteOffsetHole(_output.GetSpan(NbdReplyCodec.OffsetHoleLength), done, req.Cookie, (ulong)at, (uint)n);
-                _output.Advance(NbdReplyCodec.OffsetHoleLength);
+                NbdReplyCodec.WriteOffsetHole(HeaderSpan(NbdReplyCodec.OffsetHoleLength), done, req.Cookie, (ulong)at, (uint)n);
+                HeaderAdvance(NbdReplyCodec.OffsetHoleLength);
                 written += NbdReplyCodec.OffsetHoleLength;
             }
             else
             {
-                WriteDataChunk(req.Cookie, done, at, data.Slice((int)(at - (long)req.Offset), (int)n));
+                WriteDataChunk(req.Cookie, done, at, r.Data!, (int)(at - (long)req.Offset), (int)n);
                 written += NbdReplyCodec.OffsetDataHeaderLength + n;
             }
         }
         return written;
     }
 
-    private void WriteDataChunk(ulong cookie, bool done, long offset, ReadOnlySpan<byte> data)
+    private void WriteDataChunk(ulong cookie, bool done, long offset, byte[] data, int start, int length)
     {
-        NbdReplyCodec.WriteOffsetDataHeader(_output.GetSpan(NbdReplyCodec.OffsetDataHeaderLength), done, cookie, (ulong)offset, data.Length);
-        _output.Advance(NbdReplyCodec.OffsetDataHeaderLength);
-        _output.Write(data);
+        NbdReplyCodec.WriteOffsetDataHeader(HeaderSpan(NbdReplyCodec.OffsetDataHeaderLength), done, cookie, (ulong)offset, length);
+        HeaderAdvance(NbdReplyCodec.OffsetDataHeaderLength);
+        WriteData(data, start, length);
+    }
+
+    // Reply headers are built in place (in the pipe, or in the batch's header buffer); read data is copied into the
+    // pipe, or on a socket only referenced, and sent from where it lies.
+    private Span<byte> HeaderSpan(int length) => _gathered is { } g ? g.GetSpan(length) : _output.GetSpan(length);
+
+    private void HeaderAdvance(int length)
+    {
+        if (_gathered is { } g) g.Advance(length);
+        else _output.Advance(length);
+    }
+
+    private void WriteData(byte[] data, int start, int length)
+    {
+        if (_gathered is { } g) g.AddData(data, start, length);
+        else _output.Write(data.AsSpan(start, length));
     }
 
     private long WriteDone(ulong cookie)
     {
         if (_structured)
         {
-            NbdReplyCodec.WriteDone(_output.GetSpan(NbdReplyCodec.StructuredHeaderLength), cookie);
-            _output.Advance(NbdReplyCodec.StructuredHeaderLength);
+            NbdReplyCodec.WriteDone(HeaderSpan(NbdReplyCodec.StructuredHeaderLength), cookie);
+            HeaderAdvance(NbdReplyCodec.StructuredHeaderLength);
             return NbdReplyCodec.StructuredHeaderLength;
         }
-        NbdReplyCodec.WriteSimpleReply(_output.GetSpan(NbdReplyCodec.SimpleReplyLength), 0, cookie);
-        _output.Advance(NbdReplyCodec.SimpleReplyLength);
+        NbdReplyCodec.WriteSimpleReply(HeaderSpan(NbdReplyCodec.SimpleReplyLength), 0, cookie);
+        HeaderAdvance(NbdReplyCodec.SimpleReplyLength);
         return NbdReplyCodec.SimpleReplyLength;
     }
 
@@ -445,13 +485,13 @@ internal sealed class NbdTransmission
     {
         if (!_structured)
         {
-            NbdReplyCodec.WriteSimpleReply(_output.GetSpan(NbdReplyCodec.SimpleReplyLength), errno, cookie);
-            _output.Advance(NbdReplyCodec.SimpleReplyLength);
+            NbdReplyCodec.WriteSimpleReply(HeaderSpan(NbdReplyCodec.SimpleReplyLength), errno, cookie);
+            HeaderAdvance(NbdReplyCodec.SimpleReplyLength);
             return NbdReplyCodec.SimpleReplyLength;
         }
         var text = message.AsSpan(0, Math.Min(message.Length, MaxErrorMessage));
-        int n = NbdReplyCodec.WriteError(_output.GetSpan(NbdReplyCodec.MaxErrorLength(text.Length)), cookie, errno, text);
-        _output.Advance(n);
+        int n = NbdReplyCodec.WriteError(HeaderSpan(NbdReplyCodec.MaxErrorLength(text.Length)), cookie, errno, text);
+        HeaderAdvance(n);
         return n;
     }
 
@@ -463,8 +503,8 @@ internal sealed class NbdTransmission
         {
             var extents = CollectionsMarshal.AsSpan(r.Status[i]);
             int length = NbdReplyCodec.BlockStatusLength(extents.Length);
-            NbdReplyCodec.WriteBlockStatus(_output.GetSpan(length), i == _contexts.Count - 1, r.Header.Cookie, _contexts[i].Id, extents);
-            _output.Advance(length);
+            NbdReplyCodec.WriteBlockStatus(HeaderSpan(length), i == _contexts.Count - 1, r.Header.Cookie, _contexts[i].Id, extents);
+            HeaderAdvance(length);
             written += length;
         }
         return written;

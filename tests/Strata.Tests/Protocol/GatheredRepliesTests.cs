@@ -1,0 +1,97 @@
+using Strata.Block;
+using Strata.Block.Qcow2;
+using Strata.Protocol;
+using Strata.Protocol.Nbd;
+using Strata.Tests.Block;
+
+namespace Strata.Tests.Protocol;
+
+/// <summary>Replies sent as gathered writes: the bytes and their order are what the pipe would carry, read data is
+/// sent from the request's own buffer, and a read whose reply is more pieces than one sendmsg takes comes back
+/// whole over a real socket.</summary>
+public class GatheredRepliesTests
+{
+    private sealed class CapturingWriter : IGatheredWriter
+    {
+        public readonly List<byte> Bytes = new();
+        public readonly List<ArraySegment<byte>> Segments = new();
+
+        public ValueTask WriteAsync(IList<ArraySegment<byte>> buffers)
+        {
+            foreach (var b in buffers)
+            {
+                Segments.Add(b);
+                Bytes.AddRange(b);
+            }
+            return ValueTask.CompletedTask;
+        }
+    }
+
+    [Fact]
+    public async Task HeadersAndDataGoOutInOrderAndDataIsNotCopied()
+    {
+        var writer = new CapturingWriter();
+        var batch = new GatheredReplies(writer);
+        var data = new byte[100];
+        new Random(3).NextBytes(data);
+        batch.GetSpan(3).Fill(1);
+        batch.Advance(3);
+        batch.AddData(data, 10, 50);
+        // A header larger than the buffer holds: it grows, and the earlier header bytes stay where they were named.
+        batch.GetSpan(40 << 10).Fill(2);
+        batch.Advance(40 << 10);
+        batch.GetSpan(2).Fill(3);
+        batch.Advance(2);
+        batch.AddData(data, 0, 0);
+        await batch.SendAsync();
+
+        var expected = new List<byte> { 1, 1, 1 };
+        expected.AddRange(data.AsSpan(10, 50).ToArray());
+        expected.AddRange(Enumerable.Repeat((byte)2, 40 << 10));
+        expected.AddRange([3, 3]);
+        Assert.Equal(expected, writer.Bytes);
+        Assert.Equal(3, writer.Segments.Count); // the empty data piece is left out; adjacent header bytes are one piece
+        Assert.Same(data, writer.Segments[1].Array);
+        Assert.Equal(10, writer.Segments[1].Offset);
+
+        batch.Clear();
+        writer.Bytes.Clear();
+        batch.GetSpan(1).Fill(9);
+        batch.Advance(1);
+        await batch.SendAsync();
+        Assert.Equal([9], writer.Bytes);
+    }
+
+    [Fact]
+    public async Task AReadOfThousandsOfDataAndHoleChunksComesBackWholeOverASocket()
+    {
+        using var dir = new TempDir();
+        const int cluster = 512;
+        using (var image = Qcow2Image.Create(dir["d.qcow2"], new Qcow2CreateOptions { Size = 4 << 20, ClusterSize = cluster }))
+        {
+            // Every other cluster written: a structured read of the whole disk is 8192 chunks, data and hole.
+            var fill = new byte[cluster];
+            for (long c = 0; c < (4 << 20) / cluster; c += 2)
+            {
+                fill.AsSpan().Fill((byte)(1 + c % 250));
+                image.Write(c * cluster, fill);
+            }
+        }
+        using var opened = Qcow2Image.Open(HostFile.Open(dir["d.qcow2"], readOnly: true));
+        await using var server = NbdServer.ListenUnix(dir["s.nbd"]);
+        server.AddExport(new NbdExport("e", "e", null, opened, writable: false, [], allocationDepth: false));
+        server.Start();
+        await using var client = await NbdClient.ConnectUnixAsync(dir["s.nbd"], "e");
+
+        var whole = new byte[4 << 20];
+        var again = new byte[1 << 20];
+        // Several in flight, so that replies share a batch.
+        await Task.WhenAll(client.ReadAsync(0, whole), client.ReadAsync(1 << 20, again));
+        for (long c = 0; c < (4 << 20) / cluster; c++)
+        {
+            byte want = c % 2 == 0 ? (byte)(1 + c % 250) : (byte)0;
+            Assert.True(whole.AsSpan((int)(c * cluster), cluster).IndexOfAnyExcept(want) < 0, $"cluster {c}");
+        }
+        Assert.True(again.AsSpan().SequenceEqual(whole.AsSpan(1 << 20, 1 << 20)));
+    }
+}
