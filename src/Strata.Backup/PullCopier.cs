@@ -140,7 +140,11 @@ public sealed class PullCopier(string nbdAddress, string exportName, string? dir
         }
     }
 
-    private async Task<NbdClient> ConnectAsync(string[] contexts)
+    private Task<NbdClient> ConnectAsync(string[] contexts) => ConnectExportAsync(nbdAddress, exportName, contexts);
+
+    /// <summary>Connects to an export of a run's NBD server (a unix socket path or HOST:PORT), asking for
+    /// <paramref name="contexts"/>; an unreachable server is the source's failure (exit code 4).</summary>
+    public static async Task<NbdClient> ConnectExportAsync(string nbdAddress, string exportName, string[] contexts)
     {
         try
         {

@@ -145,7 +145,7 @@ public sealed class ChunkBackupRunner(ChunkRepository repo, BackupRunOptions opt
     private async Task CopyDiskAsync(DiskPlan p, ChunkBackupSession session, string nbd, string? dirtyContext)
     {
         var contexts = dirtyContext is null ? new[] { Allocation } : [Allocation, dirtyContext];
-        await using var client = await ConnectAsync(nbd, FrozenSource.ExportName(p.Disk), contexts);
+        await using var client = await PullCopier.ConnectExportAsync(nbd, FrozenSource.ExportName(p.Disk), contexts);
         long size = client.Size, chunkSize = repo.ChunkSize;
         if (size != p.Node.VirtualSize) throw new BackupException($"the export of {p.Disk} is {size} bytes but the disk is {p.Node.VirtualSize}");
         if (dirtyContext is not null && !client.Contexts.ContainsKey(dirtyContext))
@@ -223,21 +223,6 @@ public sealed class ChunkBackupRunner(ChunkRepository repo, BackupRunOptions opt
         progress.Finish(p.Disk);
 
         int ChunkLength(long c) => (int)Math.Min(chunkSize, size - c * chunkSize);
-    }
-
-    private static async Task<NbdClient> ConnectAsync(string nbd, string export, string[] contexts)
-    {
-        try
-        {
-            int colon = nbd.LastIndexOf(':');
-            return !nbd.Contains('/') && colon > 0 && int.TryParse(nbd[(colon + 1)..], out int port)
-                ? await NbdClient.ConnectTcpAsync(nbd[..colon], port, export, contexts)
-                : await NbdClient.ConnectUnixAsync(nbd, export, contexts);
-        }
-        catch (Exception e) when (e is IOException or System.Net.Sockets.SocketException)
-        {
-            throw new BackupException($"cannot read export '{export}' at '{nbd}': {e.Message}", "is the NBD server address right (--nbd)?", BackupExitCodes.Source);
-        }
     }
 
     private static string Sizes(long bytes) => bytes >= 1 << 20 && bytes % (1 << 20) == 0 ? $"{bytes >> 20} MiB" : $"{bytes >> 10} KiB";
