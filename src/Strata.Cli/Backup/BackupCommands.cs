@@ -360,27 +360,33 @@ internal static class BackupCommands
             var point = repository.Find(r.GetValue(disk)!, r.GetValue(at)!);
             repository.ChainOf(point);
             using var image = ImageOpener.Open(repository.FilePath(point), "qcow2", readOnly: true);
-            string exportName = r.GetValue(name) ?? point.Disk;
-            var server = r.GetValue(socket) is { } path ? NbdServer.ListenUnix(path) : NbdServer.ListenTcp(r.GetValue(host)!, r.GetValue(port)!.Value);
-            var stop = new TaskCompletionSource();
-            using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.TrySetResult(); });
-            using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.TrySetResult(); });
-            try
-            {
-                server.AddExport(new NbdExport(exportName, exportName, $"{point.Disk}@{point.Id}", image, writable: false, [], allocationDepth: false));
-                server.Start();
-                string uri = r.GetValue(socket) is { } s ? $"nbd+unix:///{exportName}?socket={s}" : $"nbd://{r.GetValue(host)}:{r.GetValue(port)}/{exportName}";
-                stdout.WriteLine($"serving {point.Disk}@{point.Id} ({point.Time:O}) read-only at {uri}");
-                stdout.Flush();
-                stop.Task.Wait();
-            }
-            finally
-            {
-                server.DisposeAsync().AsTask().GetAwaiter().GetResult();
-            }
-            return 0;
+            return ServeUntilStopped(image, $"{point.Disk}@{point.Id}", point.Time, r.GetValue(name) ?? point.Disk, r.GetValue(socket), r.GetValue(host)!, r.GetValue(port), stdout);
         }));
         return cmd;
+    }
+
+    /// <summary>Exports <paramref name="image"/> (DISK@ID) read-only over NBD (a unix socket, or TCP) until SIGTERM or SIGINT,
+    /// saying where on one line first (scripts wait for it).</summary>
+    internal static int ServeUntilStopped(BlockImage image, string point, DateTimeOffset time, string exportName, string? socket, string host, int? port, TextWriter stdout)
+    {
+        var server = socket is not null ? NbdServer.ListenUnix(socket) : NbdServer.ListenTcp(host, port!.Value);
+        var stop = new TaskCompletionSource();
+        using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.TrySetResult(); });
+        using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.TrySetResult(); });
+        try
+        {
+            server.AddExport(new NbdExport(exportName, exportName, point, image, writable: false, [], allocationDepth: false));
+            server.Start();
+            string uri = socket is not null ? $"nbd+unix:///{exportName}?socket={socket}" : $"nbd://{host}:{port}/{exportName}";
+            stdout.WriteLine($"serving {point} ({time:O}) read-only at {uri}");
+            stdout.Flush();
+            stop.Task.Wait();
+        }
+        finally
+        {
+            server.DisposeAsync().AsTask().GetAwaiter().GetResult();
+        }
+        return 0;
     }
 
     // ------------------------------------------------------------------ progress

@@ -253,25 +253,7 @@ internal static class ChunkCommands
         using var repository = Open(r, repo, o, stderr);
         var point = Find(repository, disk, at);
         using var image = repository.OpenDisk(point, disk, cacheChunks: 32);
-        string exportName = name ?? disk;
-        var server = socket is not null ? NbdServer.ListenUnix(socket) : NbdServer.ListenTcp(host, port!.Value);
-        var stop = new TaskCompletionSource();
-        using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, c => { c.Cancel = true; stop.TrySetResult(); });
-        using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, c => { c.Cancel = true; stop.TrySetResult(); });
-        try
-        {
-            server.AddExport(new NbdExport(exportName, exportName, $"{disk}@{point.Id}", image, writable: false, [], allocationDepth: false));
-            server.Start();
-            string uri = socket is not null ? $"nbd+unix:///{exportName}?socket={socket}" : $"nbd://{host}:{port}/{exportName}";
-            stdout.WriteLine($"serving {disk}@{point.Id} ({point.Time:O}) read-only at {uri}");
-            stdout.Flush();
-            stop.Task.Wait();
-        }
-        finally
-        {
-            server.DisposeAsync().AsTask().GetAwaiter().GetResult();
-        }
-        return 0;
+        return BackupCommands.ServeUntilStopped(image, $"{disk}@{point.Id}", point.Time, name ?? disk, socket, host, port, stdout);
     }
 
     // ------------------------------------------------------------------ gc
