@@ -292,23 +292,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     // ------------------------------------------------------------------ commit and recovery
 
     private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time) =>
-        PointCommit.Commit(repo, progress, new BackupManifest
-        {
-            Id = id,
-            Disk = p.Disk,
-            Time = time,
-            Level = p.Incremental ? "inc" : "full",
-            Parent = p.Head?.Id,
-            File = p.FinalName,
-            Mode = _mode,
-            Source = options.Socket.Contains('/') || File.Exists(options.Socket) ? Path.GetFullPath(options.Socket) : options.Socket,
-            Node = p.Disk,
-            Bitmap = p.NewBitmap,
-            VirtualSize = p.Node.VirtualSize,
-            Note = p.Note,
-            CopiedBytes = 0,
-            FileSize = 0,
-            FileSha256 = "",
-            Extents = [],
-        }, p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests);
+        PointCommit.Commit(repo, progress,
+            new PointFacts(id, p.Disk, time, p.Incremental, p.Head?.Id, p.FinalName, _mode,
+                options.Socket.Contains('/') || File.Exists(options.Socket) ? Path.GetFullPath(options.Socket) : options.Socket,
+                p.Disk, p.NewBitmap, p.Node.VirtualSize, p.Note),
+            p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests);
 }

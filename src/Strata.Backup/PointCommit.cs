@@ -2,6 +2,11 @@ using Strata.Formats.Backup;
 
 namespace Strata.Backup;
 
+/// <summary>What a runner knows of a point before its file is described: the manifest's members that do not come from
+/// the file.</summary>
+public sealed record PointFacts(string Id, string Disk, DateTimeOffset Time, bool Incremental, string? Parent, string File, string Mode,
+    string Source, string Node, string Bitmap, long VirtualSize, string? Note);
+
 /// <summary>
 /// The last step of every point, whatever its source (QMP, libvirt, offline): the finished file takes its final
 /// name, its manifest is filled from the file (sizes, SHA-256s), its granule digests are written (read from the disk
@@ -10,13 +15,20 @@ namespace Strata.Backup;
 /// </summary>
 public static class PointCommit
 {
-    /// <param name="point">The manifest as the runner knows it; the file-derived members are filled here.</param>
+    /// <param name="facts">The point as the runner knows it; the file-derived members are filled here.</param>
     /// <param name="headDigests">The last point's digests (incrementals), null when it has none.</param>
     /// <param name="headDigestsProblem">Why the last point has none, for the message.</param>
     /// <param name="diskDigests">The digests a differential computed from the disk itself, if any.</param>
-    public static BackupManifest Commit(Repository repo, IBackupProgress progress, BackupManifest point, string partialPath, string finalPath,
+    public static BackupManifest Commit(Repository repo, IBackupProgress progress, PointFacts facts, string partialPath, string finalPath,
         GranuleDigests? headDigests, string? headDigestsProblem, GranuleDigests? diskDigests = null)
     {
+        var point = new BackupManifest
+        {
+            Id = facts.Id, Disk = facts.Disk, Time = facts.Time, Level = facts.Incremental ? "inc" : "full", Parent = facts.Parent,
+            File = facts.File, Mode = facts.Mode, Source = facts.Source, Node = facts.Node, Bitmap = facts.Bitmap,
+            VirtualSize = facts.VirtualSize, Note = facts.Note,
+            CopiedBytes = 0, FileSize = 0, FileSha256 = "", Extents = [],
+        };
         File.Move(partialPath, finalPath, overwrite: false);
         bool incremental = point.Level == "inc";
         // Carried over from the last point; none when the last point has none (its granules are unknown).

@@ -264,25 +264,10 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
     }
 
     private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time, string checkpoint, string mode) =>
-        PointCommit.Commit(repo, progress, new BackupManifest
-        {
-            Id = id,
-            Disk = p.Key,
-            Time = time,
-            Level = p.Incremental ? "inc" : "full",
-            Parent = p.Head?.Id,
-            File = id + ".qcow2",
-            Mode = mode,
-            Source = $"libvirt:{options.Connect}#{options.Domain}",
-            Node = p.Disk.Target,
-            Bitmap = checkpoint,
-            VirtualSize = p.Size,
-            Note = p.Note,
-            CopiedBytes = 0,
-            FileSize = 0,
-            FileSha256 = "",
-            Extents = [],
-        }, p.PartialPath, Path.Combine(repo.DiskDir(p.Key), id + ".qcow2"), p.HeadDigests, p.HeadDigestsProblem);
+        PointCommit.Commit(repo, progress,
+            new PointFacts(id, p.Key, time, p.Incremental, p.Head?.Id, id + ".qcow2", mode, $"libvirt:{options.Connect}#{options.Domain}",
+                p.Disk.Target, checkpoint, p.Size, p.Note),
+            p.PartialPath, Path.Combine(repo.DiskDir(p.Key), id + ".qcow2"), p.HeadDigests, p.HeadDigestsProblem);
 
     private static void AbortQuietly(LibvirtDomain dom)
     {
