@@ -17,13 +17,15 @@ internal sealed class ConnectionListener : IAsyncDisposable
     private readonly Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> _session;
     private readonly StreamPipeReaderOptions? _readerOptions;
     private readonly StreamPipeWriterOptions? _writerOptions;
+    private readonly int _sendBufferBytes;
     private readonly CancellationTokenSource _cts = new();
     private readonly List<(Task Task, Socket Socket)> _connections = new();
     private Task? _accept;
 
     private ConnectionListener(Socket listener, string? unixPath, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions, StreamPipeWriterOptions? writerOptions)
+        StreamPipeReaderOptions? readerOptions, StreamPipeWriterOptions? writerOptions, int sendBufferBytes)
     {
+        _sendBufferBytes = sendBufferBytes;
         _listener = listener;
         _unixPath = unixPath;
         _maxConnections = maxConnections;
@@ -37,28 +39,30 @@ internal sealed class ConnectionListener : IAsyncDisposable
         Unix(path, backlog, maxConnections, (reader, writer, _, ct) => session(reader, writer, ct));
 
     /// <param name="session">Also gets the connection's gathered writer (see <see cref="IGatheredWriter"/>).</param>
+    /// <param name="sendBufferBytes">Non-zero: the connections' socket send buffer (SO_SNDBUF; the kernel caps it
+    /// at net.core.wmem_max).</param>
     public static ConnectionListener Unix(string path, int backlog, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null)
+        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0)
     {
         if (File.Exists(path)) File.Delete(path);
         var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         s.Bind(new UnixDomainSocketEndPoint(path));
         s.Listen(backlog);
-        return new ConnectionListener(s, path, maxConnections, session, readerOptions, writerOptions);
+        return new ConnectionListener(s, path, maxConnections, session, readerOptions, writerOptions, sendBufferBytes);
     }
 
     public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session) =>
         Tcp(host, port, backlog, maxConnections, (reader, writer, _, ct) => session(reader, writer, ct));
 
     public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null)
+        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0)
     {
         var address = host is "" or "localhost" ? IPAddress.Loopback : IPAddress.Parse(host);
         var s = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         s.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
         s.Bind(new IPEndPoint(address, port));
         s.Listen(backlog);
-        return new ConnectionListener(s, null, maxConnections, session, readerOptions, writerOptions);
+        return new ConnectionListener(s, null, maxConnections, session, readerOptions, writerOptions, sendBufferBytes);
     }
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint!;
@@ -88,6 +92,7 @@ internal sealed class ConnectionListener : IAsyncDisposable
                     continue;
                 }
                 if (client.AddressFamily != AddressFamily.Unix) client.NoDelay = true;
+                if (_sendBufferBytes > 0) try { client.SendBufferSize = _sendBufferBytes; } catch (SocketException) { }
                 _connections.Add((ServeAsync(client), client));
             }
         }
@@ -137,11 +142,26 @@ internal sealed class ConnectionListener : IAsyncDisposable
 /// </summary>
 public interface IGatheredWriter
 {
+    /// <summary>Sends what the connection takes now, without waiting; returns how many bytes (0 to all).</summary>
+    long TrySend(IList<ArraySegment<byte>> buffers);
+
+    /// <summary>Sends all of it, waiting as long as it takes.</summary>
     ValueTask WriteAsync(IList<ArraySegment<byte>> buffers);
 }
 
 internal sealed class SocketGatheredWriter(Socket socket) : IGatheredWriter
 {
+    public long TrySend(IList<ArraySegment<byte>> buffers)
+    {
+        // A socket in non-blocking mode makes a synchronous send one sendmsg that takes what fits and returns; the
+        // runtime's asynchronous reads and writes work the same in either mode. (Set here, not at accept: the
+        // connection's NetworkStream is made only over a blocking socket.)
+        if (socket.Blocking) socket.Blocking = false;
+        int sent = socket.Send(buffers, SocketFlags.None, out var error);
+        if (error is SocketError.Success or SocketError.WouldBlock) return sent;
+        throw new IOException($"send failed: {error}", new SocketException((int)error));
+    }
+
     public async ValueTask WriteAsync(IList<ArraySegment<byte>> buffers)
     {
         var pending = buffers;

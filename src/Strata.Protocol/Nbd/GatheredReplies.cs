@@ -42,12 +42,36 @@ internal sealed class GatheredReplies(IGatheredWriter writer)
         if (length > 0) _pieces.Add((data, start, length));
     }
 
-    public async ValueTask SendAsync()
+    /// <summary>Sends the batch: as much as the connection takes at once from the calling thread, the rest
+    /// asynchronously (the returned task is then not complete).</summary>
+    public ValueTask SendAsync()
     {
         CloseHeaderPiece();
         _segments.Clear();
-        foreach (var (array, start, length) in _pieces) _segments.Add(new ArraySegment<byte>(array ?? _headers, start, length));
-        if (_segments.Count > 0) await writer.WriteAsync(_segments);
+        long total = 0;
+        foreach (var (array, start, length) in _pieces)
+        {
+            _segments.Add(new ArraySegment<byte>(array ?? _headers, start, length));
+            total += length;
+        }
+        if (total == 0) return default;
+        long sent = writer.TrySend(_segments);
+        if (sent >= total) return default;
+        DropSent(sent);
+        return writer.WriteAsync(_segments);
+    }
+
+    /// <summary>Takes the first <paramref name="sent"/> bytes off the segments.</summary>
+    private void DropSent(long sent)
+    {
+        int whole = 0;
+        while (sent >= _segments[whole].Count)
+        {
+            sent -= _segments[whole].Count;
+            whole++;
+        }
+        _segments.RemoveRange(0, whole);
+        _segments[0] = _segments[0].Slice((int)sent);
     }
 
     public void Clear()

@@ -16,6 +16,11 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
     private static readonly StreamPipeReaderOptions ReaderOptions = new(bufferSize: 1 << 20, minimumReadSize: 64 << 10);
     private static readonly StreamPipeWriterOptions WriterOptions = new(minimumBufferSize: 1 << 20);
 
+    /// <summary>Socket send buffer: room for several read replies, so that a reply's send is taken at once by the
+    /// thread that read the data (the default, 208 KiB, is less than one 256 KiB read: each such reply's tail
+    /// went out as an asynchronous send — a wake-up of another thread).</summary>
+    private const int SendBufferBytes = 4 << 20;
+
     private NbdServer(int maxConnections, BlockIoThreads? ioThreads, Func<Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task>, ConnectionListener> listen)
     {
         _maxConnections = maxConnections;
@@ -24,10 +29,10 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
 
     /// <param name="ioThreads">Where requests' image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>
     public static NbdServer ListenUnix(string path, int maxConnections = 100, BlockIoThreads? ioThreads = null) =>
-        new(maxConnections, ioThreads, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions));
+        new(maxConnections, ioThreads, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes));
 
     public static NbdServer ListenTcp(string host, int port, int maxConnections = 100, BlockIoThreads? ioThreads = null) =>
-        new(maxConnections, ioThreads, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions));
+        new(maxConnections, ioThreads, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes));
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint;
 

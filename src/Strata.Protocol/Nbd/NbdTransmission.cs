@@ -1,7 +1,7 @@
 using System.Buffers;
+using System.Collections.Concurrent;
 using System.IO.Pipelines;
 using System.Runtime.InteropServices;
-using System.Threading.Channels;
 using Strata.Block;
 using Strata.Formats.Nbd;
 
@@ -14,13 +14,15 @@ namespace Strata.Protocol.Nbd;
 /// answered first.
 /// </summary>
 /// <remarks>
-/// Three parties per connection. The request reader (<see cref="RunAsync"/>'s task, on the thread pool) parses a
-/// header, waits for an in-flight slot and the data budget, and only then takes in a write's payload; it answers
-/// what needs no image I/O itself and hands the rest to the block I/O threads. A block I/O thread does the
-/// synchronous image calls and queues the answered request. The reply writer (on the thread pool) writes every
-/// queued reply into the pipe and flushes once per batch. So blocking I/O never holds a pool thread, a slow image
-/// never delays another connection's handshake, and only a failed flush — never an I/O error — means the client
-/// is gone.
+/// The request reader (<see cref="RunAsync"/>'s task, on the thread pool) parses a header, waits for an in-flight
+/// slot and the data budget, and only then takes in a write's payload; it answers what needs no image I/O itself
+/// and hands the rest to the block I/O threads. A block I/O thread does the synchronous image calls and then sends
+/// the reply itself, with every other reply answered meanwhile, unless another thread is sending already (then that
+/// one takes it along). The send never waits in the kernel: what the socket does not take at once goes on
+/// asynchronously, and the replies answered until then wait for it. So a reply costs no hand-off to a writer task
+/// (a thread wake-up per batch, which was most of the server's CPU after the copies), blocking I/O never holds a
+/// pool thread, a slow image never delays another connection's handshake, and only a failed send — never an I/O
+/// error — means the client is gone.
 /// </remarks>
 internal sealed class NbdTransmission
 {
@@ -50,7 +52,13 @@ internal sealed class NbdTransmission
     private readonly SemaphoreSlim _inFlight = new(MaxInFlight, MaxInFlight);
     private readonly ByteBudget _dataBudget = new(MaxDataInFlight);
     private readonly Stack<Request> _idleRequests = new();
-    private readonly Channel<Request> _replies = Channel.CreateUnbounded<Request>(new UnboundedChannelOptions { SingleReader = true });
+    /// <summary>Answered requests whose replies are not yet written.</summary>
+    private readonly ConcurrentQueue<Request> _answered = new();
+    /// <summary>1 while a thread writes and sends replies: there is one sender at a time, so replies keep whole.</summary>
+    private int _sending;
+    /// <summary>The requests whose replies the current send carries (the sender's).</summary>
+    private readonly List<Request> _batch = new(MaxInFlight);
+    private CancellationToken _sessionToken;
     private CancellationTokenSource? _stopReading;
     private volatile bool _clientGone;
 
@@ -94,7 +102,7 @@ internal sealed class NbdTransmission
     {
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
         _stopReading = stop;
-        var writer = WriteRepliesAsync(ct);
+        _sessionToken = ct;
         try
         {
             await ReadRequestsAsync(stop.Token);
@@ -103,11 +111,9 @@ internal sealed class NbdTransmission
         {
             ClientLeft = true;
             Interlocked.Increment(ref _export.LeavingConnections);
-            // DISC, end of input or a client gone: every admitted request still runs and gets its reply (written only
-            // while the client is there), then the writer flushes the last batch.
+            // DISC, end of input or a client gone: every admitted request still runs and gets its reply (sent only
+            // while the client is there); a slot comes back only once its reply's send is over.
             for (int i = 0; i < MaxInFlight; i++) await _inFlight.WaitAsync(CancellationToken.None);
-            _replies.Writer.TryComplete();
-            await writer;
         }
     }
 
@@ -176,7 +182,7 @@ internal sealed class NbdTransmission
     {
         r.Errno = errno;
         r.Message = message;
-        _replies.Writer.TryWrite(r);
+        Answered(r);
     }
 
     /// <summary>Why a request is refused before any I/O (EINVAL), or null.</summary>
@@ -262,7 +268,7 @@ internal sealed class NbdTransmission
         {
             export.Leave();
         }
-        _replies.Writer.TryWrite(r);
+        Answered(r);
     }
 
     /// <summary>The NBD errno for a failed image call, or null for a failure nobody expects (a bug: answered EIO
@@ -313,65 +319,93 @@ internal sealed class NbdTransmission
         for (int i = 0; i < _contexts.Count; i++) NbdBlockStatus.Collect(_export, _contexts[i].Name, offset, length, one, r.Status[i]);
     }
 
-    // ------------------------------------------------------------------ the reply writer
+    // ------------------------------------------------------------------ sending replies
 
-    /// <summary>Writes every answered request's reply, sending once per batch (and every <see cref="FlushThreshold"/>
-    /// bytes within one), then frees the batch's requests: on a socket the send reads their buffers.</summary>
-    private async Task WriteRepliesAsync(CancellationToken ct)
+    /// <summary>Queues an answered request's reply and sends, unless another thread is sending: then it is that
+    /// thread's to take along.</summary>
+    private void Answered(Request r)
     {
-        var replies = _replies.Reader;
-        var batch = new List<Request>(MaxInFlight);
-        while (await replies.WaitToReadAsync(CancellationToken.None))
+        _answered.Enqueue(r);
+        SendAnswered();
+    }
+
+    private void SendAnswered()
+    {
+        // The exchange that ends a sender's turn is a full fence, so a reply queued while it ended is either seen by
+        // its queue check here or its own thread wins the turn: none is left behind.
+        while (!_answered.IsEmpty && Interlocked.CompareExchange(ref _sending, 1, 0) == 0)
         {
-            long unsent = 0;
-            while (replies.TryRead(out var r))
+            ValueTask send;
+            try
             {
-                if (!_clientGone)
-                {
-                    try
-                    {
-                        unsent += WriteReply(r);
-                    }
-                    catch (Exception)
-                    {
-                        ClientGone(); // the pipe is closed
-                    }
-                }
-                batch.Add(r);
-                if (unsent >= FlushThreshold || _gathered is { Full: true })
-                {
-                    await SendAsync(batch, unsent, ct);
-                    unsent = 0;
-                }
+                send = WriteAndSendBatch();
             }
-            if (batch.Count > 0) await SendAsync(batch, unsent, ct);
+            catch (Exception)
+            {
+                ClientGone();
+                send = default;
+            }
+            if (!send.IsCompletedSuccessfully)
+            {
+                _ = FinishSendLaterAsync(send);
+                return;
+            }
+            EndBatch();
+            Interlocked.Exchange(ref _sending, 0);
         }
     }
 
-    private async ValueTask SendAsync(List<Request> batch, long unsent, CancellationToken ct)
+    /// <summary>The socket did not take the whole batch at once: the rest goes asynchronously, and this turn (with
+    /// the replies answered meanwhile) ends when it is out.</summary>
+    private async Task FinishSendLaterAsync(ValueTask send)
     {
         try
         {
-            if (unsent > 0 && !_clientGone)
-            {
-                if (_gathered is not null) await _gathered.SendAsync();
-                else
-                {
-                    var flush = await _output.FlushAsync(ct);
-                    if (flush.IsCompleted || flush.IsCanceled) ClientGone();
-                }
-            }
+            await send;
         }
         catch (Exception)
         {
             ClientGone();
         }
-        finally
+        EndBatch();
+        Interlocked.Exchange(ref _sending, 0);
+        SendAnswered();
+    }
+
+    /// <summary>Writes the queued replies into one batch (up to <see cref="FlushThreshold"/> bytes, or what one
+    /// gathered write takes) and starts its send.</summary>
+    private ValueTask WriteAndSendBatch()
+    {
+        long unsent = 0;
+        while (unsent < FlushThreshold && _gathered is not { Full: true } && _answered.TryDequeue(out var r))
         {
-            _gathered?.Clear();
-            foreach (var r in batch) Release(r);
-            batch.Clear();
+            _batch.Add(r);
+            if (_clientGone) continue;
+            try
+            {
+                unsent += WriteReply(r);
+            }
+            catch (Exception)
+            {
+                ClientGone(); // the pipe is closed
+            }
         }
+        if (unsent == 0 || _clientGone) return default;
+        return _gathered is not null ? _gathered.SendAsync() : FlushPipeAsync();
+    }
+
+    private async ValueTask FlushPipeAsync()
+    {
+        var flush = await _output.FlushAsync(_sessionToken);
+        if (flush.IsCompleted || flush.IsCanceled) ClientGone();
+    }
+
+    /// <summary>Frees the sent batch's requests: on a socket the send read their buffers until now.</summary>
+    private void EndBatch()
+    {
+        _gathered?.Clear();
+        foreach (var r in _batch) Release(r);
+        _batch.Clear();
     }
 
     /// <summary>A reply could not be sent: the only sign that the client is gone. Stop taking requests; those in

@@ -11,20 +11,67 @@ namespace Strata.Tests.Protocol;
 /// whole over a real socket.</summary>
 public class GatheredRepliesTests
 {
-    private sealed class CapturingWriter : IGatheredWriter
+    /// <summary>Takes <paramref name="atOnce"/> bytes of each send at once, the rest as the asynchronous send.</summary>
+    private sealed class CapturingWriter(long atOnce = 0) : IGatheredWriter
     {
         public readonly List<byte> Bytes = new();
         public readonly List<ArraySegment<byte>> Segments = new();
+        public int AsyncWrites;
 
-        public ValueTask WriteAsync(IList<ArraySegment<byte>> buffers)
+        public long TrySend(IList<ArraySegment<byte>> buffers)
         {
+            long left = atOnce;
+            foreach (var b in buffers)
+            {
+                if (left == 0) break;
+                var taken = b.Slice(0, (int)Math.Min(left, b.Count));
+                Segments.Add(taken);
+                Bytes.AddRange(taken);
+                left -= taken.Count;
+            }
+            return atOnce - left;
+        }
+
+        /// <summary>Completes an asynchronous send (sends complete at once until this is set).</summary>
+        public TaskCompletionSource? SendWaitsFor;
+
+        public async ValueTask WriteAsync(IList<ArraySegment<byte>> buffers)
+        {
+            AsyncWrites++;
+            if (SendWaitsFor is not null) await SendWaitsFor.Task;
             foreach (var b in buffers)
             {
                 Segments.Add(b);
                 Bytes.AddRange(b);
             }
-            return ValueTask.CompletedTask;
         }
+    }
+
+    [Theory]
+    [InlineData(1, 1)]     // one byte now, the rest later
+    [InlineData(13, 1)]    // exactly the first header piece
+    [InlineData(20, 1)]    // part way into the data
+    [InlineData(63, 1)]    // ends exactly where the data ends
+    [InlineData(1000, 0)]  // all of it at once: no asynchronous send
+    public async Task WhatTheConnectionDoesNotTakeAtOnceFollowsInOrder(long atOnce, int asyncWrites)
+    {
+        var writer = new CapturingWriter(atOnce) { SendWaitsFor = new TaskCompletionSource() };
+        var batch = new GatheredReplies(writer);
+        var data = new byte[50];
+        new Random(5).NextBytes(data);
+        batch.GetSpan(13).Fill(1);
+        batch.Advance(13);
+        batch.AddData(data, 0, 50);
+        batch.GetSpan(7).Fill(2);
+        batch.Advance(7);
+        var send = batch.SendAsync();
+        Assert.Equal(asyncWrites == 0, send.IsCompletedSuccessfully); // the caller waits only for what was not taken
+        writer.SendWaitsFor.SetResult();
+        await send;
+
+        var expected = Enumerable.Repeat((byte)1, 13).Concat(data).Concat(Enumerable.Repeat((byte)2, 7)).ToList();
+        Assert.Equal(expected, writer.Bytes);
+        Assert.Equal(asyncWrites, writer.AsyncWrites);
     }
 
     [Fact]
