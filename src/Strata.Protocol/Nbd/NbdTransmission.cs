@@ -36,6 +36,11 @@ internal sealed class NbdTransmission
     /// <summary>Bytes of replies written into the pipe before a flush within one batch.</summary>
     private const long FlushThreshold = 4 << 20;
 
+    /// <summary>Requests' data buffers, for every connection. Not the shared pool: a buffer goes back on whichever block
+    /// I/O thread sent its reply, and the shared pool keeps one per size in each returning thread's own cache — with
+    /// forty I/O threads, 10 MiB of peak RSS held in caches besides the buffers in use. This pool has one store.</summary>
+    private static readonly ArrayPool<byte> DataBuffers = ArrayPool<byte>.Create(maxArrayLength: 4 << 20, maxArraysPerBucket: 32);
+
     /// <summary>Characters of an error message sent in an error chunk.</summary>
     private const int MaxErrorMessage = 4096;
 
@@ -79,7 +84,7 @@ internal sealed class NbdTransmission
     private sealed class Request(NbdTransmission transmission) : IBlockIoWork
     {
         public NbdRequest Header;
-        /// <summary>The write payload, or the bytes read (ArrayPool; longer than the request).</summary>
+        /// <summary>The write payload, or the bytes read (from <see cref="DataBuffers"/>; longer than the request).</summary>
         public byte[]? Data;
         /// <summary>Bytes of the data budget this request holds.</summary>
         public long Reserved;
@@ -149,7 +154,7 @@ internal sealed class NbdTransmission
                 {
                     await _dataBudget.AcquireAsync(req.Length, ct);
                     r.Reserved = req.Length;
-                    r.Data = ArrayPool<byte>.Shared.Rent((int)req.Length);
+                    r.Data = DataBuffers.Rent((int)req.Length);
                     if (req.Command == NbdCommand.Write) await _input.ReadExactAsync(r.Data.AsMemory(0, (int)req.Length), ct);
                 }
                 if (req.Command == NbdCommand.Cache)
@@ -419,7 +424,7 @@ internal sealed class NbdTransmission
     /// <summary>Gives back what a request holds: its data buffer, its share of the budget, its slot.</summary>
     private void Release(Request r)
     {
-        if (r.Data is not null) ArrayPool<byte>.Shared.Return(r.Data);
+        if (r.Data is not null) DataBuffers.Return(r.Data);
         r.Data = null;
         if (r.Reserved > 0) _dataBudget.Release(r.Reserved);
         r.Reserved = 0;
