@@ -141,4 +141,37 @@ public class GatheredRepliesTests
         }
         Assert.True(again.AsSpan().SequenceEqual(whole.AsSpan(1 << 20, 1 << 20)));
     }
+
+    /// <summary>More reply data in flight than the socket's send buffer holds: the threads that answer send what the
+    /// socket takes and leave the rest to an asynchronous send; every reply still arrives whole and in one piece.</summary>
+    [Fact]
+    public async Task MoreReplyDataThanTheSendBufferHoldsComesBackIntact()
+    {
+        using var dir = new TempDir();
+        const int size = 16 << 20;
+        var content = new byte[size];
+        new Random(11).NextBytes(content);
+        using (var image = Qcow2Image.Create(dir["d.qcow2"], new Qcow2CreateOptions { Size = size }))
+            image.Write(0, content);
+        using var opened = Qcow2Image.Open(HostFile.Open(dir["d.qcow2"], readOnly: true));
+        await using var server = NbdServer.ListenUnix(dir["s.nbd"]);
+        server.AddExport(new NbdExport("e", "e", null, opened, writable: false, [], allocationDepth: false));
+        server.Start();
+        await using var client = await NbdClient.ConnectUnixAsync(dir["s.nbd"], "e");
+
+        var random = new Random(12);
+        for (int round = 0; round < 4; round++)
+        {
+            // 48 reads of up to 1 MiB at odd offsets: up to 48 MiB due at once, against a 4 MiB send buffer.
+            var reads = Enumerable.Range(0, 48).Select(_ =>
+            {
+                int length = random.Next(1, 1 << 20);
+                long offset = random.NextInt64(0, size - length);
+                return (Offset: offset, Buffer: new byte[length]);
+            }).ToList();
+            await Task.WhenAll(reads.Select(r => client.ReadAsync(r.Offset, r.Buffer)));
+            foreach (var (offset, buffer) in reads)
+                Assert.True(buffer.AsSpan().SequenceEqual(content.AsSpan((int)offset, buffer.Length)), $"read at {offset} of {buffer.Length}");
+        }
+    }
 }
