@@ -182,7 +182,7 @@ internal sealed class NbdTransmission
         return r;
     }
 
-    /// <summary>A request answered without image I/O goes straight to the reply writer.</summary>
+    /// <summary>A request answered without image I/O: the reader sends its reply (or the thread sending already does).</summary>
     private void Answer(Request r, uint errno, string? message)
     {
         r.Errno = errno;
@@ -431,7 +431,7 @@ internal sealed class NbdTransmission
         r.Errno = 0;
         r.Message = null;
         // Keep small lists for the next request, not the rare huge ones (emptied first: a capacity below the count
-        // throws, and a throw here ended the reply writer, so every later request of the connection hung).
+        // throws, and a throw here once ended the reply writer, so every later request of the connection hung).
         r.Chunks.Clear();
         if (r.Chunks.Capacity > 1024) r.Chunks.Capacity = 0;
         foreach (var s in r.Status)
