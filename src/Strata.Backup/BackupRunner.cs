@@ -170,6 +170,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             ClusterSize = PointClusterSize,
             BackingFile = withBacking && p.Incremental ? p.Head!.File : null,
             BackingFormat = withBacking && p.Incremental ? "qcow2" : null,
+            // Not fsynced here: the partial file is deleted unless the run succeeds, and before it is committed the
+            // writer's last flush (QEMU's at blockdev-del in push mode, ours at the end of a pull) makes the whole file
+            // durable, header included. Two fsyncs fewer on the clock of every run.
+            Durable = false,
         };
         Qcow2Image.Create(path, create).Dispose();
     }
