@@ -292,7 +292,15 @@ public sealed class Repository
                 streams[i].Write(files[i].Content);
             }
             if (streams.Length == 1) streams[0].Flush(flushToDisk: true);
-            else Parallel.ForEach(streams, s => s.Flush(flushToDisk: true));
+            else
+            {
+                // Each on a thread of its own: a pool thread can come late on a busy machine, and then the fsyncs run
+                // one after the other again. Every one is waited for (none still running when the streams close), and
+                // the first failure is thrown as itself.
+                var flushes = streams.Select(s => Task.Factory.StartNew(() => s.Flush(flushToDisk: true), CancellationToken.None,
+                    TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
+                Task.WhenAll(flushes).GetAwaiter().GetResult();
+            }
         }
         finally
         {
