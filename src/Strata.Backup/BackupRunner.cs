@@ -89,13 +89,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         if (options.Mode is not ("push" or "pull")) throw new BackupException($"unknown mode '{options.Mode}'", "use push or pull", BackupExitCodes.Usage);
         using var held = repo.Lock();
         await using var source = await QmpSource.ConnectAsync(options.Socket);
-        await SourceBitmaps.RecoverAsync(source, options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault()?.Bitmap), repo.BitmapPrefix, progress);
+        var nodes = await SourceBitmaps.RecoverAsync(source, options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault()?.Bitmap), repo.BitmapPrefix, progress);
         foreach (var leftover in repo.CleanLeftovers()) progress.Message($"removed {leftover}, left by an interrupted run");
 
         var now = DateTimeOffset.UtcNow;
         string id = repo.NewId(now);
         var plans = new List<DiskPlan>();
-        foreach (string disk in options.Disks) plans.Add(await PlanAsync(source, disk, id));
+        foreach (string disk in options.Disks) plans.Add(await PlanAsync(source, disk, id, nodes));
         // A differential reads the frozen disk itself: the run pulls.
         _mode = plans.Any(p => p.Differential) ? "pull" : options.Mode;
         foreach (var p in plans)
@@ -122,13 +122,16 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         var manifests = new List<BackupManifest>();
         foreach (var p in plans) manifests.Add(Commit(p, id, now));
         // Only now that the new points are on disk may the bitmaps of the old ones go.
-        foreach (var p in plans) await SourceBitmaps.DropOldAsync(source, p.Disk, repo.BitmapPrefix, p.NewBitmap);
+        // The plan's view of the bitmaps is still the source's: the lock keeps other runs of this repository away,
+        // and only they touch its bitmaps.
+        foreach (var p in plans) await SourceBitmaps.DropOldAsync(source, p.Disk, repo.BitmapPrefix, p.NewBitmap, p.Node.Bitmaps);
         return manifests;
     }
 
-    private async Task<DiskPlan> PlanAsync(QmpSource source, string disk, string id)
+    /// <param name="nodes">The source's nodes as recovery found them, when it changed nothing; null asks the source.</param>
+    private async Task<DiskPlan> PlanAsync(QmpSource source, string disk, string id, IReadOnlyList<SourceNode>? nodes)
     {
-        var node = await source.NodeAsync(disk);
+        var node = nodes?.FirstOrDefault(n => n.Name == disk) ?? await source.NodeAsync(disk);
         if (node.VirtualSize <= 0) throw new BackupException($"node '{disk}' has no size", "name a format node (qcow2, raw), not a protocol node", BackupExitCodes.Usage);
         var head = repo.Points(disk).LastOrDefault();
         string? why = null, bitmapLost = null;
@@ -170,6 +173,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             ClusterSize = PointClusterSize,
             BackingFile = withBacking && p.Incremental ? p.Head!.File : null,
             BackingFormat = withBacking && p.Incremental ? "qcow2" : null,
+            // Not fsynced here: the partial file is deleted unless the run succeeds, and before it is committed the
+            // writer's last flush (QEMU's at blockdev-del in push mode, ours at the end of a pull) makes the whole file
+            // durable, header included. Two fsyncs fewer on the clock of every run.
+            Durable = false,
         };
         Qcow2Image.Create(path, create).Dispose();
     }

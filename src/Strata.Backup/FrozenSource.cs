@@ -73,7 +73,8 @@ internal sealed class FrozenSource : IAsyncDisposable
         var actions = new JsonArray();
         foreach (var d in _disks)
         {
-            Qcow2Image.Create(d.FleecePath, new Qcow2CreateOptions { Size = d.Node.VirtualSize, ClusterSize = BackupRunner.PointClusterSize }).Dispose();
+            // Scratch for the run's length, deleted after it (or by the next run's clean-up): nothing to make durable.
+            Qcow2Image.Create(d.FleecePath, new Qcow2CreateOptions { Size = d.Node.VirtualSize, ClusterSize = BackupRunner.PointClusterSize, Durable = false }).Dispose();
             await _source.ExecuteAsync("blockdev-add", new JsonObject
             {
                 ["driver"] = "qcow2", ["node-name"] = TargetNode(d.Name),

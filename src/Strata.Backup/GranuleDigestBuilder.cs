@@ -39,6 +39,23 @@ public sealed class GranuleDigestBuilder
 
     public void Data(long offset, ReadOnlySpan<byte> data) => Feed(offset, data.Length, Kind.Data, data);
 
+    /// <summary>Whether a data range is exactly the next granule, whole: then <see cref="WholeGranule"/> can take it
+    /// by its SHA-256.</summary>
+    public bool IsWholeGranule(long offset, long length)
+    {
+        if (_partialOpen || offset != _pos || offset >= _result.DiskSize || offset % _result.Granularity != 0) return false;
+        return length == _result.LengthOf((int)(offset / _result.Granularity));
+    }
+
+    /// <summary>A data range that is exactly one whole granule (<see cref="IsWholeGranule"/>), given by the SHA-256 of
+    /// its bytes that the caller computed for its own record: the granule's digest comes from it, unhashed again.</summary>
+    public void WholeGranule(long offset, long length, ReadOnlySpan<byte> sha256)
+    {
+        if (!IsWholeGranule(offset, length)) throw new InvalidOperationException($"range {offset}+{length} is not the next whole granule (next: {_pos}, granules of {_result.Granularity})");
+        _result.Set((int)(offset / _result.Granularity), GranuleDigests.FromSha256(sha256));
+        _pos = offset + length;
+    }
+
     public void Zero(long offset, long length) => Feed(offset, length, Kind.Zero, default);
 
     public void Unallocated(long offset, long length) => Feed(offset, length, Kind.Unallocated, default);

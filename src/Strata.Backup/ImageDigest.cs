@@ -33,6 +33,13 @@ public static class ImageDigest
                         image.Read(pos, span);
                         byte[] pieceHash;
                         if (granules is null) pieceHash = SHA256.HashData(span);
+                        else if (granules.IsWholeGranule(pos, len))
+                        {
+                            // One granule, one hash: a piece that is exactly a granule (every piece of a sparse
+                            // incremental) gives the granule its digest from the piece's own SHA-256.
+                            pieceHash = SHA256.HashData(span);
+                            granules.WholeGranule(pos, len, pieceHash);
+                        }
                         else
                         {
                             // Two hashes of the same bytes, on two cores.
@@ -71,15 +78,19 @@ public static class ImageDigest
         return result;
     }
 
+    /// <summary>The read size of <see cref="FileSha256"/>: as fast as larger reads from the page cache, and a fresh
+    /// buffer's first touch (a page fault per page, dear in a VM) is paid on a quarter of a piece, not on four MiB.</summary>
+    private const int FileReadSize = 1 << 20;
+
     public static string FileSha256(string path)
     {
         using var handle = File.OpenHandle(path);
         using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        var buffer = ArrayPool<byte>.Shared.Rent(PieceSize);
+        var buffer = ArrayPool<byte>.Shared.Rent(FileReadSize);
         try
         {
             int n;
-            for (long pos = 0; (n = RandomAccess.Read(handle, buffer.AsSpan(0, PieceSize), pos)) > 0; pos += n)
+            for (long pos = 0; (n = RandomAccess.Read(handle, buffer.AsSpan(0, FileReadSize), pos)) > 0; pos += n)
                 hash.AppendData(buffer, 0, n);
         }
         finally

@@ -37,10 +37,8 @@ public static class PointCommit
             : null;
         var manifest = ImageDigest.Describe(point, finalPath, builder);
         var digests = diskDigests ?? (builder is null ? null : ImageDigest.FinishGranules(builder, finalPath));
-        if (digests is not null) manifest = manifest with { Digests = repo.WriteDigests(point.Disk, point.Id, digests) };
-        else progress.Message($"{point.Disk}: this point records no digests: {headDigestsProblem}; the next full or differential by comparison records them again");
-        repo.WriteManifest(manifest);
-        return manifest;
+        if (digests is null) progress.Message($"{point.Disk}: this point records no digests: {headDigestsProblem}; the next full or differential by comparison records them again");
+        return repo.CommitPoint(manifest, digests);
     }
 
     /// <summary>Reads the last point's digests for an incremental on it, with the reason when there are none (as

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Net.Sockets;
 using System.Text.Json.Nodes;
 using Strata.Protocol.Qmp;
@@ -101,6 +102,8 @@ public sealed class QmpSource : IAsyncDisposable
     public async Task<IReadOnlyList<string>> ExportsAsync() =>
         (await ExecuteAsync("query-block-exports"))!.AsArray().Select(e => e!["id"]!.GetValue<string>()).ToList();
 
+    private static readonly TimeSpan TickInterval = TimeSpan.FromMilliseconds(250);
+
     /// <summary>Waits until every listed job has ended (BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED), calling
     /// <paramref name="tick"/> about four times a second meanwhile.</summary>
     public async Task<IReadOnlyDictionary<string, JobOutcome>> WaitJobsAsync(IEnumerable<string> ids, Func<Task>? tick = null, TimeSpan? timeout = null)
@@ -109,6 +112,7 @@ public sealed class QmpSource : IAsyncDisposable
         var outcomes = new Dictionary<string, JobOutcome>();
         var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromHours(24));
         int seen = 0;
+        long lastTick = Stopwatch.GetTimestamp();
         while (pending.Count > 0)
         {
             lock (_events)
@@ -126,8 +130,14 @@ public sealed class QmpSource : IAsyncDisposable
             if (pending.Count == 0) break;
             if (DateTime.UtcNow > deadline) throw new BackupException($"jobs {string.Join(", ", pending)} did not end in time", exitCode: BackupExitCodes.Source);
             if (_pump.IsCompleted) throw new BackupException($"lost the QMP connection to '{Address}' while jobs ran", "is the daemon still running?", BackupExitCodes.Source);
-            await _eventArrived.WaitAsync(TimeSpan.FromMilliseconds(250));
-            if (tick is not null) await tick();
+            await _eventArrived.WaitAsync(TickInterval);
+            // Not after every event and not at once: a short job sends several events and is over before the first
+            // tick, and each tick is a round trip the source answers between the job's own work.
+            if (tick is not null && Stopwatch.GetElapsedTime(lastTick) >= TickInterval)
+            {
+                lastTick = Stopwatch.GetTimestamp();
+                await tick();
+            }
         }
         return outcomes;
     }

@@ -28,6 +28,12 @@ public sealed class Repository
     /// <summary>The prefix of the names of every bitmap this repository owns.</summary>
     public string BitmapPrefix => $"strata-{Tag}-";
 
+    /// <summary>The manifests read per disk while this process holds the lock: nobody else writes them then, and this
+    /// process's own writes (<see cref="CommitPoint"/>, <see cref="DeletePoint"/>) drop the disk's entry. A run asks
+    /// for the same points several times (recovery, clean-up, the new id, the plan); each read parses every manifest.</summary>
+    private readonly Dictionary<string, IReadOnlyList<BackupManifest>> _pointsWhileLocked = [];
+    private bool _locked;
+
     private Repository(string root, string tag)
     {
         Root = root;
@@ -84,7 +90,8 @@ public sealed class Repository
         stream.SetLength(0);
         stream.Write(Encoding.ASCII.GetBytes(Environment.ProcessId.ToString(CultureInfo.InvariantCulture) + "\n"));
         stream.Flush();
-        var held = new RepositoryLock(stream);
+        var held = new RepositoryLock(stream, this);
+        _locked = true;
         FinishInterruptedPrune();
         return held;
     }
@@ -100,6 +107,14 @@ public sealed class Repository
 
     /// <summary>Every committed point of a disk, oldest first.</summary>
     public IReadOnlyList<BackupManifest> Points(string disk)
+    {
+        if (_locked && _pointsWhileLocked.TryGetValue(disk, out var known)) return known;
+        var points = ReadPoints(disk);
+        if (_locked) _pointsWhileLocked[disk] = points;
+        return points;
+    }
+
+    private IReadOnlyList<BackupManifest> ReadPoints(string disk)
     {
         string dir = DiskDir(disk);
         if (!Directory.Exists(dir)) return [];
@@ -150,29 +165,39 @@ public sealed class Repository
         return id;
     }
 
-    public void WriteManifest(BackupManifest m)
+    public void WriteManifest(BackupManifest m) => CommitPoint(m, digests: null);
+
+    /// <summary>
+    /// Writes a point's digests file (when it has digests) and its manifest, which names it; the point exists from the
+    /// manifest's rename on. Both files are written to temporaries and fsynced side by side (one wait for the disk, not
+    /// two in a row), then renamed digests first — so the manifest never names digests that are not on disk.
+    /// </summary>
+    /// <returns>The manifest as written: with its <see cref="BackupManifest.Digests"/> reference when digests were given.</returns>
+    public BackupManifest CommitPoint(BackupManifest m, GranuleDigests? digests)
     {
-        Directory.CreateDirectory(DiskDir(m.Disk));
-        WriteAtomically(Path.Combine(DiskDir(m.Disk), m.Id + ".json"), m.Serialize());
+        string dir = DiskDir(m.Disk);
+        Directory.CreateDirectory(dir);
+        var files = new List<(string Path, byte[] Content)>(2);
+        if (digests is not null)
+        {
+            byte[] content = GranuleDigestsFile.Serialize(digests);
+            string name = m.Id + DigestsSuffix;
+            m = m with { Digests = new DigestsReference(name, digests.Granularity, Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(content))) };
+            files.Add((Path.Combine(dir, name), content));
+        }
+        files.Add((Path.Combine(dir, m.Id + ".json"), m.Serialize()));
+        _pointsWhileLocked.Remove(m.Disk);
+        WriteAtomically(files);
+        return m;
     }
 
     public void DeletePoint(BackupManifest m)
     {
+        _pointsWhileLocked.Remove(m.Disk);
         // The manifest goes first: a crash in between leaves an unreferenced file, never a manifest without data.
         File.Delete(Path.Combine(DiskDir(m.Disk), m.Id + ".json"));
         File.Delete(FilePath(m));
         if (m.Digests is not null) File.Delete(Path.Combine(DiskDir(m.Disk), m.Digests.File));
-    }
-
-    /// <summary>Writes a point's digests file (atomically, before its manifest names it) and returns the reference
-    /// the manifest records.</summary>
-    public DigestsReference WriteDigests(string disk, string id, GranuleDigests digests)
-    {
-        Directory.CreateDirectory(DiskDir(disk));
-        byte[] content = GranuleDigestsFile.Serialize(digests);
-        string name = id + DigestsSuffix;
-        WriteAtomically(Path.Combine(DiskDir(disk), name), content);
-        return new DigestsReference(name, digests.Granularity, Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(content)));
     }
 
     /// <summary>A point's digests, checked against the manifest (SHA-256, disk size, granularity): null without a
@@ -251,20 +276,52 @@ public sealed class Repository
     }
 
     /// <summary>Writes a file so that readers see the old or the new content, never a mix: temp, fsync, rename.</summary>
-    public static void WriteAtomically(string path, byte[] content)
+    public static void WriteAtomically(string path, byte[] content) => WriteAtomically([(path, content)]);
+
+    /// <summary>Writes files so that each is seen whole or not at all, and none is renamed into place before all are
+    /// on disk: every temporary is written, all are fsynced at once (the waits overlap), then they are renamed in the
+    /// order given.</summary>
+    private static void WriteAtomically(IReadOnlyList<(string Path, byte[] Content)> files)
     {
-        string tmp = path + ".tmp";
-        using (var fs = new FileStream(tmp, FileMode.Create, FileAccess.Write, FileShare.None))
+        var streams = new FileStream[files.Count];
+        try
         {
-            fs.Write(content);
-            fs.Flush(flushToDisk: true);
+            for (int i = 0; i < files.Count; i++)
+            {
+                streams[i] = new FileStream(files[i].Path + ".tmp", FileMode.Create, FileAccess.Write, FileShare.None);
+                streams[i].Write(files[i].Content);
+            }
+            if (streams.Length == 1) streams[0].Flush(flushToDisk: true);
+            else
+            {
+                // Each on a thread of its own: a pool thread can come late on a busy machine, and then the fsyncs run
+                // one after the other again. Every one is waited for (none still running when the streams close), and
+                // the first failure is thrown as itself.
+                var flushes = streams.Select(s => Task.Factory.StartNew(() => s.Flush(flushToDisk: true), CancellationToken.None,
+                    TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
+                Task.WhenAll(flushes).GetAwaiter().GetResult();
+            }
         }
-        File.Move(tmp, path, overwrite: true);
+        finally
+        {
+            foreach (var s in streams) s?.Dispose();
+        }
+        foreach (var (path, _) in files) File.Move(path + ".tmp", path, overwrite: true);
+    }
+
+    internal void Unlocked()
+    {
+        _locked = false;
+        _pointsWhileLocked.Clear();
     }
 }
 
 /// <summary>The held repository lock.</summary>
-public sealed class RepositoryLock(FileStream stream) : IDisposable
+public sealed class RepositoryLock(FileStream stream, Repository repository) : IDisposable
 {
-    public void Dispose() => stream.Dispose();
+    public void Dispose()
+    {
+        repository.Unlocked();
+        stream.Dispose();
+    }
 }

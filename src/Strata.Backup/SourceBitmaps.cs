@@ -61,9 +61,11 @@ internal static class SourceBitmaps
     }
 
     /// <summary>After the new point is committed: every bitmap of the repository on the disk but the new one goes.</summary>
-    public static async Task DropOldAsync(QmpSource source, string disk, string prefix, string keep)
+    /// <param name="known">The disk's bitmaps as the run's plan saw them (after recovery, before the new one was added),
+    /// which spares a query; null asks the source.</param>
+    public static async Task DropOldAsync(QmpSource source, string disk, string prefix, string keep, IReadOnlyList<SourceBitmap>? known = null)
     {
-        foreach (var b in (await source.NodeAsync(disk)).Bitmaps.Where(b => b.Name.StartsWith(prefix, StringComparison.Ordinal) && b.Name != keep))
+        foreach (var b in (known ?? (await source.NodeAsync(disk)).Bitmaps).Where(b => b.Name.StartsWith(prefix, StringComparison.Ordinal) && b.Name != keep))
             await source.ExecuteAsync("block-dirty-bitmap-remove", new JsonObject { ["node"] = disk, ["name"] = b.Name });
     }
 
@@ -96,8 +98,11 @@ internal static class SourceBitmaps
     /// again). Extra bits only make the next incremental larger, never wrong.
     /// </summary>
     /// <param name="headBitmaps">Per disk, the bitmap of the repository's newest point (absent: no point).</param>
-    public static async Task RecoverAsync(QmpSource source, IReadOnlyDictionary<string, string?> headBitmaps, string prefix, IBackupProgress progress)
+    /// <returns>The source's nodes when there was nothing to undo (as they still are: a plan can use them without asking
+    /// again); null when something was undone.</returns>
+    public static async Task<IReadOnlyList<SourceNode>?> RecoverAsync(QmpSource source, IReadOnlyDictionary<string, string?> headBitmaps, string prefix, IBackupProgress progress)
     {
+        bool undone = false;
         var disks = headBitmaps.Keys.ToHashSet();
         var ours = (await source.JobsAsync()).Where(j => j.Id.StartsWith("strata-job-", StringComparison.Ordinal) && disks.Contains(j.Id["strata-job-".Length..])).Select(j => j.Id).ToList();
         foreach (var job in ours)
@@ -105,15 +110,23 @@ internal static class SourceBitmaps
             progress.Message($"cancelling {job}, left running by an interrupted run");
             try { await source.ExecuteAsync("block-job-cancel", new JsonObject { ["device"] = job, ["force"] = true }); } catch (QmpException) { }
         }
-        if (ours.Count > 0) await source.WaitJobsAsync(ours, timeout: TimeSpan.FromMinutes(1));
+        if (ours.Count > 0)
+        {
+            undone = true;
+            await source.WaitJobsAsync(ours, timeout: TimeSpan.FromMinutes(1));
+        }
         foreach (var export in (await source.ExportsAsync()).Where(e => e.StartsWith("strata-exp-", StringComparison.Ordinal) && disks.Contains(e["strata-exp-".Length..])))
         {
+            undone = true;
             try { await source.ExecuteAsync("block-export-del", new JsonObject { ["id"] = export, ["mode"] = "hard" }); } catch (QmpException) { }
             await source.WaitEventAsync("BLOCK_EXPORT_DELETED", e => e["data"]?["id"]?.GetValue<string>() == export, TimeSpan.FromSeconds(5));
         }
         var nodes = await source.NodesAsync();
         foreach (var n in nodes.Where(n => n.Name.StartsWith("strata-tgt-", StringComparison.Ordinal) && disks.Contains(n.Name["strata-tgt-".Length..])))
+        {
+            undone = true;
             await DeleteNodeAsync(source, n.Name);
+        }
         foreach (string disk in disks)
         {
             if (nodes.FirstOrDefault(n => n.Name == disk) is not { } node) continue;
@@ -132,8 +145,10 @@ internal static class SourceBitmaps
                 actions.Add(Action("block-dirty-bitmap-enable", new JsonObject { ["node"] = disk, ["name"] = headBitmap }));
             if (actions.Count == 0) continue;
             progress.Message($"{disk}: folding bitmaps left by an interrupted run into {headBitmap ?? "nothing (a full follows)"}");
+            undone = true;
             await source.ExecuteAsync("transaction", new JsonObject { ["actions"] = actions });
         }
+        return undone ? null : nodes;
     }
 
     /// <summary>Why the head point's bitmap cannot drive an incremental, or null when it can.</summary>

@@ -306,7 +306,7 @@ public sealed partial class Qcow2Image
             img = Open(reopened, new Qcow2OpenOptions { DataFileLockClaim = options.DataFileLockClaim });
             img.ResizeTo(options.Size, dataFileGrowsOnly: options.AdoptDataFile);
             if (options.Encryption is { } encryption) img.SetUpEncryption(encryption);
-            reopened.FlushEnabled = true;
+            reopened.FlushEnabled = options.Durable;
             img.Flush();
             return img;
         }
@@ -409,6 +409,10 @@ public sealed record Qcow2CreateOptions
     public bool ExtendedL2 { get; init; }
     /// <summary>Encrypt guest data (legacy AES or LUKS), null for plain.</summary>
     public Qcow2Encryption? Encryption { get; init; }
+    /// <summary>False: nothing is fsynced, not at creation and not by the returned image — for a file whose writer
+    /// fsyncs it later anyway (a backup target: the job's close does), where a crash before that leaves a file that
+    /// is thrown away.</summary>
+    public bool Durable { get; init; } = true;
 }
 
 /// <summary>A refcount would exceed what the image's refcount width holds (QEMU: EINVAL from update_refcount).</summary>

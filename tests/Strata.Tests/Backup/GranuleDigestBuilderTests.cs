@@ -113,6 +113,43 @@ public class GranuleDigestBuilderTests
     }
 
     [Fact]
+    public void AWholeGranuleGivenByItsSha256GetsTheDigestItsBytesHashTo()
+    {
+        // How a sparse incremental's pieces arrive: one granule each, hashed once for the manifest's piece record.
+        var before = Random(6 * G + 4096, 6);
+        var after = (byte[])before.Clone();
+        Random(G, 7).CopyTo(after, G);
+        Random(G, 8).CopyTo(after, 4 * G);
+        Random(4096, 9).CopyTo(after, 6 * G);
+        var b = new GranuleDigestBuilder(after.Length, G, Model(before));
+        b.Unallocated(0, G);
+        Assert.True(b.IsWholeGranule(G, G));
+        b.WholeGranule(G, G, System.Security.Cryptography.SHA256.HashData(after.AsSpan(G, G)));
+        b.Unallocated(2 * G, 2 * G);
+        b.WholeGranule(4 * G, G, System.Security.Cryptography.SHA256.HashData(after.AsSpan(4 * G, G)));
+        b.Unallocated(5 * G, G);
+        // The short last granule is whole at its own length.
+        Assert.True(b.IsWholeGranule(6 * G, 4096));
+        b.WholeGranule(6 * G, 4096, System.Security.Cryptography.SHA256.HashData(after.AsSpan(6 * G, 4096)));
+        Assert.Empty(b.Finish().Differences(Model(after)));
+    }
+
+    [Fact]
+    public void OnlyTheNextGranuleWholeIsTakenByItsSha256()
+    {
+        var b = new GranuleDigestBuilder(4 * G, G, parent: null);
+        Assert.False(b.IsWholeGranule(G, G));              // not the next range
+        Assert.False(b.IsWholeGranule(0, 2 * G));          // two granules
+        Assert.False(b.IsWholeGranule(0, G / 2));          // half of one
+        b.Data(0, new byte[G / 2]);
+        Assert.False(b.IsWholeGranule(G / 2, G));          // unaligned, inside a granule under construction
+        Assert.Throws<InvalidOperationException>(() => b.WholeGranule(G / 2, G, new byte[32]));
+        b.Zero(G / 2, G / 2);
+        Assert.True(b.IsWholeGranule(G, G));
+        Assert.Throws<ArgumentException>(() => b.WholeGranule(G, G, new byte[16]));   // not a SHA-256
+    }
+
+    [Fact]
     public void AParentOfAnotherGeometryIsRefused()
     {
         Assert.Throws<ArgumentException>(() => new GranuleDigestBuilder(4 * G, G, new GranuleDigests(8 * G, G)));

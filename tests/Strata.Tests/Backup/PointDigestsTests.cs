@@ -48,9 +48,7 @@ public class PointDigestsTests : IDisposable
         if (builder is not null) digests = ImageDigest.FinishGranules(builder, path);
         else
             using (var chain = ImageOpener.Open(path, "qcow2", readOnly: true)) digests = ImageDigest.ChainGranules(chain, G);
-        m = m with { Digests = _repo.WriteDigests("vda", id, digests) };
-        _repo.WriteManifest(m);
-        return m;
+        return _repo.CommitPoint(m, digests);
     }
 
     /// <summary>The point's digests hashed from scratch, reading its whole chain.</summary>
@@ -101,7 +99,7 @@ public class PointDigestsTests : IDisposable
         var points = Chain();
         var wrong = _repo.ReadDigests(points[2]).Digests!.Clone();
         wrong.Set(3 * 16, new byte[16]);
-        _repo.WriteManifest(points[2] with { Digests = _repo.WriteDigests("vda", "p2", wrong) });
+        _repo.CommitPoint(points[2], wrong);
         var problem = Assert.Single(Verifier.Verify(_repo));
         Assert.Equal("p2", problem.Id);
         Assert.Equal($"its digests file p2.digests disagrees with the point's data in 1 granule(s), the first at offset {3 * 16 * G}", problem.What);
@@ -120,7 +118,7 @@ public class PointDigestsTests : IDisposable
         Assert.Empty(Verifier.Verify(_repo));
         var wrong = _repo.ReadDigests(p1).Digests!.Clone();
         wrong.Set(1, new byte[16]);
-        _repo.WriteManifest(p1 with { Digests = _repo.WriteDigests("vda", "p1", wrong) });
+        _repo.CommitPoint(p1, wrong);
         Assert.Contains("disagrees with the point's data in 1 granule(s), the first at offset 65536", Assert.Single(Verifier.Verify(_repo)).What);
     }
 

@@ -94,6 +94,44 @@ public class RepositoryTests : IDisposable
     }
 
     [Fact]
+    public void WhileLockedThePointsAreReadOnceAndTheHoldersOwnWritesAreSeen()
+    {
+        var p0 = Point("p0", null, 0, (0, 1));
+        string dir = _repo.DiskDir("vda");
+        using (_repo.Lock())
+        {
+            Assert.Single(_repo.Points("vda"));
+            // Nobody else writes while the lock is held: a manifest appearing behind the holder's back is not re-read…
+            File.Copy(Path.Combine(dir, "p0.json"), Path.Combine(dir, "elsewhere.json"));
+            Assert.Single(_repo.Points("vda"));
+            File.Delete(Path.Combine(dir, "elsewhere.json"));
+            // …but the holder's own commits and deletions are.
+            var p1 = _repo.CommitPoint(p0 with { Id = "p1", Time = T0.AddHours(1), Parent = "p0", Level = "inc" }, digests: null);
+            Assert.Equal(["p0", "p1"], _repo.Points("vda").Select(p => p.Id));
+            _repo.DeletePoint(p1);
+            Assert.Equal(["p0"], _repo.Points("vda").Select(p => p.Id));
+        }
+        // Without the lock every call reads the folder.
+        File.Copy(Path.Combine(dir, "p0.json"), Path.Combine(dir, "elsewhere.json"));
+        Assert.Equal(2, _repo.Points("vda").Count);
+    }
+
+    [Fact]
+    public void APointsDigestsAndManifestAreCommittedTogetherWithNoTemporariesLeft()
+    {
+        var p0 = Point("p0", null, 0, (0, 1), (65536, 2));
+        var digests = new Strata.Formats.Backup.GranuleDigests(8 << 20, 65536);
+        digests.Set(1, Strata.Formats.Backup.GranuleDigests.Hash(Enumerable.Repeat((byte)2, 65536).ToArray()));
+        var committed = _repo.CommitPoint(p0, digests);
+        Assert.Equal("p0.digests", committed.Digests!.File);
+        Assert.Equal(committed.Digests, _repo.Find("vda", "p0").Digests);
+        var (read, problem) = _repo.ReadDigests(_repo.Find("vda", "p0"));
+        Assert.Null(problem);
+        Assert.Empty(read!.Differences(digests));
+        Assert.DoesNotContain(Directory.EnumerateFiles(_repo.DiskDir("vda")), f => f.EndsWith(".tmp", StringComparison.Ordinal));
+    }
+
+    [Fact]
     public void LeftoversOfAnInterruptedRunAreRemovedAndNeverListed()
     {
         Point("p0", null, 0, (0, 1));
