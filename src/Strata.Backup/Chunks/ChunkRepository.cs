@@ -1,3 +1,4 @@
+using System.Diagnostics.CodeAnalysis;
 using System.Collections.Concurrent;
 using System.Globalization;
 using System.Security.Cryptography;
@@ -21,23 +22,29 @@ public sealed record ChunkRepositoryInit
     public ChunkKeySource? Key { get; init; }
 }
 
-/// <summary>One disk of a point: its manifest and its full chunk map (<see cref="ChunkId.Zero"/> = a hole).</summary>
-public sealed record ChunkDisk
+/// <summary>One disk of a point: its manifest (as the point index's header records it) and its full chunk map
+/// (<see cref="ChunkId.Zero"/> = a hole).</summary>
+public sealed record ChunkDisk : PointIndexDisk
 {
-    public required string Disk { get; init; }
-    public required long VirtualSize { get; init; }
-    /// <summary>"full" or "inc": how the run read the source; the chunk map is complete either way.</summary>
-    public required string Level { get; init; }
-    public string? Parent { get; init; }
-    public required string Mode { get; init; }
-    public required string Source { get; init; }
-    public required string Node { get; init; }
-    public required string Bitmap { get; init; }
-    public string? Note { get; init; }
-    public long CopiedBytes { get; init; }
-    public long UploadedBytes { get; init; }
-    public long UploadedChunks { get; init; }
-    public required IReadOnlyList<ChunkId> Chunks { get; init; }
+    private readonly IReadOnlyList<ChunkId> _chunks = [];
+
+    public ChunkDisk()
+    {
+    }
+
+    [SetsRequiredMembers]
+    public ChunkDisk(PointIndexDisk header, IReadOnlyList<ChunkId> chunks) : base(header) => Chunks = chunks;
+
+    /// <summary>Setting it sets <see cref="PointIndexDisk.ChunkCount"/>: the two never disagree.</summary>
+    public required IReadOnlyList<ChunkId> Chunks
+    {
+        get => _chunks;
+        init
+        {
+            _chunks = value;
+            ChunkCount = value.Count;
+        }
+    }
 }
 
 /// <summary>A published point: every disk of one run at one point in time.</summary>
@@ -263,12 +270,7 @@ public sealed class ChunkRepository : IDisposable
             {
                 Id = header.Id,
                 Time = header.Time,
-                Disks = header.Disks.Select((d, i) => new ChunkDisk
-                {
-                    Disk = d.Disk, VirtualSize = d.VirtualSize, Level = d.Level, Parent = d.Parent, Mode = d.Mode, Source = d.Source,
-                    Node = d.Node, Bitmap = d.Bitmap, Note = d.Note, CopiedBytes = d.CopiedBytes, UploadedBytes = d.UploadedBytes,
-                    UploadedChunks = d.UploadedChunks, Chunks = ChunkId.ReadTable(tables[i]),
-                }).ToList(),
+                Disks = header.Disks.Select((d, i) => new ChunkDisk(d, ChunkId.ReadTable(tables[i]))).ToList(),
             };
         }
         catch (ChunkFormatException e)
@@ -285,12 +287,8 @@ public sealed class ChunkRepository : IDisposable
             Id = point.Id,
             Time = point.Time,
             ChunkSize = ChunkSize,
-            Disks = point.Disks.Select(d => new PointIndexDisk
-            {
-                Disk = d.Disk, VirtualSize = d.VirtualSize, Level = d.Level, Parent = d.Parent, Mode = d.Mode, Source = d.Source,
-                Node = d.Node, Bitmap = d.Bitmap, Note = d.Note, CopiedBytes = d.CopiedBytes, UploadedBytes = d.UploadedBytes,
-                UploadedChunks = d.UploadedChunks, ChunkCount = d.Chunks.Count,
-            }).ToList(),
+            // Written as the header's type: the ids go into the body's tables, not the JSON.
+            Disks = point.Disks.Cast<PointIndexDisk>().ToList(),
         };
         foreach (var d in point.Disks)
             if (d.Chunks.Count != PointIndexCodec.ChunkCount(d.VirtualSize, ChunkSize))

@@ -4,8 +4,9 @@ using System.Text.Json;
 
 namespace Strata.Formats.Chunks;
 
-/// <summary>One disk of a point as its index header records it; its chunk ids follow the header in the body.</summary>
-public sealed record PointIndexDisk
+/// <summary>One disk of a point as its index header records it; its chunk ids follow the header in the body. (The
+/// repository's in-memory form adds the ids themselves; it is written as this type, so the header never holds them.)</summary>
+public record PointIndexDisk
 {
     public required string Disk { get; init; }
     public required long VirtualSize { get; init; }
@@ -20,7 +21,8 @@ public sealed record PointIndexDisk
     public long CopiedBytes { get; init; }
     public long UploadedBytes { get; init; }
     public long UploadedChunks { get; init; }
-    public required long ChunkCount { get; init; }
+    /// <summary>Checked against the disk's size and its id table on decoding.</summary>
+    public long ChunkCount { get; init; }
 }
 
 /// <summary>The JSON header of a point index: the point and, per disk, its manifest.</summary>
