@@ -22,6 +22,9 @@ public sealed record MirrorOptions
     /// <summary>copy-mode=write-blocking: a guest write returns only once it is on the target too, so the two
     /// converge however fast the guest writes.</summary>
     public bool WriteBlocking { get; init; }
+    /// <summary>How long a background mirror may go on without converging once its first pass is done before it
+    /// turns write-blocking (see <see cref="MirrorJob"/>).</summary>
+    public TimeSpan ConvergeWithin { get; init; } = TimeSpan.FromSeconds(5);
     /// <summary>The switch-over: stop the source's writers, run the given final copy, point the writers at the
     /// target, let them go. Supplied by the daemon, which knows who writes to the source.</summary>
     public Func<Func<Task>, Task>? Pivot { get; init; }
@@ -34,6 +37,14 @@ public sealed record MirrorOptions
 /// every write after it lands marks its clusters to copy again — until the two are in step (ready: the job
 /// keeps them so); job-complete then stops the writers, copies what is left and moves them to the target.
 /// A soft cancel once ready ends it with the target a point-in-time copy and no switch.
+/// <para>
+/// Where QEMU 7.2's background mirror never becomes ready while guests dirty clusters faster than it copies them
+/// (each 4 KiB guest write costs the mirror a whole granule), this one turns write-blocking when its dirty set has
+/// not once emptied within <see cref="MirrorOptions.ConvergeWithin"/> after the first pass: from then on a guest
+/// write waits for the copy of what it wrote, the dirty set only shrinks, and the job gets ready and completes in
+/// bounded time. This is the switch QEMU 8.2 lets a client make by hand (block-job-change copy-mode); a guest that
+/// writes slower than the copy never meets it.
+/// </para>
 /// </summary>
 public sealed class MirrorJob : Job
 {
@@ -47,6 +58,11 @@ public sealed class MirrorJob : Job
     private readonly SemaphoreSlim _work = new(0);
     private volatile int _finish; // 0: run on, 1: complete with pivot, 2: complete without
     private volatile bool _pivoting;
+    /// <summary>Write-blocking: guest writes copy their own clusters (asked for, or turned on to converge).</summary>
+    private volatile bool _active;
+    /// <summary>Before ready: when the first pass over the dirty set ended (Environment.TickCount64), 0 before.</summary>
+    private long _firstPassEnded;
+    private volatile bool _ready;
     private bool _hooked;
     private long _next;
 
@@ -67,7 +83,11 @@ public sealed class MirrorJob : Job
         Speed = options.Speed;
         _cluster = options.Granularity;
         _dirty = new HierarchicalBitmap((options.Source.Size + _cluster - 1) / _cluster);
+        _active = options.WriteBlocking;
     }
+
+    /// <summary>Whether guest writes copy their own clusters to the target before they complete.</summary>
+    public bool WriteBlocking => _active;
 
     /// <summary>Starts tracking writes and marks what the chosen sync copies.</summary>
     public void Prepare()
@@ -98,7 +118,7 @@ public sealed class MirrorJob : Job
     private void OnSourceWritten(long offset, long length)
     {
         Mark(offset, length);
-        if (_o.WriteBlocking && length > 0)
+        if (_active && length > 0)
         {
             // The guest's write waits for its copy: take each cluster (after any copy of it in flight) and copy it now.
             long first = offset / _cluster, last = Math.Min((offset + length - 1) / _cluster, _dirty.Length - 1);
@@ -190,7 +210,7 @@ public sealed class MirrorJob : Job
             _o.Target.Flush();
             if (!ready)
             {
-                ready = true;
+                ready = _ready = true;
                 BecomeReady();
             }
             if (_finish == 1)
@@ -201,7 +221,7 @@ public sealed class MirrorJob : Job
                 {
                     // Writers are stopped: what is dirty now is all there is. The source and target are drained for
                     // the switch: the job's own requests are the ones inside the graph.
-                    await CopyDirtyAsync(ct);
+                    await CopyDirtyAsync(ct, finalCopy: true);
                     using var inside = NodeRequests.Internal();
                     _o.Target.Flush();
                 });
@@ -210,7 +230,7 @@ public sealed class MirrorJob : Job
             }
             if (_finish == 2)
             {
-                await CopyDirtyAsync(ct);
+                await CopyDirtyAsync(ct, finalCopy: true);
                 _o.Target.Flush();
                 return;
             }
@@ -220,7 +240,8 @@ public sealed class MirrorJob : Job
 
     /// <summary>Copies every dirty cluster with a few workers, in runs of up to 1 MiB; writes that land meanwhile
     /// mark their clusters again, so a copy that read old data is repeated.</summary>
-    private async Task CopyDirtyAsync(CancellationToken ct)
+    /// <param name="finalCopy">The copy after job-complete or a soft cancel, which runs until nothing is dirty.</param>
+    private async Task CopyDirtyAsync(CancellationToken ct, bool finalCopy = false)
     {
         long runLimit = Math.Max(1, (1L << 20) / _cluster);
         var workers = Enumerable.Range(0, Math.Max(1, _o.Workers)).Select(_ => Task.Run(async () =>
@@ -234,9 +255,17 @@ public sealed class MirrorJob : Job
                 long cluster, count;
                 lock (_lock)
                 {
+                    // Asked to complete: the rest is the switch-over's (or the soft cancel's) final copy.
+                    if (_finish != 0 && !finalCopy) return;
                     cluster = NextFree(Interlocked.Read(ref _next));
-                    if (cluster < 0) cluster = NextFree(0);
+                    if (cluster < 0)
+                    {
+                        PassEnded();
+                        cluster = NextFree(0);
+                    }
                     if (cluster < 0) return;
+                    if (!_active && !_ready && _firstPassEnded != 0 && Environment.TickCount64 - _firstPassEnded > _o.ConvergeWithin.TotalMilliseconds)
+                        _active = true; // guest writes outpace the copy: see the class comment
                     count = 1;
                     while (count < runLimit && cluster + count < _dirty.Length && _dirty.Get(cluster + count) && !_inFlight.Contains(cluster + count)) count++;
                     // Cleared before the read: a write landing after this point marks the cluster again.
@@ -272,6 +301,12 @@ public sealed class MirrorJob : Job
         }, CancellationToken.None)).ToArray();
         await Task.WhenAll(workers);
         SetTotal(Progress + DirtyBytes());
+    }
+
+    /// <summary>A worker found nothing dirty after the cursor: a pass over the dirty set ended (caller holds the lock).</summary>
+    private void PassEnded()
+    {
+        if (_firstPassEnded == 0) _firstPassEnded = Math.Max(1, Environment.TickCount64);
     }
 
     /// <summary>The next dirty cluster at or after <paramref name="from"/> that no copy holds (caller holds the lock).</summary>
