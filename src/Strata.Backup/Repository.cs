@@ -92,7 +92,15 @@ public sealed class Repository
         stream.Flush();
         var held = new RepositoryLock(stream, this);
         _locked = true;
-        FinishInterruptedPrune();
+        try
+        {
+            FinishInterruptedPrune();
+        }
+        catch
+        {
+            held.Dispose(); // or the lock stays held by this process until its stream is collected
+            throw;
+        }
         return held;
     }
 
@@ -270,7 +278,16 @@ public sealed class Repository
     {
         string path = Path.Combine(Root, PruneJournal);
         if (!File.Exists(path)) return;
-        var pair = JsonSerializer.Deserialize(File.ReadAllBytes(path), BackupJson.Default.BackupManifestArray);
+        BackupManifest[]? pair;
+        try
+        {
+            pair = JsonSerializer.Deserialize(File.ReadAllBytes(path), BackupJson.Default.BackupManifestArray);
+        }
+        catch (JsonException e)
+        {
+            throw new BackupException($"'{path}' (the journal of an interrupted prune) is damaged: {e.Message}",
+                "run `strata backup verify`; with no prune running, removing the journal lets runs go on");
+        }
         if (pair is not { Length: 2 }) { File.Delete(path); return; }
         Pruner.Merge(this, pair[0], pair[1]);
     }
@@ -280,7 +297,7 @@ public sealed class Repository
 
     /// <summary>Writes files so that each is seen whole or not at all, and none is renamed into place before all are
     /// on disk: every temporary is written, all are fsynced at once (the waits overlap), then they are renamed in the
-    /// order given.</summary>
+    /// order given, and their folders are fsynced.</summary>
     private static void WriteAtomically(IReadOnlyList<(string Path, byte[] Content)> files)
     {
         var streams = new FileStream[files.Count];
@@ -307,6 +324,10 @@ public sealed class Repository
             foreach (var s in streams) s?.Dispose();
         }
         foreach (var (path, _) in files) File.Move(path + ".tmp", path, overwrite: true);
+        // The renames themselves: a point exists for a reader at its manifest's rename, after a power cut only once
+        // its folder is on disk too.
+        foreach (string dir in files.Select(f => Path.GetDirectoryName(Path.GetFullPath(f.Path))!).Distinct(StringComparer.Ordinal))
+            DirectorySync.Sync(dir);
     }
 
     internal void Unlocked()

@@ -396,4 +396,27 @@ public class BackupManagerTests : ScratchDirTest
             Assert.False(Tools.LooksLikeCrash(r.Stderr), r.ToString());
         Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
+
+    /// <summary>A point is on disk when the run says it is: after its manifest is renamed into place, the run fsyncs
+    /// the disk's folder (the rename itself) before it exits. Seen from outside with strace, on the real binary.</summary>
+    [Fact]
+    public void ARunMakesItsManifestsRenameDurableBeforeItExits()
+    {
+        using var src = new BackupSourceProcess("strata", Dir, ["vda"]);
+        Tools.StrataCmd("backup", "init", Repo).Ok();
+        string log = P("strace.log");
+        var run = Tools.StrataStartInfo("backup", "run", "--socket", src.QmpPath, "--disk", "vda", Repo);
+        string[] traced = ["-f", "-qq", "-o", log, "-e", "trace=rename,renameat,renameat2,fsync,open,openat", run.FileName, .. run.ArgumentList];
+        Tools.Run("strace", traced).Ok();
+        string id = Path.GetFileNameWithoutExtension(Directory.GetFiles(Path.Combine(Repo, "vda"), "*.json").Single());
+        string dir = Path.Combine(Repo, "vda");
+        // strace -f: "PID call(args)   = result", in the order the calls returned (the padding made one space).
+        var lines = File.ReadAllLines(log).Select(l => System.Text.RegularExpressions.Regex.Replace(l[(l.IndexOf(' ') + 1)..], @"\s+= ", " = ")).ToList();
+        int renamed = lines.FindIndex(l => l.StartsWith("rename") && l.Contains($"\"{Path.Combine(dir, id)}.json.tmp\"") && l.EndsWith("= 0"));
+        Assert.True(renamed >= 0, $"no rename of the manifest into place:\n{string.Join("\n", lines.Where(l => l.StartsWith("rename")))}");
+        var opened = lines.Skip(renamed).Where(l => l.StartsWith("open") && l.Contains($"\"{dir}\"") && l.Contains("O_DIRECTORY"))
+            .Select(l => l[(l.LastIndexOf('=') + 1)..].Trim()).ToList();
+        Assert.NotEmpty(opened);
+        Assert.Contains(lines.Skip(renamed), l => opened.Any(fd => l == $"fsync({fd}) = 0"));
+    }
 }

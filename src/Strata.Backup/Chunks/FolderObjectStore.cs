@@ -7,7 +7,8 @@ namespace Strata.Backup.Chunks;
 /// An object store on a local folder: a key is a path under the root. A create-only put writes a hidden temporary
 /// file, fsyncs it and links it into place with link(2), which fails when the name exists, so two writers racing for
 /// one key get exactly one winner and a reader never sees half an object. (.NET's no-overwrite File.Move checks for
-/// the destination and then renames over it: racing writers all "won", the contract tests showed.)
+/// the destination and then renames over it: racing writers all "won", the contract tests showed.) Every put ends
+/// with an fsync of the object's folder, so a put that returned survives a power cut.
 /// </summary>
 public sealed partial class FolderObjectStore : IObjectStore
 {
@@ -48,7 +49,12 @@ public sealed partial class FolderObjectStore : IObjectStore
         string tmp = WriteTemp(path, data.Span);
         try
         {
-            if (link(tmp, path) == 0) return Task.FromResult(true);
+            if (link(tmp, path) == 0)
+            {
+                // The new name itself: a point's index is its commit, and the chunks it names come before it.
+                DirectorySync.Sync(Path.GetDirectoryName(path)!);
+                return Task.FromResult(true);
+            }
             int errno = Marshal.GetLastPInvokeError();
             if (errno == EEXIST) return Task.FromResult(false);
             throw new IOException($"cannot create {path}: {Marshal.GetPInvokeErrorMessage(errno)}");
@@ -63,6 +69,7 @@ public sealed partial class FolderObjectStore : IObjectStore
     {
         string path = PathOf(key);
         File.Move(WriteTemp(path, data.Span), path, overwrite: true);
+        DirectorySync.Sync(Path.GetDirectoryName(path)!);
         return Task.CompletedTask;
     }
 

@@ -162,6 +162,16 @@ public class RepositoryTests : IDisposable
     }
 
     [Fact]
+    public void ADamagedPruneJournalIsReportedAndTheLockIsNotLeftHeld()
+    {
+        File.WriteAllText(Path.Combine(_repo.Root, "prune.journal"), "[{\"id\":");
+        var e = Assert.Throws<BackupException>(() => _repo.Lock());
+        Assert.Contains("the journal of an interrupted prune) is damaged", e.Message);
+        File.Delete(Path.Combine(_repo.Root, "prune.journal"));
+        Repository.Open(_repo.Root).Lock().Dispose();
+    }
+
+    [Fact]
     public void APruneInterruptedAfterItsJournalIsFinishedByTheNextLock()
     {
         var p0 = Point("p0", null, 0, (0, 1), (65536, 2));
