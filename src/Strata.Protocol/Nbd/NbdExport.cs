@@ -41,12 +41,20 @@ public sealed class NbdExport
 
     /// <summary>While every open connection is one whose client has left, waits (at most <paramref name="limit"/>)
     /// for them to close: a client that disconnects and at once deletes the export over QMP must not find it still
-    /// "in use" only because the server has not finished tearing the connection down.</summary>
-    public void WaitForLeavingConnections(TimeSpan limit)
+    /// "in use" only because the server has not finished tearing the connection down. Connections whose client has
+    /// not left get <paramref name="unread"/>: the client's NBD_CMD_DISC or its hang-up may still lie unread in the
+    /// socket when the QMP command arrives (QEMU reads both in one loop and sees them in order; here they race).</summary>
+    public void WaitForLeavingConnections(TimeSpan limit, TimeSpan unread)
     {
-        long until = Environment.TickCount64 + (long)limit.TotalMilliseconds;
-        while (Volatile.Read(ref Connections) is > 0 and var open && open <= Volatile.Read(ref LeavingConnections) && Environment.TickCount64 < until)
+        long start = Environment.TickCount64;
+        long until = start + (long)limit.TotalMilliseconds, unreadUntil = start + (long)unread.TotalMilliseconds;
+        while (Volatile.Read(ref Connections) is > 0 and var open)
+        {
+            long now = Environment.TickCount64;
+            bool allLeaving = open <= Volatile.Read(ref LeavingConnections);
+            if (now >= until || (!allLeaving && now >= unreadUntil)) return;
             Thread.Sleep(1);
+        }
     }
 
     /// <summary>Set when the export is being removed: new connections are refused.</summary>

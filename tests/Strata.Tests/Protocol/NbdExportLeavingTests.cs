@@ -4,7 +4,8 @@ using Strata.Tests.Block;
 
 namespace Strata.Tests.Protocol;
 
-/// <summary>A safe export delete waits for connections whose client has left, and only for those.</summary>
+/// <summary>A safe export delete waits for connections whose client has left, and for a client still connected only
+/// a moment (its disconnect may not have been read yet).</summary>
 public class NbdExportLeavingTests
 {
     private static NbdExport Export(BlockImage image) => new("e", "e", null, image, writable: false, [], allocationDepth: false);
@@ -26,21 +27,42 @@ public class NbdExportLeavingTests
             Interlocked.Decrement(ref export.Connections);
             Interlocked.Decrement(ref export.LeavingConnections);
         });
-        await Task.Run(() => export.WaitForLeavingConnections(TimeSpan.FromHours(1))).WaitAsync(TimeSpan.FromSeconds(60));
+        await Task.Run(() => export.WaitForLeavingConnections(TimeSpan.FromHours(1), unread: TimeSpan.Zero)).WaitAsync(TimeSpan.FromSeconds(60));
         Assert.Equal(0, Volatile.Read(ref export.Connections));
         await closer;
     }
 
     [Fact]
-    public async Task DoesNotWaitForAClientStillConnected()
+    public async Task WaitsForAClientStillConnectedOnlyForItsUnreadDisconnect()
     {
         using var dir = new TempDir();
         using var image = RawImage.Create(dir["d.raw"], 1 << 20);
         var export = Export(image);
         export.Connections = 2;
-        export.LeavingConnections = 1; // one client is still there: the delete is refused at once, not delayed
-        // With an hour's limit a wait would hang the test (the guard below fails it); not waiting returns at once.
-        await Task.Run(() => export.WaitForLeavingConnections(TimeSpan.FromHours(1))).WaitAsync(TimeSpan.FromSeconds(60));
+        export.LeavingConnections = 1; // one client is still there: the delete is refused after the grace, not an hour
+        var waited = System.Diagnostics.Stopwatch.StartNew();
+        await Task.Run(() => export.WaitForLeavingConnections(TimeSpan.FromHours(1), unread: TimeSpan.FromMilliseconds(200))).WaitAsync(TimeSpan.FromSeconds(60));
         Assert.Equal(2, export.Connections);
+        Assert.InRange(waited.ElapsedMilliseconds, 150, 30_000);
+    }
+
+    [Fact]
+    public async Task AClientWhoseDisconnectIsReadWithinTheGraceIsWaitedFor()
+    {
+        using var dir = new TempDir();
+        using var image = RawImage.Create(dir["d.raw"], 1 << 20);
+        var export = Export(image);
+        export.Connections = 1;
+        var reader = Task.Run(async () =>
+        {
+            await Task.Delay(50);
+            Interlocked.Increment(ref export.LeavingConnections); // the reader sees NBD_CMD_DISC
+            await Task.Delay(300); // longer than the grace: from here on the 2 s limit counts
+            Interlocked.Decrement(ref export.Connections);
+            Interlocked.Decrement(ref export.LeavingConnections);
+        });
+        await Task.Run(() => export.WaitForLeavingConnections(TimeSpan.FromSeconds(30), unread: TimeSpan.FromMilliseconds(200))).WaitAsync(TimeSpan.FromSeconds(60));
+        Assert.Equal(0, Volatile.Read(ref export.Connections));
+        await reader;
     }
 }
