@@ -58,6 +58,10 @@ public abstract class BlockImage : IDisposable
 
     private Filters.CopyBeforeWrite[] _copyBeforeWrite = [];
 
+    /// <summary>Whether this driver reads only through <see cref="HostFile"/>s (and nodes it reads through, each checked
+    /// in its turn), so that a <see cref="CachedReads"/> read can be served without waiting.</summary>
+    public virtual bool ServesCachedReads => false;
+
     /// <summary>Set while this image is a fleecing target: its reads hold their range shared, and copy-before-write
     /// holds it exclusively while it fills it (see <see cref="RangeLock"/>).</summary>
     public RangeLock? ReadSerialiser { get; set; }
@@ -99,6 +103,7 @@ public abstract class BlockImage : IDisposable
     {
         CheckRange(offset, buffer.Length);
         if (buffer.IsEmpty) return;
+        if (CachedReads.Active && (!ServesCachedReads || ReadSerialiser is not null)) CachedReads.ThrowIfActive();
         using var request = Requests.Enter();
         using var serialised = ReadSerialiser?.Shared(offset, buffer.Length);
         try

@@ -23,6 +23,7 @@ public static class ChainStatus
                 // Past the end of a shorter backing file: reads as zeros.
                 return new ChainExtent(offset, maxLength, depth - 1, false, true, false, -1, false);
             }
+            if (CachedReads.Active && !image.ServesCachedReads) CachedReads.ThrowIfActive(); // its status may ask a remote server
             var ext = image.GetLayerStatus(offset, Math.Min(maxLength, image.Size - offset));
             maxLength = ext.Length;
             switch (ext.State)

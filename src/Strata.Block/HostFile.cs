@@ -201,6 +201,8 @@ public sealed partial class HostFile : IDisposable
 
     public void DataEvent(bool write, long offset, long length)
     {
+        // Hooks count and hold requests: a cached-only attempt (which may be redone) gives up before it fires them.
+        if (CachedReads.Active && (Faults is not null || BeforeDataIo is not null)) CachedReads.ThrowIfActive();
         Faults?.Event(write ? "write_aio" : "read_aio", offset, length);
         BeforeDataIo?.Invoke(write, offset, length);
     }
@@ -211,6 +213,11 @@ public sealed partial class HostFile : IDisposable
     {
         if (offset < 0 || offset > long.MaxValue - buffer.Length)
             throw new BlockException($"'{Path}': read at invalid offset {offset} (corrupt metadata?)");
+        if (CachedReads.Active)
+        {
+            ReadCachedOnly(offset, buffer);
+            return;
+        }
         Faults?.CheckIo(offset, buffer.Length);
         try
         {
@@ -221,6 +228,36 @@ public sealed partial class HostFile : IDisposable
             throw HostError.ToBlockError(e, "read");
         }
     }
+
+    private const int RWF_NOWAIT = 0x8, EOPNOTSUPP = 95;
+    private static volatile bool s_noWaitUnsupported;
+
+    /// <summary>The whole range from the page cache in one preadv2(RWF_NOWAIT), or <see cref="CachedReads"/> gives up:
+    /// on a page not in memory (EAGAIN), a short read (which may also be the end of the file), O_DIRECT, a
+    /// fault-injection or test hook, or a kernel without RWF_NOWAIT for this file.</summary>
+    private unsafe void ReadCachedOnly(long offset, Span<byte> buffer)
+    {
+        if (Direct || Faults is not null || BeforeDataIo is not null || s_noWaitUnsupported || buffer.IsEmpty) throw CachedReads.WouldWait();
+        long n;
+        fixed (byte* p = buffer)
+        {
+            var iov = new IoVec { Base = p, Length = (nuint)buffer.Length };
+            n = preadv2((int)_handle.DangerousGetHandle(), &iov, 1, offset, RWF_NOWAIT);
+        }
+        if (n == buffer.Length) return;
+        if (n < 0 && Marshal.GetLastPInvokeError() == EOPNOTSUPP) s_noWaitUnsupported = true;
+        throw CachedReads.WouldWait();
+    }
+
+    [StructLayout(LayoutKind.Sequential)]
+    private unsafe struct IoVec
+    {
+        public byte* Base;
+        public nuint Length;
+    }
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static unsafe partial long preadv2(int fd, IoVec* iov, int iovcnt, long offset, int flags);
 
     private void ReadCore(long offset, Span<byte> buffer)
     {
@@ -248,6 +285,7 @@ public sealed partial class HostFile : IDisposable
 
     public void Write(long offset, ReadOnlySpan<byte> data)
     {
+        CachedReads.ThrowIfActive(); // a read that would write (a cache writing back) is no cached-only read
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
         Recorder?.Write(offset, data);
         if (offset < 0 || offset > (1L << 56))
@@ -271,6 +309,7 @@ public sealed partial class HostFile : IDisposable
 
     public void SetLength(long length)
     {
+        CachedReads.ThrowIfActive();
         if (ReadOnly) throw new BlockException($"'{Path}' is opened read-only");
         try
         {
@@ -287,6 +326,7 @@ public sealed partial class HostFile : IDisposable
     /// <summary>fsync: everything written before is durable before anything written after.</summary>
     public void Flush()
     {
+        CachedReads.ThrowIfActive();
         // As in QEMU, a flush with nothing written since the last one raises no flush_to_disk (and meets no rule).
         if (_writtenSinceFlush) Faults?.Event("flush_to_disk", 0, 0);
         _writtenSinceFlush = false;
@@ -330,6 +370,7 @@ public sealed partial class HostFile : IDisposable
     /// <summary>Punches a hole (deallocates) so the range reads as zeros.</summary>
     public bool PunchHole(long offset, long length)
     {
+        CachedReads.ThrowIfActive();
         if (ReadOnly) return false;
         const int FALLOC_FL_KEEP_SIZE = 1, FALLOC_FL_PUNCH_HOLE = 2;
         Recorder?.PunchHole(offset, length);

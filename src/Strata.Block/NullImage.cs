@@ -20,6 +20,7 @@ public sealed class NullImage : BlockImage
     }
 
     public override string FormatName => "null-co";
+    public override bool ServesCachedReads => true;
     public override long Size => _size;
     public override bool ReadOnly => _readOnly;
     public override string FileName => "null-co://";

@@ -37,6 +37,7 @@ public sealed partial class Qcow2Image
     private L2Table LoadL2(long l2Offset, long l1Index)
     {
         if (_l2Cache.TryGet(l2Offset, out var t)) return t;
+        CachedReads.ThrowIfActive(); // loading it could wait, and adding it could write dirty tables back
         if ((l2Offset & (_clusterSize - 1)) != 0)
             throw SignalCorruption(fatal: true, $"L2 table offset {CHex(l2Offset)} unaligned (L1 index: {CHex(l1Index)})");
         if (l2Offset + _clusterSize > _file.Length)

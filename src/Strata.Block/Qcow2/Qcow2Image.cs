@@ -40,6 +40,7 @@ public sealed partial class Qcow2Image : BlockImage
     public Qcow2Header Header => _header;
     public Qcow2HeaderExtras Extras => _extras;
     public override string FormatName => "qcow2";
+    public override bool ServesCachedReads => true;
     /// <summary>The virtual size, rounded up to whole 512-byte sectors as QEMU sees it.</summary>
     public override long Size => ((long)_header.Size + 511) & ~511L;
     public override bool ReadOnly => !_writable;

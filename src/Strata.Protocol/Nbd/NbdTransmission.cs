@@ -163,7 +163,7 @@ internal sealed class NbdTransmission
                     continue;
                 }
                 await _export.EnterAsync();
-                _ioThreads.Queue(r);
+                if (!TryAnswerFromCache(r)) _ioThreads.Queue(r);
             }
             catch
             {
@@ -216,6 +216,59 @@ internal sealed class NbdTransmission
             if (req.Length == 0) return "zero-length block status request";
         }
         return null;
+    }
+
+    // ------------------------------------------------------------------ on the reader, from memory
+
+    /// <summary>Requests to send straight to the block I/O threads after a cached-only attempt gave up: a client
+    /// reading what is not in memory pays for one failed attempt per this many requests, not for one each.</summary>
+    private const int MissBackoff = 16;
+    private int _skipCachedAttempts;
+
+    /// <summary>
+    /// A read or block status that can be answered from memory (the page cache, the node's metadata caches, a dirty
+    /// bitmap) is answered here on the reader, with no hand-off to a block I/O thread: that hand-off was most of a
+    /// small read's cost, in latency and in CPU the client needs on a small machine. It gives up at the first thing
+    /// that could block (see <see cref="CachedReads"/>) and the request goes to the I/O threads as before.
+    /// </summary>
+    private bool TryAnswerFromCache(Request r)
+    {
+        if (r.Header.Command is not (NbdCommand.Read or NbdCommand.BlockStatus) || !_export.Image.ServesCachedReads) return false;
+        if (_skipCachedAttempts > 0)
+        {
+            _skipCachedAttempts--;
+            return false;
+        }
+        bool answered;
+        using (NodeRequests.Internal()) // admitted at EnterAsync, as on an I/O thread
+        {
+            try
+            {
+                answered = CachedReads.TryRun(this, r, static (t, r) => t.ReadOrCollect(r));
+            }
+            catch (Exception)
+            {
+                answered = false; // an error: the I/O thread meets it again and answers it with its errno
+            }
+        }
+        if (!answered)
+        {
+            // Undo what the attempt collected; the request starts over on an I/O thread.
+            r.Chunks.Clear();
+            foreach (var s in r.Status) s.Clear();
+            _skipCachedAttempts = MissBackoff;
+            return false;
+        }
+        _export.Leave();
+        Answered(r);
+        return true;
+    }
+
+    private void ReadOrCollect(Request r)
+    {
+        var req = r.Header;
+        if (req.Command == NbdCommand.Read) ReadData(_export.Image, r, (long)req.Offset, (int)req.Length);
+        else CollectStatus(r, (long)req.Offset, req.Length);
     }
 
     // ------------------------------------------------------------------ on a block I/O thread
