@@ -248,6 +248,20 @@ public sealed partial class Qcow2Image : BlockImage
 
     // ------------------------------------------------------------------ reads
 
+    /// <summary>The driver lock for a read or a status query. A <see cref="CachedReads"/> read that finds it taken gives
+    /// up rather than wait: its holder may be writing metadata to the disk.</summary>
+    private HeldLock LockForRead()
+    {
+        if (!CachedReads.Active) Monitor.Enter(_lock);
+        else if (!Monitor.TryEnter(_lock)) CachedReads.ThrowIfActive();
+        return new HeldLock(_lock);
+    }
+
+    private readonly ref struct HeldLock(object held)
+    {
+        public void Dispose() => Monitor.Exit(held);
+    }
+
     [ThreadStatic] private static byte[]? t_clusterBuffer;
     [ThreadStatic] private static byte[]? t_compressedBuffer;
 
@@ -257,7 +271,7 @@ public sealed partial class Qcow2Image : BlockImage
         {
             Run run;
             long access;
-            lock (_lock)
+            using (LockForRead())
             {
                 run = MapRun(offset, buffer.Length);
                 access = BeginHostAccess(run.Kind);
@@ -550,7 +564,7 @@ public sealed partial class Qcow2Image : BlockImage
         CheckRange(offset, 0);
         maxLength = Math.Min(maxLength, Size - offset);
         if (maxLength <= 0) return new LayerExtent(offset, 0, LayerState.Unallocated, -1);
-        lock (_lock)
+        using (LockForRead())
         {
             var run = MapRun(offset, maxLength);
             var state = run.Kind switch
