@@ -102,7 +102,16 @@ public sealed partial class FolderObjectStore : IObjectStore
         {
             if (file.Name.StartsWith(TempMarker, StringComparison.Ordinal)) continue;
             string key = Path.GetRelativePath(Root, file.FullName).Replace(Path.DirectorySeparatorChar, '/');
-            if (key.StartsWith(prefix, StringComparison.Ordinal)) found.Add(new StoredObject(key, file.Length, file.LastWriteTimeUtc));
+            if (!key.StartsWith(prefix, StringComparison.Ordinal)) continue;
+            try
+            {
+                found.Add(new StoredObject(key, file.Length, file.LastWriteTimeUtc));
+            }
+            catch (FileNotFoundException)
+            {
+                // Deleted between the folder read and its stat (a lease released meanwhile): as in an S3 listing
+                // taken a moment later, it is simply not there.
+            }
         }
         found.Sort((a, b) => string.CompareOrdinal(a.Key, b.Key));
         foreach (var o in found)
