@@ -103,9 +103,10 @@ public abstract class BlockImage : IDisposable
     {
         CheckRange(offset, buffer.Length);
         if (buffer.IsEmpty) return;
-        if (CachedReads.Active && (!ServesCachedReads || ReadSerialiser is not null)) CachedReads.ThrowIfActive();
+        var serialiser = ReadSerialiser; // once: a backup may set it meanwhile
+        if (CachedReads.Active && (!ServesCachedReads || serialiser is not null)) CachedReads.ThrowIfActive();
         using var request = Requests.Enter();
-        using var serialised = ReadSerialiser?.Shared(offset, buffer.Length);
+        using var serialised = serialiser?.Shared(offset, buffer.Length);
         try
         {
             DriverRead(offset, buffer);
@@ -141,6 +142,7 @@ public abstract class BlockImage : IDisposable
     /// bitmaps marked before the driver is called, the after-write hooks when it returns or fails.</summary>
     private void WriteRequest<TState>(long offset, long length, TState state, DriverCall<TState> call) where TState : allows ref struct
     {
+        CachedReads.ThrowIfActive(); // before copy-before-write and the bitmaps: a cached-only read changes nothing
         CheckWritable();
         CheckRange(offset, length);
         if (length == 0) return;
@@ -164,6 +166,7 @@ public abstract class BlockImage : IDisposable
     /// <summary>Writes back metadata and makes everything written so far durable.</summary>
     public void Flush()
     {
+        CachedReads.ThrowIfActive();
         using var request = Requests.Enter();
         try
         {

@@ -193,7 +193,12 @@ public sealed partial class HostFile : IDisposable
     private volatile bool _writtenSinceFlush;
 
     /// <summary>A format driver's blkdebug event (QEMU's BLKDBG_EVENT on bs->file); nothing without blkdebug.</summary>
-    public void DebugEvent(string name) => Faults?.Event(name);
+    public void DebugEvent(string name)
+    {
+        if (Faults is null) return;
+        if (CachedReads.Active) CachedReads.ThrowIfActive(); // an attempt that may be redone fires no event
+        Faults.Event(name);
+    }
 
     /// <summary>Runs before each guest-data read or write of this file (after its mapping was decided), as blkdebug's
     /// suspend points do in QEMU: tests hold a request there to widen a race window on purpose.</summary>
@@ -229,23 +234,43 @@ public sealed partial class HostFile : IDisposable
         }
     }
 
-    private const int RWF_NOWAIT = 0x8, EOPNOTSUPP = 95;
-    private static volatile bool s_noWaitUnsupported;
+    private const int RWF_NOWAIT = 0x8, EOPNOTSUPP = 95, EINVAL = 22, ENOSYS = 38, EPERM = 1;
+    private volatile bool _noWaitUnsupported;
+
+    /// <summary>Whether a <see cref="CachedReads"/> read of this file can be tried: not under O_DIRECT (every read goes
+    /// to the device), nor once the kernel refused RWF_NOWAIT for it.</summary>
+    public bool ServesNoWaitReads => !Direct && !_noWaitUnsupported;
 
     /// <summary>The whole range from the page cache in one preadv2(RWF_NOWAIT), or <see cref="CachedReads"/> gives up:
     /// on a page not in memory (EAGAIN), a short read (which may also be the end of the file), O_DIRECT, a
     /// fault-injection or test hook, or a kernel without RWF_NOWAIT for this file.</summary>
     private unsafe void ReadCachedOnly(long offset, Span<byte> buffer)
     {
-        if (Direct || Faults is not null || BeforeDataIo is not null || s_noWaitUnsupported || buffer.IsEmpty) throw CachedReads.WouldWait();
+        if (!ServesNoWaitReads || Faults is not null || BeforeDataIo is not null || buffer.IsEmpty) throw CachedReads.WouldWait();
         long n;
-        fixed (byte* p = buffer)
+        bool added = false;
+        try
         {
-            var iov = new IoVec { Base = p, Length = (nuint)buffer.Length };
-            n = preadv2((int)_handle.DangerousGetHandle(), &iov, 1, offset, RWF_NOWAIT);
+            // A reference on the handle: a close at this moment must not let the fd number name another file.
+            _handle.DangerousAddRef(ref added);
+            fixed (byte* p = buffer)
+            {
+                var iov = new IoVec { Base = p, Length = (nuint)buffer.Length };
+                n = preadv2((int)_handle.DangerousGetHandle(), &iov, 1, offset, RWF_NOWAIT);
+            }
+        }
+        catch (Exception e) when (e is ObjectDisposedException or EntryPointNotFoundException)
+        {
+            if (e is EntryPointNotFoundException) _noWaitUnsupported = true; // a libc without preadv2
+            throw CachedReads.WouldWait();
+        }
+        finally
+        {
+            if (added) _handle.DangerousRelease();
         }
         if (n == buffer.Length) return;
-        if (n < 0 && Marshal.GetLastPInvokeError() == EOPNOTSUPP) s_noWaitUnsupported = true;
+        // A kernel or file system without RWF_NOWAIT for this file (or a filter refusing the call): not again.
+        if (n < 0 && Marshal.GetLastPInvokeError() is EOPNOTSUPP or EINVAL or ENOSYS or EPERM) _noWaitUnsupported = true;
         throw CachedReads.WouldWait();
     }
 
@@ -347,6 +372,9 @@ public sealed partial class HostFile : IDisposable
 
     private long Seek(long offset, int whence)
     {
+        // SEEK_DATA/SEEK_HOLE take the inode lock behind buffered writers and may read extent metadata (or ask an
+        // NFS server): not for a read served from memory.
+        CachedReads.ThrowIfActive();
         long r = lseek((int)_handle.DangerousGetHandle(), offset, whence);
         return r < 0 ? -1 : r;
     }

@@ -24,7 +24,7 @@ public sealed class RawImage : BlockImage
 
     public HostFile File => _file;
     public override string FormatName => _formatName;
-    public override bool ServesCachedReads => true;
+    public override bool ServesCachedReads => _file.ServesNoWaitReads;
     /// <summary>The file's length in whole sectors; it follows the file (a "file" node under a qcow2 that grows).</summary>
     public override long Size => Math.Max(Interlocked.Read(ref _size), (_file.Length + 511) & ~511L);
     private volatile bool _switchedToReadOnly;

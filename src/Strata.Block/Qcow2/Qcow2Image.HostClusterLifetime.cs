@@ -18,30 +18,36 @@ public sealed partial class Qcow2Image
     private const long NoHostAccess = -1;
     private long _mapGeneration;
     private readonly Dictionary<long, int> _hostAccesses = new();
+    /// <summary>Guards <see cref="_hostAccesses"/> alone and is never held across I/O, so that ending an access never
+    /// waits behind the driver lock's holder writing metadata (a read served from memory ends its access on a thread
+    /// that must not wait). Taken inside the driver lock, never the other way round.</summary>
+    private readonly object _hostAccessLock = new();
 
     /// <summary>Registers an access to the host clusters just mapped. Caller holds the lock.</summary>
     private long BeginHostAccess(L2EntryKind kind)
     {
         if (kind is not (L2EntryKind.Normal or L2EntryKind.Compressed)) return NoHostAccess;
         long generation = _mapGeneration;
-        _hostAccesses[generation] = _hostAccesses.GetValueOrDefault(generation) + 1;
+        lock (_hostAccessLock) _hostAccesses[generation] = _hostAccesses.GetValueOrDefault(generation) + 1;
         return generation;
     }
 
     private void EndHostAccess(long generation)
     {
         if (generation == NoHostAccess) return;
-        lock (_lock)
+        lock (_hostAccessLock)
         {
             if (--_hostAccesses[generation] == 0) _hostAccesses.Remove(generation);
         }
     }
 
-    /// <summary>The oldest generation an access still in flight mapped in (long.MaxValue when none). Caller holds the lock.</summary>
+    /// <summary>The oldest generation an access still in flight mapped in (long.MaxValue when none). Caller holds the
+    /// lock, so no access can begin meanwhile; one may end, which only makes the answer err on the safe side.</summary>
     private long OldestHostAccess()
     {
         long oldest = long.MaxValue;
-        foreach (var g in _hostAccesses.Keys) if (g < oldest) oldest = g;
+        lock (_hostAccessLock)
+            foreach (var g in _hostAccesses.Keys) if (g < oldest) oldest = g;
         return oldest;
     }
 

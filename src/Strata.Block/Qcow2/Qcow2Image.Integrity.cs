@@ -62,6 +62,9 @@ public sealed partial class Qcow2Image
     /// it corrupt on disk and stops all further writes. Returns the error the request fails with.</summary>
     private BlockIOException SignalCorruption(bool fatal, string message)
     {
+        // Not from a read served from memory: marking the image would write, and a half-done mark (the flag set,
+        // the header not written) would keep the corrupt bit off the disk for good. The blocking retry signals it.
+        CachedReads.ThrowIfActive();
         fatal &= _writable;
         bool suppress = _corruptionSignalled && (!fatal || _corrupt);
         if (!suppress)

@@ -78,6 +78,7 @@ public sealed partial class Qcow2Image
     private bool LooksMetadataPreallocated()
     {
         if (_metadataPreallocated is { } known) return known;
+        CachedReads.ThrowIfActive(); // judged once, by reading refcount blocks and statx: the blocking path does it
         long realClusters = _file.AllocatedBytes / _clusterSize;
         long threshold = Math.Max(realClusters * 10 / 9, realClusters + 2);
         long fileClusters = (_file.Length + _clusterSize - 1) >> _clusterBits;

@@ -40,7 +40,7 @@ public sealed partial class Qcow2Image : BlockImage
     public Qcow2Header Header => _header;
     public Qcow2HeaderExtras Extras => _extras;
     public override string FormatName => "qcow2";
-    public override bool ServesCachedReads => true;
+    public override bool ServesCachedReads => _file.ServesNoWaitReads && (_dataFile?.ServesNoWaitReads ?? true);
     /// <summary>The virtual size, rounded up to whole 512-byte sectors as QEMU sees it.</summary>
     public override long Size => ((long)_header.Size + 511) & ~511L;
     public override bool ReadOnly => !_writable;
@@ -294,6 +294,8 @@ public sealed partial class Qcow2Image : BlockImage
                         ReadFromBacking(offset, slice);
                         break;
                     case L2EntryKind.Compressed:
+                        // Its 2 + 4 MiB of per-thread buffers are for the block I/O threads, not every pool thread.
+                        CachedReads.ThrowIfActive();
                         var cluster = t_clusterBuffer ??= new byte[Qcow2MaxCluster];
                         ReadCompressedCluster(run.Entry, cluster.AsSpan(0, (int)_clusterSize));
                         cluster.AsSpan((int)(offset & (_clusterSize - 1)), slice.Length).CopyTo(slice);

@@ -93,6 +93,32 @@ public partial class CachedReadsTests : IDisposable
         Assert.Equal(new byte[4096], Read(raw));
     }
 
+    [Fact]
+    public void CorruptionMetByACachedOnlyReadIsLeftToTheNormalReadWhichMarksTheImageOnDisk()
+    {
+        string path = WrittenQcow2();
+        // Point the L2 entry of cluster 3 half a KiB past its cluster: an unaligned data offset, fatal corruption.
+        using (var f = File.Open(path, FileMode.Open, FileAccess.ReadWrite))
+        {
+            var b8 = new byte[8];
+            f.Position = 40; f.ReadExactly(b8);
+            long l1 = (long)System.Buffers.Binary.BinaryPrimitives.ReadUInt64BigEndian(b8);
+            f.Position = l1; f.ReadExactly(b8);
+            long l2 = (long)(System.Buffers.Binary.BinaryPrimitives.ReadUInt64BigEndian(b8) & 0x00fffffffffffe00UL);
+            f.Position = l2 + 3 * 8; f.ReadExactly(b8);
+            System.Buffers.Binary.BinaryPrimitives.WriteUInt64BigEndian(b8, System.Buffers.Binary.BinaryPrimitives.ReadUInt64BigEndian(b8) + 512);
+            f.Position = l2 + 3 * 8; f.Write(b8);
+        }
+        using (var image = ImageOpener.Open(path, "qcow2", readOnly: false))
+        {
+            image.Read(5 * Cluster, new byte[Cluster]); // the L2 table is in memory now; cluster 5 is fine
+            Assert.False(TryRead(image, 3 * Cluster, new byte[Cluster]));
+            Assert.Throws<BlockIOException>(() => image.Read(3 * Cluster, new byte[Cluster]));
+        }
+        var header = File.ReadAllBytes(path).AsSpan(72, 8);
+        Assert.Equal(2UL, System.Buffers.Binary.BinaryPrimitives.ReadUInt64BigEndian(header) & 2); // incompatible: corrupt
+    }
+
     private static byte[] Read(BlockImage image)
     {
         var b = new byte[4096];
