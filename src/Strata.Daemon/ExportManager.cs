@@ -135,7 +135,7 @@ public sealed class ExportManager
         {
             NbdExport? closing;
             lock (_gate) closing = _exports.TryGetValue(id, out entry) ? entry.Export : null;
-            closing?.WaitForLeavingConnections(TimeSpan.FromSeconds(2), unread: TimeSpan.FromMilliseconds(200));
+            closing?.WaitForLeavingConnections(TimeSpan.FromSeconds(2), unread: TimeSpan.FromSeconds(1));
         }
         lock (_gate)
         {
