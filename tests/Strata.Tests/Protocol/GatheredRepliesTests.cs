@@ -12,6 +12,13 @@ namespace Strata.Tests.Protocol;
 public class GatheredRepliesTests
 {
     /// <summary>Takes <paramref name="atOnce"/> bytes of each send at once, the rest as the asynchronous send.</summary>
+    /// <summary>A reply header of <paramref name="length"/> bytes, each <paramref name="fill"/>, built in place.</summary>
+    private static void Header(GatheredReplies batch, int length, byte fill)
+    {
+        batch.GetSpan(length).Fill(fill);
+        batch.Advance(length);
+    }
+
     private sealed class CapturingWriter(long atOnce = 0) : IGatheredWriter
     {
         public readonly List<byte> Bytes = new();
@@ -59,11 +66,9 @@ public class GatheredRepliesTests
         var batch = new GatheredReplies(writer);
         var data = new byte[50];
         new Random(5).NextBytes(data);
-        batch.GetSpan(13).Fill(1);
-        batch.Advance(13);
+        Header(batch, 13, 1);
         batch.AddData(data, 0, 50);
-        batch.GetSpan(7).Fill(2);
-        batch.Advance(7);
+        Header(batch, 7, 2);
         var send = batch.SendAsync();
         Assert.Equal(asyncWrites == 0, send.IsCompletedSuccessfully); // the caller waits only for what was not taken
         writer.SendWaitsFor.SetResult();
@@ -81,14 +86,11 @@ public class GatheredRepliesTests
         var batch = new GatheredReplies(writer);
         var data = new byte[100];
         new Random(3).NextBytes(data);
-        batch.GetSpan(3).Fill(1);
-        batch.Advance(3);
+        Header(batch, 3, 1);
         batch.AddData(data, 10, 50);
         // A header larger than the buffer holds: it grows, and the earlier header bytes stay where they were named.
-        batch.GetSpan(40 << 10).Fill(2);
-        batch.Advance(40 << 10);
-        batch.GetSpan(2).Fill(3);
-        batch.Advance(2);
+        Header(batch, 40 << 10, 2);
+        Header(batch, 2, 3);
         batch.AddData(data, 0, 0);
         await batch.SendAsync();
 
@@ -103,8 +105,7 @@ public class GatheredRepliesTests
 
         batch.Clear();
         writer.Bytes.Clear();
-        batch.GetSpan(1).Fill(9);
-        batch.Advance(1);
+        Header(batch, 1, 9);
         await batch.SendAsync();
         Assert.Equal([9], writer.Bytes);
     }

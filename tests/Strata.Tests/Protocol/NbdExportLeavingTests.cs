@@ -1,4 +1,3 @@
-using Strata.Block;
 using Strata.Protocol.Nbd;
 using Strata.Tests.Block;
 
@@ -8,16 +7,19 @@ namespace Strata.Tests.Protocol;
 /// a moment (its disconnect may not have been read yet).</summary>
 public class NbdExportLeavingTests
 {
-    private static NbdExport Export(BlockImage image) => new("e", "e", null, image, writable: false, [], allocationDepth: false);
+    /// <summary>An export of a 1 MiB disk in memory with <paramref name="connections"/> open, <paramref name="leaving"/>
+    /// of them leaving.</summary>
+    private static NbdExport Export(int connections, int leaving) =>
+        new("e", "e", null, new MemoryImage(1 << 20), writable: false, [], allocationDepth: false)
+        {
+            Connections = connections,
+            LeavingConnections = leaving,
+        };
 
     [Fact]
     public async Task WaitsUntilLeavingConnectionsAreClosed()
     {
-        using var dir = new TempDir();
-        using var image = RawImage.Create(dir["d.raw"], 1 << 20);
-        var export = Export(image);
-        export.Connections = 2;
-        export.LeavingConnections = 2;
+        var export = Export(connections: 2, leaving: 2);
         var closer = Task.Run(async () =>
         {
             await Task.Delay(100);
@@ -35,11 +37,7 @@ public class NbdExportLeavingTests
     [Fact]
     public async Task WaitsForAClientStillConnectedOnlyForItsUnreadDisconnect()
     {
-        using var dir = new TempDir();
-        using var image = RawImage.Create(dir["d.raw"], 1 << 20);
-        var export = Export(image);
-        export.Connections = 2;
-        export.LeavingConnections = 1; // one client is still there: the delete is refused after the grace, not an hour
+        var export = Export(connections: 2, leaving: 1); // one client is still there: the delete is refused after the grace, not an hour
         var waited = System.Diagnostics.Stopwatch.StartNew();
         await Task.Run(() => export.WaitForLeavingConnections(TimeSpan.FromHours(1), unread: TimeSpan.FromMilliseconds(200))).WaitAsync(TimeSpan.FromSeconds(60));
         Assert.Equal(2, export.Connections);
@@ -49,10 +47,7 @@ public class NbdExportLeavingTests
     [Fact]
     public async Task AClientWhoseDisconnectIsReadWithinTheGraceIsWaitedFor()
     {
-        using var dir = new TempDir();
-        using var image = RawImage.Create(dir["d.raw"], 1 << 20);
-        var export = Export(image);
-        export.Connections = 1;
+        var export = Export(connections: 1, leaving: 0);
         var reader = Task.Run(async () =>
         {
             await Task.Delay(50);
