@@ -207,9 +207,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         }
         try
         {
+            int mark = source.EventMark;
             await SourceBitmaps.TransactionAsync(source, actions);
             foreach (var p in plans) progress.Start(p.Disk, p.Node.VirtualSize);
-            var outcomes = await source.WaitJobsAsync(plans.Select(p => p.JobId), async () =>
+            var outcomes = await source.WaitJobsAsync(plans.Select(p => p.JobId), mark, async () =>
             {
                 foreach (var (jobId, _, offset, len) in await source.JobsAsync())
                     if (plans.FirstOrDefault(p => p.JobId == jobId) is { } p) { progress.Start(p.Disk, len); progress.Advance(p.Disk, offset); }

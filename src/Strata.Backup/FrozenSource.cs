@@ -99,13 +99,14 @@ internal sealed class FrozenSource : IAsyncDisposable
 
     public async ValueTask DisposeAsync()
     {
+        int mark = _source.EventMark;
         foreach (var d in _started)
         {
             try { await _source.ExecuteAsync("block-export-del", new JsonObject { ["id"] = ExportId(d.Name), ["mode"] = "hard" }); } catch (Protocol.Qmp.QmpException) { }
-            await _source.WaitEventAsync("BLOCK_EXPORT_DELETED", e => e["data"]?["id"]?.GetValue<string>() == ExportId(d.Name), TimeSpan.FromSeconds(5));
+            await _source.WaitEventAsync("BLOCK_EXPORT_DELETED", e => e["data"]?["id"]?.GetValue<string>() == ExportId(d.Name), TimeSpan.FromSeconds(5), mark);
             try { await _source.ExecuteAsync("block-job-cancel", new JsonObject { ["device"] = JobId(d.Name), ["force"] = true }); } catch (Protocol.Qmp.QmpException) { }
         }
-        if (_started.Count > 0) await _source.WaitJobsAsync(_started.Select(d => JobId(d.Name)), timeout: TimeSpan.FromMinutes(1));
+        if (_started.Count > 0) await _source.WaitJobsAsync(_started.Select(d => JobId(d.Name)), mark, timeout: TimeSpan.FromMinutes(1));
         foreach (var d in _disks) await SourceBitmaps.DeleteNodeAsync(_source, TargetNode(d.Name));
         foreach (var d in _disks) File.Delete(d.FleecePath);
         if (_ownSocket is not null)

@@ -104,14 +104,23 @@ public sealed class QmpSource : IAsyncDisposable
 
     private static readonly TimeSpan TickInterval = TimeSpan.FromMilliseconds(250);
 
-    /// <summary>Waits until every listed job has ended (BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED), calling
-    /// <paramref name="tick"/> about four times a second meanwhile.</summary>
-    public async Task<IReadOnlyDictionary<string, JobOutcome>> WaitJobsAsync(IEnumerable<string> ids, Func<Task>? tick = null, TimeSpan? timeout = null)
+    /// <summary>Where the events received so far end: taken before starting or cancelling a job, it keeps a wait from
+    /// taking an earlier job's end for this one's. Job ids are reused: a run that recovers from a killed one cancels
+    /// the old job, and its BLOCK_JOB_CANCELLED stays in the list the new job's wait reads.</summary>
+    public int EventMark
+    {
+        get { lock (_events) return _events.Count; }
+    }
+
+    /// <summary>Waits until every listed job has ended (BLOCK_JOB_COMPLETED or BLOCK_JOB_CANCELLED) in an event after
+    /// <paramref name="since"/> (an <see cref="EventMark"/>), calling <paramref name="tick"/> about four times a second
+    /// meanwhile.</summary>
+    public async Task<IReadOnlyDictionary<string, JobOutcome>> WaitJobsAsync(IEnumerable<string> ids, int since, Func<Task>? tick = null, TimeSpan? timeout = null)
     {
         var pending = ids.ToHashSet();
         var outcomes = new Dictionary<string, JobOutcome>();
         var deadline = DateTime.UtcNow + (timeout ?? TimeSpan.FromHours(24));
-        int seen = 0;
+        int seen = since;
         long lastTick = Stopwatch.GetTimestamp();
         while (pending.Count > 0)
         {
@@ -157,14 +166,15 @@ public sealed class QmpSource : IAsyncDisposable
         return null;
     }
 
-    /// <summary>Waits (briefly) for an event matching the predicate; false on timeout.</summary>
-    public async Task<bool> WaitEventAsync(string name, Func<JsonObject, bool> match, TimeSpan timeout)
+    /// <summary>Waits (briefly) for an event after <paramref name="since"/> (an <see cref="EventMark"/>) matching the
+    /// predicate; false on timeout.</summary>
+    public async Task<bool> WaitEventAsync(string name, Func<JsonObject, bool> match, TimeSpan timeout, int since)
     {
         var deadline = DateTime.UtcNow + timeout;
         while (DateTime.UtcNow < deadline)
         {
             lock (_events)
-                if (_events.Any(e => e["event"]!.GetValue<string>() == name && match(e))) return true;
+                if (_events.Skip(since).Any(e => e["event"]!.GetValue<string>() == name && match(e))) return true;
             await _eventArrived.WaitAsync(TimeSpan.FromMilliseconds(100));
         }
         return false;

@@ -104,6 +104,7 @@ internal static class SourceBitmaps
     {
         bool undone = false;
         var disks = headBitmaps.Keys.ToHashSet();
+        int mark = source.EventMark;
         var ours = (await source.JobsAsync()).Where(j => j.Id.StartsWith("strata-job-", StringComparison.Ordinal) && disks.Contains(j.Id["strata-job-".Length..])).Select(j => j.Id).ToList();
         foreach (var job in ours)
         {
@@ -113,13 +114,14 @@ internal static class SourceBitmaps
         if (ours.Count > 0)
         {
             undone = true;
-            await source.WaitJobsAsync(ours, timeout: TimeSpan.FromMinutes(1));
+            await source.WaitJobsAsync(ours, mark, timeout: TimeSpan.FromMinutes(1));
         }
         foreach (var export in (await source.ExportsAsync()).Where(e => e.StartsWith("strata-exp-", StringComparison.Ordinal) && disks.Contains(e["strata-exp-".Length..])))
         {
             undone = true;
+            int exportMark = source.EventMark;
             try { await source.ExecuteAsync("block-export-del", new JsonObject { ["id"] = export, ["mode"] = "hard" }); } catch (QmpException) { }
-            await source.WaitEventAsync("BLOCK_EXPORT_DELETED", e => e["data"]?["id"]?.GetValue<string>() == export, TimeSpan.FromSeconds(5));
+            await source.WaitEventAsync("BLOCK_EXPORT_DELETED", e => e["data"]?["id"]?.GetValue<string>() == export, TimeSpan.FromSeconds(5), exportMark);
         }
         var nodes = await source.NodesAsync();
         foreach (var n in nodes.Where(n => n.Name.StartsWith("strata-tgt-", StringComparison.Ordinal) && disks.Contains(n.Name["strata-tgt-".Length..])))
