@@ -18,13 +18,15 @@ internal sealed class ConnectionListener : IAsyncDisposable
     private readonly StreamPipeReaderOptions? _readerOptions;
     private readonly StreamPipeWriterOptions? _writerOptions;
     private readonly int _sendBufferBytes;
+    private readonly bool _threadPerConnection;
     private readonly CancellationTokenSource _cts = new();
     private readonly List<(Task Task, Socket Socket)> _connections = new();
     private Task? _accept;
 
     private ConnectionListener(Socket listener, string? unixPath, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions, StreamPipeWriterOptions? writerOptions, int sendBufferBytes)
+        StreamPipeReaderOptions? readerOptions, StreamPipeWriterOptions? writerOptions, int sendBufferBytes, bool threadPerConnection)
     {
+        _threadPerConnection = threadPerConnection;
         _sendBufferBytes = sendBufferBytes;
         _listener = listener;
         _unixPath = unixPath;
@@ -41,28 +43,30 @@ internal sealed class ConnectionListener : IAsyncDisposable
     /// <param name="session">Also gets the connection's gathered writer (see <see cref="IGatheredWriter"/>).</param>
     /// <param name="sendBufferBytes">Non-zero: the connections' socket send buffer (SO_SNDBUF; the kernel caps it
     /// at net.core.wmem_max).</param>
+    /// <param name="threadPerConnection">Each session runs on a thread of its own that also receives its input (see
+    /// <see cref="ReceiveThreadStream"/>); otherwise sessions are tasks on the thread pool.</param>
     public static ConnectionListener Unix(string path, int backlog, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0)
+        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0, bool threadPerConnection = false)
     {
         if (File.Exists(path)) File.Delete(path);
         var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         s.Bind(new UnixDomainSocketEndPoint(path));
         s.Listen(backlog);
-        return new ConnectionListener(s, path, maxConnections, session, readerOptions, writerOptions, sendBufferBytes);
+        return new ConnectionListener(s, path, maxConnections, session, readerOptions, writerOptions, sendBufferBytes, threadPerConnection);
     }
 
     public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session) =>
         Tcp(host, port, backlog, maxConnections, (reader, writer, _, ct) => session(reader, writer, ct));
 
     public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0)
+        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0, bool threadPerConnection = false)
     {
         var address = host is "" or "localhost" ? IPAddress.Loopback : IPAddress.Parse(host);
         var s = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         s.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
         s.Bind(new IPEndPoint(address, port));
         s.Listen(backlog);
-        return new ConnectionListener(s, null, maxConnections, session, readerOptions, writerOptions, sendBufferBytes);
+        return new ConnectionListener(s, null, maxConnections, session, readerOptions, writerOptions, sendBufferBytes, threadPerConnection);
     }
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint!;
@@ -93,7 +97,7 @@ internal sealed class ConnectionListener : IAsyncDisposable
                 }
                 if (client.AddressFamily != AddressFamily.Unix) client.NoDelay = true;
                 if (_sendBufferBytes > 0) try { client.SendBufferSize = _sendBufferBytes; } catch (SocketException) { }
-                _connections.Add((ServeAsync(client), client));
+                _connections.Add((_threadPerConnection ? ServeOnThreadAsync(client) : ServeAsync(client), client));
             }
         }
     }
@@ -112,6 +116,41 @@ internal sealed class ConnectionListener : IAsyncDisposable
             {
                 // One broken connection never takes the server down.
             }
+        }
+    }
+
+    private Task ServeOnThreadAsync(Socket client)
+    {
+        var ended = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var thread = new Thread(() =>
+        {
+            try
+            {
+                ServeOnThisThread(client);
+            }
+            finally
+            {
+                ended.SetResult();
+            }
+        }) { IsBackground = true, Name = "connection" };
+        thread.UnsafeStart();
+        return ended.Task;
+    }
+
+    private void ServeOnThisThread(Socket client)
+    {
+        try
+        {
+            using (client)
+            using (var output = new NetworkStream(client, ownsSocket: false))
+            using (var input = new ReceiveThreadStream(client))
+            {
+                input.Run(() => _session(PipeReader.Create(input, _readerOptions), PipeWriter.Create(output, _writerOptions), new SocketGatheredWriter(client), _cts.Token));
+            }
+        }
+        catch (Exception)
+        {
+            // One broken connection never takes the server down.
         }
     }
 

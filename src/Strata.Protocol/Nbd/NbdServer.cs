@@ -29,10 +29,10 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
 
     /// <param name="ioThreads">Where requests' image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>
     public static NbdServer ListenUnix(string path, int maxConnections = 100, BlockIoThreads? ioThreads = null) =>
-        new(maxConnections, ioThreads, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes));
+        new(maxConnections, ioThreads, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes, threadPerConnection: true));
 
     public static NbdServer ListenTcp(string host, int port, int maxConnections = 100, BlockIoThreads? ioThreads = null) =>
-        new(maxConnections, ioThreads, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes));
+        new(maxConnections, ioThreads, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes, threadPerConnection: true));
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint;
 

@@ -52,11 +52,11 @@ public class NbdExportLeavingTests
         {
             await Task.Delay(50);
             Interlocked.Increment(ref export.LeavingConnections); // the reader sees NBD_CMD_DISC
-            await Task.Delay(300); // longer than the grace: from here on the 2 s limit counts
+            await Task.Delay(1500); // longer than the grace: from here on the 30 s limit counts
             Interlocked.Decrement(ref export.Connections);
             Interlocked.Decrement(ref export.LeavingConnections);
         });
-        await Task.Run(() => export.WaitForLeavingConnections(TimeSpan.FromSeconds(30), unread: TimeSpan.FromMilliseconds(200))).WaitAsync(TimeSpan.FromSeconds(60));
+        await Task.Run(() => export.WaitForLeavingConnections(TimeSpan.FromSeconds(30), unread: TimeSpan.FromSeconds(1))).WaitAsync(TimeSpan.FromSeconds(60));
         Assert.Equal(0, Volatile.Read(ref export.Connections));
         await reader;
     }
