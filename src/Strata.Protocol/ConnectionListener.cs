@@ -122,18 +122,26 @@ internal sealed class ConnectionListener : IAsyncDisposable
     private Task ServeOnThreadAsync(Socket client)
     {
         var ended = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
-        var thread = new Thread(() =>
+        try
         {
-            try
+            new Thread(() =>
             {
-                ServeOnThisThread(client);
-            }
-            finally
-            {
-                ended.SetResult();
-            }
-        }) { IsBackground = true, Name = "connection" };
-        thread.UnsafeStart();
+                try
+                {
+                    ServeOnThisThread(client);
+                }
+                finally
+                {
+                    ended.SetResult();
+                }
+            }) { IsBackground = true, Name = "connection" }.UnsafeStart();
+        }
+        catch (Exception)
+        {
+            // No thread to be had (a process or cgroup limit): refuse this client; the server goes on.
+            client.Dispose();
+            return Task.CompletedTask;
+        }
         return ended.Task;
     }
 
@@ -145,7 +153,8 @@ internal sealed class ConnectionListener : IAsyncDisposable
             using (var output = new NetworkStream(client, ownsSocket: false))
             using (var input = new ReceiveThreadStream(client))
             {
-                input.Run(() => _session(PipeReader.Create(input, _readerOptions), PipeWriter.Create(output, _writerOptions), new SocketGatheredWriter(client), _cts.Token));
+                var session = input.Run(() => _session(PipeReader.Create(input, _readerOptions), PipeWriter.Create(output, _writerOptions), new SocketGatheredWriter(client), _cts.Token));
+                _ = session.Exception; // observed: one broken connection is no one else's business
             }
         }
         catch (Exception)

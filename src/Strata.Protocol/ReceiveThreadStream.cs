@@ -29,6 +29,7 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
     private CancellationToken _handOffToken;
     private bool _handOffPending;
     private bool _sessionEnded;
+    private bool _threadGone;
 
     private CancellationToken _wakeToken;
     private CancellationTokenRegistration _wakeRegistration;
@@ -58,30 +59,38 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
         }
         session.ContinueWith(static (_, s) => ((ReceiveThreadStream)s!).EndOfSession(), this, CancellationToken.None,
             TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
-        while (true)
+        try
         {
-            Memory<byte> buffer;
-            CancellationToken ct;
-            lock (_lock)
+            while (true)
             {
-                while (!_handOffPending && !_sessionEnded) Monitor.Wait(_lock);
-                if (!_handOffPending) break; // a session waiting for a read cannot have ended
-                _handOffPending = false;
-                buffer = _handOffBuffer;
-                ct = _handOffToken;
-                _handOffBuffer = default;
+                Memory<byte> buffer;
+                CancellationToken ct;
+                lock (_lock)
+                {
+                    while (!_handOffPending && !_sessionEnded) Monitor.Wait(_lock);
+                    if (!_handOffPending) break; // a session waiting for a read cannot have ended
+                    _handOffPending = false;
+                    buffer = _handOffBuffer;
+                    ct = _handOffToken;
+                    _handOffBuffer = default;
+                }
+                int n;
+                try
+                {
+                    n = Receive(buffer.Span, ct);
+                }
+                catch (Exception e)
+                {
+                    _handOff.SetException(e);
+                    continue;
+                }
+                _handOff.SetResult(n);
             }
-            int n;
-            try
-            {
-                n = Receive(buffer.Span, ct);
-            }
-            catch (Exception e)
-            {
-                _handOff.SetException(e);
-                continue;
-            }
-            _handOff.SetResult(n);
+        }
+        finally
+        {
+            // Whatever ended the loop, a read handed over later fails instead of waiting for a thread that is gone.
+            lock (_lock) _threadGone = true;
         }
         return session;
     }
@@ -110,7 +119,9 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
         }
         lock (_lock)
         {
-            // The previous hand-off's result was taken before this read began (reads come one at a time).
+            if (_threadGone) return ValueTask.FromException<int>(new IOException("the connection's thread has ended"));
+            // Reads come one at a time: the previous hand-off's result was taken before this read began.
+            if (_handOffPending) return ValueTask.FromException<int>(new InvalidOperationException("a read is already waiting"));
             _handOff.Reset();
             _handOffBuffer = buffer;
             _handOffToken = cancellationToken;
@@ -122,6 +133,7 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
 
     private int Receive(Span<byte> buffer, CancellationToken ct)
     {
+        ObjectDisposedException.ThrowIf(_disposed, this); // its eventfd's number may already belong to another file
         while (true)
         {
             ct.ThrowIfCancellationRequested();
@@ -174,8 +186,13 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
         }
     }
 
-    public override int Read(byte[] buffer, int offset, int count) =>
-        ReadAsync(buffer.AsMemory(offset, count)).AsTask().GetAwaiter().GetResult();
+    public override Task<int> ReadAsync(byte[] buffer, int offset, int count, CancellationToken cancellationToken) =>
+        ReadAsync(buffer.AsMemory(offset, count), cancellationToken).AsTask();
+
+    /// <summary>Only on the connection's thread: anywhere else it would hold a thread until the client sends.</summary>
+    public override int Read(byte[] buffer, int offset, int count) => Thread.CurrentThread == _thread
+        ? Receive(buffer.AsSpan(offset, count), CancellationToken.None)
+        : throw new NotSupportedException("a synchronous read off the connection's thread");
 
     protected override void Dispose(bool disposing)
     {

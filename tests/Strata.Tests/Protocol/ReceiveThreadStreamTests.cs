@@ -135,4 +135,34 @@ public class ReceiveThreadStreamTests : IDisposable
         }).WaitAsync(TimeSpan.FromSeconds(30));
         Assert.Equal([2, 0], reads);
     }
+
+    [Fact]
+    public async Task AReadHandedOverAfterTheThreadHasEndedFailsInsteadOfWaiting()
+    {
+        using var input = new ReceiveThreadStream(_server);
+        await RunOnThread(input, () => Task.CompletedTask).WaitAsync(TimeSpan.FromSeconds(30));
+        var read = input.ReadAsync(new byte[8]).AsTask();
+        await Assert.ThrowsAsync<IOException>(() => read.WaitAsync(TimeSpan.FromSeconds(10)));
+    }
+
+    [Fact]
+    public async Task ASecondReadWhileOneWaitsIsRefused()
+    {
+        using var input = new ReceiveThreadStream(_server);
+        var handedOver = new TaskCompletionSource<(ValueTask<int> First, ValueTask<int> Second)>(TaskCreationOptions.RunContinuationsAsynchronously);
+        var release = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var session = RunOnThread(input, async () =>
+        {
+            await Task.Run(() => { });
+            var buffer = new byte[8];
+            handedOver.SetResult((input.ReadAsync(buffer), input.ReadAsync(buffer)));
+            await release.Task;
+        });
+        var (first, second) = await handedOver.Task.WaitAsync(TimeSpan.FromSeconds(30));
+        await Assert.ThrowsAsync<InvalidOperationException>(() => second.AsTask());
+        _client.Send([3]);
+        Assert.Equal(1, await first.AsTask().WaitAsync(TimeSpan.FromSeconds(30)));
+        release.SetResult();
+        await session.WaitAsync(TimeSpan.FromSeconds(30));
+    }
 }
