@@ -23,10 +23,13 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
     private bool _disposed;
 
     // A read handed to the thread by the session running elsewhere. The completion runs the session's continuation
-    // inline on the thread (RunContinuationsAsynchronously is false).
+    // inline on the thread (RunContinuationsAsynchronously is false). The thread takes the read only once the
+    // continuation is registered (armed, then pending): completed before that, the continuation would be queued to
+    // the thread pool and the session would go on there, each later read handed over again.
     private ManualResetValueTaskSourceCore<int> _handOff;
     private Memory<byte> _handOffBuffer;
     private CancellationToken _handOffToken;
+    private bool _handOffArmed;
     private bool _handOffPending;
     private bool _sessionEnded;
     private bool _threadGone;
@@ -121,12 +124,11 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
         {
             if (_threadGone) return ValueTask.FromException<int>(new IOException("the connection's thread has ended"));
             // Reads come one at a time: the previous hand-off's result was taken before this read began.
-            if (_handOffPending) return ValueTask.FromException<int>(new InvalidOperationException("a read is already waiting"));
+            if (_handOffArmed || _handOffPending) return ValueTask.FromException<int>(new InvalidOperationException("a read is already waiting"));
             _handOff.Reset();
             _handOffBuffer = buffer;
             _handOffToken = cancellationToken;
-            _handOffPending = true;
-            Monitor.Pulse(_lock);
+            _handOffArmed = true;
             return new ValueTask<int>(this, _handOff.Version);
         }
     }
@@ -211,8 +213,23 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
 
     int IValueTaskSource<int>.GetResult(short token) => _handOff.GetResult(token);
     ValueTaskSourceStatus IValueTaskSource<int>.GetStatus(short token) => _handOff.GetStatus(token);
-    void IValueTaskSource<int>.OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags) =>
+    void IValueTaskSource<int>.OnCompleted(Action<object?> continuation, object? state, short token, ValueTaskSourceOnCompletedFlags flags)
+    {
         _handOff.OnCompleted(continuation, state, token, flags);
+        bool threadGone;
+        lock (_lock)
+        {
+            if (!_handOffArmed) return;
+            _handOffArmed = false;
+            threadGone = _threadGone;
+            if (!threadGone)
+            {
+                _handOffPending = true;
+                Monitor.Pulse(_lock);
+            }
+        }
+        if (threadGone) _handOff.SetException(new IOException("the connection's thread has ended"));
+    }
 
     public override bool CanRead => true;
     public override bool CanSeek => false;

@@ -80,6 +80,29 @@ public class ReceiveThreadStreamTests : IDisposable
     }
 
     [Fact]
+    public async Task AReadHandedOverWhoseDataIsAlreadyThereAlsoResumesOnTheConnectionsThread()
+    {
+        using var input = new ReceiveThreadStream(_server);
+        Thread? connectionThread = null;
+        var resumedOn = new List<Thread>();
+        var session = RunOnThread(input, async () =>
+        {
+            connectionThread = Thread.CurrentThread;
+            var buffer = new byte[1];
+            for (int i = 0; i < 20; i++)
+            {
+                await Task.Run(() => { });
+                Assert.Equal(1, await input.ReadAsync(buffer));
+                resumedOn.Add(Thread.CurrentThread);
+            }
+        });
+        _client.Send(new byte[20]); // all there before the first read
+        await session.WaitAsync(TimeSpan.FromSeconds(30));
+        Assert.Equal(20, resumedOn.Count);
+        Assert.All(resumedOn, t => Assert.Same(connectionThread, t));
+    }
+
+    [Fact]
     public async Task NothingIsTakenFromTheSocketBeyondWhatTheSessionAsksFor()
     {
         using var input = new ReceiveThreadStream(_server);
