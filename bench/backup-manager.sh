@@ -75,7 +75,8 @@ elif cmd == "clear":
             for b in n.get("dirty-bitmaps", []): qmp("block-dirty-bitmap-remove", node=sys.argv[3], name=b["name"])
 if cmd in ("full", "inc"): print("%.3f" % (time.monotonic() - t0))
 PY
-# (the by-hand timer starts before the QMP connect; python's own start-up is not in it)
+# (the by-hand timer starts before the QMP connect; python's own start-up is not in it. The same run timed from
+# outside, as strata's runs are, is the row hand-process: both sides' process start-up counted)
 
 start() { # IMPL(qemu|strata) NAME -> sets $qmp $nbd
     local cmd=qemu-storage-daemon; [[ $1 == strata ]] && cmd="$STRATA daemon"
@@ -97,6 +98,12 @@ dirty() { # SEED: rewrite 1 % of the 64 KiB clusters (random, seeded) through th
 }
 timed() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); python3 -c "print('%.3f' % ($t1 - $t0))"; }
 row() { echo -e "$1\t$2\t$3\t$4" | tee -a "$dir/rows.tsv"; }
+by_hand() { # SCENARIO(full|inc1) RUN ARGS...: rows hand (the script's own timer) and hand-process (timed from outside)
+    local scenario=$1 r=$2 t0 t1 t; shift 2
+    t0=$(date +%s.%N); t=$(python3 "$dir/qmp.py" "${scenario%1}" "$qmp" "$@"); t1=$(date +%s.%N)
+    row "$scenario" hand "$r" "$t"
+    row "$scenario" hand-process "$r" "$(python3 -c "print('%.3f' % ($t1 - $t0))")"
+}
 
 # one full + one 1 % incremental per implementation: IMPL(hand|push|pull|push-strata-src) RUN
 one() {
@@ -105,11 +112,9 @@ one() {
     [[ $impl == push-native ]] && STRATA=$STRATA_NATIVE
     start "$src" "$impl$r"; mkdir -p "$out"
     if [[ $impl == hand ]]; then
-        settle; t=$(python3 "$dir/qmp.py" full "$qmp" "$out/full.qcow2" "$bytes")
-        row full "$impl" "$r" "$t"
+        settle; by_hand full "$r" "$out/full.qcow2" "$bytes"
         dirty $((r * 10 + 1))
-        settle; t=$(python3 "$dir/qmp.py" inc "$qmp" "$out/inc.qcow2" "$out/full.qcow2" "$bytes" b0 b1)
-        row inc1 "$impl" "$r" "$t"
+        settle; by_hand inc1 "$r" "$out/inc.qcow2" "$out/full.qcow2" "$bytes" b0 b1
         ((r > 0)) || qemu-img compare -q -U -f qcow2 -F qcow2 "$out/inc.qcow2" "$dir/src.qcow2"   # the baseline is right
     else
         local extra=(); [[ $impl == pull ]] && extra=(--mode pull --nbd "$nbd")
@@ -159,10 +164,12 @@ import statistics, sys, collections
 t = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
     s, impl, r, sec = line.rstrip("\n").split("\t"); t[(s, impl)][int(r)] = float(sec)
-print("scenario\timpl\tmedian s\tmin\tmax\tratio to by hand (median of pairs)")
+print("scenario\timpl\tmedian s\tmin\tmax\tratio to by hand (median of pairs)\tratio to by hand as a process")
+def ratio(s, impl, runs, base):
+    ref = t.get((s, base), {})
+    pairs = [runs[r] / ref[r] for r in runs if r in ref and ref[r] > 0]
+    return "%.2f" % statistics.median(pairs) if pairs and not impl.startswith("hand") else "-"
 for (s, impl), runs in t.items():
-    v = list(runs.values()); hand = t.get((s, "hand"), {})
-    pairs = [runs[r] / hand[r] for r in runs if r in hand and hand[r] > 0]
-    ratio = "%.2f" % statistics.median(pairs) if pairs and impl != "hand" else "-"
-    print("%s\t%s\t%.3f\t%.3f\t%.3f\t%s" % (s, impl, statistics.median(v), min(v), max(v), ratio))
+    v = list(runs.values())
+    print("%s\t%s\t%.3f\t%.3f\t%.3f\t%s\t%s" % (s, impl, statistics.median(v), min(v), max(v), ratio(s, impl, runs, "hand"), ratio(s, impl, runs, "hand-process")))
 PY
