@@ -164,18 +164,22 @@ public class QemuNamesAndIoFaceTests : ScratchDirTest
     }
 }
 
-/// <summary>Kills the process a pid file names (a forked server) when disposed.</summary>
+/// <summary>Kills the process a pid file names (a forked server started with that pid file on its command line) when
+/// disposed. A process whose command line does not name the pid file is left alone: the server may have died and its
+/// pid been reused.</summary>
 internal sealed class PidFileKiller(string pidFile) : IDisposable
 {
     public void Dispose()
     {
         try
         {
-            using var p = System.Diagnostics.Process.GetProcessById(int.Parse(File.ReadAllText(pidFile).Trim()));
+            int pid = int.Parse(File.ReadAllText(pidFile).Trim());
+            if (!File.ReadAllText($"/proc/{pid}/cmdline").Split('\0').Contains(pidFile)) return;
+            using var p = System.Diagnostics.Process.GetProcessById(pid);
             p.Kill();
             p.WaitForExit(5000);
         }
-        catch (Exception e) when (e is IOException or ArgumentException or FormatException or InvalidOperationException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException or ArgumentException or FormatException or InvalidOperationException)
         {
         }
     }
