@@ -18,15 +18,16 @@ internal sealed class ConnectionListener : IAsyncDisposable
     private readonly StreamPipeReaderOptions? _readerOptions;
     private readonly StreamPipeWriterOptions? _writerOptions;
     private readonly int _sendBufferBytes;
-    private readonly bool _threadPerConnection;
+    private readonly int _connectionThreads;
+    private int _threadsInUse;
     private readonly CancellationTokenSource _cts = new();
     private readonly List<(Task Task, Socket Socket)> _connections = new();
     private Task? _accept;
 
     private ConnectionListener(Socket listener, string? unixPath, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions, StreamPipeWriterOptions? writerOptions, int sendBufferBytes, bool threadPerConnection)
+        StreamPipeReaderOptions? readerOptions, StreamPipeWriterOptions? writerOptions, int sendBufferBytes, int connectionThreads)
     {
-        _threadPerConnection = threadPerConnection;
+        _connectionThreads = connectionThreads;
         _sendBufferBytes = sendBufferBytes;
         _listener = listener;
         _unixPath = unixPath;
@@ -43,30 +44,31 @@ internal sealed class ConnectionListener : IAsyncDisposable
     /// <param name="session">Also gets the connection's gathered writer (see <see cref="IGatheredWriter"/>).</param>
     /// <param name="sendBufferBytes">Non-zero: the connections' socket send buffer (SO_SNDBUF; the kernel caps it
     /// at net.core.wmem_max).</param>
-    /// <param name="threadPerConnection">Each session runs on a thread of its own that also receives its input (see
-    /// <see cref="ReceiveThreadStream"/>); otherwise sessions are tasks on the thread pool.</param>
+    /// <param name="connectionThreads">How many connections at a time run their session on a thread of their own that
+    /// also receives their input (see <see cref="ReceiveThreadStream"/>); the others, and all when 0, run as tasks on
+    /// the thread pool. A bound, so that many idle clients cannot take a thread each.</param>
     public static ConnectionListener Unix(string path, int backlog, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0, bool threadPerConnection = false)
+        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0, int connectionThreads = 0)
     {
         if (File.Exists(path)) File.Delete(path);
         var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         s.Bind(new UnixDomainSocketEndPoint(path));
         s.Listen(backlog);
-        return new ConnectionListener(s, path, maxConnections, session, readerOptions, writerOptions, sendBufferBytes, threadPerConnection);
+        return new ConnectionListener(s, path, maxConnections, session, readerOptions, writerOptions, sendBufferBytes, connectionThreads);
     }
 
     public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, CancellationToken, Task> session) =>
         Tcp(host, port, backlog, maxConnections, (reader, writer, _, ct) => session(reader, writer, ct));
 
     public static ConnectionListener Tcp(string host, int port, int backlog, int maxConnections, Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task> session,
-        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0, bool threadPerConnection = false)
+        StreamPipeReaderOptions? readerOptions = null, StreamPipeWriterOptions? writerOptions = null, int sendBufferBytes = 0, int connectionThreads = 0)
     {
         var address = host is "" or "localhost" ? IPAddress.Loopback : IPAddress.Parse(host);
         var s = new Socket(address.AddressFamily, SocketType.Stream, ProtocolType.Tcp);
         s.SetSocketOption(SocketOptionLevel.Socket, SocketOptionName.ReuseAddress, true);
         s.Bind(new IPEndPoint(address, port));
         s.Listen(backlog);
-        return new ConnectionListener(s, null, maxConnections, session, readerOptions, writerOptions, sendBufferBytes, threadPerConnection);
+        return new ConnectionListener(s, null, maxConnections, session, readerOptions, writerOptions, sendBufferBytes, connectionThreads);
     }
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint!;
@@ -97,7 +99,7 @@ internal sealed class ConnectionListener : IAsyncDisposable
                 }
                 if (client.AddressFamily != AddressFamily.Unix) client.NoDelay = true;
                 if (_sendBufferBytes > 0) try { client.SendBufferSize = _sendBufferBytes; } catch (SocketException) { }
-                _connections.Add((_threadPerConnection ? ServeOnThreadAsync(client) : ServeAsync(client), client));
+                _connections.Add((ServeOnThreadAsync(client) ?? ServeAsync(client), client));
             }
         }
     }
@@ -119,8 +121,15 @@ internal sealed class ConnectionListener : IAsyncDisposable
         }
     }
 
-    private Task ServeOnThreadAsync(Socket client)
+    /// <summary>Serves the client on a thread of its own; null when it is to go to the pool (no thread left under the
+    /// bound, or none to be had from the system).</summary>
+    private Task? ServeOnThreadAsync(Socket client)
     {
+        if (Interlocked.Increment(ref _threadsInUse) > _connectionThreads)
+        {
+            Interlocked.Decrement(ref _threadsInUse);
+            return null;
+        }
         var ended = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         try
         {
@@ -132,15 +141,16 @@ internal sealed class ConnectionListener : IAsyncDisposable
                 }
                 finally
                 {
+                    Interlocked.Decrement(ref _threadsInUse);
                     ended.SetResult();
                 }
             }) { IsBackground = true, Name = "connection" }.UnsafeStart();
         }
         catch (Exception)
         {
-            // No thread to be had (a process or cgroup limit): refuse this client; the server goes on.
-            client.Dispose();
-            return Task.CompletedTask;
+            // No thread to be had (a process or cgroup limit): the pool serves this client.
+            Interlocked.Decrement(ref _threadsInUse);
+            return null;
         }
         return ended.Task;
     }

@@ -21,6 +21,11 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
     /// went out as an asynchronous send — a wake-up of another thread).</summary>
     private const int SendBufferBytes = 4 << 20;
 
+    /// <summary>Connections served on a thread of their own at a time; more are served on the thread pool. QEMU has no
+    /// connection limit by default and no handshake timeout, so without a bound idle clients could take a thread
+    /// each.</summary>
+    internal const int ConnectionThreads = 256;
+
     private NbdServer(int maxConnections, BlockIoThreads? ioThreads, Func<Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task>, ConnectionListener> listen)
     {
         _maxConnections = maxConnections;
@@ -29,10 +34,10 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
 
     /// <param name="ioThreads">Where requests' image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>
     public static NbdServer ListenUnix(string path, int maxConnections = 100, BlockIoThreads? ioThreads = null) =>
-        new(maxConnections, ioThreads, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes, threadPerConnection: true));
+        new(maxConnections, ioThreads, s => ConnectionListener.Unix(path, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes, ConnectionThreads));
 
     public static NbdServer ListenTcp(string host, int port, int maxConnections = 100, BlockIoThreads? ioThreads = null) =>
-        new(maxConnections, ioThreads, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes, threadPerConnection: true));
+        new(maxConnections, ioThreads, s => ConnectionListener.Tcp(host, port, 512, maxConnections, s, ReaderOptions, WriterOptions, SendBufferBytes, ConnectionThreads));
 
     public EndPoint LocalEndPoint => _listener.LocalEndPoint;
 
