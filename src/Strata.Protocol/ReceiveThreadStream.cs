@@ -71,7 +71,11 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
                 lock (_lock)
                 {
                     while (!_handOffPending && !_sessionEnded) Monitor.Wait(_lock);
-                    if (!_handOffPending) break; // a session waiting for a read cannot have ended
+                    if (!_handOffPending)
+                    {
+                        _threadGone = true; // in the same lock: no read can be handed over after this look
+                        break; // a session waiting for a read cannot have ended
+                    }
                     _handOffPending = false;
                     buffer = _handOffBuffer;
                     ct = _handOffToken;
@@ -92,8 +96,16 @@ internal sealed partial class ReceiveThreadStream : Stream, IValueTaskSource<int
         }
         finally
         {
-            // Whatever ended the loop, a read handed over later fails instead of waiting for a thread that is gone.
-            lock (_lock) _threadGone = true;
+            // Whatever ended the loop (also an exception out of a continuation run inline), a read handed over
+            // fails instead of waiting for a thread that is gone.
+            bool stranded;
+            lock (_lock)
+            {
+                _threadGone = true;
+                stranded = _handOffPending;
+                _handOffPending = false;
+            }
+            if (stranded) _handOff.SetException(new IOException("the connection's thread has ended"));
         }
         return session;
     }

@@ -61,7 +61,7 @@ public class ReceiveThreadStreamTests : IDisposable
             var buffer = new byte[16];
             int n = await input.ReadAsync(buffer); // on the thread: a receive of its own, which waits for the client
             got.AddRange(buffer.AsSpan(0, n).ToArray());
-            await Task.Run(() => { }); // the session moves to a pool thread, as after waiting for a request slot
+            await Task.Yield(); // the session moves to a pool thread, as after waiting for a request slot
             movedTo = Thread.CurrentThread;
             movedAway.SetResult();
             n = await input.ReadAsync(buffer);
@@ -91,7 +91,7 @@ public class ReceiveThreadStreamTests : IDisposable
             var buffer = new byte[1];
             for (int i = 0; i < 20; i++)
             {
-                await Task.Run(() => { });
+                await Task.Yield(); // to a pool thread
                 Assert.Equal(1, await input.ReadAsync(buffer));
                 resumedOn.Add(Thread.CurrentThread);
             }
@@ -108,7 +108,7 @@ public class ReceiveThreadStreamTests : IDisposable
         using var input = new ReceiveThreadStream(_server);
         var sent = new byte[128 << 10]; // within the socket buffer: the send does not wait for a reader
         Random.Shared.NextBytes(sent);
-        _client.Send(sent);
+        await _client.SendAsync(sent).WaitAsync(TimeSpan.FromSeconds(30));
         int availableAfterRead = -1;
         var first = new byte[100];
         await RunOnThread(input, async () =>
@@ -176,7 +176,7 @@ public class ReceiveThreadStreamTests : IDisposable
         var release = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
         var session = RunOnThread(input, async () =>
         {
-            await Task.Run(() => { });
+            await Task.Yield(); // to a pool thread
             var buffer = new byte[8];
             handedOver.SetResult((input.ReadAsync(buffer), input.ReadAsync(buffer)));
             await release.Task;
