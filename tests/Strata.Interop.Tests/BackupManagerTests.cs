@@ -24,6 +24,23 @@ public class BackupManagerTests : ScratchDirTest
         return Tools.StrataCmd([.. args]).Ok().Json().EnumerateArray().ToArray();
     }
 
+    /// <summary>A source of one disk vda (of <paramref name="kind"/>), a repository, and a full push of vda in it.</summary>
+    private BackupSourceProcess SourceWithAFull(string kind, string size = "32M")
+    {
+        var src = new BackupSourceProcess(kind, Dir, ["vda"], size);
+        try
+        {
+            Tools.StrataCmd("backup", "init", Repo).Ok();
+            Run(src, Repo, "push", "--disk", "vda");
+            return src;
+        }
+        catch
+        {
+            src.Dispose(); // no source left running behind a failed set-up
+            throw;
+        }
+    }
+
     private void AssertRestores(string disk, string id, string copy) => Infra.RepositoryAsserts.AssertRestores(Repo, disk, id, copy);
 
     private void AssertEveryFileCheckedClean()
@@ -248,9 +265,7 @@ public class BackupManagerTests : ScratchDirTest
     [InlineData("qsd")]
     public async Task AJobLeftRunningIsCancelledAndItsEndIsNotTakenForTheNewJobs(string kind)
     {
-        using var src = new BackupSourceProcess(kind, Dir, ["vda"]);
-        Tools.StrataCmd("backup", "init", Repo).Ok();
-        Run(src, Repo, "push", "--disk", "vda");
+        using var src = SourceWithAFull(kind);
         await src.GuestWritesAsync("vda", 3);
         await src.CopyAsync("vda", P("now.raw"));
         // What a killed run leaves behind: its job, still copying (held to 64 KiB/s).
@@ -269,9 +284,7 @@ public class BackupManagerTests : ScratchDirTest
     [InlineData("qsd")]
     public async Task KillingTheSourceMidBackupFallsBackToADifferentialThatIsCorrect(string kind)
     {
-        using var src = new BackupSourceProcess(kind, Dir, ["vda"], size: "512M");
-        Tools.StrataCmd("backup", "init", Repo).Ok();
-        Run(src, Repo, "push", "--disk", "vda");
+        using var src = SourceWithAFull(kind, size: "512M");
         Assert.Equal(0, Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x5d 0 384M", $"nbd+unix:///vda?socket={src.NbdPath}").Exit);
         int exit;
         using (var tool = StartTool("run", "--socket", src.QmpPath, "--disk", "vda", Repo))
@@ -310,9 +323,7 @@ public class BackupManagerTests : ScratchDirTest
     [InlineData("qsd")]
     public async Task AFailingTargetCommitsNothingAndKeepsTheBitmapForTheNextRun(string kind)
     {
-        using var src = new BackupSourceProcess(kind, Dir, ["vda"]);
-        Tools.StrataCmd("backup", "init", Repo).Ok();
-        Run(src, Repo, "push", "--disk", "vda");
+        using var src = SourceWithAFull(kind);
         await src.GuestWritesAsync("vda", 7);
         var failed = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--x-inject-target-errno", "5", Repo);
         Assert.Equal(1, failed.Exit);
