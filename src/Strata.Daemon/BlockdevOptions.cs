@@ -106,7 +106,7 @@ public static class BlockdevOptions
     private static BlockNodeSpec FormatWithFile(JsonObject a, string prefix, BlockNodeSpec spec)
     {
         var (fileName, inline) = BlockdevRef(a["file"], prefix, "file");
-        spec = inline is null ? spec with { FileNodeName = fileName } : spec with { FileInline = inline with { ReadOnly = inline.ReadOnly || spec.ReadOnly } };
+        spec = inline is null ? spec with { FileNodeName = fileName } : spec with { FileInline = InheritCache(inline, a["file"], spec) with { ReadOnly = inline.ReadOnly || spec.ReadOnly } };
         if (a.TryGetPropertyValue("backing", out var backing))
         {
             var (backingName, backingInline) = BlockdevRef(backing, prefix, "backing", orNull: true);
@@ -124,7 +124,19 @@ public static class BlockdevOptions
         if (a.ContainsKey("crash-safe-bitmaps")) spec = spec with { CrashSafeBitmaps = ArgSchema.Bool(a, "crash-safe-bitmaps") };
         if (!a.TryGetPropertyValue("data-file", out var dataFile)) return spec;
         var (name, inline) = BlockdevRef(dataFile, prefix, "data-file");
-        return inline is null ? spec with { DataFileNodeName = name } : spec with { DataFileInline = inline with { ReadOnly = inline.ReadOnly || spec.ReadOnly } };
+        return inline is null ? spec with { DataFileNodeName = name } : spec with { DataFileInline = InheritCache(inline, dataFile, spec) with { ReadOnly = inline.ReadOnly || spec.ReadOnly } };
+    }
+
+    /// <summary>QEMU's rule for a child defined inline: it takes its parent's cache.direct and cache.no-flush unless it
+    /// sets them itself (qemu-storage-daemon reports a qcow2 node's inline file with the qcow2 node's cache).</summary>
+    private static BlockNodeSpec InheritCache(BlockNodeSpec child, JsonNode? childDefinition, BlockNodeSpec parent)
+    {
+        var cache = (childDefinition as JsonObject)?["cache"] as JsonObject;
+        return child with
+        {
+            CacheDirect = cache?.ContainsKey("direct") == true ? child.CacheDirect : parent.CacheDirect,
+            CacheNoFlush = cache?.ContainsKey("no-flush") == true ? child.CacheNoFlush : parent.CacheNoFlush,
+        };
     }
 
     private static BlockNodeSpec Nbd(JsonObject a, string prefix, BlockNodeSpec spec)
