@@ -88,14 +88,33 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         if (options.Level is not ("auto" or "full" or "inc")) throw new BackupException($"unknown level '{options.Level}'", "use full, inc or auto", BackupExitCodes.Usage);
         if (options.Mode is not ("push" or "pull")) throw new BackupException($"unknown mode '{options.Mode}'", "use push or pull", BackupExitCodes.Usage);
         using var held = repo.Lock();
-        await using var source = await QmpSource.ConnectAsync(options.Socket);
-        var nodes = await SourceBitmaps.RecoverAsync(source, options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault()?.Bitmap), repo.BitmapPrefix, progress);
+        // What the repository knows (the manifests, the last points' digests, the hash library that checks them) is
+        // read on another core while the source answers the connection and the recovery queries.
+        var local = Task.Run(() => options.Disks.ToDictionary(d => d, d =>
+        {
+            var head = repo.Points(d).LastOrDefault();
+            return (Head: head, Digests: options.Level == "full" ? (null, null) : PointCommit.HeadDigests(repo, head));
+        }));
+        QmpSource source;
+        try
+        {
+            source = await QmpSource.ConnectAsync(options.Socket);
+        }
+        catch
+        {
+            await local.ContinueWith(_ => { }, TaskScheduler.Default);   // no repository work left running behind the error
+            throw;
+        }
+        await using var connected = source;
+        var state = SourceBitmaps.Query(source);
+        var heads = await local;
+        var nodes = await SourceBitmaps.RecoverAsync(source, state, heads.ToDictionary(h => h.Key, h => h.Value.Head?.Bitmap), repo.BitmapPrefix, progress);
         foreach (var leftover in repo.CleanLeftovers()) progress.Message($"removed {leftover}, left by an interrupted run");
 
         var now = DateTimeOffset.UtcNow;
         string id = repo.NewId(now);
         var plans = new List<DiskPlan>();
-        foreach (string disk in options.Disks) plans.Add(await PlanAsync(source, disk, id, nodes));
+        foreach (string disk in options.Disks) plans.Add(await PlanAsync(source, disk, id, nodes, heads[disk].Head, heads[disk].Digests));
         // A differential reads the frozen disk itself: the run pulls.
         _mode = plans.Any(p => p.Differential) ? "pull" : options.Mode;
         foreach (var p in plans)
@@ -129,11 +148,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     }
 
     /// <param name="nodes">The source's nodes as recovery found them, when it changed nothing; null asks the source.</param>
-    private async Task<DiskPlan> PlanAsync(QmpSource source, string disk, string id, IReadOnlyList<SourceNode>? nodes)
+    /// <param name="head">The disk's last point.</param>
+    /// <param name="knownHeadDigests">Its digests as read before the plan, unless the run takes a full anyway.</param>
+    private async Task<DiskPlan> PlanAsync(QmpSource source, string disk, string id, IReadOnlyList<SourceNode>? nodes,
+        BackupManifest? head, (GranuleDigests? Digests, string? Problem) knownHeadDigests)
     {
         var node = nodes?.FirstOrDefault(n => n.Name == disk) ?? await source.NodeAsync(disk);
         if (node.VirtualSize <= 0) throw new BackupException($"node '{disk}' has no size", "name a format node (qcow2, raw), not a protocol node", BackupExitCodes.Usage);
-        var head = repo.Points(disk).LastOrDefault();
         string? why = null, bitmapLost = null;
         if (head is null) why = "no earlier backup of this disk";
         else if (options.Level == "full") why = null;
@@ -145,7 +166,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             throw new BackupException($"{disk}: cannot take an incremental: {why}", "run with --level full (or auto) to start a new chain", BackupExitCodes.Failed);
         string dir = repo.DiskDir(disk);
         Directory.CreateDirectory(dir);
-        var (headDigests, digestsProblem) = PointCommit.HeadDigests(repo, inc ? head : null);
+        var (headDigests, digestsProblem) = inc ? knownHeadDigests : (null, null);
         return new DiskPlan
         {
             Disk = disk,
@@ -189,10 +210,14 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         foreach (var p in plans)
         {
             CreateTarget(p, p.PartialPath, withBacking: true);
-            JsonNode file = new JsonObject { ["driver"] = "file", ["filename"] = p.PartialPath };
+            // cache.no-flush: the source writes the qcow2 metadata at blockdev-del but leaves the fsync to this tool, which
+            // does it while it hashes the file (the partial file is thrown away unless the run commits it). Given on both
+            // nodes: QEMU passes a parent's cache modes to an inline child, older strata daemons did not.
+            var noFlush = new JsonObject { ["no-flush"] = true };
+            JsonNode file = new JsonObject { ["driver"] = "file", ["filename"] = p.PartialPath, ["cache"] = noFlush.DeepClone() };
             if (options.InjectTargetErrno is { } errno)
                 file = new JsonObject { ["driver"] = "blkdebug", ["image"] = file, ["inject-error"] = new JsonArray(new JsonObject { ["event"] = "write_aio", ["errno"] = errno }) };
-            await source.ExecuteAsync("blockdev-add", new JsonObject { ["driver"] = "qcow2", ["node-name"] = p.TargetNode, ["file"] = file });
+            await source.ExecuteAsync("blockdev-add", new JsonObject { ["driver"] = "qcow2", ["node-name"] = p.TargetNode, ["cache"] = noFlush, ["file"] = file });
             actions.Add(SourceBitmaps.AddAction(p.Disk, p.NewBitmap, p.Node));
             var backup = new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode };
             if (p.Incremental)
@@ -252,7 +277,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         // A differential against digests writes whole clusters only: the last point (the backing file) stays closed.
         bool byDigests = p.Differential && p.HeadDigests is not null;
         using var target = ImageOpener.Open(p.PartialPath, "qcow2", readOnly: false, openBacking: !byDigests);
-        // The partial file is thrown away if anything fails, so only the final flush needs to reach the disk.
+        // The partial file is thrown away if anything fails, so none of its writes need to reach the disk before the
+        // commit fsyncs the finished file.
         if (target is Qcow2Image q) q.File.FlushEnabled = false;
         progress.Start(p.Disk, 0);
         void Progress(long done, long total)
@@ -276,7 +302,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         {
             p.Copied = await new PullCopier(nbd, FrozenSource.ExportName(p.Disk), context).CopyAsync(target, Progress);
         }
-        if (target is Qcow2Image q2) q2.File.FlushEnabled = true;
+        // Metadata written out; the fsync is the commit's, beside the hashing.
         target.Flush();
         progress.Finish(p.Disk);
     }
@@ -304,5 +330,5 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             new PointFacts(id, p.Disk, time, p.Incremental, p.Head?.Id, p.FinalName, _mode,
                 options.Socket.Contains('/') || File.Exists(options.Socket) ? Path.GetFullPath(options.Socket) : options.Socket,
                 p.Disk, p.NewBitmap, p.Node.VirtualSize, p.Note),
-            p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests);
+            p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests, fileSynced: false);
 }

@@ -19,8 +19,10 @@ public static class PointCommit
     /// <param name="headDigests">The last point's digests (incrementals), null when it has none.</param>
     /// <param name="headDigestsProblem">Why the last point has none, for the message.</param>
     /// <param name="diskDigests">The digests a differential computed from the disk itself, if any.</param>
+    /// <param name="fileSynced">False when the writer left the file's data to the page cache (a push target opened
+    /// with cache.no-flush, this tool's own pull): it is fsynced here, beside the hashing, before the manifest names it.</param>
     public static BackupManifest Commit(Repository repo, IBackupProgress progress, PointFacts facts, string partialPath, string finalPath,
-        GranuleDigests? headDigests, string? headDigestsProblem, GranuleDigests? diskDigests = null)
+        GranuleDigests? headDigests, string? headDigestsProblem, GranuleDigests? diskDigests = null, bool fileSynced = true)
     {
         var point = new BackupManifest
         {
@@ -30,15 +32,36 @@ public static class PointCommit
             CopiedBytes = 0, FileSize = 0, FileSha256 = "", Extents = [],
         };
         File.Move(partialPath, finalPath, overwrite: false);
-        bool incremental = point.Level == "inc";
-        // Carried over from the last point; none when the last point has none (its granules are unknown).
-        GranuleDigestBuilder? builder = diskDigests is null && (!incremental || headDigests is not null)
-            ? new GranuleDigestBuilder(point.VirtualSize, headDigests?.Granularity ?? BackupRunner.DigestGranularityFor(point.VirtualSize), headDigests)
-            : null;
-        var manifest = ImageDigest.Describe(point, finalPath, builder);
-        var digests = diskDigests ?? (builder is null ? null : ImageDigest.FinishGranules(builder, finalPath));
+        // The disk works on the fsync while both cores hash what is already in the page cache. A thread of its own: on
+        // the pool, the blocked fsync would hold the worker the whole-file hash is queued for.
+        var synced = fileSynced ? Task.CompletedTask : Task.Factory.StartNew(() => SyncFile(finalPath), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        BackupManifest manifest;
+        GranuleDigests? digests;
+        try
+        {
+            bool incremental = point.Level == "inc";
+            // Carried over from the last point; none when the last point has none (its granules are unknown).
+            GranuleDigestBuilder? builder = diskDigests is null && (!incremental || headDigests is not null)
+                ? new GranuleDigestBuilder(point.VirtualSize, headDigests?.Granularity ?? BackupRunner.DigestGranularityFor(point.VirtualSize), headDigests)
+                : null;
+            manifest = ImageDigest.Describe(point, finalPath, builder);
+            digests = diskDigests ?? (builder is null ? null : ImageDigest.FinishGranules(builder, finalPath));
+        }
+        finally
+        {
+            // Awaited on every path: a failed describe leaves no fsync running behind the error.
+            synced.ContinueWith(_ => { }, TaskScheduler.Default).Wait();
+        }
+        // The file is durable before the manifest that makes it a point.
+        synced.GetAwaiter().GetResult();
         if (digests is null) progress.Message($"{point.Disk}: this point records no digests: {headDigestsProblem}; the next full or differential by comparison records them again");
         return repo.CommitPoint(manifest, digests);
+    }
+
+    private static void SyncFile(string path)
+    {
+        using var file = new FileStream(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite, bufferSize: 0);
+        file.Flush(flushToDisk: true);
     }
 
     /// <summary>Reads the last point's digests for an incremental on it, with the reason when there are none (as

@@ -100,12 +100,30 @@ internal static class SourceBitmaps
     /// <param name="headBitmaps">Per disk, the bitmap of the repository's newest point (absent: no point).</param>
     /// <returns>The source's nodes when there was nothing to undo (as they still are: a plan can use them without asking
     /// again); null when something was undone.</returns>
-    public static async Task<IReadOnlyList<SourceNode>?> RecoverAsync(QmpSource source, IReadOnlyDictionary<string, string?> headBitmaps, string prefix, IBackupProgress progress)
+    public static async Task<IReadOnlyList<SourceNode>?> RecoverAsync(QmpSource source, IReadOnlyDictionary<string, string?> headBitmaps, string prefix, IBackupProgress progress) =>
+        await RecoverAsync(source, Query(source), headBitmaps, prefix, progress);
+
+    /// <summary>What recovery reads of the source: its jobs, exports and nodes, and the events' mark from before.</summary>
+    public sealed record SourceState(int Mark, Task<IReadOnlyList<(string Id, string Status, long Offset, long Length)>> Jobs,
+        Task<IReadOnlyList<string>> Exports, Task<IReadOnlyList<SourceNode>> Nodes);
+
+    /// <summary>Sends recovery's three queries at once (QMP answers them in order): a run with nothing to recover from,
+    /// the usual case, waits one round trip for them instead of three, and a caller can send them before it has read
+    /// what recovery also needs from its repository.</summary>
+    public static SourceState Query(QmpSource source)
+    {
+        int mark = source.EventMark;
+        return new SourceState(mark, source.JobsAsync(), source.ExportsAsync(), source.NodesAsync());
+    }
+
+    /// <param name="state">The source as <see cref="Query"/> asked it.</param>
+    public static async Task<IReadOnlyList<SourceNode>?> RecoverAsync(QmpSource source, SourceState state, IReadOnlyDictionary<string, string?> headBitmaps, string prefix, IBackupProgress progress)
     {
         bool undone = false;
         var disks = headBitmaps.Keys.ToHashSet();
-        int mark = source.EventMark;
-        var ours = (await source.JobsAsync()).Where(j => j.Id.StartsWith("strata-job-", StringComparison.Ordinal) && disks.Contains(j.Id["strata-job-".Length..])).Select(j => j.Id).ToList();
+        int mark = state.Mark;
+        await Task.WhenAll(state.Jobs, state.Exports, state.Nodes);
+        var ours = (await state.Jobs).Where(j => j.Id.StartsWith("strata-job-", StringComparison.Ordinal) && disks.Contains(j.Id["strata-job-".Length..])).Select(j => j.Id).ToList();
         foreach (var job in ours)
         {
             progress.Message($"cancelling {job}, left running by an interrupted run");
@@ -116,14 +134,15 @@ internal static class SourceBitmaps
             undone = true;
             await source.WaitJobsAsync(ours, mark, timeout: TimeSpan.FromMinutes(1));
         }
-        foreach (var export in (await source.ExportsAsync()).Where(e => e.StartsWith("strata-exp-", StringComparison.Ordinal) && disks.Contains(e["strata-exp-".Length..])))
+        foreach (var export in (await state.Exports).Where(e => e.StartsWith("strata-exp-", StringComparison.Ordinal) && disks.Contains(e["strata-exp-".Length..])))
         {
             undone = true;
             int exportMark = source.EventMark;
             try { await source.ExecuteAsync("block-export-del", new JsonObject { ["id"] = export, ["mode"] = "hard" }); } catch (QmpException) { }
             await source.WaitEventAsync("BLOCK_EXPORT_DELETED", e => e["data"]?["id"]?.GetValue<string>() == export, TimeSpan.FromSeconds(5), exportMark);
         }
-        var nodes = await source.NodesAsync();
+        // Cancelled jobs and deleted exports change the nodes: asked again after them.
+        var nodes = undone ? await source.NodesAsync() : await state.Nodes;
         foreach (var n in nodes.Where(n => n.Name.StartsWith("strata-tgt-", StringComparison.Ordinal) && disks.Contains(n.Name["strata-tgt-".Length..])))
         {
             undone = true;

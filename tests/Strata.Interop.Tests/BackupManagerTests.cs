@@ -434,6 +434,43 @@ public class BackupManagerTests : ScratchDirTest
         Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 
+    /// <summary>The run fsyncs the point's file itself, before the manifest that names it is written: a push target is
+    /// added with cache.no-flush (the source writes its metadata at blockdev-del but does not fsync), and a pull writes
+    /// without flushing. Seen with strace on the real binary: one file per thread, each call timed, so the fsync's end
+    /// on one thread is compared with the manifest's creation on another.</summary>
+    [Theory]
+    [InlineData("qsd", "push")]
+    [InlineData("strata", "pull")]
+    public void ARunFsyncsThePointsFileBeforeWritingItsManifest(string kind, string mode)
+    {
+        using var src = new BackupSourceProcess(kind, Dir, ["vda"]);
+        Tools.Run("qemu-io", "-f", "raw", "-c", "write -P 0x61 1M 3M", $"nbd+unix:///vda?socket={src.NbdPath}").Ok();
+        Tools.StrataCmd("backup", "init", Repo).Ok();
+        string log = P("strace");
+        var run = Tools.StrataStartInfo("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--mode", mode, "--nbd", src.NbdPath, Repo);
+        string[] traced = ["-ff", "-qq", "-ttt", "-T", "-o", log, "-e", "trace=fsync,fdatasync,open,openat", run.FileName, .. run.ArgumentList];
+        Tools.Run("strace", traced).Ok();
+        string dir = Path.Combine(Repo, "vda");
+        string id = Path.GetFileNameWithoutExtension(Directory.GetFiles(dir, "*.json").Single());
+        // "1733500000.123456 openat(AT_FDCWD, \"…\", O_RDWR|O_CLOEXEC) = 12 <0.000020>"
+        var call = new System.Text.RegularExpressions.Regex(@"^(\d+\.\d+) (\w+)\((.*)\)\s+= (-?\d+).*<(\d+\.\d+)>$");
+        var threads = Directory.GetFiles(Dir, "strace.*").Select(f => File.ReadAllLines(f).Select(l => call.Match(l)).Where(m => m.Success)
+            .Select(m => (Start: double.Parse(m.Groups[1].Value), Name: m.Groups[2].Value, Args: m.Groups[3].Value, Result: m.Groups[4].Value,
+                End: double.Parse(m.Groups[1].Value) + double.Parse(m.Groups[5].Value))).ToList()).ToList();
+        double manifestCreated = threads.SelectMany(t => t).Where(c => c.Name.StartsWith("open") && c.Args.Contains($"\"{Path.Combine(dir, id)}.json.tmp\""))
+            .Select(c => c.Start).DefaultIfEmpty(double.NaN).Min();
+        Assert.False(double.IsNaN(manifestCreated), "the manifest was never created");
+        // The point's file opened for writing by this tool, then fsynced through that descriptor on the same thread.
+        string point = $"\"{Path.Combine(dir, id)}.qcow2\"";
+        var fileSynced = threads.SelectMany(t => t.Select((c, i) => (c, i, t))
+            .Where(x => x.c.Name.StartsWith("open") && x.c.Args.Contains(point) && x.c.Args.Contains("O_RDWR"))
+            .SelectMany(x => x.t.Skip(x.i + 1).Where(c => c.Name is "fsync" or "fdatasync" && c.Args == x.c.Result && c.Result == "0").Take(1)))
+            .Select(c => c.End).ToList();
+        Assert.True(fileSynced.Count > 0, $"{point} was never fsynced by the run");
+        Assert.True(fileSynced.Min() <= manifestCreated, $"the point's fsync ended at {fileSynced.Min():F6}, after the manifest was created at {manifestCreated:F6}");
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
+    }
+
     /// <summary>A point is on disk when the run says it is: after its manifest is renamed into place, the run fsyncs
     /// the disk's folder (the rename itself) before it exits. Seen from outside with strace, on the real binary.</summary>
     [Fact]
