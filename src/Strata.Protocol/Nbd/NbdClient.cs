@@ -58,7 +58,15 @@ public sealed class NbdClient : IAsyncDisposable
 
     private static async Task<NbdClient> ConnectAsync(Socket socket, System.Net.EndPoint endPoint, string export, IEnumerable<string>? contexts, CancellationToken ct)
     {
-        await socket.ConnectAsync(endPoint, ct);
+        try
+        {
+            await socket.ConnectAsync(endPoint, ct);
+        }
+        catch
+        {
+            socket.Dispose();   // not left to the finalizer: a caller that tries again would hold one per attempt
+            throw;
+        }
         var client = new NbdClient(socket);
         try
         {
