@@ -65,6 +65,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         public string JobId => FrozenSource.JobId(Disk);
         public string TargetNode => FrozenSource.TargetNode(Disk);
         public long Copied;
+        /// <summary>A descriptor on the target from its creation to its commit, which fsyncs the file through it (see
+        /// <see cref="PointCommit.Commit"/>).</summary>
+        public Microsoft.Win32.SafeHandles.SafeFileHandle? Held;
     }
 
     /// <summary>
@@ -102,7 +105,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         }
         catch
         {
-            await local.ContinueWith(_ => { }, TaskScheduler.Default);   // no repository work left running behind the error
+            try { await local; } catch (Exception) { }   // no repository work left running behind the connection's error
             throw;
         }
         await using var connected = source;
@@ -121,25 +124,31 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             progress.Message($"{p.Disk}: {(p.Incremental ? $"incremental on {p.Head!.Id}" : "full")} ({_mode}){(p.Note is null ? "" : " — " + p.Note)}");
 
         bool ok = false;
+        var manifests = new List<BackupManifest>();
         try
         {
-            if (_mode == "push") await PushAsync(source, plans);
-            else await PullAsync(source, plans);
-            ok = true;
+            try
+            {
+                if (_mode == "push") await PushAsync(source, plans);
+                else await PullAsync(source, plans);
+                ok = true;
+            }
+            finally
+            {
+                if (!ok)
+                {
+                    // Keep every bitmap able to produce a correct next incremental, drop the unfinished files.
+                    foreach (var p in plans)
+                        await SourceBitmaps.RollBackAsync(source, p.Disk, p.NewBitmap, p.Incremental && !p.Differential ? p.Head!.Bitmap : null, progress);
+                    foreach (var p in plans) File.Delete(p.PartialPath);
+                }
+            }
+            foreach (var p in plans) manifests.Add(Commit(p, id, now));
         }
         finally
         {
-            if (!ok)
-            {
-                // Keep every bitmap able to produce a correct next incremental, drop the unfinished files.
-                foreach (var p in plans)
-                    await SourceBitmaps.RollBackAsync(source, p.Disk, p.NewBitmap, p.Incremental && !p.Differential ? p.Head!.Bitmap : null, progress);
-                foreach (var p in plans) File.Delete(p.PartialPath);
-            }
+            foreach (var p in plans) p.Held?.Dispose();
         }
-
-        var manifests = new List<BackupManifest>();
-        foreach (var p in plans) manifests.Add(Commit(p, id, now));
         // Only now that the new points are on disk may the bitmaps of the old ones go.
         // The plan's view of the bitmaps is still the source's: the lock keeps other runs of this repository away,
         // and only they touch its bitmaps.
@@ -200,6 +209,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Durable = false,
         };
         Qcow2Image.Create(path, create).Dispose();
+        // Opened before the source or this tool writes a byte of data, held until the commit fsyncs through it.
+        p.Held = File.OpenHandle(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
     }
 
     // ------------------------------------------------------------------ push
@@ -330,5 +341,5 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             new PointFacts(id, p.Disk, time, p.Incremental, p.Head?.Id, p.FinalName, _mode,
                 options.Socket.Contains('/') || File.Exists(options.Socket) ? Path.GetFullPath(options.Socket) : options.Socket,
                 p.Disk, p.NewBitmap, p.Node.VirtualSize, p.Note),
-            p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests, fileSynced: false);
+            p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests, p.Held);
 }

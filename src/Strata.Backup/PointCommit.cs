@@ -1,3 +1,4 @@
+using Microsoft.Win32.SafeHandles;
 using Strata.Formats.Backup;
 
 namespace Strata.Backup;
@@ -19,10 +20,12 @@ public static class PointCommit
     /// <param name="headDigests">The last point's digests (incrementals), null when it has none.</param>
     /// <param name="headDigestsProblem">Why the last point has none, for the message.</param>
     /// <param name="diskDigests">The digests a differential computed from the disk itself, if any.</param>
-    /// <param name="fileSynced">False when the writer left the file's data to the page cache (a push target opened
-    /// with cache.no-flush, this tool's own pull): it is fsynced here, beside the hashing, before the manifest names it.</param>
+    /// <param name="syncThrough">Null when the writer fsynced the file. Otherwise a descriptor on it, opened before
+    /// anything was written to it and held since (a push target added with cache.no-flush, this tool's own pull): the
+    /// file is fsynced through it here, beside the hashing, before the manifest names it. A descriptor opened only now
+    /// could miss a write-back error: the kernel keeps one only while the file's inode is in memory.</param>
     public static BackupManifest Commit(Repository repo, IBackupProgress progress, PointFacts facts, string partialPath, string finalPath,
-        GranuleDigests? headDigests, string? headDigestsProblem, GranuleDigests? diskDigests = null, bool fileSynced = true)
+        GranuleDigests? headDigests, string? headDigestsProblem, GranuleDigests? diskDigests = null, SafeFileHandle? syncThrough = null)
     {
         var point = new BackupManifest
         {
@@ -32,36 +35,42 @@ public static class PointCommit
             CopiedBytes = 0, FileSize = 0, FileSha256 = "", Extents = [],
         };
         File.Move(partialPath, finalPath, overwrite: false);
-        // The disk works on the fsync while both cores hash what is already in the page cache. A thread of its own: on
-        // the pool, the blocked fsync would hold the worker the whole-file hash is queued for.
-        var synced = fileSynced ? Task.CompletedTask : Task.Factory.StartNew(() => SyncFile(finalPath), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
-        BackupManifest manifest;
-        GranuleDigests? digests;
         try
         {
-            bool incremental = point.Level == "inc";
-            // Carried over from the last point; none when the last point has none (its granules are unknown).
-            GranuleDigestBuilder? builder = diskDigests is null && (!incremental || headDigests is not null)
-                ? new GranuleDigestBuilder(point.VirtualSize, headDigests?.Granularity ?? BackupRunner.DigestGranularityFor(point.VirtualSize), headDigests)
-                : null;
-            manifest = ImageDigest.Describe(point, finalPath, builder);
-            digests = diskDigests ?? (builder is null ? null : ImageDigest.FinishGranules(builder, finalPath));
+            // The disk works on the fsync while both cores hash what is already in the page cache. A thread of its own:
+            // on the pool, the blocked fsync would hold the worker the whole-file hash is queued for.
+            var synced = syncThrough is null ? Task.CompletedTask
+                : Task.Factory.StartNew(() => Durability.SyncFile(syncThrough, finalPath), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+            BackupManifest manifest;
+            GranuleDigests? digests;
+            try
+            {
+                bool incremental = point.Level == "inc";
+                // Carried over from the last point; none when the last point has none (its granules are unknown).
+                GranuleDigestBuilder? builder = diskDigests is null && (!incremental || headDigests is not null)
+                    ? new GranuleDigestBuilder(point.VirtualSize, headDigests?.Granularity ?? BackupRunner.DigestGranularityFor(point.VirtualSize), headDigests)
+                    : null;
+                manifest = ImageDigest.Describe(point, finalPath, builder);
+                digests = diskDigests ?? (builder is null ? null : ImageDigest.FinishGranules(builder, finalPath));
+            }
+            catch
+            {
+                // No fsync left running behind the error (its own failure, if any, is the lesser news).
+                try { synced.Wait(); } catch (AggregateException) { }
+                throw;
+            }
+            // The file is durable before the manifest that makes it a point.
+            synced.GetAwaiter().GetResult();
+            if (digests is null) progress.Message($"{point.Disk}: this point records no digests: {headDigestsProblem}; the next full or differential by comparison records them again");
+            return repo.CommitPoint(manifest, digests);
         }
-        finally
+        catch when (!File.Exists(Path.ChangeExtension(finalPath, ".json")))
         {
-            // Awaited on every path: a failed describe leaves no fsync running behind the error.
-            synced.ContinueWith(_ => { }, TaskScheduler.Default).Wait();
+            // Not a point: back to its partial name, which the next run removes (a file under a point's name without
+            // a manifest would be reported by every verify).
+            try { File.Move(finalPath, partialPath, overwrite: true); } catch (IOException) { }
+            throw;
         }
-        // The file is durable before the manifest that makes it a point.
-        synced.GetAwaiter().GetResult();
-        if (digests is null) progress.Message($"{point.Disk}: this point records no digests: {headDigestsProblem}; the next full or differential by comparison records them again");
-        return repo.CommitPoint(manifest, digests);
-    }
-
-    private static void SyncFile(string path)
-    {
-        using var file = new FileStream(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite, bufferSize: 0);
-        file.Flush(flushToDisk: true);
     }
 
     /// <summary>Reads the last point's digests for an incremental on it, with the reason when there are none (as

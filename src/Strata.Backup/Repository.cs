@@ -327,7 +327,7 @@ public sealed class Repository
         // The renames themselves: a point exists for a reader at its manifest's rename, after a power cut only once
         // its folder is on disk too.
         foreach (string dir in files.Select(f => Path.GetDirectoryName(Path.GetFullPath(f.Path))!).Distinct(StringComparer.Ordinal))
-            DirectorySync.Sync(dir);
+            Durability.SyncDirectory(dir);
     }
 
     internal void Unlocked()

@@ -131,6 +131,8 @@ public static class BlockdevOptions
     /// sets them itself (qemu-storage-daemon reports a qcow2 node's inline file with the qcow2 node's cache).</summary>
     private static BlockNodeSpec InheritCache(BlockNodeSpec child, JsonNode? childDefinition, BlockNodeSpec parent)
     {
+        // One level is all there is here: the inline children a format node takes (file, data-file) are protocol
+        // nodes, which have no children of their own (a qcow2 node over a raw node is refused).
         var cache = (childDefinition as JsonObject)?["cache"] as JsonObject;
         return child with
         {

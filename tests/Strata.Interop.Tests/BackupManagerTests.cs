@@ -448,7 +448,7 @@ public class BackupManagerTests : ScratchDirTest
         Tools.StrataCmd("backup", "init", Repo).Ok();
         string log = P("strace");
         var run = Tools.StrataStartInfo("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--mode", mode, "--nbd", src.NbdPath, Repo);
-        string[] traced = ["-ff", "-qq", "-ttt", "-T", "-o", log, "-e", "trace=fsync,fdatasync,open,openat", run.FileName, .. run.ArgumentList];
+        string[] traced = ["-ff", "-qq", "-ttt", "-T", "-o", log, "-e", "trace=fsync,fdatasync,open,openat,close", run.FileName, .. run.ArgumentList];
         Tools.Run("strace", traced).Ok();
         string dir = Path.Combine(Repo, "vda");
         string id = Path.GetFileNameWithoutExtension(Directory.GetFiles(dir, "*.json").Single());
@@ -460,13 +460,15 @@ public class BackupManagerTests : ScratchDirTest
         double manifestCreated = threads.SelectMany(t => t).Where(c => c.Name.StartsWith("open") && c.Args.Contains($"\"{Path.Combine(dir, id)}.json.tmp\""))
             .Select(c => c.Start).DefaultIfEmpty(double.NaN).Min();
         Assert.False(double.IsNaN(manifestCreated), "the manifest was never created");
-        // The point's file opened for writing by this tool, then fsynced through that descriptor on the same thread.
-        string point = $"\"{Path.Combine(dir, id)}.qcow2\"";
-        var fileSynced = threads.SelectMany(t => t.Select((c, i) => (c, i, t))
-            .Where(x => x.c.Name.StartsWith("open") && x.c.Args.Contains(point) && x.c.Args.Contains("O_RDWR"))
-            .SelectMany(x => x.t.Skip(x.i + 1).Where(c => c.Name is "fsync" or "fdatasync" && c.Args == x.c.Result && c.Result == "0").Take(1)))
+        // The point's file (under its partial name then) opened for writing by this tool, then fsynced through that
+        // descriptor, on any thread, before the descriptor was closed.
+        string point = $"\"{Path.Combine(dir, id)}.qcow2";
+        var calls = threads.SelectMany(t => t).OrderBy(c => c.Start).ToList();
+        var fileSynced = calls.Where(c => c.Name.StartsWith("open") && (c.Args.Contains(point + "\"") || c.Args.Contains(point + ".partial\"")) && c.Args.Contains("O_RDWR"))
+            .SelectMany(o => calls.Where(c => c.Start > o.End).TakeWhile(c => !(c.Name == "close" && c.Args == o.Result))
+                .Where(c => c.Name is "fsync" or "fdatasync" && c.Args == o.Result && c.Result == "0"))
             .Select(c => c.End).ToList();
-        Assert.True(fileSynced.Count > 0, $"{point} was never fsynced by the run");
+        Assert.True(fileSynced.Count > 0, $"{point}\" was never fsynced by the run");
         Assert.True(fileSynced.Min() <= manifestCreated, $"the point's fsync ended at {fileSynced.Min():F6}, after the manifest was created at {manifestCreated:F6}");
         Tools.StrataCmd("backup", "verify", Repo).Ok();
     }

@@ -52,7 +52,7 @@ public sealed partial class FolderObjectStore : IObjectStore
             if (link(tmp, path) == 0)
             {
                 // The new name itself: a point's index is its commit, and the chunks it names come before it.
-                DirectorySync.Sync(Path.GetDirectoryName(path)!);
+                Durability.SyncDirectory(Path.GetDirectoryName(path)!);
                 return Task.FromResult(true);
             }
             int errno = Marshal.GetLastPInvokeError();
@@ -69,7 +69,7 @@ public sealed partial class FolderObjectStore : IObjectStore
     {
         string path = PathOf(key);
         File.Move(WriteTemp(path, data.Span), path, overwrite: true);
-        DirectorySync.Sync(Path.GetDirectoryName(path)!);
+        Durability.SyncDirectory(Path.GetDirectoryName(path)!);
         return Task.CompletedTask;
     }
 

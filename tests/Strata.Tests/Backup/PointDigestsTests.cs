@@ -51,6 +51,45 @@ public class PointDigestsTests : IDisposable
         return _repo.CommitPoint(m, digests);
     }
 
+    private sealed class Silent : IBackupProgress
+    {
+        public void Message(string text) { }
+        public void Start(string disk, long total) { }
+        public void Advance(string disk, long done) { }
+        public void Finish(string disk) { }
+    }
+
+    [Fact]
+    public void ACommitThatCannotMakeTheFileDurableLeavesNoPointAndPutsTheFileBackUnderItsPartialName()
+    {
+        Directory.CreateDirectory(_repo.DiskDir("vda"));
+        string partial = PointPath("p0") + Repository.PartialSuffix;
+        Qcow2Image.Create(partial, new Qcow2CreateOptions { Size = Size }).Dispose();
+        var held = File.OpenHandle(partial, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
+        held.Dispose();   // the descriptor the fsync goes through is gone: the fsync fails
+        var facts = new PointFacts("p0", "vda", T0, Incremental: false, Parent: null, "p0.qcow2", "push", "test", "vda", "b-p0", Size, Note: null);
+        Assert.ThrowsAny<Exception>(() => PointCommit.Commit(_repo, new Silent(), facts, partial, PointPath("p0"), null, null, syncThrough: held));
+        Assert.True(File.Exists(partial));
+        Assert.False(File.Exists(PointPath("p0")));
+        Assert.Empty(_repo.Points("vda"));
+        Assert.Contains(partial, _repo.CleanLeftovers().Select(f => Path.Combine(_repo.DiskDir("vda"), Path.GetFileName(f))));
+    }
+
+    [Fact]
+    public void ACommitThroughAHeldDescriptorMakesAPoint()
+    {
+        Directory.CreateDirectory(_repo.DiskDir("vda"));
+        string partial = PointPath("p0") + Repository.PartialSuffix;
+        Qcow2Image.Create(partial, new Qcow2CreateOptions { Size = Size }).Dispose();
+        using var held = File.OpenHandle(partial, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
+        using (var image = ImageOpener.Open(partial, "qcow2", readOnly: false)) image.Write(0, Enumerable.Repeat((byte)7, G).ToArray());
+        var facts = new PointFacts("p0", "vda", T0, Incremental: false, Parent: null, "p0.qcow2", "push", "test", "vda", "b-p0", Size, Note: null);
+        var m = PointCommit.Commit(_repo, new Silent(), facts, partial, PointPath("p0"), null, null, syncThrough: held);
+        Assert.Equal("p0", _repo.Points("vda").Single().Id);
+        Assert.Equal(G, m.CopiedBytes);
+        Assert.Empty(Verifier.Verify(_repo));
+    }
+
     /// <summary>The point's digests hashed from scratch, reading its whole chain.</summary>
     private GranuleDigests FromChain(BackupManifest p)
     {
