@@ -45,8 +45,6 @@ public sealed record BackupManifest
     public required string FileSha256 { get; init; }
     /// <summary>Why a full was taken when an incremental was asked for (auto), if it was.</summary>
     public string? Note { get; init; }
-    /// <summary>Parsed when first read (see <see cref="DeferredExtents"/>).</summary>
-    [JsonConverter(typeof(DeferredExtentsConverter))]
     public required IReadOnlyList<ExtentDigest> Extents { get; init; }
     /// <summary>The digest of every granule of the disk as of this point, which a differential by comparison checks the
     /// disk against without reading the backup back; null for points taken before digests were recorded.</summary>
@@ -77,50 +75,5 @@ public sealed record RepositoryConfig
     DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
 [JsonSerializable(typeof(BackupManifest))]
 [JsonSerializable(typeof(BackupManifest[]))]
-[JsonSerializable(typeof(List<ExtentDigest>))]
 [JsonSerializable(typeof(RepositoryConfig))]
 public sealed partial class BackupJson : JsonSerializerContext;
-
-/// <summary>
-/// A manifest's extents as read: kept as the JSON they were written as until something asks for them. Every run, list
-/// and restore reads all of a disk's manifests for their other members; only verify looks at the extents, and with
-/// hundreds of them per point (a SHA-256 each) they were most of what parsing a manifest cost — about 0.35 ms a
-/// manifest in a native build, on the path of every backup run of a repository with a long history.
-/// </summary>
-/// <remarks>The JSON is checked to be well-formed when the manifest is read; a member of the wrong type shows as a
-/// <see cref="JsonException"/> from the first read of the list (verify reports it as a damaged manifest).</remarks>
-public sealed class DeferredExtents : IReadOnlyList<ExtentDigest>
-{
-    private readonly JsonDocument _json;
-    private IReadOnlyList<ExtentDigest>? _parsed;
-
-    internal DeferredExtents(JsonDocument json) => _json = json;
-
-    private IReadOnlyList<ExtentDigest> Parsed
-    {
-        get
-        {
-            if (_parsed is not null) return _parsed;
-            var list = _json.RootElement.Deserialize(BackupJson.Default.ListExtentDigest) ?? [];
-            if (list.Any(e => e is null)) throw new JsonException("an extent of the manifest is null");
-            return _parsed = list;
-        }
-    }
-
-    public ExtentDigest this[int index] => Parsed[index];
-    public int Count => Parsed.Count;
-    public IEnumerator<ExtentDigest> GetEnumerator() => Parsed.GetEnumerator();
-    System.Collections.IEnumerator System.Collections.IEnumerable.GetEnumerator() => GetEnumerator();
-}
-
-/// <summary>Reads <see cref="BackupManifest.Extents"/> as <see cref="DeferredExtents"/>; writes any list as a plain array.</summary>
-public sealed class DeferredExtentsConverter : JsonConverter<IReadOnlyList<ExtentDigest>>
-{
-    public override IReadOnlyList<ExtentDigest> Read(ref Utf8JsonReader reader, Type typeToConvert, JsonSerializerOptions options) =>
-        reader.TokenType == JsonTokenType.StartArray
-            ? new DeferredExtents(JsonDocument.ParseValue(ref reader))
-            : throw new JsonException($"extents: an array expected, found {reader.TokenType}");
-
-    public override void Write(Utf8JsonWriter writer, IReadOnlyList<ExtentDigest> value, JsonSerializerOptions options) =>
-        JsonSerializer.Serialize(writer, value as List<ExtentDigest> ?? [.. value], BackupJson.Default.ListExtentDigest);
-}
