@@ -223,12 +223,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             CreateTarget(p, p.PartialPath, withBacking: true);
             // cache.no-flush: the source writes the qcow2 metadata at blockdev-del but leaves the fsync to this tool, which
             // does it while it hashes the file (the partial file is thrown away unless the run commits it). Given on both
-            // nodes: QEMU passes a parent's cache modes to an inline child, older strata daemons did not.
-            var noFlush = new JsonObject { ["no-flush"] = true };
-            JsonNode file = new JsonObject { ["driver"] = "file", ["filename"] = p.PartialPath, ["cache"] = noFlush.DeepClone() };
+            // nodes: QEMU passes a parent's cache modes to an inline child, older strata daemons did not. Only for a
+            // source on this host: another host's writes to shared storage are not made durable by an fsync here.
+            var cache = new JsonObject { ["no-flush"] = source.OnThisHost };
+            JsonNode file = new JsonObject { ["driver"] = "file", ["filename"] = p.PartialPath, ["cache"] = cache.DeepClone() };
             if (options.InjectTargetErrno is { } errno)
                 file = new JsonObject { ["driver"] = "blkdebug", ["image"] = file, ["inject-error"] = new JsonArray(new JsonObject { ["event"] = "write_aio", ["errno"] = errno }) };
-            await source.ExecuteAsync("blockdev-add", new JsonObject { ["driver"] = "qcow2", ["node-name"] = p.TargetNode, ["cache"] = noFlush, ["file"] = file });
+            await source.ExecuteAsync("blockdev-add", new JsonObject { ["driver"] = "qcow2", ["node-name"] = p.TargetNode, ["cache"] = cache, ["file"] = file });
             actions.Add(SourceBitmaps.AddAction(p.Disk, p.NewBitmap, p.Node));
             var backup = new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode };
             if (p.Incremental)

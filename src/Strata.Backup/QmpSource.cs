@@ -30,10 +30,15 @@ public sealed class QmpSource : IAsyncDisposable
 
     public string Address { get; }
 
-    private QmpSource(QmpClient qmp, string address)
+    /// <summary>Reached over a unix socket: the source runs on this host and writes through this kernel's page cache,
+    /// so an fsync made here covers its writes. Over TCP it may be another host sharing the storage.</summary>
+    public bool OnThisHost { get; }
+
+    private QmpSource(QmpClient qmp, string address, bool onThisHost)
     {
         _qmp = qmp;
         Address = address;
+        OnThisHost = onThisHost;
         _pump = Task.Run(async () =>
         {
             await foreach (var e in qmp.Events())
@@ -50,10 +55,11 @@ public sealed class QmpSource : IAsyncDisposable
         try
         {
             int colon = address.LastIndexOf(':');
-            QmpClient client = !address.Contains('/') && colon > 0 && int.TryParse(address[(colon + 1)..], out int port)
-                ? await QmpClient.ConnectTcpAsync(address[..colon], port, ct)
+            bool tcp = !address.Contains('/') && colon > 0 && int.TryParse(address[(colon + 1)..], out int port);
+            QmpClient client = tcp
+                ? await QmpClient.ConnectTcpAsync(address[..colon], int.Parse(address[(colon + 1)..]), ct)
                 : await QmpClient.ConnectUnixAsync(address, ct);
-            return new QmpSource(client, address);
+            return new QmpSource(client, address, onThisHost: !tcp);
         }
         catch (Exception e) when (e is SocketException or IOException)
         {

@@ -473,6 +473,63 @@ public class BackupManagerTests : ScratchDirTest
         Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 
+    /// <summary>Over a unix socket the source shares this host's page cache: the push target is added with
+    /// cache.no-flush and qemu-storage-daemon never fsyncs it (the run does). Over TCP the source may be another host
+    /// on shared storage, where an fsync here proves nothing: it fsyncs the target itself, as before. Seen by tracing
+    /// the daemon's own calls on the target's descriptor.</summary>
+    [Fact]
+    public void APushLeavesTheTargetsFsyncToTheSourceOnlyWhenTheSourceIsReachedOverTcp()
+    {
+        var probe = new System.Net.Sockets.TcpListener(System.Net.IPAddress.Loopback, 0);
+        probe.Start();
+        int port = ((System.Net.IPEndPoint)probe.LocalEndpoint).Port;
+        probe.Stop();
+        using var src = new BackupSourceProcess("qsd", Dir, ["vda"],
+            daemonOptions: ["--chardev", $"socket,id=tcp0,host=127.0.0.1,port={port},server=on,wait=off", "--monitor", "chardev=tcp0"]);
+        Tools.StrataCmd("backup", "init", Repo).Ok();
+        bool SourceFsyncedTheTarget(string socket)
+        {
+            string log = P($"qsd-strace-{Guid.NewGuid():N}");
+            var psi = new ProcessStartInfo("strace") { RedirectStandardError = true, UseShellExecute = false };
+            foreach (var a in new[] { "-f", "-qq", "-p", src.Pid.ToString(), "-o", log, "-e", "trace=openat,close,fsync,fdatasync" }) psi.ArgumentList.Add(a);
+            using var strace = Process.Start(psi)!;
+            // Attached once every thread of the daemon names a tracer.
+            var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+            while (!Directory.GetDirectories($"/proc/{src.Pid}/task").All(t => File.ReadAllLines(Path.Combine(t, "status")).Any(l => l.StartsWith("TracerPid:") && l.Split('\t')[1] != "0")))
+            {
+                Assert.True(DateTime.UtcNow < deadline, "strace did not attach to the daemon");
+                Thread.Sleep(20);
+            }
+            // Something to copy (a target nothing was written to needs no flush at all).
+            Tools.Run("qemu-io", "-f", "raw", "-c", $"write -P 0x{Random.Shared.Next(0x20, 0x7f):x2} 5M 1M", $"nbd+unix:///vda?socket={src.NbdPath}").Ok();
+            Tools.StrataCmd("backup", "run", "--socket", socket, "--disk", "vda", Repo).Ok();
+            Tools.Run("kill", "-INT", strace.Id.ToString());
+            Assert.True(strace.WaitForExit(10000));
+            // With -f, a call another thread interrupts is split: "PID openat(… <unfinished ...>", later
+            // "PID <... openat resumed>) = FD". fsync(FD)/fdatasync(FD) count from their first half.
+            var lines = File.ReadAllLines(log);
+            var opened = new List<(int Line, string Fd)>();
+            for (int i = 0; i < lines.Length; i++)
+            {
+                if (!lines[i].Contains(" openat(") || !lines[i].Contains(".qcow2.partial\"")) continue;
+                string pid = lines[i].Split(' ')[0];
+                string? done = lines[i].Contains("<unfinished")
+                    ? lines.Skip(i + 1).FirstOrDefault(l => l.StartsWith(pid + " ") && l.Contains("<... openat resumed>"))
+                    : lines[i];
+                var fd = done is null ? null : System.Text.RegularExpressions.Regex.Match(done, @"= (\d+)").Groups[1].Value;
+                if (!string.IsNullOrEmpty(fd)) opened.Add((i, fd));
+            }
+            Assert.True(opened.Count > 0, "the daemon never opened the target");
+            var call = new System.Text.RegularExpressions.Regex(@"^\d+\s+(close|fsync|fdatasync)\((\d+)");
+            return opened.Any(o => lines.Skip(o.Line + 1).Select(l => call.Match(l)).Where(m => m.Success)
+                .TakeWhile(m => !(m.Groups[1].Value == "close" && m.Groups[2].Value == o.Fd))
+                .Any(m => m.Groups[1].Value != "close" && m.Groups[2].Value == o.Fd));
+        }
+        Assert.False(SourceFsyncedTheTarget(src.QmpPath), "over the unix socket the daemon fsynced the target (no cache.no-flush?)");
+        Assert.True(SourceFsyncedTheTarget($"127.0.0.1:{port}"), "over TCP the daemon did not fsync the target");
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
+    }
+
     /// <summary>A point is on disk when the run says it is: after its manifest is renamed into place, the run fsyncs
     /// the disk's folder (the rename itself) before it exits. Seen from outside with strace, on the real binary.</summary>
     [Fact]

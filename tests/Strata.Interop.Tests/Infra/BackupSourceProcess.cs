@@ -81,6 +81,8 @@ public sealed class BackupSourceProcess : IDisposable
     /// <summary>Waits for the daemon to exit by itself (after QMP quit); false on timeout.</summary>
     public bool WaitForExit(int ms) => _process!.WaitForExit(ms);
 
+    public int Pid => _process!.Id;
+
     /// <summary>SIGKILL: nothing is flushed or closed.</summary>
     public void Kill()
     {
