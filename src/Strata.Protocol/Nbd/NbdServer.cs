@@ -22,14 +22,21 @@ public sealed class NbdServer : INbdExportRegistry, IAsyncDisposable
     private const int SendBufferBytes = 4 << 20;
 
     /// <summary>Connections served on a thread of their own at a time; more are served on the thread pool. QEMU has no
-    /// connection limit by default and no handshake timeout, so without a bound idle clients could take a thread
-    /// each.</summary>
+    /// connection limit by default, so without a bound clients could take a thread each.</summary>
     internal const int ConnectionThreads = 256;
+
+    /// <summary>
+    /// How long a client may take from connecting to the end of its option haggling (NBD_OPT_GO or EXPORT_NAME)
+    /// before it is disconnected: 10 s, as in qemu-storage-daemon since the fix for CVE-2024-7409 (Debian's 7.2.22
+    /// has it, without the later knob to change it). A client that connects and never negotiates would otherwise hold
+    /// its connection, and one of max-connections, for as long as it likes. Zero or less: no limit (tests).
+    /// </summary>
+    public TimeSpan HandshakeLimit { get; set; } = TimeSpan.FromSeconds(10);
 
     private NbdServer(int maxConnections, BlockIoThreads? ioThreads, Func<Func<PipeReader, PipeWriter, IGatheredWriter, CancellationToken, Task>, ConnectionListener> listen)
     {
         _maxConnections = maxConnections;
-        _listener = listen((reader, writer, gathered, ct) => new NbdServerSession(this, reader, writer, ioThreads, gathered).RunAsync(ct));
+        _listener = listen((reader, writer, gathered, ct) => new NbdServerSession(this, reader, writer, ioThreads, gathered) { HandshakeLimit = HandshakeLimit }.RunAsync(ct));
     }
 
     /// <param name="ioThreads">Where requests' image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>

@@ -19,6 +19,10 @@ public sealed class NbdServerSession
     /// <param name="ioThreads">Where the image calls run (default: <see cref="BlockIoThreads.Shared"/>).</param>
     /// <param name="gathered">The connection's gathered writer, when it is a socket: replies of the transmission
     /// phase go out through it (read data without a copy into the output pipe).</param>
+    /// <summary>How long the option haggling may take before the connection is dropped (see
+    /// <see cref="NbdServer.HandshakeLimit"/>); zero or less: no limit.</summary>
+    public TimeSpan HandshakeLimit { get; init; }
+
     public NbdServerSession(INbdExportRegistry registry, PipeReader input, PipeWriter output, BlockIoThreads? ioThreads = null, IGatheredWriter? gathered = null)
     {
         _gathered = gathered;
@@ -32,7 +36,12 @@ public sealed class NbdServerSession
     {
         try
         {
-            var agreement = await new NbdNegotiation(_registry, _input, _output).RunAsync(ct);
+            NbdAgreement? agreement;
+            using (var handshake = CancellationTokenSource.CreateLinkedTokenSource(ct))
+            {
+                if (HandshakeLimit > TimeSpan.Zero) handshake.CancelAfter(HandshakeLimit);
+                agreement = await new NbdNegotiation(_registry, _input, _output).RunAsync(handshake.Token);
+            }
             if (agreement is null) return;
             var export = agreement.Export;
             Interlocked.Increment(ref export.Connections);
