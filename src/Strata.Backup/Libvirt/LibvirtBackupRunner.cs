@@ -273,7 +273,7 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
     {
         try
         {
-            if (dom.BackupXml() is not null) dom.AbortJob();
+            if (dom.BackupXml() is not null) dom.EndBackupJob(TimeSpan.FromSeconds(30));
         }
         catch (LibvirtException) { }
     }
@@ -295,7 +295,9 @@ public sealed class LibvirtBackupRunner(Repository repo, LibvirtRunOptions optio
                 throw new BackupException($"domain '{options.Domain}' already runs a backup job (NBD at {socket ?? "TCP"})",
                     "wait for it, or end it with: virsh domjobabort " + options.Domain, BackupExitCodes.Source);
             progress.Message($"ending the backup job left running by an interrupted run (NBD at {socket})");
-            dom.AbortJob();
+            if (!dom.EndBackupJob(TimeSpan.FromSeconds(30)))
+                throw new BackupException($"domain '{options.Domain}' still runs the backup job left by an interrupted run, 30 s after it was ended",
+                    "end it with: virsh domjobabort " + options.Domain, BackupExitCodes.Source);
         }
         DropStaleCheckpoints(dom, allDisks, metadataOnly: false);
     }

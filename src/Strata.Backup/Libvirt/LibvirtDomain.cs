@@ -192,6 +192,24 @@ public sealed class LibvirtDomain : IDisposable
         if (virDomainAbortJob(Handle) < 0) throw LibvirtException.Last($"cannot end the job of '{Name}'");
     }
 
+    /// <summary>
+    /// Ends the domain's backup job and waits until libvirt no longer reports one: virDomainAbortJob returns once QEMU
+    /// was asked to cancel, and libvirt ends the backup job only when QEMU's block jobs report their end. A run that
+    /// exits right after the abort would otherwise leave `virsh domjobinfo` showing the job for a moment, and the next
+    /// run could find it still there. False if it is still reported after <paramref name="patience"/>.
+    /// </summary>
+    public bool EndBackupJob(TimeSpan patience)
+    {
+        AbortJob();
+        var deadline = DateTime.UtcNow + patience;
+        while (BackupXml() is not null)
+        {
+            if (DateTime.UtcNow > deadline) return false;
+            Thread.Sleep(20);
+        }
+        return true;
+    }
+
     public void Dispose()
     {
         if (_dom != 0) virDomainFree(_dom);
