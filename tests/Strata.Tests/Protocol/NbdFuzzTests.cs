@@ -1,10 +1,7 @@
 using System.Buffers.Binary;
 using System.Net.Sockets;
-using Strata.Block;
-using Strata.Block.Qcow2;
 using Strata.Formats.Nbd;
 using Strata.Protocol.Nbd;
-using Strata.Tests.Block;
 
 namespace Strata.Tests.Protocol;
 
@@ -17,14 +14,7 @@ public class NbdFuzzTests
     [Fact]
     public async Task MutatedHandshakesAndRequestsNeverHurtTheServer()
     {
-        using var dir = new TempDir();
-        string image = dir["f.qcow2"];
-        Qcow2Image.Create(image, new Qcow2CreateOptions { Size = 4 << 20 }).Dispose();
-        using var img = ImageOpener.Open(image, readOnly: false);
-        img.Write(0, Enumerable.Repeat((byte)0x42, 65536).ToArray());
-        await using var server = NbdServer.ListenUnix(dir["s.nbd"], maxConnections: 0);
-        server.AddExport(new NbdExport("e", "e", "fuzz", img, writable: true, [], allocationDepth: true));
-        server.Start();
+        await using var served = new ServedQcow2("fuzz", writable: true, allocationDepth: true);
 
         // A valid conversation to mutate: handshake, structured replies, meta contexts, GO, then requests.
         var valid = new List<byte>();
@@ -63,7 +53,7 @@ public class NbdFuzzTests
             for (int m = 0; m < mutations; m++) bytes[rng.Next(bytes.Length)] = (byte)rng.Next(256);
             if (rng.Next(4) == 0) bytes = bytes[..rng.Next(bytes.Length)];
             using var socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-            await socket.ConnectAsync(new UnixDomainSocketEndPoint(dir["s.nbd"]));
+            await socket.ConnectAsync(new UnixDomainSocketEndPoint(served.Socket));
             await using var stream = new NetworkStream(socket);
             await stream.ReadExactlyAsync(new byte[18]);
             try
@@ -92,7 +82,7 @@ public class NbdFuzzTests
                     var s = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
                     try
                     {
-                        await s.ConnectAsync(new UnixDomainSocketEndPoint(dir["s.nbd"]));
+                        await s.ConnectAsync(new UnixDomainSocketEndPoint(served.Socket));
                         return s;
                     }
                     catch
@@ -113,10 +103,10 @@ public class NbdFuzzTests
         // Still serving, and the data is what the clients wrote or what was there.
         // The last batch's connections may still fill the backlog (closed but not yet accepted, each waiting for its
         // connection thread): this client waits for its turn like the others.
-        await using var client = await WhileTheBacklogIsFull(() => NbdClient.ConnectUnixAsync(dir["s.nbd"], "e", ["base:allocation"]));
+        await using var client = await WhileTheBacklogIsFull(() => NbdClient.ConnectUnixAsync(served.Socket, "e", ["base:allocation"]));
         var buf = new byte[4096];
         await client.ReadAsync(16384, buf);
-        Assert.All(buf, b => Assert.Equal(0x42, b));
+        Assert.All(buf, b => Assert.Equal(ServedQcow2.Fill, b));
         Assert.NotEmpty(await client.BlockStatusAsync("base:allocation", 0, 1 << 20));
     }
 

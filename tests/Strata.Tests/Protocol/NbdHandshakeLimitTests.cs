@@ -1,11 +1,8 @@
 using System.Buffers.Binary;
 using System.Diagnostics;
 using System.Net.Sockets;
-using Strata.Block;
-using Strata.Block.Qcow2;
 using Strata.Formats.Nbd;
 using Strata.Protocol.Nbd;
-using Strata.Tests.Block;
 
 namespace Strata.Tests.Protocol;
 
@@ -38,28 +35,20 @@ public class NbdHandshakeLimitTests
     [Fact]
     public async Task AClientThatNeverNegotiatesOrHagglesTooLongIsDroppedAndANegotiatedOneIsNot()
     {
-        using var dir = new TempDir();
-        string image = dir["f.qcow2"];
-        Qcow2Image.Create(image, new Qcow2CreateOptions { Size = 4 << 20 }).Dispose();
-        using var img = ImageOpener.Open(image, readOnly: false);
-        img.Write(0, Enumerable.Repeat((byte)0x42, 65536).ToArray());
-        await using var server = NbdServer.ListenUnix(dir["s.nbd"], maxConnections: 0);
-        server.HandshakeLimit = Limit;
-        server.AddExport(new NbdExport("e", "e", "limit", img, writable: false, [], allocationDepth: false));
-        server.Start();
+        await using var served = new ServedQcow2("limit", writable: false, allocationDepth: false, s => s.HandshakeLimit = Limit);
 
-        await using var negotiated = await NbdClient.ConnectUnixAsync(dir["s.nbd"], "e");
+        await using var negotiated = await NbdClient.ConnectUnixAsync(served.Socket, "e");
 
         // Connects, takes the greeting, says nothing.
         using var silent = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         var silentClock = Stopwatch.StartNew();
-        await silent.ConnectAsync(new UnixDomainSocketEndPoint(dir["s.nbd"]));
+        await silent.ConnectAsync(new UnixDomainSocketEndPoint(served.Socket));
         var silentClosed = UntilClosed(silent, silentClock, TimeSpan.FromSeconds(10));
 
         // Sends its flags, then asks for the export list every 100 ms: every read is quick, the haggling is not.
         using var haggler = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
         var hagglerClock = Stopwatch.StartNew();
-        await haggler.ConnectAsync(new UnixDomainSocketEndPoint(dir["s.nbd"]));
+        await haggler.ConnectAsync(new UnixDomainSocketEndPoint(served.Socket));
         var hagglerClosed = UntilClosed(haggler, hagglerClock, TimeSpan.FromSeconds(10));
         var flags = new byte[4];
         BinaryPrimitives.WriteUInt32BigEndian(flags, 3);   // fixed newstyle, no zeroes
@@ -90,6 +79,6 @@ public class NbdHandshakeLimitTests
         // The negotiated client sat idle through all of it and still reads.
         var buf = new byte[4096];
         await negotiated.ReadAsync(0, buf);
-        Assert.All(buf, b => Assert.Equal(0x42, b));
+        Assert.All(buf, b => Assert.Equal(ServedQcow2.Fill, b));
     }
 }
