@@ -37,29 +37,48 @@ internal sealed class QsdProcess : IDisposable
             args.Add("--export");
             args.Add($"type=nbd,id=exp0,node-name={nodeName},name={nodeName},writable=on");
         }
-        var psi = new ProcessStartInfo("qemu-storage-daemon") { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        try
+        // Seen once in CI: qemu-storage-daemon 7.2 sent its greeting to a client that connected as the socket appeared,
+        // then never read the connection (one thread left blocking in accept on the listener). Reads time out, and a
+        // daemon that does not answer qmp_capabilities is started again.
+        for (int attempt = 1; ; attempt++)
         {
-            _process = Process.Start(psi)!;
+            File.Delete(qmp);
+            if (nbdSocket is not null) File.Delete(nbdSocket);
+            var psi = new ProcessStartInfo("qemu-storage-daemon") { RedirectStandardError = true, RedirectStandardOutput = true, UseShellExecute = false };
+            foreach (var a in args) psi.ArgumentList.Add(a);
+            try
+            {
+                _process = Process.Start(psi)!;
+            }
+            catch (System.ComponentModel.Win32Exception e)
+            {
+                throw new InvalidOperationException("qemu-storage-daemon is not installed (apt-get install qemu-system-common): " + e.Message);
+            }
+            Listening.WaitForProcess(_process, "qemu-storage-daemon", 10000, nbdSocket is null ? [qmp] : [qmp, nbdSocket]);
+            _socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified) { ReceiveTimeout = 30_000 };
+            if (!connect)
+            {
+                _stream = null!;
+                _reader = null!;
+                return;
+            }
+            try
+            {
+                _socket.Connect(new UnixDomainSocketEndPoint(qmp));
+                _stream = new NetworkStream(_socket);
+                _reader = new StreamReader(_stream, Encoding.UTF8);
+                _reader.ReadLine(); // greeting
+                Execute("qmp_capabilities");
+                return;
+            }
+            catch (IOException) when (attempt < 3)
+            {
+                _socket.Dispose();
+                _process.Kill();
+                _process.WaitForExit();
+                _process.Dispose();
+            }
         }
-        catch (System.ComponentModel.Win32Exception e)
-        {
-            throw new InvalidOperationException("qemu-storage-daemon is not installed (apt-get install qemu-system-common): " + e.Message);
-        }
-        Listening.WaitForProcess(_process, "qemu-storage-daemon", 10000, nbdSocket is null ? [qmp] : [qmp, nbdSocket]);
-        _socket = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        if (!connect)
-        {
-            _stream = null!;
-            _reader = null!;
-            return;
-        }
-        _socket.Connect(new UnixDomainSocketEndPoint(qmp));
-        _stream = new NetworkStream(_socket);
-        _reader = new StreamReader(_stream, Encoding.UTF8);
-        _reader.ReadLine(); // greeting
-        Execute("qmp_capabilities");
     }
 
     /// <summary>Runs a command; returns "return" or throws with the error description.</summary>
