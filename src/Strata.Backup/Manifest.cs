@@ -1,3 +1,5 @@
+using System.Buffers;
+using System.Collections;
 using System.Text.Json;
 using System.Text.Json.Serialization;
 
@@ -52,8 +54,130 @@ public sealed record BackupManifest
 
     public byte[] Serialize() => JsonSerializer.SerializeToUtf8Bytes(this, BackupJson.Default.BackupManifest);
 
+    /// <summary>A manifest read whole: every member parsed and checked now.</summary>
     public static BackupManifest Parse(ReadOnlySpan<byte> json) =>
         JsonSerializer.Deserialize(json, BackupJson.Default.BackupManifest) ?? throw new JsonException("empty manifest");
+
+    /// <summary>
+    /// A manifest whose extent list stays JSON until something reads it (<see cref="DeferredExtents"/>). The extents
+    /// are nearly all of a manifest (a SHA-256 per stored piece: half a megabyte for an incremental of a few hundred
+    /// MiB), and every run and listing reads every manifest of a disk but only verify reads extents: parsed whole, a
+    /// few weeks of daily points cost a backup run more than its own hashing. The other members are parsed and
+    /// checked now; the extents' JSON is only delimited (its brackets matched outside strings), and a fault in it is
+    /// reported when they are read. Anything unexpected falls back to <see cref="Parse(ReadOnlySpan{byte})"/>.
+    /// </summary>
+    /// <param name="json">The file's bytes, kept (not copied) for the extents.</param>
+    public static BackupManifest ParseDeferringExtents(byte[] json)
+    {
+        if (FindExtentsArray(json) is not var (start, end)) return Parse(json);
+        // The manifest without its extents: the members before and after the array, with an empty array between.
+        var header = new byte[start + 2 + json.Length - end];
+        json.AsSpan(0, start).CopyTo(header);
+        "[]"u8.CopyTo(header.AsSpan(start));
+        json.AsSpan(end).CopyTo(header.AsSpan(start + 2));
+        BackupManifest m;
+        try
+        {
+            m = Parse(header);
+        }
+        catch (JsonException)
+        {
+            return Parse(json);   // the whole file's own error, with its own positions
+        }
+        return m with { Extents = new DeferredExtents(json, start, end - start, m) };
+    }
+
+    private static readonly SearchValues<byte> Structural = SearchValues.Create("\"[]"u8);
+    private static readonly SearchValues<byte> StringEnd = SearchValues.Create("\"\\"u8);
+
+    /// <summary>Where the top-level "extents" array is: from its '[' to just after its ']'; null when the manifest is
+    /// not shaped so (then it is parsed whole).</summary>
+    internal static (int Start, int End)? FindExtentsArray(ReadOnlySpan<byte> json)
+    {
+        var reader = new Utf8JsonReader(json, new JsonReaderOptions { CommentHandling = JsonCommentHandling.Disallow });
+        try
+        {
+            if (!reader.Read() || reader.TokenType != JsonTokenType.StartObject) return null;
+            while (reader.Read() && reader.TokenType == JsonTokenType.PropertyName)
+            {
+                bool extents = reader.ValueTextEquals("extents"u8);
+                if (!reader.Read()) return null;
+                if (!extents)
+                {
+                    reader.Skip();   // a small value (the digests reference is the only object)
+                    continue;
+                }
+                if (reader.TokenType != JsonTokenType.StartArray) return null;
+                int start = (int)reader.TokenStartIndex;
+                int end = MatchingBracket(json, start);
+                return end < 0 ? null : (start, end);
+            }
+        }
+        catch (JsonException)
+        {
+        }
+        return null;
+    }
+
+    /// <summary>Just past the ']' closing the '[' at <paramref name="open"/>, counting brackets outside strings; -1 when
+    /// the input ends first.</summary>
+    internal static int MatchingBracket(ReadOnlySpan<byte> json, int open)
+    {
+        int depth = 0;
+        for (int i = open; i < json.Length;)
+        {
+            int k = json[i..].IndexOfAny(Structural);
+            if (k < 0) return -1;
+            i += k;
+            switch (json[i++])
+            {
+                case (byte)'[': depth++; break;
+                case (byte)']': if (--depth == 0) return i; break;
+                default:
+                    // A string: to its closing quote, stepping over escapes.
+                    while (true)
+                    {
+                        int s = json[i..].IndexOfAny(StringEnd);
+                        if (s < 0) return -1;
+                        i += s;
+                        if (json[i] == (byte)'\\') { i += 2; continue; }
+                        i++;
+                        break;
+                    }
+                    break;
+            }
+        }
+        return -1;
+    }
+}
+
+/// <summary>
+/// A manifest's extent list kept as the JSON it was read from, parsed on first use (by verify; nothing else reads
+/// extents). A fault in the JSON surfaces then, as an <see cref="UnreadableExtentsException"/>.
+/// </summary>
+internal sealed class DeferredExtents(byte[] json, int start, int length, BackupManifest owner) : IReadOnlyList<ExtentDigest>
+{
+    private IReadOnlyList<ExtentDigest>? _parsed;
+
+    private IReadOnlyList<ExtentDigest> Parsed => _parsed ??= ParseNow();
+
+    private IReadOnlyList<ExtentDigest> ParseNow()
+    {
+        try
+        {
+            return JsonSerializer.Deserialize(json.AsSpan(start, length), BackupJson.Default.IReadOnlyListExtentDigest)
+                ?? throw new JsonException("the extent list is null");
+        }
+        catch (JsonException e)
+        {
+            throw new UnreadableExtentsException(owner, e.Message);
+        }
+    }
+
+    public ExtentDigest this[int index] => Parsed[index];
+    public int Count => Parsed.Count;
+    public IEnumerator<ExtentDigest> GetEnumerator() => Parsed.GetEnumerator();
+    IEnumerator IEnumerable.GetEnumerator() => GetEnumerator();
 }
 
 /// <summary>The repository's marker file, <c>strata-repository.json</c>: its format and its tag (the one member a
@@ -77,3 +201,10 @@ public sealed record RepositoryConfig
 [JsonSerializable(typeof(BackupManifest[]))]
 [JsonSerializable(typeof(RepositoryConfig))]
 public sealed partial class BackupJson : JsonSerializerContext;
+
+/// <summary>A manifest's extent list, read only when needed (<see cref="DeferredExtents"/>), turned out damaged.</summary>
+public sealed class UnreadableExtentsException(BackupManifest owner, string detail)
+    : BackupException($"the manifest of {owner.Disk}@{owner.Id} has an unreadable extent list: {detail}", "run `strata backup verify` to see what else is damaged")
+{
+    public string Detail => detail;
+}

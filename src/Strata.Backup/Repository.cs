@@ -131,7 +131,7 @@ public sealed class Repository
         {
             try
             {
-                list.Add(BackupManifest.Parse(File.ReadAllBytes(file)));
+                list.Add(BackupManifest.ParseDeferringExtents(File.ReadAllBytes(file)));
             }
             catch (JsonException e)
             {

@@ -72,6 +72,88 @@ public class RepositoryTests : IDisposable
     }
 
     [Fact]
+    public void AManifestReadWithItsExtentsDeferredIsTheManifestReadWhole()
+    {
+        var full = Point("p0", null, 0, (0, 0x11), (65536, 0), (1 << 20, 0x12));
+        var inc = Point("p1", full, 1, (65536, 0x13), (3 << 20, 0));
+        // A note with every character the bracket matching must step over: quotes, escapes, brackets.
+        var noted = inc with { Id = "p2", Time = T0.AddHours(2), Note = "full because \"a]b[\" \\] [[ \u00e9" };
+        _repo.WriteManifest(noted);
+        foreach (string id in new[] { "p0", "p1", "p2" })
+        {
+            byte[] written = File.ReadAllBytes(Path.Combine(_repo.DiskDir("vda"), id + ".json"));
+            var whole = BackupManifest.Parse(written);
+            var deferred = BackupManifest.ParseDeferringExtents(written);
+            Assert.IsType<DeferredExtents>(deferred.Extents);
+            Assert.Equal(whole with { Extents = deferred.Extents }, deferred);
+            Assert.Equal(whole.Extents, deferred.Extents);
+            Assert.Equal(written, deferred.Serialize());
+        }
+        Assert.Equal(noted.Note, _repo.Points("vda")[2].Note);
+        Assert.All(_repo.Points("vda"), p => Assert.IsType<DeferredExtents>(p.Extents));
+        Assert.Empty(Verifier.Verify(_repo));
+    }
+
+    [Fact]
+    public void AManifestWithItsMembersInAnotherOrderIsReadTheSame()
+    {
+        var full = Point("p0", null, 0, (0, 0x11), (2 << 20, 0x12));
+        var node = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllBytes(Path.Combine(_repo.DiskDir("vda"), "p0.json")))!.AsObject();
+        // The extents first, then a member after them that the header must still get.
+        var extents = node["extents"]!.DeepClone();
+        node.Remove("extents");
+        string note = "after ] the extents";
+        var reordered = new System.Text.Json.Nodes.JsonObject { ["extents"] = extents };
+        foreach (var (k, v) in node) reordered[k] = v?.DeepClone();
+        reordered["note"] = note;
+        byte[] json = System.Text.Encoding.UTF8.GetBytes(reordered.ToJsonString());
+        var deferred = BackupManifest.ParseDeferringExtents(json);
+        Assert.IsType<DeferredExtents>(deferred.Extents);
+        Assert.Equal(full with { Note = note, Extents = deferred.Extents }, deferred);
+        Assert.Equal(full.Extents, deferred.Extents);
+    }
+
+    [Fact]
+    public void AManifestWithADamagedExtentListIsStillListedAndVerifyNamesTheDamage()
+    {
+        var full = Point("p0", null, 0, (0, 0x11));
+        var inc = Point("p1", full, 1, (65536, 0x13));
+        string path = Path.Combine(_repo.DiskDir("vda"), "p1.json");
+        string text = File.ReadAllText(path);
+        Assert.Contains("\"kind\": \"data\"", text);
+        // Still balanced brackets, no longer JSON inside them.
+        File.WriteAllText(path, text.Replace("\"kind\": \"data\"", "\"kind\": data"));
+        var points = _repo.Points("vda");
+        Assert.Equal(["p0", "p1"], points.Select(p => p.Id));
+        Assert.Equal(inc.Bitmap, points[1].Bitmap);
+        var e = Assert.Throws<UnreadableExtentsException>(() => points[1].Extents.Count);
+        Assert.Contains("vda@p1", e.Message);
+        var problem = Assert.Single(Verifier.Verify(_repo));
+        Assert.Equal("p1", problem.Id);
+        Assert.StartsWith("its manifest's extent list is unreadable: ", problem.What);
+    }
+
+    [Fact]
+    public void AManifestCutShortIsUnreadableAsBefore()
+    {
+        Point("p0", null, 0, (0, 0x11));
+        string path = Path.Combine(_repo.DiskDir("vda"), "p0.json");
+        byte[] written = File.ReadAllBytes(path);
+        File.WriteAllBytes(path, written[..(written.Length / 2)]);
+        var e = Assert.Throws<BackupException>(() => _repo.Points("vda"));
+        Assert.Contains("is unreadable", e.Message);
+    }
+
+    [Theory]
+    [InlineData("[]", 0, 2)]
+    [InlineData("x [1, [2], 3] y", 2, 13)]
+    [InlineData("[\"]\", \"[\", \"\\\"]\\\\\"]", 0, 19)]
+    [InlineData("[\"unterminated]", 0, -1)]
+    [InlineData("[[1]", 0, -1)]
+    public void ABracketIsMatchedOutsideStringsOnly(string json, int open, int end) =>
+        Assert.Equal(end, BackupManifest.MatchingBracket(System.Text.Encoding.UTF8.GetBytes(json), open));
+
+    [Fact]
     public void PointsAreFoundByIdTimeOrLatest()
     {
         var a = Point("a", null, 0, (0, 1));
