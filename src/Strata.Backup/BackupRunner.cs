@@ -52,10 +52,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         /// is gone), not read from a bitmap.</summary>
         public bool Differential;
         /// <summary>The last point's granule digests (an incremental carries them over, a differential compares the disk
-        /// with them); null when it has none (a point from before they were recorded) or they are damaged.</summary>
-        public GranuleDigests? HeadDigests;
-        /// <summary>Why the last point's digests cannot be used, when it has none or they are damaged.</summary>
-        public string? HeadDigestsProblem;
+        /// with them); null when it has none (a point from before they were recorded) or they are damaged, with why in
+        /// the problem. Read while the source works: a differential's plan waits for them, an incremental's commit.</summary>
+        public Task<(GranuleDigests? Digests, string? Problem)> HeadDigests = NoDigests;
         /// <summary>The disk's digests as a differential read them (the new point's, with no need to build them).</summary>
         public GranuleDigests? DiskDigests;
         public string? Note;
@@ -91,12 +90,16 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         if (options.Level is not ("auto" or "full" or "inc")) throw new BackupException($"unknown level '{options.Level}'", "use full, inc or auto", BackupExitCodes.Usage);
         if (options.Mode is not ("push" or "pull")) throw new BackupException($"unknown mode '{options.Mode}'", "use push or pull", BackupExitCodes.Usage);
         using var held = repo.Lock();
-        // What the repository knows (the manifests, the last points' digests, the hash library that checks them) is
-        // read on another core while the source answers the connection and the recovery queries.
+        // What the repository knows (the manifests) is read on another core while the source answers the connection and
+        // the recovery queries. The last points' digests (whose SHA-256 check loads OpenSSL) are not needed to start
+        // the backup: they are read on a thread of their own while the source works, and waited for by a
+        // differential's plan or by the commit.
         var local = Task.Run(() => options.Disks.ToDictionary(d => d, d =>
         {
             var head = repo.Points(d).LastOrDefault();
-            return (Head: head, Digests: options.Level == "full" ? (null, null) : PointCommit.HeadDigests(repo, head));
+            var digests = options.Level == "full" || head is null ? NoDigests
+                : Task.Factory.StartNew(() => PointCommit.HeadDigests(repo, head), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+            return (Head: head, Digests: digests);
         }));
         QmpSource source;
         try
@@ -105,12 +108,30 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         }
         catch
         {
-            try { await local; } catch (Exception) { }   // no repository work left running behind the connection's error
+            // No repository work left running behind the connection's error.
+            try { foreach (var (_, digests) in (await local).Values) await digests; } catch (Exception) { }
             throw;
         }
         await using var connected = source;
         var state = SourceBitmaps.Query(source);
         var heads = await local;
+        try
+        {
+            return await RunAsync(source, state, heads);
+        }
+        finally
+        {
+            // None still reading when the lock goes. A failure of theirs was the commit's to report, if it got there.
+            foreach (var (_, digests) in heads.Values)
+                try { await digests; } catch (Exception) { }
+        }
+    }
+
+    private static readonly Task<(GranuleDigests?, string?)> NoDigests = Task.FromResult<(GranuleDigests?, string?)>((null, null));
+
+    private async Task<IReadOnlyList<BackupManifest>> RunAsync(QmpSource source, SourceBitmaps.SourceState state,
+        Dictionary<string, (BackupManifest? Head, Task<(GranuleDigests? Digests, string? Problem)> Digests)> heads)
+    {
         var nodes = await SourceBitmaps.RecoverAsync(source, state, heads.ToDictionary(h => h.Key, h => h.Value.Head?.Bitmap), repo.BitmapPrefix, progress);
         foreach (var leftover in repo.CleanLeftovers()) progress.Message($"removed {leftover}, left by an interrupted run");
 
@@ -158,9 +179,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     /// <param name="nodes">The source's nodes as recovery found them, when it changed nothing; null asks the source.</param>
     /// <param name="head">The disk's last point.</param>
-    /// <param name="knownHeadDigests">Its digests as read before the plan, unless the run takes a full anyway.</param>
+    /// <param name="headDigests">Its digests as they are being read, unless the run takes a full anyway.</param>
     private async Task<DiskPlan> PlanAsync(QmpSource source, string disk, string id, IReadOnlyList<SourceNode>? nodes,
-        BackupManifest? head, (GranuleDigests? Digests, string? Problem) knownHeadDigests)
+        BackupManifest? head, Task<(GranuleDigests? Digests, string? Problem)> headDigests)
     {
         var node = nodes?.FirstOrDefault(n => n.Name == disk) ?? await source.NodeAsync(disk);
         if (node.VirtualSize <= 0) throw new BackupException($"node '{disk}' has no size", "name a format node (qcow2, raw), not a protocol node", BackupExitCodes.Usage);
@@ -175,7 +196,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             throw new BackupException($"{disk}: cannot take an incremental: {why}", "run with --level full (or auto) to start a new chain", BackupExitCodes.Failed);
         string dir = repo.DiskDir(disk);
         Directory.CreateDirectory(dir);
-        var (headDigests, digestsProblem) = inc ? knownHeadDigests : (null, null);
+        if (!inc) headDigests = NoDigests;
+        bool differential = inc && bitmapLost is not null;
+        var (digestsNow, digestsProblem) = differential ? await headDigests : (null, null);
         return new DiskPlan
         {
             Disk = disk,
@@ -183,11 +206,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Head = inc ? head : null,
             Incremental = inc,
             // Without its bitmap the last point is still there to compare with: only what differs is copied.
-            Differential = inc && bitmapLost is not null,
+            Differential = differential,
             HeadDigests = headDigests,
-            HeadDigestsProblem = digestsProblem,
-            Note = bitmapLost is not null && inc
-                ? "differential by comparison because " + bitmapLost + (headDigests is null ? $"; {digestsProblem}, so it was read back to compare" : "")
+            Note = differential
+                ? "differential by comparison because " + bitmapLost + (digestsNow is null ? $"; {digestsProblem}, so it was read back to compare" : "")
                 : options.Level == "auto" && !inc && head is not null ? "full because " + why : null,
             NewBitmap = repo.BitmapPrefix + id,
             FinalName = id + ".qcow2",
@@ -287,7 +309,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     {
         CreateTarget(p, p.PartialPath, withBacking: true);
         // A differential against digests writes whole clusters only: the last point (the backing file) stays closed.
-        bool byDigests = p.Differential && p.HeadDigests is not null;
+        var (headDigests, _) = await p.HeadDigests;   // read before the plan for a differential
+        bool byDigests = p.Differential && headDigests is not null;
         using var target = ImageOpener.Open(p.PartialPath, "qcow2", readOnly: false, openBacking: !byDigests);
         // The partial file is thrown away if anything fails, so none of its writes need to reach the disk before the
         // commit fsyncs the finished file.
@@ -301,7 +324,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         if (byDigests)
         {
             using var frozen = OpenExport(nbd, FrozenSource.ExportName(p.Disk));
-            (p.Copied, p.DiskDigests) = await Task.Run(() => new DifferentialCopier(frozen).CopyDifferences(target, p.HeadDigests!, Progress));
+            (p.Copied, p.DiskDigests) = await Task.Run(() => new DifferentialCopier(frozen).CopyDifferences(target, headDigests!, Progress));
         }
         else if (p.Differential)
         {
@@ -337,10 +360,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     // ------------------------------------------------------------------ commit and recovery
 
-    private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time) =>
-        PointCommit.Commit(repo, progress,
+    private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time)
+    {
+        var (headDigests, headDigestsProblem) = p.HeadDigests.GetAwaiter().GetResult();
+        return PointCommit.Commit(repo, progress,
             new PointFacts(id, p.Disk, time, p.Incremental, p.Head?.Id, p.FinalName, _mode,
                 options.Socket.Contains('/') || File.Exists(options.Socket) ? Path.GetFullPath(options.Socket) : options.Socket,
                 p.Disk, p.NewBitmap, p.Node.VirtualSize, p.Note),
-            p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), p.HeadDigests, p.HeadDigestsProblem, p.DiskDigests, p.Held);
+            p.PartialPath, Path.Combine(repo.DiskDir(p.Disk), p.FinalName), headDigests, headDigestsProblem, p.DiskDigests, p.Held);
+    }
 }
