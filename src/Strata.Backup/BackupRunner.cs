@@ -251,7 +251,15 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             JsonNode file = new JsonObject { ["driver"] = "file", ["filename"] = p.PartialPath, ["cache"] = cache.DeepClone() };
             if (options.InjectTargetErrno is { } errno)
                 file = new JsonObject { ["driver"] = "blkdebug", ["image"] = file, ["inject-error"] = new JsonArray(new JsonObject { ["event"] = "write_aio", ["errno"] = errno }) };
-            await source.ExecuteAsync("blockdev-add", new JsonObject { ["driver"] = "qcow2", ["node-name"] = p.TargetNode, ["cache"] = cache, ["file"] = file });
+            // backing: null. The job writes whole clusters (QEMU's copy size is at least the target's cluster size, and a
+            // target without a backing is what it sizes for) and zeroes as zero clusters, so it never reads the target's
+            // backing file; opened, the whole chain would be: every point of the chain, each a qcow2 to open and lock,
+            // 7 ms of blockdev-add for a chain of 30 against 1 ms for the file alone. The header still names the
+            // last point, which is how everything else reads the chain.
+            await source.ExecuteAsync("blockdev-add", new JsonObject
+            {
+                ["driver"] = "qcow2", ["node-name"] = p.TargetNode, ["cache"] = cache, ["file"] = file, ["backing"] = null,
+            });
             actions.Add(SourceBitmaps.AddAction(p.Disk, p.NewBitmap, p.Node));
             var backup = new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode };
             if (p.Incremental)
