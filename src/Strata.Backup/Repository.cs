@@ -163,13 +163,15 @@ public sealed class Repository
     /// <summary>A point by id, or the newest at or before a time (ISO 8601, or "latest").</summary>
     public BackupManifest Find(string disk, string at) => PointSelection.Find(Points(disk), disk, at, p => p.Id, p => p.Time, Disks);
 
-    /// <summary>A fresh run id from the time: sortable, unique within the repository.</summary>
+    /// <summary>A fresh run id from the time: sortable, unique within the repository. An id is taken when any disk has a
+    /// manifest or a backup file of that name (looked up by name: the other disks' manifests are not read for it).</summary>
     public string NewId(DateTimeOffset now)
     {
         string baseId = now.UtcDateTime.ToString("yyyyMMdd'T'HHmmss'Z'", CultureInfo.InvariantCulture);
-        var taken = AllPoints().Select(p => p.Id).ToHashSet();
+        var disks = Disks();
+        bool Taken(string id) => disks.Any(d => File.Exists(Path.Combine(DiskDir(d), id + ".json")) || File.Exists(Path.Combine(DiskDir(d), id + ".qcow2")));
         string id = baseId;
-        for (int n = 2; taken.Contains(id); n++) id = $"{baseId}-{n}";
+        for (int n = 2; Taken(id); n++) id = $"{baseId}-{n}";
         return id;
     }
 

@@ -173,8 +173,13 @@ public class RepositoryTests : IDisposable
         var now = new DateTimeOffset(2026, 11, 27, 7, 0, 0, TimeSpan.Zero);
         string first = _repo.NewId(now);
         Assert.Equal("20261127T070000Z", first);
-        Point(first, null, 0, (0, 1));
+        var point = Point(first, null, 0, (0, 1));
         Assert.Equal("20261127T070000Z-2", _repo.NewId(now));
+        // Taken on another disk (its manifest), or by a backup file without a manifest on a third.
+        _repo.WriteManifest(point with { Id = "20261127T070000Z-2", Disk = "vdb" });
+        Directory.CreateDirectory(_repo.DiskDir("vdc"));
+        File.WriteAllBytes(Path.Combine(_repo.DiskDir("vdc"), "20261127T070000Z-3.qcow2"), []);
+        Assert.Equal("20261127T070000Z-4", _repo.NewId(now));
     }
 
     [Fact]
