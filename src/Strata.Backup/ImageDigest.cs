@@ -1,6 +1,8 @@
 using System.Buffers;
 using System.Security.Cryptography;
+using Microsoft.Win32.SafeHandles;
 using Strata.Block;
+using Strata.Block.Qcow2;
 using Strata.Formats.Backup;
 
 namespace Strata.Backup;
@@ -15,8 +17,9 @@ public static class ImageDigest
     public const int PieceSize = 4 << 20;
 
     /// <summary>The layer's extents; <paramref name="granules"/>, when given, is fed every range in the same pass (the
-    /// data read once for both).</summary>
-    public static List<ExtentDigest> TopLayer(BlockImage image, GranuleDigestBuilder? granules = null)
+    /// data read once for both). <paramref name="knownSha256"/> gives the SHA-256 of a one-cluster data piece by its
+    /// host offset when it is already known (<see cref="Describe"/>: from its block of the file), so it is not read.</summary>
+    public static List<ExtentDigest> TopLayer(BlockImage image, GranuleDigestBuilder? granules = null, IReadOnlyDictionary<long, byte[]>? knownSha256 = null)
     {
         var result = new List<ExtentDigest>();
         var buffer = ArrayPool<byte>.Shared.Rent(PieceSize);
@@ -28,6 +31,11 @@ public static class ImageDigest
                 long len = Math.Min(ext.Length, image.Size - pos);
                 switch (ext.State)
                 {
+                    case LayerState.Data when knownSha256 is not null && IsBlockOfTheFile(ext, len) && knownSha256.TryGetValue(ext.HostOffset, out var known)
+                                              && (granules is null || granules.IsWholeGranule(pos, len)):
+                        granules?.WholeGranule(pos, len, known);
+                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(known)));
+                        break;
                     case LayerState.Data:
                         var span = buffer.AsSpan(0, (int)len);
                         image.Read(pos, span);
@@ -78,6 +86,99 @@ public static class ImageDigest
         return result;
     }
 
+    /// <summary>A data piece that is exactly one 64 KiB block of the file: one whole cluster, stored uncompressed at a
+    /// block boundary. (The caller has checked that the image keeps its data in the file as it is, <see cref="StoresDataAsIs"/>.)</summary>
+    private static bool IsBlockOfTheFile(LayerExtent ext, long len) =>
+        len == BlockSize && ext.HostOffset >= 0 && ext.HostOffset % BlockSize == 0 && !ext.Compressed && !ext.ZeroOverData;
+
+    /// <summary>Whether a guest cluster's bytes are the bytes of its host cluster in the image's own file: a qcow2 of
+    /// 64 KiB clusters, unencrypted, with no external data file (every point the tool writes).</summary>
+    private static bool StoresDataAsIs(BlockImage image) =>
+        image is Qcow2Image { ClusterSize: BlockSize, EncryptionFormat: null, HasExternalDataFile: false };
+
+    /// <summary>The block size of <see cref="FileBlockDigest"/>: a point's cluster size, so that a cluster of data is a block.</summary>
+    public const int BlockSize = 65536;
+
+    /// <summary>Blocks hashed per read (1 MiB).</summary>
+    private const int BlocksPerRun = 16;
+
+    /// <summary>
+    /// The file's digest in manifest format 2: the SHA-256 of the concatenated SHA-256s of its 64 KiB blocks, the
+    /// last one shorter (an empty file: the SHA-256 of nothing). The blocks are hashed on every core, a megabyte at a
+    /// time, in windows whose hashes are then fed in order; the SHA-256s of the blocks at <paramref name="wanted"/>
+    /// (file offsets) are kept and returned.
+    /// </summary>
+    public static (string Digest, Dictionary<long, byte[]> Kept) FileBlockDigest(SafeFileHandle file, IReadOnlySet<long>? wanted = null)
+    {
+        long length = RandomAccess.GetLength(file);
+        long blocks = (length + BlockSize - 1) / BlockSize;
+        var kept = new Dictionary<long, byte[]>();
+        using var outer = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        int workers = Math.Clamp(Environment.ProcessorCount, 1, 8);
+        // A window of 64 MiB of blocks at a time: their hashes (32 bytes a block) wait for the window to be done.
+        const long WindowBlocks = 1024;
+        var hashes = new byte[(int)Math.Min(blocks, WindowBlocks) * SHA256.HashSizeInBytes];
+        for (long first = 0; first < blocks; first += WindowBlocks)
+        {
+            long count = Math.Min(WindowBlocks, blocks - first);
+            long runs = (count + BlocksPerRun - 1) / BlocksPerRun;
+            long next = -1;
+            void Work()
+            {
+                var buffer = ArrayPool<byte>.Shared.Rent(BlocksPerRun * BlockSize);
+                try
+                {
+                    for (long r; (r = Interlocked.Increment(ref next)) < runs;)
+                    {
+                        long block = first + r * BlocksPerRun;
+                        long pos = block * BlockSize;
+                        int want = (int)Math.Min((long)BlocksPerRun * BlockSize, length - pos);
+                        var data = buffer.AsSpan(0, want);
+                        for (int done = 0; done < want;)
+                        {
+                            int n = RandomAccess.Read(file, data[done..], pos + done);
+                            if (n == 0) throw new IOException($"the file ended at {pos + done} bytes while being hashed ({length} expected): it changed under the hash");
+                            done += n;
+                        }
+                        for (int i = 0; i * BlockSize < want; i++)
+                            SHA256.HashData(data.Slice(i * BlockSize, Math.Min(BlockSize, want - i * BlockSize)),
+                                hashes.AsSpan((int)((block - first + i) * SHA256.HashSizeInBytes), SHA256.HashSizeInBytes));
+                    }
+                }
+                finally
+                {
+                    ArrayPool<byte>.Shared.Return(buffer);
+                }
+            }
+            var others = new Task[Math.Min(workers, (int)runs) - 1];
+            for (int i = 0; i < others.Length; i++) others[i] = Task.Run(Work);
+            try
+            {
+                Work();
+            }
+            catch
+            {
+                // None still writing into the window's hashes when the method leaves.
+                try { Task.WaitAll(others); } catch (AggregateException) { }
+                throw;
+            }
+            Task.WaitAll(others);
+            var window = hashes.AsSpan(0, (int)count * SHA256.HashSizeInBytes);
+            outer.AppendData(window);
+            if (wanted is { Count: > 0 })
+                for (long b = 0; b < count; b++)
+                    if (wanted.Contains((first + b) * BlockSize))
+                        kept[(first + b) * BlockSize] = window.Slice((int)b * SHA256.HashSizeInBytes, SHA256.HashSizeInBytes).ToArray();
+        }
+        return (Convert.ToHexStringLower(outer.GetHashAndReset()), kept);
+    }
+
+    public static string FileBlockDigest(string path)
+    {
+        using var handle = File.OpenHandle(path);
+        return FileBlockDigest(handle).Digest;
+    }
+
     /// <summary>The read size of <see cref="FileSha256"/>: as fast as larger reads from the page cache, and a fresh
     /// buffer's first touch (a page fault per page, dear in a VM) is paid on a quarter of a piece, not on four MiB.</summary>
     private const int FileReadSize = 1 << 20;
@@ -98,15 +199,6 @@ public static class ImageDigest
             ArrayPool<byte>.Shared.Return(buffer);
         }
         return Convert.ToHexStringLower(hash.GetHashAndReset());
-    }
-
-    /// <summary>The file's extents and its whole-file hash, computed side by side (two reads, two cores).</summary>
-    public static (List<ExtentDigest> Extents, string FileSha256) Both(string path, GranuleDigestBuilder? granules = null)
-    {
-        var whole = Task.Run(() => FileSha256(path));
-        List<ExtentDigest> extents;
-        using (var image = ImageOpener.OpenSingle(path, "qcow2", readOnly: true)) extents = TopLayer(image, granules);
-        return (extents, whole.GetAwaiter().GetResult());
     }
 
     /// <summary>The builder's digests; granules it could not finish from the file's own layer are read through the
@@ -154,17 +246,37 @@ public static class ImageDigest
 
     public static long DataBytes(IEnumerable<ExtentDigest> extents) => extents.Where(e => e.Kind == ExtentDigest.Data).Sum(e => e.Length);
 
-    /// <summary>The manifest with the facts of its file as it is now: extents, bytes copied, size and hash;
-    /// <paramref name="granules"/>, when given, is fed the file's layer in the same pass.</summary>
+    /// <summary>At most this many one-cluster pieces take their SHA-256 from the file's blocks (40 bytes each held
+    /// meanwhile); the others are read and hashed on their own.</summary>
+    private const int MaxKeptBlocks = 1 << 20;
+
+    /// <summary>The manifest (format 2) with the facts of its file as it is now: extents, bytes copied, size and
+    /// digest; <paramref name="granules"/>, when given, is fed the file's layer in the same pass. The file's blocks
+    /// are hashed first, on every core; a data piece that is one block of the file (every piece of a sparse
+    /// incremental) takes its SHA-256 from there, so such a file is read and hashed once.</summary>
     public static BackupManifest Describe(BackupManifest m, string path, GranuleDigestBuilder? granules = null)
     {
-        var (extents, sha256) = Both(path, granules);
+        using var image = ImageOpener.OpenSingle(path, "qcow2", readOnly: true);
+        using var file = File.OpenHandle(path);
+        var wanted = new HashSet<long>();
+        if (StoresDataAsIs(image))
+            for (long pos = 0; pos < image.Size && wanted.Count < MaxKeptBlocks;)
+            {
+                var ext = image.GetLayerStatus(pos, Math.Min(PieceSize, image.Size - pos));
+                long len = Math.Min(ext.Length, image.Size - pos);
+                if (ext.State == LayerState.Data && IsBlockOfTheFile(ext, len)) wanted.Add(ext.HostOffset);
+                pos += len;
+            }
+        var (digest, kept) = FileBlockDigest(file, wanted);
+        var extents = TopLayer(image, granules, kept);
         return m with
         {
+            Format = 2,
             Extents = extents,
             CopiedBytes = DataBytes(extents),
-            FileSize = new FileInfo(path).Length,
-            FileSha256 = sha256,
+            FileSize = RandomAccess.GetLength(file),
+            FileSha256 = null,
+            FileDigest = digest,
         };
     }
 }

@@ -44,7 +44,12 @@ public sealed record BackupManifest
     /// <summary>Bytes of data this backup copied (zero ranges excluded).</summary>
     public required long CopiedBytes { get; init; }
     public required long FileSize { get; init; }
-    public required string FileSha256 { get; init; }
+    /// <summary>Format 1: the SHA-256 of the whole file (none in format 2).</summary>
+    public string? FileSha256 { get; init; }
+    /// <summary>Format 2: the SHA-256 of the concatenated SHA-256s of the file's 64 KiB blocks, the last one shorter
+    /// (<see cref="ImageDigest.FileBlockDigest"/>). Its blocks are hashed on every core, and a data piece that is
+    /// one cluster takes its SHA-256 from its block's: an incremental's file is hashed once, not twice.</summary>
+    public string? FileDigest { get; init; }
     /// <summary>Why a full was taken when an incremental was asked for (auto), if it was.</summary>
     public string? Note { get; init; }
     public required IReadOnlyList<ExtentDigest> Extents { get; init; }

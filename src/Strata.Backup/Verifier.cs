@@ -85,7 +85,10 @@ public static class Verifier
         }
         long size = new FileInfo(path).Length;
         if (size != p.FileSize) problems.Add($"{p.File} is {size} bytes, the manifest says {p.FileSize}");
-        var wholeFile = Task.Run(() => ImageDigest.FileSha256(path));
+        // Format 2 records the digest of the file's 64 KiB blocks, format 1 the SHA-256 of the whole file.
+        bool blocks = p.Format >= 2;
+        var wholeFile = Task.Run(() => blocks ? ImageDigest.FileBlockDigest(path) : ImageDigest.FileSha256(path));
+        string? recorded = blocks ? p.FileDigest : p.FileSha256;
         BlockImage image;
         try
         {
@@ -93,7 +96,7 @@ public static class Verifier
         }
         catch (BlockException e)
         {
-            if (wholeFile.GetAwaiter().GetResult() != p.FileSha256) problems.Add(HashMismatch(p));
+            if (wholeFile.GetAwaiter().GetResult() != recorded) problems.Add(HashMismatch(p));
             problems.Add($"{p.File} cannot be opened: {e.Message}");
             return problems;
         }
@@ -115,7 +118,7 @@ public static class Verifier
             // Every stored extent re-read against its checksum (beside the whole-file hash): this says where damage is.
             var builder = image.Size == p.VirtualSize ? digests.BuilderFor(p) : null;
             var now = ImageDigest.TopLayer(image, builder);
-            if (wholeFile.GetAwaiter().GetResult() != p.FileSha256) problems.Insert(0, HashMismatch(p));
+            if (wholeFile.GetAwaiter().GetResult() != recorded) problems.Insert(0, HashMismatch(p));
             HashSet<ExtentDigest>? expected = null;
             try
             {
@@ -163,5 +166,6 @@ public static class Verifier
         return problems;
     }
 
-    private static string HashMismatch(BackupManifest p) => $"{p.File} does not match its SHA-256 (changed or damaged since it was written)";
+    private static string HashMismatch(BackupManifest p) =>
+        $"{p.File} does not match its {(p.Format >= 2 ? "digest" : "SHA-256")} (changed or damaged since it was written)";
 }

@@ -121,19 +121,19 @@ public class BackupManagerTests : ScratchDirTest
             fs.WriteByte((byte)(b ^ 0x40));
         }
 
-        // A flipped byte in a data cluster of the first incremental: the file hash and the extent say so.
+        // A flipped byte in a data cluster of the first incremental: the file digest and the extent say so.
         var map = Tools.QemuImg("map", "--output=json", F(1)).Ok().Json().EnumerateArray()
             .First(e => e.GetProperty("data").GetBoolean() && e.GetProperty("depth").GetInt32() == 0);
         long host = map.GetProperty("offset").GetInt64() + 100;
         Flip(F(1), host);
-        Damaged($"vda@{ids[1]}: {ids[1]}.qcow2 does not match its SHA-256");
+        Damaged($"vda@{ids[1]}: {ids[1]}.qcow2 does not match its digest");
         Damaged("differs from the manifest");
         Flip(F(1), host);
         Tools.StrataCmd("backup", "verify", Repo).Ok();
 
         // A flipped byte where no metadata or data lives (the header cluster's slack) is still caught.
         Flip(F(0), 4000);
-        Damaged($"vda@{ids[0]}: {ids[0]}.qcow2 does not match its SHA-256");
+        Damaged($"vda@{ids[0]}: {ids[0]}.qcow2 does not match its digest");
         Flip(F(0), 4000);
 
         // A missing link.
