@@ -66,9 +66,13 @@ public sealed class ChunkBackupRunner(ChunkRepository repo, BackupRunOptions opt
         bool ok = false;
         try
         {
+            // Named by the process and a random tag: a run killed before its clean-up leaves its overlay in the shared
+            // scratch folder, still open in the source, and a later run that got the same process id must not take it
+            // (the source refused the write lock: seen in a test run once the machine's process ids had wrapped).
+            string run = $"{Environment.ProcessId}-{Convert.ToHexStringLower(System.Security.Cryptography.RandomNumberGenerator.GetBytes(4))}";
             var frozenDisks = plans.Select(p => new FrozenSource.Disk(p.Disk, p.Node, p.NewBitmap, p.Incremental ? p.Head!.Bitmap : null,
-                Path.Combine(ScratchDir, $"strata-fleece-{Environment.ProcessId}-{p.Disk}.qcow2"))).ToList();
-            string ownSocket = SocketPaths.ForRun(Path.Combine(ScratchDir, $"strata-nbd-{Environment.ProcessId}.sock"), "chunks");
+                Path.Combine(ScratchDir, $"strata-fleece-{run}-{p.Disk}.qcow2"))).ToList();
+            string ownSocket = SocketPaths.ForRun(Path.Combine(ScratchDir, $"strata-nbd-{run}.sock"), "chunks");
             await using (var frozen = await FrozenSource.FreezeAsync(source, frozenDisks, options.Nbd, ownSocket, "if it already runs one, pass its address with --nbd"))
                 await Task.WhenAll(plans.Select(p => CopyDiskAsync(p, session, frozen.NbdAddress, frozen.DirtyContext(p.Disk))));
             await session.FlushJournalAsync();
