@@ -571,6 +571,33 @@ public class BackupManagerTests : ScratchDirTest
         Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 
+    /// <summary>A disk of 32 KiB clusters whose first 64 KiB become a zero cluster beside a never-written one: two
+    /// zero runs inside one 64 KiB copy unit. The target (opened without its backing chain) must still get the whole
+    /// unit as zeros, or the chain would read the last point's data there. QEMU copies a zero run shorter than its
+    /// copy unit as data; so must strata daemon.</summary>
+    [Theory]
+    [InlineData("qsd")]
+    [InlineData("strata")]
+    public async Task ZeroRunsShorterThanTheCopyUnitReachTheTargetAsZeros(string kind)
+    {
+        Tools.QemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=32768", P("vda.qcow2"), "8M").Ok();
+        Tools.Run("qemu-io", "-c", "write -P 0x11 0 32k", "-c", "write -P 0x12 1M 1M", P("vda.qcow2")).Ok();
+        using var src = new BackupSourceProcess(kind, Dir, ["vda"], createImages: false);
+        Tools.StrataCmd("backup", "init", Repo).Ok();
+        string full = Run(src, Repo, "push", "--disk", "vda").Single().GetProperty("id").GetString()!;
+        await using (var nbd = await src.ConnectAsync("vda"))
+        {
+            await nbd.WriteZeroesAsync(0, 32768);
+            await nbd.FlushAsync();
+        }
+        await src.CopyAsync("vda", P("vda-1.raw"));
+        string inc = Run(src, Repo, "push", "--disk", "vda", "--level", "inc").Single().GetProperty("id").GetString()!;
+        Assert.True(File.ReadAllBytes(P("vda-1.raw")).AsSpan(0, 65536).IndexOfAnyExcept((byte)0) < 0);
+        AssertRestores("vda", inc, P("vda-1.raw"));
+        AssertEveryFileCheckedClean();
+        Assert.NotEqual(full, inc);
+    }
+
     /// <summary>A point is on disk when the run says it is: after its manifest is renamed into place, the run fsyncs
     /// the disk's folder (the rename itself) before it exits. Seen from outside with strace, on the real binary.</summary>
     [Fact]

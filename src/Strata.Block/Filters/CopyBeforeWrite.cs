@@ -244,12 +244,29 @@ internal sealed class CopyBeforeWrite
         string side = "read";
         try
         {
-            for (long pos = offset; pos < offset + length;)
+            long runEnd = offset + length;
+            for (long pos = offset; pos < runEnd;)
             {
-                var status = ChainStatus.Get(Source, pos, offset + length - pos);
-                int n = (int)status.Length;
+                var status = ChainStatus.Get(Source, pos, runEnd - pos);
+                bool zero = status.Zero;
+                long end = pos + status.Length;
+                if (end < runEnd)
+                {
+                    // Every piece ends on a copy unit (QEMU's rule): zeros are written in whole units only, and a zero run
+                    // shorter than a unit is copied as data with the rest of its unit. A target without its backing
+                    // (blockdev-add backing: null, as a backup chain's next file is added) takes a partial zeroing of an
+                    // unallocated cluster for a no-op, and the chain would then read the last point's data there.
+                    long down = end / ClusterSize * ClusterSize;
+                    if (zero && down > pos) end = down;
+                    else
+                    {
+                        zero = false;
+                        end = Math.Min((end + ClusterSize - 1) / ClusterSize * ClusterSize, runEnd);
+                    }
+                }
+                int n = (int)(end - pos);
                 using var serialised = Target.ReadSerialiser?.Exclusive(pos, n);
-                if (status.Zero)
+                if (zero)
                 {
                     side = "write";
                     Target.WriteZeroes(pos, n, mayUnmap: true);
