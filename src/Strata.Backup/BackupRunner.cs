@@ -94,13 +94,12 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         // the recovery queries. The last points' digests (whose SHA-256 check loads OpenSSL) are not needed to start
         // the backup: they are read on a thread of their own while the source works, and waited for by a
         // differential's plan or by the commit.
-        var local = Task.Run(() => options.Disks.ToDictionary(d => d, d =>
+        var local = Task.Run(() =>
         {
-            var head = repo.Points(d).LastOrDefault();
-            var digests = options.Level == "full" || head is null ? NoDigests
-                : Task.Factory.StartNew(() => PointCommit.HeadDigests(repo, head), CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
-            return (Head: head, Digests: digests);
-        }));
+            // Every head first: a disk whose manifests cannot be read fails the run before any digests are being read.
+            var heads = options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault());
+            return heads.ToDictionary(h => h.Key, h => (Head: h.Value, Digests: options.Level == "full" || h.Value is null ? NoDigests : ReadDigestsAside(h.Value)));
+        });
         QmpSource source;
         try
         {
@@ -109,7 +108,11 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         catch
         {
             // No repository work left running behind the connection's error.
-            try { foreach (var (_, digests) in (await local).Values) await digests; } catch (Exception) { }
+            Dictionary<string, (BackupManifest? Head, Task<(GranuleDigests? Digests, string? Problem)> Digests)>? read = null;
+            try { read = await local; } catch (Exception) { }
+            if (read is not null)
+                foreach (var (_, digests) in read.Values)
+                    try { await digests; } catch (Exception) { }
             throw;
         }
         await using var connected = source;
@@ -128,6 +131,22 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     }
 
     private static readonly Task<(GranuleDigests?, string?)> NoDigests = Task.FromResult<(GranuleDigests?, string?)>((null, null));
+
+    /// <summary>The last point's digests, read on a thread of their own. Whatever goes wrong reading them is a reason
+    /// for the point to have none (the next full or differential by comparison records them again), never a failure
+    /// of a run whose backup may already be done by the time it is seen.</summary>
+    private Task<(GranuleDigests?, string?)> ReadDigestsAside(BackupManifest head) =>
+        Task.Factory.StartNew(() =>
+        {
+            try
+            {
+                return PointCommit.HeadDigests(repo, head);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or System.Security.Cryptography.CryptographicException or InvalidDataException or ArgumentException)
+            {
+                return (null, $"the last point's digests could not be read: {e.Message}");
+            }
+        }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     private async Task<IReadOnlyList<BackupManifest>> RunAsync(QmpSource source, SourceBitmaps.SourceState state,
         Dictionary<string, (BackupManifest? Head, Task<(GranuleDigests? Digests, string? Problem)> Digests)> heads)
@@ -223,6 +242,9 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         {
             Size = p.Node.VirtualSize,
             ClusterSize = PointClusterSize,
+            // qcow2 v3: zeros stay zero clusters over the backing file (a v2 image without a backing file at hand, as the
+            // source opens this one, would unmap them, and the last point would show through).
+            Version = 3,
             BackingFile = withBacking && p.Incremental ? p.Head!.File : null,
             BackingFormat = withBacking && p.Incremental ? "qcow2" : null,
             // Not fsynced here: the partial file is deleted unless the run succeeds, and before it is committed the
@@ -317,7 +339,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
     {
         CreateTarget(p, p.PartialPath, withBacking: true);
         // A differential against digests writes whole clusters only: the last point (the backing file) stays closed.
-        var (headDigests, _) = await p.HeadDigests;   // read before the plan for a differential
+        // A differential's plan has waited for them already; any other pull does not need them before its commit.
+        var headDigests = p.Differential ? (await p.HeadDigests).Digests : null;
         bool byDigests = p.Differential && headDigests is not null;
         using var target = ImageOpener.Open(p.PartialPath, "qcow2", readOnly: false, openBacking: !byDigests);
         // The partial file is thrown away if anything fails, so none of its writes need to reach the disk before the
