@@ -162,7 +162,8 @@ public static class ImageDigest
                 try { Task.WaitAll(others); } catch (AggregateException) { }
                 throw;
             }
-            Task.WaitAll(others);
+            // A worker's failure as itself (an IOException), not wrapped.
+            Task.WhenAll(others).GetAwaiter().GetResult();
             var window = hashes.AsSpan(0, (int)count * SHA256.HashSizeInBytes);
             outer.AppendData(window);
             if (wanted is { Count: > 0 })
@@ -258,13 +259,15 @@ public static class ImageDigest
     {
         using var image = ImageOpener.OpenSingle(path, "qcow2", readOnly: true);
         using var file = File.OpenHandle(path);
+        long fileLength = RandomAccess.GetLength(file);
         var wanted = new HashSet<long>();
         if (StoresDataAsIs(image))
             for (long pos = 0; pos < image.Size && wanted.Count < MaxKeptBlocks;)
             {
                 var ext = image.GetLayerStatus(pos, Math.Min(PieceSize, image.Size - pos));
                 long len = Math.Min(ext.Length, image.Size - pos);
-                if (ext.State == LayerState.Data && IsBlockOfTheFile(ext, len)) wanted.Add(ext.HostOffset);
+                // A whole block only: a cluster cut short by the file's end reads as zero-padded, its block is shorter.
+                if (ext.State == LayerState.Data && IsBlockOfTheFile(ext, len) && ext.HostOffset + BlockSize <= fileLength) wanted.Add(ext.HostOffset);
                 pos += len;
             }
         var (digest, kept) = FileBlockDigest(file, wanted);
@@ -274,7 +277,7 @@ public static class ImageDigest
             Format = 2,
             Extents = extents,
             CopiedBytes = DataBytes(extents),
-            FileSize = RandomAccess.GetLength(file),
+            FileSize = fileLength,
             FileSha256 = null,
             FileDigest = digest,
         };

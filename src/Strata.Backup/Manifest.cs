@@ -145,7 +145,12 @@ public sealed record BackupManifest
                         int s = json[i..].IndexOfAny(StringEnd);
                         if (s < 0) return -1;
                         i += s;
-                        if (json[i] == (byte)'\\') { i += 2; continue; }
+                        if (json[i] == (byte)'\\')
+                        {
+                            i += 2;
+                            if (i >= json.Length) return -1;
+                            continue;
+                        }
                         i++;
                         break;
                     }

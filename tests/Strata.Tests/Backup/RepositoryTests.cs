@@ -150,6 +150,7 @@ public class RepositoryTests : IDisposable
     [InlineData("[\"]\", \"[\", \"\\\"]\\\\\"]", 0, 19)]
     [InlineData("[\"unterminated]", 0, -1)]
     [InlineData("[[1]", 0, -1)]
+    [InlineData("[\"cut short by an escape\\", 0, -1)]
     public void ABracketIsMatchedOutsideStringsOnly(string json, int open, int end) =>
         Assert.Equal(end, BackupManifest.MatchingBracket(System.Text.Encoding.UTF8.GetBytes(json), open));
 
