@@ -283,7 +283,18 @@ internal sealed class CopyBeforeWrite
                     }
                     Source.Read(pos, buffer);
                     side = "write";
-                    if (_options.Compress && pos % Target.ClusterSize == 0) Target.WriteCompressed(pos, buffer);
+                    if (_options.Compress)
+                    {
+                        // A compressed write covers one target cluster, and a copy unit may hold several (64 KiB
+                        // over a target of 32 KiB clusters).
+                        int tc = Target.ClusterSize;
+                        for (int o = 0; o < n; o += tc)
+                        {
+                            var piece = buffer.Slice(o, Math.Min(tc, n - o));
+                            if ((pos + o) % tc == 0) Target.WriteCompressed(pos + o, piece);
+                            else Target.Write(pos + o, piece);
+                        }
+                    }
                     else Target.Write(pos, buffer);
                 }
                 pos += n;
