@@ -71,6 +71,43 @@ public class MirrorDifferentialTests : ScratchDirTest
         await Differential.AssertSameAsQemu(kind => Scenario(kind, ending));
     }
 
+    /// <summary>sync=top to a target of 128 KiB clusters over the source's own backing file, added without it
+    /// (backing: null): the target cannot copy on write, so the mirror copies whole target clusters around what it
+    /// copies, as QEMU does (its COW bitmap), and zeroes only whole clusters. Otherwise a zeroed 64 KiB granule is a
+    /// no-op on an unallocated cluster and a 64 KiB write fills the rest of its cluster with zeros, where the target
+    /// read over its backing file must show the backing's data.</summary>
+    [Theory]
+    [InlineData("qsd")]
+    [InlineData("strata")]
+    public async Task AMirrorToATargetWithoutItsBackingCopiesWholeTargetClusters(string kind)
+    {
+        string dir = Directory.CreateDirectory(P(kind)).FullName;
+        string Path(string name) => System.IO.Path.Combine(dir, name);
+        Tools.QemuImg("create", "-q", "-f", "qcow2", Path("base.qcow2"), "32M").Ok();
+        Tools.Run("qemu-io", "-c", "write -P 0x77 0 32M", Path("base.qcow2")).Ok();
+        // The source's own layer: a zeroed granule and a written one, each half of a 128 KiB target cluster.
+        Tools.QemuImg("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", Path("src.qcow2"), "32M").Ok();
+        Tools.Run("qemu-io", "-c", "write -z 0 64k", "-c", "write -P 0x22 192k 64k", Path("src.qcow2")).Ok();
+        Tools.QemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=131072", "-b", "base.qcow2", "-F", "qcow2", Path("t.qcow2"), "32M").Ok();
+        using var src = new BackupSourceProcess(kind, dir, ["src"], createImages: false);
+        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
+        var events = new EventLog(qmp);
+        await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse($$$"""
+            {"driver":"qcow2","node-name":"tgt","file":{"driver":"file","filename":"{{{Path("t.qcow2")}}}"},"backing":null}
+            """));
+        await qmp.ExecuteAsync("blockdev-mirror", JsonNode.Parse("""{"job-id":"m","device":"src","target":"tgt","sync":"top"}"""));
+        await events.WaitAsync("BLOCK_JOB_READY");
+        await src.CopyAsync("src", Path("src.raw"));
+        await qmp.ExecuteAsync("block-job-cancel", JsonNode.Parse("""{"device":"m"}"""));
+        var end = await events.WaitAsync("BLOCK_JOB_COMPLETED");
+        Assert.Null(end["data"]!["error"]);
+        await qmp.ExecuteAsync("blockdev-del", JsonNode.Parse("""{"node-name":"tgt"}"""));
+        // Read as every tool reads the file: over the backing file its header names.
+        var cmp = Tools.Run("qemu-img", "compare", "-F", "raw", Path("t.qcow2"), Path("src.raw"));
+        Assert.True(cmp.Exit == 0, cmp.Stdout + cmp.Stderr);
+        Tools.AssertQemuCheckClean(Path("t.qcow2"));
+    }
+
     private async Task<List<string>> DriveMirror(string kind, bool complete)
     {
         string dir = Directory.CreateDirectory(P(kind + complete)).FullName;

@@ -81,9 +81,24 @@ public sealed class MirrorJob : Job
     {
         _o = options;
         Speed = options.Speed;
-        _cluster = options.Granularity;
+        _cluster = CopyUnit(options);
         _dirty = new HierarchicalBitmap((options.Source.Size + _cluster - 1) / _cluster);
         _active = options.WriteBlocking;
+    }
+
+    /// <summary>
+    /// What one dirty bit stands for and a copy covers: the granularity, or the target's cluster when the target's
+    /// header names a backing file it was opened without (blockdev-add backing: null) and its clusters are larger.
+    /// Such a target cannot copy on write: a part of a cluster written alone gets zeros around it, and a zeroed part
+    /// of an unallocated cluster stays unallocated, where the file read over its backing must show the backing's
+    /// data. QEMU's mirror copies around to whole target clusters then (its COW bitmap, which after a cluster's first
+    /// copy goes back to the granularity; this one stays at whole clusters, more copying for the same result).
+    /// </summary>
+    private static long CopyUnit(MirrorOptions o)
+    {
+        long targetCluster = o.Target.ClusterSize;
+        bool copiesAround = o.Target.BackingFileName is not null && o.Target.Backing is null && targetCluster > o.Granularity;
+        return copiesAround ? targetCluster : o.Granularity;
     }
 
     /// <summary>Whether guest writes copy their own clusters to the target before they complete.</summary>
