@@ -38,9 +38,10 @@ public class EncryptedQcow2Tests
     {
         // qemu-img times PBKDF2 to pick its iteration count and, when the CPU-time clock has not moved during its probe
         // (a short iter-time on a busy machine), gives up with "Unable to get accurate CPU usage": that is QEMU's own
-        // flake, so the creation is retried.
+        // flake, so the creation is retried. Measured here: 5 of 30 creations failed on an idle machine (its first probe
+        // runs a few milliseconds on a clock that moves in ticks), and five retries in a row were once not enough.
         ToolResult r = null!;
-        for (int attempt = 0; attempt < 5; attempt++)
+        for (int attempt = 0; attempt < 30; attempt++)
         {
             r = QemuImg("create", "-q", "-f", "qcow2", "--object", Secret(id, password), "-o", $"{encryptOptions},encrypt.key-secret={id}", path, size);
             if (!r.Stderr.Contains("Unable to get accurate CPU usage", StringComparison.Ordinal)) break;
