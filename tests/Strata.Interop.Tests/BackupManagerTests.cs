@@ -43,6 +43,13 @@ public class BackupManagerTests : ScratchDirTest
 
     private void AssertRestores(string disk, string id, string copy) => Infra.RepositoryAsserts.AssertRestores(Repo, disk, id, copy);
 
+    /// <summary>No leftovers, every file clean by qemu-img check, and strata's own verify content.</summary>
+    private void AssertRepositorySound()
+    {
+        AssertEveryFileCheckedClean();
+        Tools.StrataCmd("backup", "verify", Repo).Ok();
+    }
+
     private void AssertEveryFileCheckedClean()
     {
         foreach (var f in Directory.EnumerateFiles(Repo, "*", SearchOption.AllDirectories))
@@ -183,8 +190,7 @@ public class BackupManagerTests : ScratchDirTest
         Assert.Equal(ids[3], left[1].GetProperty("parent").GetString());
         AssertRestores("vda", ids[3], P("copy-3.raw"));
         AssertRestores("vda", ids[4], P("copy-4.raw"));
-        AssertEveryFileCheckedClean();
-        Tools.StrataCmd("backup", "verify", Repo).Ok();
+        AssertRepositorySound();
         Assert.Equal(2, Tools.QemuImg("info", "--backing-chain", "--output=json", Path.Combine(Repo, "vda", ids[4] + ".qcow2")).Ok().Json().GetArrayLength());
 
         // The chain goes on from the kept head: the source's bitmap still matches it.
@@ -252,8 +258,7 @@ public class BackupManagerTests : ScratchDirTest
         // The bitmaps left behind were folded into the head's: an incremental, and a complete one.
         Assert.Equal("inc", made.GetProperty("level").GetString());
         AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
-        AssertEveryFileCheckedClean();
-        Tools.StrataCmd("backup", "verify", Repo).Ok();
+        AssertRepositorySound();
         Assert.NotNull(full.GetProperty("id").GetString());
     }
 
@@ -314,8 +319,7 @@ public class BackupManagerTests : ScratchDirTest
             Assert.False(made.TryGetProperty("note", out var note) && note.GetString()!.Contains("differential"), note.ToString());
         }
         AssertRestores("vda", made.GetProperty("id").GetString()!, P("now.raw"));
-        AssertEveryFileCheckedClean();
-        Tools.StrataCmd("backup", "verify", Repo).Ok();
+        AssertRepositorySound();
     }
 
     [Theory]
@@ -567,8 +571,7 @@ public class BackupManagerTests : ScratchDirTest
             }
         }
         for (int round = 0; round <= 2; round++) AssertRestores("vda", ids[round], P($"vda-{round}.raw"));
-        AssertEveryFileCheckedClean();
-        Tools.StrataCmd("backup", "verify", Repo).Ok();
+        AssertRepositorySound();
     }
 
     /// <summary>A disk of 32 KiB clusters whose first 64 KiB become a zero cluster beside a never-written one: two
