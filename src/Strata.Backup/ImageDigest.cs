@@ -19,16 +19,20 @@ public static class ImageDigest
     /// <summary>The layer's extents; <paramref name="granules"/>, when given, is fed every range in the same pass (the
     /// data read once for both). <paramref name="knownSha256"/> gives the SHA-256 of a one-cluster data piece by its
     /// host offset when it is already known (<see cref="Describe"/>: from its block of the file), so it is not read.</summary>
-    public static List<ExtentDigest> TopLayer(BlockImage image, GranuleDigestBuilder? granules = null, IReadOnlyDictionary<long, byte[]>? knownSha256 = null)
+    /// <param name="layer">The layer's extents as <see cref="Layer"/> gave them, when the caller has walked it already.</param>
+    public static List<ExtentDigest> TopLayer(BlockImage image, GranuleDigestBuilder? granules = null, IReadOnlyDictionary<long, byte[]>? knownSha256 = null,
+        IEnumerable<LayerExtent>? layer = null)
     {
         var result = new List<ExtentDigest>();
-        var buffer = ArrayPool<byte>.Shared.Rent(PieceSize);
+        // Rented at the first piece that is read: a sparse incremental's pieces are all known by their blocks' hashes.
+        // Native memory, as the hashing buffers are: a 4 MiB managed array lands on the large object heap, whose first
+        // few megabytes of allocations set off a full, compacting collection in the middle of the commit.
+        IMemoryOwner<byte>? lease = null;
         try
         {
-            for (long pos = 0; pos < image.Size;)
+            foreach (var ext in layer ?? Layer(image))
             {
-                var ext = image.GetLayerStatus(pos, Math.Min(PieceSize, image.Size - pos));
-                long len = Math.Min(ext.Length, image.Size - pos);
+                long pos = ext.Offset, len = ext.Length;
                 switch (ext.State)
                 {
                     case LayerState.Data when knownSha256 is not null && IsBlockOfTheFile(ext, len) && knownSha256.TryGetValue(ext.HostOffset, out var known)
@@ -37,7 +41,9 @@ public static class ImageDigest
                         result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(known)));
                         break;
                     case LayerState.Data:
-                        var span = buffer.AsSpan(0, (int)len);
+                        lease ??= AlignedBuffers.Rent(PieceSize);
+                        var buffer = lease.Memory;
+                        var span = buffer.Span[..(int)len];
                         image.Read(pos, span);
                         byte[] pieceHash;
                         if (granules is null) pieceHash = SHA256.HashData(span);
@@ -52,7 +58,7 @@ public static class ImageDigest
                         {
                             // Two hashes of the same bytes, on two cores.
                             int n = (int)len;
-                            var piece = Task.Run(() => SHA256.HashData(buffer.AsSpan(0, n)));
+                            var piece = Task.Run(() => SHA256.HashData(buffer.Span[..n]));
                             try
                             {
                                 granules.Data(pos, span);
@@ -76,14 +82,26 @@ public static class ImageDigest
                             result.Add(new ExtentDigest(pos, len, ExtentDigest.Zero, null));
                         break;
                 }
-                pos += len;
             }
         }
         finally
         {
-            ArrayPool<byte>.Shared.Return(buffer);
+            lease?.Dispose();
         }
         return result;
+    }
+
+    /// <summary>The image's own layer from its start to its end, in extents of at most <see cref="PieceSize"/> (the
+    /// pieces data is hashed in), each cut at the image's end.</summary>
+    public static IEnumerable<LayerExtent> Layer(BlockImage image)
+    {
+        for (long pos = 0; pos < image.Size;)
+        {
+            var ext = image.GetLayerStatus(pos, Math.Min(PieceSize, image.Size - pos));
+            long len = Math.Min(ext.Length, image.Size - pos);
+            yield return ext with { Offset = pos, Length = len };
+            pos += len;
+        }
     }
 
     /// <summary>A data piece that is exactly one 64 KiB block of the file: one whole cluster, stored uncompressed at a
@@ -125,29 +143,24 @@ public static class ImageDigest
             long next = -1;
             void Work()
             {
-                var buffer = ArrayPool<byte>.Shared.Rent(BlocksPerRun * BlockSize);
-                try
+                // Native memory (see TopLayer): a managed megabyte would be a large-object allocation.
+                using var lease = AlignedBuffers.Rent(BlocksPerRun * BlockSize);
+                var buffer = lease.Memory.Span;
+                for (long r; (r = Interlocked.Increment(ref next)) < runs;)
                 {
-                    for (long r; (r = Interlocked.Increment(ref next)) < runs;)
+                    long block = first + r * BlocksPerRun;
+                    long pos = block * BlockSize;
+                    int want = (int)Math.Min((long)BlocksPerRun * BlockSize, length - pos);
+                    var data = buffer[..want];
+                    for (int done = 0; done < want;)
                     {
-                        long block = first + r * BlocksPerRun;
-                        long pos = block * BlockSize;
-                        int want = (int)Math.Min((long)BlocksPerRun * BlockSize, length - pos);
-                        var data = buffer.AsSpan(0, want);
-                        for (int done = 0; done < want;)
-                        {
-                            int n = RandomAccess.Read(file, data[done..], pos + done);
-                            if (n == 0) throw new IOException($"the file ended at {pos + done} bytes while being hashed ({length} expected): it changed under the hash");
-                            done += n;
-                        }
-                        for (int i = 0; i * BlockSize < want; i++)
-                            SHA256.HashData(data.Slice(i * BlockSize, Math.Min(BlockSize, want - i * BlockSize)),
-                                hashes.AsSpan((int)((block - first + i) * SHA256.HashSizeInBytes), SHA256.HashSizeInBytes));
+                        int n = RandomAccess.Read(file, data[done..], pos + done);
+                        if (n == 0) throw new IOException($"the file ended at {pos + done} bytes while being hashed ({length} expected): it changed under the hash");
+                        done += n;
                     }
-                }
-                finally
-                {
-                    ArrayPool<byte>.Shared.Return(buffer);
+                    for (int i = 0; i * BlockSize < want; i++)
+                        SHA256.HashData(data.Slice(i * BlockSize, Math.Min(BlockSize, want - i * BlockSize)),
+                            hashes.AsSpan((int)((block - first + i) * SHA256.HashSizeInBytes), SHA256.HashSizeInBytes));
                 }
             }
             var others = new Task[Math.Min(workers, (int)runs) - 1];
@@ -260,18 +273,16 @@ public static class ImageDigest
         using var image = ImageOpener.OpenSingle(path, "qcow2", readOnly: true);
         using var file = File.OpenHandle(path);
         long fileLength = RandomAccess.GetLength(file);
+        // Walked once, for the blocks to keep and for the extents.
+        var layer = Layer(image).ToList();
         var wanted = new HashSet<long>();
         if (StoresDataAsIs(image))
-            for (long pos = 0; pos < image.Size && wanted.Count < MaxKeptBlocks;)
-            {
-                var ext = image.GetLayerStatus(pos, Math.Min(PieceSize, image.Size - pos));
-                long len = Math.Min(ext.Length, image.Size - pos);
+            foreach (var ext in layer)
                 // A whole block only: a cluster cut short by the file's end reads as zero-padded, its block is shorter.
-                if (ext.State == LayerState.Data && IsBlockOfTheFile(ext, len) && ext.HostOffset + BlockSize <= fileLength) wanted.Add(ext.HostOffset);
-                pos += len;
-            }
+                if (wanted.Count < MaxKeptBlocks && ext.State == LayerState.Data && IsBlockOfTheFile(ext, ext.Length) && ext.HostOffset + BlockSize <= fileLength)
+                    wanted.Add(ext.HostOffset);
         var (digest, kept) = FileBlockDigest(file, wanted);
-        var extents = TopLayer(image, granules, kept);
+        var extents = TopLayer(image, granules, kept, layer);
         return m with
         {
             Format = 2,
