@@ -23,17 +23,16 @@ public sealed class QmpClient : IAsyncDisposable
     private readonly Dictionary<long, TaskCompletionSource<JsonObject>> _pending = new();
     private readonly Task _readLoop;
     private long _nextId;
+    /// <summary>The qmp_capabilities sent on connecting, whose reply no command waits for before it is sent.</summary>
+    private Task _negotiation = Task.CompletedTask;
     /// <summary>Why the connection ended, once it has (under the lock of <see cref="_pending"/>).</summary>
     private Exception? _closed;
 
-    public JsonObject Greeting { get; }
-
-    private QmpClient(Socket socket, JsonObject greeting, QmpLineReader reader, NetworkStream stream)
+    private QmpClient(Socket socket, QmpLineReader reader, NetworkStream stream)
     {
         _socket = socket;
         _stream = stream;
         _reader = reader;
-        Greeting = greeting;
         _readLoop = Task.Run(ReadLoopAsync);
     }
 
@@ -45,24 +44,23 @@ public sealed class QmpClient : IAsyncDisposable
 
     private static async Task<QmpClient> ConnectAsync(Socket socket, System.Net.EndPoint endPoint, CancellationToken ct)
     {
-        await socket.ConnectAsync(endPoint, ct);
-        var stream = new NetworkStream(socket, ownsSocket: false);
-        var reader = new QmpLineReader(PipeReader.Create(stream, new StreamPipeReaderOptions(leaveOpen: true)));
-        JsonObject greeting;
         try
         {
-            string line = await reader.ReadLineAsync(ct) ?? throw new IOException("QMP server closed the connection before its greeting");
-            greeting = JsonNode.Parse(line) as JsonObject ?? throw new IOException("QMP greeting is not an object");
+            await socket.ConnectAsync(endPoint, ct);
         }
-        catch (Exception e)
+        catch
         {
-            await stream.DisposeAsync();
             socket.Dispose();
-            if (e is JsonException) throw new IOException("QMP greeting is not JSON: " + e.Message, e);
             throw;
         }
-        var client = new QmpClient(socket, greeting, reader, stream);
-        await client.ExecuteAsync("qmp_capabilities", null, ct);
+        var stream = new NetworkStream(socket, ownsSocket: false);
+        var client = new QmpClient(socket, new QmpLineReader(PipeReader.Create(stream, new StreamPipeReaderOptions(leaveOpen: true))), stream);
+        // Sent at once, neither the greeting nor the reply waited for: a QMP server reads what arrived after sending its
+        // greeting and answers commands in the order they came, so the caller's first commands go out right behind and
+        // the connection costs no round trip of its own. The read loop takes the greeting; a command whose reply comes
+        // back checks the negotiation first (answered before it), so a server that is not QMP, or refuses the
+        // negotiation, fails that command with the reason.
+        client._negotiation = client.ExecuteAsync("qmp_capabilities", null, ct);
         return client;
     }
 
@@ -92,6 +90,7 @@ public sealed class QmpClient : IAsyncDisposable
             _commandLock.Release();
         }
         var reply = await tcs.Task.WaitAsync(ct);
+        if (command != "qmp_capabilities" && !_negotiation.IsCompletedSuccessfully) await _negotiation;
         if (reply["error"] is JsonObject error)
             throw new QmpException(error["class"]?.GetValue<string>() ?? "GenericError", error["desc"]?.GetValue<string>() ?? "");
         return reply["return"];
@@ -102,6 +101,17 @@ public sealed class QmpClient : IAsyncDisposable
         Exception reason = new IOException("QMP connection closed");
         try
         {
+            if (await _reader.ReadLineAsync() is not { } greeting)
+            {
+                reason = new IOException("QMP server closed the connection before its greeting");
+                return;
+            }
+            if (JsonNode.Parse(greeting) is not JsonObject hello || !hello.ContainsKey("QMP"))
+            {
+                reason = new IOException("the server's first line is not a QMP greeting");
+                try { _socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
+                return;
+            }
             while (await _reader.ReadLineAsync() is { } line)
             {
                 if (line.Length == 0) continue;

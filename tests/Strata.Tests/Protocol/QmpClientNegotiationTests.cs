@@ -1,0 +1,97 @@
+using System.Net.Sockets;
+using System.Text;
+using Strata.Protocol.Qmp;
+using Strata.Tests.Block;
+
+namespace Strata.Tests.Protocol;
+
+/// <summary>The client sends qmp_capabilities on connecting and its first commands right behind it, waiting neither
+/// for the greeting nor for the negotiation's reply; what goes wrong in the negotiation fails those commands.</summary>
+public class QmpClientNegotiationTests
+{
+    /// <summary>A scripted server on a unix socket: <paramref name="script"/> gets the connection's input lines and a
+    /// way to send a line.</summary>
+    private static async Task WithServer(Func<StreamReader, Func<string, Task>, Task> script, Func<string, Task> client)
+    {
+        using var dir = new TempDir();
+        string path = dir["fake.qmp"];
+        using var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
+        listener.Bind(new UnixDomainSocketEndPoint(path));
+        listener.Listen(1);
+        var server = Task.Run(async () =>
+        {
+            using var s = await listener.AcceptAsync();
+            await using var stream = new NetworkStream(s);
+            var input = new StreamReader(stream);
+            await script(input, line => stream.WriteAsync(Encoding.ASCII.GetBytes(line + "\r\n")).AsTask());
+        });
+        await client(path);
+        await server.WaitAsync(TimeSpan.FromSeconds(30));
+    }
+
+    private const string Greeting = "{\"QMP\":{\"version\":{\"qemu\":{\"major\":7,\"minor\":2,\"micro\":0},\"package\":\"\"},\"capabilities\":[]}}";
+
+    [Fact]
+    public async Task TheFirstCommandGoesOutBeforeTheGreetingAndTheNegotiationAreAnswered()
+    {
+        // This server says nothing, not even its greeting, until both lines are in: a client that waited for either
+        // would never send its command.
+        await WithServer(async (input, send) =>
+        {
+            var caps = await input.ReadLineAsync();
+            var command = await input.ReadLineAsync();
+            Assert.Contains("\"qmp_capabilities\"", caps);
+            Assert.Contains("\"query-version\"", command);
+            await send(Greeting);
+            await send("{\"return\":{},\"id\":1}");
+            await send("{\"return\":{\"answer\":42},\"id\":2}");
+            await input.ReadLineAsync();
+        }, async path =>
+        {
+            await using var client = await QmpClient.ConnectUnixAsync(path).WaitAsync(TimeSpan.FromSeconds(20));
+            var reply = await client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(20));
+            Assert.Equal(42, reply!["answer"]!.GetValue<int>());
+        });
+    }
+
+    [Fact]
+    public async Task ARefusedNegotiationFailsTheCommandsBehindIt()
+    {
+        await WithServer(async (input, send) =>
+        {
+            await send(Greeting);
+            await input.ReadLineAsync();
+            await send("{\"error\":{\"class\":\"GenericError\",\"desc\":\"negotiation refused here\"},\"id\":1}");
+            await input.ReadLineAsync();
+            // QEMU answers a command sent before a successful negotiation with CommandNotFound; the caller must hear
+            // why the negotiation failed instead.
+            await send("{\"error\":{\"class\":\"CommandNotFound\",\"desc\":\"Expecting capabilities negotiation with 'qmp_capabilities'\"},\"id\":2}");
+            await input.ReadLineAsync();
+        }, async path =>
+        {
+            await using var client = await QmpClient.ConnectUnixAsync(path).WaitAsync(TimeSpan.FromSeconds(20));
+            var e = await Assert.ThrowsAsync<QmpException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(20)));
+            Assert.Contains("negotiation refused here", e.Message);
+        });
+    }
+
+    [Theory]
+    [InlineData("{\"hello\":\"world\"}", "not a QMP greeting")]
+    [InlineData("SSH-2.0-OpenSSH_9.2", "not JSON")]
+    [InlineData(null, "closed the connection before its greeting")]
+    public async Task AServerThatDoesNotGreetLikeQmpFailsTheFirstCommandWithTheReason(string? firstLine, string reason)
+    {
+        await WithServer(async (input, send) =>
+        {
+            // Both lines are in before the server says anything (or hangs up).
+            await input.ReadLineAsync();
+            await input.ReadLineAsync();
+            if (firstLine is not null) await send(firstLine);
+        }, async path =>
+        {
+            await using var client = await QmpClient.ConnectUnixAsync(path).WaitAsync(TimeSpan.FromSeconds(20));
+            var e = await Assert.ThrowsAnyAsync<IOException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(20)));
+            Assert.Contains(reason, e.Message);
+        });
+    }
+}
