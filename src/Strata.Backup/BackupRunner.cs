@@ -52,9 +52,10 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         /// is gone), not read from a bitmap.</summary>
         public bool Differential;
         /// <summary>The last point's granule digests (an incremental carries them over, a differential compares the disk
-        /// with them); null when it has none (a point from before they were recorded) or they are damaged, with why in
-        /// the problem. Read while the source works: a differential's plan waits for them, an incremental's commit.</summary>
-        public Task<(GranuleDigests? Digests, string? Problem)> HeadDigests = NoDigests;
+        /// with them) as they are being read, once something started them (<see cref="BackupRunner.HeadDigests"/>);
+        /// null digests when it has none (a point from before they were recorded) or they are damaged, with why in the
+        /// problem.</summary>
+        public Task<(GranuleDigests? Digests, string? Problem)>? HeadDigestsRead;
         /// <summary>The disk's digests as a differential read them (the new point's, with no need to build them).</summary>
         public GranuleDigests? DiskDigests;
         public string? Note;
@@ -90,51 +91,36 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         if (options.Level is not ("auto" or "full" or "inc")) throw new BackupException($"unknown level '{options.Level}'", "use full, inc or auto", BackupExitCodes.Usage);
         if (options.Mode is not ("push" or "pull")) throw new BackupException($"unknown mode '{options.Mode}'", "use push or pull", BackupExitCodes.Usage);
         using var held = repo.Lock();
-        // What the repository knows (the manifests) is read on another core while the source answers the connection and
-        // the recovery queries. The last points' digests (whose SHA-256 check loads OpenSSL) are not needed to start
-        // the backup: they are read on a thread of their own while the source works, and waited for by a
-        // differential's plan or by the commit.
-        var local = Task.Run(() =>
-        {
-            // Every head first: a disk whose manifests cannot be read fails the run before any digests are being read.
-            var heads = options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault());
-            return heads.ToDictionary(h => h.Key, h => (Head: h.Value, Digests: options.Level == "full" || h.Value is null ? NoDigests : ReadDigestsAside(h.Value)));
-        });
-        QmpSource source;
-        try
-        {
-            source = await QmpSource.ConnectAsync(options.Socket);
-        }
-        catch
-        {
-            // No repository work left running behind the connection's error.
-            Dictionary<string, (BackupManifest? Head, Task<(GranuleDigests? Digests, string? Problem)> Digests)>? read = null;
-            try { read = await local; } catch (Exception) { }
-            if (read is not null)
-                foreach (var (_, digests) in read.Values)
-                    try { await digests; } catch (Exception) { }
-            throw;
-        }
+        QmpSource source = await QmpSource.ConnectAsync(options.Socket);
         await using var connected = source;
+        // Recovery's queries go out at once (behind the negotiation, on the same round trip), and what the repository
+        // knows is read here while the source answers them: on two cores, the source needs the other one now.
         var state = SourceBitmaps.Query(source);
-        var heads = await local;
+        var heads = options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault());
+        var plans = new List<DiskPlan>();
         try
         {
-            return await RunAsync(source, state, heads);
+            return await RunAsync(source, state, heads, plans);
         }
         finally
         {
             // None still reading when the lock goes. A failure of theirs was the commit's to report, if it got there.
-            foreach (var (_, digests) in heads.Values)
-                try { await digests; } catch (Exception) { }
+            foreach (var p in plans)
+                if (p.HeadDigestsRead is { } digests)
+                    try { await digests; } catch (Exception) { }
         }
     }
 
     private static readonly Task<(GranuleDigests?, string?)> NoDigests = Task.FromResult<(GranuleDigests?, string?)>((null, null));
 
-    /// <summary>The last point's digests, read on a thread of their own. Whatever goes wrong reading them is a reason
-    /// for the point to have none (the next full or differential by comparison records them again), never a failure
-    /// of a run whose backup may already be done by the time it is seen.</summary>
+    /// <summary>The last point's digests, read on a thread of their own from the first call on (once per plan): a
+    /// differential's plan waits for them, any other run starts them once its job runs (when the source leaves a core
+    /// idle: their SHA-256 check loads OpenSSL, a few milliseconds of CPU) and its commit waits for them. Whatever goes
+    /// wrong reading them is a reason for the point to have none (the next full or differential by comparison records
+    /// them again), never a failure of a run whose backup may already be done by the time it is seen.</summary>
+    private Task<(GranuleDigests? Digests, string? Problem)> HeadDigests(DiskPlan p) =>
+        p.HeadDigestsRead ??= !p.Incremental ? NoDigests : ReadDigestsAside(p.Head!);
+
     private Task<(GranuleDigests?, string?)> ReadDigestsAside(BackupManifest head) =>
         Task.Factory.StartNew(() =>
         {
@@ -149,15 +135,14 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     private async Task<IReadOnlyList<BackupManifest>> RunAsync(QmpSource source, SourceBitmaps.SourceState state,
-        Dictionary<string, (BackupManifest? Head, Task<(GranuleDigests? Digests, string? Problem)> Digests)> heads)
+        Dictionary<string, BackupManifest?> heads, List<DiskPlan> plans)
     {
-        var nodes = await SourceBitmaps.RecoverAsync(source, state, heads.ToDictionary(h => h.Key, h => h.Value.Head?.Bitmap), repo.BitmapPrefix, progress);
+        var nodes = await SourceBitmaps.RecoverAsync(source, state, heads.ToDictionary(h => h.Key, h => h.Value?.Bitmap), repo.BitmapPrefix, progress);
         foreach (var leftover in repo.CleanLeftovers()) progress.Message($"removed {leftover}, left by an interrupted run");
 
         var now = DateTimeOffset.UtcNow;
         string id = repo.NewId(now);
-        var plans = new List<DiskPlan>();
-        foreach (string disk in options.Disks) plans.Add(await PlanAsync(source, disk, id, nodes, heads[disk].Head, heads[disk].Digests));
+        foreach (string disk in options.Disks) await PlanAsync(source, disk, id, nodes, heads[disk], plans);
         // A differential reads the frozen disk itself: the run pulls.
         _mode = plans.Any(p => p.Differential) ? "pull" : options.Mode;
         foreach (var p in plans)
@@ -198,9 +183,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     /// <param name="nodes">The source's nodes as recovery found them, when it changed nothing; null asks the source.</param>
     /// <param name="head">The disk's last point.</param>
-    /// <param name="headDigests">Its digests as they are being read, unless the run takes a full anyway.</param>
-    private async Task<DiskPlan> PlanAsync(QmpSource source, string disk, string id, IReadOnlyList<SourceNode>? nodes,
-        BackupManifest? head, Task<(GranuleDigests? Digests, string? Problem)> headDigests)
+    /// <param name="plans">Where the plan goes, as soon as it may have started reading the last point's digests.</param>
+    private async Task PlanAsync(QmpSource source, string disk, string id, IReadOnlyList<SourceNode>? nodes, BackupManifest? head, List<DiskPlan> plans)
     {
         var node = nodes?.FirstOrDefault(n => n.Name == disk) ?? await source.NodeAsync(disk);
         if (node.VirtualSize <= 0) throw new BackupException($"node '{disk}' has no size", "name a format node (qcow2, raw), not a protocol node", BackupExitCodes.Usage);
@@ -215,10 +199,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             throw new BackupException($"{disk}: cannot take an incremental: {why}", "run with --level full (or auto) to start a new chain", BackupExitCodes.Failed);
         string dir = repo.DiskDir(disk);
         Directory.CreateDirectory(dir);
-        if (!inc) headDigests = NoDigests;
         bool differential = inc && bitmapLost is not null;
-        var (digestsNow, digestsProblem) = differential ? await headDigests : (null, null);
-        return new DiskPlan
+        var plan = new DiskPlan
         {
             Disk = disk,
             Node = node,
@@ -226,14 +208,17 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Incremental = inc,
             // Without its bitmap the last point is still there to compare with: only what differs is copied.
             Differential = differential,
-            HeadDigests = headDigests,
-            Note = differential
-                ? "differential by comparison because " + bitmapLost + (digestsNow is null ? $"; {digestsProblem}, so it was read back to compare" : "")
-                : options.Level == "auto" && !inc && head is not null ? "full because " + why : null,
             NewBitmap = repo.BitmapPrefix + id,
             FinalName = id + ".qcow2",
             PartialPath = Path.Combine(dir, id + ".qcow2" + Repository.PartialSuffix),
         };
+        plans.Add(plan);
+        if (differential)
+        {
+            var (digestsNow, digestsProblem) = await HeadDigests(plan);
+            plan.Note = "differential by comparison because " + bitmapLost + (digestsNow is null ? $"; {digestsProblem}, so it was read back to compare" : "");
+        }
+        else if (options.Level == "auto" && !inc && head is not null) plan.Note = "full because " + why;
     }
 
     private void CreateTarget(DiskPlan p, string path, bool withBacking)
@@ -265,7 +250,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         foreach (var p in plans)
         {
             CreateTarget(p, p.PartialPath, withBacking: true);
-            // cache.no-flush: the source writes the qcow2 metadata at blockdev-del but leaves the fsync to this tool, which
+
             // does it while it hashes the file (the partial file is thrown away unless the run commits it). Given on both
             // nodes: QEMU passes a parent's cache modes to an inline child, older strata daemons did not. Only for a
             // source on this host: another host's writes to shared storage are not made durable by an fsync here.
@@ -298,6 +283,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         {
             int mark = source.EventMark;
             await SourceBitmaps.TransactionAsync(source, actions);
+            // Read while the job runs: the commit needs them.
+            foreach (var p in plans) _ = HeadDigests(p);
             foreach (var p in plans) progress.Start(p.Disk, p.Node.VirtualSize);
             var outcomes = await source.WaitJobsAsync(plans.Select(p => p.JobId), mark, async () =>
             {
@@ -325,6 +312,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     private async Task PullAsync(QmpSource source, List<DiskPlan> plans)
     {
+        // Read while the disks are frozen and copied: the commit needs them.
+        foreach (var p in plans) _ = HeadDigests(p);
         var disks = plans.Select(p => new FrozenSource.Disk(p.Disk, p.Node, p.NewBitmap, p.Incremental && !p.Differential ? p.Head!.Bitmap : null,
             Path.Combine(repo.DiskDir(p.Disk), Repository.FleecePrefix + p.FinalName))).ToList();
         string ownSocket = SocketPaths.ForRun(Path.Combine(repo.Root, $".nbd-{Environment.ProcessId}.sock"), "pull");
@@ -340,7 +329,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         CreateTarget(p, p.PartialPath, withBacking: true);
         // A differential against digests writes whole clusters only: the last point (the backing file) stays closed.
         // A differential's plan has waited for them already; any other pull does not need them before its commit.
-        var headDigests = p.Differential ? (await p.HeadDigests).Digests : null;
+        var headDigests = p.Differential ? (await HeadDigests(p)).Digests : null;
         bool byDigests = p.Differential && headDigests is not null;
         using var target = ImageOpener.Open(p.PartialPath, "qcow2", readOnly: false, openBacking: !byDigests);
         // The partial file is thrown away if anything fails, so none of its writes need to reach the disk before the
@@ -393,7 +382,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     private BackupManifest Commit(DiskPlan p, string id, DateTimeOffset time)
     {
-        var (headDigests, headDigestsProblem) = p.HeadDigests.GetAwaiter().GetResult();
+        var (headDigests, headDigestsProblem) = HeadDigests(p).GetAwaiter().GetResult();
         return PointCommit.Commit(repo, progress,
             new PointFacts(id, p.Disk, time, p.Incremental, p.Head?.Id, p.FinalName, _mode,
                 options.Socket.Contains('/') || File.Exists(options.Socket) ? Path.GetFullPath(options.Socket) : options.Socket,
