@@ -30,11 +30,19 @@ namespace Strata.Cli
             // So does qemu-io's (getopt, and commands that go on after one fails).
             if (args.Length > 0 && args[0] == "io") return IoCommand.Run(args[1..], stdout, stderr);
             var root = new RootCommand("Strata: incremental backups for disk images, compatible with QEMU's tools");
-            root.Subcommands.Add(ImgCommands.Build(stdout, stderr));
-            root.Subcommands.Add(IoCommand.Build(stdout, stderr));
-            root.Subcommands.Add(Backup.BackupCommands.Build(stdout, stderr));
-            root.Subcommands.Add(MigrateCommand.Build(stdout, stderr));
-            root.Subcommands.Add(DemoCommand.Build(stdout, stderr));
+            (string Name, Func<Command> Build)[] subcommands =
+            [
+                ("img", () => ImgCommands.Build(stdout, stderr)),
+                ("io", () => IoCommand.Build(stdout, stderr)),
+                ("backup", () => Backup.BackupCommands.Build(stdout, stderr)),
+                ("migrate", () => MigrateCommand.Build(stdout, stderr)),
+                ("demo", () => DemoCommand.Build(stdout, stderr)),
+            ];
+            // Only the subcommand named, when one is: the others' trees (qemu-img's alone is dozens of commands and
+            // options) are not built on the way into every backup run. Without one, all of them, for the root's help.
+            bool named = args.Length > 0 && subcommands.Any(c => c.Name == args[0]);
+            foreach (var (name, build) in subcommands)
+                if (!named || name == args[0]) root.Subcommands.Add(build());
             var config = new InvocationConfiguration { Output = stdout, Error = stderr };
             var parsed = root.Parse(FixNegativeSizes(args));
             if (parsed.Errors.Count > 0 && args.Length > 0)
