@@ -250,7 +250,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         foreach (var p in plans)
         {
             CreateTarget(p, p.PartialPath, withBacking: true);
-
+            // cache.no-flush: the source writes the qcow2 metadata at blockdev-del but leaves the fsync to this tool, which
             // does it while it hashes the file (the partial file is thrown away unless the run commits it). Given on both
             // nodes: QEMU passes a parent's cache modes to an inline child, older strata daemons did not. Only for a
             // source on this host: another host's writes to shared storage are not made durable by an fsync here.

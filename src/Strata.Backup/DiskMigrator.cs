@@ -41,6 +41,8 @@ public sealed class DiskMigrator(MigrationOptions o, Action<string> log)
         if (bitmaps.FirstOrDefault(b => b.Busy) is { } busy)
             throw new BackupException($"bitmap '{busy.Name}' is busy on the source (a backup or export uses it)", "wait for it to finish", BackupExitCodes.Source);
         if (File.Exists(o.Image)) throw new BackupException($"'{o.Image}' already exists", "the destination image must be a new file", BackupExitCodes.Usage);
+        // The destination must be a QMP monitor that took the negotiation before its image is created here.
+        await to.NegotiatedAsync();
 
         // The destination: a new image of the disk's size, exported writable for the mirror.
         Qcow2Image.Create(o.Image, new Qcow2CreateOptions { Size = node.VirtualSize }).Dispose();

@@ -68,11 +68,38 @@ public sealed class QmpSource : IAsyncDisposable
         }
     }
 
+    /// <summary>Waits for the source to have accepted the connection's negotiation (<see cref="QmpClient.Negotiated"/>):
+    /// before a step that leaves something behind on this side.</summary>
+    public async Task NegotiatedAsync()
+    {
+        try
+        {
+            await _qmp.Negotiated;
+        }
+        catch (QmpGreetingException e)
+        {
+            throw NotQmp(e);
+        }
+        catch (IOException e)
+        {
+            throw new BackupException($"lost the QMP connection to '{Address}' while negotiating: {e.Message}", "is the daemon still running?", BackupExitCodes.Source);
+        }
+    }
+
+    private BackupException NotQmp(QmpGreetingException e) =>
+        new($"cannot reach QMP at '{Address}': {e.Message}",
+            "is the daemon or VM running with a --monitor/-qmp socket there? (qemu-storage-daemon serves one QMP client at a time)", BackupExitCodes.Source);
+
     public async Task<JsonNode?> ExecuteAsync(string command, JsonObject? arguments = null)
     {
         try
         {
             return await _qmp.ExecuteAsync(command, arguments);
+        }
+        catch (QmpGreetingException e)
+        {
+            // The connection's first command is the first to hear that the address is no QMP monitor.
+            throw NotQmp(e);
         }
         catch (IOException e)
         {

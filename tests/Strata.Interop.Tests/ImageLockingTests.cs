@@ -43,12 +43,17 @@ public class ImageLockingTests : ScratchDirTest
         {
             for (int attempt = 1; ; attempt++)
             {
+                QmpClient? client = null;
                 try
                 {
-                    return await QmpClient.ConnectUnixAsync(QmpPath);
+                    client = await QmpClient.ConnectUnixAsync(QmpPath);
+                    // The greeting and the negotiation come back after the connection: a hang-up shows here.
+                    await client.Negotiated.WaitAsync(TimeSpan.FromSeconds(30));
+                    return client;
                 }
                 catch (IOException e)
                 {
+                    if (client is not null) await client.DisposeAsync();
                     if (_process.WaitForExit(200))
                         throw new IOException($"{_kind} exited with {_process.ExitCode}: {_process.StandardError.ReadToEnd()}", e);
                     if (_kind != "qsd" || attempt == 3) throw;

@@ -25,6 +25,11 @@ public sealed class QmpClient : IAsyncDisposable
     private long _nextId;
     /// <summary>The qmp_capabilities sent on connecting, whose reply no command waits for before it is sent.</summary>
     private Task _negotiation = Task.CompletedTask;
+
+    /// <summary>Completes once the server has greeted and accepted the negotiation; fails with why not: a
+    /// <see cref="QmpGreetingException"/> for a server that is not QMP, the server's error for a refused negotiation.
+    /// Commands need not wait for it (each checks it), but a caller about to do something it cannot take back can.</summary>
+    public Task Negotiated => _negotiation;
     /// <summary>Why the connection ended, once it has (under the lock of <see cref="_pending"/>).</summary>
     private Exception? _closed;
 
@@ -60,7 +65,9 @@ public sealed class QmpClient : IAsyncDisposable
         // the connection costs no round trip of its own. The read loop takes the greeting; a command whose reply comes
         // back checks the negotiation first (answered before it), so a server that is not QMP, or refuses the
         // negotiation, fails that command with the reason.
-        client._negotiation = client.ExecuteAsync("qmp_capabilities", null, ct);
+        client._negotiation = client.ExecuteAsync("qmp_capabilities");
+        // Seen by the commands behind it; with none, its failure is nobody's news.
+        _ = client._negotiation.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
         return client;
     }
 
@@ -74,7 +81,7 @@ public sealed class QmpClient : IAsyncDisposable
         var tcs = new TaskCompletionSource<JsonObject>(TaskCreationOptions.RunContinuationsAsynchronously);
         lock (_pending)
         {
-            if (_closed is not null) throw new IOException(_closed.Message, _closed);
+            if (_closed is not null) throw Failure(_closed);
             _pending[id] = tcs;
         }
         var message = new JsonObject { ["execute"] = command, ["id"] = id };
@@ -84,6 +91,21 @@ public sealed class QmpClient : IAsyncDisposable
         try
         {
             await _stream.WriteAsync(bytes, ct);
+        }
+        catch (Exception e) when (e is IOException or SocketException or ObjectDisposedException)
+        {
+            // Not sent: no reply to wait for. The read loop ends on the same broken connection, and its reason is the one
+            // to give (a server that did not greet like QMP, rather than a broken pipe).
+            lock (_pending) _pending.Remove(id);
+            try { await _readLoop.WaitAsync(TimeSpan.FromSeconds(5), CancellationToken.None); } catch (Exception) { }
+            lock (_pending)
+                if (_closed is not null) throw Failure(_closed);
+            throw;
+        }
+        catch (OperationCanceledException)
+        {
+            lock (_pending) _pending.Remove(id);
+            throw;
         }
         finally
         {
@@ -103,12 +125,21 @@ public sealed class QmpClient : IAsyncDisposable
         {
             if (await _reader.ReadLineAsync() is not { } greeting)
             {
-                reason = new IOException("QMP server closed the connection before its greeting");
+                reason = new QmpGreetingException("the server closed the connection before its QMP greeting");
                 return;
             }
-            if (JsonNode.Parse(greeting) is not JsonObject hello || !hello.ContainsKey("QMP"))
+            JsonNode? hello;
+            try
             {
-                reason = new IOException("the server's first line is not a QMP greeting");
+                hello = JsonNode.Parse(greeting);
+            }
+            catch (JsonException)
+            {
+                hello = null;
+            }
+            if (hello is not JsonObject || !hello.AsObject().ContainsKey("QMP"))
+            {
+                reason = new QmpGreetingException("the server's first line is not a QMP greeting");
                 try { _socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
                 return;
             }
@@ -154,11 +185,19 @@ public sealed class QmpClient : IAsyncDisposable
             lock (_pending)
             {
                 _closed = reason;
-                foreach (var t in _pending.Values) t.TrySetException(reason is QmpLineTooLongException ? reason : new IOException(reason.Message, reason));
+                foreach (var t in _pending.Values) t.TrySetException(Failure(reason));
                 _pending.Clear();
             }
         }
     }
+
+    /// <summary>What a command gets once the connection has ended for <paramref name="reason"/>.</summary>
+    private static Exception Failure(Exception reason) => reason switch
+    {
+        QmpLineTooLongException => reason,
+        QmpGreetingException => new QmpGreetingException(reason.Message),
+        _ => new IOException(reason.Message, reason),
+    };
 
     public async ValueTask DisposeAsync()
     {
@@ -169,3 +208,7 @@ public sealed class QmpClient : IAsyncDisposable
         await _stream.DisposeAsync();
     }
 }
+
+/// <summary>The server at a QMP address did not greet like a QMP server (or hung up first): not a monitor, or not
+/// this tool's to talk to.</summary>
+public sealed class QmpGreetingException(string message) : IOException(message);

@@ -1,5 +1,6 @@
 using System.Net.Sockets;
 using System.Text;
+using Strata.Backup;
 using Strata.Protocol.Qmp;
 using Strata.Tests.Block;
 
@@ -72,13 +73,14 @@ public class QmpClientNegotiationTests
             await using var client = await QmpClient.ConnectUnixAsync(path).WaitAsync(TimeSpan.FromSeconds(20));
             var e = await Assert.ThrowsAsync<QmpException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(20)));
             Assert.Contains("negotiation refused here", e.Message);
+            Assert.Contains("negotiation refused here", (await Assert.ThrowsAsync<QmpException>(() => client.Negotiated)).Message);
         });
     }
 
     [Theory]
     [InlineData("{\"hello\":\"world\"}", "not a QMP greeting")]
-    [InlineData("SSH-2.0-OpenSSH_9.2", "not JSON")]
-    [InlineData(null, "closed the connection before its greeting")]
+    [InlineData("SSH-2.0-OpenSSH_9.2", "not a QMP greeting")]
+    [InlineData(null, "closed the connection before its QMP greeting")]
     public async Task AServerThatDoesNotGreetLikeQmpFailsTheFirstCommandWithTheReason(string? firstLine, string reason)
     {
         await WithServer(async (input, send) =>
@@ -90,8 +92,27 @@ public class QmpClientNegotiationTests
         }, async path =>
         {
             await using var client = await QmpClient.ConnectUnixAsync(path).WaitAsync(TimeSpan.FromSeconds(20));
-            var e = await Assert.ThrowsAnyAsync<IOException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(20)));
+            var e = await Assert.ThrowsAsync<QmpGreetingException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(20)));
             Assert.Contains(reason, e.Message);
+            Assert.Contains(reason, (await Assert.ThrowsAsync<QmpGreetingException>(() => client.Negotiated)).Message);
+        });
+    }
+
+    [Fact]
+    public async Task ABackupSourceThatIsNotQmpIsReportedAsUnreachable()
+    {
+        // What `backup run --socket` pointed at another service's socket says, on its first query.
+        await WithServer(async (input, send) =>
+        {
+            await input.ReadLineAsync();
+            await send("220 mail.example ESMTP");
+        }, async path =>
+        {
+            await using var source = await QmpSource.ConnectAsync(path).WaitAsync(TimeSpan.FromSeconds(20));
+            var e = await Assert.ThrowsAsync<BackupException>(() => source.NodesAsync().WaitAsync(TimeSpan.FromSeconds(20)));
+            Assert.Contains($"cannot reach QMP at '{path}'", e.Message);
+            Assert.Contains("not a QMP greeting", e.Message);
+            Assert.Equal(BackupExitCodes.Source, e.ExitCode);
         });
     }
 }
