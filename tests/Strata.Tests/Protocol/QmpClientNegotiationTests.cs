@@ -1,8 +1,5 @@
-using System.Net.Sockets;
-using System.Text;
 using Strata.Backup;
 using Strata.Protocol.Qmp;
-using Strata.Tests.Block;
 
 namespace Strata.Tests.Protocol;
 
@@ -10,25 +7,10 @@ namespace Strata.Tests.Protocol;
 /// for the greeting nor for the negotiation's reply; what goes wrong in the negotiation fails those commands.</summary>
 public class QmpClientNegotiationTests
 {
-    /// <summary>A scripted server on a unix socket: <paramref name="script"/> gets the connection's input lines and a
-    /// way to send a line.</summary>
-    private static async Task WithServer(Func<StreamReader, Func<string, Task>, Task> script, Func<string, Task> client)
-    {
-        using var dir = new TempDir();
-        string path = dir["fake.qmp"];
-        using var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        listener.Bind(new UnixDomainSocketEndPoint(path));
-        listener.Listen(1);
-        var server = Task.Run(async () =>
-        {
-            using var s = await listener.AcceptAsync();
-            await using var stream = new NetworkStream(s);
-            var input = new StreamReader(stream);
-            await script(input, line => stream.WriteAsync(Encoding.ASCII.GetBytes(line + "\r\n")).AsTask());
-        });
-        await client(path);
-        await server.WaitAsync(TimeSpan.FromSeconds(30));
-    }
+    /// <summary>A scripted server (<see cref="ScriptedServer"/>): <paramref name="script"/> gets the connection's input
+    /// lines and a way to send a line.</summary>
+    private static Task WithServer(Func<StreamReader, Func<string, Task>, Task> script, Func<string, Task> client) =>
+        ScriptedServer.RunAsync((input, stream) => script(input, stream.SendLineAsync), client);
 
     private const string Greeting = "{\"QMP\":{\"version\":{\"qemu\":{\"major\":7,\"minor\":2,\"micro\":0},\"package\":\"\"},\"capabilities\":[]}}";
 

@@ -118,20 +118,12 @@ public class QmpLineReaderTests
     [Fact]
     public async Task QmpClientFailsEveryWaitingCommandWithTheLimitErrorAndLaterOnesAtOnce()
     {
-        using var dir = new TempDir();
-        string path = dir["fake.qmp"];
-        using var listener = new Socket(AddressFamily.Unix, SocketType.Stream, ProtocolType.Unspecified);
-        listener.Bind(new UnixDomainSocketEndPoint(path));
-        listener.Listen(1);
         // A broken server: greeting, capabilities, then one line that never ends (past the 16 MiB input limit).
-        var server = Task.Run(async () =>
+        await ScriptedServer.RunAsync(async (input, stream) =>
         {
-            using var s = await listener.AcceptAsync();
-            await using var stream = new NetworkStream(s);
-            var input = new StreamReader(stream);
-            await stream.WriteAsync(Encoding.ASCII.GetBytes("{\"QMP\":{\"version\":{},\"capabilities\":[]}}\r\n"));
+            await stream.SendLineAsync("{\"QMP\":{\"version\":{},\"capabilities\":[]}}");
             await input.ReadLineAsync();
-            await stream.WriteAsync(Encoding.ASCII.GetBytes("{\"return\":{},\"id\":1}\r\n"));
+            await stream.SendLineAsync("{\"return\":{},\"id\":1}");
             await input.ReadLineAsync();
             var chunk = Encoding.ASCII.GetBytes("{\"return\":\"" + new string('z', 1 << 20));
             try
@@ -142,13 +134,14 @@ public class QmpLineReaderTests
             {
                 // The client hung up: what it should do.
             }
+        }, async path =>
+        {
+            await using var client = await QmpClient.ConnectUnixAsync(path);
+            var e = await Assert.ThrowsAnyAsync<IOException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(60)));
+            Assert.Contains("longer than", e.Message);
+            var again = await Assert.ThrowsAnyAsync<IOException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(10)));
+            Assert.Contains("longer than", again.Message);
         });
-        await using var client = await QmpClient.ConnectUnixAsync(path);
-        var e = await Assert.ThrowsAnyAsync<IOException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(60)));
-        Assert.Contains("longer than", e.Message);
-        var again = await Assert.ThrowsAnyAsync<IOException>(() => client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(10)));
-        Assert.Contains("longer than", again.Message);
-        await server.WaitAsync(TimeSpan.FromSeconds(30));
     }
 }
 
