@@ -59,10 +59,18 @@ public static class PointCommit
                 try { synced.Wait(); } catch (AggregateException) { }
                 throw;
             }
-            // The file is durable before the manifest that makes it a point.
-            synced.GetAwaiter().GetResult();
             if (digests is null) progress.Message($"{point.Disk}: this point records no digests: {headDigestsProblem}; the next full or differential by comparison records them again");
-            return repo.CommitPoint(manifest, digests);
+            try
+            {
+                // The file is durable before the manifest that makes it a point: the manifest and digests are written and
+                // fsynced beside the file's fsync, and renamed into place once it is done.
+                return repo.CommitPoint(manifest, digests, fileDurable: synced);
+            }
+            catch
+            {
+                try { synced.Wait(); } catch (AggregateException) { }
+                throw;
+            }
         }
         catch when (!File.Exists(Path.ChangeExtension(finalPath, ".json")))
         {

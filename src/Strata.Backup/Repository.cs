@@ -182,8 +182,11 @@ public sealed class Repository
     /// manifest's rename on. Both files are written to temporaries and fsynced side by side (one wait for the disk, not
     /// two in a row), then renamed digests first — so the manifest never names digests that are not on disk.
     /// </summary>
+    /// <param name="fileDurable">The backup file's own fsync, when it still runs: the two files are written and fsynced
+    /// beside it (the disk takes all three at once), and renamed only once it is done — a manifest never names a file
+    /// that is not on disk. Its failure is thrown as itself, and nothing is renamed.</param>
     /// <returns>The manifest as written: with its <see cref="BackupManifest.Digests"/> reference when digests were given.</returns>
-    public BackupManifest CommitPoint(BackupManifest m, GranuleDigests? digests)
+    public BackupManifest CommitPoint(BackupManifest m, GranuleDigests? digests, Task? fileDurable = null)
     {
         string dir = DiskDir(m.Disk);
         Directory.CreateDirectory(dir);
@@ -197,7 +200,7 @@ public sealed class Repository
         }
         files.Add((Path.Combine(dir, m.Id + ".json"), m.Serialize()));
         _pointsWhileLocked.Remove(m.Disk);
-        WriteAtomically(files);
+        WriteAtomically(files, fileDurable);
         return m;
     }
 
@@ -300,9 +303,12 @@ public sealed class Repository
     /// <summary>Writes files so that each is seen whole or not at all, and none is renamed into place before all are
     /// on disk: every temporary is written, all are fsynced at once (the waits overlap), then they are renamed in the
     /// order given, and their folders are fsynced.</summary>
-    private static void WriteAtomically(IReadOnlyList<(string Path, byte[] Content)> files)
+    /// <param name="beforeRename">Waited for once the temporaries are on disk, before the first rename (another file's
+    /// fsync that the renamed files must not be seen without); its failure leaves no temporary behind.</param>
+    private static void WriteAtomically(IReadOnlyList<(string Path, byte[] Content)> files, Task? beforeRename = null)
     {
         var streams = new FileStream[files.Count];
+        bool durable = false;
         try
         {
             for (int i = 0; i < files.Count; i++)
@@ -320,10 +326,15 @@ public sealed class Repository
                     TaskCreationOptions.LongRunning, TaskScheduler.Default)).ToArray();
                 Task.WhenAll(flushes).GetAwaiter().GetResult();
             }
+            beforeRename?.GetAwaiter().GetResult();
+            durable = true;
         }
         finally
         {
             foreach (var s in streams) s?.Dispose();
+            if (!durable)
+                foreach (var (path, _) in files)
+                    try { File.Delete(path + ".tmp"); } catch (IOException) { }
         }
         foreach (var (path, _) in files) File.Move(path + ".tmp", path, overwrite: true);
         // The renames themselves: a point exists for a reader at its manifest's rename, after a power cut only once

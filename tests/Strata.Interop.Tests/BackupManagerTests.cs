@@ -438,10 +438,11 @@ public class BackupManagerTests : ScratchDirTest
         Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 
-    /// <summary>The run fsyncs the point's file itself, before the manifest that names it is written: a push target is
-    /// added with cache.no-flush (the source writes its metadata at blockdev-del but does not fsync), and a pull writes
-    /// without flushing. Seen with strace on the real binary: one file per thread, each call timed, so the fsync's end
-    /// on one thread is compared with the manifest's creation on another.</summary>
+    /// <summary>The run fsyncs the point's file itself, before the manifest that names it is renamed into place (it is
+    /// written and fsynced meanwhile, under its temporary name): a push target is added with cache.no-flush (the source
+    /// writes its metadata at blockdev-del but does not fsync), and a pull writes without flushing. Seen with strace on
+    /// the real binary: one file per thread, each call timed, so the fsync's end on one thread is compared with the
+    /// manifest's rename on another.</summary>
     [Theory]
     [InlineData("qsd", "push")]
     [InlineData("strata", "pull")]
@@ -452,7 +453,7 @@ public class BackupManagerTests : ScratchDirTest
         Tools.StrataCmd("backup", "init", Repo).Ok();
         string log = P("strace");
         var run = Tools.StrataStartInfo("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--mode", mode, "--nbd", src.NbdPath, Repo);
-        string[] traced = ["-ff", "-qq", "-ttt", "-T", "-o", log, "-e", "trace=fsync,fdatasync,open,openat,close", run.FileName, .. run.ArgumentList];
+        string[] traced = ["-ff", "-qq", "-ttt", "-T", "-o", log, "-e", "trace=fsync,fdatasync,open,openat,close,rename,renameat,renameat2", run.FileName, .. run.ArgumentList];
         Tools.Run("strace", traced).Ok();
         string dir = Path.Combine(Repo, "vda");
         string id = Path.GetFileNameWithoutExtension(Directory.GetFiles(dir, "*.json").Single());
@@ -461,9 +462,9 @@ public class BackupManagerTests : ScratchDirTest
         var threads = Directory.GetFiles(Dir, "strace.*").Select(f => File.ReadAllLines(f).Select(l => call.Match(l)).Where(m => m.Success)
             .Select(m => (Start: double.Parse(m.Groups[1].Value), Name: m.Groups[2].Value, Args: m.Groups[3].Value, Result: m.Groups[4].Value,
                 End: double.Parse(m.Groups[1].Value) + double.Parse(m.Groups[5].Value))).ToList()).ToList();
-        double manifestCreated = threads.SelectMany(t => t).Where(c => c.Name.StartsWith("open") && c.Args.Contains($"\"{Path.Combine(dir, id)}.json.tmp\""))
+        double manifestRenamed = threads.SelectMany(t => t).Where(c => c.Name.StartsWith("rename") && c.Args.Contains($"\"{Path.Combine(dir, id)}.json.tmp\""))
             .Select(c => c.Start).DefaultIfEmpty(double.NaN).Min();
-        Assert.False(double.IsNaN(manifestCreated), "the manifest was never created");
+        Assert.False(double.IsNaN(manifestRenamed), "the manifest was never renamed into place");
         // The point's file (under its partial name then) opened for writing by this tool, then fsynced through that
         // descriptor, on any thread, before the descriptor was closed.
         string point = $"\"{Path.Combine(dir, id)}.qcow2";
@@ -473,7 +474,7 @@ public class BackupManagerTests : ScratchDirTest
                 .Where(c => c.Name is "fsync" or "fdatasync" && c.Args == o.Result && c.Result == "0"))
             .Select(c => c.End).ToList();
         Assert.True(fileSynced.Count > 0, $"{point}\" was never fsynced by the run");
-        Assert.True(fileSynced.Min() <= manifestCreated, $"the point's fsync ended at {fileSynced.Min():F6}, after the manifest was created at {manifestCreated:F6}");
+        Assert.True(fileSynced.Min() <= manifestRenamed, $"the point's fsync ended at {fileSynced.Min():F6}, after the manifest was renamed into place at {manifestRenamed:F6}");
         Tools.StrataCmd("backup", "verify", Repo).Ok();
     }
 

@@ -229,6 +229,45 @@ public class RepositoryTests : IDisposable
         Assert.DoesNotContain(Directory.EnumerateFiles(_repo.DiskDir("vda")), f => f.EndsWith(".tmp", StringComparison.Ordinal));
     }
 
+    /// <summary>The manifest and digests are written and fsynced while the backup file's own fsync still runs, and
+    /// renamed into place only once it is done: until then the point does not exist.</summary>
+    [Fact]
+    public async Task APointIsRenamedIntoPlaceOnlyOnceItsFileIsDurable()
+    {
+        var p0 = Point("p0", null, 0, (0, 1));
+        var p1 = p0 with { Id = "p1", Time = T0.AddHours(1), Parent = "p0", Level = "inc" };
+        var digests = new Strata.Formats.Backup.GranuleDigests(8 << 20, 65536);
+        string dir = _repo.DiskDir("vda");
+        var fileSync = new TaskCompletionSource(TaskCreationOptions.RunContinuationsAsynchronously);
+        var commit = Task.Run(() => _repo.CommitPoint(p1, digests, fileDurable: fileSync.Task));
+        var deadline = DateTime.UtcNow.AddSeconds(10);
+        while (!(File.Exists(Path.Combine(dir, "p1.json.tmp")) && File.Exists(Path.Combine(dir, "p1.digests.tmp"))) && DateTime.UtcNow < deadline)
+            Thread.Sleep(5);
+        Assert.True(File.Exists(Path.Combine(dir, "p1.json.tmp")), "the manifest was not written beside the file's fsync");
+        Thread.Sleep(100);
+        Assert.False(commit.IsCompleted);
+        Assert.False(File.Exists(Path.Combine(dir, "p1.json")));
+        Assert.Equal(["p0"], Repository.Open(_dir["repo"]).Points("vda").Select(p => p.Id));
+        fileSync.SetResult();
+        Assert.Equal("p1.digests", (await commit).Digests!.File);
+        Assert.Equal(["p0", "p1"], Repository.Open(_dir["repo"]).Points("vda").Select(p => p.Id));
+        Assert.DoesNotContain(Directory.EnumerateFiles(dir), f => f.EndsWith(".tmp", StringComparison.Ordinal));
+    }
+
+    /// <summary>A backup file whose fsync failed never gets its manifest: the failure comes out as itself and no
+    /// temporary is left behind.</summary>
+    [Fact]
+    public void AFailedFileFsyncCommitsNothingAndLeavesNoTemporaries()
+    {
+        var p0 = Point("p0", null, 0, (0, 1));
+        var p1 = p0 with { Id = "p1", Time = T0.AddHours(1), Parent = "p0", Level = "inc" };
+        var failed = Task.FromException(new IOException("cannot make 'p1.qcow2' durable: Input/output error"));
+        var e = Assert.Throws<IOException>(() => _repo.CommitPoint(p1, new Strata.Formats.Backup.GranuleDigests(8 << 20, 65536), fileDurable: failed));
+        Assert.Contains("Input/output error", e.Message);
+        Assert.Equal(["p0.json", "p0.qcow2"], Directory.EnumerateFiles(_repo.DiskDir("vda")).Select(Path.GetFileName).Order());
+        Assert.Equal(["p0"], _repo.Points("vda").Select(p => p.Id));
+    }
+
     [Fact]
     public void LeftoversOfAnInterruptedRunAreRemovedAndNeverListed()
     {
