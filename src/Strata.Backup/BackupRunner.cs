@@ -68,6 +68,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         /// <summary>A descriptor on the target from its creation to its commit, which fsyncs the file through it (see
         /// <see cref="PointCommit.Commit"/>).</summary>
         public Microsoft.Win32.SafeHandles.SafeFileHandle? Held;
+        /// <summary>The target was made and added to the source early (<see cref="EarlyTarget"/>).</summary>
+        public bool TargetAdded;
     }
 
     /// <summary>
@@ -97,17 +99,87 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         // knows is read here while the source answers them: on two cores, the source needs the other one now.
         var state = SourceBitmaps.Query(source);
         var heads = options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault());
+        // Before anything is made under this run's id: what an interrupted run left (a partial file by any name).
+        foreach (var leftover in repo.CleanLeftovers()) progress.Message($"removed {leftover}, left by an interrupted run");
+        var now = DateTimeOffset.UtcNow;
+        string id = repo.NewId(now);
         var plans = new List<DiskPlan>();
+        var early = EarlyTargets(source, heads, id);
         try
         {
-            return await RunAsync(source, state, heads, plans);
+            return await RunAsync(source, state, heads, id, now, plans, early);
         }
         finally
         {
+            // Any early target the run did not take (it failed first) is gone before the lock is.
+            foreach (var e in early) await DiscardAsync(source, e);
             // None still reading when the lock goes. A failure of theirs was the commit's to report, if it got there.
             foreach (var p in plans)
                 if (p.HeadDigestsRead is { } digests)
                     try { await digests; } catch (Exception) { }
+        }
+    }
+
+    /// <summary>
+    /// A push incremental's target, made and sent to the source before the plan says it is wanted: its size and backing
+    /// file are the last point's, which is what the plan finds nearly always (an incremental on the last point of a
+    /// disk of the same size). Its blockdev-add goes out behind recovery's queries and is answered during the same
+    /// wait, where the run used to make the file and add it one round trip after the plan. A plan that wants anything
+    /// else (a full, a differential, a disk that changed size) or a recovery that changed the source discards it and
+    /// makes its own.
+    /// </summary>
+    private sealed class EarlyTarget
+    {
+        public required string Disk;
+        public required string Path;
+        public required BackupManifest Head;
+        public required Microsoft.Win32.SafeHandles.SafeFileHandle Held;
+        /// <summary>The blockdev-add's reply; faulted when the source refused it.</summary>
+        public required Task<JsonNode?> Added;
+    }
+
+    private List<EarlyTarget> EarlyTargets(QmpSource source, Dictionary<string, BackupManifest?> heads, string id)
+    {
+        var early = new List<EarlyTarget>();
+        if (options.Mode != "push" || options.Level == "full") return early;
+        foreach (var (disk, head) in heads)
+        {
+            if (head is null || !File.Exists(repo.FilePath(head))) continue;
+            string path = PartialPathOf(disk, id);
+            var held = CreateTarget(path, head.VirtualSize, head);
+            var added = source.ExecuteAsync("blockdev-add", TargetBlockdev(FrozenSource.TargetNode(disk), path, source.OnThisHost));
+            // Observed here: a run that fails before it looks at the reply must not leave the failure unobserved.
+            _ = added.ContinueWith(t => t.Exception, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously);
+            early.Add(new EarlyTarget { Disk = disk, Path = path, Head = head, Held = held, Added = added });
+        }
+        return early;
+    }
+
+    /// <summary>An early target's node (if the source added it) and file go.</summary>
+    private static async Task DiscardAsync(QmpSource source, EarlyTarget e)
+    {
+        e.Held.Dispose();
+        try
+        {
+            if (await IsAddedAsync(e)) await SourceBitmaps.DeleteNodeAsync(source, FrozenSource.TargetNode(e.Disk));
+        }
+        catch (Exception x) when (x is QmpException or BackupException)
+        {
+            // Left on a source that is gone or refuses: the next run's recovery removes a node of that name.
+        }
+        File.Delete(e.Path);
+    }
+
+    private static async Task<bool> IsAddedAsync(EarlyTarget e)
+    {
+        try
+        {
+            await e.Added;
+            return true;
+        }
+        catch (QmpException)
+        {
+            return false;
         }
     }
 
@@ -135,16 +207,27 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     private async Task<IReadOnlyList<BackupManifest>> RunAsync(QmpSource source, SourceBitmaps.SourceState state,
-        Dictionary<string, BackupManifest?> heads, List<DiskPlan> plans)
+        Dictionary<string, BackupManifest?> heads, string id, DateTimeOffset now, List<DiskPlan> plans, List<EarlyTarget> early)
     {
         var nodes = await SourceBitmaps.RecoverAsync(source, state, heads.ToDictionary(h => h.Key, h => h.Value?.Bitmap), repo.BitmapPrefix, progress);
-        foreach (var leftover in repo.CleanLeftovers()) progress.Message($"removed {leftover}, left by an interrupted run");
-
-        var now = DateTimeOffset.UtcNow;
-        string id = repo.NewId(now);
         foreach (string disk in options.Disks) await PlanAsync(source, disk, id, nodes, heads[disk], plans);
         // A differential reads the frozen disk itself: the run pulls.
         _mode = plans.Any(p => p.Differential) ? "pull" : options.Mode;
+        // Early targets the plan does not want go now, before a target of their path is made. A recovery that changed
+        // the source may have removed them (it removes nodes by their name), or failed to add them (a node of that
+        // name was still there): none is taken then.
+        foreach (var e in early.ToList())
+        {
+            var p = plans.First(p => p.Disk == e.Disk);
+            if (nodes is not null && _mode == "push" && p.Incremental && !p.Differential && p.Head == e.Head && p.Node.VirtualSize == e.Head.VirtualSize
+                && p.PartialPath == e.Path && await IsAddedAsync(e))
+            {
+                p.Held = e.Held;
+                p.TargetAdded = true;
+            }
+            else await DiscardAsync(source, e);
+            early.Remove(e);
+        }
         foreach (var p in plans)
             progress.Message($"{p.Disk}: {(p.Incremental ? $"incremental on {p.Head!.Id}" : "full")} ({_mode}){(p.Note is null ? "" : " — " + p.Note)}");
 
@@ -210,7 +293,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Differential = differential,
             NewBitmap = repo.BitmapPrefix + id,
             FinalName = id + ".qcow2",
-            PartialPath = Path.Combine(dir, id + ".qcow2" + Repository.PartialSuffix),
+            PartialPath = PartialPathOf(disk, id),
         };
         plans.Add(plan);
         if (differential)
@@ -221,25 +304,50 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         else if (options.Level == "auto" && !inc && head is not null) plan.Note = "full because " + why;
     }
 
-    private void CreateTarget(DiskPlan p, string path, bool withBacking)
+    private string PartialPathOf(string disk, string id) => Path.Combine(repo.DiskDir(disk), id + ".qcow2" + Repository.PartialSuffix);
+
+    /// <summary>Makes a point's file: a qcow2 of <paramref name="size"/> bytes backed by the last point (an incremental's
+    /// <paramref name="head"/>) or by nothing; returns a descriptor on it, opened before the source or this tool writes
+    /// a byte of data, held until the commit fsyncs through it.</summary>
+    private Microsoft.Win32.SafeHandles.SafeFileHandle CreateTarget(string path, long size, BackupManifest? head)
     {
         var create = new Qcow2CreateOptions
         {
-            Size = p.Node.VirtualSize,
+            Size = size,
             ClusterSize = PointClusterSize,
             // qcow2 v3: zeros stay zero clusters over the backing file (a v2 image without a backing file at hand, as the
             // source opens this one, would unmap them, and the last point would show through).
             Version = 3,
-            BackingFile = withBacking && p.Incremental ? p.Head!.File : null,
-            BackingFormat = withBacking && p.Incremental ? "qcow2" : null,
+            BackingFile = head?.File,
+            BackingFormat = head is null ? null : "qcow2",
             // Not fsynced here: the partial file is deleted unless the run succeeds, and before it is committed the
             // writer's last flush (QEMU's at blockdev-del in push mode, ours at the end of a pull) makes the whole file
             // durable, header included. Two fsyncs fewer on the clock of every run.
             Durable = false,
         };
         Qcow2Image.Create(path, create).Dispose();
-        // Opened before the source or this tool writes a byte of data, held until the commit fsyncs through it.
-        p.Held = File.OpenHandle(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
+        return File.OpenHandle(path, FileMode.Open, FileAccess.ReadWrite, FileShare.ReadWrite | FileShare.Delete);
+    }
+
+    private void CreateTarget(DiskPlan p) => p.Held = CreateTarget(p.PartialPath, p.Node.VirtualSize, p.Incremental ? p.Head : null);
+
+    /// <summary>The push target's blockdev-add: the partial file as a qcow2 node of its own.</summary>
+    private JsonObject TargetBlockdev(string node, string path, bool onThisHost)
+    {
+        // cache.no-flush: the source writes the qcow2 metadata at blockdev-del but leaves the fsync to this tool, which
+        // does it while it hashes the file (the partial file is thrown away unless the run commits it). Given on both
+        // nodes: QEMU passes a parent's cache modes to an inline child, older strata daemons did not. Only for a
+        // source on this host: another host's writes to shared storage are not made durable by an fsync here.
+        var cache = new JsonObject { ["no-flush"] = onThisHost };
+        JsonNode file = new JsonObject { ["driver"] = "file", ["filename"] = path, ["cache"] = cache.DeepClone() };
+        if (options.InjectTargetErrno is { } errno)
+            file = new JsonObject { ["driver"] = "blkdebug", ["image"] = file, ["inject-error"] = new JsonArray(new JsonObject { ["event"] = "write_aio", ["errno"] = errno }) };
+        // backing: null. The job writes whole clusters (QEMU's copy size is at least the target's cluster size, and a
+        // target without a backing is what it sizes for) and zeroes as zero clusters, so it never reads the target's
+        // backing file; opened, the whole chain would be: every point of the chain, each a qcow2 to open and lock,
+        // 7 ms of blockdev-add for a chain of 30 against 1 ms for the file alone. The header still names the
+        // last point, which is how everything else reads the chain.
+        return new JsonObject { ["driver"] = "qcow2", ["node-name"] = node, ["cache"] = cache, ["file"] = file, ["backing"] = null };
     }
 
     // ------------------------------------------------------------------ push
@@ -249,24 +357,11 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         var actions = new JsonArray();
         foreach (var p in plans)
         {
-            CreateTarget(p, p.PartialPath, withBacking: true);
-            // cache.no-flush: the source writes the qcow2 metadata at blockdev-del but leaves the fsync to this tool, which
-            // does it while it hashes the file (the partial file is thrown away unless the run commits it). Given on both
-            // nodes: QEMU passes a parent's cache modes to an inline child, older strata daemons did not. Only for a
-            // source on this host: another host's writes to shared storage are not made durable by an fsync here.
-            var cache = new JsonObject { ["no-flush"] = source.OnThisHost };
-            JsonNode file = new JsonObject { ["driver"] = "file", ["filename"] = p.PartialPath, ["cache"] = cache.DeepClone() };
-            if (options.InjectTargetErrno is { } errno)
-                file = new JsonObject { ["driver"] = "blkdebug", ["image"] = file, ["inject-error"] = new JsonArray(new JsonObject { ["event"] = "write_aio", ["errno"] = errno }) };
-            // backing: null. The job writes whole clusters (QEMU's copy size is at least the target's cluster size, and a
-            // target without a backing is what it sizes for) and zeroes as zero clusters, so it never reads the target's
-            // backing file; opened, the whole chain would be: every point of the chain, each a qcow2 to open and lock,
-            // 7 ms of blockdev-add for a chain of 30 against 1 ms for the file alone. The header still names the
-            // last point, which is how everything else reads the chain.
-            await source.ExecuteAsync("blockdev-add", new JsonObject
+            if (!p.TargetAdded)
             {
-                ["driver"] = "qcow2", ["node-name"] = p.TargetNode, ["cache"] = cache, ["file"] = file, ["backing"] = null,
-            });
+                CreateTarget(p);
+                await source.ExecuteAsync("blockdev-add", TargetBlockdev(p.TargetNode, p.PartialPath, source.OnThisHost));
+            }
             actions.Add(SourceBitmaps.AddAction(p.Disk, p.NewBitmap, p.Node));
             var backup = new JsonObject { ["job-id"] = p.JobId, ["device"] = p.Disk, ["target"] = p.TargetNode };
             if (p.Incremental)
@@ -326,7 +421,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     private async Task PullDiskAsync(DiskPlan p, string nbd, string? context)
     {
-        CreateTarget(p, p.PartialPath, withBacking: true);
+        CreateTarget(p);
         // A differential against digests writes whole clusters only: the last point (the backing file) stays closed.
         // A differential's plan has waited for them already; any other pull does not need them before its commit.
         var headDigests = p.Differential ? (await HeadDigests(p)).Digests : null;

@@ -575,6 +575,65 @@ public class BackupManagerTests : ScratchDirTest
         AssertRepositorySound();
     }
 
+    /// <summary>A push incremental's target is made and added to the source before the plan, with the last point's
+    /// size and backing. A node of its name still on the source from a killed run makes that add fail; a disk that grew
+    /// makes the plan want something else (no incremental with --level inc, a full with auto). Either way the run ends
+    /// with no node of its own on the source and no partial file in the repository, and its point is right.</summary>
+    [Theory]
+    [InlineData("qsd")]
+    [InlineData("strata")]
+    public async Task AnEarlyTargetThePlanDoesNotTakeLeavesNothingBehind(string kind)
+    {
+        using var src = SourceWithAFull(kind);
+        await using (var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath))
+            await qmp.ExecuteAsync("blockdev-add", JsonNode.Parse("""{"driver":"null-co","node-name":"strata-tgt-vda","size":33554432}"""));
+        await src.GuestWritesAsync("vda", 11);
+        await src.CopyAsync("vda", P("vda-1.raw"));
+        var inc = Run(src, Repo, "push", "--disk", "vda", "--level", "inc").Single();
+        Assert.Equal("inc", inc.GetProperty("level").GetString());
+        AssertRestores("vda", inc.GetProperty("id").GetString()!, P("vda-1.raw"));
+        await AssertNoNodeOfTheRunAsync(src);
+
+        await using (var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath))
+        {
+            // The guest's export shares no resize: it goes while the disk grows (its removal may take a moment).
+            await qmp.ExecuteAsync("block-export-del", JsonNode.Parse("""{"id":"guest-vda"}"""));
+            for (int attempt = 0; ; attempt++)
+            {
+                try
+                {
+                    await qmp.ExecuteAsync("block_resize", JsonNode.Parse("""{"node-name":"vda","size":50331648}"""));
+                    break;
+                }
+                catch (QmpException) when (attempt < 100)
+                {
+                    await Task.Delay(20);
+                }
+            }
+            await qmp.ExecuteAsync("block-export-add", JsonNode.Parse("""{"type":"nbd","id":"guest-vda","node-name":"vda","name":"vda","writable":true}"""));
+        }
+        var refused = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--level", "inc", Repo);
+        Assert.Equal(1, refused.Exit);
+        Assert.Contains("changed size", refused.Stderr);
+        await AssertNoNodeOfTheRunAsync(src);
+        AssertEveryFileCheckedClean();
+
+        await src.CopyAsync("vda", P("vda-2.raw"));
+        var full = Run(src, Repo, "push", "--disk", "vda").Single();
+        Assert.Equal("full", full.GetProperty("level").GetString());
+        Assert.Contains("changed size", full.GetProperty("note").GetString());
+        AssertRestores("vda", full.GetProperty("id").GetString()!, P("vda-2.raw"));
+        await AssertNoNodeOfTheRunAsync(src);
+        AssertRepositorySound();
+    }
+
+    private static async Task AssertNoNodeOfTheRunAsync(BackupSourceProcess src)
+    {
+        await using var qmp = await QmpClient.ConnectUnixAsync(src.QmpPath);
+        var nodes = (await qmp.ExecuteAsync("query-named-block-nodes"))!.AsArray().Select(n => n!["node-name"]!.GetValue<string>()).ToList();
+        Assert.DoesNotContain(nodes, n => n.StartsWith("strata-", StringComparison.Ordinal));
+    }
+
     /// <summary>A disk of 32 KiB clusters whose first 64 KiB become a zero cluster beside a never-written one: two
     /// zero runs inside one 64 KiB copy unit. The target (opened without its backing chain) must still get the whole
     /// unit as zeros, or the chain would read the last point's data there. QEMU copies a zero run shorter than its
