@@ -268,6 +268,23 @@ public class RepositoryTests : IDisposable
         Assert.Equal(["p0"], _repo.Points("vda").Select(p => p.Id));
     }
 
+    /// <summary>A run kept out by the lock names the holder's pid. The holder writes it over the last holder's in place
+    /// (no truncation), and the refused run reads it past the exclusive flock that .NET's own file reading waits for.</summary>
+    [Fact]
+    public void ALockTakenByAnotherRunIsRefusedWithTheHoldersPid()
+    {
+        string lockFile = Path.Combine(_dir["repo"], "lock");
+        File.WriteAllText(lockFile, "4194304999999\n");
+        using (_repo.Lock())
+        {
+            var refused = Assert.Throws<BackupException>(() => Repository.Open(_dir["repo"]).Lock());
+            Assert.Contains($"locked by another run (pid {Environment.ProcessId})", refused.Message);
+            Assert.Equal(BackupExitCodes.Locked, refused.ExitCode);
+        }
+        Assert.Equal(Environment.ProcessId.ToString(), File.ReadAllLines(lockFile)[0].Trim());
+        using (Repository.Open(_dir["repo"]).Lock()) { }
+    }
+
     [Fact]
     public void LeftoversOfAnInterruptedRunAreRemovedAndNeverListed()
     {
