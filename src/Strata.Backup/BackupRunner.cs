@@ -99,15 +99,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         // knows is read here while the source answers them: on two cores, the source needs the other one now.
         var state = SourceBitmaps.Query(source);
         var heads = options.Disks.ToDictionary(d => d, d => repo.Points(d).LastOrDefault());
-        // Before anything is made under this run's id: what an interrupted run left (a partial file by any name).
-        foreach (var leftover in repo.CleanLeftovers()) progress.Message($"removed {leftover}, left by an interrupted run");
-        var now = DateTimeOffset.UtcNow;
-        string id = repo.NewId(now);
+        string id = repo.NewId(DateTimeOffset.UtcNow);
         var plans = new List<DiskPlan>();
-        var early = EarlyTargets(source, heads, id);
+        var early = new List<EarlyTarget>();
         try
         {
-            return await RunAsync(source, state, heads, id, now, plans, early);
+            AddEarlyTargets(source, heads, id, early);
+            return await RunAsync(source, state, heads, id, plans, early);
         }
         finally
         {
@@ -138,24 +136,57 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         public required Task<JsonNode?> Added;
     }
 
-    private List<EarlyTarget> EarlyTargets(QmpSource source, Dictionary<string, BackupManifest?> heads, string id)
+    /// <summary>Makes the early targets, into a list the caller cleans up whatever happens. A disk whose target cannot be
+    /// made here gets none: its plan makes its own, and reports what stops it.</summary>
+    private void AddEarlyTargets(QmpSource source, Dictionary<string, BackupManifest?> heads, string id, List<EarlyTarget> early)
     {
-        var early = new List<EarlyTarget>();
-        if (options.Mode != "push" || options.Level == "full") return early;
+        if (options.Mode != "push" || options.Level == "full") return;
         foreach (var (disk, head) in heads)
         {
             if (head is null || !File.Exists(repo.FilePath(head))) continue;
             string path = PartialPathOf(disk, id);
-            var held = CreateTarget(path, head.VirtualSize, head);
+            Microsoft.Win32.SafeHandles.SafeFileHandle? held = null;
+            try
+            {
+                // A new file even where a killed run of the same second left its partial one: that run's job may still
+                // write into its file until recovery cancels it. Removed, the old file is no longer this path's.
+                File.Delete(path);
+                held = CreateTarget(path, head.VirtualSize, head);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException or BlockException)
+            {
+                held?.Dispose();
+                DeleteQuietly(path);
+                continue;
+            }
             var added = source.ExecuteAsync("blockdev-add", TargetBlockdev(FrozenSource.TargetNode(disk), path, source.OnThisHost));
             // Observed here: a run that fails before it looks at the reply must not leave the failure unobserved.
             _ = added.ContinueWith(t => t.Exception, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously);
             early.Add(new EarlyTarget { Disk = disk, Path = path, Head = head, Held = held, Added = added });
         }
-        return early;
     }
 
-    /// <summary>An early target's node (if the source added it) and file go.</summary>
+    /// <summary>Early targets the plan does not want go, before a target of their path is made; the others become their
+    /// disk's push target. A recovery that changed the source may have removed them (it removes nodes by their name),
+    /// or their add failed (a node of that name was still there): none is taken then.</summary>
+    private async Task TakeEarlyTargetsAsync(QmpSource source, List<DiskPlan> plans, List<EarlyTarget> early, bool recoveryChangedSource)
+    {
+        foreach (var e in early.ToList())
+        {
+            var p = plans.First(p => p.Disk == e.Disk);
+            if (!recoveryChangedSource && _mode == "push" && p.Incremental && !p.Differential && p.Head == e.Head && p.Node.VirtualSize == e.Head.VirtualSize
+                && p.PartialPath == e.Path && await IsAddedAsync(e))
+            {
+                p.Held = e.Held;
+                p.TargetAdded = true;
+            }
+            else await DiscardAsync(source, e);
+            early.Remove(e);
+        }
+    }
+
+    /// <summary>An early target's node (if the source added it) and file go. Never throws: it runs on the way out of
+    /// failed runs too.</summary>
     private static async Task DiscardAsync(QmpSource source, EarlyTarget e)
     {
         e.Held.Dispose();
@@ -167,7 +198,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         {
             // Left on a source that is gone or refuses: the next run's recovery removes a node of that name.
         }
-        File.Delete(e.Path);
+        DeleteQuietly(e.Path);
+    }
+
+    /// <summary>A file of this run removed; one that cannot be is a leftover the next run removes.</summary>
+    private static void DeleteQuietly(string path)
+    {
+        try { File.Delete(path); } catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
     }
 
     private static async Task<bool> IsAddedAsync(EarlyTarget e)
@@ -207,27 +244,16 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
 
     private async Task<IReadOnlyList<BackupManifest>> RunAsync(QmpSource source, SourceBitmaps.SourceState state,
-        Dictionary<string, BackupManifest?> heads, string id, DateTimeOffset now, List<DiskPlan> plans, List<EarlyTarget> early)
+        Dictionary<string, BackupManifest?> heads, string id, List<DiskPlan> plans, List<EarlyTarget> early)
     {
         var nodes = await SourceBitmaps.RecoverAsync(source, state, heads.ToDictionary(h => h.Key, h => h.Value?.Bitmap), repo.BitmapPrefix, progress);
+        // After recovery: a leftover job or export of a killed run may have had its files open until then.
+        foreach (var leftover in repo.CleanLeftovers(keep: early.Select(e => e.Path).ToHashSet()))
+            progress.Message($"removed {leftover}, left by an interrupted run");
+        var now = DateTimeOffset.UtcNow;
         foreach (string disk in options.Disks) await PlanAsync(source, disk, id, nodes, heads[disk], plans);
         // A differential reads the frozen disk itself: the run pulls.
         _mode = plans.Any(p => p.Differential) ? "pull" : options.Mode;
-        // Early targets the plan does not want go now, before a target of their path is made. A recovery that changed
-        // the source may have removed them (it removes nodes by their name), or failed to add them (a node of that
-        // name was still there): none is taken then.
-        foreach (var e in early.ToList())
-        {
-            var p = plans.First(p => p.Disk == e.Disk);
-            if (nodes is not null && _mode == "push" && p.Incremental && !p.Differential && p.Head == e.Head && p.Node.VirtualSize == e.Head.VirtualSize
-                && p.PartialPath == e.Path && await IsAddedAsync(e))
-            {
-                p.Held = e.Held;
-                p.TargetAdded = true;
-            }
-            else await DiscardAsync(source, e);
-            early.Remove(e);
-        }
         foreach (var p in plans)
             progress.Message($"{p.Disk}: {(p.Incremental ? $"incremental on {p.Head!.Id}" : "full")} ({_mode}){(p.Note is null ? "" : " — " + p.Note)}");
 
@@ -237,6 +263,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         {
             try
             {
+                await TakeEarlyTargetsAsync(source, plans, early, recoveryChangedSource: nodes is null);
                 if (_mode == "push") await PushAsync(source, plans);
                 else await PullAsync(source, plans);
                 ok = true;
@@ -248,6 +275,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                     // Keep every bitmap able to produce a correct next incremental, drop the unfinished files.
                     foreach (var p in plans)
                         await SourceBitmaps.RollBackAsync(source, p.Disk, p.NewBitmap, p.Incremental && !p.Differential ? p.Head!.Bitmap : null, progress);
+                    foreach (var p in plans.Where(p => p.TargetAdded))
+                        try { await SourceBitmaps.DeleteNodeAsync(source, p.TargetNode); } catch (BackupException) { }
                     foreach (var p in plans) File.Delete(p.PartialPath);
                 }
             }
@@ -320,9 +349,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             Version = 3,
             BackingFile = head?.File,
             BackingFormat = head is null ? null : "qcow2",
-            // Not fsynced here: the partial file is deleted unless the run succeeds, and before it is committed the
-            // writer's last flush (QEMU's at blockdev-del in push mode, ours at the end of a pull) makes the whole file
-            // durable, header included. Two fsyncs fewer on the clock of every run.
+            // Not fsynced here: the partial file is deleted unless the run succeeds, and the commit fsyncs the whole
+            // file, header included, through the descriptor returned here. Two fsyncs fewer on the clock of every run.
             Durable = false,
         };
         Qcow2Image.Create(path, create).Dispose();
@@ -354,6 +382,19 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
 
     private async Task PushAsync(QmpSource source, List<DiskPlan> plans)
     {
+        try
+        {
+            await PushJobsAsync(source, plans);
+        }
+        finally
+        {
+            // Every target node of the run goes, the jobs' and any added before a failure (one never added is not found).
+            foreach (var p in plans) await SourceBitmaps.DeleteNodeAsync(source, p.TargetNode);
+        }
+    }
+
+    private async Task PushJobsAsync(QmpSource source, List<DiskPlan> plans)
+    {
         var actions = new JsonArray();
         foreach (var p in plans)
         {
@@ -374,25 +415,18 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
             else backup["sync"] = "full";
             actions.Add(SourceBitmaps.Action("blockdev-backup", backup));
         }
-        try
+        int mark = source.EventMark;
+        await SourceBitmaps.TransactionAsync(source, actions);
+        // Read while the job runs: the commit needs them.
+        foreach (var p in plans) _ = HeadDigests(p);
+        foreach (var p in plans) progress.Start(p.Disk, p.Node.VirtualSize);
+        var outcomes = await source.WaitJobsAsync(plans.Select(p => p.JobId), mark, async () =>
         {
-            int mark = source.EventMark;
-            await SourceBitmaps.TransactionAsync(source, actions);
-            // Read while the job runs: the commit needs them.
-            foreach (var p in plans) _ = HeadDigests(p);
-            foreach (var p in plans) progress.Start(p.Disk, p.Node.VirtualSize);
-            var outcomes = await source.WaitJobsAsync(plans.Select(p => p.JobId), mark, async () =>
-            {
-                foreach (var (jobId, _, offset, len) in await source.JobsAsync())
-                    if (plans.FirstOrDefault(p => p.JobId == jobId) is { } p) { progress.Start(p.Disk, len); progress.Advance(p.Disk, offset); }
-            });
-            foreach (var p in plans) progress.Finish(p.Disk);
-            ThrowIfAnyFailed(plans, outcomes);
-        }
-        finally
-        {
-            foreach (var p in plans) await SourceBitmaps.DeleteNodeAsync(source, p.TargetNode);
-        }
+            foreach (var (jobId, _, offset, len) in await source.JobsAsync())
+                if (plans.FirstOrDefault(p => p.JobId == jobId) is { } p) { progress.Start(p.Disk, len); progress.Advance(p.Disk, offset); }
+        });
+        foreach (var p in plans) progress.Finish(p.Disk);
+        ThrowIfAnyFailed(plans, outcomes);
     }
 
     private static void ThrowIfAnyFailed(List<DiskPlan> plans, IReadOnlyDictionary<string, JobOutcome> outcomes)

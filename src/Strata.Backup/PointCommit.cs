@@ -10,9 +10,10 @@ public sealed record PointFacts(string Id, string Disk, DateTimeOffset Time, boo
 
 /// <summary>
 /// The last step of every point, whatever its source (QMP, libvirt, offline): the finished file takes its final
-/// name, its manifest is filled from the file (sizes, SHA-256s), its granule digests are written (read from the disk
-/// by a differential, or built from the file's own layer over the last point's), and only then is the manifest
-/// written — the point exists from that write on.
+/// name, its manifest is filled from the file (sizes, SHA-256s), its granule digests are computed (read from the disk
+/// by a differential, or built from the file's own layer over the last point's), and the digests and manifest are
+/// written and fsynced beside the file's own fsync, then renamed into place once the file is durable — the point
+/// exists from the manifest's rename on.
 /// </summary>
 public static class PointCommit
 {

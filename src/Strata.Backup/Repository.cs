@@ -250,7 +250,8 @@ public sealed class Repository
 
     /// <summary>Removes what an interrupted run left: partial backup files, fleecing images, half-written files and
     /// digests files that no manifest names (the run died before its manifest was written).</summary>
-    public IReadOnlyList<string> CleanLeftovers()
+    /// <param name="keep">Files (full paths) the calling run has made already, which are not leftovers.</param>
+    public IReadOnlyList<string> CleanLeftovers(IReadOnlySet<string>? keep = null)
     {
         var removed = new List<string>();
         foreach (var disk in Disks())
@@ -259,6 +260,7 @@ public sealed class Repository
             foreach (var f in Directory.EnumerateFiles(DiskDir(disk)))
             {
                 string name = Path.GetFileName(f);
+                if (keep is not null && keep.Contains(f)) continue;
                 if (name.EndsWith(PartialSuffix, StringComparison.Ordinal) || name.StartsWith(FleecePrefix, StringComparison.Ordinal) || name.EndsWith(".tmp", StringComparison.Ordinal)
                     || name.EndsWith(DigestsSuffix, StringComparison.Ordinal) && !named.Contains(name))
                 {

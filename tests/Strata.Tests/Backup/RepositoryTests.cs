@@ -229,8 +229,8 @@ public class RepositoryTests : IDisposable
         Assert.DoesNotContain(Directory.EnumerateFiles(_repo.DiskDir("vda")), f => f.EndsWith(".tmp", StringComparison.Ordinal));
     }
 
-    /// <summary>The manifest and digests are written and fsynced while the backup file's own fsync still runs, and
-    /// renamed into place only once it is done: until then the point does not exist.</summary>
+    /// <summary>The manifest and digests are written while the backup file's own fsync still runs (and fsynced: not seen
+    /// here), and renamed into place only once it is done: until then the point does not exist.</summary>
     [Fact]
     public async Task APointIsRenamedIntoPlaceOnlyOnceItsFileIsDurable()
     {
