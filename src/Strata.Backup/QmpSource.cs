@@ -34,6 +34,9 @@ public sealed class QmpSource : IAsyncDisposable
     /// so an fsync made here covers its writes. Over TCP it may be another host sharing the storage.</summary>
     public bool OnThisHost { get; }
 
+    /// <summary>The QEMU version the source's greeting gives, once a command has completed (null if none).</summary>
+    public Version? ServerVersion => _qmp.ServerVersion;
+
     private QmpSource(QmpClient qmp, string address, bool onThisHost)
     {
         _qmp = qmp;

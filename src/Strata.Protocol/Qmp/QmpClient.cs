@@ -30,6 +30,11 @@ public sealed class QmpClient : IAsyncDisposable
     /// <see cref="QmpGreetingException"/> for a server that is not QMP, the server's error for a refused negotiation.
     /// Commands need not wait for it (each checks it), but a caller about to do something it cannot take back can.</summary>
     public Task Negotiated => _negotiation;
+    /// <summary>The QEMU version the server's greeting gives (strata daemon gives the one whose QMP it answers); null
+    /// before the greeting has been read, or when it names none. Set before any reply is delivered, so it is known
+    /// once <see cref="Negotiated"/> or any command has completed.</summary>
+    public Version? ServerVersion => _serverVersion;
+    private volatile Version? _serverVersion;
     /// <summary>Why the connection ended, once it has (under the lock of <see cref="_pending"/>).</summary>
     private Exception? _closed;
 
@@ -143,6 +148,7 @@ public sealed class QmpClient : IAsyncDisposable
                 try { _socket.Shutdown(SocketShutdown.Both); } catch (Exception) { }
                 return;
             }
+            _serverVersion = GreetingVersion(hello);
             while (await _reader.ReadLineAsync() is { } line)
             {
                 if (line.Length == 0) continue;
@@ -190,6 +196,15 @@ public sealed class QmpClient : IAsyncDisposable
             }
         }
     }
+
+    /// <summary>QMP.version.qemu {major, minor, micro} of a greeting, when all three are whole numbers.</summary>
+    internal static Version? GreetingVersion(JsonNode greeting) =>
+        greeting["QMP"]?["version"]?["qemu"] is JsonObject v
+        && v["major"] is JsonValue major && major.TryGetValue<int>(out int ma) && ma >= 0
+        && v["minor"] is JsonValue minor && minor.TryGetValue<int>(out int mi) && mi >= 0
+        && v["micro"] is JsonValue micro && micro.TryGetValue<int>(out int mc) && mc >= 0
+            ? new Version(ma, mi, mc)
+            : null;
 
     /// <summary>What a command gets once the connection has ended for <paramref name="reason"/>.</summary>
     private static Exception Failure(Exception reason) => reason switch

@@ -38,6 +38,35 @@ public class QmpClientNegotiationTests
     }
 
     [Fact]
+    public async Task TheGreetingsQemuVersionIsKnownOnceACommandHasCompleted()
+    {
+        await WithServer(async (input, send) =>
+        {
+            await input.ReadLineAsync();
+            await input.ReadLineAsync();
+            await send(Greeting.Replace("\"major\":7,\"minor\":2", "\"major\":9,\"minor\":1"));
+            await send("{\"return\":{},\"id\":1}");
+            await send("{\"return\":{},\"id\":2}");
+            await input.ReadLineAsync();
+        }, async path =>
+        {
+            await using var client = await QmpClient.ConnectUnixAsync(path).WaitAsync(TimeSpan.FromSeconds(20));
+            await client.ExecuteAsync("query-version").WaitAsync(TimeSpan.FromSeconds(20));
+            Assert.Equal(new Version(9, 1, 0), client.ServerVersion);
+        });
+    }
+
+    [Theory]
+    [InlineData("{\"QMP\":{\"version\":{\"qemu\":{\"micro\":22,\"minor\":2,\"major\":7},\"package\":\"Debian\"},\"capabilities\":[\"oob\"]}}", "7.2.22")]
+    [InlineData("{\"QMP\":{\"version\":{\"qemu\":{\"micro\":0,\"minor\":0,\"major\":6}},\"capabilities\":[]}}", "6.0.0")]
+    [InlineData("{\"QMP\":{\"capabilities\":[]}}", null)]
+    [InlineData("{\"QMP\":{\"version\":{\"qemu\":{\"major\":\"7\",\"minor\":2,\"micro\":0}}}}", null)]
+    [InlineData("{\"QMP\":{\"version\":{\"qemu\":{\"major\":-1,\"minor\":2,\"micro\":0}}}}", null)]
+    [InlineData("{\"QMP\":{\"version\":{\"qemu\":[7,2,0]}}}", null)]
+    public void AGreetingsVersionIsReadOnlyWhenItIsThreeWholeNumbers(string greeting, string? version) =>
+        Assert.Equal(version is null ? null : Version.Parse(version), QmpClient.GreetingVersion(System.Text.Json.Nodes.JsonNode.Parse(greeting)!));
+
+    [Fact]
     public async Task ARefusedNegotiationFailsTheCommandsBehindIt()
     {
         await WithServer(async (input, send) =>
