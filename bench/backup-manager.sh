@@ -10,6 +10,8 @@
 #    push run by the native AOT build (published first, see common.sh; NO_NATIVE=1 leaves it out)
 #  - full, then 1 % of the 64 KiB clusters rewritten through the daemon's NBD export, then the incremental
 #  - repository size after a full + 5 incrementals at 1 % each, against 6 full copies
+#  - HAND_COPY_RANGE=1 adds hand-cr: the by-hand backup with x-perf.use-copy-range=true, the copy offload strata
+#    backup asks of a QEMU of 6.0 or later (QEMU's default is off), paired in the same run
 # Usage: bench/backup-manager.sh [SIZE_MIB] [RUNS]    (needs qemu-img, qemu-io, qemu-storage-daemon, python3)
 #        NO_STRATA_SOURCE=1 skips the runs against strata daemon; DROP_CACHES=1 drops the page cache before every
 #        timed step (off by default: the figures are page-cache figures, like the other benches here)
@@ -30,7 +32,7 @@ sync
 
 cat > "$dir/qmp.py" <<'PY'
 # by hand over QMP: full SOCK TARGET SIZE | inc SOCK TARGET BACKING SIZE OLD NEW | clear SOCK NODE
-import json, socket, subprocess, sys, time
+import json, os, socket, subprocess, sys, time
 cmd, sock = sys.argv[1], sys.argv[2]
 t0 = time.monotonic()
 s = socket.socket(socket.AF_UNIX); s.connect(sock); f = s.makefile("rwb"); f.readline()
@@ -56,6 +58,7 @@ def backup(target, size, backing, old, new):
     qmp("blockdev-add", driver="qcow2", **{"node-name": "tgt", "file": {"driver": "file", "filename": target}})
     job = {"job-id": "job", "device": "d0", "target": "tgt", "sync": "full"}
     if old: job.update({"sync": "bitmap", "bitmap": old, "bitmap-mode": "never"})
+    if os.environ.get("XPERF_COPY_RANGE") == "1": job["x-perf"] = {"use-copy-range": True}
     qmp("transaction", actions=[
         {"type": "block-dirty-bitmap-add", "data": {"node": "d0", "name": new, "persistent": True}},
         {"type": "blockdev-backup", "data": job}])
@@ -98,11 +101,12 @@ dirty() { # SEED: rewrite 1 % of the 64 KiB clusters (random, seeded) through th
 }
 timed() { local t0 t1; t0=$(date +%s.%N); "$@" >/dev/null; t1=$(date +%s.%N); python3 -c "print('%.3f' % ($t1 - $t0))"; }
 row() { echo -e "$1\t$2\t$3\t$4" | tee -a "$dir/rows.tsv"; }
-by_hand() { # SCENARIO(full|inc1) RUN ARGS...: rows hand (the script's own timer) and hand-process (timed from outside)
-    local scenario=$1 r=$2 t0 t1 t; shift 2
-    t0=$(date +%s.%N); t=$(python3 "$dir/qmp.py" "${scenario%1}" "$qmp" "$@"); t1=$(date +%s.%N)
-    row "$scenario" hand "$r" "$t"
-    row "$scenario" hand-process "$r" "$(python3 -c "print('%.3f' % ($t1 - $t0))")"
+by_hand() { # IMPL(hand|hand-cr) SCENARIO(full|inc1) RUN ARGS...: rows IMPL (the script's own timer) and IMPL-process (timed from outside)
+    local impl=$1 scenario=$2 r=$3 t0 t1 t cr=0; shift 3
+    [[ $impl == hand-cr ]] && cr=1
+    t0=$(date +%s.%N); t=$(XPERF_COPY_RANGE=$cr python3 "$dir/qmp.py" "${scenario%1}" "$qmp" "$@"); t1=$(date +%s.%N)
+    row "$scenario" "$impl" "$r" "$t"
+    row "$scenario" "$impl-process" "$r" "$(python3 -c "print('%.3f' % ($t1 - $t0))")"
 }
 
 # one full + one 1 % incremental per implementation: IMPL(hand|push|pull|push-strata-src) RUN
@@ -111,10 +115,10 @@ one() {
     [[ $impl == push-strata-src ]] && src=strata
     [[ $impl == push-native ]] && STRATA=$STRATA_NATIVE
     start "$src" "$impl$r"; mkdir -p "$out"
-    if [[ $impl == hand ]]; then
-        settle; by_hand full "$r" "$out/full.qcow2" "$bytes"
+    if [[ $impl == hand* ]]; then
+        settle; by_hand "$impl" full "$r" "$out/full.qcow2" "$bytes"
         dirty $((r * 10 + 1))
-        settle; by_hand inc1 "$r" "$out/inc.qcow2" "$out/full.qcow2" "$bytes" b0 b1
+        settle; by_hand "$impl" inc1 "$r" "$out/inc.qcow2" "$out/full.qcow2" "$bytes" b0 b1
         ((r > 0)) || qemu-img compare -q -U -f qcow2 -F qcow2 "$out/inc.qcow2" "$dir/src.qcow2"   # the baseline is right
     else
         local extra=(); [[ $impl == pull ]] && extra=(--mode pull --nbd "$nbd")
@@ -130,7 +134,7 @@ one() {
     stop; rm -rf "$out"
 }
 
-impls=(hand push pull); [[ -n $STRATA_NATIVE ]] && impls+=(push-native); [[ ${NO_STRATA_SOURCE:-0} == 1 ]] || impls+=(push-strata-src)
+impls=(hand push pull); [[ ${HAND_COPY_RANGE:-0} == 1 ]] && impls+=(hand-cr); [[ -n $STRATA_NATIVE ]] && impls+=(push-native); [[ ${NO_STRATA_SOURCE:-0} == 1 ]] || impls+=(push-strata-src)
 echo -e "scenario\timpl\trun\tseconds"
 for ((r = 0; r < RUNS; r++)); do
     k=$((r % ${#impls[@]})); order=("${impls[@]:k}" "${impls[@]:0:k}")
@@ -164,12 +168,14 @@ import statistics, sys, collections
 t = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
     s, impl, r, sec = line.rstrip("\n").split("\t"); t[(s, impl)][int(r)] = float(sec)
-print("scenario\timpl\tmedian s\tmin\tmax\tratio to by hand (median of pairs)\tratio to by hand as a process")
+cr = any(impl == "hand-cr" for _, impl in t)
+print("scenario\timpl\tmedian s\tmin\tmax\tratio to by hand (median of pairs)\tratio to by hand as a process" + ("\tratio to hand-cr" if cr else ""))
 def ratio(s, impl, runs, base):
     ref = t.get((s, base), {})
     pairs = [runs[r] / ref[r] for r in runs if r in ref and ref[r] > 0]
     return "%.2f" % statistics.median(pairs) if pairs and not impl.startswith("hand") else "-"
 for (s, impl), runs in t.items():
     v = list(runs.values())
-    print("%s\t%s\t%.3f\t%.3f\t%.3f\t%s\t%s" % (s, impl, statistics.median(v), min(v), max(v), ratio(s, impl, runs, "hand"), ratio(s, impl, runs, "hand-process")))
+    print("%s\t%s\t%.3f\t%.3f\t%.3f\t%s\t%s" % (s, impl, statistics.median(v), min(v), max(v), ratio(s, impl, runs, "hand"), ratio(s, impl, runs, "hand-process"))
+          + ("\t" + ratio(s, impl, runs, "hand-cr") if cr else ""))
 PY

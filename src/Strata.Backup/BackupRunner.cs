@@ -405,7 +405,8 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         // byte-identical. Where the kernel refuses (the repository on another filesystem, an encrypted or compressed
         // source cluster), QEMU falls back to read and write for that chunk and the rest of the job by itself. QEMU's
         // default is off (it is not faster on every storage); strata daemon takes the member and copies its own way.
-        bool copyRange = source.ServerVersion >= XPerfSince;
+        // Only where the call copies rather than clones (CopyOffload): a point must not share blocks with the disk.
+        bool copyRange = source.OnThisHost && source.ServerVersion >= XPerfSince && CopyOffload.Copies(repo.Root);
         var actions = new JsonArray();
         foreach (var p in plans)
         {

@@ -32,6 +32,8 @@ public class PushCopyOffloadTests : ScratchDirTest
         try
         {
             Assert.NotEqual(Tools.Run("stat", "-c", "%d", Dir).Ok().Stdout.Trim(), Tools.Run("stat", "-c", "%d", elsewhere).Ok().Stdout.Trim());
+            Assert.True(Strata.Backup.CopyOffload.Copies(Dir) && Strata.Backup.CopyOffload.Copies(elsewhere),
+                "copy offload is asked for only on ext2/3/4, tmpfs and f2fs: this test needs its scratch folder on one");
             using var src = new BackupSourceProcess("qsd", Dir, ["vda"], daemonOptions: Traced);
             string repo = P("repo"), other = Path.Combine(elsewhere, "repo");
             Tools.StrataCmd("backup", "init", repo).Ok();
