@@ -16,14 +16,32 @@ public static class ImageDigest
     /// <summary>Data extents are hashed in pieces of at most this size, so that verify can say where damage is.</summary>
     public const int PieceSize = 4 << 20;
 
-    /// <summary>The layer's extents; <paramref name="granules"/>, when given, is fed every range in the same pass (the
-    /// data read once for both). <paramref name="knownSha256"/> gives the SHA-256 of a one-cluster data piece by its
-    /// host offset when it is already known (<see cref="Describe"/>: from its block of the file), so it is not read.</summary>
+    /// <summary>The manifest format <see cref="Describe"/> writes. Format 3: a data piece's digest is the SHA-256 of
+    /// the concatenated SHA-256s of its 64 KiB slices, the last one shorter (<see cref="PieceDigest"/>), as the file's
+    /// is of its blocks; format 2 and 1 (the SHA-256 of the piece's bytes) are still read and verified.</summary>
+    public const int ManifestFormat = 3;
+
+    /// <summary>A data piece's digest in manifest format 3: the SHA-256 of the SHA-256s of its 64 KiB slices in order,
+    /// the last one shorter. A piece that is whole blocks of the file gets it from their hashes, without a read.</summary>
+    public static byte[] PieceDigest(ReadOnlySpan<byte> data)
+    {
+        var slices = new byte[(data.Length + BlockSize - 1) / BlockSize * SHA256.HashSizeInBytes];
+        for (int i = 0; i * BlockSize < data.Length; i++)
+            SHA256.HashData(data.Slice(i * BlockSize, Math.Min(BlockSize, data.Length - i * BlockSize)), slices.AsSpan(i * SHA256.HashSizeInBytes, SHA256.HashSizeInBytes));
+        return SHA256.HashData(slices);
+    }
+
+    /// <summary>The layer's extents with their digests in manifest format <paramref name="format"/>;
+    /// <paramref name="granules"/>, when given, is fed every range in the same pass (the data read once for both).
+    /// <paramref name="knownSha256"/> gives the SHA-256 of a 64 KiB block of the image's own file by its host offset
+    /// when it is already known (<see cref="Describe"/>): a data piece that is one such block, or (format 3) whole
+    /// blocks of them in order, takes its digest and its granules' from there and is not read.</summary>
     /// <param name="layer">The layer's extents as <see cref="Layer"/> gave them, when the caller has walked it already.</param>
     public static List<ExtentDigest> TopLayer(BlockImage image, GranuleDigestBuilder? granules = null, IReadOnlyDictionary<long, byte[]>? knownSha256 = null,
-        IEnumerable<LayerExtent>? layer = null)
+        IEnumerable<LayerExtent>? layer = null, int format = ManifestFormat)
     {
         var result = new List<ExtentDigest>();
+        bool sliced = format >= 3;
         // Rented at the first piece that is read: a sparse incremental's pieces are all known by their blocks' hashes.
         // Native memory, as the hashing buffers are: a 4 MiB managed array lands on the large object heap, whose first
         // few megabytes of allocations set off a full, compacting collection in the middle of the commit.
@@ -38,38 +56,26 @@ public static class ImageDigest
                     case LayerState.Data when knownSha256 is not null && IsBlockOfTheFile(ext, len) && knownSha256.TryGetValue(ext.HostOffset, out var known)
                                               && (granules is null || granules.IsWholeGranule(pos, len)):
                         granules?.WholeGranule(pos, len, known);
-                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(known)));
+                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(sliced ? SHA256.HashData(known) : known)));
+                        break;
+                    case LayerState.Data when sliced && knownSha256 is not null && AreBlocksOfTheFile(ext, len) && KnownBlocks(ext, len, knownSha256) is { } blocks
+                                              && (granules is null || granules.IsWholeGranule(pos, BlockSize)):
+                        // Whole blocks of the file: the piece's digest and its granules' come from the blocks' hashes.
+                        var list = new byte[blocks.Length * SHA256.HashSizeInBytes];
+                        for (int i = 0; i < blocks.Length; i++)
+                        {
+                            blocks[i].CopyTo(list, i * SHA256.HashSizeInBytes);
+                            granules?.WholeGranule(pos + (long)i * BlockSize, BlockSize, blocks[i]);
+                        }
+                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(SHA256.HashData(list))));
                         break;
                     case LayerState.Data:
                         lease ??= AlignedBuffers.Rent(PieceSize);
                         var buffer = lease.Memory;
                         var span = buffer.Span[..(int)len];
                         image.Read(pos, span);
-                        byte[] pieceHash;
-                        if (granules is null) pieceHash = SHA256.HashData(span);
-                        else if (granules.IsWholeGranule(pos, len))
-                        {
-                            // One granule, one hash: a piece that is exactly a granule (every piece of a sparse
-                            // incremental) gives the granule its digest from the piece's own SHA-256.
-                            pieceHash = SHA256.HashData(span);
-                            granules.WholeGranule(pos, len, pieceHash);
-                        }
-                        else
-                        {
-                            // Two hashes of the same bytes, on two cores.
-                            int n = (int)len;
-                            var piece = Task.Run(() => SHA256.HashData(buffer.Span[..n]));
-                            try
-                            {
-                                granules.Data(pos, span);
-                            }
-                            finally
-                            {
-                                // Never return the buffer to the pool while the other hash still reads it.
-                                pieceHash = piece.GetAwaiter().GetResult();
-                            }
-                        }
-                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(pieceHash)));
+                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(
+                            sliced ? SlicedPiece(buffer[..(int)len], pos, granules) : PlainPiece(buffer[..(int)len], pos, granules))));
                         break;
                     case LayerState.Unallocated:
                         granules?.Unallocated(pos, len);
@@ -89,6 +95,79 @@ public static class ImageDigest
             lease?.Dispose();
         }
         return result;
+    }
+
+    /// <summary>Format 3 of a piece that was read: its 64 KiB slices hashed on two cores, the granules fed from those
+    /// hashes when they are the slices (the piece starts at a granule of 64 KiB), else from the bytes.</summary>
+    private static byte[] SlicedPiece(Memory<byte> piece, long pos, GranuleDigestBuilder? granules)
+    {
+        int n = (piece.Length + BlockSize - 1) / BlockSize;
+        var slices = new byte[n * SHA256.HashSizeInBytes];
+        void Hash(int from, int to)
+        {
+            var data = piece.Span;
+            for (int i = from; i < to; i++)
+                SHA256.HashData(data.Slice(i * BlockSize, Math.Min(BlockSize, data.Length - i * BlockSize)), slices.AsSpan(i * SHA256.HashSizeInBytes, SHA256.HashSizeInBytes));
+        }
+        // One slice: hashed here; more: the second half on another core.
+        int half = n > 1 ? n / 2 : n;
+        var other = half < n ? Task.Run(() => Hash(half, n)) : Task.CompletedTask;
+        try
+        {
+            Hash(0, half);
+        }
+        finally
+        {
+            // Never return the buffer to the pool while the other half still reads it.
+            other.GetAwaiter().GetResult();
+        }
+        if (granules is not null)
+        {
+            if (piece.Length % BlockSize == 0 && granules.IsWholeGranule(pos, BlockSize))
+                for (int i = 0; i < n; i++) granules.WholeGranule(pos + (long)i * BlockSize, BlockSize, slices.AsSpan(i * SHA256.HashSizeInBytes, SHA256.HashSizeInBytes));
+            else
+                granules.Data(pos, piece.Span);
+        }
+        return SHA256.HashData(slices);
+    }
+
+    /// <summary>Formats 1 and 2 of a piece that was read: the SHA-256 of its bytes, beside its granules' on another core.</summary>
+    private static byte[] PlainPiece(Memory<byte> piece, long pos, GranuleDigestBuilder? granules)
+    {
+        if (granules is null) return SHA256.HashData(piece.Span);
+        if (granules.IsWholeGranule(pos, piece.Length))
+        {
+            // One granule, one hash: the granule's digest from the piece's own SHA-256.
+            var hash = SHA256.HashData(piece.Span);
+            granules.WholeGranule(pos, piece.Length, hash);
+            return hash;
+        }
+        var whole = Task.Run(() => SHA256.HashData(piece.Span));
+        try
+        {
+            granules.Data(pos, piece.Span);
+        }
+        finally
+        {
+            // Never return the buffer to the pool while the other hash still reads it.
+            whole.Wait();
+        }
+        return whole.GetAwaiter().GetResult();
+    }
+
+    /// <summary>A data piece that is whole blocks of the file, in order: whole clusters, uncompressed, at a block
+    /// boundary (a host-contiguous run: a layer extent with a host offset is one).</summary>
+    private static bool AreBlocksOfTheFile(LayerExtent ext, long len) =>
+        len > 0 && len % BlockSize == 0 && ext.Offset % BlockSize == 0 && ext.HostOffset >= 0 && ext.HostOffset % BlockSize == 0
+        && !ext.Compressed && !ext.ZeroOverData;
+
+    /// <summary>The hashes of the piece's blocks in order, when every one is known.</summary>
+    private static byte[][]? KnownBlocks(LayerExtent ext, long len, IReadOnlyDictionary<long, byte[]> knownSha256)
+    {
+        var blocks = new byte[len / BlockSize][];
+        for (int i = 0; i < blocks.Length; i++)
+            if (!knownSha256.TryGetValue(ext.HostOffset + (long)i * BlockSize, out blocks[i]!)) return null;
+        return blocks;
     }
 
     /// <summary>The image's own layer from its start to its end, in extents of at most <see cref="PieceSize"/> (the
@@ -262,14 +341,16 @@ public static class ImageDigest
 
     public static long DataBytes(IEnumerable<ExtentDigest> extents) => extents.Where(e => e.Kind == ExtentDigest.Data).Sum(e => e.Length);
 
-    /// <summary>At most this many one-cluster pieces take their SHA-256 from the file's blocks (40 bytes each held
-    /// meanwhile); the others are read and hashed on their own.</summary>
+    /// <summary>At most this many blocks' hashes are kept for the pieces (about 100 bytes each held meanwhile: a full of
+    /// 64 GiB of data); past them, pieces are read and their granules hashed as they are read.</summary>
     private const int MaxKeptBlocks = 1 << 20;
 
-    /// <summary>The manifest (format 2) with the facts of its file as it is now: extents, bytes copied, size and
+    /// <summary>The manifest (format 3, <see cref="ManifestFormat"/>) with the facts of its file as it is now: extents, bytes copied, size and
     /// digest; <paramref name="granules"/>, when given, is fed the file's layer in the same pass. The file's blocks
     /// are hashed first, on every core; a data piece that is one block of the file (every piece of a sparse
-    /// incremental) takes its SHA-256 from there, so such a file is read and hashed once.</summary>
+    /// incremental) takes its SHA-256 from there, so such a file is read and hashed once. So does a piece of several
+    /// blocks (a full's), in format 3, with its granules: a 1 GiB full was hashed three times over in format 2 (its
+    /// blocks; then each piece on one core and its granules on the other), now once.</summary>
     public static BackupManifest Describe(BackupManifest m, string path, GranuleDigestBuilder? granules = null)
     {
         using var image = ImageOpener.OpenSingle(path, "qcow2", readOnly: true);
@@ -280,14 +361,18 @@ public static class ImageDigest
         var wanted = new HashSet<long>();
         if (StoresDataAsIs(image))
             foreach (var ext in layer)
-                // A whole block only: a cluster cut short by the file's end reads as zero-padded, its block is shorter.
-                if (wanted.Count < MaxKeptBlocks && ext.State == LayerState.Data && IsBlockOfTheFile(ext, ext.Length) && ext.HostOffset + BlockSize <= fileLength)
-                    wanted.Add(ext.HostOffset);
+            {
+                // Whole blocks only: a cluster cut short by the file's end reads as zero-padded, its block is shorter.
+                if (ext.State != LayerState.Data || wanted.Count >= MaxKeptBlocks) continue;
+                if (IsBlockOfTheFile(ext, ext.Length) && ext.HostOffset + BlockSize <= fileLength) wanted.Add(ext.HostOffset);
+                else if (AreBlocksOfTheFile(ext, ext.Length) && ext.HostOffset + ext.Length <= fileLength)
+                    for (long at = 0; at < ext.Length && wanted.Count < MaxKeptBlocks; at += BlockSize) wanted.Add(ext.HostOffset + at);
+            }
         var (digest, kept) = FileBlockDigest(file, wanted);
         var extents = TopLayer(image, granules, kept, layer);
         return m with
         {
-            Format = 2,
+            Format = ManifestFormat,
             Extents = extents,
             CopiedBytes = DataBytes(extents),
             FileSize = fileLength,

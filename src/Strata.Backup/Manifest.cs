@@ -5,7 +5,9 @@ using System.Text.Json.Serialization;
 
 namespace Strata.Backup;
 
-/// <summary>What one backed-up range of a backup file holds: data with its SHA-256, or zeros.</summary>
+/// <summary>What one backed-up range of a backup file holds: data with its digest, or zeros. The digest of data is
+/// the SHA-256 of its bytes in manifest formats 1 and 2, the SHA-256 of its 64 KiB slices' SHA-256s in format 3
+/// (<see cref="ImageDigest.PieceDigest"/>).</summary>
 public sealed record ExtentDigest(long Offset, long Length, string Kind, string? Sha256)
 {
     public const string Data = "data", Zero = "zero";
@@ -21,6 +23,8 @@ public sealed record DigestsReference(string File, long Granularity, string Sha2
 /// </summary>
 public sealed record BackupManifest
 {
+    /// <summary>1, 2 or 3: how the file's digest and the extents' are defined (see <see cref="FileDigest"/>,
+    /// <see cref="ExtentDigest"/>).</summary>
     public int Format { get; init; } = 1;
     /// <summary>The backup run's id; every disk of one run shares it (one point in time).</summary>
     public required string Id { get; init; }
@@ -46,7 +50,7 @@ public sealed record BackupManifest
     public required long FileSize { get; init; }
     /// <summary>Format 1: the SHA-256 of the whole file (none in format 2).</summary>
     public string? FileSha256 { get; init; }
-    /// <summary>Format 2: the SHA-256 of the concatenated SHA-256s of the file's 64 KiB blocks, the last one shorter
+    /// <summary>Formats 2 and 3: the SHA-256 of the concatenated SHA-256s of the file's 64 KiB blocks, the last one shorter
     /// (<see cref="ImageDigest.FileBlockDigest"/>). Its blocks are hashed on every core, and a data piece that is
     /// one cluster takes its SHA-256 from its block's: an incremental's file is hashed once, not twice.</summary>
     public string? FileDigest { get; init; }

@@ -83,9 +83,15 @@ public static class Verifier
             problems.Add($"the backup file {p.File} is missing");
             return problems;
         }
+        if (p.Format > ImageDigest.ManifestFormat)
+        {
+            // Its digests are defined in a way this version does not know: checked here, they would all look damaged.
+            problems.Add($"its manifest is format {p.Format}, newer than this strata reads (up to {ImageDigest.ManifestFormat}): verify it with a newer strata");
+            return problems;
+        }
         long size = new FileInfo(path).Length;
         if (size != p.FileSize) problems.Add($"{p.File} is {size} bytes, the manifest says {p.FileSize}");
-        // Format 2 records the digest of the file's 64 KiB blocks, format 1 the SHA-256 of the whole file.
+        // Formats 2 and 3 record the digest of the file's 64 KiB blocks, format 1 the SHA-256 of the whole file.
         bool blocks = p.Format >= 2;
         var wholeFile = Task.Run(() => blocks ? ImageDigest.FileBlockDigest(path) : ImageDigest.FileSha256(path));
         string? recorded = blocks ? p.FileDigest : p.FileSha256;
@@ -117,7 +123,7 @@ public static class Verifier
             }
             // Every stored extent re-read against its checksum (beside the whole-file hash): this says where damage is.
             var builder = image.Size == p.VirtualSize ? digests.BuilderFor(p) : null;
-            var now = ImageDigest.TopLayer(image, builder);
+            var now = ImageDigest.TopLayer(image, builder, format: p.Format);
             if (wholeFile.GetAwaiter().GetResult() != recorded) problems.Insert(0, HashMismatch(p));
             HashSet<ExtentDigest>? expected = null;
             try

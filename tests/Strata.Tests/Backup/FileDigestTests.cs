@@ -72,7 +72,7 @@ public class FileDigestTests : IDisposable
     };
 
     [Fact]
-    public void APiecesSha256FromItsBlockIsTheSha256OfItsBytes()
+    public void APiecesDigestFromItsBlocksIsTheDigestOfItsBytes()
     {
         string full = Image("full.qcow2", null, (0, 4 << 20, 0x11));
         // One-cluster pieces (taken from their blocks), written out of order so that their host clusters are not in
@@ -89,34 +89,80 @@ public class FileDigestTests : IDisposable
         List<ExtentDigest> read;
         using (var i = ImageOpener.OpenSingle(inc, "qcow2", readOnly: true)) read = ImageDigest.TopLayer(i, byReading);
 
-        Assert.Equal(2, described.Format);
+        Assert.Equal(3, described.Format);
         Assert.Null(described.FileSha256);
         Assert.Equal(Expected(File.ReadAllBytes(inc)), described.FileDigest);
         Assert.Equal(read, described.Extents);
         Assert.Contains(described.Extents, e => e is { Offset: 5L << 20, Length: 65536, Kind: ExtentDigest.Data }
-            && e.Sha256 == Convert.ToHexStringLower(SHA256.HashData(Enumerable.Repeat((byte)0x21, 65536).ToArray())));
+            && e.Sha256 == Expected(Enumerable.Repeat((byte)0x21, 65536).ToArray()));
+        Assert.Contains(described.Extents, e => e is { Offset: 6L << 20, Length: 3 * 65536, Kind: ExtentDigest.Data }
+            && e.Sha256 == Expected(Enumerable.Repeat((byte)0x24, 3 * 65536).ToArray()));
+        Assert.Empty(fromBlocks.Finish().Differences(byReading.Finish()));
+    }
+
+    /// <summary>A full of random data (no two clusters alike) in pieces of several blocks, four MiB and shorter, and
+    /// a last cluster cut short by the disk's end: the granules take their digests from the blocks' hashes, the
+    /// pieces are hashed after the walk on every core, and both agree with the plain reading of the layer.</summary>
+    [Fact]
+    public void AFullsMultiBlockPiecesAgreeWithReadingTheLayer()
+    {
+        const long size = (10L << 20) + 4096 + 512;
+        string path = _dir["full.qcow2"];
+        Qcow2Image.Create(path, new Qcow2CreateOptions { Size = size }).Dispose();
+        var random = new Random(19);
+        using (var image = ImageOpener.Open(path, "qcow2", readOnly: false))
+        {
+            // Out of guest order, so that host clusters and guest clusters do not line up throughout.
+            foreach (var (offset, length) in new[] { (6L << 20, 1 << 20), (0L, 5 << 20), (8L << 20, (2 << 20) + 4096 + 512), (5L << 20, 65536) })
+            {
+                var bytes = new byte[length];
+                random.NextBytes(bytes);
+                image.Write(offset, bytes);
+            }
+            image.WriteZeroes(7L << 20, 3 * 65536, mayUnmap: false);
+        }
+        var fromBlocks = new GranuleDigestBuilder(size, 65536, null);
+        var described = ImageDigest.Describe(Blank("full.qcow2", inc: false) with { VirtualSize = size }, path, fromBlocks);
+        var byReading = new GranuleDigestBuilder(size, 65536, null);
+        List<ExtentDigest> read;
+        using (var f = ImageOpener.OpenSingle(path, "qcow2", readOnly: true)) read = ImageDigest.TopLayer(f, byReading);
+
+        Assert.Equal(read, described.Extents);
+        Assert.Contains(described.Extents, e => e is { Kind: ExtentDigest.Data, Length: 4 << 20 });
+        using (var f = ImageOpener.OpenSingle(path, "qcow2", readOnly: true))
+            foreach (var e in described.Extents.Where(e => e.Kind == ExtentDigest.Data))
+            {
+                var bytes = new byte[e.Length];
+                f.Read(e.Offset, bytes);
+                Assert.Equal(Expected(bytes), e.Sha256);
+            }
+        Assert.Equal(Expected(File.ReadAllBytes(path)), described.FileDigest);
         Assert.Empty(fromBlocks.Finish().Differences(byReading.Finish()));
     }
 
     [Fact]
-    public void VerifyChecksAFormat2FileByItsBlocksAndAFormat1FileByItsSha256()
+    public void VerifyChecksFormats2And3ByTheFilesBlocksAndAFormat1FileByItsSha256()
     {
         var repo = Repository.Init(_dir["repo"]);
         Directory.CreateDirectory(repo.DiskDir("vda"));
-        foreach (var (id, format) in new[] { ("new", 2), ("old", 1) })
+        foreach (var (id, format) in new[] { ("new", 3), ("mid", 2), ("old", 1) })
         {
             string path = Path.Combine(repo.DiskDir("vda"), id + ".qcow2");
             File.Copy(Image(id + "-src.qcow2", null, (0, 65536, 0x31), (2L << 20, 2 * 65536, 0x32)), path);
             var m = ImageDigest.Describe(Blank(id + ".qcow2", inc: false) with { Id = id, Disk = "vda", Time = DateTimeOffset.UnixEpoch.AddHours(format) }, path);
-            if (format == 1)
+            if (format < 3)
             {
-                // As an earlier version wrote it: the whole file's SHA-256, the same extents.
-                m = m with { Format = 1, FileDigest = null, FileSha256 = ImageDigest.FileSha256(path) };
+                // As an earlier version wrote it: each piece's SHA-256 of its bytes and, in format 1, the whole file's.
+                using (var image = ImageOpener.OpenSingle(path, "qcow2", readOnly: true))
+                    m = m with { Format = format, Extents = ImageDigest.TopLayer(image, format: format) };
+                Assert.Contains(m.Extents, e => e is { Offset: 2L << 20, Kind: ExtentDigest.Data }
+                    && e.Sha256 == Convert.ToHexStringLower(SHA256.HashData(Enumerable.Repeat((byte)0x32, 2 * 65536).ToArray())));
+                if (format == 1) m = m with { FileDigest = null, FileSha256 = ImageDigest.FileSha256(path) };
             }
             repo.WriteManifest(m);
         }
         Assert.Empty(Verifier.Verify(repo));
-        foreach (string id in new[] { "new", "old" })
+        foreach (string id in new[] { "new", "mid", "old" })
         {
             // One byte of the second data cluster flipped (the file's clusters: header, L1, refcount table and block,
             // L2, then data).
@@ -132,7 +178,20 @@ public class FileDigestTests : IDisposable
         }
         var problems = Verifier.Verify(repo).GroupBy(p => p.Id!).ToDictionary(g => g.Key, g => g.Select(p => p.What).ToList());
         Assert.Equal("new.qcow2 does not match its digest (changed or damaged since it was written)", problems["new"][0]);
+        Assert.Equal("mid.qcow2 does not match its digest (changed or damaged since it was written)", problems["mid"][0]);
         Assert.Equal("old.qcow2 does not match its SHA-256 (changed or damaged since it was written)", problems["old"][0]);
         Assert.All(problems.Values, p => Assert.Contains(p, w => w.StartsWith($"range {2L << 20}+131072 (data) differs from the manifest")));
+    }
+
+    [Fact]
+    public void VerifyLeavesAManifestOfANewerFormatAloneAndSaysSo()
+    {
+        var repo = Repository.Init(_dir["repo"]);
+        Directory.CreateDirectory(repo.DiskDir("vda"));
+        string path = Path.Combine(repo.DiskDir("vda"), "p.qcow2");
+        File.Copy(Image("p-src.qcow2", null, (0, 65536, 0x41)), path);
+        repo.WriteManifest(ImageDigest.Describe(Blank("p.qcow2", inc: false), path) with { Format = ImageDigest.ManifestFormat + 1 });
+        var problem = Assert.Single(Verifier.Verify(repo));
+        Assert.Contains($"format {ImageDigest.ManifestFormat + 1}, newer than this strata reads", problem.What);
     }
 }
