@@ -402,11 +402,13 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         // its own and writing it out, and once a copy has worked, in chunks of up to 16 MiB instead of 1 MiB. Against
         // qemu-storage-daemon 7.2 with source and repository on one filesystem, a 1 % incremental's job (10 MiB) went
         // from 9.4 to 6.8 ms and a 1 GiB full's from 625 to 326 ms (median of 12 and 4 alternating runs), the files
-        // byte-identical. Where the kernel refuses (the repository on another filesystem, an encrypted or compressed
-        // source cluster), QEMU falls back to read and write for that chunk and the rest of the job by itself. QEMU's
-        // default is off (it is not faster on every storage); strata daemon takes the member and copies its own way.
-        // Only where the call copies rather than clones (CopyOffload): a point must not share blocks with the disk.
-        bool copyRange = source.OnThisHost && source.ServerVersion >= XPerfSince && CopyOffload.Copies(repo.Root);
+        // byte-identical. Where it cannot (the kernel refuses a repository on another filesystem; QEMU's block layer
+        // an encrypted image or a compressed cluster), QEMU copies by read and write, for that chunk and the rest of
+        // the job, by itself. QEMU's default is off (since 6.1: it is not faster on every storage); strata daemon takes
+        // the member and copies its own way. Asked only where the call copies rather than clones (CopyOffload, on the
+        // target's own folder): a point must not share blocks with the disk.
+        bool copyRangeKnown = source.OnThisHost && source.ServerVersion >= XPerfSince;
+        bool copyRange = false;
         var actions = new JsonArray();
         foreach (var p in plans)
         {
@@ -425,7 +427,11 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
                 backup["bitmap-mode"] = "never";
             }
             else backup["sync"] = "full";
-            if (copyRange) backup["x-perf"] = new JsonObject { ["use-copy-range"] = true };
+            if (copyRangeKnown && CopyOffload.Copies(Path.GetDirectoryName(p.PartialPath)!))
+            {
+                backup["x-perf"] = new JsonObject { ["use-copy-range"] = true };
+                copyRange = true;
+            }
             actions.Add(SourceBitmaps.Action("blockdev-backup", backup));
         }
         int mark = source.EventMark;
@@ -437,6 +443,7 @@ public sealed class BackupRunner(Repository repo, BackupRunOptions options, IBac
         {
             // A QEMU whose version says x-perf but which refuses it (the member is experimental): a refused
             // transaction did nothing, so the same one goes again without it.
+            progress.Message("the source refused x-perf (copy offload): backing up without it");
             var without = (JsonArray)actions.DeepClone();
             foreach (var action in without) (action!["data"] as JsonObject)?.Remove("x-perf");
             await SourceBitmaps.TransactionAsync(source, without);

@@ -8,8 +8,8 @@ using Strata.Formats.Backup;
 namespace Strata.Backup;
 
 /// <summary>
-/// What a backup file's own layer holds (data and zero ranges, never what it reads through to), with a SHA-256
-/// per data piece, and a SHA-256 of the whole file: the facts a manifest records and verify re-checks.
+/// What a backup file's own layer holds (data and zero ranges, never what it reads through to), with a digest per
+/// data piece, and the whole file's digest: the facts a manifest records and verify re-checks.
 /// </summary>
 public static class ImageDigest
 {
@@ -33,11 +33,11 @@ public static class ImageDigest
 
     /// <summary>The layer's extents with their digests in manifest format <paramref name="format"/>;
     /// <paramref name="granules"/>, when given, is fed every range in the same pass (the data read once for both).
-    /// <paramref name="knownSha256"/> gives the SHA-256 of a 64 KiB block of the image's own file by its host offset
-    /// when it is already known (<see cref="Describe"/>): a data piece that is one such block, or (format 3) whole
-    /// blocks of them in order, takes its digest and its granules' from there and is not read.</summary>
+    /// <paramref name="fileBlockHashes"/> holds the SHA-256s of the first whole 64 KiB blocks of the image's own file,
+    /// one after another, when they are already known (<see cref="Describe"/>): a data piece that is one such block,
+    /// or (format 3) several in order, takes its digest and its granules' from there and is not read.</summary>
     /// <param name="layer">The layer's extents as <see cref="Layer"/> gave them, when the caller has walked it already.</param>
-    public static List<ExtentDigest> TopLayer(BlockImage image, GranuleDigestBuilder? granules = null, IReadOnlyDictionary<long, byte[]>? knownSha256 = null,
+    public static List<ExtentDigest> TopLayer(BlockImage image, GranuleDigestBuilder? granules = null, byte[]? fileBlockHashes = null,
         IEnumerable<LayerExtent>? layer = null, int format = ManifestFormat)
     {
         var result = new List<ExtentDigest>();
@@ -53,22 +53,24 @@ public static class ImageDigest
                 long pos = ext.Offset, len = ext.Length;
                 switch (ext.State)
                 {
-                    case LayerState.Data when knownSha256 is not null && IsBlockOfTheFile(ext, len) && knownSha256.TryGetValue(ext.HostOffset, out var known)
+                    case LayerState.Data when fileBlockHashes is not null && IsBlockOfTheFile(ext, len) && Known(fileBlockHashes, ext.HostOffset, len)
                                               && (granules is null || granules.IsWholeGranule(pos, len)):
+                    {
+                        var known = BlockHashes(fileBlockHashes, ext.HostOffset, len);
                         granules?.WholeGranule(pos, len, known);
                         result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(sliced ? SHA256.HashData(known) : known)));
                         break;
-                    case LayerState.Data when sliced && knownSha256 is not null && AreBlocksOfTheFile(ext, len) && KnownBlocks(ext, len, knownSha256) is { } blocks
+                    }
+                    case LayerState.Data when sliced && fileBlockHashes is not null && AreBlocksOfTheFile(ext, len) && Known(fileBlockHashes, ext.HostOffset, len)
                                               && (granules is null || granules.IsWholeGranule(pos, BlockSize)):
-                        // Whole blocks of the file: the piece's digest and its granules' come from the blocks' hashes.
-                        var list = new byte[blocks.Length * SHA256.HashSizeInBytes];
-                        for (int i = 0; i < blocks.Length; i++)
-                        {
-                            blocks[i].CopyTo(list, i * SHA256.HashSizeInBytes);
-                            granules?.WholeGranule(pos + (long)i * BlockSize, BlockSize, blocks[i]);
-                        }
-                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(SHA256.HashData(list))));
+                    {
+                        // Whole blocks of the file, in order: their hashes, one after another, are the piece's slices'.
+                        var blocks = BlockHashes(fileBlockHashes, ext.HostOffset, len);
+                        for (int i = 0; i * BlockSize < len; i++)
+                            granules?.WholeGranule(pos + (long)i * BlockSize, BlockSize, blocks.Slice(i * SHA256.HashSizeInBytes, SHA256.HashSizeInBytes));
+                        result.Add(new ExtentDigest(pos, len, ExtentDigest.Data, Convert.ToHexStringLower(SHA256.HashData(blocks))));
                         break;
+                    }
                     case LayerState.Data:
                         lease ??= AlignedBuffers.Rent(PieceSize);
                         var buffer = lease.Memory;
@@ -161,14 +163,13 @@ public static class ImageDigest
         len > 0 && len % BlockSize == 0 && ext.Offset % BlockSize == 0 && ext.HostOffset >= 0 && ext.HostOffset % BlockSize == 0
         && !ext.Compressed && !ext.ZeroOverData;
 
-    /// <summary>The hashes of the piece's blocks in order, when every one is known.</summary>
-    private static byte[][]? KnownBlocks(LayerExtent ext, long len, IReadOnlyDictionary<long, byte[]> knownSha256)
-    {
-        var blocks = new byte[len / BlockSize][];
-        for (int i = 0; i < blocks.Length; i++)
-            if (!knownSha256.TryGetValue(ext.HostOffset + (long)i * BlockSize, out blocks[i]!)) return null;
-        return blocks;
-    }
+    /// <summary>Whether the hashes of the blocks from <paramref name="hostOffset"/> (a block boundary) for
+    /// <paramref name="length"/> bytes (whole blocks) are all among the known ones.</summary>
+    private static bool Known(byte[] fileBlockHashes, long hostOffset, long length) =>
+        (hostOffset + length) / BlockSize * SHA256.HashSizeInBytes <= fileBlockHashes.Length;
+
+    private static ReadOnlySpan<byte> BlockHashes(byte[] fileBlockHashes, long hostOffset, long length) =>
+        fileBlockHashes.AsSpan((int)(hostOffset / BlockSize * SHA256.HashSizeInBytes), (int)(length / BlockSize * SHA256.HashSizeInBytes));
 
     /// <summary>The image's own layer from its start to its end, in extents of at most <see cref="PieceSize"/> (the
     /// pieces data is hashed in), each cut at the image's end.</summary>
@@ -202,16 +203,18 @@ public static class ImageDigest
     private const int BlocksPerRun = 4;
 
     /// <summary>
-    /// The file's digest in manifest format 2: the SHA-256 of the concatenated SHA-256s of its 64 KiB blocks, the
+    /// The file's digest in manifest formats 2 and 3: the SHA-256 of the concatenated SHA-256s of its 64 KiB blocks, the
     /// last one shorter (an empty file: the SHA-256 of nothing). The blocks are hashed on every core, 256 KiB at a
-    /// time, in windows whose hashes are then fed in order; the SHA-256s of the blocks at <paramref name="wanted"/>
-    /// (file offsets) are kept and returned.
+    /// time, in windows whose hashes are then fed in order; the SHA-256s of the first <paramref name="keepBlocks"/>
+    /// whole blocks (a last block cut short by the file's end is never kept; at most <see cref="MaxKeptBlocks"/>) are
+    /// returned one after another.
     /// </summary>
-    public static (string Digest, Dictionary<long, byte[]> Kept) FileBlockDigest(SafeFileHandle file, IReadOnlySet<long>? wanted = null)
+    public static (string Digest, byte[] Kept) FileBlockDigest(SafeFileHandle file, long keepBlocks = 0)
     {
         long length = RandomAccess.GetLength(file);
         long blocks = (length + BlockSize - 1) / BlockSize;
-        var kept = new Dictionary<long, byte[]>();
+        keepBlocks = Math.Clamp(keepBlocks, 0, Math.Min(length / BlockSize, MaxKeptBlocks));
+        var kept = new byte[keepBlocks * SHA256.HashSizeInBytes];
         using var outer = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         int workers = Math.Clamp(Environment.ProcessorCount, 1, 8);
         // A window of 64 MiB of blocks at a time: their hashes (32 bytes a block) wait for the window to be done.
@@ -260,10 +263,8 @@ public static class ImageDigest
             Task.WhenAll(others).GetAwaiter().GetResult();
             var window = hashes.AsSpan(0, (int)count * SHA256.HashSizeInBytes);
             outer.AppendData(window);
-            if (wanted is { Count: > 0 })
-                for (long b = 0; b < count; b++)
-                    if (wanted.Contains((first + b) * BlockSize))
-                        kept[(first + b) * BlockSize] = window.Slice((int)b * SHA256.HashSizeInBytes, SHA256.HashSizeInBytes).ToArray();
+            if (first < keepBlocks)
+                window[..(int)(Math.Min(count, keepBlocks - first) * SHA256.HashSizeInBytes)].CopyTo(kept.AsSpan((int)(first * SHA256.HashSizeInBytes)));
         }
         return (Convert.ToHexStringLower(outer.GetHashAndReset()), kept);
     }
@@ -341,9 +342,9 @@ public static class ImageDigest
 
     public static long DataBytes(IEnumerable<ExtentDigest> extents) => extents.Where(e => e.Kind == ExtentDigest.Data).Sum(e => e.Length);
 
-    /// <summary>At most this many blocks' hashes are kept for the pieces (about 100 bytes each held meanwhile: a full of
-    /// 64 GiB of data); past them, pieces are read and their granules hashed as they are read.</summary>
-    private const int MaxKeptBlocks = 1 << 20;
+    /// <summary>At most this many blocks' hashes are kept for the pieces (32 bytes each, held meanwhile: 32 MiB for the
+    /// first 64 GiB of a file); past them, pieces are read and hashed.</summary>
+    public const int MaxKeptBlocks = 1 << 20;
 
     /// <summary>The manifest (format 3, <see cref="ManifestFormat"/>) with the facts of its file as it is now: extents, bytes copied, size and
     /// digest; <paramref name="granules"/>, when given, is fed the file's layer in the same pass. The file's blocks
@@ -356,20 +357,9 @@ public static class ImageDigest
         using var image = ImageOpener.OpenSingle(path, "qcow2", readOnly: true);
         using var file = File.OpenHandle(path);
         long fileLength = RandomAccess.GetLength(file);
-        // Walked once, for the blocks to keep and for the extents.
-        var layer = Layer(image).ToList();
-        var wanted = new HashSet<long>();
-        if (StoresDataAsIs(image))
-            foreach (var ext in layer)
-            {
-                // Whole blocks only: a cluster cut short by the file's end reads as zero-padded, its block is shorter.
-                if (ext.State != LayerState.Data || wanted.Count >= MaxKeptBlocks) continue;
-                if (IsBlockOfTheFile(ext, ext.Length) && ext.HostOffset + BlockSize <= fileLength) wanted.Add(ext.HostOffset);
-                else if (AreBlocksOfTheFile(ext, ext.Length) && ext.HostOffset + ext.Length <= fileLength)
-                    for (long at = 0; at < ext.Length && wanted.Count < MaxKeptBlocks; at += BlockSize) wanted.Add(ext.HostOffset + at);
-            }
-        var (digest, kept) = FileBlockDigest(file, wanted);
-        var extents = TopLayer(image, granules, kept, layer);
+        // Every whole block's hash kept (up to the cap), in one array: a piece's blocks are its host run's.
+        var (digest, kept) = FileBlockDigest(file, StoresDataAsIs(image) ? MaxKeptBlocks : 0);
+        var extents = TopLayer(image, granules, kept);
         return m with
         {
             Format = ManifestFormat,

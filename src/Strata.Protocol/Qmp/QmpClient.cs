@@ -199,7 +199,7 @@ public sealed class QmpClient : IAsyncDisposable
 
     /// <summary>QMP.version.qemu {major, minor, micro} of a greeting, when all three are whole numbers.</summary>
     internal static Version? GreetingVersion(JsonNode greeting) =>
-        greeting["QMP"]?["version"]?["qemu"] is JsonObject v
+        (greeting as JsonObject)?["QMP"] is JsonObject qmp && qmp["version"] is JsonObject version && version["qemu"] is JsonObject v
         && v["major"] is JsonValue major && major.TryGetValue<int>(out int ma) && ma >= 0
         && v["minor"] is JsonValue minor && minor.TryGetValue<int>(out int mi) && mi >= 0
         && v["micro"] is JsonValue micro && micro.TryGetValue<int>(out int mc) && mc >= 0

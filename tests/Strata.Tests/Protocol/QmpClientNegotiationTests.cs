@@ -63,6 +63,8 @@ public class QmpClientNegotiationTests
     [InlineData("{\"QMP\":{\"version\":{\"qemu\":{\"major\":\"7\",\"minor\":2,\"micro\":0}}}}", null)]
     [InlineData("{\"QMP\":{\"version\":{\"qemu\":{\"major\":-1,\"minor\":2,\"micro\":0}}}}", null)]
     [InlineData("{\"QMP\":{\"version\":{\"qemu\":[7,2,0]}}}", null)]
+    [InlineData("{\"QMP\":[]}", null)]
+    [InlineData("{\"QMP\":{\"version\":[7,2,0]}}", null)]
     public void AGreetingsVersionIsReadOnlyWhenItIsThreeWholeNumbers(string greeting, string? version) =>
         Assert.Equal(version is null ? null : Version.Parse(version), QmpClient.GreetingVersion(System.Text.Json.Nodes.JsonNode.Parse(greeting)!));
 
