@@ -162,14 +162,17 @@ public sealed partial class Qcow2Image : BlockImage
     private long ClusterOf(long offset) => offset >> _clusterBits;
 
     /// <summary>L2 entry of a guest cluster (0 when no L2 table). Caller holds the lock.</summary>
-    private ulong GetL2Entry(long guestCluster)
+    private ulong GetL2Entry(long guestCluster) =>
+        L2TableOf(guestCluster) is { } table ? table.Entries[guestCluster % _l2Entries] : 0;
+
+    /// <summary>The L2 table that holds a guest cluster's entry (null when its L1 entry names none). Caller holds the lock.</summary>
+    private L2Table? L2TableOf(long guestCluster)
     {
         long l1Index = guestCluster / _l2Entries;
-        if (l1Index >= _l1.Length) return 0;
+        if (l1Index >= _l1.Length) return null;
         ulong l2Offset = _l1[l1Index] & Qcow2Entry.OffsetMask;
-        if (l2Offset == 0) return 0;
-        var table = LoadL2((long)l2Offset, l1Index);
-        return table.Entries[guestCluster % _l2Entries];
+        if (l2Offset == 0) return null;
+        return LoadL2((long)l2Offset, l1Index);
     }
 
     /// <summary>The mapping of a run of guest bytes with one state and (for data) contiguous host offsets.</summary>
@@ -190,10 +193,19 @@ public sealed partial class Qcow2Image : BlockImage
         long length = Math.Min(_clusterSize - inCluster, maxLength);
         if (kind == L2EntryKind.Compressed)
             return new Run(kind, length, -1, entry);
+        // The table looked up once per L1 entry, not once per cluster: a 4 MiB run of a sparse incremental took 64
+        // cache lookups, and walking a 1 GiB point's layer for its manifest spent a third of its 1.6 ms on them.
+        long tableIndex = cluster / _l2Entries;
+        var table = L2TableOf(cluster);
         while (length < maxLength)
         {
             long next = cluster + (offset + length - (cluster << _clusterBits)) / _clusterSize;
-            ulong e = GetL2Entry(next);
+            if (next / _l2Entries != tableIndex)
+            {
+                tableIndex = next / _l2Entries;
+                table = L2TableOf(next);
+            }
+            ulong e = table is null ? 0 : table.Entries[next % _l2Entries];
             var k = KindOf(e);
             if (NormalizeForRun(k) != NormalizeForRun(kind)) break;
             if (kind == L2EntryKind.Normal && (long)(e & Qcow2Entry.OffsetMask) != host + inCluster + length) break;
