@@ -308,6 +308,34 @@ public sealed partial class HostFile : IDisposable
     /// order they were issued, so crash states can be rebuilt from them (what a power loss may leave).</summary>
     public IHostFileRecorder? Recorder { get; set; }
 
+    /// <summary>Allocates each write's range (fallocate, mode 0) just before writing it. For a file being filled
+    /// for the first time on ext4: a buffered write into allocated (unwritten) blocks skips delayed allocation's
+    /// per-block reservations and extent-status bookkeeping, which took a third of the kernel time of writing a new
+    /// file (perf: ext4_da_get_block_prep, ext4_da_reserve_space, __dquot_alloc_space), and on one inode those
+    /// writes are serial. Turned off by itself where the filesystem refuses.</summary>
+    public bool ReserveBeforeWrite
+    {
+        get => _reserveBeforeWrite;
+        set => _reserveBeforeWrite = value && !ReadOnly;
+    }
+
+    private volatile bool _reserveBeforeWrite;
+
+    /// <summary>Whether <see cref="ReserveBeforeWrite"/> pays for a file at <paramref name="path"/>: measured on
+    /// ext4 only (on tmpfs fallocate would zero pages the write then copies over).</summary>
+    public static bool ReservingPays(string path) =>
+        FileSystemType.Of(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path)) ?? "/") == FileSystemType.Ext;
+
+    private void Reserve(long offset, int length)
+    {
+        // A refusal (a filesystem or an ext3 file without extents) ends the reserving; a lack of space is left to the
+        // write itself to report, with the error a write gives.
+        const int ENOSPC = 28, EDQUOT = 122;
+        if (fallocate((int)_handle.DangerousGetHandle(), 0, offset, length) != 0 &&
+            Marshal.GetLastPInvokeError() is not (ENOSPC or EDQUOT))
+            _reserveBeforeWrite = false;
+    }
+
     public void Write(long offset, ReadOnlySpan<byte> data)
     {
         CachedReads.ThrowIfActive(); // a read that would write (a cache writing back) is no cached-only read
@@ -317,6 +345,7 @@ public sealed partial class HostFile : IDisposable
             throw new BlockException($"'{Path}': write at invalid offset {offset} (corrupt metadata?)");
         Faults?.CheckIo(offset, data.Length);
         _writtenSinceFlush = true;
+        if (_reserveBeforeWrite && data.Length > 0) Reserve(offset, data.Length);
         try
         {
             if (Direct && !Aligned(offset, data.Length, data)) WriteBounced(offset, data);
