@@ -308,31 +308,39 @@ public sealed partial class HostFile : IDisposable
     /// order they were issued, so crash states can be rebuilt from them (what a power loss may leave).</summary>
     public IHostFileRecorder? Recorder { get; set; }
 
-    /// <summary>Allocates each write's range (fallocate, mode 0) just before writing it. For a file being filled
-    /// for the first time on ext4: a buffered write into allocated (unwritten) blocks skips delayed allocation's
-    /// per-block reservations and extent-status bookkeeping, which took a third of the kernel time of writing a new
-    /// file (perf: ext4_da_get_block_prep, ext4_da_reserve_space, __dquot_alloc_space), and on one inode those
-    /// writes are serial. Turned off by itself where the filesystem refuses.</summary>
+    /// <summary>Allocates each write's range (fallocate, mode 0, which also extends the file to the range's end) just
+    /// before writing it. For a file being filled for the first time on ext4: a buffered write into allocated
+    /// (unwritten) blocks skips delayed allocation's per-block reservations and extent-status bookkeeping, which took a
+    /// third of the kernel time of writing a new file (perf: ext4_da_get_block_prep, ext4_da_reserve_space,
+    /// __dquot_alloc_space), and on one inode those writes are serial. Never on for a read-only or O_DIRECT file
+    /// (direct writes allocate as they go, without delayed allocation). A refusal turns it off; a lack of space leaves
+    /// it on and lets the write report the error a write gives.</summary>
     public bool ReserveBeforeWrite
     {
         get => _reserveBeforeWrite;
-        set => _reserveBeforeWrite = value && !ReadOnly;
+        set => _reserveBeforeWrite = value && !ReadOnly && !Direct;
     }
 
     private volatile bool _reserveBeforeWrite;
 
-    /// <summary>Whether <see cref="ReserveBeforeWrite"/> pays for a file at <paramref name="path"/>: measured on
-    /// ext4 only (on tmpfs fallocate would zero pages the write then copies over).</summary>
-    public static bool ReservingPays(string path) =>
-        FileSystemType.Of(System.IO.Path.GetDirectoryName(System.IO.Path.GetFullPath(path)) ?? "/") == FileSystemType.Ext;
+    /// <summary>Ranges reserved so far (tests).</summary>
+    internal long Reservations => Interlocked.Read(ref _reservations);
+
+    private long _reservations;
+
+    /// <summary>Whether <see cref="ReserveBeforeWrite"/> pays for this file: measured on ext4, so the filesystems of
+    /// its magic (ext2/3/4; an ext3 file without extents refuses on the first call). On tmpfs fallocate would zero
+    /// pages that the write then copies over.</summary>
+    public bool ReservingPays => FileSystemType.Of(_handle) == FileSystemType.Ext;
 
     private void Reserve(long offset, int length)
     {
-        // A refusal (a filesystem or an ext3 file without extents) ends the reserving; a lack of space is left to the
-        // write itself to report, with the error a write gives.
-        const int ENOSPC = 28, EDQUOT = 122;
-        if (fallocate((int)_handle.DangerousGetHandle(), 0, offset, length) != 0 &&
-            Marshal.GetLastPInvokeError() is not (ENOSPC or EDQUOT))
+        const int EINTR = 4, ENOSPC = 28, EDQUOT = 122;
+        // Mode 0 extends the file before the data lands: a crash in between leaves a longer file reading zeros there.
+        if (offset + length > Length) Recorder?.SetLength(offset + length);
+        if (fallocate((int)_handle.DangerousGetHandle(), 0, offset, length) == 0)
+            Interlocked.Increment(ref _reservations);
+        else if (Marshal.GetLastPInvokeError() is not (EINTR or ENOSPC or EDQUOT))
             _reserveBeforeWrite = false;
     }
 

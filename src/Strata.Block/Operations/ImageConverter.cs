@@ -60,8 +60,20 @@ public static class ImageConverter
         if (target.Size < total)
             throw new BlockException($"Target is smaller ({target.Size} bytes) than the source ({total} bytes)");
         int chunk = options.Compress ? target.ClusterSize : Math.Max(options.ChunkSize / 512 * 512, 512);
-        if (options.TargetIsZeroed && !options.Compress) ReserveBeforeWrites(target);
+        var reserving = options.TargetIsZeroed && !options.Compress ? ReserveBeforeWrites(target) : [];
+        try
+        {
+            Copy(sources, target, options, chunk);
+        }
+        finally
+        {
+            // Whatever writes the image afterwards (bitmaps, a restore's finishing touches) is no first fill.
+            foreach (var file in reserving) file.ReserveBeforeWrite = false;
+        }
+    }
 
+    private static void Copy(IReadOnlyList<BlockImage> sources, BlockImage target, ConvertOptions options, int chunk)
+    {
         // Planned up front, as qemu-img does, so progress can count the data to copy before copying starts.
         var items = Plan(sources, options, chunk).Where(i => !Skippable(i, options)).ToList();
         long dataTotal = items.Where(i => CountsForProgress(i, options)).Sum(i => i.Length);
@@ -145,9 +157,10 @@ public static class ImageConverter
     }
 
     /// <summary>A fresh target is filled for the first time, so its files get their space reserved just before each
-    /// write (<see cref="HostFile.ReserveBeforeWrite"/>): writes into one file are serial in the kernel, and this made
-    /// them the cheaper part of a convert. Compressed clusters are packed, many to a host cluster, and gain nothing.</summary>
-    private static void ReserveBeforeWrites(BlockImage target)
+    /// write (<see cref="HostFile.ReserveBeforeWrite"/>) while the copy runs: writes into one file are serial in the
+    /// kernel, and this made them the cheaper part of a convert. Compressed clusters are packed, many to a host
+    /// cluster, and gain nothing.</summary>
+    private static List<HostFile> ReserveBeforeWrites(BlockImage target)
     {
         HostFile?[] files = target switch
         {
@@ -155,8 +168,14 @@ public static class ImageConverter
             RawImage r => [r.File],
             _ => [],
         };
+        var reserving = new List<HostFile>();
         foreach (var file in files)
-            if (file is not null && HostFile.ReservingPays(file.Path)) file.ReserveBeforeWrite = true;
+        {
+            if (file is null || !file.ReservingPays) continue;
+            file.ReserveBeforeWrite = true;
+            if (file.ReserveBeforeWrite) reserving.Add(file);
+        }
+        return reserving;
     }
 
     /// <summary>A zero range of a target that already reads as zeros needs no write at all.</summary>
