@@ -37,8 +37,16 @@ public sealed class QmpSource : IAsyncDisposable
     /// <summary>The QEMU version the source's greeting gives, once a command has completed (null if none).</summary>
     public Version? ServerVersion => _qmp.ServerVersion;
 
-    private QmpSource(QmpClient qmp, string address, bool onThisHost)
+    /// <summary>How long a source that accepted the connection may take to greet. QEMU greets at once; one whose monitor
+    /// already has a client (qemu-storage-daemon and QEMU serve one per monitor) leaves the next waiting in its queue
+    /// without a word, and a backup would wait there for good.</summary>
+    public TimeSpan GreetingTimeout { get; }
+
+    public static readonly TimeSpan DefaultGreetingTimeout = TimeSpan.FromSeconds(10);
+
+    private QmpSource(QmpClient qmp, string address, bool onThisHost, TimeSpan greetingTimeout)
     {
+        GreetingTimeout = greetingTimeout;
         _qmp = qmp;
         Address = address;
         OnThisHost = onThisHost;
@@ -53,7 +61,11 @@ public sealed class QmpSource : IAsyncDisposable
     }
 
     /// <summary>Connects to "PATH" (a unix socket) or "HOST:PORT" (TCP).</summary>
-    public static async Task<QmpSource> ConnectAsync(string address, CancellationToken ct = default)
+    public static async Task<QmpSource> ConnectAsync(string address, CancellationToken ct = default) =>
+        await ConnectAsync(address, null, ct);
+
+    /// <summary>Connects as <see cref="ConnectAsync(string, CancellationToken)"/>, with another greeting timeout.</summary>
+    public static async Task<QmpSource> ConnectAsync(string address, TimeSpan? greetingTimeout, CancellationToken ct = default)
     {
         try
         {
@@ -62,7 +74,7 @@ public sealed class QmpSource : IAsyncDisposable
             QmpClient client = tcp
                 ? await QmpClient.ConnectTcpAsync(address[..colon], int.Parse(address[(colon + 1)..]), ct)
                 : await QmpClient.ConnectUnixAsync(address, ct);
-            return new QmpSource(client, address, onThisHost: !tcp);
+            return new QmpSource(client, address, onThisHost: !tcp, greetingTimeout ?? DefaultGreetingTimeout);
         }
         catch (Exception e) when (e is SocketException or IOException)
         {
@@ -77,6 +89,7 @@ public sealed class QmpSource : IAsyncDisposable
     {
         try
         {
+            await Greeted();
             await _qmp.Negotiated;
         }
         catch (QmpGreetingException e)
@@ -93,11 +106,25 @@ public sealed class QmpSource : IAsyncDisposable
         new($"cannot reach QMP at '{Address}': {e.Message}",
             "is the daemon or VM running with a --monitor/-qmp socket there? (qemu-storage-daemon serves one QMP client at a time)", BackupExitCodes.Source);
 
+    /// <summary>Returns once the negotiation has ended (either way), or throws when the source stays silent past
+    /// <see cref="GreetingTimeout"/>. Commands are sent before the greeting arrives; this only bounds the wait.</summary>
+    private async Task Greeted()
+    {
+        var negotiated = _qmp.Negotiated;
+        if (negotiated.IsCompleted) return;
+        if (await Task.WhenAny(negotiated, Task.Delay(GreetingTimeout)) != negotiated)
+            throw new BackupException($"QMP at '{Address}' accepted the connection but sent no greeting within {GreetingTimeout.TotalSeconds:0.#} s",
+                "another client may be connected to its monitor: qemu-storage-daemon and QEMU serve one client per monitor at a time",
+                BackupExitCodes.Source);
+    }
+
     public async Task<JsonNode?> ExecuteAsync(string command, JsonObject? arguments = null)
     {
         try
         {
-            return await _qmp.ExecuteAsync(command, arguments);
+            var reply = _qmp.ExecuteAsync(command, arguments);
+            await Greeted();
+            return await reply;
         }
         catch (QmpGreetingException e)
         {

@@ -401,6 +401,27 @@ public class BackupManagerTests : ScratchDirTest
     }
 
     [Fact]
+    public void ARunWhileAnotherClientHoldsTheMonitorGivesUpInsteadOfWaitingForGood()
+    {
+        // qemu-storage-daemon serves one QMP client per monitor and leaves the next one queued without a greeting.
+        using var src = new BackupSourceProcess("qsd", Dir, ["vda"]);
+        Tools.StrataCmd("backup", "init", Repo).Ok();
+        using (var holder = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified))
+        {
+            holder.Connect(new System.Net.Sockets.UnixDomainSocketEndPoint(src.QmpPath));
+            Assert.True(holder.Receive(new byte[4096]) > 0, "the holder got no greeting");
+            var refused = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", Repo);
+            Assert.Equal(4, refused.Exit);
+            Assert.Contains($"QMP at '{src.QmpPath}' accepted the connection but sent no greeting within 10 s", refused.Stderr);
+            Assert.Contains("another client may be connected to its monitor", refused.Stderr);
+        }
+        // Nothing was left behind: with the monitor free, the same run takes the first full of the chain.
+        var ok = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", "--json", Repo).Ok();
+        Assert.Equal("full", ok.Json()[0].GetProperty("level").GetString());
+        Assert.Single(Directory.GetFiles(Path.Combine(Repo, "vda"), "*.qcow2"));
+    }
+
+    [Fact]
     public async Task BadRequestsGetAMessageAndTheDocumentedExitCode()
     {
         using var src = new BackupSourceProcess("strata", Dir, ["vda"]);

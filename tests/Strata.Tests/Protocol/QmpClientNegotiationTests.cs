@@ -128,4 +128,43 @@ public class QmpClientNegotiationTests
             Assert.Equal(BackupExitCodes.Source, e.ExitCode);
         });
     }
+
+    [Fact]
+    public async Task ABackupSourceThatNeverGreetsIsGivenUpOnAfterTheGreetingTimeout()
+    {
+        // A monitor that already has a client queues the next one without a word (qemu-storage-daemon, QEMU).
+        await WithServer(async (input, send) =>
+        {
+            await input.ReadLineAsync();
+            await input.ReadLineAsync();
+            await input.ReadLineAsync(); // until the client hangs up
+        }, async path =>
+        {
+            await using var source = await QmpSource.ConnectAsync(path, TimeSpan.FromMilliseconds(300)).WaitAsync(TimeSpan.FromSeconds(20));
+            var e = await Assert.ThrowsAsync<BackupException>(() => source.NodesAsync().WaitAsync(TimeSpan.FromSeconds(20)));
+            Assert.Contains($"QMP at '{path}' accepted the connection but sent no greeting within 0.3 s", e.Message);
+            Assert.Contains("another client may be connected to its monitor", e.Hint);
+            Assert.Equal(BackupExitCodes.Source, e.ExitCode);
+            await Assert.ThrowsAsync<BackupException>(() => source.NegotiatedAsync().WaitAsync(TimeSpan.FromSeconds(20)));
+        });
+    }
+
+    [Fact]
+    public async Task ABackupSourceThatGreetsLateButInTimeIsServed()
+    {
+        await WithServer(async (input, send) =>
+        {
+            await input.ReadLineAsync();
+            await input.ReadLineAsync();
+            await Task.Delay(300);
+            await send(Greeting);
+            await send("{\"return\":{},\"id\":1}");
+            await send("{\"return\":[],\"id\":2}");
+            await input.ReadLineAsync();
+        }, async path =>
+        {
+            await using var source = await QmpSource.ConnectAsync(path, TimeSpan.FromSeconds(10)).WaitAsync(TimeSpan.FromSeconds(20));
+            Assert.Empty(await source.NodesAsync().WaitAsync(TimeSpan.FromSeconds(20)));
+        });
+    }
 }
