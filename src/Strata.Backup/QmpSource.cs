@@ -44,9 +44,14 @@ public sealed class QmpSource : IAsyncDisposable
 
     public static readonly TimeSpan DefaultGreetingTimeout = TimeSpan.FromSeconds(10);
 
+    /// <summary>The negotiation, bounded by <see cref="GreetingTimeout"/> from the moment of connecting.</summary>
+    private readonly Task _greeted;
+
     private QmpSource(QmpClient qmp, string address, bool onThisHost, TimeSpan greetingTimeout)
     {
         GreetingTimeout = greetingTimeout;
+        _greeted = qmp.Negotiated.WaitAsync(greetingTimeout);
+        Observe(_greeted);
         _qmp = qmp;
         Address = address;
         OnThisHost = onThisHost;
@@ -106,24 +111,46 @@ public sealed class QmpSource : IAsyncDisposable
         new($"cannot reach QMP at '{Address}': {e.Message}",
             "is the daemon or VM running with a --monitor/-qmp socket there? (qemu-storage-daemon serves one QMP client at a time)", BackupExitCodes.Source);
 
-    /// <summary>Returns once the negotiation has ended (either way), or throws when the source stays silent past
-    /// <see cref="GreetingTimeout"/>. Commands are sent before the greeting arrives; this only bounds the wait.</summary>
+    /// <summary>Returns once the negotiation has ended (either way: a failed one is reported by what awaits it), or
+    /// throws when the source stayed silent for <see cref="GreetingTimeout"/> after the connection. Commands are sent
+    /// before the greeting arrives; this only bounds the wait for it.</summary>
     private async Task Greeted()
     {
-        var negotiated = _qmp.Negotiated;
-        if (negotiated.IsCompleted) return;
-        if (await Task.WhenAny(negotiated, Task.Delay(GreetingTimeout)) != negotiated)
+        if (_qmp.Negotiated.IsCompleted) return;
+        try
+        {
+            await _greeted;
+        }
+        catch (TimeoutException)
+        {
             throw new BackupException($"QMP at '{Address}' accepted the connection but sent no greeting within {GreetingTimeout.TotalSeconds:0.#} s",
-                "another client may be connected to its monitor: qemu-storage-daemon and QEMU serve one client per monitor at a time",
+                "another client may be connected to its monitor: qemu-storage-daemon and QEMU serve one client per monitor at a time (give the source a monitor of its own for strata)",
                 BackupExitCodes.Source);
+        }
+        catch (Exception)
+        {
+            // The negotiation failed: the command's own await (or NegotiatedAsync's) reports why.
+        }
     }
+
+    /// <summary>A task whose failure nobody else awaits: observed, so it never surfaces as unobserved.</summary>
+    private static void Observe(Task task) =>
+        task.ContinueWith(static t => _ = t.Exception, CancellationToken.None, TaskContinuationOptions.OnlyOnFaulted | TaskContinuationOptions.ExecuteSynchronously, TaskScheduler.Default);
 
     public async Task<JsonNode?> ExecuteAsync(string command, JsonObject? arguments = null)
     {
         try
         {
             var reply = _qmp.ExecuteAsync(command, arguments);
-            await Greeted();
+            try
+            {
+                await Greeted();
+            }
+            catch (BackupException)
+            {
+                Observe(reply); // abandoned: it fails when the connection is closed
+                throw;
+            }
             return await reply;
         }
         catch (QmpGreetingException e)

@@ -408,6 +408,7 @@ public class BackupManagerTests : ScratchDirTest
         Tools.StrataCmd("backup", "init", Repo).Ok();
         using (var holder = new System.Net.Sockets.Socket(System.Net.Sockets.AddressFamily.Unix, System.Net.Sockets.SocketType.Stream, System.Net.Sockets.ProtocolType.Unspecified))
         {
+            holder.ReceiveTimeout = 20_000;
             holder.Connect(new System.Net.Sockets.UnixDomainSocketEndPoint(src.QmpPath));
             Assert.True(holder.Receive(new byte[4096]) > 0, "the holder got no greeting");
             var refused = Tools.StrataCmd("backup", "run", "--socket", src.QmpPath, "--disk", "vda", Repo);
