@@ -118,4 +118,73 @@ public class BackupJobTests
         // The target is the disk as it was when the job started.
         for (int c = 0; c < 64; c++) Assert.Equal(Filled((byte)(c + 1)), target.Bytes(c * Cluster, Cluster));
     }
+
+    /// <summary>A 64-cluster disk with every other cluster dirty in b0 (32 runs of one cluster), a target whose third
+    /// write waits at a gate, and a one-worker bitmap backup started on them.</summary>
+    private static (MemoryImage Source, MemoryImage Target, JobManager Jobs, JobEventRecorder Events, ManualResetEventSlim AtGate, ManualResetEventSlim Open)
+        StartScatteredBackup()
+    {
+        var source = new MemoryImage(64 * Cluster, "source");
+        var target = new MemoryImage(64 * Cluster, "target");
+        var b0 = source.Bitmaps.Add("b0");
+        for (int c = 0; c < 64; c += 2) source.Write(c * Cluster, Filled((byte)(c + 1)));
+        var atGate = new ManualResetEventSlim();
+        var open = new ManualResetEventSlim();
+        int writes = 0;
+        target.BeforeDriverWrite = _ =>
+        {
+            if (Interlocked.Increment(ref writes) != 3) return;
+            atGate.Set();
+            open.Wait();
+        };
+        var events = new JobEventRecorder();
+        var jobs = new JobManager(events.Report);
+        Start(jobs, new BackupOptions { Source = source, Target = target, Sync = BackupSync.Bitmap, Bitmap = b0, Workers = 1 });
+        Assert.True(atGate.Wait(TimeSpan.FromSeconds(10)), "the third copy never reached the target");
+        return (source, target, jobs, events, atGate, open);
+    }
+
+    /// <summary>The copies run many to a trip on a copy thread; each is still a pause point.</summary>
+    [Fact]
+    public void APauseStopsTheCopiesAfterTheOneInFlight()
+    {
+        var (_, target, jobs, events, _, open) = StartScatteredBackup();
+        jobs.Pause("j");
+        open.Set();
+        Thread.Sleep(300);
+        Assert.Equal(3, target.DriverWrites);
+        jobs.Resume("j");
+        events.WaitFor<JobCompleted>();
+        Assert.Equal(32, target.DriverWrites);
+        for (int c = 0; c < 64; c++) Assert.Equal(Filled(c % 2 == 0 ? (byte)(c + 1) : (byte)0), target.Bytes(c * Cluster, Cluster));
+    }
+
+    [Fact]
+    public void ADrainedSourceGetsNoNewCopiesUntilItEnds()
+    {
+        var (source, target, _, events, _, open) = StartScatteredBackup();
+        // The copy at the gate has read its cluster already: nothing on the source is in flight to wait for.
+        using (source.Drain())
+        {
+            open.Set();
+            Thread.Sleep(300);
+            Assert.Equal(3, target.DriverWrites);
+        }
+        events.WaitFor<JobCompleted>();
+        Assert.Equal(32, target.DriverWrites);
+    }
+
+    [Fact]
+    public void ASpeedSetWhileCopyingTakesEffectAtTheNextRun()
+    {
+        var (_, target, jobs, events, _, open) = StartScatteredBackup();
+        jobs.SetSpeed("j", 1);
+        open.Set();
+        Thread.Sleep(300);
+        // The copy in flight ends, then one run on the new slice's quota, and the loop waits for its rate.
+        Assert.InRange(target.DriverWrites, 3, 4);
+        jobs.SetSpeed("j", 0);
+        events.WaitFor<JobCompleted>();
+        Assert.Equal(32, target.DriverWrites);
+    }
 }

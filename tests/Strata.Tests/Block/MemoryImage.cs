@@ -25,6 +25,9 @@ internal sealed class MemoryImage : BlockImage
 
     public int DriverWrites;
 
+    /// <summary>Runs at the start of every driver write, with its offset (a test holds a copy there).</summary>
+    public Action<long>? BeforeDriverWrite { get; set; }
+
     public override string FormatName => "memory";
     public override long Size => _data.Length;
     public override bool ReadOnly => false;
@@ -43,6 +46,7 @@ internal sealed class MemoryImage : BlockImage
 
     protected override void DriverWrite(long offset, ReadOnlySpan<byte> data)
     {
+        BeforeDriverWrite?.Invoke(offset);
         Interlocked.Increment(ref DriverWrites);
         if (FailWritesWith is { } errno) throw new BlockIOException(BlockIOException.Describe(errno), errno);
         if (FailWritesAt == offset) throw new BlockIOException(BlockIOException.Describe(5), 5);
