@@ -267,55 +267,95 @@ public sealed class MirrorJob : Job
                 await PausePointAsync();
                 // Held while the source is drained, except for the switch-over's own final copy (the pivot drains).
                 if (!_pivoting) await _o.Source.Requests.WhileDrainedAsync();
-                long cluster, count;
-                lock (_lock)
-                {
-                    // Asked to complete: the rest is the switch-over's (or the soft cancel's) final copy.
-                    if (_finish != 0 && !finalCopy) return;
-                    cluster = NextFree(Interlocked.Read(ref _next));
-                    if (cluster < 0)
-                    {
-                        PassEnded();
-                        cluster = NextFree(0);
-                    }
-                    if (cluster < 0) return;
-                    if (!_active && !_ready && _firstPassEnded != 0 && Environment.TickCount64 - _firstPassEnded > _o.ConvergeWithin.TotalMilliseconds)
-                        _active = true; // guest writes outpace the copy: see the class comment
-                    count = 1;
-                    while (count < runLimit && cluster + count < _dirty.Length && _dirty.Get(cluster + count) && !_inFlight.Contains(cluster + count)) count++;
-                    // Cleared before the read: a write landing after this point marks the cluster again.
-                    _dirty.ResetRange(cluster, count);
-                    for (long c = cluster; c < cluster + count; c++) _inFlight.Add(c);
-                    Interlocked.Exchange(ref _next, cluster + count);
-                }
-                long offset = cluster * _cluster;
-                int length = (int)Math.Min(count * _cluster, _o.Source.Size - offset);
                 try
                 {
-                    await CopyInsideGraphAsync(() => CopyRange(offset, length));
+                    if (Speed > 0)
+                    {
+                        if (TakeDirtyRun(runLimit, finalCopy) is not { } run) return;
+                        int length = 0;
+                        await CopyInsideGraphAsync(() => length = CopyTakenRun(run));
+                        await Task.Delay(TimeSpan.FromSeconds(Math.Min(1.0, length / (double)Speed)), ct);
+                    }
+                    else
+                    {
+                        bool allTaken = false;
+                        await CopyInsideGraphAsync(() => allTaken = CopyRunsUntilInterrupted(runLimit, finalCopy, ct));
+                        if (allTaken) return;
+                    }
                 }
                 catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
                 {
-                    // Still dirty: reported, and copied again after a resume (stop) or at once (ignore).
-                    lock (_lock) _dirty.SetRange(cluster, count);
-                    Release(cluster, count);
+                    // Still dirty (CopyTakenRun marked it again): reported, and copied again after a resume (stop) or
+                    // at once (ignore).
                     IoError(e.Operation ?? "read", Policy(e));
                     if (Policy(e) == "ignore") await Task.Delay(10, CancellationToken.None);
-                    continue;
                 }
-                catch
-                {
-                    lock (_lock) _dirty.SetRange(cluster, count);
-                    Release(cluster, count);
-                    throw;
-                }
-                Release(cluster, count);
-                AddProgress(length);
-                if (Speed > 0) await Task.Delay(TimeSpan.FromSeconds(Math.Min(1.0, length / (double)Speed)), ct);
             }
         }, CancellationToken.None)).ToArray();
         await Task.WhenAll(workers);
         SetTotal(Progress + DirtyBytes());
+    }
+
+    /// <summary>Takes the next run of dirty clusters no copy holds (up to <paramref name="limit"/>), clearing them
+    /// before the read: a write landing after this point marks them again. Null when there is nothing to take, or
+    /// the job was asked to complete and this is not the final copy (the rest is the switch-over's).</summary>
+    private (long Cluster, long Count)? TakeDirtyRun(long limit, bool finalCopy)
+    {
+        lock (_lock)
+        {
+            if (_finish != 0 && !finalCopy) return null;
+            long cluster = NextFree(Interlocked.Read(ref _next));
+            if (cluster < 0)
+            {
+                PassEnded();
+                cluster = NextFree(0);
+            }
+            if (cluster < 0) return null;
+            if (!_active && !_ready && _firstPassEnded != 0 && Environment.TickCount64 - _firstPassEnded > _o.ConvergeWithin.TotalMilliseconds)
+                _active = true; // guest writes outpace the copy: see the class comment
+            long count = 1;
+            while (count < limit && cluster + count < _dirty.Length && _dirty.Get(cluster + count) && !_inFlight.Contains(cluster + count)) count++;
+            _dirty.ResetRange(cluster, count);
+            for (long c = cluster; c < cluster + count; c++) _inFlight.Add(c);
+            Interlocked.Exchange(ref _next, cluster + count);
+            return (cluster, count);
+        }
+    }
+
+    /// <summary>Copies a taken run on the current copy thread and returns its length; a run that fails is dirty again.</summary>
+    private int CopyTakenRun((long Cluster, long Count) run)
+    {
+        long offset = run.Cluster * _cluster;
+        int length = (int)Math.Min(run.Count * _cluster, _o.Source.Size - offset);
+        try
+        {
+            CopyRange(offset, length);
+        }
+        catch
+        {
+            lock (_lock) _dirty.SetRange(run.Cluster, run.Count);
+            Release(run.Cluster, run.Count);
+            throw;
+        }
+        Release(run.Cluster, run.Count);
+        AddProgress(length);
+        return length;
+    }
+
+    /// <summary>
+    /// Takes and copies dirty runs one after another on this copy thread, until none is left (true) or the loop must
+    /// go back to its pause, drain and cancel points (false): one trip to a copy thread for many runs, as a backup's
+    /// loop does, since a hand-over between threads costs as much as copying a small run.
+    /// </summary>
+    private bool CopyRunsUntilInterrupted(long runLimit, bool finalCopy, CancellationToken ct)
+    {
+        while (true)
+        {
+            if (ct.IsCancellationRequested || !PausePointAsync().IsCompleted || (!_pivoting && _o.Source.Requests.IsDrained) || Speed > 0)
+                return false;
+            if (TakeDirtyRun(runLimit, finalCopy) is not { } run) return true;
+            CopyTakenRun(run);
+        }
     }
 
     /// <summary>A worker found nothing dirty after the cursor: a pass over the dirty set ended (caller holds the lock).</summary>

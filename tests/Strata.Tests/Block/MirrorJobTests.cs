@@ -80,4 +80,58 @@ public class MirrorJobTests
         events.WaitFor<JobEvent>(e => e is JobCompleted or JobCancelled);
         Assert.Equal(source.Bytes(0, Size), target.Bytes(0, Size));
     }
+
+    /// <summary>An unthrottled one-worker mirror of the 4 MiB disk (four runs of 1 MiB) whose second write to the
+    /// target waits at a gate.</summary>
+    private static (MemoryImage Source, MemoryImage Target, JobManager Jobs, JobEventRecorder Events, ManualResetEventSlim Open) StartHeldAtSecondRun()
+    {
+        var (source, target, jobs, events) = Setup();
+        var atGate = new ManualResetEventSlim();
+        var open = new ManualResetEventSlim();
+        int writes = 0;
+        target.BeforeDriverWrite = _ =>
+        {
+            if (Interlocked.Increment(ref writes) != 2) return;
+            atGate.Set();
+            open.Wait();
+        };
+        var job = new MirrorJob("m", new MirrorOptions { Source = source, Target = target, Sync = MirrorSync.Full, Granularity = Cluster, Workers = 1 },
+            autoFinalize: true, autoDismiss: true);
+        job.Prepare();
+        jobs.Start([job]);
+        Assert.True(atGate.Wait(TimeSpan.FromSeconds(10)), "the second copy never reached the target");
+        return (source, target, jobs, events, open);
+    }
+
+    /// <summary>The copies run many to a trip on a copy thread; each is still a pause point.</summary>
+    [Fact]
+    public void APausedMirrorStopsAfterTheCopyInFlight()
+    {
+        var (source, target, jobs, events, open) = StartHeldAtSecondRun();
+        jobs.Pause("m");
+        open.Set();
+        Thread.Sleep(300);
+        Assert.Equal(2, target.DriverWrites);
+        jobs.Resume("m");
+        events.WaitFor<JobReady>();
+        jobs.Cancel("m", force: false);
+        events.WaitFor<JobEvent>(e => e is JobCompleted or JobCancelled);
+        Assert.Equal(source.Bytes(0, Size), target.Bytes(0, Size));
+    }
+
+    [Fact]
+    public void ADrainedSourceGetsNoNewMirrorCopiesUntilItEnds()
+    {
+        var (source, target, jobs, events, open) = StartHeldAtSecondRun();
+        using (source.Drain())
+        {
+            open.Set();
+            Thread.Sleep(300);
+            Assert.Equal(2, target.DriverWrites);
+        }
+        events.WaitFor<JobReady>();
+        Assert.Equal(4, target.DriverWrites);
+        jobs.Cancel("m", force: false);
+        events.WaitFor<JobEvent>(e => e is JobCompleted or JobCancelled);
+    }
 }
