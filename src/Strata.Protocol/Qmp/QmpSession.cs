@@ -22,6 +22,8 @@ public sealed class QmpSession
     private static readonly UTF8Encoding StrictUtf8 = new(false, throwOnInvalidBytes: true);
     private bool _negotiated;
     private bool _oob;
+    /// <summary>The session's event subscription, from negotiation to the end of the session.</summary>
+    private IDisposable? _events;
 
     public QmpSession(IQmpBackend backend, PipeWriter output, QmpFramer? framer = null)
     {
@@ -32,7 +34,6 @@ public sealed class QmpSession
 
     public async Task RunAsync(PipeReader input, CancellationToken cancellationToken)
     {
-        IDisposable? events = null;
         try
         {
             await WriteAsync(new QDict().Add("QMP", new QDict().Add("version", _backend.Version).Add("capabilities", new List<object?> { "oob" })), cancellationToken);
@@ -54,10 +55,7 @@ public sealed class QmpSession
                         break;
                     }
                     buffer = buffer.Slice(consumed);
-                    bool wasNegotiated = _negotiated;
                     await HandleAsync(frame, cancellationToken);
-                    if (!wasNegotiated && _negotiated)
-                        events = _backend.SubscribeEvents(e => new ValueTask(WriteAsync(e, CancellationToken.None)));
                 }
                 input.AdvanceTo(buffer.Start, buffer.End);
                 if (result.IsCompleted || result.IsCanceled) return;
@@ -71,7 +69,7 @@ public sealed class QmpSession
         }
         finally
         {
-            events?.Dispose();
+            _events?.Dispose();
             await input.CompleteAsync();
             await _output.CompleteAsync();
         }
@@ -156,7 +154,21 @@ public sealed class QmpSession
                 return;
             }
             _negotiated = true;
-            await WriteReplyAsync(id, new QDict(), ct, hasId);
+            // Subscribed before the reply goes out, and holding the writer: an event emitted the moment the client
+            // has its reply reaches it (QEMU switches the monitor to command mode inside the command), and one emitted
+            // meanwhile waits for the writer, so the reply still comes first.
+            await _writeLock.WaitAsync(ct);
+            try
+            {
+                _events = _backend.SubscribeEvents(e => new ValueTask(WriteAsync(e, CancellationToken.None)));
+                var reply = new QDict().Add("return", new QDict());
+                if (hasId) reply.Add("id", id);
+                await _output.WriteAsync(Encoding.ASCII.GetBytes(QemuJson.Compact(reply, asciiOnly: true) + "\r\n"), ct);
+            }
+            finally
+            {
+                _writeLock.Release();
+            }
             return;
         }
         if (command == "qmp_capabilities")
