@@ -269,19 +269,15 @@ public sealed class MirrorJob : Job
                 if (!_pivoting) await _o.Source.Requests.WhileDrainedAsync();
                 try
                 {
+                    bool allTaken = false;
+                    long copied = 0;
                     if (Speed > 0)
                     {
-                        if (TakeDirtyRun(runLimit, finalCopy) is not { } run) return;
-                        int length = 0;
-                        await CopyInsideGraphAsync(() => length = CopyTakenRun(run));
-                        await Task.Delay(TimeSpan.FromSeconds(Math.Min(1.0, length / (double)Speed)), ct);
+                        await CopyInsideGraphAsync(() => allTaken = CopyRuns(runLimit, finalCopy, maxRuns: 1, ct, ref copied));
+                        if (copied > 0) await Task.Delay(TimeSpan.FromSeconds(Math.Min(1.0, copied / (double)Speed)), ct);
                     }
-                    else
-                    {
-                        bool allTaken = false;
-                        await CopyInsideGraphAsync(() => allTaken = CopyRunsUntilInterrupted(runLimit, finalCopy, ct));
-                        if (allTaken) return;
-                    }
+                    else await CopyInsideGraphAsync(() => allTaken = CopyRuns(runLimit, finalCopy, int.MaxValue, ct, ref copied));
+                    if (allTaken) return;
                 }
                 catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
                 {
@@ -343,19 +339,32 @@ public sealed class MirrorJob : Job
     }
 
     /// <summary>
-    /// Takes and copies dirty runs one after another on this copy thread, until none is left (true) or the loop must
-    /// go back to its pause, drain and cancel points (false): one trip to a copy thread for many runs, as a backup's
-    /// loop does, since a hand-over between threads costs as much as copying a small run.
+    /// Takes and copies up to <paramref name="maxRuns"/> dirty runs one after another on this copy thread, until none
+    /// is left (true) or the loop must go back to its pause, drain and cancel points (false): one trip to a copy
+    /// thread for many runs, as a backup's loop does, since a hand-over between threads costs as much as copying a
+    /// small run. <paramref name="copied"/> adds up the bytes copied.
     /// </summary>
-    private bool CopyRunsUntilInterrupted(long runLimit, bool finalCopy, CancellationToken ct)
+    private bool CopyRuns(long runLimit, bool finalCopy, int maxRuns, CancellationToken ct, ref long copied)
     {
-        while (true)
+        for (int i = 0; i < maxRuns; i++)
         {
-            if (ct.IsCancellationRequested || !PausePointAsync().IsCompleted || (!_pivoting && _o.Source.Requests.IsDrained) || Speed > 0)
-                return false;
-            if (TakeDirtyRun(runLimit, finalCopy) is not { } run) return true;
-            CopyTakenRun(run);
+            if (ct.IsCancellationRequested || !PausePointAsync().IsCompleted || (maxRuns > 1 && Speed > 0)) return false;
+            // Counted in flight on the source before the run is taken: a drain that begins later waits for this copy,
+            // and one already begun sends the loop back to wait for its end. The switch-over's final copy runs inside
+            // the pivot's own drain.
+            bool admitted = !_pivoting;
+            if (admitted && !_o.Source.Requests.TryAdmit()) return false;
+            try
+            {
+                if (TakeDirtyRun(runLimit, finalCopy) is not { } run) return true;
+                copied += CopyTakenRun(run);
+            }
+            finally
+            {
+                if (admitted) _o.Source.Requests.LeaveAdmitted();
+            }
         }
+        return false;
     }
 
     /// <summary>A worker found nothing dirty after the cursor: a pass over the dirty set ended (caller holds the lock).</summary>
