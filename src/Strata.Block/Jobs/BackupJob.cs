@@ -146,29 +146,26 @@ public sealed class BackupJob : Job
                 // drain waits for may be waiting for that very copy.
                 await _o.Source.Requests.WhileDrainedAsync();
                 if (_guestCopyError is not null) throw _guestCopyError;
+                // A run whose copy failed is put back at once but stays in flight until its error is handled (reported,
+                // the job paused or stopped): no sibling takes it again in between.
+                TakenRun? failed = null;
                 try
                 {
+                    bool allTaken = false;
                     if (Speed > 0)
                     {
                         // Under a speed limit, runs are QEMU's 1 MiB chunks, each waiting for its turn before it is
                         // taken (a guest write never waits behind a throttled copy).
                         long runLimit = Math.Max(1, Math.Min(RunClusters, (1L << 20) / _cbw.ClusterSize));
                         await ThrottleAsync(runLimit * _cbw.ClusterSize, ct);
-                        var taken = TakeRun(runLimit, out bool allTaken);
-                        if (allTaken) return;
-                        if (taken is { } run) await CopyInsideGraphAsync(() => CopyTakenRun(run));
+                        await CopyInsideGraphAsync(() => allTaken = CopyRuns(stop.Token, runLimit, maxRuns: 1, ref failed));
                     }
-                    else
-                    {
-                        bool allTaken = false;
-                        await CopyInsideGraphAsync(() => allTaken = CopyRunsUntilInterrupted(stop.Token));
-                        if (allTaken) return;
-                    }
+                    else await CopyInsideGraphAsync(() => allTaken = CopyRuns(stop.Token, RunClusters, int.MaxValue, ref failed));
+                    if (allTaken) return;
                 }
                 catch (BlockIOException e) when (Policy(e) is "stop" or "ignore")
                 {
-                    // Not copied: back into the map (CopyTakenRun did that), reported, and retried after a resume
-                    // (stop) or at once (ignore).
+                    // Not copied: back into the map, reported, and retried after a resume (stop) or at once (ignore).
                     lock (_takeLock) _next = 0;
                     IoError(e.Operation ?? "read", Policy(e));
                     if (Policy(e) == "ignore") await Task.Delay(10, CancellationToken.None); // do not spin on a lasting error
@@ -177,6 +174,10 @@ public sealed class BackupJob : Job
                 {
                     stop.Cancel(); // one failure ends the loop: the rest stays "not copied"
                     throw;
+                }
+                finally
+                {
+                    if (failed is { } f) _cbw.Release(f.Cluster, f.Count);
                 }
             }
         }, CancellationToken.None)).ToArray();
@@ -212,45 +213,61 @@ public sealed class BackupJob : Job
         {
             long count = _cbw.TryTake(ref _next, limit, out long cluster);
             allTaken = count < 0;
-            return count > 0 ? new TakenRun(cluster, count, _nextTicket++) : null;
-        }
-    }
-
-    /// <summary>Copies a taken run on the current copy thread; a run that fails goes back into the map.</summary>
-    private void CopyTakenRun(TakenRun run)
-    {
-        try
-        {
-            _cbw.CopyRun(run.Cluster, run.Count, () => WaitForTurn(run.Ticket));
-        }
-        catch
-        {
-            _cbw.PutBack(run.Cluster, run.Count);
-            throw;
-        }
-        finally
-        {
-            _cbw.Release(run.Cluster, run.Count);
+            if (count <= 0) return null;
+            // Looked at again once the run is taken: a failed run is released only after its error paused the job,
+            // so a worker that takes it now (its pause check came just before) sees the pause here and lets go.
+            if (!PausePointAsync().IsCompleted)
+            {
+                _cbw.PutBack(cluster, count);
+                _cbw.Release(cluster, count);
+                _next = cluster;
+                return null;
+            }
+            return new TakenRun(cluster, count, _nextTicket++);
         }
     }
 
     /// <summary>
-    /// Takes and copies runs one after another on this copy thread, until none is left (true) or the loop must go
-    /// back to its pause, drain and cancel points (false). One trip to a copy thread for many runs, not one per
-    /// run: a hand-over between threads costs tens of microseconds on a VM, as much as copying 64 KiB, and an
-    /// incremental backup of scattered clusters is made of such small runs.
+    /// Takes and copies up to <paramref name="maxRuns"/> runs one after another on this copy thread, until none is
+    /// left (true) or the loop must go back to its pause, drain and cancel points (false). One trip to a copy thread
+    /// for many runs, not one per run: a hand-over between threads costs tens of microseconds on a VM, as much as
+    /// copying 64 KiB, and an incremental backup of scattered clusters is made of such small runs. A run that fails
+    /// is put back and left in <paramref name="failed"/>, still in flight, for the caller to release.
     /// </summary>
-    private bool CopyRunsUntilInterrupted(CancellationToken stop)
+    private bool CopyRuns(CancellationToken stop, long limit, int maxRuns, ref TakenRun? failed)
     {
-        while (true)
+        for (int i = 0; i < maxRuns; i++)
         {
-            if (stop.IsCancellationRequested || !PausePointAsync().IsCompleted || _o.Source.Requests.IsDrained
-                || _guestCopyError is not null || Speed > 0)
+            if (stop.IsCancellationRequested || !PausePointAsync().IsCompleted || _guestCopyError is not null
+                || (maxRuns > 1 && Speed > 0))
                 return false;
-            var taken = TakeRun(RunClusters, out bool allTaken);
-            if (allTaken) return true;
-            if (taken is { } run) CopyTakenRun(run);
+            // Counted in flight on the source before the run is taken: a drain that begins later waits for this copy,
+            // and one already begun sends the loop back to wait for its end.
+            if (!_o.Source.Requests.TryAdmit()) return false;
+            try
+            {
+                var taken = TakeRun(limit, out bool allTaken);
+                if (allTaken) return true;
+                if (taken is not { } run) continue;
+                failed = run;
+                try
+                {
+                    _cbw.CopyRun(run.Cluster, run.Count, () => WaitForTurn(run.Ticket));
+                }
+                catch
+                {
+                    _cbw.PutBack(run.Cluster, run.Count);
+                    throw;
+                }
+                failed = null;
+                _cbw.Release(run.Cluster, run.Count);
+            }
+            finally
+            {
+                _o.Source.Requests.LeaveAdmitted();
+            }
         }
+        return false;
     }
 
     private readonly object _rateLock = new();

@@ -144,15 +144,26 @@ public class BackupJobTests
         return (source, target, jobs, events, atGate, open);
     }
 
+    /// <summary>Waits for the target's writes to reach <paramref name="count"/> (the copy let through the gate ends),
+    /// then checks that no other copy starts for a while.</summary>
+    internal static async Task AssertStaysAtAsync(MemoryImage target, int count)
+    {
+        // Awaited, not slept: a blocked test thread is one fewer for the jobs of the tests running beside it.
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (target.DriverWrites < count && DateTime.UtcNow < deadline) await Task.Delay(5);
+        Assert.True(target.DriverWrites >= count, $"writes {target.DriverWrites}");
+        await Task.Delay(300);
+        Assert.Equal(count, target.DriverWrites);
+    }
+
     /// <summary>The copies run many to a trip on a copy thread; each is still a pause point.</summary>
     [Fact]
-    public void APauseStopsTheCopiesAfterTheOneInFlight()
+    public async Task APauseStopsTheCopiesAfterTheOneInFlight()
     {
         var (_, target, jobs, events, _, open) = StartScatteredBackup();
         jobs.Pause("j");
         open.Set();
-        Thread.Sleep(300);
-        Assert.Equal(3, target.DriverWrites);
+        await AssertStaysAtAsync(target, 3);
         jobs.Resume("j");
         events.WaitFor<JobCompleted>();
         Assert.Equal(32, target.DriverWrites);
@@ -160,31 +171,63 @@ public class BackupJobTests
     }
 
     [Fact]
-    public void ADrainedSourceGetsNoNewCopiesUntilItEnds()
+    public async Task ADrainedSourceWaitsForTheCopyInFlightAndGetsNoNewOnesUntilItEnds()
     {
         var (source, target, _, events, _, open) = StartScatteredBackup();
-        // The copy at the gate has read its cluster already: nothing on the source is in flight to wait for.
-        using (source.Drain())
-        {
-            open.Set();
-            Thread.Sleep(300);
-            Assert.Equal(3, target.DriverWrites);
-        }
+        // The copy at the gate counts as a request in flight on the source (as QEMU's drain waits for its job's
+        // copies): the drain begins only once it is let through.
+        var drain = Task.Run(source.Drain);
+        await Task.Delay(200);
+        Assert.False(drain.IsCompleted);
+        open.Set();
+        using (await drain)
+            await AssertStaysAtAsync(target, 3);
         events.WaitFor<JobCompleted>();
         Assert.Equal(32, target.DriverWrites);
     }
 
     [Fact]
-    public void ASpeedSetWhileCopyingTakesEffectAtTheNextRun()
+    public async Task ASpeedSetWhileCopyingTakesEffectAtTheNextRun()
     {
         var (_, target, jobs, events, _, open) = StartScatteredBackup();
         jobs.SetSpeed("j", 1);
         open.Set();
-        Thread.Sleep(300);
         // The copy in flight ends, then one run on the new slice's quota, and the loop waits for its rate.
+        var deadline = DateTime.UtcNow + TimeSpan.FromSeconds(10);
+        while (target.DriverWrites < 3 && DateTime.UtcNow < deadline) await Task.Delay(5);
+        await Task.Delay(300);
         Assert.InRange(target.DriverWrites, 3, 4);
         jobs.SetSpeed("j", 0);
         events.WaitFor<JobCompleted>();
         Assert.Equal(32, target.DriverWrites);
+    }
+
+    /// <summary>A run whose write fails stays the failing worker's until the error is handled: with on-target-error
+    /// stop, the other workers do not retry it before the job pauses, so there is one error event, not several.</summary>
+    [Fact]
+    public async Task AFailedRunIsNotRetriedByAnotherWorkerBeforeTheJobPauses()
+    {
+        var source = new MemoryImage(64 * Cluster, "source");
+        var target = new MemoryImage(64 * Cluster, "target");
+        var b0 = source.Bitmaps.Add("b0");
+        for (int c = 0; c < 64; c += 2) source.Write(c * Cluster, Filled((byte)(c + 1)));
+        int attempts = 0;
+        target.BeforeDriverWrite = offset =>
+        {
+            if (offset == 10 * Cluster) Interlocked.Increment(ref attempts);
+        };
+        target.FailWritesAt = 10 * Cluster;
+        var events = new JobEventRecorder();
+        var jobs = new JobManager(events.Report);
+        Start(jobs, new BackupOptions { Source = source, Target = target, Sync = BackupSync.Bitmap, Bitmap = b0, Workers = 4, OnTargetError = "stop" });
+        events.WaitForStatus("j", JobStatus.Paused);
+        await Task.Delay(100);
+        Assert.Equal(1, attempts);
+        target.FailWritesAt = null;
+        jobs.Resume("j");
+        events.WaitFor<JobCompleted>();
+        Assert.Equal(2, attempts);
+        Assert.Single(events.Story("j"), e => e.StartsWith("IO-ERROR"));
+        for (int c = 0; c < 64; c++) Assert.Equal(Filled(c % 2 == 0 ? (byte)(c + 1) : (byte)0), target.Bytes(c * Cluster, Cluster));
     }
 }

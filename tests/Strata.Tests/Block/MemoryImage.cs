@@ -25,7 +25,7 @@ internal sealed class MemoryImage : BlockImage
 
     public int DriverWrites;
 
-    /// <summary>Runs at the start of every driver write, with its offset (a test holds a copy there).</summary>
+    /// <summary>Runs at the start of every data write (not zero writes), with its offset: a test holds or counts copies there.</summary>
     public Action<long>? BeforeDriverWrite { get; set; }
 
     public override string FormatName => "memory";

@@ -105,13 +105,12 @@ public class MirrorJobTests
 
     /// <summary>The copies run many to a trip on a copy thread; each is still a pause point.</summary>
     [Fact]
-    public void APausedMirrorStopsAfterTheCopyInFlight()
+    public async Task APausedMirrorStopsAfterTheCopyInFlight()
     {
         var (source, target, jobs, events, open) = StartHeldAtSecondRun();
         jobs.Pause("m");
         open.Set();
-        Thread.Sleep(300);
-        Assert.Equal(2, target.DriverWrites);
+        await BackupJobTests.AssertStaysAtAsync(target, 2);
         jobs.Resume("m");
         events.WaitFor<JobReady>();
         jobs.Cancel("m", force: false);
@@ -120,15 +119,15 @@ public class MirrorJobTests
     }
 
     [Fact]
-    public void ADrainedSourceGetsNoNewMirrorCopiesUntilItEnds()
+    public async Task ADrainedSourceWaitsForTheMirrorCopyInFlightAndGetsNoNewOnesUntilItEnds()
     {
         var (source, target, jobs, events, open) = StartHeldAtSecondRun();
-        using (source.Drain())
-        {
-            open.Set();
-            Thread.Sleep(300);
-            Assert.Equal(2, target.DriverWrites);
-        }
+        var drain = Task.Run(source.Drain);
+        await Task.Delay(200);
+        Assert.False(drain.IsCompleted);
+        open.Set();
+        using (await drain)
+            await BackupJobTests.AssertStaysAtAsync(target, 2);
         events.WaitFor<JobReady>();
         Assert.Equal(4, target.DriverWrites);
         jobs.Cancel("m", force: false);
