@@ -128,15 +128,7 @@ public class BackupJobTests
         var target = new MemoryImage(64 * Cluster, "target");
         var b0 = source.Bitmaps.Add("b0");
         for (int c = 0; c < 64; c += 2) source.Write(c * Cluster, Filled((byte)(c + 1)));
-        var atGate = new ManualResetEventSlim();
-        var open = new ManualResetEventSlim();
-        int writes = 0;
-        target.BeforeDriverWrite = _ =>
-        {
-            if (Interlocked.Increment(ref writes) != 3) return;
-            atGate.Set();
-            open.Wait();
-        };
+        var (atGate, open) = target.HoldWrite(3);
         var events = new JobEventRecorder();
         var jobs = new JobManager(events.Report);
         Start(jobs, new BackupOptions { Source = source, Target = target, Sync = BackupSync.Bitmap, Bitmap = b0, Workers = 1 });

@@ -28,6 +28,21 @@ internal sealed class MemoryImage : BlockImage
     /// <summary>Runs at the start of every data write (not zero writes), with its offset: a test holds or counts copies there.</summary>
     public Action<long>? BeforeDriverWrite { get; set; }
 
+    /// <summary>Holds the <paramref name="nth"/> data write at a gate: it sets <c>Reached</c>, then waits for <c>Open</c>.</summary>
+    public (ManualResetEventSlim Reached, ManualResetEventSlim Open) HoldWrite(int nth)
+    {
+        var reached = new ManualResetEventSlim();
+        var open = new ManualResetEventSlim();
+        int writes = 0;
+        BeforeDriverWrite = _ =>
+        {
+            if (Interlocked.Increment(ref writes) != nth) return;
+            reached.Set();
+            open.Wait();
+        };
+        return (reached, open);
+    }
+
     public override string FormatName => "memory";
     public override long Size => _data.Length;
     public override bool ReadOnly => false;

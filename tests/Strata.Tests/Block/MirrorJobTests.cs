@@ -86,15 +86,7 @@ public class MirrorJobTests
     private static (MemoryImage Source, MemoryImage Target, JobManager Jobs, JobEventRecorder Events, ManualResetEventSlim Open) StartHeldAtSecondRun()
     {
         var (source, target, jobs, events) = Setup();
-        var atGate = new ManualResetEventSlim();
-        var open = new ManualResetEventSlim();
-        int writes = 0;
-        target.BeforeDriverWrite = _ =>
-        {
-            if (Interlocked.Increment(ref writes) != 2) return;
-            atGate.Set();
-            open.Wait();
-        };
+        var (atGate, open) = target.HoldWrite(2);
         var job = new MirrorJob("m", new MirrorOptions { Source = source, Target = target, Sync = MirrorSync.Full, Granularity = Cluster, Workers = 1 },
             autoFinalize: true, autoDismiss: true);
         job.Prepare();
